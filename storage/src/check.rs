@@ -1,0 +1,268 @@
+//! Rebuilding projections from the log, comparing them with the stored ones, and moving a
+//! log in and out as JSON lines. These back `atelier replay --check`, `export` and `import`.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::io::{BufRead, Write};
+use std::time::{Duration, Instant};
+
+use atelier_engine::{apply, apply_job, Commission, Envelope, Job};
+
+use crate::codec;
+use crate::sled_store::{decode_record, read_u64, SledStore};
+use crate::StorageError;
+
+/// Mismatches listed per projection before the report says "and N more".
+pub const DIFF_LINES_MAX: usize = 20;
+/// Events handed to the writer per import request.
+pub const IMPORT_CHUNK_EVENTS: usize = 10_000;
+
+/// Projections rebuilt in memory from the log alone.
+#[derive(Default)]
+pub struct Rebuilt {
+    pub events: u64,
+    pub pruned: u64,
+    pub head: u64,
+    pub commissions: HashMap<u64, Commission>,
+    pub jobs: HashMap<u64, Job>,
+}
+
+/// Walks the whole log: checks that it is gap-free and that every checksum and the hash chain
+/// hold, and folds every event into snapshots and job records.
+pub fn rebuild(store: &SledStore) -> Result<Rebuilt, StorageError> {
+    let t = &store.inner().trees;
+    let mut out = Rebuilt::default();
+    let mut chain = 0u32;
+    for item in t.log.iter() {
+        let (k, v) = item?;
+        let seq = read_u64(&k).ok_or(StorageError::Corruption { seq: out.head + 1, detail: "bad key".into() })?;
+        if seq != out.head + 1 {
+            return Err(StorageError::Corruption { seq: out.head + 1, detail: format!("missing: the next record is {seq}") });
+        }
+        let (env, next_chain) = decode_record(seq, &v, Some(chain))?;
+        chain = next_chain;
+        out.head = seq;
+        let Some(env) = env else {
+            out.pruned += 1;
+            continue;
+        };
+        out.events += 1;
+        let before = out.commissions.remove(&env.commission_id);
+        let after = apply(before, &env).map_err(|r| StorageError::Corruption {
+            seq,
+            detail: format!("the state machine refuses it: {r}"),
+        })?;
+        out.commissions.insert(env.commission_id, after);
+        let jobs = &out.jobs;
+        if let Some((id, job)) = apply_job(|id| jobs.get(&id).cloned(), &env) {
+            out.jobs.insert(id, job);
+        }
+    }
+    Ok(out)
+}
+
+pub struct CheckReport {
+    pub events: u64,
+    pub pruned: u64,
+    pub commissions: usize,
+    pub jobs: usize,
+    pub elapsed: Duration,
+    /// Human-readable differences between the stored and the rebuilt projections.
+    pub diff: Vec<String>,
+}
+
+/// Rebuilds every projection from the log and compares it with what is stored.
+pub fn replay_check(store: &SledStore) -> Result<CheckReport, StorageError> {
+    let started = Instant::now();
+    let rebuilt = rebuild(store)?;
+    let t = &store.inner().trees;
+    let mut diff = Vec::new();
+
+    // Snapshots.
+    let mut stored: BTreeMap<u64, Commission> = BTreeMap::new();
+    for item in t.commissions.iter() {
+        let (k, v) = item?;
+        let id = read_u64(&k).unwrap_or(0);
+        match codec::decode::<Commission>(&v) {
+            Ok(c) => {
+                stored.insert(id, c);
+            }
+            Err(e) => diff.push(format!("commissions: {id}: undecodable: {e}")),
+        }
+    }
+    let mut lines = Vec::new();
+    for (id, c) in &rebuilt.commissions {
+        match stored.get(id) {
+            None => lines.push(format!("commissions: {id}: missing (log has version {})", c.version)),
+            Some(s) if s != c => lines.push(format!(
+                "commissions: {id}: stored version {} state {} != rebuilt version {} state {}{}",
+                s.version,
+                s.state,
+                c.version,
+                c.state,
+                if s.version == c.version { " (same version, different fields)" } else { "" }
+            )),
+            _ => {}
+        }
+    }
+    for id in stored.keys().filter(|id| !rebuilt.commissions.contains_key(id)) {
+        lines.push(format!("commissions: {id}: stored but not in the log"));
+    }
+    push_limited(&mut diff, lines);
+
+    // Index by commission: (commission, version) -> seq.
+    let mut expected_idx = BTreeSet::new();
+    let mut expected_users = BTreeSet::new();
+    let mut expected_idem = BTreeMap::new();
+    let mut expected_live = BTreeSet::new();
+    let mut counts = [0u64; 10];
+    for c in rebuilt.commissions.values() {
+        expected_users.insert((c.user_id.clone(), c.id));
+        if let Some(k) = &c.idempotency_key {
+            expected_idem.insert((c.user_id.clone(), k.clone()), c.id);
+        }
+        if !c.state.is_terminal() {
+            expected_live.insert(c.id);
+        }
+        counts[c.state as usize] += 1;
+    }
+    for item in t.log.iter() {
+        let (k, v) = item?;
+        let seq = read_u64(&k).unwrap_or(0);
+        if let (Some(env), _) = decode_record(seq, &v, None)? {
+            expected_idx.insert((env.commission_id, env.version, env.seq));
+        }
+    }
+    let mut stored_idx = BTreeSet::new();
+    for item in t.by_commission.iter() {
+        let (k, v) = item?;
+        stored_idx.insert((read_u64(&k).unwrap_or(0), read_u64(&k[8..]).unwrap_or(0), read_u64(&v).unwrap_or(0)));
+    }
+    compare_sets(&mut diff, "by_commission", &expected_idx, &stored_idx);
+
+    let mut stored_users = BTreeSet::new();
+    for item in t.by_user.iter() {
+        let (k, _) = item?;
+        let split = k.len().saturating_sub(9);
+        let user = String::from_utf8_lossy(&k[..split]).into_owned();
+        stored_users.insert((user, read_u64(&k[split + 1..]).unwrap_or(0)));
+    }
+    compare_sets(&mut diff, "by_user", &expected_users, &stored_users);
+
+    let mut stored_idem = BTreeMap::new();
+    for item in t.idempotency.iter() {
+        let (k, v) = item?;
+        let nul = k.iter().position(|b| *b == 0).unwrap_or(k.len());
+        let user = String::from_utf8_lossy(&k[..nul]).into_owned();
+        let key = String::from_utf8_lossy(k.get(nul + 1..).unwrap_or_default()).into_owned();
+        stored_idem.insert((user, key), read_u64(&v).unwrap_or(0));
+    }
+    let e: BTreeSet<_> = expected_idem.into_iter().collect();
+    let s: BTreeSet<_> = stored_idem.into_iter().collect();
+    compare_sets(&mut diff, "idempotency", &e, &s);
+
+    let mut stored_live = BTreeSet::new();
+    for item in t.live.iter() {
+        stored_live.insert(read_u64(&item?.0).unwrap_or(0));
+    }
+    compare_sets(&mut diff, "live", &expected_live, &stored_live);
+
+    let mut lines = Vec::new();
+    let mut stored_jobs = 0usize;
+    for item in t.jobs.iter() {
+        let (k, v) = item?;
+        stored_jobs += 1;
+        let id = read_u64(&k).unwrap_or(0);
+        match (codec::decode::<Job>(&v), rebuilt.jobs.get(&id)) {
+            (Ok(j), Some(r)) if &j == r => {}
+            (Ok(_), Some(_)) => lines.push(format!("jobs: {id}: stored record differs from the log")),
+            (Ok(_), None) => lines.push(format!("jobs: {id}: stored but not in the log")),
+            (Err(e), _) => lines.push(format!("jobs: {id}: undecodable: {e}")),
+        }
+    }
+    if stored_jobs < rebuilt.jobs.len() {
+        lines.push(format!("jobs: {} records missing", rebuilt.jobs.len() - stored_jobs));
+    }
+    push_limited(&mut diff, lines);
+
+    let stored_counts: [u64; 10] = match t.meta.get(b"state_counts")? {
+        Some(v) => codec::decode(&v).unwrap_or([u64::MAX; 10]),
+        None => [0; 10],
+    };
+    if stored_counts != counts && rebuilt.pruned == 0 {
+        diff.push(format!("meta: state counts stored {stored_counts:?} != rebuilt {counts:?}"));
+    }
+    Ok(CheckReport {
+        events: rebuilt.events,
+        pruned: rebuilt.pruned,
+        commissions: rebuilt.commissions.len(),
+        jobs: rebuilt.jobs.len(),
+        elapsed: started.elapsed(),
+        diff,
+    })
+}
+
+fn compare_sets<T: Ord + std::fmt::Debug>(diff: &mut Vec<String>, tree: &str, expected: &BTreeSet<T>, stored: &BTreeSet<T>) {
+    let mut lines: Vec<String> = expected.difference(stored).map(|x| format!("{tree}: missing {x:?}")).collect();
+    lines.extend(stored.difference(expected).map(|x| format!("{tree}: unexpected {x:?}")));
+    push_limited(diff, lines);
+}
+
+fn push_limited(diff: &mut Vec<String>, lines: Vec<String>) {
+    let n = lines.len();
+    diff.extend(lines.into_iter().take(DIFF_LINES_MAX));
+    if n > DIFF_LINES_MAX {
+        diff.push(format!("... and {} more", n - DIFF_LINES_MAX));
+    }
+}
+
+/// Writes the log as JSON lines, one envelope each, in seq order. Pruned records are skipped.
+pub fn export(store: &SledStore, out: &mut dyn Write) -> Result<u64, StorageError> {
+    let t = &store.inner().trees;
+    let mut n = 0;
+    for item in t.log.iter() {
+        let (k, v) = item?;
+        let seq = read_u64(&k).unwrap_or(0);
+        if let (Some(env), _) = decode_record(seq, &v, None)? {
+            let line = serde_json::to_string(&env).expect("invariant: envelopes serialize");
+            writeln!(out, "{line}").map_err(crate::error::io("write the export"))?;
+            n += 1;
+        }
+    }
+    out.flush().map_err(crate::error::io("write the export"))?;
+    Ok(n)
+}
+
+/// Loads JSON lines from [`export`] into an empty store.
+pub fn import(store: &SledStore, input: &mut dyn BufRead) -> Result<u64, StorageError> {
+    if store.inner().trees.log.first()?.is_some() {
+        return Err(StorageError::Import { line: 0, detail: "the data dir is not empty".into() });
+    }
+    let mut chunk = Vec::with_capacity(IMPORT_CHUNK_EVENTS);
+    let mut n = 0u64;
+    for (i, line) in input.lines().enumerate() {
+        let line = line.map_err(crate::error::io("read the import"))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let env: Envelope = serde_json::from_str(&line)
+            .map_err(|e| StorageError::Import { line: i + 1, detail: format!("not an event: {e}") })?;
+        chunk.push(env);
+        n += 1;
+        if chunk.len() == IMPORT_CHUNK_EVENTS {
+            import_chunk(store, std::mem::take(&mut chunk), i + 1 - IMPORT_CHUNK_EVENTS)?;
+        }
+    }
+    let base = usize::try_from(n).unwrap_or(usize::MAX) - chunk.len();
+    if !chunk.is_empty() {
+        import_chunk(store, chunk, base)?;
+    }
+    Ok(n)
+}
+
+/// Imports one chunk; the writer counts lines within the chunk, so shift them by `base`.
+fn import_chunk(store: &SledStore, chunk: Vec<Envelope>, base: usize) -> Result<(), StorageError> {
+    store.import(chunk).map_err(|e| match e {
+        StorageError::Import { line, detail } => StorageError::Import { line: line + base, detail },
+        e => e,
+    })
+}

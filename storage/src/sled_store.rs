@@ -1,0 +1,990 @@
+//! The embedded backend: an event log and its projections in sled, with group commit.
+//!
+//! Trees (keys big-endian so that sled's order is numeric order):
+//! - `log`: seq → record (codec frame: crc, hash chain, encoded [`Envelope`]). The truth.
+//! - `by_commission`: commission ++ version → seq.
+//! - `commissions`: commission → encoded [`Commission`] snapshot.
+//! - `by_user`: user ++ 0x00 ++ commission → (), for newest-first listing.
+//! - `idempotency`: user ++ 0x00 ++ key → commission.
+//! - `live`: commission → () for every non-terminal commission.
+//! - `jobs`: job → encoded [`Job`]; `jobs_by_commission`: commission ++ job → ().
+//! - `meta`: schema version, projected seq, next commission id, state counts.
+//!
+//! One writer thread owns all writes. It takes every queued request (group commit), folds the
+//! events through the engine (so nothing the table forbids is ever stored), writes the log
+//! records, flushes sled and then fdatasyncs its file (sled's flush alone is not an fsync),
+//! then updates the projections, publishes to subscribers and acknowledges. Projections are
+//! caches of the log: they are written after the log and caught up from the log at open.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::Write as _;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use atelier_engine::{apply, apply_job, Commission, Envelope, Event, Job, Rejection, State};
+use crossbeam_channel::{Receiver, Sender};
+
+use crate::codec::{self, CodecError};
+use crate::error::io;
+use crate::subscribe::{Delivery, Filter, History, Registry, Subscription, ViewAfter};
+use crate::{AppendOutcome, AppendRequest, AppendTarget, EventStore, ListQuery, Page, StorageError};
+
+/// The layout written by this build. Opening a newer one fails; older ones are migrated.
+pub const SCHEMA_VERSION: u32 = 1;
+/// Requests taken into one group commit at most.
+pub const BATCH_REQUESTS_MAX: usize = 4096;
+/// Requests waiting for the writer before appenders block (backpressure).
+pub const WRITER_QUEUE_REQUESTS_MAX: usize = 16 * 1024;
+/// Default sled page cache. sled's own default is 1 GiB, too much for an edge box.
+pub const CACHE_CAPACITY_BYTES_DEFAULT: u64 = 64 * 1024 * 1024;
+/// Index entries a filtered listing reads at most before it returns a cursor.
+pub const LIST_SCAN_MAX: usize = 10_000;
+pub const LIST_LIMIT_MAX: usize = 200;
+
+type Migration = fn(&sled::Db) -> Result<(), StorageError>;
+/// Ordered steps from one schema version to the next; step `n` produces version `n`.
+const MIGRATIONS: &[(u32, &str, Migration)] =
+    &[(1, "initial layout: log, indexes and projections", |_| Ok(()))];
+
+const META_SCHEMA: &[u8] = b"schema_version";
+const META_PROJECTED: &[u8] = b"projected_seq";
+const META_NEXT_CID: &[u8] = b"next_commission_id";
+const META_COUNTS: &[u8] = b"state_counts";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Durability {
+    /// An append is acknowledged only once it is on disk (flush + fdatasync). The default.
+    Sync,
+    /// Appends are acknowledged once written to sled and made durable every `interval_ms`:
+    /// a crash can lose the last interval of acknowledged events, and subscribers may see
+    /// events that a crash then loses. Faster on slow disks; not for data you must keep.
+    Periodic { interval_ms: u64 },
+}
+
+#[derive(Clone, Debug)]
+pub struct StoreConfig {
+    pub dir: PathBuf,
+    pub cache_capacity_bytes: u64,
+    pub durability: Durability,
+}
+
+impl StoreConfig {
+    pub fn new(dir: impl Into<PathBuf>) -> StoreConfig {
+        StoreConfig {
+            dir: dir.into(),
+            cache_capacity_bytes: CACHE_CAPACITY_BYTES_DEFAULT,
+            durability: Durability::Sync,
+        }
+    }
+}
+
+#[derive(Clone)]
+pub(crate) struct Trees {
+    pub(crate) log: sled::Tree,
+    pub(crate) by_commission: sled::Tree,
+    pub(crate) commissions: sled::Tree,
+    pub(crate) by_user: sled::Tree,
+    pub(crate) idempotency: sled::Tree,
+    pub(crate) live: sled::Tree,
+    pub(crate) jobs: sled::Tree,
+    pub(crate) jobs_by_commission: sled::Tree,
+    pub(crate) meta: sled::Tree,
+}
+
+pub(crate) struct Inner {
+    pub(crate) db: sled::Db,
+    pub(crate) trees: Trees,
+    durable_head: AtomicU64,
+    registry: Mutex<Registry>,
+    /// sled's data file, for fdatasync.
+    db_file: File,
+    pub(crate) dropped_slow: AtomicU64,
+    _lock: LockFile,
+}
+
+enum Request {
+    Append(AppendRequest, Sender<Result<AppendOutcome, StorageError>>),
+    Import(Vec<Envelope>, Sender<Result<(), StorageError>>),
+    /// Retention: prune terminal commissions last updated before this instant.
+    Prune(atelier_engine::time::Millis, Sender<Result<u64, StorageError>>),
+}
+
+enum Staging {
+    Append(Result<AppendOutcome, StorageError>),
+    Unit(Result<(), StorageError>),
+}
+
+pub struct SledStore {
+    inner: Arc<Inner>,
+    tx: Mutex<Option<Sender<Request>>>,
+    writer: Mutex<Option<JoinHandle<()>>>,
+    durability: Durability,
+}
+
+pub(crate) fn u64_key(v: u64) -> [u8; 8] {
+    v.to_be_bytes()
+}
+
+fn pair_key(a: u64, b: u64) -> [u8; 16] {
+    let mut k = [0u8; 16];
+    k[..8].copy_from_slice(&a.to_be_bytes());
+    k[8..].copy_from_slice(&b.to_be_bytes());
+    k
+}
+
+fn user_key(user: &str, tail: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(user.len() + 1 + tail.len());
+    k.extend_from_slice(user.as_bytes());
+    k.push(0);
+    k.extend_from_slice(tail);
+    k
+}
+
+pub(crate) fn read_u64(bytes: &[u8]) -> Option<u64> {
+    Some(u64::from_be_bytes(bytes.get(..8)?.try_into().ok()?))
+}
+
+fn bad(tree: &'static str) -> impl Fn(CodecError) -> StorageError {
+    move |e| StorageError::BadProjection { tree, detail: e.to_string() }
+}
+
+/// Decodes a log record, checking its checksum and, given the previous chain, the chain.
+pub(crate) fn decode_record(seq: u64, record: &[u8], prev_chain: Option<u32>) -> Result<(Option<Envelope>, u32), StorageError> {
+    let corrupt = |detail: String| StorageError::Corruption { seq, detail };
+    let (header, payload) = codec::split_record(record).map_err(|e| corrupt(e.to_string()))?;
+    if let Some(prev) = prev_chain {
+        let expected = codec::chain_next(prev, seq, header.crc);
+        if expected != header.chain {
+            return Err(corrupt("hash chain broken: the record does not follow its predecessor".into()));
+        }
+    }
+    if header.flags & codec::FLAG_PRUNED != 0 {
+        return Ok((None, header.chain));
+    }
+    let env: Envelope = codec::decode(payload).map_err(|e| corrupt(e.to_string()))?;
+    if env.seq != seq {
+        return Err(corrupt(format!("record claims seq {}", env.seq)));
+    }
+    Ok((Some(env), header.chain))
+}
+
+/// An exclusive lock on the data dir, naming its holder in the lock file.
+struct LockFile {
+    _file: File,
+}
+
+impl LockFile {
+    fn acquire(dir: &Path) -> Result<LockFile, StorageError> {
+        let path = dir.join("LOCK");
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(io(format!("open {}", path.display())))?;
+        // SAFETY: flock on a valid, owned fd; no memory is involved.
+        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        if rc != 0 {
+            let holder = std::fs::read_to_string(&path).unwrap_or_default();
+            let holder = if holder.trim().is_empty() { "another process".to_string() } else { holder.trim().to_string() };
+            return Err(StorageError::Locked { path: dir.to_path_buf(), holder });
+        }
+        let me = format!(
+            "pid {} ({})",
+            std::process::id(),
+            std::env::args().next().unwrap_or_else(|| "atelier".into())
+        );
+        file.set_len(0).map_err(io("truncate LOCK"))?;
+        file.write_all(me.as_bytes()).map_err(io("write LOCK"))?;
+        Ok(LockFile { _file: file })
+    }
+}
+
+impl SledStore {
+    pub fn open(config: StoreConfig) -> Result<Arc<SledStore>, StorageError> {
+        std::fs::create_dir_all(&config.dir).map_err(io(format!("create {}", config.dir.display())))?;
+        let lock = LockFile::acquire(&config.dir)?;
+        let sled_dir = config.dir.join("sled");
+        let flush_every = match config.durability {
+            Durability::Sync => None,
+            Durability::Periodic { interval_ms } => Some(interval_ms.max(1)),
+        };
+        let db = sled::Config::new()
+            .path(&sled_dir)
+            .cache_capacity(config.cache_capacity_bytes)
+            .flush_every_ms(flush_every)
+            .open()?;
+        let trees = Trees {
+            log: db.open_tree("log")?,
+            by_commission: db.open_tree("by_commission")?,
+            commissions: db.open_tree("commissions")?,
+            by_user: db.open_tree("by_user")?,
+            idempotency: db.open_tree("idempotency")?,
+            live: db.open_tree("live")?,
+            jobs: db.open_tree("jobs")?,
+            jobs_by_commission: db.open_tree("jobs_by_commission")?,
+            meta: db.open_tree("meta")?,
+        };
+        migrate(&db, &trees.meta)?;
+        let db_path = sled_dir.join("db");
+        let db_file = File::open(&db_path).map_err(io(format!("open {}", db_path.display())))?;
+
+        // The tail of the log: head seq and hash chain, checked.
+        let (head, chain) = match trees.log.last()? {
+            None => (0, 0),
+            Some((k, v)) => {
+                let seq = read_u64(&k).ok_or(StorageError::Corruption { seq: 0, detail: "bad log key".into() })?;
+                let (_, chain) = decode_record(seq, &v, None)?;
+                (seq, chain)
+            }
+        };
+        let inner = Arc::new(Inner {
+            db,
+            trees,
+            durable_head: AtomicU64::new(head),
+            registry: Mutex::new(Registry::default()),
+            db_file,
+            dropped_slow: AtomicU64::new(0),
+            _lock: lock,
+        });
+        let mut writer = Writer::new(inner.clone(), head, chain)?;
+        writer.catch_up()?;
+        let (tx, rx) = crossbeam_channel::bounded(WRITER_QUEUE_REQUESTS_MAX);
+        let durability = config.durability;
+        let handle = std::thread::Builder::new()
+            .name("atelier-log-writer".into())
+            .spawn(move || writer.run(rx, durability))
+            .map_err(io("spawn the log writer"))?;
+        Ok(Arc::new(SledStore {
+            inner,
+            tx: Mutex::new(Some(tx)),
+            writer: Mutex::new(Some(handle)),
+            durability,
+        }))
+    }
+
+    pub fn durability(&self) -> Durability {
+        self.durability
+    }
+
+    /// Stops the writer after it has finished every queued append, and ends subscriptions.
+    pub fn close(&self) {
+        if let Ok(mut tx) = self.tx.lock() {
+            tx.take();
+        }
+        if let Some(h) = self.writer.lock().ok().and_then(|mut w| w.take()) {
+            let _ = h.join();
+        }
+        if let Ok(mut reg) = self.inner.registry.lock() {
+            reg.close();
+        }
+        let _ = self.inner.db.flush();
+        let _ = fdatasync(&self.inner.db_file);
+    }
+
+    fn send(&self, req: Request) -> Result<(), StorageError> {
+        let tx = self.tx.lock().map_err(|_| StorageError::Closed)?.clone().ok_or(StorageError::Closed)?;
+        tx.send(req).map_err(|_| StorageError::Closed)
+    }
+
+    /// Loads events (from `atelier export`) into an empty store, checking each against the
+    /// state machine exactly as live appends are.
+    pub fn import(&self, events: Vec<Envelope>) -> Result<(), StorageError> {
+        let (ack, rx) = crossbeam_channel::bounded(1);
+        self.send(Request::Import(events, ack))?;
+        rx.recv().map_err(|_| StorageError::Closed)?
+    }
+
+    /// Subscribers cut off for being too slow, since open.
+    pub fn dropped_slow_total(&self) -> u64 {
+        self.inner.dropped_slow.load(Ordering::Relaxed)
+    }
+
+    pub fn subscriber_count(&self) -> usize {
+        self.inner.registry.lock().map(|r| r.len()).unwrap_or(0)
+    }
+
+    pub(crate) fn inner(&self) -> &Arc<Inner> {
+        &self.inner
+    }
+
+    /// Deletes terminal commissions last updated before `before`: projections go, and their
+    /// log records keep only checksum and chain (the sequence stays gap-free and verifiable).
+    /// Runs on the writer thread, between group commits. Returns how many were pruned.
+    pub fn prune_terminal_before(&self, before: atelier_engine::time::Millis) -> Result<u64, StorageError> {
+        let (ack, rx) = crossbeam_channel::bounded(1);
+        self.send(Request::Prune(before, ack))?;
+        rx.recv().map_err(|_| StorageError::Closed)?
+    }
+}
+
+impl Drop for SledStore {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+fn load_counts(meta: &sled::Tree) -> Result<[u64; 10], StorageError> {
+    match meta.get(META_COUNTS)? {
+        None => Ok([0; 10]),
+        Some(v) => codec::decode(&v).map_err(bad("meta")),
+    }
+}
+
+fn migrate(db: &sled::Db, meta: &sled::Tree) -> Result<(), StorageError> {
+    let found = match meta.get(META_SCHEMA)? {
+        None => 0,
+        Some(v) => u32::try_from(read_u64(&v).unwrap_or(0)).unwrap_or(u32::MAX),
+    };
+    if found > SCHEMA_VERSION {
+        return Err(StorageError::NewerSchema { found, supported: SCHEMA_VERSION });
+    }
+    for (version, what, step) in MIGRATIONS.iter().filter(|(v, _, _)| *v > found) {
+        tracing::info!(version, what, "migrating the data dir");
+        step(db)?;
+        meta.insert(META_SCHEMA, &u64_key(u64::from(*version)))?;
+    }
+    Ok(())
+}
+
+pub(crate) fn fdatasync(f: &File) -> Result<(), StorageError> {
+    f.sync_data().map_err(io("fdatasync the sled data file"))
+}
+
+/// Projection writes staged during one batch, applied after the log is durable.
+#[derive(Default)]
+struct Staged {
+    snapshots: HashMap<u64, Commission>,
+    jobs: HashMap<u64, Job>,
+    idempotency: HashMap<Vec<u8>, u64>,
+    by_commission: sled::Batch,
+    by_user: sled::Batch,
+    idem_batch: sled::Batch,
+    live: sled::Batch,
+    jobs_by_commission: sled::Batch,
+    deliveries: Vec<Delivery>,
+    touched_jobs: Vec<u64>,
+    touched_snapshots: Vec<u64>,
+}
+
+struct Writer {
+    inner: Arc<Inner>,
+    head: u64,
+    chain: u32,
+    next_cid: u64,
+    projected: u64,
+    counts: [u64; 10],
+}
+
+impl Writer {
+    fn new(inner: Arc<Inner>, head: u64, chain: u32) -> Result<Writer, StorageError> {
+        let meta = &inner.trees.meta;
+        let projected = meta.get(META_PROJECTED)?.and_then(|v| read_u64(&v)).unwrap_or(0);
+        let mut next_cid = meta.get(META_NEXT_CID)?.and_then(|v| read_u64(&v)).unwrap_or(1);
+        if let Some((k, _)) = inner.trees.by_commission.last()? {
+            next_cid = next_cid.max(read_u64(&k).unwrap_or(0) + 1);
+        }
+        let counts = load_counts(meta)?;
+        Ok(Writer { inner, head, chain, next_cid, projected, counts })
+    }
+
+    /// Applies log records that the projections have not seen (after a crash between the
+    /// log's fsync and the projection write).
+    fn catch_up(&mut self) -> Result<(), StorageError> {
+        if self.projected >= self.head {
+            return Ok(());
+        }
+        tracing::info!(from = self.projected + 1, to = self.head, "catching projections up with the log");
+        let mut staged = Staged::default();
+        for item in self.inner.trees.log.range(u64_key(self.projected + 1)..) {
+            let (k, v) = item?;
+            let seq = read_u64(&k).unwrap_or(0);
+            let (env, _) = decode_record(seq, &v, None)?;
+            let Some(env) = env else { continue };
+            if env.commission_id >= self.next_cid {
+                self.next_cid = env.commission_id + 1;
+            }
+            let before = self.snapshot(&staged, env.commission_id)?;
+            if before.as_ref().is_some_and(|c| c.version >= env.version) {
+                continue; // already projected
+            }
+            let after = apply(before.clone(), &env).map_err(|r| StorageError::Corruption {
+                seq,
+                detail: format!("the state machine refuses it: {r}"),
+            })?;
+            self.project(&mut staged, &env, before.as_ref(), after)?;
+        }
+        self.write_projections(staged, self.head)?;
+        self.inner.db.flush()?;
+        fdatasync(&self.inner.db_file)?;
+        Ok(())
+    }
+
+    fn run(mut self, rx: Receiver<Request>, durability: Durability) {
+        let mut poisoned: Option<String> = None;
+        let sync_every = match durability {
+            Durability::Sync => Duration::from_secs(3600),
+            Durability::Periodic { interval_ms } => Duration::from_millis(interval_ms.max(1)),
+        };
+        let mut last_sync = Instant::now();
+        let mut dirty = false;
+        loop {
+            let first = match rx.recv_timeout(sync_every) {
+                Ok(r) => r,
+                Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
+                    if dirty && poisoned.is_none() {
+                        if let Err(e) = self.sync() {
+                            tracing::error!(error = %e, "periodic sync failed; the store refuses further writes");
+                            poisoned = Some(e.to_string());
+                        }
+                        dirty = false;
+                        last_sync = Instant::now();
+                    }
+                    continue;
+                }
+                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => break,
+            };
+            let mut batch = vec![first];
+            while batch.len() < BATCH_REQUESTS_MAX {
+                match rx.try_recv() {
+                    Ok(r) => batch.push(r),
+                    Err(_) => break,
+                }
+            }
+            if let Some(why) = &poisoned {
+                for r in batch {
+                    fail(r, || StorageError::Poisoned(why.clone()));
+                }
+                continue;
+            }
+            if let Err(e) = self.commit(batch, durability) {
+                tracing::error!(error = %e, "log commit failed; the store refuses further writes");
+                poisoned = Some(e.to_string());
+            }
+            if let Durability::Periodic { .. } = durability {
+                dirty = true;
+                if last_sync.elapsed() >= sync_every {
+                    if let Err(e) = self.sync() {
+                        tracing::error!(error = %e, "periodic sync failed; the store refuses further writes");
+                        poisoned = Some(e.to_string());
+                    }
+                    dirty = false;
+                    last_sync = Instant::now();
+                }
+            }
+        }
+    }
+
+    fn sync(&self) -> Result<(), StorageError> {
+        self.inner.db.flush()?;
+        fdatasync(&self.inner.db_file)
+    }
+
+    fn snapshot(&self, staged: &Staged, id: u64) -> Result<Option<Commission>, StorageError> {
+        if let Some(c) = staged.snapshots.get(&id) {
+            return Ok(Some(c.clone()));
+        }
+        match self.inner.trees.commissions.get(u64_key(id))? {
+            None => Ok(None),
+            Some(v) => codec::decode(&v).map(Some).map_err(bad("commissions")),
+        }
+    }
+
+    fn commit(&mut self, batch: Vec<Request>, durability: Durability) -> Result<(), StorageError> {
+        let started = Instant::now();
+        let mut staged = Staged::default();
+        let mut log_batch = sled::Batch::default();
+        let mut acks: Vec<(Request, Staging)> = Vec::with_capacity(batch.len());
+        let head_before = self.head;
+        for req in batch {
+            let result = match &req {
+                Request::Append(r, _) => Staging::Append(self.stage_append(r, &mut staged, &mut log_batch)),
+                Request::Import(envs, _) => Staging::Unit(self.stage_import(envs, &mut staged, &mut log_batch)),
+                Request::Prune(..) => Staging::Unit(Ok(())),
+            };
+            acks.push((req, result));
+        }
+        if self.head > head_before {
+            let written = (|| -> Result<(), StorageError> {
+                self.inner.trees.log.apply_batch(log_batch)?;
+                if durability == Durability::Sync {
+                    self.inner.db.flush()?;
+                    fdatasync(&self.inner.db_file)?;
+                }
+                Ok(())
+            })();
+            if let Err(e) = written {
+                for (req, _) in acks {
+                    fail(req, || StorageError::Poisoned(e.to_string()));
+                }
+                return Err(e);
+            }
+            let deliveries = std::mem::take(&mut staged.deliveries);
+            self.write_projections(staged, self.head)?;
+            let mut reg = self.inner.registry.lock().unwrap_or_else(|p| p.into_inner());
+            self.inner.durable_head.store(self.head, Ordering::Release);
+            let dropped = reg.publish(&deliveries);
+            drop(reg);
+            if dropped > 0 {
+                self.inner.dropped_slow.fetch_add(dropped, Ordering::Relaxed);
+            }
+        }
+        tracing::trace!(elapsed_us = started.elapsed().as_micros() as u64, "group commit");
+        for (req, result) in acks {
+            match (req, result) {
+                (Request::Append(_, ack), Staging::Append(r)) => {
+                    let _ = ack.send(r);
+                }
+                (Request::Import(_, ack), Staging::Unit(r)) => {
+                    let _ = ack.send(r);
+                }
+                (Request::Prune(before, ack), _) => {
+                    let _ = ack.send(self.prune(before));
+                }
+                _ => unreachable!("invariant: staging results match their requests"),
+            }
+        }
+        Ok(())
+    }
+
+    /// Retention, on the writer thread so that it cannot race an append.
+    fn prune(&mut self, before: atelier_engine::time::Millis) -> Result<u64, StorageError> {
+        let t = self.inner.trees.clone();
+        let mut victims = Vec::new();
+        for item in t.commissions.iter() {
+            let (_, v) = item?;
+            let c: Commission = codec::decode(&v).map_err(bad("commissions"))?;
+            if c.state.is_terminal() && c.updated_at < before {
+                victims.push(c);
+            }
+        }
+        for c in &victims {
+            for item in t.by_commission.scan_prefix(u64_key(c.id)) {
+                let (k, v) = item?;
+                let seq = read_u64(&v).ok_or(StorageError::BadProjection { tree: "by_commission", detail: "bad seq".into() })?;
+                if let Some(rec) = t.log.get(u64_key(seq))? {
+                    let stub = codec::prune_record(&rec).map_err(|e| StorageError::Corruption { seq, detail: e.to_string() })?;
+                    t.log.insert(u64_key(seq), stub)?;
+                }
+                t.by_commission.remove(k)?;
+            }
+            for item in t.jobs_by_commission.scan_prefix(u64_key(c.id)) {
+                let (k, _) = item?;
+                if let Some(job) = read_u64(&k[8..]) {
+                    t.jobs.remove(u64_key(job))?;
+                }
+                t.jobs_by_commission.remove(k)?;
+            }
+            t.by_user.remove(user_key(&c.user_id, &u64_key(c.id)))?;
+            if let Some(key) = &c.idempotency_key {
+                t.idempotency.remove(user_key(&c.user_id, key.as_bytes()))?;
+            }
+            t.commissions.remove(u64_key(c.id))?;
+            let i = c.state as usize;
+            self.counts[i] = self.counts[i].saturating_sub(1);
+        }
+        t.meta.insert(META_COUNTS, codec::encode(&self.counts))?;
+        self.sync()?;
+        Ok(victims.len() as u64)
+    }
+
+    fn stage_append(&mut self, req: &AppendRequest, staged: &mut Staged, log: &mut sled::Batch) -> Result<AppendOutcome, StorageError> {
+        let (cid, current, idem_key) = match &req.target {
+            AppendTarget::Existing(id) => (*id, self.snapshot(staged, *id)?, None),
+            AppendTarget::New { idempotency } => {
+                let key = idempotency.as_ref().map(|(u, k)| user_key(u, k.as_bytes()));
+                if let Some(key) = &key {
+                    let existing = match staged.idempotency.get(key) {
+                        Some(id) => Some(*id),
+                        None => self.inner.trees.idempotency.get(key)?.and_then(|v| read_u64(&v)),
+                    };
+                    if let Some(id) = existing {
+                        let commission = self.snapshot(staged, id)?.ok_or(StorageError::BadProjection {
+                            tree: "idempotency",
+                            detail: format!("points at missing commission {id}"),
+                        })?;
+                        return Ok(AppendOutcome::Duplicate { commission });
+                    }
+                }
+                (self.next_cid, None, key)
+            }
+        };
+        let current_version = current.as_ref().map_or(0, |c| c.version);
+        if current_version != req.expected_version {
+            return Ok(AppendOutcome::Conflict { current_version });
+        }
+        if req.events.is_empty() {
+            return Ok(AppendOutcome::Rejected(Rejection::Invalid { field: "events", reason: "nothing to append".into() }));
+        }
+        // Fold first, so that a refused event leaves nothing staged (all or nothing).
+        let mut envs = Vec::with_capacity(req.events.len());
+        let mut states = Vec::with_capacity(req.events.len());
+        let mut c = current;
+        for (i, event) in req.events.iter().enumerate() {
+            let i = i as u64;
+            let env = Envelope {
+                seq: self.head + 1 + i,
+                commission_id: cid,
+                version: current_version + 1 + i,
+                at: req.at,
+                event: event.clone(),
+            };
+            let before = c.clone();
+            match apply(c, &env) {
+                Ok(next) => {
+                    c = Some(next.clone());
+                    states.push((before, next));
+                }
+                Err(r) => return Ok(AppendOutcome::Rejected(r)),
+            }
+            envs.push(env);
+        }
+        if matches!(req.target, AppendTarget::New { .. }) {
+            self.next_cid += 1;
+        }
+        if let Some(key) = idem_key {
+            staged.idempotency.insert(key, cid);
+        }
+        let first_seq = self.head + 1;
+        for (env, (before, after)) in envs.iter().zip(states) {
+            self.write_record(env, log);
+            self.project(staged, env, before.as_ref(), after)?;
+        }
+        let commission = staged.snapshots.get(&cid).cloned().expect("invariant: just projected");
+        Ok(AppendOutcome::Appended { commission, first_seq, last_seq: self.head })
+    }
+
+    fn stage_import(&mut self, envs: &[Envelope], staged: &mut Staged, log: &mut sled::Batch) -> Result<(), StorageError> {
+        for (i, env) in envs.iter().enumerate() {
+            let line = i + 1;
+            if env.seq != self.head + 1 {
+                return Err(StorageError::Import { line, detail: format!("seq {} does not follow {}", env.seq, self.head) });
+            }
+            let before = self.snapshot(staged, env.commission_id)?;
+            let after = apply(before.clone(), env)
+                .map_err(|r| StorageError::Import { line, detail: format!("refused by the state machine: {r}") })?;
+            if before.is_none() {
+                if env.commission_id < self.next_cid {
+                    return Err(StorageError::Import { line, detail: format!("commission id {} reused", env.commission_id) });
+                }
+                self.next_cid = env.commission_id + 1;
+                if let Some(k) = &after.idempotency_key {
+                    staged.idempotency.insert(user_key(&after.user_id, k.as_bytes()), env.commission_id);
+                }
+            }
+            self.write_record(env, log);
+            self.project(staged, env, before.as_ref(), after)?;
+        }
+        Ok(())
+    }
+
+    fn write_record(&mut self, env: &Envelope, log: &mut sled::Batch) {
+        debug_assert_eq!(env.seq, self.head + 1, "the log is gap-free");
+        let payload = codec::encode(env);
+        let (record, chain) = codec::frame_record(env.seq, self.chain, &payload);
+        log.insert(&u64_key(env.seq), record);
+        self.chain = chain;
+        self.head = env.seq;
+    }
+
+    /// Stages what one event changes in the projections.
+    fn project(&mut self, staged: &mut Staged, env: &Envelope, before: Option<&Commission>, after: Commission) -> Result<(), StorageError> {
+        let cid = env.commission_id;
+        staged.by_commission.insert(&pair_key(cid, env.version), &u64_key(env.seq));
+        if let Event::Created { user_id, idempotency_key, .. } = &env.event {
+            staged.by_user.insert(user_key(user_id, &u64_key(cid)), &[]);
+            if let Some(k) = idempotency_key {
+                staged.idem_batch.insert(user_key(user_id, k.as_bytes()), &u64_key(cid));
+            }
+        }
+        let before_state = before.map(|c| c.state);
+        if before_state != Some(after.state) {
+            if let Some(s) = before_state {
+                self.counts[s as usize] = self.counts[s as usize].saturating_sub(1);
+            }
+            self.counts[after.state as usize] += 1;
+            let was_live = before_state.is_some_and(|s| !s.is_terminal());
+            match (was_live, after.state.is_terminal()) {
+                (false, false) => staged.live.insert(&u64_key(cid), &[]),
+                (true, true) => staged.live.remove(&u64_key(cid)),
+                _ => {}
+            }
+        }
+        let jobs_tree = &self.inner.trees.jobs;
+        let lookup = |id: u64| -> Option<Job> {
+            staged.jobs.get(&id).cloned().or_else(|| {
+                jobs_tree.get(u64_key(id)).ok().flatten().and_then(|v| codec::decode(&v).ok())
+            })
+        };
+        if let Some((job_id, job)) = apply_job(lookup, env) {
+            if matches!(env.event, Event::JobStarted { .. }) {
+                staged.jobs_by_commission.insert(&pair_key(cid, job_id), &[]);
+            }
+            staged.jobs.insert(job_id, job);
+            staged.touched_jobs.push(job_id);
+        }
+        staged.deliveries.push(Delivery { env: Arc::new(env.clone()), view: Arc::new(ViewAfter::of(&after)) });
+        staged.touched_snapshots.push(cid);
+        staged.snapshots.insert(cid, after);
+        Ok(())
+    }
+
+    fn write_projections(&mut self, staged: Staged, projected: u64) -> Result<(), StorageError> {
+        let t = &self.inner.trees;
+        let mut snaps = sled::Batch::default();
+        for (id, c) in &staged.snapshots {
+            snaps.insert(&u64_key(*id), codec::encode(c));
+        }
+        let mut jobs = sled::Batch::default();
+        for (id, j) in &staged.jobs {
+            jobs.insert(&u64_key(*id), codec::encode(j));
+        }
+        t.commissions.apply_batch(snaps)?;
+        t.by_commission.apply_batch(staged.by_commission)?;
+        t.by_user.apply_batch(staged.by_user)?;
+        t.idempotency.apply_batch(staged.idem_batch)?;
+        t.live.apply_batch(staged.live)?;
+        t.jobs.apply_batch(jobs)?;
+        t.jobs_by_commission.apply_batch(staged.jobs_by_commission)?;
+        let mut meta = sled::Batch::default();
+        meta.insert(META_PROJECTED, &u64_key(projected));
+        meta.insert(META_NEXT_CID, &u64_key(self.next_cid));
+        meta.insert(META_COUNTS, codec::encode(&self.counts));
+        t.meta.apply_batch(meta)?;
+        self.projected = projected;
+        Ok(())
+    }
+}
+
+fn fail(req: Request, err: impl Fn() -> StorageError) {
+    match req {
+        Request::Append(_, ack) => {
+            let _ = ack.send(Err(err()));
+        }
+        Request::Import(_, ack) => {
+            let _ = ack.send(Err(err()));
+        }
+        Request::Prune(_, ack) => {
+            let _ = ack.send(Err(err()));
+        }
+    }
+}
+
+impl Inner {
+    fn get_commission(&self, id: u64) -> Result<Option<Commission>, StorageError> {
+        match self.trees.commissions.get(u64_key(id))? {
+            None => Ok(None),
+            Some(v) => codec::decode(&v).map(Some).map_err(bad("commissions")),
+        }
+    }
+
+    fn events_of(&self, id: u64) -> Result<Vec<Envelope>, StorageError> {
+        let mut out = Vec::new();
+        for item in self.trees.by_commission.scan_prefix(u64_key(id)) {
+            let (_, v) = item?;
+            let seq = read_u64(&v).ok_or(StorageError::BadProjection { tree: "by_commission", detail: "bad seq".into() })?;
+            let rec = self.trees.log.get(u64_key(seq))?.ok_or(StorageError::Corruption {
+                seq,
+                detail: "indexed record is missing from the log".into(),
+            })?;
+            if let (Some(env), _) = decode_record(seq, &rec, None)? {
+                out.push(env);
+            }
+        }
+        Ok(out)
+    }
+
+    fn read_log(&self, after: u64, upto: u64, limit: usize) -> Result<Vec<Envelope>, StorageError> {
+        let mut out = Vec::new();
+        if after >= upto {
+            return Ok(out);
+        }
+        for item in self.trees.log.range(u64_key(after + 1)..=u64_key(upto)) {
+            let (k, v) = item?;
+            let seq = read_u64(&k).unwrap_or(0);
+            if let (Some(env), _) = decode_record(seq, &v, None)? {
+                out.push(env);
+                if out.len() >= limit {
+                    break;
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Folds a commission's events from its first, keeping deliveries in `(after, upto]`.
+fn fold_deliveries(events: Vec<Envelope>, after: u64, upto: u64, out: &mut Vec<Delivery>) -> Result<(), StorageError> {
+    let mut c: Option<Commission> = None;
+    for env in events {
+        let seq = env.seq;
+        let next = apply(c, &env).map_err(|r| StorageError::Corruption { seq, detail: format!("refused on replay: {r}") })?;
+        if seq > after && seq <= upto {
+            out.push(Delivery { view: Arc::new(ViewAfter::of(&next)), env: Arc::new(env) });
+        }
+        c = Some(next);
+    }
+    Ok(())
+}
+
+impl History for Inner {
+    fn history(&self, filter: &Filter, after: u64, upto: u64, limit: usize) -> Result<Vec<Delivery>, StorageError> {
+        let mut out = Vec::new();
+        match filter {
+            Filter::Commission(id) => {
+                let c = self.get_commission(*id)?;
+                if c.is_some_and(|c| c.last_seq > after) {
+                    fold_deliveries(self.events_of(*id)?, after, upto, &mut out)?;
+                }
+            }
+            Filter::User(user) => {
+                for item in self.trees.by_user.scan_prefix(user_key(user, &[])) {
+                    let (k, _) = item?;
+                    let id = read_u64(&k[k.len() - 8..]).unwrap_or(0);
+                    if self.get_commission(id)?.is_some_and(|c| c.last_seq > after) {
+                        fold_deliveries(self.events_of(id)?, after, upto, &mut out)?;
+                    }
+                }
+                out.sort_by_key(|d| d.env.seq);
+            }
+            Filter::All => {
+                let envs = self.read_log(after, upto, limit)?;
+                let mut cache: HashMap<u64, Commission> = HashMap::new();
+                for env in envs {
+                    let seq = env.seq;
+                    let prev = match cache.remove(&env.commission_id) {
+                        Some(c) if c.version + 1 == env.version => Some(c),
+                        _ => {
+                            let mut c = None;
+                            for e in self.events_of(env.commission_id)? {
+                                if e.version >= env.version {
+                                    break;
+                                }
+                                c = Some(apply(c, &e).map_err(|r| StorageError::Corruption { seq: e.seq, detail: r.to_string() })?);
+                            }
+                            c
+                        }
+                    };
+                    let next = apply(prev, &env).map_err(|r| StorageError::Corruption { seq, detail: r.to_string() })?;
+                    out.push(Delivery { view: Arc::new(ViewAfter::of(&next)), env: Arc::new(env) });
+                    cache.insert(next.id, next);
+                }
+            }
+        }
+        out.truncate(limit);
+        Ok(out)
+    }
+
+    fn registry(&self) -> &Mutex<Registry> {
+        &self.registry
+    }
+
+    fn durable_head(&self) -> &AtomicU64 {
+        &self.durable_head
+    }
+}
+
+impl EventStore for SledStore {
+    fn append(&self, req: AppendRequest) -> Result<AppendOutcome, StorageError> {
+        let (ack, rx) = crossbeam_channel::bounded(1);
+        self.send(Request::Append(req, ack))?;
+        rx.recv().map_err(|_| StorageError::Closed)?
+    }
+
+    fn commission(&self, id: u64) -> Result<Option<Commission>, StorageError> {
+        self.inner.get_commission(id)
+    }
+
+    fn events_of(&self, id: u64) -> Result<Vec<Envelope>, StorageError> {
+        self.inner.events_of(id)
+    }
+
+    fn read_log(&self, after: u64, limit: usize) -> Result<Vec<Envelope>, StorageError> {
+        self.inner.read_log(after, self.head_seq(), limit)
+    }
+
+    fn list_user(&self, user_id: &str, q: &ListQuery) -> Result<Page, StorageError> {
+        let limit = q.limit.clamp(1, LIST_LIMIT_MAX);
+        let prefix = user_key(user_id, &[]);
+        let upper = user_key(user_id, &u64_key(q.cursor.unwrap_or(u64::MAX)));
+        let mut items = Vec::new();
+        let mut scanned = 0;
+        let mut last_id = None;
+        for item in self.inner.trees.by_user.range(prefix.clone()..upper).rev() {
+            let (k, _) = item?;
+            let id = read_u64(&k[k.len() - 8..]).unwrap_or(0);
+            last_id = Some(id);
+            scanned += 1;
+            if let Some(c) = self.inner.get_commission(id)? {
+                if q.state.map_or(true, |s| s == c.state) {
+                    items.push(c);
+                }
+            }
+            if items.len() > limit || scanned >= LIST_SCAN_MAX {
+                break;
+            }
+        }
+        let next_cursor = if items.len() > limit {
+            items.truncate(limit);
+            items.last().map(|c| c.id)
+        } else if scanned >= LIST_SCAN_MAX {
+            last_id
+        } else {
+            None
+        };
+        Ok(Page { items, next_cursor })
+    }
+
+    fn live_commissions(&self) -> Result<Vec<Commission>, StorageError> {
+        let mut out = Vec::new();
+        for item in self.inner.trees.live.iter() {
+            let (k, _) = item?;
+            if let Some(c) = self.inner.get_commission(read_u64(&k).unwrap_or(0))? {
+                out.push(c);
+            }
+        }
+        Ok(out)
+    }
+
+    fn job(&self, job_id: u64) -> Result<Option<Job>, StorageError> {
+        match self.inner.trees.jobs.get(u64_key(job_id))? {
+            None => Ok(None),
+            Some(v) => codec::decode(&v).map(Some).map_err(bad("jobs")),
+        }
+    }
+
+    fn jobs_of(&self, commission_id: u64) -> Result<Vec<Job>, StorageError> {
+        let mut out = Vec::new();
+        for item in self.inner.trees.jobs_by_commission.scan_prefix(u64_key(commission_id)) {
+            let (k, _) = item?;
+            if let Some(j) = self.job(read_u64(&k[8..]).unwrap_or(0))? {
+                out.push(j);
+            }
+        }
+        Ok(out)
+    }
+
+    fn allocate_job_id(&self) -> Result<u64, StorageError> {
+        // sled's id generator is persistent and never repeats, even after a crash.
+        Ok(self.inner.db.generate_id()? + 1)
+    }
+
+    fn subscribe(&self, after: u64, filter: Filter) -> Result<Subscription, StorageError> {
+        Ok(Subscription::new(self.inner.clone(), after, filter))
+    }
+
+    fn head_seq(&self) -> u64 {
+        self.inner.durable_head.load(Ordering::Acquire)
+    }
+
+    fn state_counts(&self) -> Result<Vec<(State, u64)>, StorageError> {
+        let counts = load_counts(&self.inner.trees.meta)?;
+        Ok(State::ALL.iter().map(|s| (*s, counts[*s as usize])).collect())
+    }
+}

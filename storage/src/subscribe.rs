@@ -1,0 +1,304 @@
+//! Log subscriptions: replay from the log, then follow live, with no gap and no duplicate.
+//!
+//! The writer publishes each batch to the registry after it is durable, holding the registry
+//! lock while it also advances the durable head. A subscription reads history up to a head it
+//! saw, registers (reading the head again under the lock), reads the rest of history up to
+//! that second head, and from then on takes only live events with a higher seq. So every event
+//! comes exactly once, in order.
+//!
+//! A subscriber's queue is bounded ([`SUBSCRIBER_QUEUE_EVENTS_MAX`]). When it is full the
+//! writer does not wait: it cuts the subscriber off, and the subscription ends with
+//! [`SubscriptionEnd::Overflow`] carrying the last seq delivered, from which the client can
+//! resume. sled's own `watch_prefix` would instead block the writer.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use atelier_engine::{Commission, Envelope, Stage, State};
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
+
+use crate::StorageError;
+
+/// Live events queued per subscriber before it is cut off as too slow.
+pub const SUBSCRIBER_QUEUE_EVENTS_MAX: usize = 256;
+/// Events read from the log per chunk while replaying history.
+pub const REPLAY_CHUNK_EVENTS: usize = 512;
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Filter {
+    Commission(u64),
+    User(String),
+    All,
+}
+
+/// The commission as it stood right after an event: what a progress stream shows.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ViewAfter {
+    pub user_id: Arc<str>,
+    pub state: State,
+    pub stage: Option<Stage>,
+    pub progress_percent: u8,
+    pub stage_progress_percent: Option<u8>,
+    pub message: Option<String>,
+}
+
+impl ViewAfter {
+    pub fn of(c: &Commission) -> ViewAfter {
+        ViewAfter {
+            user_id: Arc::from(c.user_id.as_str()),
+            state: c.state,
+            stage: c.stage,
+            progress_percent: c.progress_percent(),
+            stage_progress_percent: c.stage.map(|s| c.stage_progress[s.index()]),
+            message: c.message.clone(),
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Delivery {
+    pub env: Arc<Envelope>,
+    pub view: Arc<ViewAfter>,
+}
+
+/// Why a subscription stopped delivering.
+#[derive(Debug)]
+pub enum SubscriptionEnd {
+    /// Too slow: its queue overflowed. Resume after `last_seq`.
+    Overflow { last_seq: u64 },
+    /// The store shut down.
+    Closed,
+    Failed(StorageError),
+}
+
+pub(crate) struct Subscriber {
+    id: u64,
+    tx: Sender<Delivery>,
+}
+
+#[derive(Default)]
+pub(crate) struct Registry {
+    next_id: u64,
+    by_commission: HashMap<u64, Vec<Subscriber>>,
+    by_user: HashMap<Arc<str>, Vec<Subscriber>>,
+    all: Vec<Subscriber>,
+    pub(crate) closed: bool,
+}
+
+impl Registry {
+    fn add(&mut self, filter: Filter, tx: Sender<Delivery>) -> u64 {
+        self.next_id += 1;
+        let sub = Subscriber { id: self.next_id, tx };
+        match filter {
+            Filter::Commission(id) => self.by_commission.entry(id).or_default().push(sub),
+            Filter::User(u) => self.by_user.entry(Arc::from(u.as_str())).or_default().push(sub),
+            Filter::All => self.all.push(sub),
+        }
+        self.next_id
+    }
+
+    fn remove(&mut self, id: u64, filter: &Filter) {
+        match filter {
+            Filter::Commission(c) => {
+                if let Some(v) = self.by_commission.get_mut(c) {
+                    v.retain(|s| s.id != id);
+                    if v.is_empty() {
+                        self.by_commission.remove(c);
+                    }
+                }
+            }
+            Filter::User(u) => {
+                if let Some(v) = self.by_user.get_mut(u.as_str()) {
+                    v.retain(|s| s.id != id);
+                    if v.is_empty() {
+                        self.by_user.remove(u.as_str());
+                    }
+                }
+            }
+            Filter::All => self.all.retain(|s| s.id != id),
+        }
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.by_commission.values().map(Vec::len).sum::<usize>()
+            + self.by_user.values().map(Vec::len).sum::<usize>()
+            + self.all.len()
+    }
+
+    /// Sends each delivery to the matching subscribers; never blocks. Returns how many
+    /// subscribers were cut off for being too slow.
+    pub(crate) fn publish(&mut self, deliveries: &[Delivery]) -> u64 {
+        let mut dropped = 0;
+        for d in deliveries {
+            if let Some(v) = self.by_commission.get_mut(&d.env.commission_id) {
+                dropped += send_all(v, d);
+            }
+            if let Some(v) = self.by_user.get_mut(&d.view.user_id) {
+                dropped += send_all(v, d);
+            }
+            dropped += send_all(&mut self.all, d);
+        }
+        if dropped > 0 {
+            self.by_commission.retain(|_, v| !v.is_empty());
+            self.by_user.retain(|_, v| !v.is_empty());
+        }
+        dropped
+    }
+
+    pub(crate) fn close(&mut self) {
+        self.closed = true;
+        self.by_commission.clear();
+        self.by_user.clear();
+        self.all.clear();
+    }
+}
+
+fn send_all(subs: &mut Vec<Subscriber>, d: &Delivery) -> u64 {
+    let mut dropped = 0;
+    subs.retain(|s| match s.tx.try_send(d.clone()) {
+        Ok(()) => true,
+        Err(TrySendError::Full(_)) => {
+            dropped += 1;
+            false
+        }
+        Err(TrySendError::Disconnected(_)) => false,
+    });
+    dropped
+}
+
+/// What a subscription needs from the store: history reads and the registry.
+pub(crate) trait History: Send + Sync {
+    /// Deliveries with `after < seq <= upto` matching `filter`, at most `limit`, in seq order.
+    fn history(&self, filter: &Filter, after: u64, upto: u64, limit: usize)
+        -> Result<Vec<Delivery>, StorageError>;
+    fn registry(&self) -> &Mutex<Registry>;
+    fn durable_head(&self) -> &AtomicU64;
+}
+
+pub struct Subscription {
+    source: Arc<dyn History>,
+    filter: Filter,
+    last_seq: u64,
+    /// History not yet handed out, in order.
+    backlog: VecDeque<Delivery>,
+    /// History is known up to here; beyond it events come live (once registered).
+    history_upto: u64,
+    live: Option<(u64, Receiver<Delivery>)>,
+    ended: bool,
+}
+
+impl Subscription {
+    pub(crate) fn new(source: Arc<dyn History>, after: u64, filter: Filter) -> Subscription {
+        Subscription {
+            source,
+            filter,
+            last_seq: after,
+            backlog: VecDeque::new(),
+            history_upto: after,
+            live: None,
+            ended: false,
+        }
+    }
+
+    pub fn filter(&self) -> &Filter {
+        &self.filter
+    }
+
+    /// The seq of the last event handed out (or the starting point).
+    pub fn last_seq(&self) -> u64 {
+        self.last_seq
+    }
+
+    /// The next event, waiting up to `timeout` for a live one. `Ok(None)` on timeout.
+    pub fn next_timeout(&mut self, timeout: Duration) -> Result<Option<Delivery>, SubscriptionEnd> {
+        if self.ended {
+            return Err(SubscriptionEnd::Closed);
+        }
+        loop {
+            if let Some(d) = self.backlog.pop_front() {
+                self.last_seq = d.env.seq;
+                return Ok(Some(d));
+            }
+            if self.live.is_none() {
+                self.fill_backlog()?;
+                if !self.backlog.is_empty() {
+                    continue;
+                }
+                continue; // fill_backlog registered us once history was exhausted
+            }
+            let (_, rx) = self.live.as_ref().expect("invariant: registered above");
+            match rx.recv_timeout(timeout) {
+                Ok(d) if d.env.seq <= self.last_seq => continue,
+                Ok(d) => {
+                    self.last_seq = d.env.seq;
+                    return Ok(Some(d));
+                }
+                Err(RecvTimeoutError::Timeout) => return Ok(None),
+                Err(RecvTimeoutError::Disconnected) => {
+                    self.ended = true;
+                    let closed = self.source.registry().lock().map(|r| r.closed).unwrap_or(true);
+                    return Err(if closed {
+                        SubscriptionEnd::Closed
+                    } else {
+                        SubscriptionEnd::Overflow { last_seq: self.last_seq }
+                    });
+                }
+            }
+        }
+    }
+
+    /// Reads the next chunk of history; when history up to the durable head is exhausted,
+    /// registers for live events and reads the remainder up to the head seen under the lock.
+    fn fill_backlog(&mut self) -> Result<(), SubscriptionEnd> {
+        let head = self.source.durable_head().load(Ordering::Acquire);
+        if self.history_upto < head {
+            let chunk = self
+                .source
+                .history(&self.filter, self.history_upto, head, REPLAY_CHUNK_EVENTS)
+                .map_err(SubscriptionEnd::Failed)?;
+            self.history_upto = match chunk.last() {
+                Some(d) if chunk.len() == REPLAY_CHUNK_EVENTS => d.env.seq,
+                _ => head,
+            };
+            self.backlog.extend(chunk);
+            return Ok(());
+        }
+        let (tx, rx) = crossbeam_channel::bounded(SUBSCRIBER_QUEUE_EVENTS_MAX);
+        let (id, head_at_register) = {
+            let mut reg = self.source.registry().lock().map_err(|_| SubscriptionEnd::Closed)?;
+            if reg.closed {
+                return Err(SubscriptionEnd::Closed);
+            }
+            let head = self.source.durable_head().load(Ordering::Acquire);
+            (reg.add(self.filter.clone(), tx), head)
+        };
+        self.live = Some((id, rx));
+        // Events that became durable between our history read and registering.
+        let mut after = self.history_upto;
+        while after < head_at_register {
+            let chunk = self
+                .source
+                .history(&self.filter, after, head_at_register, REPLAY_CHUNK_EVENTS)
+                .map_err(SubscriptionEnd::Failed)?;
+            after = match chunk.last() {
+                Some(d) if chunk.len() == REPLAY_CHUNK_EVENTS => d.env.seq,
+                _ => head_at_register,
+            };
+            self.backlog.extend(chunk);
+        }
+        self.history_upto = head_at_register;
+        Ok(())
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        if let Some((id, _)) = self.live.take() {
+            if let Ok(mut reg) = self.source.registry().lock() {
+                reg.remove(id, &self.filter);
+            }
+        }
+    }
+}
