@@ -23,7 +23,7 @@ impl RetryPolicy {
         let exp = attempt.saturating_sub(1).min(32);
         let ceiling = self.base_ms.saturating_mul(1u64 << exp).min(self.cap_ms);
         let r = splitmix64(seed ^ u64::from(attempt).wrapping_mul(0x9E37_79B9_7F4A_7C15));
-        let delay = if ceiling == 0 { 0 } else { r % (ceiling + 1) };
+        let delay = ceiling.checked_add(1).map_or(r, |span| r % span);
         i64::try_from(delay).unwrap_or(i64::MAX)
     }
 }
