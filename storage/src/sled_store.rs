@@ -411,9 +411,6 @@ impl Writer {
                 self.next_cid = env.commission_id + 1;
             }
             let before = self.snapshot(&staged, env.commission_id)?;
-            if before.as_ref().is_some_and(|c| c.version >= env.version) {
-                continue; // already projected
-            }
             let after = apply(before.clone(), &env).map_err(|r| StorageError::Corruption {
                 seq,
                 detail: format!("the state machine refuses it: {r}"),
@@ -735,6 +732,9 @@ impl Writer {
         Ok(())
     }
 
+    /// Writes one batch's projection changes and the projected seq in one sled transaction,
+    /// so that after a crash the projections are exactly those of some log prefix and the
+    /// catch-up at open can start right after `projected_seq`.
     fn write_projections(&mut self, staged: Staged, projected: u64) -> Result<(), StorageError> {
         let t = &self.inner.trees;
         let mut snaps = sled::Batch::default();
@@ -745,18 +745,34 @@ impl Writer {
         for (id, j) in &staged.jobs {
             jobs.insert(&u64_key(*id), codec::encode(j));
         }
-        t.commissions.apply_batch(snaps)?;
-        t.by_commission.apply_batch(staged.by_commission)?;
-        t.by_user.apply_batch(staged.by_user)?;
-        t.idempotency.apply_batch(staged.idem_batch)?;
-        t.live.apply_batch(staged.live)?;
-        t.jobs.apply_batch(jobs)?;
-        t.jobs_by_commission.apply_batch(staged.jobs_by_commission)?;
         let mut meta = sled::Batch::default();
         meta.insert(META_PROJECTED, &u64_key(projected));
         meta.insert(META_NEXT_CID, &u64_key(self.next_cid));
         meta.insert(META_COUNTS, codec::encode(&self.counts));
-        t.meta.apply_batch(meta)?;
+        let trees = (
+            &t.commissions,
+            &t.by_commission,
+            &t.by_user,
+            &t.idempotency,
+            &t.live,
+            &t.jobs,
+            &t.jobs_by_commission,
+            &t.meta,
+        );
+        use sled::Transactional;
+        trees
+            .transaction(|(c, bc, bu, idem, live, j, jbc, m)| {
+                c.apply_batch(&snaps)?;
+                bc.apply_batch(&staged.by_commission)?;
+                bu.apply_batch(&staged.by_user)?;
+                idem.apply_batch(&staged.idem_batch)?;
+                live.apply_batch(&staged.live)?;
+                j.apply_batch(&jobs)?;
+                jbc.apply_batch(&staged.jobs_by_commission)?;
+                m.apply_batch(&meta)?;
+                Ok::<(), sled::transaction::ConflictableTransactionError<()>>(())
+            })
+            .map_err(|e| StorageError::Sled(format!("projection transaction: {e:?}")))?;
         self.projected = projected;
         Ok(())
     }

@@ -1,0 +1,57 @@
+//! Helpers shared by the storage tests: temporary data dirs and command shortcuts.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use atelier_engine::{Command, Ctx, Executor, NewCommission, RetryPolicy, Stage};
+
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(name: &str) -> TempDir {
+        static N: AtomicU64 = AtomicU64::new(0);
+        let p = std::env::temp_dir().join(format!(
+            "atelier-test-{name}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).expect("create temp dir");
+        TempDir(p)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+pub fn ctx(now: i64) -> Ctx {
+    Ctx { now, jitter_seed: 7, retry: RetryPolicy::default() }
+}
+
+pub fn new_commission(user: &str, key: Option<&str>) -> NewCommission {
+    NewCommission {
+        user_id: user.into(),
+        pipeline: "noop".into(),
+        priority: 0,
+        scheduled_for: None,
+        context: r#"{"title":"t"}"#.into(),
+        idempotency_key: key.map(Into::into),
+        max_attempts: 3,
+    }
+}
+
+/// The commands that take a created commission through every stage to completed.
+pub fn full_run(job_id: u64) -> Vec<Command> {
+    let mut cmds = vec![Command::StartJob { job_id, executor: Executor::TaskRunner, job_name: "noop".into(), pid: None }];
+    for stage in Stage::ALL {
+        cmds.push(Command::EnterStage { job_id, stage });
+        cmds.push(Command::ReportProgress { job_id, stage, percent: 50, message: Some("half".into()) });
+        cmds.push(Command::ReportProgress { job_id, stage, percent: 100, message: None });
+    }
+    cmds.push(Command::Complete { job_id, result: r#"{"ok":true}"#.into(), job: None });
+    cmds
+}

@@ -1,0 +1,351 @@
+//! Behaviour of the sled event store: appends, concurrency, idempotency, subscriptions,
+//! integrity, locking and schema checks, export/import and replay.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use atelier_engine::{Command, Event, Rejection, State};
+use atelier_storage::{
+    check, create, execute, AppendOutcome, AppendRequest, AppendTarget, Created, EventStore, Filter, ListQuery,
+    SledStore, StorageError, StoreConfig,
+};
+use common::*;
+
+fn open(dir: &TempDir) -> Arc<SledStore> {
+    SledStore::open(StoreConfig::new(&dir.0)).expect("open store")
+}
+
+fn created(store: &SledStore, user: &str) -> u64 {
+    match create(store, new_commission(user, None), &ctx(1_000)).unwrap().unwrap() {
+        Created::New(c) => c.id,
+        Created::Existing(_) => panic!("no key, no duplicate"),
+    }
+}
+
+#[test]
+fn full_run_is_projected_and_replays() {
+    let dir = TempDir::new("full");
+    let store = open(&dir);
+    let id = created(&store, "alice");
+    for (i, cmd) in full_run(store.allocate_job_id().unwrap()).into_iter().enumerate() {
+        execute(&*store, id, cmd, &ctx(2_000 + i as i64)).unwrap().unwrap();
+    }
+    let c = store.commission(id).unwrap().unwrap();
+    assert_eq!(c.state, State::Completed);
+    assert_eq!(c.progress_percent(), 100);
+    let events = store.events_of(id).unwrap();
+    assert_eq!(events.len() as u64, c.version);
+    assert!(events.windows(2).all(|w| w[1].seq == w[0].seq + 1 && w[1].version == w[0].version + 1));
+    let report = check::replay_check(&store).unwrap();
+    assert!(report.diff.is_empty(), "{:?}", report.diff);
+    assert_eq!(report.events, c.version);
+    assert_eq!(store.jobs_of(id).unwrap().len(), 1);
+}
+
+#[test]
+fn version_conflict_is_an_outcome_and_appends_nothing() {
+    let dir = TempDir::new("conflict");
+    let store = open(&dir);
+    let id = created(&store, "alice");
+    let head = store.head_seq();
+    let out = store
+        .append(AppendRequest { target: AppendTarget::Existing(id), expected_version: 7, events: vec![Event::CancelRequested], at: 5 })
+        .unwrap();
+    assert!(matches!(out, AppendOutcome::Conflict { current_version: 1 }), "{out:?}");
+    assert_eq!(store.head_seq(), head);
+}
+
+#[test]
+fn a_refused_event_in_a_batch_appends_none_of_it() {
+    let dir = TempDir::new("atomic");
+    let store = open(&dir);
+    let id = created(&store, "alice");
+    let head = store.head_seq();
+    // cancel_requested is fine, but completed is not allowed from created: all or nothing.
+    let out = store
+        .append(AppendRequest {
+            target: AppendTarget::Existing(id),
+            expected_version: 1,
+            events: vec![Event::CancelRequested, Event::Completed { result: "{}".into() }],
+            at: 5,
+        })
+        .unwrap();
+    assert!(matches!(out, AppendOutcome::Rejected(Rejection::IllegalTransition { .. })), "{out:?}");
+    assert_eq!(store.head_seq(), head);
+    assert_eq!(store.commission(id).unwrap().unwrap().version, 1);
+}
+
+#[test]
+fn idempotent_create_returns_the_first_commission_even_when_racing() {
+    let dir = TempDir::new("idem");
+    let store = open(&dir);
+    let handles: Vec<_> = (0..8)
+        .map(|_| {
+            let s = store.clone();
+            std::thread::spawn(move || create(&*s, new_commission("alice", Some("k1")), &ctx(1)).unwrap().unwrap())
+        })
+        .collect();
+    let results: Vec<Created> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    let news: Vec<u64> = results.iter().filter_map(|r| if let Created::New(c) = r { Some(c.id) } else { None }).collect();
+    assert_eq!(news.len(), 1, "exactly one create wins");
+    assert!(results.iter().all(|r| match r {
+        Created::New(c) | Created::Existing(c) => c.id == news[0],
+    }));
+    // Same key, other user: a different commission.
+    assert!(matches!(create(&*store, new_commission("bob", Some("k1")), &ctx(1)).unwrap().unwrap(), Created::New(_)));
+}
+
+#[test]
+fn concurrent_commands_on_one_commission_serialize_through_versions() {
+    let dir = TempDir::new("race");
+    let store = open(&dir);
+    let id = created(&store, "alice");
+    let job = store.allocate_job_id().unwrap();
+    let cmds = full_run(job);
+    for cmd in &cmds[..2] {
+        execute(&*store, id, cmd.clone(), &ctx(3)).unwrap().unwrap();
+    }
+    let handles: Vec<_> = (1..=50u32)
+        .map(|p| {
+            let s = store.clone();
+            std::thread::spawn(move || {
+                execute(&*s, id, Command::ReportProgress { job_id: job, stage: atelier_engine::Stage::GeneratingIdeas, percent: p, message: None }, &ctx(4)).unwrap()
+            })
+        })
+        .collect();
+    let accepted = handles.into_iter().map(|h| h.join().unwrap()).filter(Result::is_ok).count();
+    let c = store.commission(id).unwrap().unwrap();
+    // Whatever interleaving happened, progress never went down and every accepted report is an event.
+    assert_eq!(c.version as usize, 3 + accepted);
+    let percents: Vec<u8> = store.events_of(id).unwrap().iter().filter_map(|e| match e.event { Event::Progress { percent, .. } => Some(percent), _ => None }).collect();
+    let evs: Vec<_> = store.events_of(id).unwrap().iter().map(|e| (e.seq, e.version, format!("{:?}", e.event))).collect();
+    assert!(percents.windows(2).all(|w| w[0] <= w[1]), "{percents:?} {evs:#?}");
+}
+
+#[test]
+fn subscription_replays_then_goes_live_without_gap_or_duplicate() {
+    let dir = TempDir::new("sub");
+    let store = open(&dir);
+    let id = created(&store, "alice");
+    let job = store.allocate_job_id().unwrap();
+    let cmds = full_run(job);
+    execute(&*store, id, cmds[0].clone(), &ctx(3)).unwrap().unwrap();
+    let mut sub = store.subscribe(0, Filter::Commission(id)).unwrap();
+    let writer = {
+        let s = store.clone();
+        let rest = cmds[1..].to_vec();
+        std::thread::spawn(move || {
+            for cmd in rest {
+                execute(&*s, id, cmd, &ctx(4)).unwrap().unwrap();
+                // Noise from another commission must not reach this subscription.
+                create(&*s, new_commission("bob", None), &ctx(4)).unwrap().unwrap();
+            }
+        })
+    };
+    let mut seen = Vec::new();
+    while let Some(d) = sub.next_timeout(Duration::from_secs(5)).unwrap() {
+        assert_eq!(d.env.commission_id, id);
+        seen.push(d.env.version);
+        if d.view.state == State::Completed {
+            break;
+        }
+    }
+    writer.join().unwrap();
+    let expected: Vec<u64> = (1..=store.commission(id).unwrap().unwrap().version).collect();
+    assert_eq!(seen, expected);
+    // Resume after a seq: strictly after it.
+    let mid = store.events_of(id).unwrap()[5].seq;
+    let mut resumed = store.subscribe(mid, Filter::User("alice".into())).unwrap();
+    let first = resumed.next_timeout(Duration::from_secs(1)).unwrap().unwrap();
+    assert!(first.env.seq > mid);
+}
+
+#[test]
+fn a_slow_subscriber_is_cut_off_and_never_blocks_the_writer() {
+    let dir = TempDir::new("slow");
+    let store = open(&dir);
+    let mut slow = store.subscribe(store.head_seq(), Filter::All).unwrap();
+    // Register it (history is empty, so this returns on timeout after registering).
+    assert!(slow.next_timeout(Duration::from_millis(10)).unwrap().is_none());
+    for _ in 0..(atelier_storage::SUBSCRIBER_QUEUE_EVENTS_MAX + 10) {
+        created(&store, "alice");
+    }
+    assert_eq!(store.dropped_slow_total(), 1);
+    let mut n = 0;
+    let end = loop {
+        match slow.next_timeout(Duration::from_millis(100)) {
+            Ok(Some(_)) => n += 1,
+            Ok(None) => panic!("expected the cut-off"),
+            Err(e) => break e,
+        }
+    };
+    match end {
+        atelier_storage::SubscriptionEnd::Overflow { last_seq } => assert_eq!(last_seq, n),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn listing_pages_newest_first_and_filters_by_state() {
+    let dir = TempDir::new("list");
+    let store = open(&dir);
+    let ids: Vec<u64> = (0..5).map(|_| created(&store, "alice")).collect();
+    created(&store, "bob");
+    execute(&*store, ids[1], Command::RequestCancel, &ctx(2)).unwrap().unwrap();
+    let p1 = store.list_user("alice", &ListQuery { limit: 2, cursor: None, state: None }).unwrap();
+    assert_eq!(p1.items.iter().map(|c| c.id).collect::<Vec<_>>(), vec![ids[4], ids[3]]);
+    let p2 = store.list_user("alice", &ListQuery { limit: 2, cursor: p1.next_cursor, state: None }).unwrap();
+    assert_eq!(p2.items.iter().map(|c| c.id).collect::<Vec<_>>(), vec![ids[2], ids[1]]);
+    let p3 = store.list_user("alice", &ListQuery { limit: 2, cursor: p2.next_cursor, state: None }).unwrap();
+    assert_eq!(p3.items.len(), 1);
+    assert_eq!(p3.next_cursor, None);
+    let cancelled = store.list_user("alice", &ListQuery { limit: 10, cursor: None, state: Some(State::Cancelled) }).unwrap();
+    assert_eq!(cancelled.items.iter().map(|c| c.id).collect::<Vec<_>>(), vec![ids[1]]);
+    let counts = store.state_counts().unwrap();
+    assert!(counts.contains(&(State::Created, 5)) && counts.contains(&(State::Cancelled, 1)), "{counts:?}");
+    assert_eq!(store.live_commissions().unwrap().len(), 5);
+}
+
+#[test]
+fn reopen_keeps_everything_and_a_second_opener_is_refused_by_name() {
+    let dir = TempDir::new("reopen");
+    let store = open(&dir);
+    let id = created(&store, "alice");
+    match SledStore::open(StoreConfig::new(&dir.0)) {
+        Err(StorageError::Locked { holder, .. }) => assert!(holder.contains(&format!("pid {}", std::process::id())), "{holder}"),
+        other => panic!("expected Locked, got {:?}", other.map(|_| ())),
+    }
+    let head = store.head_seq();
+    store.close();
+    drop(store);
+    let store = open(&dir);
+    assert_eq!(store.head_seq(), head);
+    assert_eq!(store.commission(id).unwrap().unwrap().state, State::Created);
+    let id2 = created(&store, "alice");
+    assert!(id2 > id, "ids are never reused");
+}
+
+#[test]
+fn newer_schema_is_refused_with_a_clear_message() {
+    let dir = TempDir::new("schema");
+    {
+        let db = sled::open(dir.0.join("sled")).unwrap();
+        db.open_tree("meta").unwrap().insert(b"schema_version", &99u64.to_be_bytes()).unwrap();
+        db.flush().unwrap();
+    }
+    let err = SledStore::open(StoreConfig::new(&dir.0)).map(|_| ()).unwrap_err();
+    assert!(matches!(err, StorageError::NewerSchema { found: 99, .. }), "{err}");
+    assert!(err.to_string().contains("newer than this build supports"));
+}
+
+#[test]
+fn flipped_bytes_are_reported_as_corruption_with_the_seq() {
+    let dir = TempDir::new("corrupt");
+    let store = open(&dir);
+    let id = created(&store, "alice");
+    execute(&*store, id, Command::RequestCancel, &ctx(2)).unwrap().unwrap();
+    store.close();
+    drop(store);
+    // Damage seq 2 through sled itself (the byte flip a bad disk would make inside a value).
+    {
+        let db = sled::open(dir.0.join("sled")).unwrap();
+        let log = db.open_tree("log").unwrap();
+        let mut rec = log.get(2u64.to_be_bytes()).unwrap().unwrap().to_vec();
+        let last = rec.len() - 1;
+        rec[last] ^= 0x40;
+        log.insert(2u64.to_be_bytes(), rec).unwrap();
+        db.flush().unwrap();
+    }
+    let store = open(&dir);
+    match store.events_of(id) {
+        Err(StorageError::Corruption { seq: 2, .. }) => {}
+        other => panic!("expected corruption at 2, got {other:?}"),
+    }
+    match check::replay_check(&store) {
+        Err(StorageError::Corruption { seq: 2, .. }) => {}
+        other => panic!("expected corruption at 2, got {:?}", other.map(|r| r.diff)),
+    }
+}
+
+#[test]
+fn a_truncated_tail_record_fails_open_with_its_seq() {
+    let dir = TempDir::new("trunc");
+    let store = open(&dir);
+    created(&store, "alice");
+    created(&store, "alice");
+    store.close();
+    drop(store);
+    {
+        let db = sled::open(dir.0.join("sled")).unwrap();
+        let log = db.open_tree("log").unwrap();
+        let rec = log.get(2u64.to_be_bytes()).unwrap().unwrap().to_vec();
+        log.insert(2u64.to_be_bytes(), &rec[..rec.len() / 2]).unwrap();
+        db.flush().unwrap();
+    }
+    match SledStore::open(StoreConfig::new(&dir.0)) {
+        Err(StorageError::Corruption { seq: 2, .. }) => {}
+        other => panic!("expected corruption at 2, got {:?}", other.map(|_| ())),
+    }
+}
+
+#[test]
+fn replay_check_reports_a_doctored_projection() {
+    let dir = TempDir::new("doctor");
+    let store = open(&dir);
+    let id = created(&store, "alice");
+    store.close();
+    drop(store);
+    {
+        let db = sled::open(dir.0.join("sled")).unwrap();
+        db.open_tree("live").unwrap().remove(id.to_be_bytes()).unwrap();
+        db.flush().unwrap();
+    }
+    let store = open(&dir);
+    let report = check::replay_check(&store).unwrap();
+    assert_eq!(report.diff, vec![format!("live: missing {id}")]);
+}
+
+#[test]
+fn export_then_import_rebuilds_the_same_projections() {
+    let a = TempDir::new("export");
+    let store = open(&a);
+    let id = created(&store, "alice");
+    for cmd in full_run(store.allocate_job_id().unwrap()) {
+        execute(&*store, id, cmd, &ctx(9)).unwrap().unwrap();
+    }
+    created(&store, "bob");
+    let mut buf = Vec::new();
+    let n = check::export(&store, &mut buf).unwrap();
+    let b = TempDir::new("import");
+    let copy = open(&b);
+    assert_eq!(check::import(&copy, &mut &buf[..]).unwrap(), n);
+    assert_eq!(copy.commission(id).unwrap(), store.commission(id).unwrap());
+    assert!(check::replay_check(&copy).unwrap().diff.is_empty());
+    // A second import into a non-empty dir is refused.
+    assert!(matches!(check::import(&copy, &mut &buf[..]), Err(StorageError::Import { line: 0, .. })));
+    // A damaged line is refused with its line number.
+    let c = TempDir::new("import-bad");
+    let fresh = open(&c);
+    let text = String::from_utf8(buf).unwrap().replacen("\"version\":2", "\"version\":5", 1);
+    match check::import(&fresh, &mut text.as_bytes()) {
+        Err(StorageError::Import { line: 2, .. }) => {}
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn retention_prunes_old_terminal_commissions_and_keeps_the_chain() {
+    let dir = TempDir::new("prune");
+    let store = open(&dir);
+    let old = created(&store, "alice");
+    execute(&*store, old, Command::RequestCancel, &ctx(10)).unwrap().unwrap();
+    let live = created(&store, "alice");
+    assert_eq!(store.prune_terminal_before(1_000_000).unwrap(), 1);
+    assert!(store.commission(old).unwrap().is_none());
+    assert!(store.commission(live).unwrap().is_some());
+    let report = check::replay_check(&store).unwrap();
+    assert!(report.diff.is_empty(), "{:?}", report.diff);
+    assert_eq!(report.pruned, 3);
+}

@@ -1,0 +1,173 @@
+//! Storage benchmark: durable appends/s at 1, 16 and 64 concurrent appenders beside sled's raw
+//! no-flush insert rate measured in the same run, acknowledgement latency, replay (projection
+//! rebuild) rate, and RSS after the log holds the replayed events.
+//!
+//! Usage: bench-log [--seconds S] [--replay-events N] [--dir D]
+
+use std::sync::{Arc, Barrier};
+use std::time::{Duration, Instant};
+
+use atelier_engine::{Command, Executor, Stage};
+use atelier_storage::{check, create, execute, AppendOutcome, AppendRequest, AppendTarget, Created, EventStore, SledStore, StoreConfig};
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let arg = |name: &str, default: &str| -> String {
+        args.iter().position(|a| a == name).and_then(|i| args.get(i + 1).cloned()).unwrap_or_else(|| default.to_string())
+    };
+    let seconds: f64 = arg("--seconds", "3").parse().expect("--seconds: a number");
+    let replay_events: u64 = arg("--replay-events", "1000000").parse().expect("--replay-events: a count");
+    let base = std::path::PathBuf::from(arg("--dir", &std::env::temp_dir().join("atelier-bench-log").display().to_string()));
+    let _ = std::fs::remove_dir_all(&base);
+
+    let raw = raw_sled_rate(&base.join("raw"), seconds);
+    println!("sled raw insert (no flush, 1 thread): {raw:.0}/s");
+    let mut results = Vec::new();
+    for appenders in [1usize, 16, 64] {
+        let (rate, p50, p99) = durable_appends(&base.join(format!("a{appenders}")), appenders, seconds);
+        println!(
+            "durable appends, {appenders:>2} appenders: {rate:>8.0}/s  ratio to raw {:.2}  ack p50 {:.2} ms  p99 {:.2} ms",
+            rate / raw,
+            p50 * 1e3,
+            p99 * 1e3
+        );
+        results.push(serde_json::json!({"appenders": appenders, "per_s": rate.round(), "ratio_to_raw": (rate / raw * 100.0).round() / 100.0, "ack_p50_ms": p50 * 1e3, "ack_p99_ms": p99 * 1e3}));
+    }
+    let (replay_rate, rss_mib, n) = replay(&base.join("replay"), replay_events);
+    println!("replay (rebuild snapshots and jobs from the log, checks every checksum and the chain): {n} events at {replay_rate:.0}/s");
+    println!("process RSS after writing and replaying {n} events (default cache): {rss_mib:.0} MiB");
+    println!(
+        "{}",
+        serde_json::json!({"raw_sled_per_s": raw.round(), "appends": results, "replay_per_s": replay_rate.round(), "replay_events": n, "rss_mib": rss_mib.round()})
+    );
+    let _ = std::fs::remove_dir_all(&base);
+}
+
+fn raw_sled_rate(dir: &std::path::Path, seconds: f64) -> f64 {
+    let db = sled::Config::new().path(dir).cache_capacity(64 << 20).flush_every_ms(None).open().expect("sled");
+    let tree = db.open_tree("raw").expect("tree");
+    let value = vec![7u8; 64];
+    let started = Instant::now();
+    let mut n = 0u64;
+    while started.elapsed().as_secs_f64() < seconds {
+        for _ in 0..1000 {
+            n += 1;
+            tree.insert(n.to_be_bytes(), value.as_slice()).expect("insert");
+        }
+    }
+    n as f64 / started.elapsed().as_secs_f64()
+}
+
+fn ctx() -> atelier_engine::Ctx {
+    atelier_engine::Ctx { now: 1, jitter_seed: 1, retry: Default::default() }
+}
+
+/// Each appender owns a commission in its first stage and appends progress events to it,
+/// one append per event, each acknowledged only once durable.
+fn durable_appends(dir: &std::path::Path, appenders: usize, seconds: f64) -> (f64, f64, f64) {
+    let store = SledStore::open(StoreConfig::new(dir)).expect("open");
+    let barrier = Arc::new(Barrier::new(appenders));
+    let threads: Vec<_> = (0..appenders)
+        .map(|t| {
+            let store = store.clone();
+            let barrier = barrier.clone();
+            std::thread::spawn(move || {
+                let new = atelier_engine::NewCommission {
+                    user_id: format!("u{t}"),
+                    pipeline: "noop".into(),
+                    priority: 0,
+                    scheduled_for: None,
+                    context: "{}".into(),
+                    idempotency_key: None,
+                    max_attempts: 3,
+                };
+                let Created::New(c) = create(&*store, new, &ctx()).unwrap().unwrap() else { unreachable!() };
+                let job = store.allocate_job_id().unwrap();
+                execute(&*store, c.id, Command::StartJob { job_id: job, executor: Executor::TaskRunner, job_name: "b".into(), pid: None }, &ctx()).unwrap().unwrap();
+                let mut version = execute(&*store, c.id, Command::EnterStage { job_id: job, stage: Stage::GeneratingIdeas }, &ctx()).unwrap().unwrap().version;
+                let mut lat = Vec::with_capacity(100_000);
+                barrier.wait();
+                let started = Instant::now();
+                while started.elapsed().as_secs_f64() < seconds {
+                    let ev = atelier_engine::Event::Progress { stage: Stage::GeneratingIdeas, percent: 50, message: None };
+                    let t0 = Instant::now();
+                    match store.append(AppendRequest { target: AppendTarget::Existing(c.id), expected_version: version, events: vec![ev], at: 2 }).unwrap() {
+                        AppendOutcome::Appended { commission, .. } => version = commission.version,
+                        other => panic!("{other:?}"),
+                    }
+                    lat.push(t0.elapsed());
+                }
+                (lat, started.elapsed())
+            })
+        })
+        .collect();
+    let mut all = Vec::new();
+    let mut longest = Duration::ZERO;
+    for t in threads {
+        let (lat, el) = t.join().unwrap();
+        all.extend(lat);
+        longest = longest.max(el);
+    }
+    all.sort();
+    let pct = |q: f64| all[((all.len() - 1) as f64 * q) as usize].as_secs_f64();
+    let rate = all.len() as f64 / longest.as_secs_f64();
+    store.close();
+    (rate, pct(0.5), pct(0.99))
+}
+
+fn replay(dir: &std::path::Path, events: u64) -> (f64, f64, u64) {
+    let store = SledStore::open(StoreConfig::new(dir)).expect("open");
+    // Fill with 64 concurrent appenders (fast via group commit): commissions of 20 events each.
+    let per = events / 64;
+    let threads: Vec<_> = (0..64)
+        .map(|t| {
+            let store = store.clone();
+            std::thread::spawn(move || {
+                let mut written = 0;
+                while written < per {
+                    let new = atelier_engine::NewCommission {
+                        user_id: format!("u{t}"),
+                        pipeline: "noop".into(),
+                        priority: 0,
+                        scheduled_for: None,
+                        context: r#"{"title":"A post","text":"Some words"}"#.into(),
+                        idempotency_key: None,
+                        max_attempts: 3,
+                    };
+                    let Created::New(c) = create(&*store, new, &ctx()).unwrap().unwrap() else { unreachable!() };
+                    let mut version = c.version;
+                    let job = store.allocate_job_id().unwrap();
+                    let mut evs = vec![atelier_engine::Event::JobStarted { attempt: 1, job_id: job, executor: Executor::TaskRunner, job_name: "b".into(), pid: None }];
+                    for stage in Stage::ALL {
+                        evs.push(atelier_engine::Event::StageEntered { stage });
+                        for p in [25u8, 50, 75, 100] {
+                            evs.push(atelier_engine::Event::Progress { stage, percent: p, message: None });
+                        }
+                    }
+                    written += 1 + evs.len() as u64;
+                    for ev in evs {
+                        match store.append(AppendRequest { target: AppendTarget::Existing(c.id), expected_version: version, events: vec![ev], at: 2 }).unwrap() {
+                            AppendOutcome::Appended { commission, .. } => version = commission.version,
+                            other => panic!("{other:?}"),
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    let started = Instant::now();
+    let rebuilt = check::rebuild(&store).expect("rebuild");
+    let rate = rebuilt.events as f64 / started.elapsed().as_secs_f64();
+    let n = rebuilt.events;
+    drop(rebuilt);
+    let rss = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok()))
+        .unwrap_or(0.0)
+        / 1024.0;
+    store.close();
+    (rate, rss, n)
+}
