@@ -1,0 +1,6 @@
+//! The web page, embedded in the binary: no build step, no CDN.
+
+pub const INDEX: &str = include_str!("../assets/index.html");
+pub const COMMISSION: &str = include_str!("../assets/commission.html");
+pub const APP_JS: &str = include_str!("../assets/app.js");
+pub const STYLE_CSS: &str = include_str!("../assets/style.css");
