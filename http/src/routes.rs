@@ -455,6 +455,19 @@ fn create_commission(req: &Req, who: &Identity, shared: &Shared) -> Result<Reply
     })
 }
 
+/// Runs the pure input checks of the handlers (no store needed) for the fuzz target.
+pub(crate) fn fuzz_inputs(req: &Req) {
+    let _ = last_event_id(req);
+    let _ = json_body(req);
+    let _ = token_of(req, true);
+    if let Some((_, params)) = find(&req.method, &req.path).ok() {
+        for p in params {
+            let _ = parse_id(p, "id");
+            let _ = crate::percent_decode(p);
+        }
+    }
+}
+
 /// The OpenAPI 3.1 document, generated from [`ROUTES`].
 pub fn openapi() -> Value {
     let mut paths = serde_json::Map::new();
