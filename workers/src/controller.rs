@@ -1,0 +1,852 @@
+//! The controller: learns what is runnable from the log, decides what runs next, routes each
+//! job to an executor, and keeps the number of running jobs under `max_concurrent_jobs`.
+//!
+//! Threads, and why each exists:
+//! - feed: follows the log subscription and forwards the few events that matter;
+//! - scheduler: owns the queue, the timers (a heap of due instants: `scheduled_for`,
+//!   `next_retry_at`) and the table of running jobs; it sleeps until the next message or the
+//!   next due timer, never on a polling interval;
+//! - spawner: the one thread that spawns worker processes (PDEATHSIG is tied to it);
+//! - one thread per process job, watching it (see `process.rs`);
+//! - the task runner's pool, running jobs in-process.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeSet, BinaryHeap, HashMap, VecDeque};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use atelier_engine::time::Millis;
+use atelier_engine::{Command, Commission, EventKind, Event, Executor, JobStatus, Rejection, State};
+use atelier_storage::{execute, EventStore, Filter, StorageError, Subscription, SubscriptionEnd};
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+
+use crate::config::{PipelineConfig, WorkersConfig};
+use crate::metrics::Metrics;
+use crate::pipeline::JobInput;
+use crate::process::{self, Applied, JobSignal, Request, SpawnRequest, Watched, MEMORY_ERROR_PREFIX};
+use crate::session::{ctx, job_end, now_ms, record_finish, Finish, Session};
+use crate::task_runner::{self, TaskJob};
+use crate::trampoline::TrampolineArgs;
+use crate::worker::WorkerArgs;
+
+/// How often the feed thread looks up from the subscription to see whether it should stop.
+const FEED_WAKE_MS: u64 = 200;
+/// How long `shutdown` waits for jobs beyond the kill grace before giving up on them.
+const SHUTDOWN_SLACK_MS: u64 = 5_000;
+/// How long a spawn may take before the job counts it as failed.
+const SPAWN_REPLY_TIMEOUT_MS: u64 = 30_000;
+/// PATH given to workers when the server has none.
+const DEFAULT_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
+
+#[derive(Debug)]
+pub enum WorkersError {
+    Storage(StorageError),
+    Io { context: String, source: std::io::Error },
+}
+
+impl std::fmt::Display for WorkersError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            WorkersError::Storage(e) => write!(f, "workers: {e}"),
+            WorkersError::Io { context, source } => write!(f, "workers: {context}: {source}"),
+        }
+    }
+}
+
+impl std::error::Error for WorkersError {}
+
+impl From<StorageError> for WorkersError {
+    fn from(e: StorageError) -> Self {
+        WorkersError::Storage(e)
+    }
+}
+
+fn io_err(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> WorkersError {
+    let context = context.into();
+    move |source| WorkersError::Io { context, source }
+}
+
+/// Paths of a job's captured stdout and stderr.
+pub fn job_log_paths(data_dir: &Path, job_id: u64) -> (PathBuf, PathBuf) {
+    let dir = job_dir(data_dir, job_id);
+    (dir.join("stdout.log"), dir.join("stderr.log"))
+}
+
+pub(crate) fn job_dir(data_dir: &Path, job_id: u64) -> PathBuf {
+    data_dir.join("jobs").join(job_id.to_string())
+}
+
+pub(crate) fn artifacts_dir(data_dir: &Path) -> PathBuf {
+    data_dir.join("artifacts")
+}
+
+/// Decides which executor takes a job, and rolls back to the task runner when the job
+/// controller fails too often.
+pub(crate) struct Router {
+    /// Recent controller jobs: true for a failure of the controller's own machinery.
+    window: VecDeque<bool>,
+    rollback_until: Option<Instant>,
+}
+
+impl Router {
+    fn new() -> Router {
+        Router { window: VecDeque::new(), rollback_until: None }
+    }
+
+    fn rollback_active(&mut self, cfg: &WorkersConfig, now: Instant) -> bool {
+        match self.rollback_until {
+            Some(t) if now < t && cfg.auto_rollback => true,
+            Some(_) => {
+                // The cooldown is over: the controller gets traffic again, judged afresh.
+                self.rollback_until = None;
+                self.window.clear();
+                false
+            }
+            None => false,
+        }
+    }
+
+    pub(crate) fn route(&mut self, cfg: &WorkersConfig, commission_id: u64, now: Instant) -> Executor {
+        let rolled_back = self.rollback_active(cfg, now);
+        let in_rollout = cfg.job_controller_rollout_percent >= 100
+            || splitmix64(commission_id) % 100 < u64::from(cfg.job_controller_rollout_percent);
+        let controller = cfg.use_job_controller && !rolled_back && in_rollout;
+        match (controller, cfg.keep_task_runner) {
+            (true, true) if cfg.task_runner_priority > cfg.job_controller_priority => Executor::TaskRunner,
+            (true, _) => Executor::JobController,
+            (false, true) => Executor::TaskRunner,
+            // Nowhere else to go: the controller takes it even while rolled back.
+            (false, false) => Executor::JobController,
+        }
+    }
+
+    fn trip(&mut self, cfg: &WorkersConfig, now: Instant, why: &str) {
+        if !cfg.auto_rollback || !cfg.keep_task_runner {
+            return;
+        }
+        if self.rollback_until.is_none() {
+            tracing::warn!(reason = why, cooldown_ms = cfg.rollback_cooldown_ms, "rolling back to the task runner");
+        }
+        self.rollback_until = Some(now + Duration::from_millis(cfg.rollback_cooldown_ms));
+        self.window.clear();
+    }
+
+    pub(crate) fn record(&mut self, cfg: &WorkersConfig, infra_failure: bool, now: Instant) {
+        self.window.push_back(infra_failure);
+        while self.window.len() > usize::try_from(cfg.rollback_window_jobs).unwrap_or(usize::MAX) {
+            self.window.pop_front();
+        }
+        let n = self.window.len() as u64;
+        let failed = self.window.iter().filter(|f| **f).count() as u64;
+        if n >= u64::from(cfg.rollback_min_jobs) && failed * 100 > u64::from(cfg.rollback_failure_rate_percent) * n {
+            self.trip(cfg, now, &format!("{failed} of the last {n} controller jobs failed"));
+        }
+    }
+
+    pub(crate) fn spawn_failed(&mut self, cfg: &WorkersConfig, now: Instant) {
+        self.trip(cfg, now, "the job controller cannot spawn workers");
+    }
+}
+
+fn splitmix64(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    let mut z = x;
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// What every thread of the workers shares.
+pub(crate) struct Shared {
+    pub(crate) store: Arc<dyn EventStore>,
+    pub(crate) config: WorkersConfig,
+    pub(crate) data_dir: PathBuf,
+    pub(crate) exe: PathBuf,
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) router: Mutex<Router>,
+    pub(crate) stopping: AtomicBool,
+    spawn_tx: Mutex<Option<Sender<SpawnRequest>>>,
+    server_pid: u32,
+}
+
+impl Shared {
+    pub(crate) fn with_router<T>(&self, f: impl FnOnce(&mut Router, &WorkersConfig) -> T) -> T {
+        let mut r = self.router.lock().unwrap_or_else(|p| p.into_inner());
+        let out = f(&mut r, &self.config);
+        let active = r.rollback_until.is_some_and(|t| Instant::now() < t);
+        self.metrics.rollback_active.store(active && self.config.auto_rollback, Ordering::Relaxed);
+        out
+    }
+
+    pub(crate) fn progress_interval(&self) -> Duration {
+        Duration::from_millis(self.config.progress_update_interval_ms)
+    }
+
+    /// The pipeline a commission names, if configured.
+    pub(crate) fn pipeline(&self, name: &str) -> Option<&PipelineConfig> {
+        self.config.pipelines.get(name)
+    }
+
+    /// Starts the attempt with no process (spawn failed or nothing to spawn) and fails it.
+    pub(crate) fn fail_unstarted(&self, c: &Commission, job_id: u64, executor: Executor, error: String, retryable: bool) {
+        let start = Command::StartJob { job_id, executor, job_name: c.pipeline.clone(), pid: None };
+        match execute(&*self.store, c.id, start, &ctx(self.config.retry)) {
+            Ok(Ok(_)) => {}
+            Ok(Err(r)) => {
+                tracing::info!(commission = c.id, job = job_id, rejection = %r, "not started");
+                return;
+            }
+            Err(e) => {
+                tracing::error!(commission = c.id, job = job_id, error = %e, "cannot start job");
+                return;
+            }
+        }
+        let end = job_end(job_id, JobStatus::Failed, Some(error.clone()));
+        record_finish(&*self.store, self.config.retry, c.id, executor, Finish::Fail { error, retryable, end });
+    }
+}
+
+/// Messages to the scheduler thread.
+enum SchedMsg {
+    Event { commission_id: u64, kind: EventKind, next_retry_at: Option<Millis> },
+    /// Look at every live commission again (at start, and after the feed lost events).
+    Rescan,
+    JobDone { commission_id: u64 },
+    Shutdown,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum TimerKind {
+    /// `scheduled_for` is reached: the commission may run.
+    Scheduled,
+    /// `next_retry_at` is reached: append RetryDue.
+    RetryDue,
+}
+
+struct Running {
+    signal: Arc<JobSignal>,
+    thread: Option<JoinHandle<()>>,
+}
+
+struct Scheduler {
+    shared: Arc<Shared>,
+    rx: Receiver<SchedMsg>,
+    done_tx: Sender<SchedMsg>,
+    task_tx: Sender<TaskJob>,
+    /// Runnable, not yet started: highest priority first, then lowest id.
+    queue: BTreeSet<(Reverse<i32>, u64)>,
+    queued: HashMap<u64, i32>,
+    timers: BinaryHeap<Reverse<(Millis, u64, TimerKind)>>,
+    running: HashMap<u64, Running>,
+}
+
+impl Scheduler {
+    fn run(mut self) {
+        loop {
+            let msg = match self.timers.peek() {
+                None => self.rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
+                Some(Reverse((due, _, _))) => {
+                    let wait_ms = u64::try_from(due.saturating_sub(now_ms())).unwrap_or(0);
+                    self.rx.recv_timeout(Duration::from_millis(wait_ms))
+                }
+            };
+            match msg {
+                Ok(SchedMsg::Shutdown) | Err(RecvTimeoutError::Disconnected) => break,
+                Ok(m) => self.handle(m),
+                Err(RecvTimeoutError::Timeout) => {}
+            }
+            self.fire_timers();
+            self.dispatch();
+        }
+        self.stop_all();
+    }
+
+    fn handle(&mut self, msg: SchedMsg) {
+        match msg {
+            SchedMsg::Event { commission_id, kind, next_retry_at } => match kind {
+                EventKind::Created | EventKind::RetryDue | EventKind::RetryRequested => self.consider(commission_id),
+                EventKind::AttemptFailed => {
+                    if let Some(t) = next_retry_at {
+                        self.timers.push(Reverse((t, commission_id, TimerKind::RetryDue)));
+                    }
+                }
+                EventKind::CancelRequested => {
+                    if let Some(r) = self.running.get(&commission_id) {
+                        tracing::info!(commission = commission_id, "cancel requested; stopping its job");
+                        r.signal.raise(Request::Cancel);
+                    }
+                }
+                k if k.is_terminal() => self.unqueue(commission_id),
+                _ => {}
+            },
+            SchedMsg::Rescan => match self.shared.store.live_commissions() {
+                Ok(list) => {
+                    for c in list {
+                        self.consider_snapshot(&c);
+                    }
+                }
+                Err(e) => tracing::error!(error = %e, "cannot list live commissions"),
+            },
+            SchedMsg::JobDone { commission_id } => {
+                if let Some(mut r) = self.running.remove(&commission_id) {
+                    if let Some(t) = r.thread.take() {
+                        let _ = t.join();
+                    }
+                }
+                // A retry that became due while the job was still winding down.
+                self.consider(commission_id);
+            }
+            SchedMsg::Shutdown => {}
+        }
+    }
+
+    fn unqueue(&mut self, id: u64) {
+        if let Some(p) = self.queued.remove(&id) {
+            self.queue.remove(&(Reverse(p), id));
+        }
+    }
+
+    fn consider(&mut self, id: u64) {
+        match self.shared.store.commission(id) {
+            Ok(Some(c)) => self.consider_snapshot(&c),
+            Ok(None) => {}
+            Err(e) => tracing::error!(commission = id, error = %e, "cannot read commission"),
+        }
+    }
+
+    fn consider_snapshot(&mut self, c: &Commission) {
+        if self.running.contains_key(&c.id) {
+            return;
+        }
+        match c.state {
+            State::Created => match c.scheduled_for {
+                Some(t) if t > now_ms() => self.timers.push(Reverse((t, c.id, TimerKind::Scheduled))),
+                _ => {
+                    if self.queued.insert(c.id, c.priority).is_none() {
+                        self.queue.insert((Reverse(c.priority), c.id));
+                    }
+                }
+            },
+            State::Retrying => {
+                let t = c.next_retry_at.unwrap_or_else(now_ms);
+                self.timers.push(Reverse((t, c.id, TimerKind::RetryDue)));
+            }
+            _ => self.unqueue(c.id),
+        }
+    }
+
+    fn fire_timers(&mut self) {
+        let now = now_ms();
+        while let Some(Reverse((due, id, kind))) = self.timers.peek().copied() {
+            if due > now {
+                break;
+            }
+            self.timers.pop();
+            match kind {
+                TimerKind::Scheduled => self.consider(id),
+                TimerKind::RetryDue => {
+                    match execute(&*self.shared.store, id, Command::RetryDue, &ctx(self.shared.config.retry)) {
+                        // The RetryDue event comes back through the feed and queues it.
+                        Ok(Ok(_)) => {}
+                        Ok(Err(Rejection::RetryNotDue { next_retry_at })) => {
+                            self.timers.push(Reverse((next_retry_at, id, TimerKind::RetryDue)));
+                        }
+                        Ok(Err(_)) => {} // cancelled or retried by hand meanwhile
+                        Err(e) => tracing::error!(commission = id, error = %e, "cannot append retry_due"),
+                    }
+                }
+            }
+        }
+    }
+
+    fn dispatch(&mut self) {
+        while self.running.len() < self.shared.config.max_concurrent_jobs && !self.shared.stopping.load(Ordering::Acquire) {
+            let Some((Reverse(p), id)) = self.queue.pop_first() else { break };
+            self.queued.remove(&id);
+            let c = match self.shared.store.commission(id) {
+                Ok(Some(c)) => c,
+                Ok(None) => continue,
+                Err(e) => {
+                    tracing::error!(commission = id, error = %e, "cannot read commission");
+                    continue;
+                }
+            };
+            if !c.is_runnable(now_ms()) || c.active_job.is_some() || c.cancel_requested {
+                continue;
+            }
+            debug_assert_eq!(p, c.priority);
+            let executor = self.shared.with_router(|r, cfg| r.route(cfg, id, Instant::now()));
+            self.shared.metrics.routed(executor);
+            let started = self.start(c, executor);
+            match started {
+                Ok(r) => {
+                    self.running.insert(id, r);
+                }
+                Err(e) => tracing::error!(commission = id, error = %e, "cannot start a job"),
+            }
+        }
+    }
+
+    fn start(&self, c: Commission, executor: Executor) -> Result<Running, WorkersError> {
+        let id = c.id;
+        match executor {
+            Executor::JobController => {
+                let signal = Arc::new(JobSignal::with_pipe().map_err(io_err("wake pipe"))?);
+                let (shared, sig, done) = (self.shared.clone(), signal.clone(), self.done_tx.clone());
+                let thread = std::thread::Builder::new()
+                    .name(format!("atelier-job-{id}"))
+                    .spawn(move || {
+                        run_process_job(&shared, c, &sig);
+                        let _ = done.send(SchedMsg::JobDone { commission_id: id });
+                    })
+                    .map_err(io_err("job thread"))?;
+                Ok(Running { signal, thread: Some(thread) })
+            }
+            Executor::TaskRunner => {
+                let signal = Arc::new(JobSignal::plain());
+                let done = self.done_tx.clone();
+                let job = TaskJob {
+                    commission: c,
+                    signal: signal.clone(),
+                    done: Box::new(move || {
+                        let _ = done.send(SchedMsg::JobDone { commission_id: id });
+                    }),
+                };
+                self.task_tx.send(job).map_err(|_| WorkersError::Io {
+                    context: "task runner".into(),
+                    source: std::io::Error::other("the task runner is gone"),
+                })?;
+                Ok(Running { signal, thread: None })
+            }
+        }
+    }
+
+    /// Asks every running job to stop and waits for them (bounded).
+    fn stop_all(&mut self) {
+        for r in self.running.values() {
+            r.signal.raise(Request::Shutdown);
+        }
+        let deadline = Instant::now() + Duration::from_millis(self.shared.config.kill_grace_ms + SHUTDOWN_SLACK_MS);
+        while !self.running.is_empty() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.rx.recv_timeout(left) {
+                Ok(SchedMsg::JobDone { commission_id }) => {
+                    if let Some(mut r) = self.running.remove(&commission_id) {
+                        if let Some(t) = r.thread.take() {
+                            let _ = t.join();
+                        }
+                    }
+                }
+                Ok(_) => {}
+                Err(_) => {
+                    tracing::warn!(left = self.running.len(), "jobs did not stop in time");
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// Follows the log and forwards what the scheduler needs.
+fn feed_loop(shared: Arc<Shared>, mut sub: Subscription, tx: Sender<SchedMsg>) {
+    loop {
+        if shared.stopping.load(Ordering::Acquire) {
+            return;
+        }
+        match sub.next_timeout(Duration::from_millis(FEED_WAKE_MS)) {
+            Ok(Some(d)) => {
+                let next_retry_at = match &d.env.event {
+                    Event::AttemptFailed { next_retry_at, .. } => Some(*next_retry_at),
+                    _ => None,
+                };
+                let kind = d.env.event.kind();
+                let wanted = matches!(
+                    kind,
+                    EventKind::Created
+                        | EventKind::RetryDue
+                        | EventKind::RetryRequested
+                        | EventKind::AttemptFailed
+                        | EventKind::CancelRequested
+                ) || kind.is_terminal();
+                if wanted && tx.send(SchedMsg::Event { commission_id: d.env.commission_id, kind, next_retry_at }).is_err() {
+                    return;
+                }
+            }
+            Ok(None) => {}
+            Err(SubscriptionEnd::Closed) => return,
+            Err(end) => {
+                let after = match end {
+                    SubscriptionEnd::Overflow { last_seq } => last_seq,
+                    _ => sub.last_seq(),
+                };
+                tracing::warn!(?end, after, "log subscription ended; resubscribing");
+                loop {
+                    if shared.stopping.load(Ordering::Acquire) {
+                        return;
+                    }
+                    match shared.store.subscribe(after, Filter::All) {
+                        Ok(s) => {
+                            sub = s;
+                            break;
+                        }
+                        Err(e) => {
+                            tracing::error!(error = %e, "cannot resubscribe");
+                            std::thread::sleep(Duration::from_millis(1000));
+                        }
+                    }
+                }
+                let _ = tx.send(SchedMsg::Rescan);
+            }
+        }
+    }
+}
+
+/// Kills what a previous server left running and fails those attempts so they retry.
+fn reconcile(shared: &Shared) -> Result<(), WorkersError> {
+    for c in shared.store.live_commissions()? {
+        if !c.state.is_running() {
+            continue;
+        }
+        let Some(job_id) = c.active_job else { continue };
+        if let Ok(Some(job)) = shared.store.job(job_id) {
+            if let (Executor::JobController, Some(pid)) = (job.executor, job.process_id) {
+                kill_leftover_group(pid, job_id);
+            }
+        }
+        let error = "server restarted".to_string();
+        let end = job_end(job_id, JobStatus::Killed, Some(error.clone()));
+        tracing::warn!(commission = c.id, job = job_id, "job of a previous server; failing the attempt");
+        record_finish(&*shared.store, shared.config.retry, c.id, Executor::JobController, Finish::Fail { error, retryable: true, end });
+    }
+    Ok(())
+}
+
+/// Kills the process group `pid` led, but only if it is still ours: a live leader must carry
+/// our job id in its environment (the pid may have been reused); with the leader gone, a
+/// group of that id can only be the job's own leftovers (Linux reuses no pid still used as a
+/// group id).
+fn kill_leftover_group(pid: u32, job_id: u64) {
+    let Ok(pgid) = i32::try_from(pid) else { return };
+    let proc_dir = PathBuf::from(format!("/proc/{pid}"));
+    if proc_dir.exists() {
+        let marker = format!("ATELIER_JOB_ID={job_id}");
+        let ours = std::fs::read(proc_dir.join("environ"))
+            .map(|env| env.split(|b| *b == 0).any(|v| v == marker.as_bytes()))
+            .unwrap_or(false);
+        if !ours {
+            return;
+        }
+    }
+    match nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pgid), nix::sys::signal::Signal::SIGKILL) {
+        Ok(()) => tracing::warn!(job = job_id, pgid, "killed the process group of a previous server's job"),
+        Err(nix::errno::Errno::ESRCH) => {}
+        Err(e) => tracing::warn!(job = job_id, pgid, error = %e, "cannot kill a previous server's job"),
+    }
+}
+
+/// Memory for this attempt: the pipeline's, doubled once for each memory-limit failure in a
+/// row just before it, up to the cap.
+fn attempt_memory_mb(store: &dyn EventStore, commission_id: u64, p: &PipelineConfig) -> u64 {
+    let jobs = store.jobs_of(commission_id).unwrap_or_default();
+    let mut mb = p.limits.memory_mb;
+    for job in jobs.iter().rev() {
+        match &job.error_message {
+            Some(e) if e.starts_with(MEMORY_ERROR_PREFIX) => mb = (mb * 2).min(p.limits.memory_max_mb),
+            _ => break,
+        }
+    }
+    mb
+}
+
+fn worker_env(shared: &Shared, p: &PipelineConfig, c: &Commission, job_id: u64, dir: &Path) -> Vec<(String, String)> {
+    let mut env = vec![(
+        "PATH".to_string(),
+        std::env::var("PATH").ok().filter(|p| !p.is_empty()).unwrap_or_else(|| DEFAULT_PATH.to_string()),
+    )];
+    for name in &p.pass_env {
+        if let Ok(v) = std::env::var(name) {
+            env.push((name.clone(), v));
+        }
+    }
+    env.extend(p.env.iter().map(|(k, v)| (k.clone(), v.clone())));
+    env.extend([
+        ("ATELIER_JOB_ID".to_string(), job_id.to_string()),
+        ("ATELIER_COMMISSION_ID".to_string(), c.id.to_string()),
+        ("ATELIER_ATTEMPT".to_string(), (c.attempt + 1).to_string()),
+        ("ATELIER_JOB_DIR".to_string(), dir.display().to_string()),
+        ("ATELIER_ARTIFACTS_DIR".to_string(), artifacts_dir(&shared.data_dir).display().to_string()),
+        ("ATELIER_PROTOCOL_FD".to_string(), "3".to_string()),
+    ]);
+    env
+}
+
+/// Writes the job's input and pipeline files into its dir.
+pub(crate) fn prepare_job_dir(shared: &Shared, c: &Commission, job_id: u64, p: &PipelineConfig) -> Result<(PathBuf, JobInput), String> {
+    let dir = job_dir(&shared.data_dir, job_id);
+    std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    std::fs::create_dir_all(artifacts_dir(&shared.data_dir)).map_err(|e| format!("cannot create the artifacts dir: {e}"))?;
+    let context = serde_json::from_str(&c.context).map_err(|e| format!("bad context: {e}"))?;
+    let input = JobInput { commission_id: c.id, job_id, attempt: c.attempt + 1, pipeline: c.pipeline.clone(), context };
+    let input_text = serde_json::to_vec(&input).map_err(|e| format!("cannot encode the input: {e}"))?;
+    std::fs::write(dir.join("input.json"), input_text).map_err(|e| format!("cannot write input.json: {e}"))?;
+    let spec = serde_json::to_vec(p).map_err(|e| format!("cannot encode the pipeline: {e}"))?;
+    std::fs::write(dir.join("pipeline.json"), spec).map_err(|e| format!("cannot write pipeline.json: {e}"))?;
+    Ok((dir, input))
+}
+
+/// One job on the job controller, from job id to recorded outcome.
+fn run_process_job(shared: &Shared, c: Commission, signal: &JobSignal) {
+    let executor = Executor::JobController;
+    let job_id = match shared.store.allocate_job_id() {
+        Ok(id) => id,
+        Err(e) => {
+            tracing::error!(commission = c.id, error = %e, "cannot allocate a job id");
+            return;
+        }
+    };
+    let Some(p) = shared.pipeline(&c.pipeline).cloned() else {
+        shared.fail_unstarted(&c, job_id, executor, format!("unknown pipeline '{}'", c.pipeline), false);
+        return;
+    };
+    let (dir, _input) = match prepare_job_dir(shared, &c, job_id, &p) {
+        Ok(v) => v,
+        Err(e) => {
+            shared.fail_unstarted(&c, job_id, executor, format!("could not prepare the job: {e}"), true);
+            return;
+        }
+    };
+    let memory_mb = attempt_memory_mb(&*shared.store, c.id, &p);
+    let applied = Applied {
+        memory_mb,
+        memory_max_mb: p.limits.memory_max_mb,
+        cpu_seconds: p.limits.cpu_seconds,
+        timeout_seconds: p.limits.timeout_seconds,
+        heartbeat_ms: shared.config.heartbeat_timeout_ms_for(&p),
+    };
+    let spawn_started = Instant::now();
+    let spawned = spawn_worker(shared, &c, job_id, &p, &dir, &applied);
+    let (child, proto_r, out_r, err_r) = match spawned {
+        Ok(v) => v,
+        Err(e) => {
+            tracing::error!(commission = c.id, job = job_id, error = %e, "cannot spawn a worker");
+            shared.with_router(|r, cfg| r.spawn_failed(cfg, Instant::now()));
+            shared.fail_unstarted(&c, job_id, executor, format!("could not spawn the worker: {e}"), true);
+            return;
+        }
+    };
+    shared.metrics.spawned(spawn_started.elapsed());
+    let pid = child.id();
+    let start = Command::StartJob { job_id, executor, job_name: p.name.clone(), pid: Some(pid) };
+    let rejected = match execute(&*shared.store, c.id, start, &ctx(shared.config.retry)) {
+        Ok(Ok(_)) => None,
+        Ok(Err(r)) => Some(r.to_string()),
+        Err(e) => Some(e.to_string()),
+    };
+    if let Some(why) = rejected {
+        // Cancelled (or started elsewhere) meanwhile: this process must not run.
+        tracing::info!(commission = c.id, job = job_id, reason = %why, "start refused; killing the worker");
+        let pgid = nix::unistd::Pid::from_raw(i32::try_from(pid).expect("invariant: pids fit i32"));
+        let _ = nix::sys::signal::killpg(pgid, nix::sys::signal::Signal::SIGKILL);
+        let mut child = child;
+        let _ = child.wait();
+        return;
+    }
+    tracing::info!(commission = c.id, job = job_id, pid, pipeline = %p.name, memory_mb, "job started");
+    shared.metrics.job_started(executor);
+    let started = Instant::now();
+    let mut session = Session::new(
+        shared.store.clone(),
+        c.id,
+        job_id,
+        shared.config.retry,
+        shared.progress_interval(),
+        shared.metrics.clone(),
+    );
+    let watched = Watched {
+        child,
+        proto_r,
+        out_r,
+        err_r,
+        job_dir: dir,
+        log_bytes_max: shared.config.log_bytes_max,
+        kill_grace: Duration::from_millis(shared.config.kill_grace_ms),
+    };
+    let ended = process::watch(watched, &mut session, signal, &applied);
+    shared.with_router(|r, cfg| r.record(cfg, ended.infra_failure, Instant::now()));
+    shared.metrics.job_finished(executor, ended.finish.outcome(), started.elapsed());
+    record_finish(&*shared.store, shared.config.retry, c.id, executor, ended.finish);
+}
+
+type SpawnedWorker = (std::process::Child, std::os::fd::OwnedFd, std::os::fd::OwnedFd, std::os::fd::OwnedFd);
+
+fn spawn_worker(
+    shared: &Shared,
+    c: &Commission,
+    job_id: u64,
+    p: &PipelineConfig,
+    dir: &Path,
+    applied: &Applied,
+) -> std::io::Result<SpawnedWorker> {
+    use std::os::fd::AsRawFd;
+    let (proto_r, proto_w) = process::pipe()?;
+    let (out_r, out_w) = process::pipe()?;
+    let (err_r, err_w) = process::pipe()?;
+    let stdin = std::fs::File::open(dir.join("input.json"))?;
+    let worker_argv = match &p.command {
+        Some(cmd) => cmd.clone(),
+        None => {
+            let args = WorkerArgs {
+                input: dir.join("input.json"),
+                pipeline_file: dir.join("pipeline.json"),
+                artifacts_dir: artifacts_dir(&shared.data_dir),
+                tick_ms: (applied.heartbeat_ms / 4).clamp(10, 1000),
+                behave: None,
+            };
+            let mut v = vec![shared.exe.display().to_string(), "__worker".to_string()];
+            v.extend(args.to_args());
+            v.extend(p.worker_args.iter().cloned());
+            v
+        }
+    };
+    let t = TrampolineArgs {
+        server_pid: shared.server_pid,
+        proto_fd: proto_w.as_raw_fd(),
+        memory_bytes: applied.memory_mb * 1024 * 1024,
+        cpu_seconds: p.limits.cpu_seconds,
+        nofile_max: p.limits.nofile_max,
+        nproc_max: p.limits.nproc_max,
+        fsize_bytes: p.limits.fsize_mb * 1024 * 1024,
+        argv: worker_argv,
+    };
+    let mut args = vec!["__trampoline".to_string()];
+    args.extend(t.to_args());
+    let (reply_tx, reply_rx) = crossbeam_channel::bounded(1);
+    let req = SpawnRequest {
+        args,
+        env: worker_env(shared, p, c, job_id, dir),
+        cwd: dir.to_path_buf(),
+        stdin,
+        stdout: out_w,
+        stderr: err_w,
+        proto_w,
+        reply: reply_tx,
+    };
+    let tx = shared.spawn_tx.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let tx = tx.ok_or_else(|| std::io::Error::other("the spawner is stopped"))?;
+    tx.send(req).map_err(|_| std::io::Error::other("the spawner is gone"))?;
+    let child = reply_rx
+        .recv_timeout(Duration::from_millis(SPAWN_REPLY_TIMEOUT_MS))
+        .map_err(|_| std::io::Error::other("the spawner did not answer"))??;
+    Ok((child, proto_r, out_r, err_r))
+}
+
+/// The running workers: executors, router and metrics.
+pub struct Controller {
+    shared: Arc<Shared>,
+    sched_tx: Sender<SchedMsg>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+    task_runner: Mutex<Option<task_runner::Pool>>,
+}
+
+impl Controller {
+    /// Starts the executors. `exe` is the path of the atelier binary (for the worker
+    /// processes), `data_dir` the server's data dir (job working dirs go to
+    /// `data_dir/jobs/{job_id}/`, artifacts to `data_dir/artifacts/{sha256hex}.png`).
+    pub fn start(store: Arc<dyn EventStore>, config: WorkersConfig, data_dir: PathBuf, exe: PathBuf) -> Result<Controller, WorkersError> {
+        std::fs::create_dir_all(data_dir.join("jobs")).map_err(io_err("create the jobs dir"))?;
+        std::fs::create_dir_all(artifacts_dir(&data_dir)).map_err(io_err("create the artifacts dir"))?;
+        let (spawn_tx, spawn_rx) = crossbeam_channel::unbounded::<SpawnRequest>();
+        let shared = Arc::new(Shared {
+            store,
+            config,
+            data_dir,
+            exe: exe.clone(),
+            metrics: Arc::new(Metrics::default()),
+            router: Mutex::new(Router::new()),
+            stopping: AtomicBool::new(false),
+            spawn_tx: Mutex::new(Some(spawn_tx)),
+            server_pid: std::process::id(),
+        });
+        // Subscribe before reading the live set, so nothing falls between the two.
+        let head = shared.store.head_seq();
+        let sub = shared.store.subscribe(head, Filter::All)?;
+        reconcile(&shared)?;
+        let mut threads = Vec::new();
+        let spawn = |name: &str, f: Box<dyn FnOnce() + Send>| {
+            std::thread::Builder::new().name(name.to_string()).spawn(f).map_err(io_err(format!("start thread {name}")))
+        };
+        threads.push(spawn("atelier-spawner", Box::new(move || process::spawner_loop(exe, spawn_rx)))?);
+        let (sched_tx, sched_rx) = crossbeam_channel::unbounded();
+        let pool = task_runner::Pool::start(shared.clone(), shared.config.max_concurrent_jobs).map_err(io_err("start the task runner"))?;
+        let scheduler = Scheduler {
+            shared: shared.clone(),
+            rx: sched_rx,
+            done_tx: sched_tx.clone(),
+            task_tx: pool.sender(),
+            queue: BTreeSet::new(),
+            queued: HashMap::new(),
+            timers: BinaryHeap::new(),
+            running: HashMap::new(),
+        };
+        let _ = sched_tx.send(SchedMsg::Rescan);
+        threads.push(spawn("atelier-scheduler", Box::new(move || scheduler.run()))?);
+        let (feed_shared, feed_tx) = (shared.clone(), sched_tx.clone());
+        threads.push(spawn("atelier-feed", Box::new(move || feed_loop(feed_shared, sub, feed_tx)))?);
+        tracing::info!(
+            max_concurrent_jobs = shared.config.max_concurrent_jobs,
+            use_job_controller = shared.config.use_job_controller,
+            keep_task_runner = shared.config.keep_task_runner,
+            "workers started"
+        );
+        Ok(Controller { shared, sched_tx, threads: Mutex::new(threads), task_runner: Mutex::new(Some(pool)) })
+    }
+
+    pub fn is_running(&self) -> bool {
+        !self.shared.stopping.load(Ordering::Acquire)
+            && self.threads.lock().map(|t| t.iter().all(|h| !h.is_finished())).unwrap_or(false)
+    }
+
+    /// Prometheus text exposition of the workers' metrics.
+    pub fn metrics_text(&self) -> String {
+        self.shared.with_router(|r, cfg| r.rollback_active(cfg, Instant::now()));
+        self.shared.metrics.render()
+    }
+
+    /// Stop taking work, kill running jobs' process groups (SIGTERM, then SIGKILL after a
+    /// grace), join threads. Idempotent.
+    pub fn shutdown(&self) {
+        if self.shared.stopping.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        tracing::info!("workers shutting down");
+        let _ = self.sched_tx.send(SchedMsg::Shutdown);
+        // The scheduler stops its jobs before it returns; then nothing spawns any more.
+        let threads: Vec<JoinHandle<()>> = self.threads.lock().map(|mut t| t.drain(..).collect()).unwrap_or_default();
+        let mut rest = Vec::new();
+        for t in threads {
+            if t.thread().name() == Some("atelier-scheduler") {
+                let _ = t.join();
+            } else {
+                rest.push(t);
+            }
+        }
+        if let Ok(mut tx) = self.shared.spawn_tx.lock() {
+            tx.take();
+        }
+        if let Some(pool) = self.task_runner.lock().ok().and_then(|mut p| p.take()) {
+            pool.join();
+        }
+        for t in rest {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Controller {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}

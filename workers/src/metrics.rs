@@ -1,0 +1,146 @@
+//! Counters and histograms of both executors, rendered as Prometheus text.
+//!
+//! One mutex guards them all: they change a few times per job, far from contention.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use atelier_engine::Executor;
+
+const DURATION_BUCKETS_SECONDS: [f64; 10] = [0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0];
+const SPAWN_BUCKETS_SECONDS: [f64; 9] = [0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5];
+const EXECUTORS: [Executor; 2] = [Executor::JobController, Executor::TaskRunner];
+
+#[derive(Clone, Debug, Default)]
+struct Histogram {
+    /// Cumulative counts per bucket bound.
+    counts: Vec<u64>,
+    sum: f64,
+    count: u64,
+}
+
+impl Histogram {
+    fn observe(&mut self, bounds: &[f64], v: f64) {
+        if self.counts.len() != bounds.len() {
+            self.counts = vec![0; bounds.len()];
+        }
+        for (i, b) in bounds.iter().enumerate() {
+            if v <= *b {
+                self.counts[i] += 1;
+            }
+        }
+        self.sum += v;
+        self.count += 1;
+    }
+
+    fn render(&self, out: &mut String, name: &str, labels: &str, bounds: &[f64]) {
+        let sep = if labels.is_empty() { "" } else { "," };
+        for (i, b) in bounds.iter().enumerate() {
+            let c = self.counts.get(i).copied().unwrap_or(0);
+            let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"{b}\"}} {c}");
+        }
+        let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {}", self.count);
+        let braces = if labels.is_empty() { String::new() } else { format!("{{{labels}}}") };
+        let _ = writeln!(out, "{name}_sum{braces} {}", self.sum);
+        let _ = writeln!(out, "{name}_count{braces} {}", self.count);
+    }
+}
+
+#[derive(Default)]
+struct Inner {
+    started: [u64; 2],
+    finished: BTreeMap<(usize, &'static str), u64>,
+    duration: [Histogram; 2],
+    running: [i64; 2],
+    spawn: Histogram,
+    routing: [u64; 2],
+}
+
+#[derive(Default)]
+pub(crate) struct Metrics {
+    inner: Mutex<Inner>,
+    coalesced: AtomicU64,
+    pub(crate) rollback_active: AtomicBool,
+}
+
+fn idx(e: Executor) -> usize {
+    match e {
+        Executor::JobController => 0,
+        Executor::TaskRunner => 1,
+    }
+}
+
+impl Metrics {
+    fn with(&self, f: impl FnOnce(&mut Inner)) {
+        // A poisoned lock only means a panic elsewhere mid-update; the counters are still usable.
+        let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        f(&mut g);
+    }
+
+    pub(crate) fn job_started(&self, e: Executor) {
+        self.with(|m| {
+            m.started[idx(e)] += 1;
+            m.running[idx(e)] += 1;
+        });
+    }
+
+    pub(crate) fn job_finished(&self, e: Executor, outcome: &'static str, took: Duration) {
+        self.with(|m| {
+            *m.finished.entry((idx(e), outcome)).or_default() += 1;
+            m.duration[idx(e)].observe(&DURATION_BUCKETS_SECONDS, took.as_secs_f64());
+            m.running[idx(e)] -= 1;
+        });
+    }
+
+    pub(crate) fn spawned(&self, took: Duration) {
+        self.with(|m| m.spawn.observe(&SPAWN_BUCKETS_SECONDS, took.as_secs_f64()));
+    }
+
+    pub(crate) fn routed(&self, e: Executor) {
+        self.with(|m| m.routing[idx(e)] += 1);
+    }
+
+    pub(crate) fn progress_coalesced(&self) {
+        self.coalesced.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn coalesced_total(&self) -> u64 {
+        self.coalesced.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn render(&self) -> String {
+        let g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let mut out = String::new();
+        let l = |e: Executor| format!("executor=\"{}\"", e.as_str());
+        out.push_str("# HELP atelier_jobs_started_total Jobs started, by executor.\n# TYPE atelier_jobs_started_total counter\n");
+        for e in EXECUTORS {
+            let _ = writeln!(out, "atelier_jobs_started_total{{{}}} {}", l(e), g.started[idx(e)]);
+        }
+        out.push_str("# HELP atelier_jobs_finished_total Jobs finished, by executor and outcome.\n# TYPE atelier_jobs_finished_total counter\n");
+        for ((i, outcome), n) in &g.finished {
+            let _ = writeln!(out, "atelier_jobs_finished_total{{{},outcome=\"{outcome}\"}} {n}", l(EXECUTORS[*i]));
+        }
+        out.push_str("# HELP atelier_job_duration_seconds Wall time of finished jobs.\n# TYPE atelier_job_duration_seconds histogram\n");
+        for e in EXECUTORS {
+            g.duration[idx(e)].render(&mut out, "atelier_job_duration_seconds", &l(e), &DURATION_BUCKETS_SECONDS);
+        }
+        out.push_str("# HELP atelier_jobs_running Jobs running now.\n# TYPE atelier_jobs_running gauge\n");
+        for e in EXECUTORS {
+            let _ = writeln!(out, "atelier_jobs_running{{{}}} {}", l(e), g.running[idx(e)]);
+        }
+        out.push_str("# HELP atelier_job_spawn_seconds Time to spawn a worker process.\n# TYPE atelier_job_spawn_seconds histogram\n");
+        g.spawn.render(&mut out, "atelier_job_spawn_seconds", "", &SPAWN_BUCKETS_SECONDS);
+        out.push_str("# HELP atelier_progress_events_coalesced_total Progress reports dropped for a newer one.\n# TYPE atelier_progress_events_coalesced_total counter\n");
+        let _ = writeln!(out, "atelier_progress_events_coalesced_total {}", self.coalesced_total());
+        out.push_str("# HELP atelier_executor_routing Commissions routed to each executor.\n# TYPE atelier_executor_routing counter\n");
+        for e in EXECUTORS {
+            let _ = writeln!(out, "atelier_executor_routing{{{}}} {}", l(e), g.routing[idx(e)]);
+        }
+        out.push_str("# HELP atelier_rollback_active 1 while jobs are rolled back to the task runner.\n# TYPE atelier_rollback_active gauge\n");
+        let _ = writeln!(out, "atelier_rollback_active {}", u8::from(self.rollback_active.load(Ordering::Relaxed)));
+        out
+    }
+}

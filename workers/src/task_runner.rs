@@ -1,0 +1,180 @@
+//! The task runner: the fallback executor. A pool of threads runs the same pipeline code as
+//! the worker processes, in the server's own process: no isolation and no resource limits
+//! (only the wall-clock limit, checked at each report), but nothing to spawn either.
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use atelier_engine::{Command, Commission, Executor, JobStatus};
+use atelier_storage::execute;
+use crossbeam_channel::Sender;
+
+use crate::controller::{prepare_job_dir, Shared, artifacts_dir};
+use crate::pipeline::{self, Reporter, RunEnv, Stop};
+use crate::process::{JobSignal, Request};
+use crate::protocol::Message;
+use crate::session::{ctx, job_end, record_finish, Finish, Halt, Session};
+
+/// How often an in-process job checks for cancel while it waits.
+const TICK_MS_MAX: u64 = 200;
+
+pub(crate) struct TaskJob {
+    pub(crate) commission: Commission,
+    pub(crate) signal: Arc<JobSignal>,
+    /// Called once the job is recorded.
+    pub(crate) done: Box<dyn FnOnce() + Send>,
+}
+
+pub(crate) struct Pool {
+    tx: Sender<TaskJob>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Pool {
+    pub(crate) fn start(shared: Arc<Shared>, size: usize) -> std::io::Result<Pool> {
+        let (tx, rx) = crossbeam_channel::unbounded::<TaskJob>();
+        let mut threads = Vec::with_capacity(size);
+        for i in 0..size.max(1) {
+            let (rx, shared) = (rx.clone(), shared.clone());
+            threads.push(std::thread::Builder::new().name(format!("atelier-task-{i}")).spawn(move || {
+                for job in rx {
+                    run_task(&shared, job.commission, &job.signal);
+                    (job.done)();
+                }
+            })?);
+        }
+        Ok(Pool { tx, threads })
+    }
+
+    pub(crate) fn sender(&self) -> Sender<TaskJob> {
+        self.tx.clone()
+    }
+
+    /// Waits for the running jobs (already asked to stop) and the threads.
+    pub(crate) fn join(self) {
+        drop(self.tx);
+        for t in self.threads {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Hands messages straight to the session; refuses once the job must stop.
+struct InProcess<'a> {
+    session: Session,
+    signal: &'a JobSignal,
+    deadline: Instant,
+    halted: Option<Halt>,
+    timed_out: bool,
+}
+
+impl Reporter for InProcess<'_> {
+    fn send(&mut self, msg: Message) -> Result<(), Stop> {
+        if self.signal.get() != Request::None {
+            return Err(Stop("asked to stop".into()));
+        }
+        if Instant::now() >= self.deadline {
+            self.timed_out = true;
+            return Err(Stop("timed out".into()));
+        }
+        let r = self.session.flush_due().and_then(|()| self.session.handle(msg));
+        if let Err(h) = r {
+            self.halted = Some(h.clone());
+            return Err(Stop(format!("{h:?}")));
+        }
+        Ok(())
+    }
+}
+
+fn thread_cpu_ms() -> u64 {
+    // SAFETY: rusage is plain data that getrusage fills in.
+    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: RUSAGE_THREAD with a valid pointer to a local.
+    if unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut u) } != 0 {
+        return 0;
+    }
+    let ms = |t: libc::timeval| u64::try_from(t.tv_sec).unwrap_or(0) * 1000 + u64::try_from(t.tv_usec).unwrap_or(0) / 1000;
+    ms(u.ru_utime) + ms(u.ru_stime)
+}
+
+fn run_task(shared: &Shared, c: Commission, signal: &JobSignal) {
+    let executor = Executor::TaskRunner;
+    let job_id = match shared.store.allocate_job_id() {
+        Ok(id) => id,
+        Err(e) => {
+            tracing::error!(commission = c.id, error = %e, "cannot allocate a job id");
+            return;
+        }
+    };
+    let Some(p) = shared.pipeline(&c.pipeline).cloned() else {
+        shared.fail_unstarted(&c, job_id, executor, format!("unknown pipeline '{}'", c.pipeline), false);
+        return;
+    };
+    let (dir, input) = match prepare_job_dir(shared, &c, job_id, &p) {
+        Ok(v) => v,
+        Err(e) => {
+            shared.fail_unstarted(&c, job_id, executor, format!("could not prepare the job: {e}"), true);
+            return;
+        }
+    };
+    let start = Command::StartJob { job_id, executor, job_name: p.name.clone(), pid: None };
+    match execute(&*shared.store, c.id, start, &ctx(shared.config.retry)) {
+        Ok(Ok(_)) => {}
+        Ok(Err(r)) => {
+            tracing::info!(commission = c.id, job = job_id, rejection = %r, "start refused");
+            return;
+        }
+        Err(e) => {
+            tracing::error!(commission = c.id, job = job_id, error = %e, "cannot start job");
+            return;
+        }
+    }
+    tracing::info!(commission = c.id, job = job_id, pipeline = %p.name, "task started");
+    shared.metrics.job_started(executor);
+    let started = Instant::now();
+    let cpu_before = thread_cpu_ms();
+    let heartbeat_ms = shared.config.heartbeat_timeout_ms_for(&p);
+    let env = RunEnv {
+        job_dir: dir,
+        artifacts_dir: artifacts_dir(&shared.data_dir),
+        tick: Duration::from_millis((heartbeat_ms / 4).clamp(10, TICK_MS_MAX)),
+    };
+    let session = Session::new(shared.store.clone(), c.id, job_id, shared.config.retry, shared.progress_interval(), shared.metrics.clone());
+    let mut rep = InProcess {
+        session,
+        signal,
+        deadline: started + Duration::from_secs(p.limits.timeout_seconds),
+        halted: None,
+        timed_out: false,
+    };
+    let ran = catch_unwind(AssertUnwindSafe(|| pipeline::run(&p, &input, &env, &mut rep)));
+    let cpu_ms = thread_cpu_ms().saturating_sub(cpu_before);
+    let end = |status: JobStatus, error: Option<String>| atelier_engine::JobEnd { cpu_ms, ..job_end(job_id, status, error) };
+    let fail = |error: String, retryable: bool, status: JobStatus| Finish::Fail { error: error.clone(), retryable, end: end(status, Some(error)) };
+    let finish = match (&ran, signal.get(), &rep.halted) {
+        (_, Request::Cancel, _) | (_, _, Some(Halt::Cancelled)) => Finish::Cancelled { end: end(JobStatus::Killed, Some("cancelled".into())) },
+        (_, Request::Shutdown, _) => fail("server shut down".into(), true, JobStatus::Killed),
+        (_, _, Some(Halt::Protocol(e))) => fail(format!("protocol error: {e}"), false, JobStatus::Failed),
+        (_, _, Some(Halt::Stale(_))) => Finish::Nothing,
+        (_, _, Some(Halt::Storage(e))) => fail(format!("controller error: {e}"), true, JobStatus::Failed),
+        _ if rep.timed_out => fail(format!("timed out after {} s (wall-clock limit)", p.limits.timeout_seconds), true, JobStatus::TimedOut),
+        (Err(panic), _, _) => {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "panic".into());
+            fail(format!("the pipeline panicked: {what}"), false, JobStatus::Failed)
+        }
+        (Ok(Err(Stop(e))), _, _) => fail(format!("stopped: {e}"), true, JobStatus::Failed),
+        (Ok(Ok(())), _, _) => match (&rep.session.result, &rep.session.worker_error) {
+            (Some(result), _) => Finish::Complete { result: result.clone(), end: end(JobStatus::Succeeded, None) },
+            (None, Some((e, retryable))) => fail(e.clone(), *retryable, JobStatus::Failed),
+            (None, None) => fail("the pipeline ended without a result".into(), false, JobStatus::Failed),
+        },
+    };
+    shared.metrics.job_finished(executor, finish.outcome(), started.elapsed());
+    record_finish(&*shared.store, shared.config.retry, c.id, executor, finish);
+}
