@@ -1,0 +1,498 @@
+//! End-to-end tests of both executors with real worker processes (the `atelier-workerd` test
+//! binary stands in for `atelier`): pipelines to completion, the fault matrix, cancel,
+//! concurrency, restart reconciliation, coalescing and rollback.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use atelier_engine::{Command, Commission, Ctx, Event, Executor, Job, JobStatus, NewCommission, RetryPolicy, State};
+use atelier_storage::{create, execute, Created, EventStore, SledStore, StoreConfig};
+use atelier_workers::{Controller, WorkersConfig};
+
+const EXE: &str = env!("CARGO_BIN_EXE_atelier-workerd");
+
+/// A directory under the system temp dir, removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(name: &str) -> TempDir {
+        static N: AtomicU64 = AtomicU64::new(0);
+        let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+        let dir = std::env::temp_dir().join(format!(
+            "atelier-workers-{name}-{}-{nanos}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&dir).expect("create temp dir");
+        TempDir(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+struct Harness {
+    store: Arc<dyn EventStore>,
+    controller: Option<Controller>,
+    dir: TempDir,
+}
+
+fn now_ms() -> i64 {
+    i64::try_from(SystemTime::now().duration_since(UNIX_EPOCH).expect("clock after 1970").as_millis()).expect("fits")
+}
+
+fn ctx() -> Ctx {
+    Ctx { now: now_ms(), jitter_seed: 7, retry: RetryPolicy { base_ms: 10, cap_ms: 20 } }
+}
+
+/// Settings every test shares (fast retries, no coalescing, no rollback surprises), each
+/// overridable by `workers`.
+fn config(pipelines: &str, workers: &[(&str, &str)]) -> WorkersConfig {
+    let mut kv: Vec<(&str, &str)> = vec![
+        ("progress_update_interval_seconds", "0"),
+        ("retry_base_ms", "10"),
+        ("retry_cap_ms", "20"),
+        ("kill_grace_ms", "500"),
+        ("auto_rollback", "false"),
+    ];
+    for (k, v) in workers {
+        match kv.iter_mut().find(|(a, _)| a == k) {
+            Some(e) => e.1 = v,
+            None => kv.push((k, v)),
+        }
+    }
+    let mut text = String::from("[workers]\n");
+    for (k, v) in kv {
+        text.push_str(&format!("{k} = {v}\n"));
+    }
+    text.push_str(pipelines);
+    WorkersConfig::load(Some(&text), &|_| None).expect("test config is valid")
+}
+
+impl Harness {
+    fn new(name: &str) -> Harness {
+        let dir = TempDir::new(name);
+        let store = SledStore::open(StoreConfig::new(dir.0.join("store"))).expect("open store");
+        Harness { store, controller: None, dir }
+    }
+
+    fn data_dir(&self) -> PathBuf {
+        self.dir.0.join("data")
+    }
+
+    fn start(&mut self, cfg: WorkersConfig) {
+        self.start_with_exe(cfg, PathBuf::from(EXE));
+    }
+
+    fn start_with_exe(&mut self, cfg: WorkersConfig, exe: PathBuf) {
+        let c = Controller::start(self.store.clone(), cfg, self.data_dir(), exe).expect("controller starts");
+        assert!(c.is_running());
+        self.controller = Some(c);
+    }
+
+    fn controller(&self) -> &Controller {
+        self.controller.as_ref().expect("started")
+    }
+
+    fn create(&self, pipeline: &str, context: serde_json::Value, max_attempts: u32) -> u64 {
+        self.create_full(pipeline, context, max_attempts, 0, None)
+    }
+
+    fn create_full(&self, pipeline: &str, context: serde_json::Value, max_attempts: u32, priority: i32, scheduled_for: Option<i64>) -> u64 {
+        let new = NewCommission {
+            user_id: "tester".into(),
+            pipeline: pipeline.into(),
+            priority,
+            scheduled_for,
+            context: context.to_string(),
+            idempotency_key: None,
+            max_attempts,
+        };
+        match create(&*self.store, new, &ctx()).expect("store works").expect("valid commission") {
+            Created::New(c) | Created::Existing(c) => c.id,
+        }
+    }
+
+    fn get(&self, id: u64) -> Commission {
+        self.store.commission(id).expect("store works").expect("exists")
+    }
+
+    fn jobs(&self, id: u64) -> Vec<Job> {
+        self.store.jobs_of(id).expect("store works")
+    }
+
+    fn wait_until(&self, id: u64, timeout: Duration, what: &str, f: impl Fn(&Commission) -> bool) -> Commission {
+        let end = Instant::now() + timeout;
+        loop {
+            let c = self.get(id);
+            if f(&c) {
+                return c;
+            }
+            assert!(Instant::now() < end, "commission {id} ({}) not {what} in {timeout:?}: {c:#?}", c.pipeline);
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn wait_terminal(&self, id: u64, timeout: Duration) -> Commission {
+        self.wait_until(id, timeout, "terminal", |c| c.state.is_terminal())
+    }
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        if let Some(c) = self.controller.take() {
+            c.shutdown();
+            assert!(!c.is_running());
+        }
+    }
+}
+
+/// `/proc/PID/stat`: (state, process group), or None when the process is gone.
+fn proc_stat(pid: u32) -> Option<(char, i32)> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name is in parentheses and may contain spaces: parse after the last ')'.
+    let rest = &text[text.rfind(')')? + 2..];
+    let mut fields = rest.split_whitespace();
+    let state = fields.next()?.chars().next()?;
+    let _ppid = fields.next()?;
+    let pgrp = fields.next()?.parse().ok()?;
+    Some((state, pgrp))
+}
+
+/// Processes (other than zombies being reaped) in process group `pgid`.
+fn group_members(pgid: i32) -> Vec<u32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else { return Vec::new() };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| proc_stat(*pid).is_some_and(|(_, g)| g == pgid))
+        .collect()
+}
+
+/// The job's worker is reaped (no zombie) and left nothing behind in its process group.
+fn assert_clean(job: &Job) {
+    let Some(pid) = job.process_id else { return };
+    let end = Instant::now() + Duration::from_secs(3);
+    loop {
+        let zombie = proc_stat(pid).is_some_and(|(s, _)| s == 'Z');
+        let members = group_members(i32::try_from(pid).expect("pid fits"));
+        if !zombie && members.is_empty() {
+            return;
+        }
+        assert!(Instant::now() < end, "job {} (pid {pid}): zombie={zombie}, group members left: {members:?}", job.job_id);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn result_json(c: &Commission) -> serde_json::Value {
+    serde_json::from_str(c.result.as_deref().expect("has a result")).expect("result is JSON")
+}
+
+const LONG: Duration = Duration::from_secs(20);
+
+#[test]
+fn builtin_pipelines_complete_and_the_task_runner_agrees() {
+    let mut h = Harness::new("builtin");
+    h.start(config("", &[]));
+    let noop = h.create("noop", serde_json::json!({}), 1);
+    let ctx_json = serde_json::json!({"title": "Harbour at dawn", "text": "fishing boats, mist"});
+    let comm = h.create("commission", ctx_json.clone(), 1);
+    let c = h.wait_terminal(noop, LONG);
+    assert_eq!(c.state, State::Completed, "{c:#?}");
+    assert_eq!(result_json(&c), serde_json::json!({"ok": true}));
+    let c = h.wait_terminal(comm, LONG);
+    assert_eq!(c.state, State::Completed, "{c:#?}");
+    let r = result_json(&c);
+    assert_eq!(r["ideas"].as_array().map(Vec::len), Some(3), "{r}");
+    let url = r["product"]["image_url"].as_str().expect("image url");
+    let hash = url.strip_prefix("/artifacts/").and_then(|s| s.strip_suffix(".png")).expect("content-addressed url");
+    let png = std::fs::read(h.data_dir().join("artifacts").join(format!("{hash}.png"))).expect("artifact stored");
+    assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
+    assert!(r["product"]["price_cents"].as_u64().is_some_and(|p| p > 0));
+    assert_eq!(c.artifacts.len(), 1);
+    assert_eq!(c.artifacts[0].uri, url);
+    for id in [noop, comm] {
+        let jobs = h.jobs(id);
+        assert_eq!(jobs.len(), 1);
+        let j = &jobs[0];
+        assert_eq!((j.executor, j.status, j.exit_code), (Executor::JobController, JobStatus::Succeeded, Some(0)));
+        assert!(j.process_id.is_some() && j.cpu_ms < 10_000 && j.max_rss_bytes > 0, "{j:?}");
+        assert_clean(j);
+        let (out, err) = atelier_workers::job_log_paths(&h.data_dir(), j.job_id);
+        assert!(out.exists() && err.exists());
+    }
+
+    // The same commission on the task runner gives the same result, byte for byte.
+    let mut t = Harness::new("builtin-task");
+    t.start(config("", &[("use_job_controller", "false")]));
+    let id = t.create("commission", ctx_json, 1);
+    let tc = t.wait_terminal(id, LONG);
+    assert_eq!(tc.state, State::Completed, "{tc:#?}");
+    assert_eq!(tc.result, c.result);
+    assert_eq!(t.jobs(id)[0].executor, Executor::TaskRunner);
+    let png2 = std::fs::read(t.data_dir().join("artifacts").join(format!("{hash}.png"))).expect("same artifact");
+    assert_eq!(png, png2);
+
+    let m = h.controller().metrics_text();
+    for name in [
+        "atelier_jobs_started_total{executor=\"job_controller\"} 2",
+        "atelier_jobs_finished_total{executor=\"job_controller\",outcome=\"succeeded\"} 2",
+        "atelier_job_duration_seconds_count{executor=\"job_controller\"} 2",
+        "atelier_jobs_running{executor=\"job_controller\"} 0",
+        "atelier_job_spawn_seconds_count 2",
+        "atelier_progress_events_coalesced_total",
+        "atelier_executor_routing{executor=\"job_controller\"} 2",
+        "atelier_rollback_active 0",
+    ] {
+        assert!(m.contains(name), "metrics lack {name}:\n{m}");
+    }
+}
+
+/// Pipelines whose worker misbehaves in one way each.
+const FAULTS: &str = r#"
+[pipelines.f-sigkill]
+worker_args = ["--behave", "sigkill"]
+[pipelines.f-abort]
+worker_args = ["--behave", "abort"]
+[pipelines.f-oom]
+worker_args = ["--behave", "oom"]
+memory_mb = 128
+memory_max_mb = 256
+[pipelines.f-spin]
+worker_args = ["--behave", "spin"]
+cpu_seconds = 1
+[pipelines.f-hang]
+worker_args = ["--behave", "hang"]
+timeout_seconds = 1
+[pipelines.f-silent]
+worker_args = ["--behave", "no-heartbeat"]
+heartbeat_timeout_ms = 400
+[pipelines.f-garbage]
+worker_args = ["--behave", "garbage"]
+[pipelines.f-huge]
+worker_args = ["--behave", "huge-line"]
+[pipelines.f-order]
+worker_args = ["--behave", "out-of-order"]
+[pipelines.f-noresult]
+worker_args = ["--behave", "no-result"]
+[pipelines.f-exit]
+worker_args = ["--behave", "exit-nonzero"]
+[pipelines.f-orphan]
+worker_args = ["--behave", "fork-orphan"]
+[pipelines.f-missing]
+command = ["/nonexistent/worker"]
+[pipelines.f-sh]
+command = ["sh", "-c", "echo '{\"type\":\"stage\",\"stage\":\"generating_ideas\"}' >&3; echo oops >&2; exit 4"]
+"#;
+
+#[test]
+fn fault_matrix() {
+    let mut h = Harness::new("faults");
+    h.start(config(FAULTS, &[("max_concurrent_jobs", "4"), ("heartbeat_timeout_ms", "10000")]));
+    // (pipeline, context, attempts allowed, final state, attempts used, last job status, error contains)
+    let cases: Vec<(&str, serde_json::Value, u32, State, usize, JobStatus, &str)> = vec![
+        ("f-sigkill", serde_json::json!({}), 2, State::Failed, 2, JobStatus::Killed, "killed by SIGKILL"),
+        ("f-abort", serde_json::json!({}), 1, State::Failed, 1, JobStatus::Killed, "killed by SIGABRT"),
+        ("f-oom", serde_json::json!({}), 3, State::Failed, 2, JobStatus::Killed, "memory limit exceeded (256 MiB, the cap)"),
+        ("f-spin", serde_json::json!({}), 2, State::Failed, 1, JobStatus::Killed, "CPU limit exceeded (1 s)"),
+        ("f-hang", serde_json::json!({}), 1, State::Failed, 1, JobStatus::TimedOut, "timed out after 1 s"),
+        ("f-silent", serde_json::json!({}), 1, State::Failed, 1, JobStatus::TimedOut, "stalled: no protocol line for 400 ms"),
+        ("f-garbage", serde_json::json!({}), 2, State::Failed, 1, JobStatus::Failed, "protocol error: malformed line \"this is not json\""),
+        ("f-huge", serde_json::json!({}), 1, State::Failed, 1, JobStatus::Failed, "-byte limit"),
+        ("f-order", serde_json::json!({}), 1, State::Failed, 1, JobStatus::Failed, "out of order: stage creating_images first"),
+        ("f-noresult", serde_json::json!({}), 1, State::Failed, 1, JobStatus::Failed, "exited 0 without a result"),
+        ("f-exit", serde_json::json!({}), 1, State::Failed, 1, JobStatus::Failed, "exited with code 7"),
+        ("f-orphan", serde_json::json!({}), 1, State::Completed, 1, JobStatus::Succeeded, ""),
+        ("f-missing", serde_json::json!({}), 1, State::Failed, 1, JobStatus::Failed, "could not start the worker program"),
+        ("f-sh", serde_json::json!({}), 1, State::Failed, 1, JobStatus::Failed, "exited with code 4; stderr: oops"),
+        ("commission", serde_json::json!({"fail": "permanent"}), 3, State::Failed, 1, JobStatus::Failed, "asked to fail (permanent)"),
+        ("commission", serde_json::json!({"fail": "retryable", "fail_attempts": 1}), 3, State::Completed, 2, JobStatus::Succeeded, ""),
+    ];
+    let ids: Vec<u64> = cases.iter().map(|(p, ctx, n, ..)| h.create(p, ctx.clone(), *n)).collect();
+    for (id, (pipeline, _, _, state, attempts, status, error)) in ids.iter().zip(&cases) {
+        let c = h.wait_terminal(*id, LONG);
+        let jobs = h.jobs(*id);
+        let last = jobs.last().expect("a job ran");
+        let what = format!("{pipeline}: {c:#?}\n{jobs:#?}");
+        assert_eq!(c.state, *state, "{what}");
+        assert_eq!(jobs.len(), *attempts, "{what}");
+        assert_eq!(last.status, *status, "{what}");
+        let msg = last.error_message.clone().unwrap_or_default();
+        assert!(msg.contains(error), "{pipeline}: error {msg:?} should contain {error:?}");
+        if *state == State::Failed {
+            assert_eq!(c.error.as_deref(), Some(msg.as_str()));
+        }
+        for j in &jobs {
+            assert_clean(j);
+        }
+    }
+    // The memory limit doubled for the retry, and said so.
+    let oom_jobs = h.jobs(ids[2]);
+    assert!(oom_jobs[0].error_message.as_deref().is_some_and(|e| e.contains("(128 MiB); the next attempt gets 256 MiB")), "{oom_jobs:#?}");
+    // A signal's number is recorded too.
+    assert_eq!(h.jobs(ids[0])[0].signal, Some(9));
+    // The server still works after all that.
+    let ok = h.create("noop", serde_json::json!({}), 1);
+    assert_eq!(h.wait_terminal(ok, LONG).state, State::Completed);
+}
+
+#[test]
+fn cancel_while_running() {
+    let mut h = Harness::new("cancel");
+    h.start(config("[pipelines.stubborn]\nworker_args = [\"--behave\", \"ignore-term\"]\n", &[("kill_grace_ms", "300")]));
+    let slow = h.create("noop", serde_json::json!({"delay_ms": 20000}), 1);
+    let stubborn = h.create("stubborn", serde_json::json!({}), 1);
+    for id in [slow, stubborn] {
+        h.wait_until(id, LONG, "in a stage", |c| c.state.stage().is_some());
+        let asked = Instant::now();
+        execute(&*h.store, id, Command::RequestCancel, &ctx()).expect("store works").expect("cancel accepted");
+        let c = h.wait_terminal(id, Duration::from_secs(5));
+        assert_eq!(c.state, State::Cancelled, "{c:#?}");
+        assert!(asked.elapsed() < Duration::from_secs(3), "cancel took {:?}", asked.elapsed());
+        let jobs = h.jobs(id);
+        assert_eq!(jobs[0].status, JobStatus::Killed, "{jobs:#?}");
+        assert_clean(&jobs[0]);
+    }
+    // The stubborn one ignored SIGTERM and needed the SIGKILL.
+    assert_eq!(h.jobs(stubborn)[0].signal, Some(9));
+    assert_eq!(h.jobs(slow)[0].signal, Some(15));
+}
+
+#[test]
+fn concurrency_limit_and_priority_order() {
+    let mut h = Harness::new("burst");
+    // Queued before the controller starts, so the start-up scan sees them all at once.
+    let low: Vec<u64> = (0..3).map(|_| h.create_full("noop", serde_json::json!({"delay_ms": 150}), 1, 0, None)).collect();
+    let high: Vec<u64> = (0..2).map(|_| h.create_full("noop", serde_json::json!({"delay_ms": 150}), 1, 5, None)).collect();
+    h.start(config("", &[("max_concurrent_jobs", "1")]));
+    for id in low.iter().chain(&high) {
+        assert_eq!(h.wait_terminal(*id, LONG).state, State::Completed);
+    }
+    let order: Vec<u64> = started_order(&*h.store);
+    let expected: Vec<u64> = high.iter().chain(&low).copied().collect();
+    assert_eq!(order, expected, "highest priority first, then oldest");
+    drop(h);
+
+    // A burst: never more than max_concurrent_jobs at once.
+    let mut h = Harness::new("burst2");
+    h.start(config("", &[("max_concurrent_jobs", "2")]));
+    let ids: Vec<u64> = (0..8).map(|_| h.create("noop", serde_json::json!({"delay_ms": 100}), 1)).collect();
+    for id in &ids {
+        assert_eq!(h.wait_terminal(*id, LONG).state, State::Completed);
+    }
+    let (mut running, mut peak) = (0i32, 0i32);
+    for env in h.store.read_log(0, 10_000).expect("log") {
+        match env.event {
+            Event::JobStarted { .. } => running += 1,
+            Event::JobFinished(_) => running -= 1,
+            _ => {}
+        }
+        peak = peak.max(running);
+    }
+    assert!(peak <= 2 && peak >= 1, "peak {peak}");
+}
+
+fn started_order(store: &dyn EventStore) -> Vec<u64> {
+    store
+        .read_log(0, 10_000)
+        .expect("log")
+        .into_iter()
+        .filter(|e| matches!(e.event, Event::JobStarted { .. }))
+        .map(|e| e.commission_id)
+        .collect()
+}
+
+#[test]
+fn restart_kills_leftovers_and_retries() {
+    let mut h = Harness::new("restart");
+    let id = h.create("noop", serde_json::json!({}), 3);
+    // A "previous server" started a job whose process is still around.
+    let job_id = h.store.allocate_job_id().expect("job id");
+    let leftover = std::os::unix::process::CommandExt::process_group(
+        std::process::Command::new("sleep").arg("1000").env("ATELIER_JOB_ID", job_id.to_string()),
+        0,
+    )
+    .spawn()
+    .expect("spawn sleep");
+    let pid = leftover.id();
+    let start = Command::StartJob { job_id, executor: Executor::JobController, job_name: "noop".into(), pid: Some(pid) };
+    execute(&*h.store, id, start, &ctx()).expect("store").expect("started");
+    execute(&*h.store, id, Command::EnterStage { job_id, stage: atelier_engine::Stage::GeneratingIdeas }, &ctx())
+        .expect("store")
+        .expect("stage");
+    h.start(config("", &[]));
+    let c = h.wait_terminal(id, LONG);
+    assert_eq!(c.state, State::Completed, "{c:#?}");
+    let jobs = h.jobs(id);
+    assert_eq!(jobs[0].error_message.as_deref(), Some("server restarted"));
+    assert_eq!(jobs.len(), 2);
+    // Killed (then reaped by us, its parent, since this test spawned it).
+    let mut leftover = leftover;
+    let status = leftover.wait().expect("wait");
+    assert_eq!(std::os::unix::process::ExitStatusExt::signal(&status), Some(9));
+}
+
+#[test]
+fn progress_is_coalesced_but_stages_and_results_are_not() {
+    let mut h = Harness::new("coalesce");
+    let mut cfg = config("", &[]);
+    cfg.progress_update_interval_ms = 1000;
+    h.start(cfg);
+    let id = h.create("noop", serde_json::json!({"progress_steps": 500}), 1);
+    assert_eq!(h.wait_terminal(id, LONG).state, State::Completed);
+    let events = h.store.events_of(id).expect("events");
+    let stages = events.iter().filter(|e| matches!(e.event, Event::StageEntered { .. })).count();
+    assert_eq!(stages, 4);
+    for stage in atelier_engine::Stage::ALL {
+        let progress: Vec<u8> = events
+            .iter()
+            .filter_map(|e| match &e.event {
+                Event::Progress { stage: s, percent, .. } if *s == stage => Some(*percent),
+                _ => None,
+            })
+            .collect();
+        // The first report goes out at once; the rest is one pending report flushed before
+        // the next stage, and it is the latest (100 %).
+        assert!(!progress.is_empty() && progress.len() <= 2, "{stage}: {progress:?}");
+        assert_eq!(progress.last(), Some(&100), "{stage}: {progress:?}");
+    }
+    let m = h.controller().metrics_text();
+    let coalesced: u64 = m
+        .lines()
+        .find_map(|l| l.strip_prefix("atelier_progress_events_coalesced_total "))
+        .and_then(|v| v.parse().ok())
+        .expect("metric present");
+    assert!(coalesced >= 4 * 400, "coalesced {coalesced}");
+}
+
+#[test]
+fn spawn_failure_rolls_back_to_the_task_runner() {
+    let mut h = Harness::new("rollback");
+    h.start_with_exe(config("", &[("auto_rollback", "true")]), Path::new("/nonexistent/atelier").to_path_buf());
+    let id = h.create("noop", serde_json::json!({}), 2);
+    let c = h.wait_terminal(id, LONG);
+    assert_eq!(c.state, State::Completed, "{c:#?}");
+    let jobs = h.jobs(id);
+    assert_eq!(jobs.len(), 2, "{jobs:#?}");
+    assert_eq!((jobs[0].executor, jobs[0].process_id), (Executor::JobController, None));
+    assert!(jobs[0].error_message.as_deref().is_some_and(|e| e.contains("could not spawn")), "{jobs:#?}");
+    assert_eq!(jobs[1].executor, Executor::TaskRunner);
+    let m = h.controller().metrics_text();
+    assert!(m.contains("atelier_rollback_active 1"), "{m}");
+    assert!(m.contains("atelier_executor_routing{executor=\"task_runner\"} 1"), "{m}");
+}
+
+#[test]
+fn scheduled_commissions_wait_for_their_time() {
+    let mut h = Harness::new("scheduled");
+    h.start(config("", &[]));
+    let at = now_ms() + 400;
+    let id = h.create_full("noop", serde_json::json!({}), 1, 0, Some(at));
+    let c = h.wait_terminal(id, LONG);
+    assert_eq!(c.state, State::Completed);
+    let started = h.jobs(id)[0].started_at.expect("started");
+    assert!(started >= at, "started {started} before {at}");
+}
