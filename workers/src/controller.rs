@@ -205,6 +205,8 @@ impl Shared {
             }
         }
         let end = job_end(job_id, JobStatus::Failed, Some(error.clone()));
+        self.metrics.job_started(executor);
+        self.metrics.job_finished(executor, "not_started", Duration::ZERO);
         record_finish(&*self.store, self.config.retry, c.id, executor, Finish::Fail { error, retryable, end });
     }
 }
@@ -756,6 +758,9 @@ impl Controller {
     /// processes), `data_dir` the server's data dir (job working dirs go to
     /// `data_dir/jobs/{job_id}/`, artifacts to `data_dir/artifacts/{sha256hex}.png`).
     pub fn start(store: Arc<dyn EventStore>, config: WorkersConfig, data_dir: PathBuf, exe: PathBuf) -> Result<Controller, WorkersError> {
+        // Workers run in their job dir: every path handed to them must not depend on our cwd.
+        let data_dir = std::path::absolute(&data_dir).map_err(io_err("resolve the data dir"))?;
+        let exe = std::path::absolute(&exe).map_err(io_err("resolve the executable path"))?;
         std::fs::create_dir_all(data_dir.join("jobs")).map_err(io_err("create the jobs dir"))?;
         std::fs::create_dir_all(artifacts_dir(&data_dir)).map_err(io_err("create the artifacts dir"))?;
         let (spawn_tx, spawn_rx) = crossbeam_channel::unbounded::<SpawnRequest>();

@@ -38,6 +38,8 @@ const DRAIN_BYTES_MAX: usize = 4 * 1024 * 1024;
 /// A failed memory limit's error text starts with this; the next attempt's memory is
 /// doubled once per such failure in a row.
 pub const MEMORY_ERROR_PREFIX: &str = "memory limit exceeded";
+/// A worker sending more protocol lines than this in one second is flooding and is cut off.
+pub const PROTOCOL_LINES_PER_SECOND_MAX: u32 = 10_000;
 /// Exit codes of the trampoline (see `trampoline.rs`).
 const TRAMPOLINE_EXIT_CODES: std::ops::RangeInclusive<i32> = 124..=127;
 
@@ -250,6 +252,7 @@ pub(crate) fn watch(w: Watched, session: &mut Session, signal: &JobSignal, appli
     let mut err_log = LogSink::open(&paths_err, w.log_bytes_max);
     let mut tail: Vec<u8> = Vec::new();
     let mut lines = LineBuffer::default();
+    let mut flood = FloodGuard::new();
     let mut open = [true, true, true];
     let mut last_line = Instant::now();
     let mut kill: Option<KillReason> = None;
@@ -340,7 +343,7 @@ pub(crate) fn watch(w: Watched, session: &mut Session, signal: &JobSignal, appli
                         last_line = Instant::now();
                     }
                     if kill.is_none() {
-                        if let Err(reason) = feed(&mut lines, &data, session) {
+                        if let Err(reason) = feed(&mut lines, &data, session, &mut flood) {
                             end_worker(&mut kill, &mut sigkill_at, reason);
                         }
                     }
@@ -387,7 +390,7 @@ pub(crate) fn watch(w: Watched, session: &mut Session, signal: &JobSignal, appli
     // Output written before the exit is still in the pipes.
     let (data, _) = read_some(&w.proto_r, DRAIN_BYTES_MAX);
     if kill.is_none() {
-        if let Err(reason) = feed(&mut lines, &data, session) {
+        if let Err(reason) = feed(&mut lines, &data, session, &mut flood) {
             kill = Some(reason);
         }
     }
@@ -401,7 +404,16 @@ pub(crate) fn watch(w: Watched, session: &mut Session, signal: &JobSignal, appli
     // std's Child would otherwise never learn it was reaped; dropping it does not wait.
     drop(w.child);
     let tail = String::from_utf8_lossy(&tail).into_owned();
-    classify(session, &exit, kill.as_ref(), &tail, applied)
+    let reported = Reported { job_id: session.job_id, result: session.result.clone(), worker_error: session.worker_error.clone() };
+    classify(&reported, &exit, kill.as_ref(), &tail, applied)
+}
+
+/// What the worker said before it ended.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Reported {
+    pub(crate) job_id: u64,
+    pub(crate) result: Option<String>,
+    pub(crate) worker_error: Option<(String, bool)>,
 }
 
 struct Ender {
@@ -439,12 +451,41 @@ fn halt_reason(h: Halt) -> KillReason {
     }
 }
 
+/// Counts protocol lines per one-second window.
+struct FloodGuard {
+    window_start: Instant,
+    lines: u32,
+}
+
+impl FloodGuard {
+    fn new() -> FloodGuard {
+        FloodGuard { window_start: Instant::now(), lines: 0 }
+    }
+
+    fn count(&mut self, n: usize) -> Result<(), KillReason> {
+        let now = Instant::now();
+        if now.duration_since(self.window_start) >= Duration::from_secs(1) {
+            self.window_start = now;
+            self.lines = 0;
+        }
+        self.lines = self.lines.saturating_add(u32::try_from(n).unwrap_or(u32::MAX));
+        if self.lines > PROTOCOL_LINES_PER_SECOND_MAX {
+            return Err(KillReason::Protocol(format!(
+                "flooding: over {PROTOCOL_LINES_PER_SECOND_MAX} protocol lines in one second"
+            )));
+        }
+        Ok(())
+    }
+}
+
 /// Splits `data` into lines and hands each to the session.
-fn feed(lines: &mut LineBuffer, data: &[u8], session: &mut Session) -> Result<(), KillReason> {
+fn feed(lines: &mut LineBuffer, data: &[u8], session: &mut Session, flood: &mut FloodGuard) -> Result<(), KillReason> {
     if data.is_empty() {
         return Ok(());
     }
-    for line in lines.push(data).map_err(KillReason::Protocol)? {
+    let complete = lines.push(data).map_err(KillReason::Protocol)?;
+    flood.count(complete.len())?;
+    for line in complete {
         let msg = parse_line(&line).map_err(KillReason::Protocol)?;
         session.handle(msg).map_err(halt_reason)?;
     }
@@ -530,7 +571,7 @@ fn last_line(tail: &str) -> Option<&str> {
 }
 
 /// The one outcome of a finished worker. Pure, so the whole fault matrix is a table test.
-pub(crate) fn classify(session: &Session, exit: &ExitInfo, kill: Option<&KillReason>, stderr_tail: &str, applied: &Applied) -> Ended {
+pub(crate) fn classify(session: &Reported, exit: &ExitInfo, kill: Option<&KillReason>, stderr_tail: &str, applied: &Applied) -> Ended {
     let job_id = session.job_id;
     let end = |status: JobStatus, error: Option<String>| JobEnd {
         exit_code: exit.code,
@@ -622,6 +663,51 @@ mod tests {
         assert!(looks_like_oom("memory allocation of 16777216 bytes failed\n"));
         assert!(looks_like_oom("Traceback...\nMemoryError\n"));
         assert!(!looks_like_oom("all fine"));
+    }
+
+    fn applied() -> Applied {
+        Applied { memory_mb: 128, memory_max_mb: 256, cpu_seconds: 2, timeout_seconds: 5, heartbeat_ms: 400 }
+    }
+
+    fn exit(code: Option<i32>, signal: Option<i32>) -> ExitInfo {
+        ExitInfo { code, signal, max_rss_bytes: 0, cpu_ms: 0 }
+    }
+
+    /// (what the worker said, how it exited, why we killed it, stderr) -> (outcome label,
+    /// retryable, error text contains, counted against the controller)
+    #[test]
+    fn every_ending_has_one_outcome() {
+        let ok = Reported { job_id: 1, result: Some("{}".into()), worker_error: None };
+        let none = Reported { job_id: 1, ..Reported::default() };
+        let err = Reported { job_id: 1, result: None, worker_error: Some(("boom".into(), true)) };
+        let cases: Vec<(&Reported, ExitInfo, Option<KillReason>, &str, &str, Option<bool>, &str, bool)> = vec![
+            (&ok, exit(Some(0), None), None, "", "succeeded", None, "", false),
+            (&ok, exit(Some(3), None), None, "", "failed", Some(true), "exited with code 3", true),
+            (&none, exit(Some(0), None), None, "", "failed", Some(false), "without a result", true),
+            (&err, exit(Some(0), None), None, "", "failed", Some(true), "boom", false),
+            (&none, exit(None, Some(9)), None, "", "killed", Some(true), "killed by SIGKILL", true),
+            (&none, exit(None, Some(6)), None, "memory allocation of 1 bytes failed", "killed", Some(true), "the next attempt gets 256 MiB", false),
+            (&none, exit(None, Some(24)), None, "", "killed", Some(false), "CPU limit exceeded (2 s)", false),
+            (&none, exit(None, Some(9)), Some(KillReason::Timeout { seconds: 5 }), "", "timed_out", Some(true), "timed out after 5 s", false),
+            (&none, exit(None, Some(9)), Some(KillReason::Stalled { ms: 400 }), "", "timed_out", Some(true), "stalled", true),
+            (&ok, exit(None, Some(9)), Some(KillReason::Protocol("x".into())), "", "failed", Some(false), "protocol error: x", true),
+            (&none, exit(None, Some(15)), Some(KillReason::Cancel), "", "cancelled", None, "", false),
+            (&none, exit(None, Some(15)), Some(KillReason::Shutdown), "", "killed", Some(true), "server shut down", false),
+            (&none, exit(Some(127), None), None, "cannot run", "failed", Some(false), "could not start the worker program", true),
+        ];
+        for (i, (said, ex, kill, tail, outcome, retryable, text, infra)) in cases.into_iter().enumerate() {
+            let e = classify(said, &ex, kill.as_ref(), tail, &applied());
+            assert_eq!(e.finish.outcome(), outcome, "case {i}: {:?}", e.finish);
+            assert_eq!(e.infra_failure, infra, "case {i}: {:?}", e.finish);
+            match &e.finish {
+                Finish::Fail { error, retryable: r, end } => {
+                    assert_eq!(Some(*r), retryable, "case {i}");
+                    assert!(error.contains(text), "case {i}: {error:?} lacks {text:?}");
+                    assert_eq!((end.exit_code, end.signal), (ex.code, ex.signal), "case {i}");
+                }
+                other => assert_eq!(retryable, None, "case {i}: {other:?}"),
+            }
+        }
     }
 
     #[test]

@@ -200,6 +200,11 @@ fn misbehave(mode: &str, rep: &mut PipeReporter, env: &RunEnv) -> Option<i32> {
             forever(rep, true)
         }
         "exit-nonzero" => Some(EXIT_BEHAVE),
+        "flood" => loop {
+            if rep.send(Message::Heartbeat {}).is_err() {
+                return Some(EXIT_PIPE);
+            }
+        },
         "garbage" => {
             let _ = rep.pipe.write_all(b"this is not json\n");
             forever(rep, true)

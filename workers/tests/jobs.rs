@@ -282,6 +282,8 @@ worker_args = ["--behave", "no-result"]
 worker_args = ["--behave", "exit-nonzero"]
 [pipelines.f-orphan]
 worker_args = ["--behave", "fork-orphan"]
+[pipelines.f-flood]
+worker_args = ["--behave", "flood"]
 [pipelines.f-missing]
 command = ["/nonexistent/worker"]
 [pipelines.f-sh]
@@ -306,6 +308,7 @@ fn fault_matrix() {
         ("f-noresult", serde_json::json!({}), 1, State::Failed, 1, JobStatus::Failed, "exited 0 without a result"),
         ("f-exit", serde_json::json!({}), 1, State::Failed, 1, JobStatus::Failed, "exited with code 7"),
         ("f-orphan", serde_json::json!({}), 1, State::Completed, 1, JobStatus::Succeeded, ""),
+        ("f-flood", serde_json::json!({}), 1, State::Failed, 1, JobStatus::Failed, "flooding: over 10000 protocol lines in one second"),
         ("f-missing", serde_json::json!({}), 1, State::Failed, 1, JobStatus::Failed, "could not start the worker program"),
         ("f-sh", serde_json::json!({}), 1, State::Failed, 1, JobStatus::Failed, "exited with code 4; stderr: oops"),
         ("commission", serde_json::json!({"fail": "permanent"}), 3, State::Failed, 1, JobStatus::Failed, "asked to fail (permanent)"),
