@@ -758,12 +758,14 @@
     setHidden($('#signin-prompt'), false);
     setHidden($('#app'), true);
     setHidden($('#loading'), true);
+    setHidden($('.user-label'), true);
     setText($('#signed-in-user'), 'not signed in');
     setHidden($('#signed-in-role'), true);
     setConnection('offline');
   }
 
   function showUser(me) {
+    setHidden($('.user-label'), false);
     setText($('#signed-in-user'), me.user_id);
     const role = $('#signed-in-role');
     if (role) {
