@@ -499,3 +499,44 @@ fn scheduled_commissions_wait_for_their_time() {
     let started = h.jobs(id)[0].started_at.expect("started");
     assert!(started >= at, "started {started} before {at}");
 }
+
+#[test]
+fn failure_rate_rolls_back_to_the_task_runner() {
+    let mut h = Harness::new("failrate");
+    h.start(config(
+        "[pipelines.f-exit]\nworker_args = [\"--behave\", \"exit-nonzero\"]\n",
+        &[("auto_rollback", "true"), ("rollback_min_jobs", "2"), ("rollback_window_jobs", "10"), ("max_concurrent_jobs", "1")],
+    ));
+    for _ in 0..2 {
+        let id = h.create("f-exit", serde_json::json!({}), 1);
+        assert_eq!(h.wait_terminal(id, LONG).state, State::Failed);
+    }
+    let m = h.controller().metrics_text();
+    assert!(m.contains("atelier_rollback_active 1"), "{m}");
+    let id = h.create("noop", serde_json::json!({}), 1);
+    assert_eq!(h.wait_terminal(id, LONG).state, State::Completed);
+    assert_eq!(h.jobs(id)[0].executor, Executor::TaskRunner);
+}
+
+#[test]
+fn shutdown_stops_jobs_and_a_new_controller_finishes_them() {
+    let mut h = Harness::new("shutdown");
+    h.start(config("", &[]));
+    let id = h.create("noop", serde_json::json!({"delay_ms": 20000}), 3);
+    h.wait_until(id, LONG, "in a stage", |c| c.state.stage().is_some());
+    let began = Instant::now();
+    h.controller.take().expect("started").shutdown();
+    assert!(began.elapsed() < Duration::from_secs(5), "shutdown took {:?}", began.elapsed());
+    let c = h.get(id);
+    assert_eq!(c.state, State::Retrying, "{c:#?}");
+    let jobs = h.jobs(id);
+    assert_eq!(jobs[0].error_message.as_deref(), Some("server shut down"));
+    assert_clean(&jobs[0]);
+    // The next server picks it up (without the delay this time it would be instant; with it,
+    // cancel to keep the test short).
+    h.start(config("", &[]));
+    h.wait_until(id, LONG, "running again", |c| c.state.stage().is_some());
+    execute(&*h.store, id, Command::RequestCancel, &ctx()).expect("store").expect("cancel");
+    assert_eq!(h.wait_terminal(id, LONG).state, State::Cancelled);
+    assert_eq!(h.jobs(id).len(), 2);
+}
