@@ -47,7 +47,6 @@ pub struct Metrics {
     requests: Mutex<BTreeMap<(&'static str, u16), u64>>,
     pub sse_connections: AtomicU64,
     pub sse_events_sent: AtomicU64,
-    pub sse_dropped_slow: AtomicU64,
     pub events_appended: AtomicU64,
 }
 
@@ -62,7 +61,7 @@ impl Metrics {
         REQUEST_DURATION.observe(seconds);
     }
 
-    pub fn render(&self, store_lines: &str) -> String {
+    pub fn render(&self, store_lines: &str, store_dropped_slow: u64) -> String {
         let mut out = String::new();
         let _ = writeln!(out, "# TYPE atelier_http_requests_total counter");
         if let Ok(m) = self.requests.lock() {
@@ -76,7 +75,9 @@ impl Metrics {
         };
         g(&mut out, "gauge", "atelier_sse_connections", self.sse_connections.load(Ordering::Relaxed));
         g(&mut out, "counter", "atelier_sse_events_sent_total", self.sse_events_sent.load(Ordering::Relaxed));
-        g(&mut out, "counter", "atelier_sse_dropped_slow_total", self.sse_dropped_slow.load(Ordering::Relaxed));
+        // A stream is cut off by the store when its queue overflows, even while its thread is
+        // still blocked writing to a client that stopped reading.
+        g(&mut out, "counter", "atelier_sse_dropped_slow_total", store_dropped_slow);
         g(&mut out, "counter", "atelier_events_appended_total", self.events_appended.load(Ordering::Relaxed));
         APPEND_DURATION.render(&mut out, "atelier_append_duration_seconds");
         out.push_str(store_lines);

@@ -206,7 +206,7 @@ fn handle(route: &Route, params: &[&str], who: Option<&Identity>, req: &Req, sha
             if let Some(e) = &shared.executors {
                 extra.push_str(&e.metrics_text());
             }
-            Reply::Bytes(200, "text/plain; version=0.0.4", shared.metrics.render(&extra).into_bytes(), vec![])
+            Reply::Bytes(200, "text/plain; version=0.0.4", shared.metrics.render(&extra, shared.store.dropped_slow_total()).into_bytes(), vec![])
         }
         "openapi" => Reply::Json(200, crate::openapi()),
         "me" => Reply::Json(200, json!({"user_id": me().user_id, "role": me().role.as_str()})),

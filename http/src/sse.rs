@@ -83,7 +83,6 @@ fn run(request: tiny_http::Request, spec: StreamSpec, shared: &Shared) {
                 }
             }
             Err(SubscriptionEnd::Overflow { last_seq }) => {
-                shared.metrics.sse_dropped_slow.fetch_add(1, Ordering::Relaxed);
                 tracing::info!(last_seq, "dropped a slow stream; the client can resume");
                 return;
             }

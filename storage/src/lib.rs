@@ -87,4 +87,8 @@ pub trait EventStore: Send + Sync + 'static {
     fn head_seq(&self) -> u64;
     /// Number of commissions in each state.
     fn state_counts(&self) -> Result<Vec<(State, u64)>, StorageError>;
+    /// Subscribers cut off for being too slow, since the store opened.
+    fn dropped_slow_total(&self) -> u64 {
+        0
+    }
 }

@@ -999,6 +999,10 @@ impl EventStore for SledStore {
         self.inner.durable_head.load(Ordering::Acquire)
     }
 
+    fn dropped_slow_total(&self) -> u64 {
+        self.inner.dropped_slow.load(Ordering::Relaxed)
+    }
+
     fn state_counts(&self) -> Result<Vec<(State, u64)>, StorageError> {
         let counts = load_counts(&self.inner.trees.meta)?;
         Ok(State::ALL.iter().map(|s| (*s, counts[*s as usize])).collect())

@@ -1,1 +1,325 @@
-//! Shared helpers for end-to-end tests.
+//! Helpers for end-to-end tests: run the real `atelier` binary on loopback, talk HTTP to it
+//! with a deliberately small client (so tests see exactly what goes over the wire), follow SSE.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+pub use serde_json::{json, Value};
+
+/// The token secret every test server uses, so tests can mint tokens themselves.
+pub const SECRET: &str = "test-secret-for-end-to-end-tests";
+
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(name: &str) -> TempDir {
+        static N: AtomicU64 = AtomicU64::new(0);
+        let p = std::env::temp_dir().join(format!("atelier-e2e-{name}-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed)));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).expect("temp dir");
+        TempDir(p)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+pub fn now_s() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64
+}
+
+pub fn token(user: &str, admin: bool) -> String {
+    let role = if admin { atelier_http::Role::Admin } else { atelier_http::Role::User };
+    atelier_http::Keys::new(SECRET.as_bytes()).issue(user, role, now_s() + 3600)
+}
+
+pub fn expired_token(user: &str) -> String {
+    atelier_http::Keys::new(SECRET.as_bytes()).issue(user, atelier_http::Role::User, now_s() - 10)
+}
+
+/// A running `atelier serve`, killed (SIGKILL) on drop unless stopped first.
+pub struct Server {
+    pub child: Child,
+    pub addr: SocketAddr,
+    pub data_dir: PathBuf,
+    pub exe: PathBuf,
+    pub env: Vec<(String, String)>,
+}
+
+impl Server {
+    pub fn start(exe: &Path, data_dir: &Path, env: &[(&str, &str)]) -> Server {
+        Self::start_on(exe, data_dir, env, "127.0.0.1:0")
+    }
+
+    pub fn start_on(exe: &Path, data_dir: &Path, env: &[(&str, &str)], listen: &str) -> Server {
+        let mut cmd = Command::new(exe);
+        cmd.arg("serve")
+            .env("ATELIER_LISTEN", listen)
+            .env("ATELIER_DATA_DIR", data_dir)
+            .env("ATELIER_SECRET", SECRET)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("spawn atelier serve");
+        let mut out = BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let addr = loop {
+            line.clear();
+            if out.read_line(&mut line).unwrap_or(0) == 0 || Instant::now() > deadline {
+                panic!("atelier serve did not start (last line: {line:?})");
+            }
+            if let Some(rest) = line.trim().strip_prefix("atelier listening on http://") {
+                break rest.parse().expect("listen address");
+            }
+        };
+        // Keep draining stdout so the server never blocks on a full pipe.
+        std::thread::spawn(move || {
+            let mut sink = String::new();
+            while out.read_line(&mut sink).unwrap_or(0) > 0 {
+                sink.clear();
+            }
+        });
+        Server {
+            child,
+            addr,
+            data_dir: data_dir.to_path_buf(),
+            exe: exe.to_path_buf(),
+            env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    /// SIGTERM and wait: a graceful stop.
+    pub fn stop(mut self) -> std::process::ExitStatus {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.pid(), libc::SIGTERM) };
+        let status = self.child.wait().expect("wait for the server");
+        std::mem::forget(self);
+        status
+    }
+
+    /// SIGKILL and wait: a crash.
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        std::mem::forget(self);
+    }
+
+    pub fn get(&self, path: &str, token: Option<&str>) -> Response {
+        request(self.addr, "GET", path, token, &[], None)
+    }
+
+    pub fn post(&self, path: &str, token: Option<&str>, body: &Value) -> Response {
+        request(self.addr, "POST", path, token, &[("Content-Type", "application/json")], Some(body.to_string().as_bytes()))
+    }
+
+    /// Creates a commission and returns its snapshot.
+    pub fn create(&self, token: &str, body: Value) -> Value {
+        let r = self.post("/api/commissions", Some(token), &body);
+        assert_eq!(r.status, 201, "create: {}", r.text());
+        r.json()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[derive(Debug)]
+pub struct Response {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Response {
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.text()))
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+    }
+
+    /// The error code of an error body.
+    pub fn code(&self) -> String {
+        self.json()["error"]["code"].as_str().unwrap_or("<none>").to_string()
+    }
+}
+
+/// One HTTP/1.1 request with `Connection: close`; reads the whole response.
+pub fn request(addr: SocketAddr, method: &str, path: &str, token: Option<&str>, headers: &[(&str, &str)], body: Option<&[u8]>) -> Response {
+    let mut s = TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    if let Some(t) = token {
+        head.push_str(&format!("Authorization: Bearer {t}\r\n"));
+    }
+    for (k, v) in headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    head.push_str(&format!("Content-Length: {}\r\n\r\n", body.map_or(0, <[u8]>::len)));
+    s.write_all(head.as_bytes()).unwrap();
+    if let Some(b) = body {
+        let _ = s.write_all(b);
+    }
+    let mut raw = Vec::new();
+    let _ = s.read_to_end(&mut raw);
+    parse_response(&raw)
+}
+
+fn parse_response(raw: &[u8]) -> Response {
+    let split = raw.windows(4).position(|w| w == b"\r\n\r\n").unwrap_or_else(|| panic!("no response head: {:?}", String::from_utf8_lossy(raw)));
+    let head = String::from_utf8_lossy(&raw[..split]).into_owned();
+    let mut lines = head.lines();
+    let status = lines.next().unwrap().split_whitespace().nth(1).unwrap().parse().unwrap();
+    let headers: Vec<(String, String)> = lines.filter_map(|l| l.split_once(':')).map(|(k, v)| (k.trim().to_string(), v.trim().to_string())).collect();
+    let mut body = raw[split + 4..].to_vec();
+    if headers.iter().any(|(k, v)| k.eq_ignore_ascii_case("transfer-encoding") && v.contains("chunked")) {
+        body = dechunk(&body);
+    }
+    Response { status, headers, body }
+}
+
+fn dechunk(mut b: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    loop {
+        let Some(nl) = b.windows(2).position(|w| w == b"\r\n") else { break };
+        let size = usize::from_str_radix(String::from_utf8_lossy(&b[..nl]).trim(), 16).unwrap_or(0);
+        if size == 0 {
+            break;
+        }
+        out.extend_from_slice(&b[nl + 2..nl + 2 + size]);
+        b = &b[nl + 2 + size + 2..];
+    }
+    out
+}
+
+/// One SSE message.
+#[derive(Clone, Debug)]
+pub struct SseEvent {
+    pub id: Option<u64>,
+    pub event: String,
+    pub data: Value,
+}
+
+/// A live SSE connection.
+pub struct Sse {
+    pub status: u16,
+    reader: BufReader<TcpStream>,
+    pub retry_hint: Option<u64>,
+}
+
+impl Sse {
+    pub fn open(addr: SocketAddr, path: &str, token: &str, last_event_id: Option<u64>) -> Sse {
+        let mut s = TcpStream::connect(addr).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let mut head = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nAccept: text/event-stream\r\nAuthorization: Bearer {token}\r\n");
+        if let Some(id) = last_event_id {
+            head.push_str(&format!("Last-Event-ID: {id}\r\n"));
+        }
+        head.push_str("\r\n");
+        s.write_all(head.as_bytes()).unwrap();
+        let mut reader = BufReader::new(s);
+        let mut line = String::new();
+        reader.read_line(&mut line).unwrap();
+        let status = line.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+        loop {
+            line.clear();
+            if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                break;
+            }
+        }
+        Sse { status, reader, retry_hint: None }
+    }
+
+    pub fn set_timeout(&self, t: Duration) {
+        self.reader.get_ref().set_read_timeout(Some(t)).unwrap();
+    }
+
+    /// The next event; `None` when the stream ends (or times out). Comments are skipped.
+    pub fn next(&mut self) -> Option<SseEvent> {
+        let (mut id, mut event, mut data) = (None, String::new(), String::new());
+        let mut line = String::new();
+        loop {
+            line.clear();
+            match self.reader.read_line(&mut line) {
+                Ok(0) | Err(_) => return None,
+                Ok(_) => {}
+            }
+            let l = line.trim_end_matches(['\r', '\n']);
+            if l.is_empty() {
+                if !data.is_empty() {
+                    let data = serde_json::from_str(&data).expect("SSE data is JSON");
+                    return Some(SseEvent { id, event, data });
+                }
+                continue;
+            }
+            if let Some(v) = l.strip_prefix("id: ") {
+                id = v.parse().ok();
+            } else if let Some(v) = l.strip_prefix("event: ") {
+                event = v.to_string();
+            } else if let Some(v) = l.strip_prefix("data: ") {
+                data.push_str(v);
+            } else if let Some(v) = l.strip_prefix("retry: ") {
+                self.retry_hint = v.parse().ok();
+            }
+        }
+    }
+
+    pub fn shutdown(self) {
+        let _ = self.reader.get_ref().shutdown(std::net::Shutdown::Both);
+    }
+}
+
+/// Replaces values that change from run to run (times) so bodies can be snapshotted.
+pub fn redact(v: &Value) -> Value {
+    match v {
+        Value::Object(m) => Value::Object(
+            m.iter()
+                .map(|(k, v)| {
+                    let redacted = k.ends_with("_at") && !v.is_null() || k == "at";
+                    (k.clone(), if redacted { Value::String("<time>".into()) } else { redact(v) })
+                })
+                .collect(),
+        ),
+        Value::Array(a) => Value::Array(a.iter().map(redact).collect()),
+        other => other.clone(),
+    }
+}
+
+/// Polls `f` until it returns `Some` or `timeout` passes.
+pub fn wait_for<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
