@@ -623,7 +623,8 @@ stages.uploading = { builtin = "artifact_store" }
 
     #[test]
     fn errors_name_the_key() {
-        let cases: &[(&str, &[(&str, &str)], &str)] = &[
+        type Case<'a> = (&'a str, &'a [(&'a str, &'a str)], &'a str);
+        let cases: &[Case] = &[
             ("[workers]\nmax_concurent_jobs = 2", &[], "workers.max_concurent_jobs"),
             ("[workers]\nmax_concurrent_jobs = 0", &[], "workers.max_concurrent_jobs"),
             ("", &[("MAX_CONCURRENT_JOBS", "lots")], "MAX_CONCURRENT_JOBS"),

@@ -567,7 +567,7 @@ fn looks_like_oom(stderr_tail: &str) -> bool {
 }
 
 fn last_line(tail: &str) -> Option<&str> {
-    tail.lines().map(str::trim).filter(|l| !l.is_empty()).last()
+    tail.lines().map(str::trim).rfind(|l| !l.is_empty())
 }
 
 /// The one outcome of a finished worker. Pure, so the whole fault matrix is a table test.
@@ -680,7 +680,8 @@ mod tests {
         let ok = Reported { job_id: 1, result: Some("{}".into()), worker_error: None };
         let none = Reported { job_id: 1, ..Reported::default() };
         let err = Reported { job_id: 1, result: None, worker_error: Some(("boom".into(), true)) };
-        let cases: Vec<(&Reported, ExitInfo, Option<KillReason>, &str, &str, Option<bool>, &str, bool)> = vec![
+        type Case<'a> = (&'a Reported, ExitInfo, Option<KillReason>, &'a str, &'a str, Option<bool>, &'a str, bool);
+        let cases: Vec<Case> = vec![
             (&ok, exit(Some(0), None), None, "", "succeeded", None, "", false),
             (&ok, exit(Some(3), None), None, "", "failed", Some(true), "exited with code 3", true),
             (&none, exit(Some(0), None), None, "", "failed", Some(false), "without a result", true),

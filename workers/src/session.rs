@@ -125,7 +125,7 @@ impl Session {
             }
             Message::Progress { stage, percent, message } => {
                 let now = Instant::now();
-                let due = self.last_sent[stage.index()].map_or(true, |t| now.duration_since(t) >= self.interval);
+                let due = !matches!(self.last_sent[stage.index()], Some(t) if now.duration_since(t) < self.interval);
                 if self.pending.take().is_some() {
                     self.metrics.progress_coalesced();
                 }

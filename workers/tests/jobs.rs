@@ -395,7 +395,7 @@ fn concurrency_limit_and_priority_order() {
         }
         peak = peak.max(running);
     }
-    assert!(peak <= 2 && peak >= 1, "peak {peak}");
+    assert!((1..=2).contains(&peak), "peak {peak}");
 }
 
 fn started_order(store: &dyn EventStore) -> Vec<u64> {
