@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use atelier_engine::{apply, apply_job, Commission, Envelope, Job};
 
 use crate::codec;
+use crate::layout::{Projection, META_COUNTS};
 use crate::sled_store::{decode_record, read_u64, SledStore};
 use crate::StorageError;
 
@@ -79,7 +80,7 @@ pub fn replay_check(store: &SledStore) -> Result<CheckReport, StorageError> {
 
     // Snapshots.
     let mut stored: BTreeMap<u64, Commission> = BTreeMap::new();
-    for item in t.commissions.iter() {
+    for item in t.scan(Projection::Commissions) {
         let (k, v) = item?;
         let id = read_u64(&k).unwrap_or(0);
         match codec::decode::<Commission>(&v) {
@@ -133,14 +134,14 @@ pub fn replay_check(store: &SledStore) -> Result<CheckReport, StorageError> {
         }
     }
     let mut stored_idx = BTreeSet::new();
-    for item in t.by_commission.iter() {
+    for item in t.scan(Projection::ByCommission) {
         let (k, v) = item?;
         stored_idx.insert((read_u64(&k).unwrap_or(0), read_u64(&k[8..]).unwrap_or(0), read_u64(&v).unwrap_or(0)));
     }
     compare_sets(&mut diff, "by_commission", &expected_idx, &stored_idx);
 
     let mut stored_users = BTreeSet::new();
-    for item in t.by_user.iter() {
+    for item in t.scan(Projection::ByUser) {
         let (k, _) = item?;
         let split = k.len().saturating_sub(9);
         let user = String::from_utf8_lossy(&k[..split]).into_owned();
@@ -149,7 +150,7 @@ pub fn replay_check(store: &SledStore) -> Result<CheckReport, StorageError> {
     compare_sets(&mut diff, "by_user", &expected_users, &stored_users);
 
     let mut stored_idem = BTreeMap::new();
-    for item in t.idempotency.iter() {
+    for item in t.scan(Projection::Idempotency) {
         let (k, v) = item?;
         let nul = k.iter().position(|b| *b == 0).unwrap_or(k.len());
         let user = String::from_utf8_lossy(&k[..nul]).into_owned();
@@ -161,14 +162,14 @@ pub fn replay_check(store: &SledStore) -> Result<CheckReport, StorageError> {
     compare_sets(&mut diff, "idempotency", &e, &s);
 
     let mut stored_live = BTreeSet::new();
-    for item in t.live.iter() {
+    for item in t.scan(Projection::Live) {
         stored_live.insert(read_u64(&item?.0).unwrap_or(0));
     }
     compare_sets(&mut diff, "live", &expected_live, &stored_live);
 
     let mut lines = Vec::new();
     let mut stored_jobs = 0usize;
-    for item in t.jobs.iter() {
+    for item in t.scan(Projection::Jobs) {
         let (k, v) = item?;
         stored_jobs += 1;
         let id = read_u64(&k).unwrap_or(0);
@@ -184,7 +185,7 @@ pub fn replay_check(store: &SledStore) -> Result<CheckReport, StorageError> {
     }
     push_limited(&mut diff, lines);
 
-    let stored_counts: [u64; 10] = match t.meta.get(b"state_counts")? {
+    let stored_counts: [u64; 10] = match t.meta(META_COUNTS)? {
         Some(v) => codec::decode(&v).unwrap_or([u64::MAX; 10]),
         None => [0; 10],
     };

@@ -8,6 +8,7 @@
 pub mod check;
 pub mod codec;
 mod error;
+pub mod layout;
 mod service;
 mod sled_store;
 mod subscribe;

@@ -1,20 +1,15 @@
 //! The embedded backend: an event log and its projections in sled, with group commit.
 //!
-//! Trees (keys big-endian so that sled's order is numeric order):
-//! - `log`: seq → record (codec frame: crc, hash chain, encoded [`Envelope`]). The truth.
-//! - `by_commission`: commission ++ version → seq.
-//! - `commissions`: commission → encoded [`Commission`] snapshot.
-//! - `by_user`: user ++ 0x00 ++ commission → (), for newest-first listing.
-//! - `idempotency`: user ++ 0x00 ++ key → commission.
-//! - `live`: commission → () for every non-terminal commission.
-//! - `jobs`: job → encoded [`Job`]; `jobs_by_commission`: commission ++ job → ().
-//! - `meta`: schema version, projected seq, next commission id, state counts.
+//! Two trees (see [`crate::layout`]): `log`, seq → record (codec frame: crc, hash chain,
+//! encoded [`Envelope`]), the truth; and `projections`, every cache of the log (snapshots,
+//! indexes, jobs, meta) under one-byte key prefixes.
 //!
 //! One writer thread owns all writes. It takes every queued request (group commit), folds the
 //! events through the engine (so nothing the table forbids is ever stored), writes the log
 //! records, flushes sled and then fdatasyncs its file (sled's flush alone is not an fsync),
-//! then updates the projections, publishes to subscribers and acknowledges. Projections are
-//! caches of the log: they are written after the log and caught up from the log at open.
+//! then updates the projections (one atomic `apply_batch`), publishes to subscribers and
+//! acknowledges. Projections are caches of the log: they are written after the log and caught
+//! up from the log at open.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -31,6 +26,7 @@ use crossbeam_channel::{Receiver, Sender};
 
 use crate::codec::{self, CodecError};
 use crate::error::io;
+use crate::layout::{self, Projection, META_COUNTS, META_NEXT_CID, META_PROJECTED, META_SCHEMA};
 use crate::subscribe::{Delivery, Filter, History, Registry, Subscription, ViewAfter};
 use crate::{AppendOutcome, AppendRequest, AppendTarget, EventStore, ListQuery, Page, StorageError};
 
@@ -49,12 +45,7 @@ pub const LIST_LIMIT_MAX: usize = 200;
 type Migration = fn(&sled::Db) -> Result<(), StorageError>;
 /// Ordered steps from one schema version to the next; step `n` produces version `n`.
 const MIGRATIONS: &[(u32, &str, Migration)] =
-    &[(1, "initial layout: log, indexes and projections", |_| Ok(()))];
-
-const META_SCHEMA: &[u8] = b"schema_version";
-const META_PROJECTED: &[u8] = b"projected_seq";
-const META_NEXT_CID: &[u8] = b"next_commission_id";
-const META_COUNTS: &[u8] = b"state_counts";
+    &[(1, "initial layout: the log, and one tree of prefixed projections", |_| Ok(()))];
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Durability {
@@ -86,14 +77,22 @@ impl StoreConfig {
 #[derive(Clone)]
 pub(crate) struct Trees {
     pub(crate) log: sled::Tree,
-    pub(crate) by_commission: sled::Tree,
-    pub(crate) commissions: sled::Tree,
-    pub(crate) by_user: sled::Tree,
-    pub(crate) idempotency: sled::Tree,
-    pub(crate) live: sled::Tree,
-    pub(crate) jobs: sled::Tree,
-    pub(crate) jobs_by_commission: sled::Tree,
-    pub(crate) meta: sled::Tree,
+    /// Every projection under its [`Projection::prefix`].
+    pub(crate) proj: sled::Tree,
+}
+
+impl Trees {
+    /// The entries of one projection, with the prefix byte stripped from the keys.
+    pub(crate) fn scan(&self, p: Projection) -> impl DoubleEndedIterator<Item = Result<(sled::IVec, sled::IVec), StorageError>> {
+        self.proj.scan_prefix([p.prefix()]).map(|item| {
+            let (k, v) = item?;
+            Ok((k.subslice(1, k.len() - 1), v))
+        })
+    }
+
+    pub(crate) fn meta(&self, name: &[u8]) -> Result<Option<sled::IVec>, StorageError> {
+        Ok(self.proj.get(Projection::Meta.key(name))?)
+    }
 }
 
 pub(crate) struct Inner {
@@ -130,27 +129,12 @@ pub(crate) fn u64_key(v: u64) -> [u8; 8] {
     v.to_be_bytes()
 }
 
-fn pair_key(a: u64, b: u64) -> [u8; 16] {
-    let mut k = [0u8; 16];
-    k[..8].copy_from_slice(&a.to_be_bytes());
-    k[8..].copy_from_slice(&b.to_be_bytes());
-    k
-}
-
-fn user_key(user: &str, tail: &[u8]) -> Vec<u8> {
-    let mut k = Vec::with_capacity(user.len() + 1 + tail.len());
-    k.extend_from_slice(user.as_bytes());
-    k.push(0);
-    k.extend_from_slice(tail);
-    k
-}
-
 pub(crate) fn read_u64(bytes: &[u8]) -> Option<u64> {
     Some(u64::from_be_bytes(bytes.get(..8)?.try_into().ok()?))
 }
 
-fn bad(tree: &'static str) -> impl Fn(CodecError) -> StorageError {
-    move |e| StorageError::BadProjection { tree, detail: e.to_string() }
+fn bad(p: Projection) -> impl Fn(CodecError) -> StorageError {
+    move |e| StorageError::BadProjection { tree: p.name(), detail: e.to_string() }
 }
 
 /// Decodes a log record, checking its checksum and, given the previous chain, the chain.
@@ -220,18 +204,8 @@ impl SledStore {
             .cache_capacity(config.cache_capacity_bytes)
             .flush_every_ms(flush_every)
             .open()?;
-        let trees = Trees {
-            log: db.open_tree("log")?,
-            by_commission: db.open_tree("by_commission")?,
-            commissions: db.open_tree("commissions")?,
-            by_user: db.open_tree("by_user")?,
-            idempotency: db.open_tree("idempotency")?,
-            live: db.open_tree("live")?,
-            jobs: db.open_tree("jobs")?,
-            jobs_by_commission: db.open_tree("jobs_by_commission")?,
-            meta: db.open_tree("meta")?,
-        };
-        migrate(&db, &trees.meta)?;
+        let trees = Trees { log: db.open_tree(layout::LOG_TREE)?, proj: db.open_tree(layout::PROJECTIONS_TREE)? };
+        migrate(&db, &trees)?;
         let db_path = sled_dir.join("db");
         let db_file = File::open(&db_path).map_err(io(format!("open {}", db_path.display())))?;
 
@@ -330,15 +304,15 @@ impl Drop for SledStore {
     }
 }
 
-fn load_counts(meta: &sled::Tree) -> Result<[u64; 10], StorageError> {
-    match meta.get(META_COUNTS)? {
+fn load_counts(trees: &Trees) -> Result<[u64; 10], StorageError> {
+    match trees.meta(META_COUNTS)? {
         None => Ok([0; 10]),
-        Some(v) => codec::decode(&v).map_err(bad("meta")),
+        Some(v) => codec::decode(&v).map_err(bad(Projection::Meta)),
     }
 }
 
-fn migrate(db: &sled::Db, meta: &sled::Tree) -> Result<(), StorageError> {
-    let found = match meta.get(META_SCHEMA)? {
+fn migrate(db: &sled::Db, trees: &Trees) -> Result<(), StorageError> {
+    let found = match trees.meta(META_SCHEMA)? {
         None => 0,
         Some(v) => u32::try_from(read_u64(&v).unwrap_or(0)).unwrap_or(u32::MAX),
     };
@@ -348,7 +322,7 @@ fn migrate(db: &sled::Db, meta: &sled::Tree) -> Result<(), StorageError> {
     for (version, what, step) in MIGRATIONS.iter().filter(|(v, _, _)| *v > found) {
         tracing::info!(version, what, "migrating the data dir");
         step(db)?;
-        meta.insert(META_SCHEMA, &u64_key(u64::from(*version)))?;
+        trees.proj.insert(Projection::Meta.key(META_SCHEMA), &u64_key(u64::from(*version)))?;
     }
     Ok(())
 }
@@ -363,11 +337,9 @@ struct Staged {
     snapshots: HashMap<u64, Commission>,
     jobs: HashMap<u64, Job>,
     idempotency: HashMap<Vec<u8>, u64>,
-    by_commission: sled::Batch,
-    by_user: sled::Batch,
-    idem_batch: sled::Batch,
-    live: sled::Batch,
-    jobs_by_commission: sled::Batch,
+    /// Index entries (by commission, by user, idempotency, live, jobs by commission), in the
+    /// order they were staged; snapshots, jobs and meta join them at write time.
+    index: sled::Batch,
     deliveries: Vec<Delivery>,
     touched_jobs: Vec<u64>,
     touched_snapshots: Vec<u64>,
@@ -384,13 +356,13 @@ struct Writer {
 
 impl Writer {
     fn new(inner: Arc<Inner>, head: u64, chain: u32) -> Result<Writer, StorageError> {
-        let meta = &inner.trees.meta;
-        let projected = meta.get(META_PROJECTED)?.and_then(|v| read_u64(&v)).unwrap_or(0);
-        let mut next_cid = meta.get(META_NEXT_CID)?.and_then(|v| read_u64(&v)).unwrap_or(1);
-        if let Some((k, _)) = inner.trees.by_commission.last()? {
-            next_cid = next_cid.max(read_u64(&k).unwrap_or(0) + 1);
+        let t = &inner.trees;
+        let projected = t.meta(META_PROJECTED)?.and_then(|v| read_u64(&v)).unwrap_or(0);
+        let mut next_cid = t.meta(META_NEXT_CID)?.and_then(|v| read_u64(&v)).unwrap_or(1);
+        if let Some(item) = t.scan(Projection::ByCommission).next_back() {
+            next_cid = next_cid.max(read_u64(&item?.0).unwrap_or(0) + 1);
         }
-        let counts = load_counts(meta)?;
+        let counts = load_counts(t)?;
         Ok(Writer { inner, head, chain, next_cid, projected, counts })
     }
 
@@ -487,10 +459,7 @@ impl Writer {
         if let Some(c) = staged.snapshots.get(&id) {
             return Ok(Some(c.clone()));
         }
-        match self.inner.trees.commissions.get(u64_key(id))? {
-            None => Ok(None),
-            Some(v) => codec::decode(&v).map(Some).map_err(bad("commissions")),
-        }
+        self.inner.get_commission(id)
     }
 
     fn commit(&mut self, batch: Vec<Request>, durability: Durability) -> Result<(), StorageError> {
@@ -554,39 +523,42 @@ impl Writer {
     fn prune(&mut self, before: atelier_engine::time::Millis) -> Result<u64, StorageError> {
         let t = self.inner.trees.clone();
         let mut victims = Vec::new();
-        for item in t.commissions.iter() {
+        for item in t.scan(Projection::Commissions) {
             let (_, v) = item?;
-            let c: Commission = codec::decode(&v).map_err(bad("commissions"))?;
+            let c: Commission = codec::decode(&v).map_err(bad(Projection::Commissions))?;
             if c.state.is_terminal() && c.updated_at < before {
                 victims.push(c);
             }
         }
+        // Log stubs first (each keeps its crc and chain), then the projections in one batch.
+        let mut proj = sled::Batch::default();
         for c in &victims {
-            for item in t.by_commission.scan_prefix(u64_key(c.id)) {
+            for item in t.proj.scan_prefix(Projection::ByCommission.key_u64(c.id)) {
                 let (k, v) = item?;
-                let seq = read_u64(&v).ok_or(StorageError::BadProjection { tree: "by_commission", detail: "bad seq".into() })?;
+                let seq = read_u64(&v).ok_or(StorageError::BadProjection { tree: Projection::ByCommission.name(), detail: "bad seq".into() })?;
                 if let Some(rec) = t.log.get(u64_key(seq))? {
                     let stub = codec::prune_record(&rec).map_err(|e| StorageError::Corruption { seq, detail: e.to_string() })?;
                     t.log.insert(u64_key(seq), stub)?;
                 }
-                t.by_commission.remove(k)?;
+                proj.remove(k);
             }
-            for item in t.jobs_by_commission.scan_prefix(u64_key(c.id)) {
+            for item in t.proj.scan_prefix(Projection::JobsByCommission.key_u64(c.id)) {
                 let (k, _) = item?;
-                if let Some(job) = read_u64(&k[8..]) {
-                    t.jobs.remove(u64_key(job))?;
+                if let Some(job) = read_u64(&k[9..]) {
+                    proj.remove(&Projection::Jobs.key_u64(job));
                 }
-                t.jobs_by_commission.remove(k)?;
+                proj.remove(k);
             }
-            t.by_user.remove(user_key(&c.user_id, &u64_key(c.id)))?;
+            proj.remove(Projection::ByUser.key_user(&c.user_id, &u64_key(c.id)));
             if let Some(key) = &c.idempotency_key {
-                t.idempotency.remove(user_key(&c.user_id, key.as_bytes()))?;
+                proj.remove(Projection::Idempotency.key_user(&c.user_id, key.as_bytes()));
             }
-            t.commissions.remove(u64_key(c.id))?;
+            proj.remove(&Projection::Commissions.key_u64(c.id));
             let i = c.state as usize;
             self.counts[i] = self.counts[i].saturating_sub(1);
         }
-        t.meta.insert(META_COUNTS, codec::encode(&self.counts))?;
+        proj.insert(Projection::Meta.key(META_COUNTS), codec::encode(&self.counts));
+        t.proj.apply_batch(proj)?;
         self.sync()?;
         Ok(victims.len() as u64)
     }
@@ -595,15 +567,15 @@ impl Writer {
         let (cid, current, idem_key) = match &req.target {
             AppendTarget::Existing(id) => (*id, self.snapshot(staged, *id)?, None),
             AppendTarget::New { idempotency } => {
-                let key = idempotency.as_ref().map(|(u, k)| user_key(u, k.as_bytes()));
+                let key = idempotency.as_ref().map(|(u, k)| Projection::Idempotency.key_user(u, k.as_bytes()));
                 if let Some(key) = &key {
                     let existing = match staged.idempotency.get(key) {
                         Some(id) => Some(*id),
-                        None => self.inner.trees.idempotency.get(key)?.and_then(|v| read_u64(&v)),
+                        None => self.inner.trees.proj.get(key)?.and_then(|v| read_u64(&v)),
                     };
                     if let Some(id) = existing {
                         let commission = self.snapshot(staged, id)?.ok_or(StorageError::BadProjection {
-                            tree: "idempotency",
+                            tree: Projection::Idempotency.name(),
                             detail: format!("points at missing commission {id}"),
                         })?;
                         return Ok(AppendOutcome::Duplicate { commission });
@@ -672,7 +644,7 @@ impl Writer {
                 }
                 self.next_cid = env.commission_id + 1;
                 if let Some(k) = &after.idempotency_key {
-                    staged.idempotency.insert(user_key(&after.user_id, k.as_bytes()), env.commission_id);
+                    staged.idempotency.insert(Projection::Idempotency.key_user(&after.user_id, k.as_bytes()), env.commission_id);
                 }
             }
             self.write_record(env, log);
@@ -693,11 +665,11 @@ impl Writer {
     /// Stages what one event changes in the projections.
     fn project(&mut self, staged: &mut Staged, env: &Envelope, before: Option<&Commission>, after: Commission) -> Result<(), StorageError> {
         let cid = env.commission_id;
-        staged.by_commission.insert(&pair_key(cid, env.version), &u64_key(env.seq));
+        staged.index.insert(&Projection::ByCommission.key_pair(cid, env.version), &u64_key(env.seq));
         if let Event::Created { user_id, idempotency_key, .. } = &env.event {
-            staged.by_user.insert(user_key(user_id, &u64_key(cid)), &[]);
+            staged.index.insert(Projection::ByUser.key_user(user_id, &u64_key(cid)), &[]);
             if let Some(k) = idempotency_key {
-                staged.idem_batch.insert(user_key(user_id, k.as_bytes()), &u64_key(cid));
+                staged.index.insert(Projection::Idempotency.key_user(user_id, k.as_bytes()), &u64_key(cid));
             }
         }
         let before_state = before.map(|c| c.state);
@@ -708,20 +680,20 @@ impl Writer {
             self.counts[after.state as usize] += 1;
             let was_live = before_state.is_some_and(|s| !s.is_terminal());
             match (was_live, after.state.is_terminal()) {
-                (false, false) => staged.live.insert(&u64_key(cid), &[]),
-                (true, true) => staged.live.remove(&u64_key(cid)),
+                (false, false) => staged.index.insert(&Projection::Live.key_u64(cid), &[]),
+                (true, true) => staged.index.remove(&Projection::Live.key_u64(cid)),
                 _ => {}
             }
         }
-        let jobs_tree = &self.inner.trees.jobs;
+        let proj = &self.inner.trees.proj;
         let lookup = |id: u64| -> Option<Job> {
             staged.jobs.get(&id).cloned().or_else(|| {
-                jobs_tree.get(u64_key(id)).ok().flatten().and_then(|v| codec::decode(&v).ok())
+                proj.get(Projection::Jobs.key_u64(id)).ok().flatten().and_then(|v| codec::decode(&v).ok())
             })
         };
         if let Some((job_id, job)) = apply_job(lookup, env) {
             if matches!(env.event, Event::JobStarted { .. }) {
-                staged.jobs_by_commission.insert(&pair_key(cid, job_id), &[]);
+                staged.index.insert(&Projection::JobsByCommission.key_pair(cid, job_id), &[]);
             }
             staged.jobs.insert(job_id, job);
             staged.touched_jobs.push(job_id);
@@ -732,47 +704,21 @@ impl Writer {
         Ok(())
     }
 
-    /// Writes one batch's projection changes and the projected seq in one sled transaction,
-    /// so that after a crash the projections are exactly those of some log prefix and the
-    /// catch-up at open can start right after `projected_seq`.
+    /// Writes one batch's projection changes and the projected seq in one sled batch (atomic,
+    /// also across a crash), so that after a crash the projections are exactly those of some
+    /// log prefix and the catch-up at open can start right after `projected_seq`.
     fn write_projections(&mut self, staged: Staged, projected: u64) -> Result<(), StorageError> {
-        let t = &self.inner.trees;
-        let mut snaps = sled::Batch::default();
+        let mut batch = staged.index;
         for (id, c) in &staged.snapshots {
-            snaps.insert(&u64_key(*id), codec::encode(c));
+            batch.insert(&Projection::Commissions.key_u64(*id), codec::encode(c));
         }
-        let mut jobs = sled::Batch::default();
         for (id, j) in &staged.jobs {
-            jobs.insert(&u64_key(*id), codec::encode(j));
+            batch.insert(&Projection::Jobs.key_u64(*id), codec::encode(j));
         }
-        let mut meta = sled::Batch::default();
-        meta.insert(META_PROJECTED, &u64_key(projected));
-        meta.insert(META_NEXT_CID, &u64_key(self.next_cid));
-        meta.insert(META_COUNTS, codec::encode(&self.counts));
-        let trees = (
-            &t.commissions,
-            &t.by_commission,
-            &t.by_user,
-            &t.idempotency,
-            &t.live,
-            &t.jobs,
-            &t.jobs_by_commission,
-            &t.meta,
-        );
-        use sled::Transactional;
-        trees
-            .transaction(|(c, bc, bu, idem, live, j, jbc, m)| {
-                c.apply_batch(&snaps)?;
-                bc.apply_batch(&staged.by_commission)?;
-                bu.apply_batch(&staged.by_user)?;
-                idem.apply_batch(&staged.idem_batch)?;
-                live.apply_batch(&staged.live)?;
-                j.apply_batch(&jobs)?;
-                jbc.apply_batch(&staged.jobs_by_commission)?;
-                m.apply_batch(&meta)?;
-                Ok::<(), sled::transaction::ConflictableTransactionError<()>>(())
-            })
-            .map_err(|e| StorageError::Sled(format!("projection transaction: {e:?}")))?;
+        batch.insert(Projection::Meta.key(META_PROJECTED), &u64_key(projected));
+        batch.insert(Projection::Meta.key(META_NEXT_CID), &u64_key(self.next_cid));
+        batch.insert(Projection::Meta.key(META_COUNTS), codec::encode(&self.counts));
+        self.inner.trees.proj.apply_batch(batch)?;
         self.projected = projected;
         Ok(())
     }
@@ -794,17 +740,17 @@ fn fail(req: Request, err: impl Fn() -> StorageError) {
 
 impl Inner {
     fn get_commission(&self, id: u64) -> Result<Option<Commission>, StorageError> {
-        match self.trees.commissions.get(u64_key(id))? {
+        match self.trees.proj.get(Projection::Commissions.key_u64(id))? {
             None => Ok(None),
-            Some(v) => codec::decode(&v).map(Some).map_err(bad("commissions")),
+            Some(v) => codec::decode(&v).map(Some).map_err(bad(Projection::Commissions)),
         }
     }
 
     fn events_of(&self, id: u64) -> Result<Vec<Envelope>, StorageError> {
         let mut out = Vec::new();
-        for item in self.trees.by_commission.scan_prefix(u64_key(id)) {
+        for item in self.trees.proj.scan_prefix(Projection::ByCommission.key_u64(id)) {
             let (_, v) = item?;
-            let seq = read_u64(&v).ok_or(StorageError::BadProjection { tree: "by_commission", detail: "bad seq".into() })?;
+            let seq = read_u64(&v).ok_or(StorageError::BadProjection { tree: Projection::ByCommission.name(), detail: "bad seq".into() })?;
             let rec = self.trees.log.get(u64_key(seq))?.ok_or(StorageError::Corruption {
                 seq,
                 detail: "indexed record is missing from the log".into(),
@@ -860,7 +806,7 @@ impl History for Inner {
                 }
             }
             Filter::User(user) => {
-                for item in self.trees.by_user.scan_prefix(user_key(user, &[])) {
+                for item in self.trees.proj.scan_prefix(Projection::ByUser.key_user(user, &[])) {
                     let (k, _) = item?;
                     let id = read_u64(&k[k.len() - 8..]).unwrap_or(0);
                     if self.get_commission(id)?.is_some_and(|c| c.last_seq > after) {
@@ -927,12 +873,12 @@ impl EventStore for SledStore {
 
     fn list_user(&self, user_id: &str, q: &ListQuery) -> Result<Page, StorageError> {
         let limit = q.limit.clamp(1, LIST_LIMIT_MAX);
-        let prefix = user_key(user_id, &[]);
-        let upper = user_key(user_id, &u64_key(q.cursor.unwrap_or(u64::MAX)));
+        let prefix = Projection::ByUser.key_user(user_id, &[]);
+        let upper = Projection::ByUser.key_user(user_id, &u64_key(q.cursor.unwrap_or(u64::MAX)));
         let mut items = Vec::new();
         let mut scanned = 0;
         let mut last_id = None;
-        for item in self.inner.trees.by_user.range(prefix.clone()..upper).rev() {
+        for item in self.inner.trees.proj.range(prefix.clone()..upper).rev() {
             let (k, _) = item?;
             let id = read_u64(&k[k.len() - 8..]).unwrap_or(0);
             last_id = Some(id);
@@ -959,7 +905,7 @@ impl EventStore for SledStore {
 
     fn live_commissions(&self) -> Result<Vec<Commission>, StorageError> {
         let mut out = Vec::new();
-        for item in self.inner.trees.live.iter() {
+        for item in self.inner.trees.scan(Projection::Live) {
             let (k, _) = item?;
             if let Some(c) = self.inner.get_commission(read_u64(&k).unwrap_or(0))? {
                 out.push(c);
@@ -969,17 +915,17 @@ impl EventStore for SledStore {
     }
 
     fn job(&self, job_id: u64) -> Result<Option<Job>, StorageError> {
-        match self.inner.trees.jobs.get(u64_key(job_id))? {
+        match self.inner.trees.proj.get(Projection::Jobs.key_u64(job_id))? {
             None => Ok(None),
-            Some(v) => codec::decode(&v).map(Some).map_err(bad("jobs")),
+            Some(v) => codec::decode(&v).map(Some).map_err(bad(Projection::Jobs)),
         }
     }
 
     fn jobs_of(&self, commission_id: u64) -> Result<Vec<Job>, StorageError> {
         let mut out = Vec::new();
-        for item in self.inner.trees.jobs_by_commission.scan_prefix(u64_key(commission_id)) {
+        for item in self.inner.trees.proj.scan_prefix(Projection::JobsByCommission.key_u64(commission_id)) {
             let (k, _) = item?;
-            if let Some(j) = self.job(read_u64(&k[8..]).unwrap_or(0))? {
+            if let Some(j) = self.job(read_u64(&k[9..]).unwrap_or(0))? {
                 out.push(j);
             }
         }
@@ -1004,7 +950,7 @@ impl EventStore for SledStore {
     }
 
     fn state_counts(&self) -> Result<Vec<(State, u64)>, StorageError> {
-        let counts = load_counts(&self.inner.trees.meta)?;
+        let counts = load_counts(&self.inner.trees)?;
         Ok(State::ALL.iter().map(|s| (*s, counts[*s as usize])).collect())
     }
 }

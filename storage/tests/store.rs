@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use atelier_engine::{Command, Event, Rejection, State};
+use atelier_storage::layout::{self, Projection};
 use atelier_storage::{
     check, create, execute, AppendOutcome, AppendRequest, AppendTarget, Created, EventStore, Filter, ListQuery,
     SledStore, StorageError, StoreConfig,
@@ -232,7 +233,10 @@ fn newer_schema_is_refused_with_a_clear_message() {
     let dir = TempDir::new("schema");
     {
         let db = sled::open(dir.0.join("sled")).unwrap();
-        db.open_tree("meta").unwrap().insert(b"schema_version", &99u64.to_be_bytes()).unwrap();
+        db.open_tree(layout::PROJECTIONS_TREE)
+            .unwrap()
+            .insert(Projection::Meta.key(layout::META_SCHEMA), &99u64.to_be_bytes())
+            .unwrap();
         db.flush().unwrap();
     }
     let err = SledStore::open(StoreConfig::new(&dir.0)).map(|_| ()).unwrap_err();
@@ -251,7 +255,7 @@ fn flipped_bytes_are_reported_as_corruption_with_the_seq() {
     // Damage seq 2 through sled itself (the byte flip a bad disk would make inside a value).
     {
         let db = sled::open(dir.0.join("sled")).unwrap();
-        let log = db.open_tree("log").unwrap();
+        let log = db.open_tree(layout::LOG_TREE).unwrap();
         let mut rec = log.get(2u64.to_be_bytes()).unwrap().unwrap().to_vec();
         let last = rec.len() - 1;
         rec[last] ^= 0x40;
@@ -279,7 +283,7 @@ fn a_truncated_tail_record_fails_open_with_its_seq() {
     drop(store);
     {
         let db = sled::open(dir.0.join("sled")).unwrap();
-        let log = db.open_tree("log").unwrap();
+        let log = db.open_tree(layout::LOG_TREE).unwrap();
         let rec = log.get(2u64.to_be_bytes()).unwrap().unwrap().to_vec();
         log.insert(2u64.to_be_bytes(), &rec[..rec.len() / 2]).unwrap();
         db.flush().unwrap();
@@ -299,7 +303,8 @@ fn replay_check_reports_a_doctored_projection() {
     drop(store);
     {
         let db = sled::open(dir.0.join("sled")).unwrap();
-        db.open_tree("live").unwrap().remove(id.to_be_bytes()).unwrap();
+        let removed = db.open_tree(layout::PROJECTIONS_TREE).unwrap().remove(Projection::Live.key_u64(id)).unwrap();
+        assert!(removed.is_some(), "the live entry was where the layout says");
         db.flush().unwrap();
     }
     let store = open(&dir);
