@@ -7,8 +7,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use atelier_http::{HttpConfig, Keys, Role, Server};
+use atelier_http::{Executors, HttpConfig, Keys, Role, Server};
 use atelier_storage::{check, Durability, EventStore, SledStore, StoreConfig};
+use atelier_workers::{Controller, WorkersConfig};
 
 const HELP: &str = "\
 atelier — runs commissions (long background jobs) and shows their progress live
@@ -20,6 +21,10 @@ USAGE:
     atelier export  [--out FILE]              write the log as JSON lines (stdout by default)
     atelier import  FILE                      load an export into an empty data dir
     atelier help
+
+Executors and pipelines are configured in atelier.toml ([workers], [pipelines.NAME]) and with
+USE_JOB_CONTROLLER, KEEP_TASK_RUNNER, JOB_CONTROLLER_PRIORITY, MAX_CONCURRENT_JOBS and
+PROGRESS_UPDATE_INTERVAL (see README.md).
 
 SETTINGS (environment wins over atelier.toml, which wins over defaults):
     ATELIER_LISTEN            listen address                    127.0.0.1:8080
@@ -55,6 +60,9 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
         Some("serve") => serve(&args[1..]),
+        // Hidden: the worker side of the job controller (see workers/).
+        Some("__trampoline") => return exit_code(atelier_workers::trampoline_main(&args[1..])),
+        Some("__worker") => return exit_code(atelier_workers::worker_main(&args[1..])),
         Some("token") => token(&args[1..]),
         Some("replay") => replay(&args[1..]),
         Some("export") => export(&args[1..]),
@@ -75,6 +83,35 @@ fn main() -> ExitCode {
             eprintln!("atelier: {msg}");
             ExitCode::from(2)
         }
+    }
+}
+
+fn exit_code(code: i32) -> ExitCode {
+    ExitCode::from(u8::try_from(code).unwrap_or(1))
+}
+
+/// The executors as the HTTP side sees them.
+struct Workers {
+    controller: Controller,
+    data_dir: PathBuf,
+    pipelines: Vec<String>,
+}
+
+impl Executors for Workers {
+    fn is_running(&self) -> bool {
+        self.controller.is_running()
+    }
+
+    fn metrics_text(&self) -> String {
+        self.controller.metrics_text()
+    }
+
+    fn job_log_paths(&self, job_id: u64) -> (PathBuf, PathBuf) {
+        atelier_workers::job_log_paths(&self.data_dir, job_id)
+    }
+
+    fn pipeline_exists(&self, name: &str) -> bool {
+        self.pipelines.iter().any(|p| p == name)
     }
 }
 
@@ -105,6 +142,8 @@ fn check_flags(args: &[String], known: &[&str], switches: &[&str]) -> Result<(),
 
 /// Settings from atelier.toml and the environment.
 struct Settings {
+    /// The whole atelier.toml, for the executors' own tables.
+    config_text: Option<String>,
     listen: String,
     data_dir: PathBuf,
     durability: Durability,
@@ -120,12 +159,13 @@ fn settings(args: &[String]) -> Result<Settings, CliError> {
         .or_else(|| std::env::var("ATELIER_CONFIG").ok())
         .map(PathBuf::from)
         .or_else(|| Some(PathBuf::from("atelier.toml")).filter(|p| p.exists()));
-    let file: toml::Table = match &config_path {
+    let config_text = match &config_path {
+        None => None,
+        Some(p) => Some(std::fs::read_to_string(p).map_err(|e| CliError(format!("cannot read {}: {e}", p.display())))?),
+    };
+    let file: toml::Table = match &config_text {
         None => toml::Table::new(),
-        Some(p) => {
-            let text = std::fs::read_to_string(p).map_err(|e| CliError(format!("cannot read {}: {e}", p.display())))?;
-            text.parse().map_err(|e| CliError(format!("{}: {e}", p.display())))?
-        }
+        Some(text) => text.parse().map_err(|e| CliError(format!("{}: {e}", config_path.as_ref().map_or(String::new(), |p| p.display().to_string()))))?,
     };
     let get = |env: &str, key: &str| -> Option<String> {
         std::env::var(env).ok().filter(|v| !v.is_empty()).or_else(|| {
@@ -147,6 +187,7 @@ fn settings(args: &[String]) -> Result<Settings, CliError> {
         Some(other) => return Err(CliError(format!("ATELIER_DURABILITY / durability: '{other}' is not sync or periodic"))),
     };
     Ok(Settings {
+        config_text,
         listen: flag(args, "--listen")?.or_else(|| get("ATELIER_LISTEN", "listen")).unwrap_or_else(|| "127.0.0.1:8080".into()),
         data_dir: flag(args, "--data-dir")?
             .or_else(|| get("ATELIER_DATA_DIR", "data_dir"))
@@ -232,7 +273,14 @@ fn serve(args: &[String]) -> Result<ExitCode, CliError> {
     http_config.connections_max = s.max_connections;
     http_config.metrics_public = s.metrics_public;
     let dyn_store: Arc<dyn EventStore> = store.clone();
-    let server = Server::start(http_config, dyn_store, keys.clone(), None)?;
+    let workers_config = WorkersConfig::load(s.config_text.as_deref(), &|k| std::env::var(k).ok())?;
+    let pipelines = workers_config.pipelines.keys().cloned().collect();
+    let exe = std::env::current_exe().map_err(|e| CliError(format!("cannot find the atelier binary: {e}")))?;
+    let data_dir = std::fs::canonicalize(&s.data_dir).unwrap_or_else(|_| s.data_dir.clone());
+    let controller = Controller::start(dyn_store.clone(), workers_config, data_dir.clone(), exe)?;
+    let workers = Arc::new(Workers { controller, data_dir, pipelines });
+    let executors: Arc<dyn Executors> = workers.clone();
+    let server = Server::start(http_config, dyn_store, keys.clone(), Some(executors))?;
     // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
     unsafe {
         libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
@@ -261,6 +309,7 @@ fn serve(args: &[String]) -> Result<ExitCode, CliError> {
     }
     tracing::info!("shutting down: no new connections, ending streams, finishing appends");
     server.shutdown();
+    workers.controller.shutdown();
     store.close();
     tracing::info!("stopped");
     Ok(ExitCode::SUCCESS)

@@ -13,8 +13,9 @@ fn server(dir: &TempDir) -> Server {
     Server::start(exe(), &dir.0, &[])
 }
 
+/// A commission that stays queued: scheduled far in the future, so no executor takes it.
 fn noop(title: &str) -> Value {
-    json!({"context": {"title": title, "text": "words"}, "pipeline": "noop"})
+    json!({"context": {"title": title, "text": "words"}, "pipeline": "noop", "scheduled_for": "2099-01-01T00:00:00Z"})
 }
 
 #[test]
@@ -22,7 +23,7 @@ fn create_get_list_cancel_retry() {
     let dir = TempDir::new("api");
     let s = server(&dir);
     let alice = token("alice", false);
-    let created = s.create(&alice, json!({"context": {"title": "A mug"}, "pipeline": "noop", "priority": 3, "max_attempts": 2}));
+    let created = s.create(&alice, json!({"context": {"title": "A mug"}, "pipeline": "noop", "priority": 3, "max_attempts": 2, "scheduled_for": "2099-01-01T00:00:00Z"}));
     insta::assert_json_snapshot!("create_201", redact(&created));
     let id = created["task_id"].as_u64().unwrap();
 
@@ -32,7 +33,7 @@ fn create_get_list_cancel_retry() {
     assert_eq!(s.get(&format!("/api/progress/{id}/status"), Some(&alice)).json()["task_id"], id);
 
     // Idempotency: the same key returns the first commission with 200.
-    let body = json!({"context": {"title": "x"}, "pipeline": "noop", "idempotency_key": "abc"});
+    let body = json!({"context": {"title": "x"}, "pipeline": "noop", "idempotency_key": "abc", "scheduled_for": "2099-01-01T00:00:00Z"});
     let first = s.post("/api/commissions", Some(&alice), &body);
     let again = s.post("/api/commissions", Some(&alice), &body);
     assert_eq!((first.status, again.status), (201, 200));

@@ -15,12 +15,17 @@ fn noop() -> Value {
     json!({"context": {"title": "t"}, "pipeline": "noop"})
 }
 
+/// A commission that stays queued (scheduled far ahead), for tests that end it themselves.
+fn queued() -> Value {
+    json!({"context": {"title": "t"}, "pipeline": "noop", "scheduled_for": "2099-01-01T00:00:00Z"})
+}
+
 #[test]
 fn stream_format_and_terminal_end_and_204() {
     let dir = TempDir::new("sse-format");
     let s = Server::start(exe(), &dir.0, &[]);
     let alice = token("alice", false);
-    let id = s.create(&alice, noop())["task_id"].as_u64().unwrap();
+    let id = s.create(&alice, queued())["task_id"].as_u64().unwrap();
     let mut sse = Sse::open(s.addr, &format!("/api/progress/{id}/stream"), &alice, None);
     assert_eq!(sse.status, 200);
     let first = sse.next().expect("the created event is replayed");
@@ -74,6 +79,13 @@ fn resume_across_disconnect_and_restart_without_gap_or_duplicate() {
     for _ in 0..3 {
         s.create(&alice, noop());
     }
+    // Jobs cut off by the crash are retried (with backoff); wait until every one has finished.
+    let all_done = wait_for(Duration::from_secs(60), || {
+        let page = s.get("/api/commissions/user/alice?limit=50", Some(&alice)).json();
+        let items = page["items"].as_array()?.clone();
+        (items.len() == 18 && items.iter().all(|c| c["state"] == "completed")).then_some(())
+    });
+    assert!(all_done.is_some(), "every commission completes after the restart");
     let mut sse = Sse::open(s.addr, "/api/commissions/user/alice/stream", &alice, seen.last().copied());
     sse.set_timeout(Duration::from_millis(1500));
     while let Some(e) = sse.next() {
@@ -82,7 +94,7 @@ fn resume_across_disconnect_and_restart_without_gap_or_duplicate() {
     let mut all = Sse::open(s.addr, "/api/events/stream", &admin, None);
     all.set_timeout(Duration::from_millis(1500));
     let expected: Vec<u64> = std::iter::from_fn(|| all.next()).map(|e| e.id.unwrap()).collect();
-    assert_eq!(expected.len(), 18);
+    assert!(expected.len() >= 18 * 10, "18 noop commissions ran: {}", expected.len());
     assert_eq!(seen, expected, "resumed streams = the full history, in order, no gaps or duplicates");
 }
 
@@ -101,7 +113,7 @@ fn a_client_that_never_reads_is_dropped_and_others_keep_receiving() {
         let admin = admin.clone();
         std::thread::spawn(move || {
             for i in 0..n {
-                let r = request(addr, "POST", "/api/commissions", Some(&admin), &[("Content-Type", "application/json")], Some(json!({"context": {"i": i, "pad": big}, "pipeline": "noop"}).to_string().as_bytes()));
+                let r = request(addr, "POST", "/api/commissions", Some(&admin), &[("Content-Type", "application/json")], Some(json!({"context": {"i": i, "pad": big}, "pipeline": "noop", "scheduled_for": "2099-01-01T00:00:00Z"}).to_string().as_bytes()));
                 assert_eq!(r.status, 201);
             }
         })
