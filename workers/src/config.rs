@@ -102,7 +102,7 @@ impl Default for JobLimits {
             cpu_seconds: 120,
             timeout_seconds: 600,
             nofile_max: 256,
-            nproc_max: 256,
+            nproc_max: 1024,
             fsize_mb: 256,
         }
     }

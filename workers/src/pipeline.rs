@@ -21,8 +21,6 @@ use crate::protocol::Message;
 
 /// A test delay in the context (`delay_ms`) is cut to this, per stage.
 pub const DELAY_MS_MAX: u64 = 60_000;
-/// A stage command's stdout (its JSON output) may be at most this long.
-pub const STAGE_OUTPUT_BYTES_MAX: usize = 256 * 1024;
 /// `progress_steps` in the context is cut to this.
 pub const PROGRESS_STEPS_MAX: u64 = 10_000;
 pub const IMAGE_SIDE_PX: u32 = 256;
@@ -56,6 +54,11 @@ pub struct Stop(pub String);
 
 pub trait Reporter {
     fn send(&mut self, msg: Message) -> Result<(), Stop>;
+
+    /// Called while waiting without anything to send: `Err` when the job must stop.
+    fn check(&mut self) -> Result<(), Stop> {
+        Ok(())
+    }
 }
 
 /// A step failed; the pipeline reports it as the worker's `error` line.
@@ -347,9 +350,17 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     result
 }
 
-/// Runs an external stage command: JSON input on stdin, a JSON object on stdout merged into
-/// the state. Its stderr goes to the job's stderr, and (in a worker process) fd 3 is the
-/// protocol pipe, so it can report progress for its stage.
+/// What a stage command's stdout reader hands the runner.
+enum FromCommand {
+    Line(Result<Message, String>),
+    Eof,
+}
+
+/// Runs an external stage command. It speaks the worker protocol for its one stage, on its
+/// stdout: `progress`, `artifact` and `heartbeat` lines for the stage (relayed as they come),
+/// then one `result` line whose value, a JSON object, is merged into the pipeline state, or
+/// an `error` line. It gets the stage input as JSON on stdin; its stderr is the job's stderr.
+/// Anything else it prints fails the stage.
 fn run_command(
     argv: &[String],
     stage: Stage,
@@ -358,6 +369,7 @@ fn run_command(
     state: &mut Map<String, Value>,
     rep: &mut dyn Reporter,
 ) -> Result<(), StepError> {
+    let name = &argv[0];
     let stdin_doc = json!({
         "stage": stage,
         "commission_id": input.commission_id,
@@ -366,62 +378,131 @@ fn run_command(
         "context": input.context,
         "state": state,
     });
-    let mut child = std::process::Command::new(&argv[0])
+    let mut child = std::process::Command::new(name)
         .args(&argv[1..])
         .current_dir(&env.job_dir)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
-        .map_err(|e| fail(format!("cannot start {:?}: {e}", argv[0]), false))?;
+        .map_err(|e| fail(format!("cannot start {name:?}: {e}"), false))?;
     let mut stdin = child.stdin.take().expect("invariant: stdin is piped");
     let mut stdout = child.stdout.take().expect("invariant: stdout is piped");
     let doc = stdin_doc.to_string();
-    // Write and read on helper threads: a command that ignores its stdin or floods stdout
-    // must not block us, and we keep sending heartbeats meanwhile.
-    let writer = std::thread::spawn(move || {
+    // Write and read on helper threads: a command that ignores its stdin must not block us,
+    // and we keep checking for cancel meanwhile.
+    std::thread::spawn(move || {
         let _ = stdin.write_all(doc.as_bytes());
     });
-    let (tx, rx) = crossbeam_channel::bounded(1);
+    let (tx, rx) = crossbeam_channel::bounded(64);
     std::thread::spawn(move || {
-        let mut out = Vec::new();
-        let limit = u64::try_from(STAGE_OUTPUT_BYTES_MAX + 1).expect("invariant: small");
-        let r = (&mut stdout).take(limit).read_to_end(&mut out);
-        // Keep draining so the command does not block on a full pipe after the limit.
-        let _ = std::io::copy(&mut stdout, &mut std::io::sink());
-        let _ = tx.send((r, out));
-    });
-    let (read, out) = loop {
-        match rx.recv_timeout(env.tick) {
-            Ok(v) => break v,
-            Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
-                if let Err(stop) = rep.send(Message::Heartbeat {}) {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    return Err(StepError::Stop(stop));
+        let mut lines = crate::protocol::LineBuffer::default();
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = match stdout.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            match lines.push(&buf[..n]) {
+                Ok(complete) => {
+                    for l in complete {
+                        if tx.send(FromCommand::Line(crate::protocol::parse_line(&l))).is_err() {
+                            return;
+                        }
+                    }
+                }
+                Err(e) => {
+                    let _ = tx.send(FromCommand::Line(Err(e)));
+                    break;
                 }
             }
-            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => break (Ok(0), Vec::new()),
+        }
+        // Keep draining so the command never blocks on a full pipe.
+        let _ = std::io::copy(&mut stdout, &mut std::io::sink());
+        let _ = tx.send(FromCommand::Eof);
+    });
+    let outcome = relay(&rx, stage, env.tick, rep);
+    let stop_child = |child: &mut std::process::Child| {
+        let _ = child.kill();
+        let _ = child.wait();
+    };
+    let (output, said_error) = match outcome {
+        Ok(v) => v,
+        Err(e) => {
+            stop_child(&mut child);
+            return Err(match e {
+                StepError::Fail { error, retryable } => fail(format!("command {name:?}: {error}"), retryable),
+                stop => stop,
+            });
         }
     };
-    let _ = writer.join();
-    let status = child.wait().map_err(|e| fail(format!("cannot wait for {:?}: {e}", argv[0]), true))?;
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break status,
+            Ok(None) => {
+                // It closed its stdout but goes on: wait, still noticing a cancel.
+                if let Err(stop) = rep.check() {
+                    stop_child(&mut child);
+                    return Err(StepError::Stop(stop));
+                }
+                std::thread::sleep(env.tick.min(Duration::from_millis(50)));
+            }
+            Err(e) => return Err(fail(format!("cannot wait for {name:?}: {e}"), true)),
+        }
+    };
+    if let Some((error, retryable)) = said_error {
+        return Err(fail(format!("command {name:?}: {error}"), retryable));
+    }
     if !status.success() {
-        return Err(fail(format!("command {:?} ended with {status}", argv[0]), true));
+        return Err(fail(format!("command {name:?} ended with {status}"), true));
     }
-    read.map_err(|e| fail(format!("cannot read the output of {:?}: {e}", argv[0]), true))?;
-    if out.len() > STAGE_OUTPUT_BYTES_MAX {
-        return Err(fail(format!("command {:?} printed over {STAGE_OUTPUT_BYTES_MAX} bytes", argv[0]), false));
-    }
-    let text = String::from_utf8_lossy(&out);
-    match serde_json::from_str::<Value>(text.trim()) {
-        Ok(Value::Object(fields)) => {
+    match output {
+        Some(fields) => {
             state.extend(fields);
             Ok(())
         }
-        Ok(_) | Err(_) if text.trim().is_empty() => Ok(()),
-        Ok(_) => Err(fail(format!("command {:?} printed JSON that is not an object", argv[0]), false)),
-        Err(e) => Err(fail(format!("command {:?} printed invalid JSON: {e}", argv[0]), false)),
+        None => Err(fail(format!("command {name:?} printed no result line"), false)),
+    }
+}
+
+type CommandOutput = (Option<Map<String, Value>>, Option<(String, bool)>);
+
+/// Relays a stage command's lines until its stdout closes. Returns its result object and its
+/// own error line, if any.
+fn relay(
+    rx: &crossbeam_channel::Receiver<FromCommand>,
+    stage: Stage,
+    tick: Duration,
+    rep: &mut dyn Reporter,
+) -> Result<CommandOutput, StepError> {
+    let (mut output, mut said_error) = (None, None);
+    loop {
+        let msg = match rx.recv_timeout(tick) {
+            Ok(FromCommand::Line(Ok(msg))) => msg,
+            Ok(FromCommand::Line(Err(e))) => return Err(fail(e, false)),
+            Ok(FromCommand::Eof) | Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
+                return Ok((output, said_error))
+            }
+            Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
+                rep.check()?;
+                continue;
+            }
+        };
+        if output.is_some() || said_error.is_some() {
+            return Err(fail("printed a line after its result or error".to_string(), false));
+        }
+        match msg {
+            Message::Progress { stage: s, .. } | Message::Artifact { stage: s, .. } if s != stage => {
+                return Err(fail(format!("reported for stage {s} while {stage} is running"), false));
+            }
+            m @ (Message::Progress { .. } | Message::Artifact { .. } | Message::Heartbeat {}) => rep.send(m)?,
+            Message::Result { result: Value::Object(fields) } => output = Some(fields),
+            Message::Result { .. } => return Err(fail("its result is not a JSON object".to_string(), false)),
+            Message::Error { error, retryable } => said_error = Some((error, retryable)),
+            Message::Stage { .. } => {
+                return Err(fail("printed a 'stage' line; the runner enters stages".to_string(), false));
+            }
+        }
     }
 }
 

@@ -71,7 +71,7 @@ struct InProcess<'a> {
 }
 
 impl Reporter for InProcess<'_> {
-    fn send(&mut self, msg: Message) -> Result<(), Stop> {
+    fn check(&mut self) -> Result<(), Stop> {
         if self.signal.get() != Request::None {
             return Err(Stop("asked to stop".into()));
         }
@@ -79,7 +79,15 @@ impl Reporter for InProcess<'_> {
             self.timed_out = true;
             return Err(Stop("timed out".into()));
         }
-        let r = self.session.flush_due().and_then(|()| self.session.handle(msg));
+        self.session.flush_due().map_err(|h| {
+            self.halted = Some(h.clone());
+            Stop(format!("{h:?}"))
+        })
+    }
+
+    fn send(&mut self, msg: Message) -> Result<(), Stop> {
+        self.check()?;
+        let r = self.session.handle(msg);
         if let Err(h) = r {
             self.halted = Some(h.clone());
             return Err(Stop(format!("{h:?}")));

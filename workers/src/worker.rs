@@ -115,6 +115,8 @@ pub fn worker_main(args: &[String]) -> i32 {
         eprintln!("atelier __worker: fd {PROTOCOL_FD} (the protocol pipe) is not open");
         return EXIT_PIPE;
     }
+    // Stage commands report on their stdout; they must not inherit the job's pipe.
+    let _ = nix::fcntl::fcntl(PROTOCOL_FD, nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC));
     // SAFETY: fd 3 is open (checked above), was handed to us by the trampoline for exactly
     // this, and nothing else in this process owns it.
     let pipe = unsafe { File::from_raw_fd(PROTOCOL_FD) };

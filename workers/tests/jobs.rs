@@ -540,3 +540,38 @@ fn shutdown_stops_jobs_and_a_new_controller_finishes_them() {
     assert_eq!(h.wait_terminal(id, LONG).state, State::Cancelled);
     assert_eq!(h.jobs(id).len(), 2);
 }
+
+const SHOP: &str = r#"
+[pipelines.shop]
+memory_mb = 256
+stages.generating_ideas = { command = ["sh", "-c", '''cat >/dev/null; echo '{"type":"progress","stage":"generating_ideas","percent":50,"message":"thinking"}'; echo '{"type":"result","result":{"ideas":[{"title":"Shell mug","pitch":"Made by sh"}]}}' '''] }
+stages.uploading = { builtin = "artifact_store" }
+[pipelines.rude]
+stages.generating_ideas = { command = ["sh", "-c", '''echo '{"type":"stage","stage":"creating_images"}' '''] }
+"#;
+
+#[test]
+fn stage_commands_speak_the_protocol_on_stdout() {
+    let mut results = Vec::new();
+    for use_controller in ["true", "false"] {
+        let mut h = Harness::new("stagecmd");
+        h.start(config(SHOP, &[("use_job_controller", use_controller)]));
+        let id = h.create("shop", serde_json::json!({"title": "ignored by the command"}), 1);
+        let rude = h.create("rude", serde_json::json!({}), 1);
+        let c = h.wait_terminal(id, LONG);
+        assert_eq!(c.state, State::Completed, "{c:#?}");
+        let r = result_json(&c);
+        assert_eq!(r["product"]["title"], "Shell mug", "{r}");
+        assert_eq!(r["product"]["description"], "Made by sh", "{r}");
+        let relayed = h.store.events_of(id).expect("events").iter().any(|e| {
+            matches!(&e.event, Event::Progress { percent: 50, message: Some(m), .. } if m == "thinking")
+        });
+        assert!(relayed, "the command's progress reached the log");
+        let c = h.wait_terminal(rude, LONG);
+        assert_eq!(c.state, State::Failed);
+        assert!(c.error.as_deref().is_some_and(|e| e.contains("printed a 'stage' line")), "{c:#?}");
+        results.push(c.result.clone());
+        results.push(h.get(id).result);
+    }
+    assert_eq!(results[1], results[3], "both executors agree");
+}
