@@ -36,11 +36,13 @@ pub enum Builtin {
     ArtifactStore,
     /// Builds the product record from the idea and the stored image.
     Product,
+    /// Fails the attempt: retryable when the context says `"fail": "retryable"`, else for good.
+    Fail,
 }
 
 impl Builtin {
-    pub const ALL: [Builtin; 5] =
-        [Builtin::Noop, Builtin::Ideas, Builtin::RenderImage, Builtin::ArtifactStore, Builtin::Product];
+    pub const ALL: [Builtin; 6] =
+        [Builtin::Noop, Builtin::Ideas, Builtin::RenderImage, Builtin::ArtifactStore, Builtin::Product, Builtin::Fail];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -49,6 +51,7 @@ impl Builtin {
             Builtin::RenderImage => "render_image",
             Builtin::ArtifactStore => "artifact_store",
             Builtin::Product => "product",
+            Builtin::Fail => "fail",
         }
     }
 
@@ -146,6 +149,14 @@ impl PipelineConfig {
         PipelineConfig::builtin("noop", std::array::from_fn(|_| StageSpec::Builtin(Builtin::Noop)))
     }
 
+    /// Fails in its first stage (for tests and demos of failure and retry).
+    pub fn fail() -> PipelineConfig {
+        let mut p = PipelineConfig::commission();
+        p.name = "fail".into();
+        p.stages[0] = StageSpec::Builtin(Builtin::Fail);
+        p
+    }
+
     pub fn commission() -> PipelineConfig {
         PipelineConfig::builtin(
             "commission",
@@ -192,7 +203,7 @@ pub struct WorkersConfig {
 impl Default for WorkersConfig {
     fn default() -> Self {
         let mut pipelines = BTreeMap::new();
-        for p in [PipelineConfig::noop(), PipelineConfig::commission()] {
+        for p in [PipelineConfig::noop(), PipelineConfig::commission(), PipelineConfig::fail()] {
             pipelines.insert(p.name.clone(), p);
         }
         WorkersConfig {
@@ -452,6 +463,7 @@ fn parse_pipeline(name: &str, value: &toml::Value) -> Result<PipelineConfig, Con
     // the `commission` stages: a table that only overrides one stage keeps the others.
     let mut p = match name {
         "noop" => PipelineConfig::noop(),
+        "fail" => PipelineConfig::fail(),
         _ => PipelineConfig::commission(),
     };
     p.name = name.to_string();

@@ -178,6 +178,10 @@ fn run_builtin(
             }
             progress(rep, stage, 100, "done")?;
         }
+        Builtin::Fail => {
+            let retryable = input.context.get("fail").and_then(Value::as_str) == Some("retryable");
+            return Err(fail("the fail pipeline always fails", retryable));
+        }
         Builtin::Ideas => {
             let ideas = derive_ideas(&input.context);
             for i in 1..=ideas.len() {

@@ -246,6 +246,50 @@ mod tests {
         }
     }
 
+    proptest::proptest! {
+        /// However the bytes arrive, the same lines come out.
+        #[test]
+        fn line_buffer_ignores_chunking(text in "[a-z\\n]{0,200}", cuts in proptest::collection::vec(0usize..200, 0..10)) {
+            let bytes = text.as_bytes();
+            let mut cuts: Vec<usize> = cuts.into_iter().map(|c| c.min(bytes.len())).collect();
+            cuts.sort_unstable();
+            let mut b = LineBuffer::default();
+            let mut got = Vec::new();
+            let mut at = 0;
+            for c in cuts.into_iter().chain([bytes.len()]) {
+                got.extend(b.push(&bytes[at..c]).expect("short lines"));
+                at = c;
+            }
+            let mut want: Vec<Vec<u8>> = text.split('\n').map(|l| l.as_bytes().to_vec()).collect();
+            let rest = want.pop().unwrap_or_default();
+            proptest::prop_assert_eq!(got, want);
+            proptest::prop_assert_eq!(b.leftover(), &rest[..]);
+        }
+
+        /// The checker never panics, and once it accepted a result nothing else is accepted.
+        #[test]
+        fn checker_is_total(kinds in proptest::collection::vec(0u8..6, 0..30), stages in proptest::collection::vec(0usize..4, 30)) {
+            let mut c = Checker::default();
+            let mut finished = false;
+            for (k, s) in kinds.iter().zip(&stages) {
+                let stage = Stage::ALL[*s];
+                let msg = match k {
+                    0 => Message::Stage { stage },
+                    1 => Message::Progress { stage, percent: 50, message: None },
+                    2 => Message::Artifact { stage, kind: "k".into(), uri: "u".into() },
+                    3 => Message::Heartbeat {},
+                    4 => Message::Result { result: serde_json::json!({}) },
+                    _ => Message::Error { error: "e".into(), retryable: false },
+                };
+                let ok = c.check(&msg).is_ok();
+                proptest::prop_assert!(!(finished && ok));
+                if ok && matches!(msg, Message::Result { .. } | Message::Error { .. }) {
+                    finished = true;
+                }
+            }
+        }
+    }
+
     #[test]
     fn line_buffer_limits() {
         let mut b = LineBuffer::default();

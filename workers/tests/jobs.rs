@@ -311,6 +311,7 @@ fn fault_matrix() {
         ("f-flood", serde_json::json!({}), 1, State::Failed, 1, JobStatus::Failed, "flooding: over 10000 protocol lines in one second"),
         ("f-missing", serde_json::json!({}), 1, State::Failed, 1, JobStatus::Failed, "could not start the worker program"),
         ("f-sh", serde_json::json!({}), 1, State::Failed, 1, JobStatus::Failed, "exited with code 4; stderr: oops"),
+        ("fail", serde_json::json!({}), 2, State::Failed, 1, JobStatus::Failed, "the fail pipeline always fails"),
         ("commission", serde_json::json!({"fail": "permanent"}), 3, State::Failed, 1, JobStatus::Failed, "asked to fail (permanent)"),
         ("commission", serde_json::json!({"fail": "retryable", "fail_attempts": 1}), 3, State::Completed, 2, JobStatus::Succeeded, ""),
     ];
