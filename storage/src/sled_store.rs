@@ -26,6 +26,7 @@ use crossbeam_channel::{Receiver, Sender};
 
 use crate::codec::{self, CodecError};
 use crate::error::io;
+use crate::reply::{reply, ReplyTx};
 use crate::layout::{self, Projection, META_COUNTS, META_NEXT_CID, META_PROJECTED, META_SCHEMA};
 use crate::subscribe::{Delivery, Filter, History, Registry, Subscription, ViewAfter};
 use crate::{AppendOutcome, AppendRequest, AppendTarget, EventStore, ListQuery, Page, StorageError};
@@ -107,10 +108,10 @@ pub(crate) struct Inner {
 }
 
 enum Request {
-    Append(AppendRequest, Sender<Result<AppendOutcome, StorageError>>),
-    Import(Vec<Envelope>, Sender<Result<(), StorageError>>),
+    Append(AppendRequest, ReplyTx<AppendOutcome>),
+    Import(Vec<Envelope>, ReplyTx<()>),
     /// Retention: prune terminal commissions last updated before this instant.
-    Prune(atelier_engine::time::Millis, Sender<Result<u64, StorageError>>),
+    Prune(atelier_engine::time::Millis, ReplyTx<u64>),
 }
 
 enum Staging {
@@ -270,9 +271,9 @@ impl SledStore {
     /// Loads events (from `atelier export`) into an empty store, checking each against the
     /// state machine exactly as live appends are.
     pub fn import(&self, events: Vec<Envelope>) -> Result<(), StorageError> {
-        let (ack, rx) = crossbeam_channel::bounded(1);
+        let (ack, rx) = reply();
         self.send(Request::Import(events, ack))?;
-        rx.recv().map_err(|_| StorageError::Closed)?
+        rx.recv()
     }
 
     /// Subscribers cut off for being too slow, since open.
@@ -292,9 +293,9 @@ impl SledStore {
     /// log records keep only checksum and chain (the sequence stays gap-free and verifiable).
     /// Runs on the writer thread, between group commits. Returns how many were pruned.
     pub fn prune_terminal_before(&self, before: atelier_engine::time::Millis) -> Result<u64, StorageError> {
-        let (ack, rx) = crossbeam_channel::bounded(1);
+        let (ack, rx) = reply();
         self.send(Request::Prune(before, ack))?;
-        rx.recv().map_err(|_| StorageError::Closed)?
+        rx.recv()
     }
 }
 
@@ -504,15 +505,9 @@ impl Writer {
         tracing::trace!(elapsed_us = started.elapsed().as_micros() as u64, "group commit");
         for (req, result) in acks {
             match (req, result) {
-                (Request::Append(_, ack), Staging::Append(r)) => {
-                    let _ = ack.send(r);
-                }
-                (Request::Import(_, ack), Staging::Unit(r)) => {
-                    let _ = ack.send(r);
-                }
-                (Request::Prune(before, ack), _) => {
-                    let _ = ack.send(self.prune(before));
-                }
+                (Request::Append(_, ack), Staging::Append(r)) => ack.send(r),
+                (Request::Import(_, ack), Staging::Unit(r)) => ack.send(r),
+                (Request::Prune(before, ack), _) => ack.send(self.prune(before)),
                 _ => unreachable!("invariant: staging results match their requests"),
             }
         }
@@ -726,15 +721,9 @@ impl Writer {
 
 fn fail(req: Request, err: impl Fn() -> StorageError) {
     match req {
-        Request::Append(_, ack) => {
-            let _ = ack.send(Err(err()));
-        }
-        Request::Import(_, ack) => {
-            let _ = ack.send(Err(err()));
-        }
-        Request::Prune(_, ack) => {
-            let _ = ack.send(Err(err()));
-        }
+        Request::Append(_, ack) => ack.send(Err(err())),
+        Request::Import(_, ack) => ack.send(Err(err())),
+        Request::Prune(_, ack) => ack.send(Err(err())),
     }
 }
 
@@ -854,9 +843,9 @@ impl History for Inner {
 
 impl EventStore for SledStore {
     fn append(&self, req: AppendRequest) -> Result<AppendOutcome, StorageError> {
-        let (ack, rx) = crossbeam_channel::bounded(1);
+        let (ack, rx) = reply();
         self.send(Request::Append(req, ack))?;
-        rx.recv().map_err(|_| StorageError::Closed)?
+        rx.recv()
     }
 
     fn commission(&self, id: u64) -> Result<Option<Commission>, StorageError> {
