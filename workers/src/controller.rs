@@ -11,7 +11,7 @@
 //! - the task runner's pool, running jobs in-process.
 
 use std::cmp::Reverse;
-use std::collections::{BTreeSet, BinaryHeap, HashMap, VecDeque};
+use std::collections::{BTreeSet, BinaryHeap, HashMap, HashSet, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -220,7 +220,7 @@ enum SchedMsg {
     Shutdown,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 enum TimerKind {
     /// `scheduled_for` is reached: the commission may run.
     Scheduled,
@@ -242,6 +242,8 @@ struct Scheduler {
     queue: BTreeSet<(Reverse<i32>, u64)>,
     queued: HashMap<u64, i32>,
     timers: BinaryHeap<Reverse<(Millis, u64, TimerKind)>>,
+    /// The timers in the heap, so a rescan does not add the same one again.
+    timer_set: HashSet<(Millis, u64, TimerKind)>,
     running: HashMap<u64, Running>,
 }
 
@@ -272,7 +274,7 @@ impl Scheduler {
                 EventKind::Created | EventKind::RetryDue | EventKind::RetryRequested => self.consider(commission_id),
                 EventKind::AttemptFailed => {
                     if let Some(t) = next_retry_at {
-                        self.timers.push(Reverse((t, commission_id, TimerKind::RetryDue)));
+                        self.add_timer((t, commission_id, TimerKind::RetryDue));
                     }
                 }
                 EventKind::CancelRequested => {
@@ -305,6 +307,12 @@ impl Scheduler {
         }
     }
 
+    fn add_timer(&mut self, t: (Millis, u64, TimerKind)) {
+        if self.timer_set.insert(t) {
+            self.timers.push(Reverse(t));
+        }
+    }
+
     fn unqueue(&mut self, id: u64) {
         if let Some(p) = self.queued.remove(&id) {
             self.queue.remove(&(Reverse(p), id));
@@ -325,7 +333,7 @@ impl Scheduler {
         }
         match c.state {
             State::Created => match c.scheduled_for {
-                Some(t) if t > now_ms() => self.timers.push(Reverse((t, c.id, TimerKind::Scheduled))),
+                Some(t) if t > now_ms() => self.add_timer((t, c.id, TimerKind::Scheduled)),
                 _ => {
                     if self.queued.insert(c.id, c.priority).is_none() {
                         self.queue.insert((Reverse(c.priority), c.id));
@@ -334,7 +342,7 @@ impl Scheduler {
             },
             State::Retrying => {
                 let t = c.next_retry_at.unwrap_or_else(now_ms);
-                self.timers.push(Reverse((t, c.id, TimerKind::RetryDue)));
+                self.add_timer((t, c.id, TimerKind::RetryDue));
             }
             _ => self.unqueue(c.id),
         }
@@ -347,6 +355,7 @@ impl Scheduler {
                 break;
             }
             self.timers.pop();
+            self.timer_set.remove(&(due, id, kind));
             match kind {
                 TimerKind::Scheduled => self.consider(id),
                 TimerKind::RetryDue => {
@@ -354,7 +363,7 @@ impl Scheduler {
                         // The RetryDue event comes back through the feed and queues it.
                         Ok(Ok(_)) => {}
                         Ok(Err(Rejection::RetryNotDue { next_retry_at })) => {
-                            self.timers.push(Reverse((next_retry_at, id, TimerKind::RetryDue)));
+                            self.add_timer((next_retry_at, id, TimerKind::RetryDue));
                         }
                         Ok(Err(_)) => {} // cancelled or retried by hand meanwhile
                         Err(e) => tracing::error!(commission = id, error = %e, "cannot append retry_due"),
@@ -794,6 +803,7 @@ impl Controller {
             queue: BTreeSet::new(),
             queued: HashMap::new(),
             timers: BinaryHeap::new(),
+            timer_set: HashSet::new(),
             running: HashMap::new(),
         };
         let _ = sched_tx.send(SchedMsg::Rescan);
