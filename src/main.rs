@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use atelier_http::client::{Client, ClientError};
 use atelier_http::{Executors, HttpConfig, Keys, Role, Server};
 use atelier_storage::{check, Durability, EventStore, SledStore, StoreConfig};
 use atelier_workers::{Controller, WorkersConfig};
@@ -20,7 +21,14 @@ USAGE:
     atelier replay  --check                   rebuild every projection from the log and compare
     atelier export  [--out FILE]              write the log as JSON lines (stdout by default)
     atelier import  FILE                      load an export into an empty data dir
+    atelier submit  --context '{...}' [--pipeline P] [--priority N]   create a commission, print its id
+    atelier watch   ID     follow a commission live with per-stage bars (exit 0 completed, 1 failed, 3 cancelled)
+    atelier status  ID     print a commission's snapshot
+    atelier list    [--state S] [--limit N]   list your commissions, newest first
     atelier help
+
+The client commands take --url (or ATELIER_URL, default http://127.0.0.1:8080) and --token (or
+ATELIER_TOKEN).
 
 Executors and pipelines are configured in atelier.toml ([workers], [pipelines.NAME]) and with
 USE_JOB_CONTROLLER, KEEP_TASK_RUNNER, JOB_CONTROLLER_PRIORITY, MAX_CONCURRENT_JOBS and
@@ -67,6 +75,10 @@ fn main() -> ExitCode {
         Some("replay") => replay(&args[1..]),
         Some("export") => export(&args[1..]),
         Some("import") => import(&args[1..]),
+        Some("submit") => submit(&args[1..]),
+        Some("watch") => watch(&args[1..]),
+        Some("status") => status(&args[1..]),
+        Some("list") => list(&args[1..]),
         Some("help" | "--help" | "-h") | None => {
             print!("{HELP}");
             Ok(ExitCode::SUCCESS)
@@ -376,4 +388,232 @@ fn import(args: &[String]) -> Result<ExitCode, CliError> {
     let n = check::import(&store, &mut std::io::BufReader::new(f))?;
     eprintln!("imported {n} events");
     Ok(ExitCode::SUCCESS)
+}
+
+const CLIENT_FLAGS: &[&str] = &["--url", "--token"];
+/// How often `watch` tries to reconnect before giving up.
+const WATCH_RECONNECTS_MAX: u32 = 120;
+const WATCH_RECONNECT_DELAY: Duration = Duration::from_secs(1);
+
+fn client(args: &[String]) -> Result<Client, CliError> {
+    let url = flag(args, "--url")?
+        .or_else(|| std::env::var("ATELIER_URL").ok().filter(|u| !u.is_empty()))
+        .unwrap_or_else(|| "http://127.0.0.1:8080".into());
+    let token = flag(args, "--token")?
+        .or_else(|| std::env::var("ATELIER_TOKEN").ok().filter(|t| !t.is_empty()))
+        .ok_or_else(|| CliError("no token: pass --token or set ATELIER_TOKEN (see `atelier token`)".into()))?;
+    Ok(Client::new(&url, &token)?)
+}
+
+/// The first argument that is not a flag or a flag's value.
+fn positional<'a>(args: &'a [String], flags_with_values: &[&str]) -> Option<&'a String> {
+    let mut i = 0;
+    while i < args.len() {
+        if flags_with_values.contains(&args[i].as_str()) {
+            i += 2;
+        } else if args[i].starts_with("--") {
+            i += 1;
+        } else {
+            return Some(&args[i]);
+        }
+    }
+    None
+}
+
+fn task_id(args: &[String], flags: &[&str]) -> Result<u64, CliError> {
+    let raw = positional(args, flags).ok_or_else(|| CliError("which commission? pass its id".into()))?;
+    raw.parse().map_err(|_| CliError(format!("'{raw}' is not a commission id")))
+}
+
+fn submit(args: &[String]) -> Result<ExitCode, CliError> {
+    let flags = [CLIENT_FLAGS, &["--context", "--pipeline", "--priority"]].concat();
+    check_flags(args, &flags, &[])?;
+    let context: serde_json::Value = match flag(args, "--context")? {
+        Some(c) => serde_json::from_str(&c).map_err(|e| CliError(format!("--context: not JSON: {e}")))?,
+        None => return Err(CliError("--context '{...}' is required".into())),
+    };
+    let mut body = serde_json::json!({ "context": context });
+    if let Some(p) = flag(args, "--pipeline")? {
+        body["pipeline"] = p.into();
+    }
+    if let Some(p) = flag(args, "--priority")? {
+        body["priority"] = p.parse::<i64>().map_err(|_| CliError("--priority: an integer".into()))?.into();
+    }
+    let (_, snap) = client(args)?.json("POST", "/api/commissions", Some(&body))?;
+    println!("{}", snap["task_id"]);
+    Ok(ExitCode::SUCCESS)
+}
+
+fn status(args: &[String]) -> Result<ExitCode, CliError> {
+    check_flags(args, CLIENT_FLAGS, &[])?;
+    let id = task_id(args, CLIENT_FLAGS)?;
+    let (_, snap) = client(args)?.json("GET", &format!("/api/commissions/{id}"), None)?;
+    println!("{}", serde_json::to_string_pretty(&snap).unwrap_or_default());
+    Ok(ExitCode::SUCCESS)
+}
+
+fn list(args: &[String]) -> Result<ExitCode, CliError> {
+    let flags = [CLIENT_FLAGS, &["--state", "--limit"]].concat();
+    check_flags(args, &flags, &[])?;
+    let c = client(args)?;
+    let (_, me) = c.json("GET", "/api/me", None)?;
+    let user = me["user_id"].as_str().unwrap_or_default().to_string();
+    let mut path = format!("/api/commissions/user/{user}?limit={}", flag(args, "--limit")?.unwrap_or_else(|| "20".into()));
+    if let Some(s) = flag(args, "--state")? {
+        path.push_str(&format!("&state={s}"));
+    }
+    let (_, page) = c.json("GET", &path, None)?;
+    for item in page["items"].as_array().into_iter().flatten() {
+        println!(
+            "{:>8}  {:<18} {:<18} {:>3}%  {}",
+            item["task_id"].as_u64().unwrap_or(0),
+            item["state"].as_str().unwrap_or(""),
+            item["stage"].as_str().unwrap_or("-"),
+            item["progress_percent"].as_u64().unwrap_or(0),
+            item["context"]["title"].as_str().unwrap_or("")
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Per-stage progress bars; plain lines when stdout is not a terminal.
+struct Bars {
+    multi: indicatif::MultiProgress,
+    stages: Vec<(String, indicatif::ProgressBar)>,
+    plain: bool,
+}
+
+impl Bars {
+    fn new(snap: &serde_json::Value) -> Bars {
+        use std::io::IsTerminal;
+        let plain = !std::io::stdout().is_terminal();
+        let multi = indicatif::MultiProgress::new();
+        if plain {
+            multi.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+        }
+        let style = indicatif::ProgressStyle::with_template("{prefix:>18} [{bar:30}] {pos:>3}% {msg}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            .progress_chars("=> ");
+        let stages = snap["stages"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|s| {
+                let bar = multi.add(indicatif::ProgressBar::new(100));
+                bar.set_style(style.clone());
+                bar.set_prefix(s["name"].as_str().unwrap_or("").replace('_', " "));
+                bar.set_position(s["progress_percent"].as_u64().unwrap_or(0));
+                (s["name"].as_str().unwrap_or("").to_string(), bar)
+            })
+            .collect();
+        Bars { multi, stages, plain }
+    }
+
+    fn line(&self, text: &str) {
+        if self.plain {
+            println!("{text}");
+        } else {
+            let _ = self.multi.println(text);
+        }
+    }
+
+    fn apply(&self, e: &atelier_http::client::StreamEvent) {
+        let d = &e.data;
+        let stage = d["stage"].as_str().unwrap_or("");
+        let state = d["state"].as_str().unwrap_or("");
+        let mut reached = true;
+        for (name, bar) in &self.stages {
+            if name == stage {
+                reached = false;
+                if let Some(p) = d["stage_progress_percent"].as_u64() {
+                    bar.set_position(p);
+                }
+                if let Some(m) = d["message"].as_str() {
+                    bar.set_message(m.to_string());
+                }
+            } else if reached && !stage.is_empty() || state == "completed" {
+                bar.set_position(100);
+            }
+        }
+        self.line(&format!(
+            "{:>6} {:<16} {:<18} {:<18} {:>3}%{}",
+            e.id.map(|i| i.to_string()).unwrap_or_default(),
+            e.event,
+            state,
+            if stage.is_empty() { "-" } else { stage },
+            d["progress_percent"].as_u64().unwrap_or(0),
+            d["message"].as_str().map(|m| format!("  {m}")).unwrap_or_default()
+        ));
+    }
+}
+
+fn watch(args: &[String]) -> Result<ExitCode, CliError> {
+    check_flags(args, CLIENT_FLAGS, &[])?;
+    let id = task_id(args, CLIENT_FLAGS)?;
+    let c = client(args)?;
+    let (_, snap) = c.json("GET", &format!("/api/commissions/{id}"), None)?;
+    let bars = Bars::new(&snap);
+    let mut last = snap["last_event_id"].as_u64();
+    let mut state = snap["state"].as_str().unwrap_or("").to_string();
+    let mut reconnects = 0;
+    let mut announced = false;
+    while !matches!(state.as_str(), "completed" | "failed" | "cancelled") {
+        match c.stream(&format!("/api/progress/{id}/stream"), last) {
+            Ok(Some(mut stream)) => loop {
+                match stream.next() {
+                    Ok(Some(e)) => {
+                        reconnects = 0;
+                        announced = false;
+                        if e.id.is_some() {
+                            last = e.id;
+                        }
+                        state = e.data["state"].as_str().unwrap_or("").to_string();
+                        bars.apply(&e);
+                    }
+                    Ok(None) | Err(_) => break,
+                }
+            },
+            Ok(None) => {
+                // 204: finished, nothing newer than what we saw.
+                let (_, snap) = c.json("GET", &format!("/api/commissions/{id}"), None)?;
+                state = snap["state"].as_str().unwrap_or("").to_string();
+            }
+            Err(ClientError::Api { status, message, .. }) if status < 500 => return Err(CliError(message)),
+            Err(e) => tracing::debug!(error = %e, "watch: connection failed"),
+        }
+        if matches!(state.as_str(), "completed" | "failed" | "cancelled") {
+            break;
+        }
+        if !announced {
+            bars.line("reconnecting…");
+            announced = true;
+        }
+        reconnects += 1;
+        if reconnects > WATCH_RECONNECTS_MAX {
+            return Err(CliError(format!("lost the server for {WATCH_RECONNECTS_MAX} tries; giving up")));
+        }
+        std::thread::sleep(WATCH_RECONNECT_DELAY);
+    }
+    let (_, snap) = c.json("GET", &format!("/api/commissions/{id}"), None)?;
+    for (_, bar) in &bars.stages {
+        bar.abandon();
+    }
+    match state.as_str() {
+        "completed" => {
+            let product = &snap["result"]["product"];
+            bars.line(&format!("completed: {}", product["title"].as_str().unwrap_or("(no product title)")));
+            if let Some(img) = product["image_url"].as_str() {
+                bars.line(&format!("image: {img}"));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        "failed" => {
+            bars.line(&format!("failed: {}", snap["error"].as_str().unwrap_or("(no error message)")));
+            Ok(ExitCode::from(1))
+        }
+        _ => {
+            bars.line("cancelled");
+            Ok(ExitCode::from(3))
+        }
+    }
 }

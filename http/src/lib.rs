@@ -6,6 +6,7 @@
 //! `Response` body would buffer ~8 KiB before sending anything.
 
 pub mod auth;
+pub mod client;
 mod metrics;
 pub mod render;
 mod assets;

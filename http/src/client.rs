@@ -1,0 +1,201 @@
+//! A small blocking client for Atelier's own API: JSON requests and SSE streams over plain
+//! HTTP/1.1. Used by the `atelier submit | watch | status | list` commands.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpStream, ToSocketAddrs};
+use std::time::Duration;
+
+use serde_json::Value;
+
+/// How long a request may take before the client gives up on it.
+pub const REQUEST_TIMEOUT_MS: u64 = 30_000;
+/// Longest response the client accepts.
+pub const RESPONSE_BYTES_MAX: u64 = 16 * 1024 * 1024;
+
+#[derive(Debug)]
+pub enum ClientError {
+    BadUrl(String),
+    Connect(String),
+    Io(String),
+    Protocol(String),
+    /// The server answered with an error body.
+    Api { status: u16, code: String, message: String },
+}
+
+impl std::fmt::Display for ClientError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ClientError::BadUrl(u) => write!(f, "'{u}' is not a server URL like http://127.0.0.1:8080"),
+            ClientError::Connect(e) => write!(f, "cannot reach the server: {e}"),
+            ClientError::Io(e) => write!(f, "connection failed: {e}"),
+            ClientError::Protocol(e) => write!(f, "unexpected answer: {e}"),
+            ClientError::Api { status, code, message } => write!(f, "{message} ({status} {code})"),
+        }
+    }
+}
+
+impl std::error::Error for ClientError {}
+
+pub struct Client {
+    host: String,
+    token: String,
+}
+
+pub struct Response {
+    pub status: u16,
+    pub body: Vec<u8>,
+}
+
+impl Client {
+    pub fn new(url: &str, token: &str) -> Result<Client, ClientError> {
+        let host = url
+            .strip_prefix("http://")
+            .ok_or_else(|| ClientError::BadUrl(url.to_string()))?
+            .trim_end_matches('/')
+            .to_string();
+        if host.is_empty() || host.contains('/') {
+            return Err(ClientError::BadUrl(url.to_string()));
+        }
+        Ok(Client { host, token: token.to_string() })
+    }
+
+    fn connect(&self) -> Result<TcpStream, ClientError> {
+        let addr = self
+            .host
+            .to_socket_addrs()
+            .map_err(|e| ClientError::Connect(format!("{}: {e}", self.host)))?
+            .next()
+            .ok_or_else(|| ClientError::Connect(self.host.clone()))?;
+        let s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).map_err(|e| ClientError::Connect(format!("{}: {e}", self.host)))?;
+        s.set_read_timeout(Some(Duration::from_millis(REQUEST_TIMEOUT_MS))).map_err(|e| ClientError::Io(e.to_string()))?;
+        let _ = s.set_nodelay(true);
+        Ok(s)
+    }
+
+    fn send(&self, method: &str, path: &str, body: Option<&Value>, extra: &[(&str, String)]) -> Result<TcpStream, ClientError> {
+        let mut s = self.connect()?;
+        let body = body.map(|b| b.to_string()).unwrap_or_default();
+        let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {}\r\nConnection: close\r\n", self.host, self.token);
+        if !body.is_empty() {
+            head.push_str("Content-Type: application/json\r\n");
+        }
+        for (k, v) in extra {
+            head.push_str(&format!("{k}: {v}\r\n"));
+        }
+        head.push_str(&format!("Content-Length: {}\r\n\r\n{body}", body.len()));
+        s.write_all(head.as_bytes()).map_err(|e| ClientError::Io(e.to_string()))?;
+        Ok(s)
+    }
+
+    /// A JSON request; an error status becomes [`ClientError::Api`].
+    pub fn json(&self, method: &str, path: &str, body: Option<&Value>) -> Result<(u16, Value), ClientError> {
+        let s = self.send(method, path, body, &[])?;
+        let mut raw = Vec::new();
+        s.take(RESPONSE_BYTES_MAX).read_to_end(&mut raw).map_err(|e| ClientError::Io(e.to_string()))?;
+        let split = raw.windows(4).position(|w| w == b"\r\n\r\n").ok_or_else(|| ClientError::Protocol("no HTTP head".into()))?;
+        let head = String::from_utf8_lossy(&raw[..split]);
+        let status: u16 = head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).ok_or_else(|| ClientError::Protocol("no status".into()))?;
+        let chunked = head.to_ascii_lowercase().contains("transfer-encoding: chunked");
+        let mut body = raw[split + 4..].to_vec();
+        if chunked {
+            body = dechunk(&body);
+        }
+        let value: Value = if body.is_empty() { Value::Null } else { serde_json::from_slice(&body).map_err(|e| ClientError::Protocol(format!("not JSON: {e}")))? };
+        if status >= 400 {
+            return Err(ClientError::Api {
+                status,
+                code: value["error"]["code"].as_str().unwrap_or("").to_string(),
+                message: value["error"]["message"].as_str().unwrap_or("the server refused").to_string(),
+            });
+        }
+        Ok((status, value))
+    }
+
+    /// Opens an SSE stream, resuming after `last_event_id`. `Ok(None)` on 204 (nothing more).
+    pub fn stream(&self, path: &str, last_event_id: Option<u64>) -> Result<Option<EventStream>, ClientError> {
+        let mut extra = vec![("Accept", "text/event-stream".to_string())];
+        if let Some(id) = last_event_id {
+            extra.push(("Last-Event-ID", id.to_string()));
+        }
+        let s = self.send("GET", path, None, &extra)?;
+        let mut reader = BufReader::new(s);
+        let mut line = String::new();
+        reader.read_line(&mut line).map_err(|e| ClientError::Io(e.to_string()))?;
+        let status: u16 = line.split_whitespace().nth(1).and_then(|c| c.parse().ok()).ok_or_else(|| ClientError::Protocol(format!("bad status line {line:?}")))?;
+        loop {
+            line.clear();
+            if reader.read_line(&mut line).map_err(|e| ClientError::Io(e.to_string()))? == 0 || line == "\r\n" {
+                break;
+            }
+        }
+        match status {
+            200 => Ok(Some(EventStream { reader })),
+            204 => Ok(None),
+            _ => {
+                let mut body = Vec::new();
+                let _ = reader.take(RESPONSE_BYTES_MAX).read_to_end(&mut body);
+                let v: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+                Err(ClientError::Api {
+                    status,
+                    code: v["error"]["code"].as_str().unwrap_or("").to_string(),
+                    message: v["error"]["message"].as_str().unwrap_or("the server refused the stream").to_string(),
+                })
+            }
+        }
+    }
+}
+
+fn dechunk(mut b: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    while let Some(nl) = b.windows(2).position(|w| w == b"\r\n") {
+        let size = usize::from_str_radix(String::from_utf8_lossy(&b[..nl]).trim(), 16).unwrap_or(0);
+        if size == 0 || b.len() < nl + 2 + size {
+            break;
+        }
+        out.extend_from_slice(&b[nl + 2..nl + 2 + size]);
+        b = b.get(nl + 4 + size..).unwrap_or_default();
+    }
+    out
+}
+
+/// One SSE message as the client sees it.
+#[derive(Clone, Debug)]
+pub struct StreamEvent {
+    pub id: Option<u64>,
+    pub event: String,
+    pub data: Value,
+}
+
+pub struct EventStream {
+    reader: BufReader<TcpStream>,
+}
+
+impl EventStream {
+    /// The next event; `Ok(None)` when the server ends the stream.
+    pub fn next(&mut self) -> Result<Option<StreamEvent>, ClientError> {
+        let (mut id, mut event, mut data) = (None, String::new(), String::new());
+        let mut line = String::new();
+        loop {
+            line.clear();
+            let n = self.reader.read_line(&mut line).map_err(|e| ClientError::Io(e.to_string()))?;
+            if n == 0 {
+                return Ok(None);
+            }
+            let l = line.trim_end_matches(['\r', '\n']);
+            if l.is_empty() {
+                if data.is_empty() {
+                    continue;
+                }
+                let data = serde_json::from_str(&data).map_err(|e| ClientError::Protocol(format!("event data is not JSON: {e}")))?;
+                return Ok(Some(StreamEvent { id, event, data }));
+            }
+            if let Some(v) = l.strip_prefix("id:") {
+                id = v.trim().parse().ok();
+            } else if let Some(v) = l.strip_prefix("event:") {
+                event = v.trim().to_string();
+            } else if let Some(v) = l.strip_prefix("data:") {
+                data.push_str(v.trim_start());
+            }
+        }
+    }
+}
