@@ -576,3 +576,22 @@ fn stage_commands_speak_the_protocol_on_stdout() {
     }
     assert_eq!(results[1], results[3], "both executors agree");
 }
+
+/// posix_spawn, not fork: spawning stays cheap however big the server is.
+#[test]
+fn spawn_cost_does_not_grow_with_server_memory() {
+    // 1 GiB, touched, so a fork would have to copy its page tables (~40 ms).
+    let ballast: Vec<u8> = vec![1u8; 1 << 30];
+    let mut h = Harness::new("spawncost");
+    h.start(config("", &[("max_concurrent_jobs", "1")]));
+    let ids: Vec<u64> = (0..3).map(|_| h.create("noop", serde_json::json!({}), 1)).collect();
+    for id in ids {
+        assert_eq!(h.wait_terminal(id, LONG).state, State::Completed);
+    }
+    let m = h.controller().metrics_text();
+    let value = |name: &str| -> f64 {
+        m.lines().find_map(|l| l.strip_prefix(name)).and_then(|v| v.trim().parse().ok()).expect("metric present")
+    };
+    let mean = value("atelier_job_spawn_seconds_sum ") / value("atelier_job_spawn_seconds_count ");
+    assert!(mean < 0.020, "mean spawn {mean} s with {} bytes of ballast", std::hint::black_box(&ballast).len());
+}
