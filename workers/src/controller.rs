@@ -819,6 +819,11 @@ impl Controller {
         Ok(Controller { shared, sched_tx, threads: Mutex::new(threads), task_runner: Mutex::new(Some(pool)) })
     }
 
+    /// The pipelines commissions may name (the API can refuse others up front).
+    pub fn pipeline_names(&self) -> Vec<String> {
+        self.shared.config.pipelines.keys().cloned().collect()
+    }
+
     pub fn is_running(&self) -> bool {
         !self.shared.stopping.load(Ordering::Acquire)
             && self.threads.lock().map(|t| t.iter().all(|h| !h.is_finished())).unwrap_or(false)
@@ -859,6 +864,12 @@ impl Controller {
         }
     }
 }
+
+// The server shares the controller between its threads.
+const _: () = {
+    const fn send_sync<T: Send + Sync>() {}
+    send_sync::<Controller>();
+};
 
 impl Drop for Controller {
     fn drop(&mut self) {

@@ -197,6 +197,7 @@ const LONG: Duration = Duration::from_secs(20);
 fn builtin_pipelines_complete_and_the_task_runner_agrees() {
     let mut h = Harness::new("builtin");
     h.start(config("", &[]));
+    assert_eq!(h.controller().pipeline_names(), vec!["commission", "fail", "noop"]);
     let noop = h.create("noop", serde_json::json!({}), 1);
     let ctx_json = serde_json::json!({"title": "Harbour at dawn", "text": "fishing boats, mist"});
     let comm = h.create("commission", ctx_json.clone(), 1);
