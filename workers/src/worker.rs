@@ -228,7 +228,9 @@ fn misbehave(mode: &str, rep: &mut PipeReporter, env: &RunEnv) -> Option<i32> {
             Some(EXIT_OK)
         }
         "fork-orphan" => {
-            // A grandchild that outlives us in our process group, holding our pipes open.
+            // A grandchild that outlives us in our process group, holding all our pipes open
+            // (the protocol pipe too), so the controller cannot rely on EOF.
+            let _ = nix::fcntl::fcntl(PROTOCOL_FD, nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()));
             if let Ok(exe) = std::env::current_exe() {
                 let _ = std::process::Command::new(exe)
                     .args(["__worker", "--input", "-", "--pipeline-file", "-", "--behave", "sleep"])

@@ -287,6 +287,9 @@ worker_args = ["--behave", "fork-orphan"]
 worker_args = ["--behave", "flood"]
 [pipelines.f-missing]
 command = ["/nonexistent/worker"]
+[pipelines.ext]
+command = ["sh", "-c", '''cat >/dev/null; for s in generating_ideas creating_images uploading creating_products; do printf '{"type":"stage","stage":"%s"}\n' $s >&3; done; printf '{"type":"result","result":{"job":"%s","path":"%s"}}\n' "$ATELIER_JOB_ID" "$PATH" >&3''']
+env = { PATH = "/usr/bin:/bin" }
 [pipelines.f-sh]
 command = ["sh", "-c", "echo '{\"type\":\"stage\",\"stage\":\"generating_ideas\"}' >&3; echo oops >&2; exit 4"]
 "#;
@@ -308,6 +311,7 @@ fn fault_matrix() {
         ("f-order", serde_json::json!({}), 1, State::Failed, 1, JobStatus::Failed, "out of order: stage creating_images first"),
         ("f-noresult", serde_json::json!({}), 1, State::Failed, 1, JobStatus::Failed, "exited 0 without a result"),
         ("f-exit", serde_json::json!({}), 1, State::Failed, 1, JobStatus::Failed, "exited with code 7"),
+        ("ext", serde_json::json!({}), 1, State::Completed, 1, JobStatus::Succeeded, ""),
         ("f-orphan", serde_json::json!({}), 1, State::Completed, 1, JobStatus::Succeeded, ""),
         ("f-flood", serde_json::json!({}), 1, State::Failed, 1, JobStatus::Failed, "flooding: over 10000 protocol lines in one second"),
         ("f-missing", serde_json::json!({}), 1, State::Failed, 1, JobStatus::Failed, "could not start the worker program"),
@@ -334,6 +338,11 @@ fn fault_matrix() {
             assert_clean(j);
         }
     }
+    // An external job program gets its job id and the pipeline's environment.
+    let ext = ids[cases.iter().position(|c| c.0 == "ext").expect("ext case")];
+    let r = result_json(&h.get(ext));
+    assert_eq!(r["job"], h.jobs(ext)[0].job_id.to_string());
+    assert_eq!(r["path"], "/usr/bin:/bin");
     // The memory limit doubled for the retry, and said so.
     let oom_jobs = h.jobs(ids[2]);
     assert!(oom_jobs[0].error_message.as_deref().is_some_and(|e| e.contains("(128 MiB); the next attempt gets 256 MiB")), "{oom_jobs:#?}");
