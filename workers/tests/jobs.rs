@@ -605,3 +605,42 @@ fn spawn_cost_does_not_grow_with_server_memory() {
     let mean = value("atelier_job_spawn_seconds_sum ") / value("atelier_job_spawn_seconds_count ");
     assert!(mean < 0.020, "mean spawn {mean} s with {} bytes of ballast", std::hint::black_box(&ballast).len());
 }
+
+/// The server dies by SIGKILL mid-job: its worker dies with it (PDEATHSIG), and the next
+/// server fails the orphaned attempt as "server restarted" and runs it again.
+#[test]
+fn server_crash_kills_workers_and_restart_recovers() {
+    use std::io::BufRead;
+    let dir = TempDir::new("crash");
+    let mut server = std::process::Command::new(EXE)
+        .args(["__crash-test-server", &dir.0.display().to_string()])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("start the crash test server");
+    let mut line = String::new();
+    let stdout = server.stdout.take().expect("piped");
+    std::io::BufReader::new(stdout).read_line(&mut line).expect("server reports its job");
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let (id, pid): (u64, u32) = match words.as_slice() {
+        ["commission", id, "pid", pid] => (id.parse().expect("id"), pid.parse().expect("pid")),
+        _ => panic!("unexpected line {line:?}"),
+    };
+    assert!(proc_stat(pid).is_some_and(|(s, _)| s != 'Z'), "worker {pid} runs");
+    server.kill().expect("SIGKILL the server");
+    server.wait().expect("reap the server");
+    let end = Instant::now() + Duration::from_secs(5);
+    while proc_stat(pid).is_some_and(|(s, _)| s != 'Z') {
+        assert!(Instant::now() < end, "worker {pid} outlived its server");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Restart on the same data with a pipeline of the same name that does not hang.
+    let store = SledStore::open(StoreConfig::new(dir.0.join("store"))).expect("reopen store");
+    let mut h = Harness { store, controller: None, dir };
+    let stages = "[pipelines.crashy]\nstages.generating_ideas = { builtin = \"noop\" }\nstages.creating_images = { builtin = \"noop\" }\nstages.uploading = { builtin = \"noop\" }\nstages.creating_products = { builtin = \"noop\" }\n";
+    h.start(config(stages, &[]));
+    let c = h.wait_terminal(id, LONG);
+    assert_eq!(c.state, State::Completed, "{c:#?}");
+    let jobs = h.jobs(id);
+    assert_eq!(jobs.len(), 2, "{jobs:#?}");
+    assert_eq!(jobs[0].error_message.as_deref(), Some("server restarted"));
+}
