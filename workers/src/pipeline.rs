@@ -244,6 +244,7 @@ fn run_builtin(
                 "description": pitch,
                 "image_url": image_url,
                 "price_cents": price_cents,
+                "currency": "USD",
             });
             progress(rep, stage, 100, "product ready")?;
             state.insert("product".into(), product);
