@@ -228,6 +228,15 @@ enum TimerKind {
     RetryDue,
 }
 
+/// Tells the scheduler a job is over when dropped, on every path out of the job thread.
+struct DoneGuard(Sender<SchedMsg>, u64);
+
+impl Drop for DoneGuard {
+    fn drop(&mut self) {
+        let _ = self.0.send(SchedMsg::JobDone { commission_id: self.1 });
+    }
+}
+
 struct Running {
     signal: Arc<JobSignal>,
     thread: Option<JoinHandle<()>>,
@@ -410,8 +419,9 @@ impl Scheduler {
                 let thread = std::thread::Builder::new()
                     .name(format!("atelier-job-{id}"))
                     .spawn(move || {
+                        // Even if the job code panics (a bug), the slot must be freed.
+                        let _done = DoneGuard(done, id);
                         run_process_job(&shared, c, &sig);
-                        let _ = done.send(SchedMsg::JobDone { commission_id: id });
                     })
                     .map_err(io_err("job thread"))?;
                 Ok(Running { signal, thread: Some(thread) })

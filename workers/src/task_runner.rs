@@ -40,7 +40,12 @@ impl Pool {
             let (rx, shared) = (rx.clone(), shared.clone());
             threads.push(std::thread::Builder::new().name(format!("atelier-task-{i}")).spawn(move || {
                 for job in rx {
-                    run_task(&shared, job.commission, &job.signal);
+                    let id = job.commission.id;
+                    // A panic outside the pipeline (which has its own guard) is a bug; keep the
+                    // thread and the slot alive anyway.
+                    if catch_unwind(AssertUnwindSafe(|| run_task(&shared, job.commission, &job.signal))).is_err() {
+                        tracing::error!(commission = id, "task runner job panicked");
+                    }
                     (job.done)();
                 }
             })?);
