@@ -196,6 +196,30 @@ impl Session {
     }
 }
 
+/// Times the end of a job is retried after a storage failure: a lost end would leave the
+/// commission running with no process until the next restart.
+const RECORD_TRIES_MAX: u32 = 5;
+const RECORD_RETRY_MS: u64 = 200;
+
+fn execute_persistently(
+    store: &dyn EventStore,
+    commission_id: u64,
+    cmd: Command,
+    retry: RetryPolicy,
+) -> Result<Result<atelier_engine::Commission, Rejection>, atelier_storage::StorageError> {
+    let mut tries = 1;
+    loop {
+        match execute(store, commission_id, cmd.clone(), &ctx(retry)) {
+            Err(e) if tries < RECORD_TRIES_MAX && !matches!(e, atelier_storage::StorageError::Closed) => {
+                tracing::warn!(commission = commission_id, error = %e, tries, "recording the job end failed; retrying");
+                tries += 1;
+                std::thread::sleep(Duration::from_millis(RECORD_RETRY_MS * u64::from(tries)));
+            }
+            other => return other,
+        }
+    }
+}
+
 /// Records how a job ended. A completed job whose commission was cancelled meanwhile is
 /// recorded as cancelled; a report from a stale job is dropped (logged).
 pub(crate) fn record_finish(store: &dyn EventStore, retry: RetryPolicy, commission_id: u64, executor: Executor, finish: Finish) {
@@ -207,7 +231,7 @@ pub(crate) fn record_finish(store: &dyn EventStore, retry: RetryPolicy, commissi
         }
         Finish::Cancelled { end } => (end.job_id, Command::ConfirmCancelled { job: Some(end) }),
     };
-    let first = execute(store, commission_id, cmd, &ctx(retry));
+    let first = execute_persistently(store, commission_id, cmd, retry);
     let fallback = match (&first, finish) {
         // The commission was cancelled while the job finished: the job's end closes the cancel.
         (Ok(Err(Rejection::CancelPending)), Finish::Complete { end, .. }) => {
@@ -223,7 +247,7 @@ pub(crate) fn record_finish(store: &dyn EventStore, retry: RetryPolicy, commissi
         _ => None,
     };
     let outcome = match fallback {
-        Some(cmd) => execute(store, commission_id, cmd, &ctx(retry)),
+        Some(cmd) => execute_persistently(store, commission_id, cmd, retry),
         None => first,
     };
     match outcome {
