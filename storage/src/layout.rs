@@ -9,13 +9,18 @@
 //! | prefix | projection           | key after the prefix         | value                |
 //! |--------|----------------------|------------------------------|----------------------|
 //! | 0x01   | `commissions`        | commission                   | encoded `Commission` |
-//! | 0x02   | `by_commission`      | commission ++ version        | seq                  |
+//! | 0x02   | `by_commission`      | commission ++ first version  | run of seqs          |
 //! | 0x03   | `by_user`            | user ++ 0x00 ++ commission   | ()                   |
 //! | 0x04   | `idempotency`        | user ++ 0x00 ++ key          | commission           |
 //! | 0x05   | `live`               | commission (non-terminal)    | ()                   |
 //! | 0x06   | `jobs`               | job                          | encoded `Job`        |
 //! | 0x07   | `jobs_by_commission` | commission ++ job            | ()                   |
 //! | 0x08   | `meta`               | name ([`META_SCHEMA`], ...)  | see the name         |
+//!
+//! A by-commission run holds the seqs of `first version` and the versions after it, 8 bytes
+//! each, big-endian (a run of one is the plain `commission ++ version → seq` entry). The
+//! writer keeps recent entries in memory and writes each commission's new ones as one run,
+//! rather than one sled insert per event; runs of one commission tile its versions 1..=n.
 //!
 //! Tools and tests that must touch the raw layout (to doctor a record, say) build keys with
 //! [`Projection::key`] rather than spelling bytes.
@@ -24,6 +29,22 @@
 pub const LOG_TREE: &str = "log";
 /// Every projection, each under its [`Projection::prefix`].
 pub const PROJECTIONS_TREE: &str = "projections";
+
+/// Seqs in one by-commission run at most (bounds the value sled stores and reads whole).
+pub const INDEX_RUN_SEQS_MAX: usize = 512;
+
+/// A by-commission run value: the seqs, 8 bytes each, big-endian.
+pub fn encode_run(seqs: &[u64]) -> Vec<u8> {
+    seqs.iter().flat_map(|s| s.to_be_bytes()).collect()
+}
+
+/// The seqs of a run value; `None` if it is not a whole, non-empty number of seqs.
+pub fn decode_run(value: &[u8]) -> Option<impl Iterator<Item = u64> + '_> {
+    if value.is_empty() || value.len() % 8 != 0 {
+        return None;
+    }
+    Some(value.chunks_exact(8).map(|c| u64::from_be_bytes(c.try_into().expect("invariant: chunks of 8"))))
+}
 
 /// Meta names (under [`Projection::Meta`]).
 pub const META_SCHEMA: &[u8] = b"schema_version";

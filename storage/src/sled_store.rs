@@ -7,9 +7,15 @@
 //! One writer thread owns all writes. It takes every queued request (group commit), folds the
 //! events through the engine (so nothing the table forbids is ever stored), writes the log
 //! records, flushes sled and then fdatasyncs its file (sled's flush alone is not an fsync),
-//! then updates the projections (one atomic `apply_batch`), publishes to subscribers and
-//! acknowledges. Projections are caches of the log: they are written after the log and caught
-//! up from the log at open.
+//! then updates the projections, publishes to subscribers and acknowledges.
+//!
+//! Projections are caches of the log, caught up from the log at open. What changes with
+//! every event (snapshots, the by-commission index, counts) is written back: kept in memory,
+//! where readers look first, and written to the tree with `projected_seq` in one atomic batch
+//! every [`PROJECTION_FLUSH_INTERVAL_MS`] (or sooner, see the other `PROJECTION_*` limits).
+//! Index entries that change rarely (by user, idempotency, live, jobs) are written at once
+//! after each durable batch. Durability of the log is untouched: in `Durability::Sync` no
+//! append is acknowledged before its records are flushed and fdatasynced.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -17,7 +23,7 @@ use std::io::Write as _;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -39,6 +45,16 @@ pub const BATCH_REQUESTS_MAX: usize = 4096;
 pub const WRITER_QUEUE_REQUESTS_MAX: usize = 16 * 1024;
 /// Default sled page cache. sled's own default is 1 GiB, too much for an edge box.
 pub const CACHE_CAPACITY_BYTES_DEFAULT: u64 = 64 * 1024 * 1024;
+/// Projection write-back: snapshots and by-commission entries of acknowledged events are kept
+/// in memory (readers look there first) and written to the projection tree at most this long
+/// after they were acknowledged. A crash loses nothing: the catch-up at open replays the log
+/// after `projected_seq`.
+pub const PROJECTION_FLUSH_INTERVAL_MS: u64 = 100;
+/// ... or once this many events are waiting, which also bounds the catch-up after a crash.
+pub const PROJECTION_FLUSH_EVENTS_MAX: u64 = 16 * 1024;
+/// ... or once the waiting snapshots hold about this many bytes (a snapshot can reach a few
+/// hundred KiB: context, result and artifacts).
+pub const PROJECTION_UNFLUSHED_BYTES_MAX: usize = 16 * 1024 * 1024;
 /// Index entries a filtered listing reads at most before it returns a cursor.
 pub const LIST_SCAN_MAX: usize = 10_000;
 pub const LIST_LIMIT_MAX: usize = 200;
@@ -104,7 +120,76 @@ pub(crate) struct Inner {
     /// sled's data file, for fdatasync.
     db_file: File,
     pub(crate) dropped_slow: AtomicU64,
+    /// Acknowledged projection state not yet in the projection tree (write-back).
+    unflushed: RwLock<Unflushed>,
+    /// Commissions per state, as of the durable head.
+    counts: Mutex<[u64; 10]>,
     _lock: LockFile,
+}
+
+/// A commission changed since the last projection flush.
+struct Dirty {
+    snapshot: Commission,
+    /// The version of `seqs[0]`.
+    first_version: u64,
+    /// The seq of each version from `first_version` on, not yet in the by-commission index.
+    seqs: Vec<u64>,
+}
+
+/// Snapshots and by-commission entries that the writer has acknowledged but not yet written
+/// to the projection tree. Only the writer changes it; readers consult it before the tree.
+#[derive(Default)]
+struct Unflushed {
+    commissions: HashMap<u64, Dirty>,
+    /// Events since the last flush.
+    events: u64,
+    /// About how much memory the snapshots and seqs hold.
+    bytes: usize,
+}
+
+/// About how many bytes a snapshot holds (the strings and artifacts dominate).
+fn approx_bytes(c: &Commission) -> usize {
+    let opt = |s: &Option<String>| s.as_ref().map_or(0, String::len);
+    256 + c.user_id.len()
+        + c.pipeline.len()
+        + c.context.len()
+        + opt(&c.idempotency_key)
+        + opt(&c.message)
+        + opt(&c.error)
+        + opt(&c.result)
+        + c.artifacts.iter().map(|a| 64 + a.kind.len() + a.uri.len()).sum::<usize>()
+}
+
+impl Unflushed {
+    fn set_snapshot(&mut self, cid: u64, snapshot: Commission) {
+        self.bytes += approx_bytes(&snapshot);
+        match self.commissions.entry(cid) {
+            std::collections::hash_map::Entry::Occupied(mut e) => {
+                let old = std::mem::replace(&mut e.get_mut().snapshot, snapshot);
+                self.bytes = self.bytes.saturating_sub(approx_bytes(&old));
+            }
+            std::collections::hash_map::Entry::Vacant(e) => {
+                e.insert(Dirty { snapshot, first_version: 0, seqs: Vec::new() });
+            }
+        }
+    }
+
+    fn push_version(&mut self, cid: u64, version: u64, seq: u64) {
+        let d = self.commissions.get_mut(&cid).expect("invariant: a changed commission has its snapshot staged");
+        if d.seqs.is_empty() {
+            d.first_version = version;
+        }
+        assert_eq!(d.first_version + d.seqs.len() as u64, version, "invariant: versions are contiguous");
+        d.seqs.push(seq);
+        self.events += 1;
+        self.bytes += 8;
+    }
+
+    fn clear(&mut self) {
+        self.commissions.clear();
+        self.events = 0;
+        self.bytes = 0;
+    }
 }
 
 enum Request {
@@ -112,6 +197,8 @@ enum Request {
     Import(Vec<Envelope>, ReplyTx<()>),
     /// Retention: prune terminal commissions last updated before this instant.
     Prune(atelier_engine::time::Millis, ReplyTx<u64>),
+    /// Write the write-back state to the projection tree now.
+    FlushProjections(ReplyTx<()>),
 }
 
 enum Staging {
@@ -136,6 +223,10 @@ pub(crate) fn read_u64(bytes: &[u8]) -> Option<u64> {
 
 fn bad(p: Projection) -> impl Fn(CodecError) -> StorageError {
     move |e| StorageError::BadProjection { tree: p.name(), detail: e.to_string() }
+}
+
+fn bad_run() -> StorageError {
+    StorageError::BadProjection { tree: Projection::ByCommission.name(), detail: "a run of seqs is not a multiple of 8 bytes".into() }
 }
 
 /// Decodes a log record, checking its checksum and, given the previous chain, the chain.
@@ -226,6 +317,8 @@ impl SledStore {
             registry: Mutex::new(Registry::default()),
             db_file,
             dropped_slow: AtomicU64::new(0),
+            unflushed: RwLock::new(Unflushed::default()),
+            counts: Mutex::new([0; 10]),
             _lock: lock,
         });
         let mut writer = Writer::new(inner.clone(), head, chain)?;
@@ -273,6 +366,14 @@ impl SledStore {
     pub fn import(&self, events: Vec<Envelope>) -> Result<(), StorageError> {
         let (ack, rx) = reply();
         self.send(Request::Import(events, ack))?;
+        rx.recv()
+    }
+
+    /// Writes the projections held in memory (write-back) to the projection tree, so that the
+    /// tree alone matches the log up to the head (what `replay --check` compares).
+    pub fn flush_projections(&self) -> Result<(), StorageError> {
+        let (ack, rx) = reply();
+        self.send(Request::FlushProjections(ack))?;
         rx.recv()
     }
 
@@ -335,15 +436,24 @@ pub(crate) fn fdatasync(f: &File) -> Result<(), StorageError> {
 /// Projection writes staged during one batch, applied after the log is durable.
 #[derive(Default)]
 struct Staged {
+    /// The newest snapshot of each commission the batch changed.
     snapshots: HashMap<u64, Commission>,
     jobs: HashMap<u64, Job>,
     idempotency: HashMap<Vec<u8>, u64>,
-    /// Index entries (by commission, by user, idempotency, live, jobs by commission), in the
-    /// order they were staged; snapshots, jobs and meta join them at write time.
+    /// `(commission, version, seq)` of every event, for the by-commission index (write-back).
+    versions: Vec<(u64, u64, u64)>,
+    /// Index entries that change rarely (by user, idempotency, live, jobs by commission), in
+    /// the order they were staged; written at once after the log is durable.
     index: sled::Batch,
+    index_len: usize,
     deliveries: Vec<Delivery>,
-    touched_jobs: Vec<u64>,
-    touched_snapshots: Vec<u64>,
+}
+
+/// How one event moved a commission, as far as the projections care.
+struct Step {
+    before: Option<State>,
+    after: State,
+    view: ViewAfter,
 }
 
 struct Writer {
@@ -351,8 +461,11 @@ struct Writer {
     head: u64,
     chain: u32,
     next_cid: u64,
+    /// The seq up to which the projection tree is written; `(projected, head]` is in
+    /// `inner.unflushed`.
     projected: u64,
     counts: [u64; 10],
+    last_projection_flush: Instant,
 }
 
 impl Writer {
@@ -364,33 +477,39 @@ impl Writer {
             next_cid = next_cid.max(read_u64(&item?.0).unwrap_or(0) + 1);
         }
         let counts = load_counts(t)?;
-        Ok(Writer { inner, head, chain, next_cid, projected, counts })
+        Ok(Writer { inner, head, chain, next_cid, projected, counts, last_projection_flush: Instant::now() })
     }
 
-    /// Applies log records that the projections have not seen (after a crash between the
-    /// log's fsync and the projection write).
+    /// Applies log records that the projections have not seen: those acknowledged since the
+    /// last projection flush before a crash (write-back), at most
+    /// [`PROJECTION_FLUSH_EVENTS_MAX`] of them.
     fn catch_up(&mut self) -> Result<(), StorageError> {
-        if self.projected >= self.head {
-            return Ok(());
-        }
-        tracing::info!(from = self.projected + 1, to = self.head, "catching projections up with the log");
-        let mut staged = Staged::default();
-        for item in self.inner.trees.log.range(u64_key(self.projected + 1)..) {
-            let (k, v) = item?;
-            let seq = read_u64(&k).unwrap_or(0);
-            let (env, _) = decode_record(seq, &v, None)?;
-            let Some(env) = env else { continue };
-            if env.commission_id >= self.next_cid {
-                self.next_cid = env.commission_id + 1;
+        if self.projected < self.head {
+            tracing::info!(from = self.projected + 1, to = self.head, "catching projections up with the log");
+            let mut staged = Staged::default();
+            for item in self.inner.trees.log.range(u64_key(self.projected + 1)..) {
+                let (k, v) = item?;
+                let seq = read_u64(&k).unwrap_or(0);
+                let (env, _) = decode_record(seq, &v, None)?;
+                let Some(env) = env else { continue };
+                if env.commission_id >= self.next_cid {
+                    self.next_cid = env.commission_id + 1;
+                }
+                let before = self.snapshot(&staged, env.commission_id)?;
+                let before_state = before.as_ref().map(|c| c.state);
+                let after = apply(before, &env).map_err(|r| StorageError::Corruption {
+                    seq,
+                    detail: format!("the state machine refuses it: {r}"),
+                })?;
+                let step = Step { before: before_state, after: after.state, view: ViewAfter::of(&after) };
+                self.project(&mut staged, env, step)?;
+                staged.snapshots.insert(after.id, after);
             }
-            let before = self.snapshot(&staged, env.commission_id)?;
-            let after = apply(before.clone(), &env).map_err(|r| StorageError::Corruption {
-                seq,
-                detail: format!("the state machine refuses it: {r}"),
-            })?;
-            self.project(&mut staged, &env, before.as_ref(), after)?;
+            staged.deliveries.clear();
+            self.publish_projections(staged)?;
         }
-        self.write_projections(staged, self.head)?;
+        *self.inner.counts.lock().unwrap_or_else(|p| p.into_inner()) = self.counts;
+        self.flush_projections()?;
         self.inner.db.flush()?;
         fdatasync(&self.inner.db_file)?;
         Ok(())
@@ -402,13 +521,21 @@ impl Writer {
             Durability::Sync => Duration::from_secs(3600),
             Durability::Periodic { interval_ms } => Duration::from_millis(interval_ms.max(1)),
         };
+        let flush_every = Duration::from_millis(PROJECTION_FLUSH_INTERVAL_MS);
         let mut last_sync = Instant::now();
         let mut dirty = false;
         loop {
-            let first = match rx.recv_timeout(sync_every) {
+            let timeout = if self.projected < self.head { flush_every.min(sync_every) } else { sync_every };
+            let first = match rx.recv_timeout(timeout) {
                 Ok(r) => r,
                 Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
-                    if dirty && poisoned.is_none() {
+                    if poisoned.is_none() {
+                        if let Err(e) = self.flush_projections() {
+                            tracing::error!(error = %e, "projection flush failed; the store refuses further writes");
+                            poisoned = Some(e.to_string());
+                        }
+                    }
+                    if dirty && poisoned.is_none() && last_sync.elapsed() >= sync_every {
                         if let Err(e) = self.sync() {
                             tracing::error!(error = %e, "periodic sync failed; the store refuses further writes");
                             poisoned = Some(e.to_string());
@@ -436,6 +563,11 @@ impl Writer {
             if let Err(e) = self.commit(batch, durability) {
                 tracing::error!(error = %e, "log commit failed; the store refuses further writes");
                 poisoned = Some(e.to_string());
+            } else if self.projection_flush_due() {
+                if let Err(e) = self.flush_projections() {
+                    tracing::error!(error = %e, "projection flush failed; the store refuses further writes");
+                    poisoned = Some(e.to_string());
+                }
             }
             if let Durability::Periodic { .. } = durability {
                 dirty = true;
@@ -447,6 +579,11 @@ impl Writer {
                     dirty = false;
                     last_sync = Instant::now();
                 }
+            }
+        }
+        if poisoned.is_none() {
+            if let Err(e) = self.flush_projections() {
+                tracing::error!(error = %e, "projection flush at shutdown failed; the next open catches up from the log");
             }
         }
     }
@@ -473,7 +610,7 @@ impl Writer {
             let result = match &req {
                 Request::Append(r, _) => Staging::Append(self.stage_append(r, &mut staged, &mut log_batch)),
                 Request::Import(envs, _) => Staging::Unit(self.stage_import(envs, &mut staged, &mut log_batch)),
-                Request::Prune(..) => Staging::Unit(Ok(())),
+                Request::Prune(..) | Request::FlushProjections(_) => Staging::Unit(Ok(())),
             };
             acks.push((req, result));
         }
@@ -493,7 +630,7 @@ impl Writer {
                 return Err(e);
             }
             let deliveries = std::mem::take(&mut staged.deliveries);
-            self.write_projections(staged, self.head)?;
+            self.publish_projections(staged)?;
             let mut reg = self.inner.registry.lock().unwrap_or_else(|p| p.into_inner());
             self.inner.durable_head.store(self.head, Ordering::Release);
             let dropped = reg.publish(&deliveries);
@@ -508,6 +645,7 @@ impl Writer {
                 (Request::Append(_, ack), Staging::Append(r)) => ack.send(r),
                 (Request::Import(_, ack), Staging::Unit(r)) => ack.send(r),
                 (Request::Prune(before, ack), _) => ack.send(self.prune(before)),
+                (Request::FlushProjections(ack), _) => ack.send(self.flush_projections()),
                 _ => unreachable!("invariant: staging results match their requests"),
             }
         }
@@ -516,6 +654,8 @@ impl Writer {
 
     /// Retention, on the writer thread so that it cannot race an append.
     fn prune(&mut self, before: atelier_engine::time::Millis) -> Result<u64, StorageError> {
+        // Everything pending goes to the tree first, so that the tree alone is the whole picture.
+        self.flush_projections()?;
         let t = self.inner.trees.clone();
         let mut victims = Vec::new();
         for item in t.scan(Projection::Commissions) {
@@ -530,10 +670,11 @@ impl Writer {
         for c in &victims {
             for item in t.proj.scan_prefix(Projection::ByCommission.key_u64(c.id)) {
                 let (k, v) = item?;
-                let seq = read_u64(&v).ok_or(StorageError::BadProjection { tree: Projection::ByCommission.name(), detail: "bad seq".into() })?;
-                if let Some(rec) = t.log.get(u64_key(seq))? {
-                    let stub = codec::prune_record(&rec).map_err(|e| StorageError::Corruption { seq, detail: e.to_string() })?;
-                    t.log.insert(u64_key(seq), stub)?;
+                for seq in layout::decode_run(&v).ok_or_else(bad_run)? {
+                    if let Some(rec) = t.log.get(u64_key(seq))? {
+                        let stub = codec::prune_record(&rec).map_err(|e| StorageError::Corruption { seq, detail: e.to_string() })?;
+                        t.log.insert(u64_key(seq), stub)?;
+                    }
                 }
                 proj.remove(k);
             }
@@ -554,6 +695,7 @@ impl Writer {
         }
         proj.insert(Projection::Meta.key(META_COUNTS), codec::encode(&self.counts));
         t.proj.apply_batch(proj)?;
+        *self.inner.counts.lock().unwrap_or_else(|p| p.into_inner()) = self.counts;
         self.sync()?;
         Ok(victims.len() as u64)
     }
@@ -586,9 +728,9 @@ impl Writer {
         if req.events.is_empty() {
             return Ok(AppendOutcome::Rejected(Rejection::Invalid { field: "events", reason: "nothing to append".into() }));
         }
-        // Fold first, so that a refused event leaves nothing staged (all or nothing).
-        let mut envs = Vec::with_capacity(req.events.len());
-        let mut states = Vec::with_capacity(req.events.len());
+        // Fold first, so that a refused event leaves nothing staged (all or nothing). The
+        // commission moves through `apply`; each step keeps only what the projections need.
+        let mut folded = Vec::with_capacity(req.events.len());
         let mut c = current;
         for (i, event) in req.events.iter().enumerate() {
             let i = i as u64;
@@ -599,16 +741,16 @@ impl Writer {
                 at: req.at,
                 event: event.clone(),
             };
-            let before = c.clone();
-            match apply(c, &env) {
+            let before = c.as_ref().map(|c| c.state);
+            match apply(c.take(), &env) {
                 Ok(next) => {
-                    c = Some(next.clone());
-                    states.push((before, next));
+                    folded.push((env, Step { before, after: next.state, view: ViewAfter::of(&next) }));
+                    c = Some(next);
                 }
                 Err(r) => return Ok(AppendOutcome::Rejected(r)),
             }
-            envs.push(env);
         }
+        let commission = c.expect("invariant: at least one event was folded");
         if matches!(req.target, AppendTarget::New { .. }) {
             self.next_cid += 1;
         }
@@ -616,11 +758,11 @@ impl Writer {
             staged.idempotency.insert(key, cid);
         }
         let first_seq = self.head + 1;
-        for (env, (before, after)) in envs.iter().zip(states) {
-            self.write_record(env, log);
-            self.project(staged, env, before.as_ref(), after)?;
+        for (env, step) in folded {
+            self.write_record(&env, log);
+            self.project(staged, env, step)?;
         }
-        let commission = staged.snapshots.get(&cid).cloned().expect("invariant: just projected");
+        staged.snapshots.insert(cid, commission.clone());
         Ok(AppendOutcome::Appended { commission, first_seq, last_seq: self.head })
     }
 
@@ -631,9 +773,10 @@ impl Writer {
                 return Err(StorageError::Import { line, detail: format!("seq {} does not follow {}", env.seq, self.head) });
             }
             let before = self.snapshot(staged, env.commission_id)?;
-            let after = apply(before.clone(), env)
+            let before_state = before.as_ref().map(|c| c.state);
+            let after = apply(before, env)
                 .map_err(|r| StorageError::Import { line, detail: format!("refused by the state machine: {r}") })?;
-            if before.is_none() {
+            if before_state.is_none() {
                 if env.commission_id < self.next_cid {
                     return Err(StorageError::Import { line, detail: format!("commission id {} reused", env.commission_id) });
                 }
@@ -643,7 +786,9 @@ impl Writer {
                 }
             }
             self.write_record(env, log);
-            self.project(staged, env, before.as_ref(), after)?;
+            let step = Step { before: before_state, after: after.state, view: ViewAfter::of(&after) };
+            self.project(staged, env.clone(), step)?;
+            staged.snapshots.insert(after.id, after);
         }
         Ok(())
     }
@@ -657,28 +802,30 @@ impl Writer {
         self.head = env.seq;
     }
 
-    /// Stages what one event changes in the projections.
-    fn project(&mut self, staged: &mut Staged, env: &Envelope, before: Option<&Commission>, after: Commission) -> Result<(), StorageError> {
+    /// Stages what one event changes in the projections (the snapshot itself is the caller's).
+    fn project(&mut self, staged: &mut Staged, env: Envelope, step: Step) -> Result<(), StorageError> {
         let cid = env.commission_id;
-        staged.index.insert(&Projection::ByCommission.key_pair(cid, env.version), &u64_key(env.seq));
+        staged.versions.push((cid, env.version, env.seq));
         if let Event::Created { user_id, idempotency_key, .. } = &env.event {
             staged.index.insert(Projection::ByUser.key_user(user_id, &u64_key(cid)), &[]);
+            staged.index_len += 1;
             if let Some(k) = idempotency_key {
                 staged.index.insert(Projection::Idempotency.key_user(user_id, k.as_bytes()), &u64_key(cid));
+                staged.index_len += 1;
             }
         }
-        let before_state = before.map(|c| c.state);
-        if before_state != Some(after.state) {
-            if let Some(s) = before_state {
+        if step.before != Some(step.after) {
+            if let Some(s) = step.before {
                 self.counts[s as usize] = self.counts[s as usize].saturating_sub(1);
             }
-            self.counts[after.state as usize] += 1;
-            let was_live = before_state.is_some_and(|s| !s.is_terminal());
-            match (was_live, after.state.is_terminal()) {
+            self.counts[step.after as usize] += 1;
+            let was_live = step.before.is_some_and(|s| !s.is_terminal());
+            match (was_live, step.after.is_terminal()) {
                 (false, false) => staged.index.insert(&Projection::Live.key_u64(cid), &[]),
                 (true, true) => staged.index.remove(&Projection::Live.key_u64(cid)),
                 _ => {}
             }
+            staged.index_len += 1;
         }
         let proj = &self.inner.trees.proj;
         let lookup = |id: u64| -> Option<Job> {
@@ -686,35 +833,82 @@ impl Writer {
                 proj.get(Projection::Jobs.key_u64(id)).ok().flatten().and_then(|v| codec::decode(&v).ok())
             })
         };
-        if let Some((job_id, job)) = apply_job(lookup, env) {
+        if let Some((job_id, job)) = apply_job(lookup, &env) {
             if matches!(env.event, Event::JobStarted { .. }) {
                 staged.index.insert(&Projection::JobsByCommission.key_pair(cid, job_id), &[]);
             }
             staged.jobs.insert(job_id, job);
-            staged.touched_jobs.push(job_id);
+            staged.index_len += 1;
         }
-        staged.deliveries.push(Delivery { env: Arc::new(env.clone()), view: Arc::new(ViewAfter::of(&after)) });
-        staged.touched_snapshots.push(cid);
-        staged.snapshots.insert(cid, after);
+        staged.deliveries.push(Delivery { env: Arc::new(env), view: Arc::new(step.view) });
         Ok(())
     }
 
-    /// Writes one batch's projection changes and the projected seq in one sled batch (atomic,
-    /// also across a crash), so that after a crash the projections are exactly those of some
-    /// log prefix and the catch-up at open can start right after `projected_seq`.
-    fn write_projections(&mut self, staged: Staged, projected: u64) -> Result<(), StorageError> {
-        let mut batch = staged.index;
-        for (id, c) in &staged.snapshots {
-            batch.insert(&Projection::Commissions.key_u64(*id), codec::encode(c));
+    /// Makes one durable batch's projection changes visible: the rare index entries (and job
+    /// records) go to the tree at once, in one atomic batch; snapshots, by-commission entries
+    /// and counts join the write-back state that readers consult before the tree.
+    ///
+    /// Writing the rare entries ahead of `projected_seq` is safe because re-applying their
+    /// events at catch-up writes the same entries again (they are sets, and job records are
+    /// rebuilt from the event alone), while everything that a fold reads back (snapshots,
+    /// counts, the next commission id) is written only with `projected_seq`.
+    fn publish_projections(&mut self, staged: Staged) -> Result<(), StorageError> {
+        if staged.index_len > 0 {
+            let mut batch = staged.index;
+            for (id, j) in &staged.jobs {
+                batch.insert(&Projection::Jobs.key_u64(*id), codec::encode(j));
+            }
+            self.inner.trees.proj.apply_batch(batch)?;
         }
-        for (id, j) in &staged.jobs {
-            batch.insert(&Projection::Jobs.key_u64(*id), codec::encode(j));
+        let mut u = self.inner.unflushed.write().unwrap_or_else(|p| p.into_inner());
+        for (cid, c) in staged.snapshots {
+            u.set_snapshot(cid, c);
         }
-        batch.insert(Projection::Meta.key(META_PROJECTED), &u64_key(projected));
-        batch.insert(Projection::Meta.key(META_NEXT_CID), &u64_key(self.next_cid));
-        batch.insert(Projection::Meta.key(META_COUNTS), codec::encode(&self.counts));
+        for (cid, version, seq) in staged.versions {
+            u.push_version(cid, version, seq);
+        }
+        drop(u);
+        *self.inner.counts.lock().unwrap_or_else(|p| p.into_inner()) = self.counts;
+        Ok(())
+    }
+
+    fn projection_flush_due(&self) -> bool {
+        let u = self.inner.unflushed.read().unwrap_or_else(|p| p.into_inner());
+        u.events >= PROJECTION_FLUSH_EVENTS_MAX
+            || u.bytes >= PROJECTION_UNFLUSHED_BYTES_MAX
+            || self.last_projection_flush.elapsed() >= Duration::from_millis(PROJECTION_FLUSH_INTERVAL_MS)
+    }
+
+    /// Writes the write-back state (snapshots, by-commission runs) with the projected seq,
+    /// next commission id and counts in one sled batch (atomic, also across a crash), so that
+    /// after a crash the projections are exactly those of some log prefix and the catch-up at
+    /// open can start right after `projected_seq`. No fsync: the events are durable already,
+    /// and a lost projection write is caught up from the log.
+    fn flush_projections(&mut self) -> Result<(), StorageError> {
+        self.last_projection_flush = Instant::now();
+        if self.projected == self.head {
+            return Ok(());
+        }
+        let batch = {
+            // Only this thread changes `unflushed`; readers keep using it until it is cleared.
+            let u = self.inner.unflushed.read().unwrap_or_else(|p| p.into_inner());
+            let mut batch = sled::Batch::default();
+            for (cid, d) in &u.commissions {
+                batch.insert(&Projection::Commissions.key_u64(*cid), codec::encode(&d.snapshot));
+                let mut first = d.first_version;
+                for run in d.seqs.chunks(layout::INDEX_RUN_SEQS_MAX) {
+                    batch.insert(&Projection::ByCommission.key_pair(*cid, first), layout::encode_run(run));
+                    first += run.len() as u64;
+                }
+            }
+            batch.insert(Projection::Meta.key(META_PROJECTED), &u64_key(self.head));
+            batch.insert(Projection::Meta.key(META_NEXT_CID), &u64_key(self.next_cid));
+            batch.insert(Projection::Meta.key(META_COUNTS), codec::encode(&self.counts));
+            batch
+        };
         self.inner.trees.proj.apply_batch(batch)?;
-        self.projected = projected;
+        self.inner.unflushed.write().unwrap_or_else(|p| p.into_inner()).clear();
+        self.projected = self.head;
         Ok(())
     }
 }
@@ -724,22 +918,65 @@ fn fail(req: Request, err: impl Fn() -> StorageError) {
         Request::Append(_, ack) => ack.send(Err(err())),
         Request::Import(_, ack) => ack.send(Err(err())),
         Request::Prune(_, ack) => ack.send(Err(err())),
+        Request::FlushProjections(ack) => ack.send(Err(err())),
     }
 }
 
 impl Inner {
+    /// The latest acknowledged snapshot: write-back state first, then the tree. (The writer
+    /// writes the tree before it drops an entry from `unflushed`, so a miss here means the
+    /// tree already has it.)
     fn get_commission(&self, id: u64) -> Result<Option<Commission>, StorageError> {
+        if let Some(d) = self.unflushed.read().unwrap_or_else(|p| p.into_inner()).commissions.get(&id) {
+            return Ok(Some(d.snapshot.clone()));
+        }
         match self.trees.proj.get(Projection::Commissions.key_u64(id))? {
             None => Ok(None),
             Some(v) => codec::decode(&v).map(Some).map_err(bad(Projection::Commissions)),
         }
     }
 
+    /// The seqs of a commission's events in version order: the index in the tree, then the
+    /// write-back entries past it. Read in that order (memory first), the two overlap or
+    /// meet, never leave a gap.
+    fn seqs_of(&self, id: u64) -> Result<Vec<u64>, StorageError> {
+        let pending = self
+            .unflushed
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .commissions
+            .get(&id)
+            .map(|d| (d.first_version, d.seqs.clone()));
+        let mut seqs = Vec::new();
+        for item in self.trees.proj.scan_prefix(Projection::ByCommission.key_u64(id)) {
+            let (k, v) = item?;
+            let first = read_u64(&k[9..]).ok_or_else(bad_run)?;
+            let expected = seqs.len() as u64 + 1;
+            if first != expected {
+                return Err(StorageError::BadProjection {
+                    tree: Projection::ByCommission.name(),
+                    detail: format!("commission {id}: a run starts at version {first}, expected {expected}"),
+                });
+            }
+            seqs.extend(layout::decode_run(&v).ok_or_else(bad_run)?);
+        }
+        if let Some((first, pending)) = pending {
+            let known = seqs.len() as u64;
+            if first > known + 1 {
+                return Err(StorageError::BadProjection {
+                    tree: Projection::ByCommission.name(),
+                    detail: format!("commission {id}: versions {} to {} are missing", known + 1, first - 1),
+                });
+            }
+            let skip = usize::try_from(known + 1 - first).unwrap_or(usize::MAX);
+            seqs.extend(pending.into_iter().skip(skip));
+        }
+        Ok(seqs)
+    }
+
     fn events_of(&self, id: u64) -> Result<Vec<Envelope>, StorageError> {
         let mut out = Vec::new();
-        for item in self.trees.proj.scan_prefix(Projection::ByCommission.key_u64(id)) {
-            let (_, v) = item?;
-            let seq = read_u64(&v).ok_or(StorageError::BadProjection { tree: Projection::ByCommission.name(), detail: "bad seq".into() })?;
+        for seq in self.seqs_of(id)? {
             let rec = self.trees.log.get(u64_key(seq))?.ok_or(StorageError::Corruption {
                 seq,
                 detail: "indexed record is missing from the log".into(),
@@ -939,7 +1176,7 @@ impl EventStore for SledStore {
     }
 
     fn state_counts(&self) -> Result<Vec<(State, u64)>, StorageError> {
-        let counts = load_counts(&self.inner.trees)?;
+        let counts = *self.inner.counts.lock().unwrap_or_else(|p| p.into_inner());
         Ok(State::ALL.iter().map(|s| (*s, counts[*s as usize])).collect())
     }
 }
