@@ -185,8 +185,25 @@ pub fn request(addr: SocketAddr, method: &str, path: &str, token: Option<&str>, 
     if let Some(b) = body {
         let _ = s.write_all(b);
     }
+    // Read the head, then exactly Content-Length bytes when given (some peers keep the
+    // connection open despite `Connection: close`), else to the end.
     let mut raw = Vec::new();
-    let _ = s.read_to_end(&mut raw);
+    let mut buf = [0u8; 16 * 1024];
+    loop {
+        if let Some(split) = raw.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&raw[..split]).to_ascii_lowercase();
+            let len = head.lines().find_map(|l| l.strip_prefix("content-length:")).and_then(|v| v.trim().parse::<usize>().ok());
+            if let Some(len) = len {
+                if raw.len() >= split + 4 + len {
+                    break;
+                }
+            }
+        }
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => raw.extend_from_slice(&buf[..n]),
+        }
+    }
     parse_response(&raw)
 }
 
@@ -322,4 +339,13 @@ pub fn wait_for<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Optio
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+pub mod webdriver;
+
+/// Where tests leave artifacts (browser screenshots): target/test-artifacts.
+pub fn artifacts_dir() -> PathBuf {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/test-artifacts");
+    let _ = std::fs::create_dir_all(&dir);
+    dir
 }
