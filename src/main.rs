@@ -45,6 +45,7 @@ SETTINGS (environment wins over atelier.toml, which wins over defaults):
     ATELIER_HEARTBEAT_MS      SSE heartbeat interval            15000
     ATELIER_MAX_CONNECTIONS   concurrent SSE streams            10000
     ATELIER_METRICS_PUBLIC    1 = /metrics without a token      0
+    ATELIER_HEADER_TIMEOUT_MS close connections whose headers do not arrive in time   10000
     ATELIER_LOG_FORMAT        json for JSON lines               human-readable
     RUST_LOG                  log level filter                  info
 ";
@@ -164,6 +165,7 @@ struct Settings {
     heartbeat_ms: u64,
     max_connections: usize,
     metrics_public: bool,
+    header_timeout_ms: u64,
 }
 
 fn settings(args: &[String]) -> Result<Settings, CliError> {
@@ -213,6 +215,7 @@ fn settings(args: &[String]) -> Result<Settings, CliError> {
         heartbeat_ms: num("ATELIER_HEARTBEAT_MS", "heartbeat_ms", 15_000)?,
         max_connections: usize::try_from(num("ATELIER_MAX_CONNECTIONS", "max_connections", 10_000)?).unwrap_or(usize::MAX),
         metrics_public: get("ATELIER_METRICS_PUBLIC", "metrics_public").is_some_and(|v| v == "1" || v == "true"),
+        header_timeout_ms: num("ATELIER_HEADER_TIMEOUT_MS", "header_timeout_ms", 10_000)?,
     })
 }
 
@@ -284,6 +287,7 @@ fn serve(args: &[String]) -> Result<ExitCode, CliError> {
     http_config.heartbeat_ms = s.heartbeat_ms;
     http_config.connections_max = s.max_connections;
     http_config.metrics_public = s.metrics_public;
+    http_config.header_timeout_ms = s.header_timeout_ms;
     let dyn_store: Arc<dyn EventStore> = store.clone();
     let workers_config = WorkersConfig::load(s.config_text.as_deref(), &|k| std::env::var(k).ok())?;
     let pipelines = workers_config.pipelines.keys().cloned().collect();

@@ -13,11 +13,12 @@ mod assets;
 mod routes;
 mod sse;
 
+use std::collections::HashMap;
 use std::io::Read;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -36,6 +37,14 @@ pub const LISTEN_BACKLOG: i32 = 8192;
 /// Threads taking parsed requests from tiny_http.
 pub const HANDLER_THREADS: usize = 8;
 pub const HEARTBEAT_MS_DEFAULT: u64 = 15_000;
+/// A connection whose request headers do not arrive in this time is closed; an idle
+/// keep-alive connection too. Set on the listener, inherited by accepted sockets.
+pub const HEADER_TIMEOUT_MS_DEFAULT: u64 = 10_000;
+/// A write that cannot proceed for this long (a client that stopped reading) fails, which
+/// ends that stream only; the client can resume from its last event id.
+pub const SEND_TIMEOUT_MS: u64 = 10_000;
+/// File descriptors kept free of streams for the store, workers and short requests.
+pub const RESERVED_FDS: u64 = 512;
 
 /// What the HTTP side needs from the executors, without depending on them.
 pub trait Executors: Send + Sync {
@@ -53,6 +62,7 @@ pub struct HttpConfig {
     pub heartbeat_ms: u64,
     pub metrics_public: bool,
     pub default_pipeline: String,
+    pub header_timeout_ms: u64,
 }
 
 impl HttpConfig {
@@ -64,6 +74,7 @@ impl HttpConfig {
             heartbeat_ms: HEARTBEAT_MS_DEFAULT,
             metrics_public: false,
             default_pipeline: "commission".into(),
+            header_timeout_ms: HEADER_TIMEOUT_MS_DEFAULT,
         }
     }
 }
@@ -95,10 +106,62 @@ pub(crate) struct Shared {
     pub(crate) metrics: metrics::Metrics,
     pub(crate) shutting_down: AtomicBool,
     pub(crate) streams: AtomicU64,
+    pub(crate) accept_restarts: Arc<AtomicU64>,
+    /// Connections' last request, by peer address, for the janitor.
+    pub(crate) peers: Mutex<HashMap<SocketAddr, PeerState>>,
+}
+
+/// The tiny_http servers on our listener. tiny_http's accept thread stops for good on an
+/// accept error (EMFILE, say); the handler threads then start a new server on a clone of the
+/// listener and keep draining the old one's queue, so running out of descriptors never stops
+/// the server silently.
+struct Acceptors {
+    listener: std::net::TcpListener,
+    current: RwLock<Arc<tiny_http::Server>>,
+    retired: Mutex<Vec<Arc<tiny_http::Server>>>,
+    accept_dead: AtomicBool,
+    restarts: Arc<AtomicU64>,
+}
+
+impl Acceptors {
+    fn current(&self) -> Arc<tiny_http::Server> {
+        self.current.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn retired(&self) -> Vec<Arc<tiny_http::Server>> {
+        self.retired.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Replaces a server whose accept thread died. Retried on the next loop if the clone
+    /// itself fails (no descriptor free yet).
+    fn replace(&self) {
+        let mut current = self.current.write().unwrap_or_else(|p| p.into_inner());
+        if !self.accept_dead.load(Ordering::SeqCst) {
+            return; // another handler thread replaced it already
+        }
+        let fresh = self
+            .listener
+            .try_clone()
+            .map_err(|e| e.to_string())
+            .and_then(|l| tiny_http::Server::from_listener(l, None).map_err(|e| e.to_string()));
+        match fresh {
+            Ok(server) => {
+                let old = std::mem::replace(&mut *current, Arc::new(server));
+                self.retired.lock().unwrap_or_else(|p| p.into_inner()).push(old);
+                self.accept_dead.store(false, Ordering::SeqCst);
+                self.restarts.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!("restarted the accept loop after an accept error");
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot restart the accept loop yet; retrying");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
 }
 
 pub struct Server {
-    http: Arc<tiny_http::Server>,
+    acceptors: Arc<Acceptors>,
     shared: Arc<Shared>,
     threads: Vec<JoinHandle<()>>,
     addr: SocketAddr,
@@ -119,9 +182,20 @@ impl Server {
         executors: Option<Arc<dyn Executors>>,
     ) -> Result<Server, HttpError> {
         let addr: SocketAddr = config.listen.parse().map_err(|_| HttpError::BadAddress(config.listen.clone()))?;
-        let listener = listen(addr).map_err(|source| HttpError::Bind { addr: config.listen.clone(), source })?;
+        let mut config = config;
+        config.connections_max = fit_connections_to_fd_limit(config.connections_max);
+        let listener = listen(addr, Duration::from_millis(config.header_timeout_ms.max(1)))
+            .map_err(|source| HttpError::Bind { addr: config.listen.clone(), source })?;
         let addr = listener.local_addr().map_err(|e| HttpError::Start(e.to_string()))?;
-        let http = Arc::new(tiny_http::Server::from_listener(listener, None).map_err(|e| HttpError::Start(e.to_string()))?);
+        let ours = listener.try_clone().map_err(|e| HttpError::Start(e.to_string()))?;
+        let http = tiny_http::Server::from_listener(listener, None).map_err(|e| HttpError::Start(e.to_string()))?;
+        let acceptors = Arc::new(Acceptors {
+            listener: ours,
+            current: RwLock::new(Arc::new(http)),
+            retired: Mutex::new(Vec::new()),
+            accept_dead: AtomicBool::new(false),
+            restarts: Arc::new(AtomicU64::new(0)),
+        });
         let shared = Arc::new(Shared {
             store,
             keys,
@@ -130,18 +204,31 @@ impl Server {
             metrics: metrics::Metrics::default(),
             shutting_down: AtomicBool::new(false),
             streams: AtomicU64::new(0),
+            accept_restarts: acceptors.restarts.clone(),
+            peers: Mutex::new(HashMap::new()),
         });
+        watch_for_accept_panics(&acceptors);
+        {
+            use std::os::fd::AsRawFd;
+            let fd = acceptors.listener.as_raw_fd();
+            let shared = shared.clone();
+            let timeout = Duration::from_millis(shared.config.header_timeout_ms.max(1));
+            std::thread::Builder::new()
+                .name("atelier-http-janitor".into())
+                .spawn(move || socket_janitor(fd, addr.port(), timeout, shared))
+                .map_err(|e| HttpError::Start(e.to_string()))?;
+        }
         let threads = (0..HANDLER_THREADS)
             .map(|i| {
-                let http = http.clone();
+                let acceptors = acceptors.clone();
                 let shared = shared.clone();
                 std::thread::Builder::new()
                     .name(format!("atelier-http-{i}"))
-                    .spawn(move || handler_loop(&http, &shared))
+                    .spawn(move || handler_loop(&acceptors, &shared))
                     .map_err(|e| HttpError::Start(e.to_string()))
             })
             .collect::<Result<Vec<_>, _>>()?;
-        Ok(Server { http, shared, threads, addr })
+        Ok(Server { acceptors, shared, threads, addr })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -153,7 +240,7 @@ impl Server {
     pub fn shutdown(mut self) {
         self.shared.shutting_down.store(true, Ordering::SeqCst);
         for _ in 0..self.threads.len() {
-            self.http.unblock();
+            self.acceptors.current().unblock();
         }
         for t in self.threads.drain(..) {
             let _ = t.join();
@@ -165,30 +252,161 @@ impl Server {
     }
 }
 
-/// A listener with a large backlog and TCP_NODELAY (inherited by accepted sockets on Linux).
-fn listen(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+/// Raises the soft descriptor limit to the hard one, and keeps the stream cap below what it
+/// allows, so that streams alone can never exhaust descriptors.
+fn fit_connections_to_fd_limit(wanted: usize) -> usize {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit/setrlimit write and read a plain struct we own.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return wanted;
+        }
+        if lim.rlim_cur < lim.rlim_max {
+            let raised = libc::rlimit { rlim_cur: lim.rlim_max, rlim_max: lim.rlim_max };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                lim = raised;
+            }
+        }
+    }
+    let budget = usize::try_from(lim.rlim_cur.saturating_sub(RESERVED_FDS)).unwrap_or(usize::MAX);
+    if budget < wanted {
+        tracing::warn!(wanted, allowed = budget, "the descriptor limit caps concurrent streams lower");
+    }
+    wanted.min(budget.max(1))
+}
+
+/// A listener with a large backlog, TCP_NODELAY and a send timeout — socket options Linux
+/// copies to every accepted socket, so tiny_http's connections get them.
+fn listen(addr: SocketAddr, header_timeout: Duration) -> std::io::Result<std::net::TcpListener> {
     use socket2::{Domain, Protocol, Socket, Type};
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     socket.set_reuse_address(true)?;
     socket.set_nodelay(true)?;
+    // Not SO_RCVTIMEO: accept() honours it and tiny_http's accept thread would stop on the
+    // first idle timeout. The read timeout is put on accepted sockets by `socket_janitor`.
+    let _ = header_timeout;
+    socket.set_write_timeout(Some(Duration::from_millis(SEND_TIMEOUT_MS)))?;
     socket.bind(&addr.into())?;
     socket.listen(LISTEN_BACKLOG)?;
     Ok(socket.into())
 }
 
-fn handler_loop(http: &tiny_http::Server, shared: &Arc<Shared>) {
+/// How often the janitor looks at connections.
+const JANITOR_INTERVAL: Duration = Duration::from_millis(500);
+
+/// What the janitor knows of a connection from the handlers.
+#[derive(Clone, Copy)]
+pub(crate) struct PeerState {
+    pub last_request: Instant,
+    /// A stream owns the connection; it ends by itself (write errors, send timeout).
+    pub streaming: bool,
+}
+
+/// Closes connections that sit without a request for the header timeout: one whose headers
+/// never finish, or an idle keep-alive one. tiny_http gives no hook at accept time and its
+/// threads are already blocked in read() (a later SO_RCVTIMEO would not apply), so the
+/// janitor finds our sockets in /proc/self/fd and shuts the stale ones down, which ends the
+/// blocked read with EOF.
+fn socket_janitor(listener_fd: i32, port: u16, timeout: Duration, shared: Arc<Shared>) {
+    let inode_of = |fd: i32| -> Option<u64> {
+        std::fs::read_link(format!("/proc/self/fd/{fd}")).ok()?.to_str()?.strip_prefix("socket:[")?.strip_suffix(']')?.parse().ok()
+    };
+    // Every clone of the listening socket shares its inode; never touch it.
+    let listener_inode = inode_of(listener_fd);
+    // Per socket inode: when first seen, and its peer if it is one of our connections.
+    let mut known: HashMap<u64, (Instant, Option<SocketAddr>)> = HashMap::new();
     while !shared.shutting_down.load(Ordering::SeqCst) {
-        let req = match http.recv() {
-            Ok(r) => r,
-            Err(e) => {
-                if !shared.shutting_down.load(Ordering::SeqCst) {
-                    tracing::warn!(error = %e, "accepting a request failed");
-                    std::thread::sleep(Duration::from_millis(10));
-                }
+        std::thread::sleep(JANITOR_INTERVAL);
+        let Ok(dir) = std::fs::read_dir("/proc/self/fd") else { continue };
+        let now = Instant::now();
+        let mut live_inodes = std::collections::HashSet::with_capacity(known.len());
+        let mut live_peers = std::collections::HashSet::with_capacity(known.len());
+        for entry in dir.flatten() {
+            let Some(fd) = entry.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else { continue };
+            let Some(inode) = inode_of(fd) else { continue };
+            if Some(inode) == listener_inode {
                 continue;
             }
-        };
-        handle(req, shared);
+            live_inodes.insert(inode);
+            let (seen, peer) = *known.entry(inode).or_insert_with(|| {
+                let ours = socket_addrs(fd).filter(|(local, _)| local.port() == port).map(|(_, peer)| peer);
+                (now, ours)
+            });
+            let Some(peer) = peer else { continue };
+            live_peers.insert(peer);
+            let state = shared.peers.lock().ok().and_then(|p| p.get(&peer).copied());
+            let last_activity = state.map_or(seen, |s| s.last_request.max(seen));
+            let streaming = state.is_some_and(|s| s.streaming);
+            if !streaming && now.duration_since(last_activity) > timeout && inode_of(fd) == Some(inode) {
+                // SAFETY: shutdown on an fd we just checked is this socket; it only ends I/O.
+                unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
+            }
+        }
+        known.retain(|i, _| live_inodes.contains(i));
+        if let Ok(mut peers) = shared.peers.lock() {
+            peers.retain(|p, _| live_peers.contains(p));
+        }
+    }
+}
+
+/// The local and peer addresses of a TCP socket fd.
+fn socket_addrs(fd: i32) -> Option<(SocketAddr, SocketAddr)> {
+    use socket2::SockAddr;
+    // SAFETY: getsockname/getpeername fill storage we own, up to the length we pass.
+    let get = |peer: bool| unsafe {
+        SockAddr::try_init(|storage, len| {
+            let rc = if peer { libc::getpeername(fd, storage.cast(), len) } else { libc::getsockname(fd, storage.cast(), len) };
+            if rc == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
+        })
+        .ok()
+        .and_then(|(_, a)| a.as_socket())
+    };
+    Some((get(false)?, get(true)?))
+}
+
+/// tiny_http's accept thread unwraps a `try_clone` of each accepted socket, so running out of
+/// descriptors panics it instead of reporting an error. This hook notices that panic.
+fn watch_for_accept_panics(acceptors: &Arc<Acceptors>) {
+    static INSTALLED: std::sync::Once = std::sync::Once::new();
+    static DEAD: std::sync::OnceLock<std::sync::Weak<Acceptors>> = std::sync::OnceLock::new();
+    let _ = DEAD.set(Arc::downgrade(acceptors));
+    INSTALLED.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            let in_tiny_http = info.location().is_some_and(|l| l.file().contains("tiny_http"));
+            if in_tiny_http {
+                if let Some(a) = DEAD.get().and_then(std::sync::Weak::upgrade) {
+                    a.accept_dead.store(true, Ordering::SeqCst);
+                }
+            }
+            previous(info);
+        }));
+    });
+}
+
+fn handler_loop(acceptors: &Acceptors, shared: &Arc<Shared>) {
+    'serve: while !shared.shutting_down.load(Ordering::SeqCst) {
+        if acceptors.accept_dead.load(Ordering::SeqCst) {
+            acceptors.replace();
+        }
+        // Connections of a replaced server still deliver their requests there.
+        let retired = acceptors.retired();
+        for old in &retired {
+            if let Ok(Some(req)) = old.try_recv() {
+                handle(req, shared);
+                continue 'serve;
+            }
+        }
+        let wait = if retired.is_empty() { Duration::from_millis(500) } else { Duration::from_millis(20) };
+        match acceptors.current().recv_timeout(wait) {
+            Ok(Some(req)) => handle(req, shared),
+            Ok(None) => {}
+            Err(e) => {
+                // tiny_http reports an accept error once and its accept thread is gone.
+                tracing::error!(error = %e, "accepting connections failed");
+                acceptors.accept_dead.store(true, Ordering::SeqCst);
+            }
+        }
     }
 }
 
@@ -259,6 +477,11 @@ pub(crate) fn percent_decode(s: &str) -> String {
 
 fn handle(mut request: tiny_http::Request, shared: &Arc<Shared>) {
     let started = Instant::now();
+    let peer = request.remote_addr().copied();
+    if let (Some(peer), Ok(mut peers)) = (peer, shared.peers.lock()) {
+        let streaming = peers.get(&peer).is_some_and(|p| p.streaming);
+        peers.insert(peer, PeerState { last_request: started, streaming });
+    }
     let url = request.url().to_string();
     let (path, query) = url.split_once('?').unwrap_or((&url, ""));
     let query = query
@@ -294,7 +517,12 @@ fn handle(mut request: tiny_http::Request, shared: &Arc<Shared>) {
     };
     shared.metrics.request(route, status, started.elapsed().as_secs_f64());
     match reply {
-        Reply::Stream(spec) => sse::spawn(request, spec, shared.clone()),
+        Reply::Stream(spec) => {
+            if let (Some(peer), Ok(mut peers)) = (peer, shared.peers.lock()) {
+                peers.insert(peer, PeerState { last_request: started, streaming: true });
+            }
+            sse::spawn(request, spec, shared.clone())
+        }
         Reply::Json(status, body) => {
             let body = serde_json::to_vec(&body).expect("invariant: JSON values serialize");
             respond(request, status, "application/json", body, Vec::new());

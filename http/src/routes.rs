@@ -203,6 +203,10 @@ fn handle(route: &Route, params: &[&str], who: Option<&Identity>, req: &Req, sha
                 extra.push_str(&format!("atelier_commissions{{state=\"{}\"}} {n}\n", state.as_str()));
             }
             extra.push_str(&format!("# TYPE atelier_log_head_seq gauge\natelier_log_head_seq {}\n", shared.store.head_seq()));
+            extra.push_str(&format!(
+                "# TYPE atelier_http_accept_restarts_total counter\natelier_http_accept_restarts_total {}\n",
+                shared.accept_restarts.load(std::sync::atomic::Ordering::Relaxed)
+            ));
             if let Some(e) = &shared.executors {
                 extra.push_str(&e.metrics_text());
             }

@@ -248,3 +248,51 @@ fn cli_replay_check_export_import_and_bad_flags() {
     assert_eq!(tok.status.code(), Some(2));
     assert!(run(&["help"]).status.success());
 }
+
+#[test]
+fn a_request_whose_headers_never_finish_is_closed() {
+    let dir = TempDir::new("slowloris");
+    let s = Server::start(exe(), &dir.0, &[("ATELIER_HEADER_TIMEOUT_MS", "400")]);
+    let mut c = std::net::TcpStream::connect(s.addr).unwrap();
+    use std::io::{Read, Write};
+    c.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n").unwrap();
+    c.set_read_timeout(Some(std::time::Duration::from_secs(5))).unwrap();
+    let started = std::time::Instant::now();
+    let mut buf = [0u8; 64];
+    let n = c.read(&mut buf).unwrap_or(0);
+    assert_eq!(n, 0, "closed without an answer");
+    assert!(started.elapsed() < std::time::Duration::from_secs(3), "closed by the header timeout: {:?}", started.elapsed());
+    assert_eq!(s.get("/healthz", None).status, 200, "others are served");
+}
+
+/// Postmortem: tiny_http's accept thread exits for good on its first accept error, so running
+/// out of descriptors once used to stop the server from taking any connection again.
+#[test]
+fn running_out_of_descriptors_does_not_stop_the_accept_loop() {
+    let dir = TempDir::new("emfile");
+    let s = Server::start_with_fd_limit(exe(), &dir.0, &[("ATELIER_HEADER_TIMEOUT_MS", "1000")], 96);
+    let admin = token("root", true);
+    // Hold idle connections until the server's descriptors run out.
+    let mut held = Vec::new();
+    for _ in 0..200 {
+        match std::net::TcpStream::connect(s.addr) {
+            Ok(c) => held.push(c),
+            Err(_) => break,
+        }
+    }
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    drop(held);
+    let back = wait_for(std::time::Duration::from_secs(15), || {
+        let c = std::net::TcpStream::connect(s.addr).ok()?;
+        drop(c);
+        let r = s.get("/metrics", Some(&admin));
+        (r.status == 200).then(|| r.text())
+    });
+    let metrics = back.expect("the server answers again once descriptors are free");
+    let restarts: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("atelier_http_accept_restarts_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap();
+    assert!(restarts >= 1, "the accept loop was restarted: {metrics}");
+}

@@ -59,7 +59,27 @@ impl Server {
     }
 
     pub fn start_on(exe: &Path, data_dir: &Path, env: &[(&str, &str)], listen: &str) -> Server {
+        Self::start_with(Command::new(exe), exe, data_dir, env, listen)
+    }
+
+    /// Starts the server with at most `nofile` open file descriptors (soft and hard).
+    pub fn start_with_fd_limit(exe: &Path, data_dir: &Path, env: &[(&str, &str)], nofile: u64) -> Server {
+        use std::os::unix::process::CommandExt;
         let mut cmd = Command::new(exe);
+        // SAFETY: setrlimit is async-signal-safe; the closure touches nothing else.
+        unsafe {
+            cmd.pre_exec(move || {
+                let lim = libc::rlimit { rlim_cur: nofile, rlim_max: nofile };
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        Self::start_with(cmd, exe, data_dir, env, "127.0.0.1:0")
+    }
+
+    fn start_with(mut cmd: Command, exe: &Path, data_dir: &Path, env: &[(&str, &str)], listen: &str) -> Server {
         cmd.arg("serve")
             .env("ATELIER_LISTEN", listen)
             .env("ATELIER_DATA_DIR", data_dir)
