@@ -133,3 +133,35 @@ fn a_client_that_never_reads_is_dropped_and_others_keep_receiving() {
     assert_eq!(dropped, Some(1), "exactly the stalled client was cut off");
     drop(stalled);
 }
+
+#[test]
+fn heartbeats_cap_and_graceful_shutdown() {
+    let dir = TempDir::new("sse-ops");
+    let s = Server::start(exe(), &dir.0, &[("ATELIER_HEARTBEAT_MS", "200"), ("ATELIER_MAX_CONNECTIONS", "2")]);
+    let admin = token("root", true);
+    // A raw read of an idle stream: heartbeat comments keep it alive.
+    let mut raw = std::net::TcpStream::connect(s.addr).unwrap();
+    use std::io::{Read, Write};
+    write!(raw, "GET /api/events/stream HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {admin}\r\n\r\n").unwrap();
+    raw.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    let mut text = String::new();
+    let mut buf = [0u8; 512];
+    let started = std::time::Instant::now();
+    while !text.contains(": heartbeat") && started.elapsed() < Duration::from_secs(3) {
+        let n = raw.read(&mut buf).unwrap_or(0);
+        text.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+    assert!(text.starts_with("HTTP/1.1 200") && text.contains("text/event-stream"), "{text}");
+    assert!(text.contains(": heartbeat"), "{text}");
+    // The cap: a second stream fits, a third is 503 with a JSON error.
+    let _second = Sse::open(s.addr, "/api/events/stream", &admin, None);
+    std::thread::sleep(Duration::from_millis(100));
+    let third = request(s.addr, "GET", "/api/events/stream", Some(&admin), &[], None);
+    assert_eq!((third.status, third.code().as_str()), (503, "over_capacity"));
+    // SIGTERM: streams end, the process exits 0 promptly.
+    let started = std::time::Instant::now();
+    assert!(s.stop().success());
+    assert!(started.elapsed() < Duration::from_secs(5), "graceful stop took {:?}", started.elapsed());
+    let mut rest = Vec::new();
+    let _ = raw.read_to_end(&mut rest);
+}
