@@ -1,0 +1,111 @@
+//! End-to-end with real worker processes: kill -9 the server while jobs run — no worker
+//! survives it, and after a restart every commission still reaches a terminal state; job
+//! records and logs over HTTP.
+
+use std::path::Path;
+use std::time::Duration;
+
+use atelier_tests::*;
+
+fn exe() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_atelier"))
+}
+
+fn alive(pid: u64) -> bool {
+    // A zombie has exited; only a running or sleeping process counts.
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| s.rsplit(')').next().and_then(|r| r.split_whitespace().next()) != Some("Z"))
+        .unwrap_or(false)
+}
+
+#[test]
+fn sigkill_the_server_with_jobs_running() {
+    let dir = TempDir::new("jobs-crash");
+    let s = Server::start(exe(), &dir.0, &[("MAX_CONCURRENT_JOBS", "3")]);
+    let alice = token("alice", false);
+    let ids: Vec<u64> = (0..5)
+        .map(|i| {
+            s.create(&alice, json!({"context": {"title": format!("slow {i}"), "delay_ms": 600}, "pipeline": "commission"}))["task_id"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    // Wait until three jobs run, and note their worker pids.
+    let pids = wait_for(Duration::from_secs(20), || {
+        let pids: Vec<u64> = ids
+            .iter()
+            .flat_map(|id| s.get(&format!("/api/commissions/{id}/jobs"), Some(&alice)).json()["items"].as_array().cloned().unwrap_or_default())
+            .filter(|j| j["status"] == "running")
+            .filter_map(|j| j["process_id"].as_u64())
+            .collect();
+        (pids.len() == 3).then_some(pids)
+    })
+    .expect("three jobs running at once");
+    assert!(pids.iter().all(|p| alive(*p)));
+    let addr = s.addr.to_string();
+    s.kill();
+    let gone = wait_for(Duration::from_secs(5), || pids.iter().all(|p| !alive(*p)).then_some(()));
+    assert!(gone.is_some(), "no worker outlives the server (PDEATHSIG): {pids:?}");
+
+    let s = Server::start_on(exe(), &dir.0, &[("MAX_CONCURRENT_JOBS", "3")], &addr);
+    let done = wait_for(Duration::from_secs(60), || {
+        let states: Vec<String> = ids
+            .iter()
+            .map(|id| s.get(&format!("/api/commissions/{id}"), Some(&alice)).json()["state"].as_str().unwrap_or("").to_string())
+            .collect();
+        states.iter().all(|st| st == "completed").then_some(states)
+    });
+    assert!(done.is_some(), "every commission completes after the restart");
+    // The interrupted attempts are on record, with the reason.
+    let mut restarted = 0;
+    for id in &ids {
+        let jobs = s.get(&format!("/api/commissions/{id}/jobs"), Some(&alice)).json();
+        for j in jobs["items"].as_array().unwrap() {
+            if j["error_message"].as_str().is_some_and(|e| e.contains("server restarted")) {
+                restarted += 1;
+            }
+        }
+    }
+    assert_eq!(restarted, 3, "the three interrupted jobs are recorded as such");
+    let check = std::process::Command::new(exe()).args(["replay", "--check"]).env("ATELIER_DATA_DIR", &dir.0).output().unwrap();
+    assert_eq!(check.status.code(), Some(2), "the running server holds the data dir lock");
+    assert!(String::from_utf8_lossy(&check.stderr).contains("in use by pid"));
+    let stopped = s.stop();
+    assert!(stopped.success());
+    let check = std::process::Command::new(exe()).args(["replay", "--check"]).env("ATELIER_DATA_DIR", &dir.0).output().unwrap();
+    assert!(check.status.success(), "{}", String::from_utf8_lossy(&check.stdout));
+}
+
+#[test]
+fn job_records_and_logs_over_http() {
+    let dir = TempDir::new("jobs-http");
+    let s = Server::start(exe(), &dir.0, &[]);
+    let alice = token("alice", false);
+    let id = s.create(&alice, json!({"context": {"title": "t"}, "pipeline": "commission"}))["task_id"].as_u64().unwrap();
+    let job = wait_for(Duration::from_secs(20), || {
+        let jobs = s.get(&format!("/api/commissions/{id}/jobs"), Some(&alice)).json();
+        let j = jobs["items"].as_array()?.first()?.clone();
+        (j["status"] == "succeeded").then_some(j)
+    })
+    .expect("the job succeeds");
+    for key in ["job_id", "task_id", "executor", "job_name", "process_id", "status", "created_at", "started_at", "completed_at", "exit_code", "signal", "error_message", "max_rss_bytes", "cpu_ms"] {
+        assert!(job.get(key).is_some(), "job has {key}: {job}");
+    }
+    assert_eq!(job["executor"], "job_controller");
+    assert_eq!(job["exit_code"], 0);
+    assert!(job["max_rss_bytes"].as_u64().unwrap() > 0, "rusage recorded");
+    let jid = job["job_id"].as_u64().unwrap();
+    assert_eq!(s.get(&format!("/api/jobs/{jid}/status"), Some(&alice)).json()["job_id"], jid);
+    let logs = s.get(&format!("/api/jobs/{jid}/logs"), Some(&alice));
+    assert_eq!(logs.status, 200);
+    assert!(logs.json().get("stderr").is_some());
+    assert_eq!(s.get(&format!("/api/jobs/{jid}/status"), Some(&token("bob", false))).status, 404);
+    // The product image is served, content-addressed.
+    let snap = s.get(&format!("/api/commissions/{id}"), Some(&alice)).json();
+    let url = snap["result"]["product"]["image_url"].as_str().unwrap().to_string();
+    let img = s.get(&url, None);
+    assert_eq!(img.status, 200);
+    assert_eq!(&img.body[..8], b"\x89PNG\r\n\x1a\n");
+    // readyz: the store is open and the job controller runs.
+    assert_eq!(s.get("/readyz", None).status, 200);
+}
