@@ -40,10 +40,11 @@ pub fn encode_run(seqs: &[u64]) -> Vec<u8> {
 
 /// The seqs of a run value; `None` if it is not a whole, non-empty number of seqs.
 pub fn decode_run(value: &[u8]) -> Option<impl Iterator<Item = u64> + '_> {
-    if value.is_empty() || value.len() % 8 != 0 {
+    let seqs = value.chunks_exact(8);
+    if value.is_empty() || !seqs.remainder().is_empty() {
         return None;
     }
-    Some(value.chunks_exact(8).map(|c| u64::from_be_bytes(c.try_into().expect("invariant: chunks of 8"))))
+    Some(seqs.map(|c| u64::from_be_bytes(c.try_into().expect("invariant: chunks of 8"))))
 }
 
 /// Meta names (under [`Projection::Meta`]).
