@@ -207,7 +207,7 @@ impl Shared {
         let end = job_end(job_id, JobStatus::Failed, Some(error.clone()));
         self.metrics.job_started(executor);
         self.metrics.job_finished(executor, "not_started", Duration::ZERO);
-        record_finish(&*self.store, self.config.retry, c.id, executor, Finish::Fail { error, retryable, end });
+        record_finish(&*self.store, self.config.retry, c.id, executor, Vec::new(), Finish::Fail { error, retryable, end });
     }
 }
 
@@ -540,7 +540,7 @@ fn reconcile(shared: &Shared) -> Result<(), WorkersError> {
         let error = "server restarted".to_string();
         let end = job_end(job_id, JobStatus::Killed, Some(error.clone()));
         tracing::warn!(commission = c.id, job = job_id, "job of a previous server; failing the attempt");
-        record_finish(&*shared.store, shared.config.retry, c.id, Executor::JobController, Finish::Fail { error, retryable: true, end });
+        record_finish(&*shared.store, shared.config.retry, c.id, Executor::JobController, Vec::new(), Finish::Fail { error, retryable: true, end });
     }
     Ok(())
 }
@@ -698,7 +698,7 @@ fn run_process_job(shared: &Shared, c: Commission, signal: &JobSignal) {
     let ended = process::watch(watched, &mut session, signal, &applied);
     shared.with_router(|r, cfg| r.record(cfg, ended.infra_failure, Instant::now()));
     shared.metrics.job_finished(executor, ended.finish.outcome(), started.elapsed());
-    record_finish(&*shared.store, shared.config.retry, c.id, executor, ended.finish);
+    record_finish(&*shared.store, shared.config.retry, c.id, executor, session.take_batch(), ended.finish);
 }
 
 type SpawnedWorker = (std::process::Child, std::os::fd::OwnedFd, std::os::fd::OwnedFd, std::os::fd::OwnedFd);

@@ -369,6 +369,13 @@ pub(crate) fn watch(w: Watched, session: &mut Session, signal: &JobSignal, appli
                 end_worker(&mut kill, &mut sigkill_at, halt_reason(h));
             }
         }
+        // Everything this wakeup read goes to the log in one append; once the worker has
+        // exited, the last batch waits to go with the job's end (see `record_finish`).
+        if !exited && session.has_batch() {
+            if let Err(h) = session.commit() {
+                end_worker(&mut kill, &mut sigkill_at, halt_reason(h));
+            }
+        }
         let now = Instant::now();
         if kill.is_none() && now >= wall_deadline {
             end_worker(&mut kill, &mut sigkill_at, KillReason::Timeout { seconds: applied.timeout_seconds });
@@ -396,6 +403,16 @@ pub(crate) fn watch(w: Watched, session: &mut Session, signal: &JobSignal, appli
     }
     if kill.is_none() && !lines.leftover().is_empty() && session.result.is_none() && session.worker_error.is_none() {
         kill = Some(KillReason::Protocol("the worker exited in the middle of a line (no newline)".into()));
+    }
+    // The reports still queued are recorded with the job's end if the engine takes them all;
+    // learn now whether it does, since a refusal changes how the job ended.
+    let checked = match kill {
+        None => session.check_batch(),
+        // Stopped for another reason: what came before the stop is recorded, as it was said.
+        Some(_) => session.commit(),
+    };
+    if let (None, Err(h)) = (&kill, checked) {
+        kill = Some(halt_reason(h));
     }
     out_log.write(&read_some(&w.out_r, DRAIN_BYTES_MAX).0);
     let err_rest = read_some(&w.err_r, DRAIN_BYTES_MAX).0;

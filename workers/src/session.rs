@@ -4,13 +4,19 @@
 //! coalescing and the final outcome are the same whoever ran the job. Progress is the only
 //! thing that is coalesced: at most one event per stage per interval, the latest one wins,
 //! and a pending one is always written before the stage changes or the job reports its end.
+//!
+//! Commands are not appended one by one: a session collects what one batch of protocol lines
+//! says (everything a poll wakeup read) and [`Session::commit`] decides the commands one after
+//! the other against one snapshot and appends all their events in one atomic append, so a
+//! worker that reports a burst costs one fsync, not one per line. The job's end can carry the
+//! last batch along ([`record_finish`]), so a short job is two appends: start and end.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use atelier_engine::limits::{self, truncate};
-use atelier_engine::{Command, Ctx, Executor, JobEnd, JobStatus, Rejection, RetryPolicy, Stage};
-use atelier_storage::{execute, EventStore};
+use atelier_engine::{apply, decide, Command, Commission, Ctx, Envelope, Event, Executor, JobEnd, JobStatus, Rejection, RetryPolicy, Stage};
+use atelier_storage::{AppendOutcome, AppendRequest, AppendTarget, EventStore, StorageError};
 
 use crate::metrics::Metrics;
 use crate::protocol::{Checker, Message};
@@ -74,6 +80,13 @@ pub(crate) fn job_end(job_id: u64, status: JobStatus, error: Option<String>) -> 
     }
 }
 
+/// Commands a session holds before it commits them anyway: a batch is one append, and an
+/// append should stay small (stages, coalesced progress and artifacts are few per job, so
+/// only a pathological worker gets near this).
+pub(crate) const BATCH_COMMANDS_MAX: usize = 256;
+/// Times a batch is decided again after losing a version race (as `atelier_storage::execute`).
+const CONFLICT_RETRIES_MAX: usize = 64;
+
 pub(crate) struct Session {
     store: Arc<dyn EventStore>,
     pub(crate) commission_id: u64,
@@ -83,6 +96,8 @@ pub(crate) struct Session {
     checker: Checker,
     last_sent: [Option<Instant>; 4],
     pending: Option<(Stage, u32, Option<String>)>,
+    /// Decided by the protocol, not yet appended (see [`Session::commit`]).
+    batch: Vec<Command>,
     metrics: Arc<Metrics>,
     /// The worker's result, as JSON text.
     pub(crate) result: Option<String>,
@@ -108,20 +123,21 @@ impl Session {
             checker: Checker::default(),
             last_sent: [None; 4],
             pending: None,
+            batch: Vec::new(),
             metrics,
             result: None,
             worker_error: None,
         }
     }
 
-    /// Checks one message and records what it says.
+    /// Checks one message and queues what it says; [`Session::commit`] records it.
     pub(crate) fn handle(&mut self, msg: Message) -> Result<(), Halt> {
         self.checker.check(&msg).map_err(Halt::Protocol)?;
         let job_id = self.job_id;
         match msg {
             Message::Stage { stage } => {
                 self.flush()?;
-                self.exec(Command::EnterStage { job_id, stage })
+                self.queue(Command::EnterStage { job_id, stage })
             }
             Message::Progress { stage, percent, message } => {
                 let now = Instant::now();
@@ -131,13 +147,13 @@ impl Session {
                 }
                 if due {
                     self.last_sent[stage.index()] = Some(now);
-                    self.exec(Command::ReportProgress { job_id, stage, percent, message })
+                    self.queue(Command::ReportProgress { job_id, stage, percent, message })
                 } else {
                     self.pending = Some((stage, percent, message));
                     Ok(())
                 }
             }
-            Message::Artifact { stage, kind, uri } => self.exec(Command::RecordArtifact { job_id, stage, kind, uri }),
+            Message::Artifact { stage, kind, uri } => self.queue(Command::RecordArtifact { job_id, stage, kind, uri }),
             Message::Heartbeat {} => Ok(()),
             Message::Result { result } => {
                 self.flush()?;
@@ -166,7 +182,7 @@ impl Session {
         Some(self.last_sent[stage.index()].map_or_else(Instant::now, |t| t + self.interval))
     }
 
-    /// Writes the pending progress if its interval has passed.
+    /// Queues the pending progress if its interval has passed.
     pub(crate) fn flush_due(&mut self) -> Result<(), Halt> {
         match self.next_flush_at() {
             Some(at) if at <= Instant::now() => self.flush(),
@@ -174,26 +190,133 @@ impl Session {
         }
     }
 
-    /// Writes the pending progress now.
+    /// Queues the pending progress now.
     pub(crate) fn flush(&mut self) -> Result<(), Halt> {
         let Some((stage, percent, message)) = self.pending.take() else {
             return Ok(());
         };
         self.last_sent[stage.index()] = Some(Instant::now());
-        self.exec(Command::ReportProgress { job_id: self.job_id, stage, percent, message })
+        self.queue(Command::ReportProgress { job_id: self.job_id, stage, percent, message })
     }
 
-    fn exec(&self, cmd: Command) -> Result<(), Halt> {
-        match execute(&*self.store, self.commission_id, cmd, &ctx(self.retry)) {
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err(Rejection::CancelPending)) => Err(Halt::Cancelled),
-            Ok(Err(r @ (Rejection::StaleJob { .. } | Rejection::Terminal { .. } | Rejection::NotFound))) => {
-                Err(Halt::Stale(r.to_string()))
-            }
-            Ok(Err(r)) => Err(Halt::Protocol(format!("the engine refused it: {r}"))),
+    fn queue(&mut self, cmd: Command) -> Result<(), Halt> {
+        self.batch.push(cmd);
+        if self.batch.len() >= BATCH_COMMANDS_MAX {
+            return self.commit();
+        }
+        Ok(())
+    }
+
+    /// Whether commands wait for [`Session::commit`].
+    pub(crate) fn has_batch(&self) -> bool {
+        !self.batch.is_empty()
+    }
+
+    /// Appends the queued commands, all in one append. If one is refused, the ones before it
+    /// are still recorded (as if each had been appended alone) and the refusal says why the
+    /// job must stop.
+    pub(crate) fn commit(&mut self) -> Result<(), Halt> {
+        if self.batch.is_empty() {
+            return Ok(());
+        }
+        let cmds = std::mem::take(&mut self.batch);
+        match execute_all(&*self.store, self.commission_id, &cmds, &ctx(self.retry)) {
+            Ok(Batched { rejected: None, .. }) => Ok(()),
+            Ok(Batched { rejected: Some(r), .. }) => Err(halt_for(r)),
             Err(e) => Err(Halt::Storage(e.to_string())),
         }
     }
+
+    /// Decides the queued commands without appending them, to learn whether the engine takes
+    /// them all. If not, the ones before the refused one are appended now and the refusal is
+    /// returned; if so, the batch stays queued for the job's end to carry ([`record_finish`]).
+    pub(crate) fn check_batch(&mut self) -> Result<(), Halt> {
+        if self.batch.is_empty() {
+            return Ok(());
+        }
+        let current = match self.store.commission(self.commission_id) {
+            Ok(Some(c)) => c,
+            Ok(None) => return Err(halt_for(Rejection::NotFound)),
+            Err(e) => return Err(Halt::Storage(e.to_string())),
+        };
+        match decide_all(&current, &self.batch, &ctx(self.retry)).rejected {
+            None => Ok(()),
+            Some(_) => self.commit(),
+        }
+    }
+
+    /// The queued commands, for the job's end to append along with its own.
+    pub(crate) fn take_batch(&mut self) -> Vec<Command> {
+        std::mem::take(&mut self.batch)
+    }
+}
+
+fn halt_for(r: Rejection) -> Halt {
+    match r {
+        Rejection::CancelPending => Halt::Cancelled,
+        r @ (Rejection::StaleJob { .. } | Rejection::Terminal { .. } | Rejection::NotFound) => Halt::Stale(r.to_string()),
+        r => Halt::Protocol(format!("the engine refused it: {r}")),
+    }
+}
+
+/// What [`execute_all`] did: how many commands (a prefix) were appended, the refusal of the
+/// next one if any, and the commission afterwards.
+#[derive(Clone, Debug)]
+pub(crate) struct Batched {
+    pub(crate) accepted: usize,
+    pub(crate) rejected: Option<Rejection>,
+    pub(crate) commission: Option<Commission>,
+}
+
+/// Decides `cmds` one after the other, each on the state the ones before it leave. Stops at
+/// the first refusal: the events of the commands before it, and that refusal.
+fn decide_all(current: &Commission, cmds: &[Command], ctx: &Ctx) -> Decided {
+    let mut probe = current.clone();
+    let mut events = Vec::new();
+    for (i, cmd) in cmds.iter().enumerate() {
+        match decide(Some(&probe), cmd.clone(), ctx) {
+            Ok(decided) => {
+                for event in decided {
+                    let env = Envelope { seq: 0, commission_id: probe.id, version: probe.version + 1, at: ctx.now, event };
+                    probe = apply(Some(probe), &env).expect("invariant: decide() checked these events on this very state");
+                    events.push(env.event);
+                }
+            }
+            Err(r) => return Decided { events, accepted: i, rejected: Some(r) },
+        }
+    }
+    Decided { events, accepted: cmds.len(), rejected: None }
+}
+
+struct Decided {
+    events: Vec<Event>,
+    accepted: usize,
+    rejected: Option<Rejection>,
+}
+
+/// `atelier_storage::execute` for several commands: decided in a row on one snapshot (see
+/// [`decide_all`]) and appended as one atomic append at that snapshot's version, decided
+/// again if another writer got there first. The commands before a refused one are appended.
+pub(crate) fn execute_all(store: &dyn EventStore, id: u64, cmds: &[Command], ctx: &Ctx) -> Result<Batched, StorageError> {
+    for _ in 0..CONFLICT_RETRIES_MAX {
+        let Some(current) = store.commission(id)? else {
+            return Ok(Batched { accepted: 0, rejected: Some(Rejection::NotFound), commission: None });
+        };
+        let Decided { events, accepted, rejected } = decide_all(&current, cmds, ctx);
+        if events.is_empty() {
+            return Ok(Batched { accepted, rejected, commission: Some(current) });
+        }
+        let req = AppendRequest { target: AppendTarget::Existing(id), expected_version: current.version, events, at: ctx.now };
+        match store.append(req)? {
+            AppendOutcome::Appended { commission, .. } | AppendOutcome::Duplicate { commission } => {
+                return Ok(Batched { accepted, rejected, commission: Some(commission) })
+            }
+            AppendOutcome::Conflict { .. } => continue,
+            // The store's fold refused what the engine decided: nothing was appended.
+            AppendOutcome::Rejected(r) => return Ok(Batched { accepted: 0, rejected: Some(r), commission: None }),
+        }
+    }
+    Err(StorageError::Contention { commission: id })
 }
 
 /// Times the end of a job is retried after a storage failure: a lost end would leave the
@@ -201,16 +324,11 @@ impl Session {
 const RECORD_TRIES_MAX: u32 = 5;
 const RECORD_RETRY_MS: u64 = 200;
 
-fn execute_persistently(
-    store: &dyn EventStore,
-    commission_id: u64,
-    cmd: Command,
-    retry: RetryPolicy,
-) -> Result<Result<atelier_engine::Commission, Rejection>, atelier_storage::StorageError> {
+fn execute_persistently(store: &dyn EventStore, commission_id: u64, cmds: &[Command], retry: RetryPolicy) -> Result<Batched, StorageError> {
     let mut tries = 1;
     loop {
-        match execute(store, commission_id, cmd.clone(), &ctx(retry)) {
-            Err(e) if tries < RECORD_TRIES_MAX && !matches!(e, atelier_storage::StorageError::Closed) => {
+        match execute_all(store, commission_id, cmds, &ctx(retry)) {
+            Err(e) if tries < RECORD_TRIES_MAX && !matches!(e, StorageError::Closed) => {
                 tracing::warn!(commission = commission_id, error = %e, tries, "recording the job end failed; retrying");
                 tries += 1;
                 std::thread::sleep(Duration::from_millis(RECORD_RETRY_MS * u64::from(tries)));
@@ -220,9 +338,32 @@ fn execute_persistently(
     }
 }
 
-/// Records how a job ended. A completed job whose commission was cancelled meanwhile is
-/// recorded as cancelled; a report from a stale job is dropped (logged).
-pub(crate) fn record_finish(store: &dyn EventStore, retry: RetryPolicy, commission_id: u64, executor: Executor, finish: Finish) {
+/// The single-command form of [`execute_persistently`], shaped like `execute`'s answer.
+fn execute_one_persistently(
+    store: &dyn EventStore,
+    commission_id: u64,
+    cmd: Command,
+    retry: RetryPolicy,
+) -> Result<Result<Commission, Rejection>, StorageError> {
+    let b = execute_persistently(store, commission_id, std::slice::from_ref(&cmd), retry)?;
+    Ok(match (b.rejected, b.commission) {
+        (Some(r), _) => Err(r),
+        (None, Some(c)) => Ok(c),
+        (None, None) => Err(Rejection::NotFound),
+    })
+}
+
+/// Records how a job ended, after `before` (the session's last queued commands, appended in
+/// the same append when the engine takes them all). A completed job whose commission was
+/// cancelled meanwhile is recorded as cancelled; a report from a stale job is dropped (logged).
+pub(crate) fn record_finish(
+    store: &dyn EventStore,
+    retry: RetryPolicy,
+    commission_id: u64,
+    executor: Executor,
+    before: Vec<Command>,
+    finish: Finish,
+) {
     let (job_id, cmd) = match finish.clone() {
         Finish::Nothing => return,
         Finish::Complete { result, end } => (end.job_id, Command::Complete { job_id: end.job_id, result, job: Some(end) }),
@@ -231,7 +372,20 @@ pub(crate) fn record_finish(store: &dyn EventStore, retry: RetryPolicy, commissi
         }
         Finish::Cancelled { end } => (end.job_id, Command::ConfirmCancelled { job: Some(end) }),
     };
-    let first = execute_persistently(store, commission_id, cmd, retry);
+    let first = if before.is_empty() {
+        execute_one_persistently(store, commission_id, cmd, retry)
+    } else {
+        let mut cmds = before;
+        cmds.push(cmd.clone());
+        match execute_persistently(store, commission_id, &cmds, retry) {
+            Ok(Batched { rejected: None, commission: Some(c), .. }) => Ok(Ok(c)),
+            Ok(Batched { rejected: Some(r), accepted, .. }) if accepted + 1 == cmds.len() => Ok(Err(r)),
+            // A report before the end was refused (a cancel or a takeover raced the end): the
+            // reports before it are recorded; the end goes alone, as it would have.
+            Ok(_) => execute_one_persistently(store, commission_id, cmd, retry),
+            Err(e) => Err(e),
+        }
+    };
     let fallback = match (&first, finish) {
         // The commission was cancelled while the job finished: the job's end closes the cancel.
         (Ok(Err(Rejection::CancelPending)), Finish::Complete { end, .. }) => {
@@ -247,7 +401,7 @@ pub(crate) fn record_finish(store: &dyn EventStore, retry: RetryPolicy, commissi
         _ => None,
     };
     let outcome = match fallback {
-        Some(cmd) => execute_persistently(store, commission_id, cmd, retry),
+        Some(cmd) => execute_one_persistently(store, commission_id, cmd, retry),
         None => first,
     };
     match outcome {

@@ -84,7 +84,7 @@ impl Reporter for InProcess<'_> {
             self.timed_out = true;
             return Err(Stop("timed out".into()));
         }
-        self.session.flush_due().map_err(|h| {
+        self.session.flush_due().and_then(|()| self.session.commit()).map_err(|h| {
             self.halted = Some(h.clone());
             Stop(format!("{h:?}"))
         })
@@ -92,7 +92,8 @@ impl Reporter for InProcess<'_> {
 
     fn send(&mut self, msg: Message) -> Result<(), Stop> {
         self.check()?;
-        let r = self.session.handle(msg);
+        // In-process steps report as they go, so each report is recorded at once.
+        let r = self.session.handle(msg).and_then(|()| self.session.commit());
         if let Err(h) = r {
             self.halted = Some(h.clone());
             return Err(Stop(format!("{h:?}")));
@@ -189,5 +190,5 @@ fn run_task(shared: &Shared, c: Commission, signal: &JobSignal) {
         },
     };
     shared.metrics.job_finished(executor, finish.outcome(), started.elapsed());
-    record_finish(&*shared.store, shared.config.retry, c.id, executor, finish);
+    record_finish(&*shared.store, shared.config.retry, c.id, executor, rep.session.take_batch(), finish);
 }

@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# End-to-end throughput and pickup latency of the job controller (BENCHMARKS.md, "Job controller").
+#
+#   tests/bench-job-controller.sh atelier BIN [RUNS] [bench.py e2e args...]
+#   tests/bench-job-controller.sh bullmq  -   [RUNS] [bench.py e2e args...]
+#
+# Each run starts a fresh server (fresh data dir, free port), runs the black-box harness
+# (/work/shared/bench/bench.py e2e, from where it lives) under `flock /tmp/atelier-bench.lock`
+# so it never overlaps another benchmark, prints one summary line, and stops that server by pid.
+# The server's settings come from the environment (MAX_CONCURRENT_JOBS, USE_JOB_CONTROLLER,
+# ATELIER_BALLAST_MB, ...). Defaults: 3 runs of --n 600 --concurrency 20.
+set -euo pipefail
+KIND="${1:?usage: bench-job-controller.sh atelier|bullmq BIN [RUNS] [bench args]}"
+BIN="${2:?}"
+RUNS="${3:-3}"
+shift 3 || shift $#
+BENCH_ARGS=("$@")
+[ ${#BENCH_ARGS[@]} -eq 0 ] && BENCH_ARGS=(--n 600 --concurrency 20)
+BENCH_DIR="${BENCH_DIR:-/work/shared/bench}"
+PY="${PY:-/tmp/bench-venv/bin/python}"
+[ -x "$PY" ] || "$BENCH_DIR/setup.sh"
+
+free_port() { "$PY" -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])'; }
+
+wait_ready() {
+  for _ in $(seq 200); do
+    curl -fsS "http://127.0.0.1:$1/healthz" >/dev/null 2>&1 && return 0
+    sleep 0.05
+  done
+  echo "server on :$1 did not come up" >&2
+  return 1
+}
+
+# The machine is shared: wait (bounded) until nobody compiles, so a run measures us, not rustc.
+wait_quiet() {
+  for _ in $(seq "${QUIET_WAIT_S:-300}"); do
+    pgrep -x rustc >/dev/null || pgrep -x cargo >/dev/null || pgrep -x ld >/dev/null || return 0
+    sleep 1
+  done
+  echo "(still noisy: compilers running)" >&2
+}
+
+summary() {
+  "$PY" -c "$(cat <<'PYEOF'
+import json, sys
+d = json.loads(sys.stdin.read().strip().splitlines()[-1])
+g = lambda k, q: d[k][q]
+srv = d.get("server") or {}
+print("ok=%s/%s per_s=%s pickup_p50=%s pickup_p99=%s complete_p50=%s srv_pickup_p50=%s srv_pickup_p99=%s "
+      "dups=%s ooo=%s missing=%s max_rss_kb=%s" % (
+          d["completed"], d["n"], d["completed_per_s"], g("pickup_ms", "p50"), g("pickup_ms", "p99"),
+          g("complete_ms", "p50"), g("server_pickup_ms", "p50"), g("server_pickup_ms", "p99"),
+          d["dup_ids"], d["out_of_order"], d["streams_missing_stages"], srv.get("max_rss_kb")))
+PYEOF
+)"
+}
+
+for run in $(seq "$RUNS"); do
+  PORT="$(free_port)"
+  if [ "$KIND" = atelier ]; then
+    DATA="$(mktemp -d /tmp/atelier-jc-bench.XXXXXX)"
+    ATELIER_SECRET=s ATELIER_DATA_DIR="$DATA" ATELIER_LISTEN="127.0.0.1:$PORT" RUST_LOG="${RUST_LOG:-warn}" \
+      "$BIN" serve >"$DATA.log" 2>&1 &
+    PID=$!
+    TOKEN="$(ATELIER_SECRET=s "$BIN" token --user bench --admin)"
+  else
+    PIDFILE="$(mktemp)"
+    PIDFILE="$PIDFILE" /work/shared/peers/bullmq/run.sh "$PORT" 2>/dev/null &
+    PID=$!
+    TOKEN=x
+  fi
+  wait_ready "$PORT"
+  SERVER_PID="$PID"
+  [ "$KIND" = bullmq ] && SERVER_PID="$(cat "$PIDFILE")"
+  wait_quiet
+  OUT="$(flock /tmp/atelier-bench.lock "$PY" "$BENCH_DIR/bench.py" e2e --url "http://127.0.0.1:$PORT" \
+    --token "$TOKEN" --pid "$SERVER_PID" "${BENCH_ARGS[@]}")"
+  echo "$KIND run $run: $(echo "$OUT" | summary)"
+  [ -n "${KEEP_JSON:-}" ] && echo "$OUT" | tail -1 >>"$KEEP_JSON"
+  kill -TERM "$PID" 2>/dev/null || true
+  wait "$PID" 2>/dev/null || true
+  if [ "$KIND" = atelier ]; then rm -rf "$DATA" "$DATA.log"; else rm -f "$PIDFILE"; fi
+done
