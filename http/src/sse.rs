@@ -1,13 +1,14 @@
-//! Server-Sent Events: one thread per stream, writing through the request's raw writer and
-//! flushing after every event. A stream resumes strictly after Last-Event-ID (the global seq).
+//! Server-Sent Events: a stream runs on its connection's thread and writes each event to the
+//! socket in one write. A stream resumes strictly after Last-Event-ID (the global seq).
 
 use std::io::Write;
+use std::net::TcpStream;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use atelier_storage::{Filter, SubscriptionEnd};
 
+use crate::conn::{write_response, Body, Close};
 use crate::{render, Shared};
 
 /// The `retry:` hint sent first: how long a browser waits before reconnecting.
@@ -22,38 +23,30 @@ pub(crate) struct StreamSpec {
     pub end_on_terminal: bool,
 }
 
-pub(crate) fn spawn(request: tiny_http::Request, spec: StreamSpec, shared: Arc<Shared>) {
+/// Runs a stream on its connection's thread until the client goes, the stream ends or the
+/// server shuts down.
+pub(crate) fn serve(stream: &TcpStream, spec: StreamSpec, shared: &Shared) {
     shared.streams.fetch_add(1, Ordering::SeqCst);
     shared.metrics.sse_connections.fetch_add(1, Ordering::Relaxed);
-    let spawned = std::thread::Builder::new().name("atelier-sse".into()).stack_size(64 * 1024).spawn({
-        let shared = shared.clone();
-        move || {
-            run(request, spec, &shared);
-            shared.metrics.sse_connections.fetch_sub(1, Ordering::Relaxed);
-            shared.streams.fetch_sub(1, Ordering::SeqCst);
-        }
-    });
-    if spawned.is_err() {
-        tracing::warn!("could not start a stream thread");
-        shared.metrics.sse_connections.fetch_sub(1, Ordering::Relaxed);
-        shared.streams.fetch_sub(1, Ordering::SeqCst);
-    }
+    run(stream, spec, shared);
+    shared.metrics.sse_connections.fetch_sub(1, Ordering::Relaxed);
+    shared.streams.fetch_sub(1, Ordering::SeqCst);
 }
 
-fn run(request: tiny_http::Request, spec: StreamSpec, shared: &Shared) {
+fn run(stream: &TcpStream, spec: StreamSpec, shared: &Shared) {
     let mut sub = match shared.store.subscribe(spec.after, spec.filter.clone()) {
         Ok(s) => s,
         Err(e) => {
             let body = render::error("storage", &e.to_string()).to_string();
-            let _ = request.respond(tiny_http::Response::from_string(body).with_status_code(500));
+            let _ = write_response(stream, 500, "application/json", body.as_bytes(), &[], Close::Yes, Body::Send);
             return;
         }
     };
-    let mut w = request.into_writer();
+    let mut w = stream;
     let head = format!(
         "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\nConnection: close\r\nX-Accel-Buffering: no\r\n\r\nretry: {RETRY_HINT_MS}\n\n"
     );
-    if w.write_all(head.as_bytes()).and_then(|_| w.flush()).is_err() {
+    if w.write_all(head.as_bytes()).is_err() {
         return;
     }
     let heartbeat = Duration::from_millis(shared.config.heartbeat_ms.max(1));
@@ -65,7 +58,7 @@ fn run(request: tiny_http::Request, spec: StreamSpec, shared: &Shared) {
         match sub.next_timeout(heartbeat.min(SHUTDOWN_POLL)) {
             Ok(Some(d)) => {
                 let msg = render::sse_message(&d.env, &d.view);
-                if w.write_all(msg.as_bytes()).and_then(|_| w.flush()).is_err() {
+                if w.write_all(msg.as_bytes()).is_err() {
                     return;
                 }
                 last_write = Instant::now();
@@ -76,7 +69,7 @@ fn run(request: tiny_http::Request, spec: StreamSpec, shared: &Shared) {
             }
             Ok(None) => {
                 if last_write.elapsed() >= heartbeat {
-                    if w.write_all(b": heartbeat\n\n").and_then(|_| w.flush()).is_err() {
+                    if w.write_all(b": heartbeat\n\n").is_err() {
                         return;
                     }
                     last_write = Instant::now();

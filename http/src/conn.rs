@@ -1,0 +1,407 @@
+//! HTTP/1.1 connections on our own threads (this replaced tiny_http).
+//!
+//! An accept loop gives each connection a thread of its own. That thread reads a request
+//! (head and body under one deadline, so a stalled or dribbling client is closed), hands it
+//! to the handler pool (deep stacks for routing, storage reads and JSON), and writes the
+//! reply, keeping the connection alive as HTTP/1.1 says. An SSE request turns its
+//! connection's thread into the stream's thread: a stream costs one small thread and one
+//! descriptor.
+//!
+//! Why not tiny_http: its task pool counts a thread as idle until that thread has woken up,
+//! so a burst of new connections queues behind threads that streams then hold for good. In
+//! bench-sse, 17 of 20 simultaneous stream opens waited until the header timeout closed them.
+//! Its accept thread also stopped for good on the first accept error, and it had no hook to
+//! time out a connection, which took a janitor scanning /proc/self/fd.
+
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender};
+
+use crate::{percent_decode, render, Reply, Req, Shared};
+
+/// Stack of a connection thread: it parses heads, writes replies and runs the SSE loop; the
+/// JSON and storage work of a request runs on the handler pool.
+pub const CONNECTION_STACK_BYTES: usize = 128 * 1024;
+/// Request line and headers together; more is answered 431.
+pub const HEAD_BYTES_MAX: usize = 16 * 1024;
+/// Read buffer per connection.
+const READ_BUFFER_BYTES: usize = 4096;
+/// Pause after an accept error (out of descriptors, say) before accepting again.
+const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
+
+/// A request handed to the handler pool, and where its reply goes.
+pub(crate) struct Job {
+    pub req: Req,
+    pub started: Instant,
+    pub reply: Sender<Reply>,
+}
+
+/// Accepts until shutdown; a failed accept (EMFILE, ENFILE, ENOBUFS) pauses and retries, so
+/// running out of descriptors never stops the server.
+pub(crate) fn accept_loop(listener: TcpListener, shared: Arc<Shared>, jobs: Sender<Job>) {
+    // Logged and counted once per run of errors, not once per retry.
+    let mut failing = false;
+    while !shared.shutting_down.load(Ordering::SeqCst) {
+        match listener.accept() {
+            Ok((stream, _)) => {
+                failing = false;
+                if shared.shutting_down.load(Ordering::SeqCst) {
+                    return;
+                }
+                let (shared, jobs) = (shared.clone(), jobs.clone());
+                let spawned = std::thread::Builder::new()
+                    .name("atelier-conn".into())
+                    .stack_size(CONNECTION_STACK_BYTES)
+                    .spawn(move || serve(stream, &shared, &jobs));
+                if let Err(e) = spawned {
+                    // The socket was moved into the closure and is closed with it.
+                    tracing::warn!(error = %e, "could not start a connection thread; closed the connection");
+                }
+            }
+            Err(e) => {
+                if shared.shutting_down.load(Ordering::SeqCst) {
+                    return;
+                }
+                if !failing {
+                    failing = true;
+                    shared.accept_restarts.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(error = %e, "accepting connections failed; retrying until it works again");
+                }
+                std::thread::sleep(ACCEPT_ERROR_PAUSE);
+            }
+        }
+    }
+}
+
+/// Where to connect to wake a blocked accept() at shutdown.
+pub(crate) fn wake_address(addr: SocketAddr) -> SocketAddr {
+    let mut a = addr;
+    if a.ip().is_unspecified() {
+        a.set_ip(match a {
+            SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+            SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+        });
+    }
+    a
+}
+
+/// Reads from the socket, each read bounded by the remaining time to a deadline.
+struct Deadlined<'a> {
+    stream: &'a TcpStream,
+    deadline: Instant,
+}
+
+impl Read for Deadlined<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::Error::new(io::ErrorKind::TimedOut, "request deadline passed"));
+        }
+        self.stream.set_read_timeout(Some(left))?;
+        let mut s = self.stream;
+        s.read(buf)
+    }
+}
+
+/// Why a request could not be read.
+enum ReadError {
+    /// Closed, reset or timed out: close without an answer.
+    Gone,
+    /// Answer this and close: (status, code, message).
+    Refuse(u16, &'static str, String),
+}
+
+impl From<io::Error> for ReadError {
+    fn from(_: io::Error) -> ReadError {
+        ReadError::Gone
+    }
+}
+
+struct Head {
+    method: String,
+    target: String,
+    http10: bool,
+    headers: Vec<(String, String)>,
+}
+
+impl Head {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+    }
+
+    fn keep_alive(&self) -> bool {
+        let connection = self.header("connection").map(str::to_ascii_lowercase).unwrap_or_default();
+        if self.http10 {
+            connection.contains("keep-alive")
+        } else {
+            !connection.contains("close")
+        }
+    }
+}
+
+/// One connection: requests until the client closes, asks to close, stalls, or a stream
+/// takes the connection over.
+fn serve(stream: TcpStream, shared: &Arc<Shared>, jobs: &Sender<Job>) {
+    let _ = stream.set_nodelay(true);
+    let _ = stream.set_write_timeout(Some(Duration::from_millis(crate::SEND_TIMEOUT_MS)));
+    let timeout = Duration::from_millis(shared.config.header_timeout_ms.max(1));
+    let mut reader = BufReader::with_capacity(READ_BUFFER_BYTES, Deadlined { stream: &stream, deadline: Instant::now() + timeout });
+    let (reply_tx, reply_rx) = crossbeam_channel::bounded(1);
+    loop {
+        if shared.shutting_down.load(Ordering::SeqCst) {
+            return;
+        }
+        // Headers and body must arrive within the timeout; so must the next request.
+        reader.get_mut().deadline = Instant::now() + timeout;
+        let started = Instant::now();
+        let (head, body) = match read_request(&mut reader, &stream) {
+            Ok(Some(r)) => r,
+            Ok(None) | Err(ReadError::Gone) => return,
+            Err(ReadError::Refuse(status, code, message)) => {
+                shared.metrics.request("bad_request", status, started.elapsed().as_secs_f64());
+                let body = serde_json::to_vec(&render::error(code, &message)).expect("invariant: JSON serializes");
+                let _ = write_response(&stream, status, "application/json", &body, &[], Close::Yes, Body::Send);
+                return;
+            }
+        };
+        let keep_alive = if head.keep_alive() { Close::No } else { Close::Yes };
+        let head_only = if head.method.eq_ignore_ascii_case("HEAD") { Body::Omit } else { Body::Send };
+        let req = to_req(head, body);
+        if jobs.send(Job { req, started, reply: reply_tx.clone() }).is_err() {
+            return;
+        }
+        let Ok(reply) = reply_rx.recv() else { return };
+        let written = match reply {
+            Reply::Stream(spec) => {
+                crate::sse::serve(&stream, spec, shared);
+                return;
+            }
+            Reply::Json(status, body) => {
+                let body = serde_json::to_vec(&body).expect("invariant: JSON values serialize");
+                write_response(&stream, status, "application/json", &body, &[], keep_alive, head_only)
+            }
+            Reply::Bytes(status, ctype, body, extra) => write_response(&stream, status, ctype, &body, &extra, keep_alive, head_only),
+            Reply::Empty(status) => write_response(&stream, status, "text/plain", &[], &[], keep_alive, head_only),
+        };
+        if written.is_err() || keep_alive == Close::Yes {
+            return;
+        }
+    }
+}
+
+fn to_req(head: Head, body: Vec<u8>) -> Req {
+    let (path, query) = head.target.split_once('?').unwrap_or((&head.target, ""));
+    let query = query
+        .split('&')
+        .filter(|kv| !kv.is_empty())
+        .map(|kv| {
+            let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+            (percent_decode(k), percent_decode(v))
+        })
+        .collect();
+    Req { method: head.method.to_ascii_uppercase(), path: path.to_string(), query, headers: head.headers, body }
+}
+
+/// Reads one request; `Ok(None)` when the client closed between requests.
+fn read_request(reader: &mut BufReader<Deadlined<'_>>, stream: &TcpStream) -> Result<Option<(Head, Vec<u8>)>, ReadError> {
+    let mut budget = HEAD_BYTES_MAX;
+    // A client may send blank lines before a request line (RFC 9112 §2.2).
+    let line = loop {
+        match read_line(reader, &mut budget)? {
+            None => return Ok(None),
+            Some(l) if l.is_empty() => continue,
+            Some(l) => break l,
+        }
+    };
+    let mut parts = line.split(' ');
+    let (Some(method), Some(target), Some(version), None) = (parts.next(), parts.next(), parts.next(), parts.next()) else {
+        return Err(ReadError::Refuse(400, "bad_request", "the request line is not METHOD TARGET HTTP/1.1".into()));
+    };
+    let http10 = match version {
+        "HTTP/1.1" => false,
+        "HTTP/1.0" => true,
+        v if v.starts_with("HTTP/") => return Err(ReadError::Refuse(505, "http_version", format!("{v} is not served; use HTTP/1.1"))),
+        _ => return Err(ReadError::Refuse(400, "bad_request", "the request line is not METHOD TARGET HTTP/1.1".into())),
+    };
+    if method.is_empty() || !method.bytes().all(|b| b.is_ascii_alphabetic()) || !target.starts_with('/') {
+        return Err(ReadError::Refuse(400, "bad_request", "the request line is not METHOD TARGET HTTP/1.1".into()));
+    }
+    let mut headers = Vec::new();
+    loop {
+        let Some(l) = read_line(reader, &mut budget)? else { return Err(ReadError::Gone) };
+        if l.is_empty() {
+            break;
+        }
+        let Some((k, v)) = l.split_once(':') else {
+            return Err(ReadError::Refuse(400, "bad_request", format!("a header line without a colon: '{}'", l.chars().take(80).collect::<String>())));
+        };
+        headers.push((k.trim().to_string(), v.trim().to_string()));
+    }
+    let head = Head { method: method.to_string(), target: target.to_string(), http10, headers };
+    let body = read_body(reader, stream, &head)?;
+    Ok(Some((head, body)))
+}
+
+/// One line without its CR LF; `None` at end of stream before any byte. Counts against the
+/// head budget; 431 when it runs out.
+fn read_line(reader: &mut BufReader<Deadlined<'_>>, budget: &mut usize) -> Result<Option<String>, ReadError> {
+    let mut buf = Vec::new();
+    let n = reader.by_ref().take(*budget as u64 + 1).read_until(b'\n', &mut buf)?;
+    if n == 0 {
+        return Ok(None);
+    }
+    if n > *budget {
+        return Err(ReadError::Refuse(431, "headers_too_large", format!("the request head is over {HEAD_BYTES_MAX} bytes")));
+    }
+    *budget -= n;
+    if !buf.ends_with(b"\n") {
+        return Err(ReadError::Gone); // closed mid-line
+    }
+    while buf.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
+        buf.pop();
+    }
+    String::from_utf8(buf).map(Some).map_err(|_| ReadError::Refuse(400, "bad_request", "the request head is not UTF-8".into()))
+}
+
+fn too_large() -> ReadError {
+    ReadError::Refuse(413, "body_too_large", format!("the body is over {} bytes", crate::BODY_BYTES_MAX))
+}
+
+fn read_body(reader: &mut BufReader<Deadlined<'_>>, stream: &TcpStream, head: &Head) -> Result<Vec<u8>, ReadError> {
+    let chunked = match head.header("transfer-encoding") {
+        None => false,
+        Some(te) if te.to_ascii_lowercase().trim_end().ends_with("chunked") => true,
+        Some(te) => return Err(ReadError::Refuse(400, "bad_request", format!("Transfer-Encoding '{te}' is not supported"))),
+    };
+    let length = match (chunked, head.header("content-length")) {
+        (true, _) | (false, None) => None,
+        (false, Some(v)) => Some(v.parse::<usize>().map_err(|_| ReadError::Refuse(400, "bad_request", format!("Content-Length '{v}' is not a number")))?),
+    };
+    if length.is_some_and(|n| n > crate::BODY_BYTES_MAX) {
+        return Err(too_large());
+    }
+    if !chunked && length.unwrap_or(0) == 0 {
+        return Ok(Vec::new());
+    }
+    if head.header("expect").is_some_and(|e| e.eq_ignore_ascii_case("100-continue")) {
+        let mut w = stream;
+        w.write_all(b"HTTP/1.1 100 Continue\r\n\r\n")?;
+    }
+    let mut body = Vec::new();
+    match length {
+        Some(n) => {
+            body.resize(n, 0);
+            reader.read_exact(&mut body)?;
+        }
+        None => loop {
+            let mut budget = HEAD_BYTES_MAX;
+            let Some(size_line) = read_line(reader, &mut budget)? else { return Err(ReadError::Gone) };
+            let size_hex = size_line.split(';').next().unwrap_or("").trim();
+            let size = usize::from_str_radix(size_hex, 16).map_err(|_| ReadError::Refuse(400, "bad_request", "a bad chunk size".into()))?;
+            if size == 0 {
+                // Trailers up to the blank line.
+                while read_line(reader, &mut budget)?.is_some_and(|l| !l.is_empty()) {}
+                break;
+            }
+            if body.len() + size > crate::BODY_BYTES_MAX {
+                return Err(too_large());
+            }
+            let start = body.len();
+            body.resize(start + size, 0);
+            reader.read_exact(&mut body[start..])?;
+            let mut crlf = [0u8; 2];
+            reader.read_exact(&mut crlf)?;
+        },
+    }
+    Ok(body)
+}
+
+/// Whether the connection closes after this response.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Close {
+    Yes,
+    No,
+}
+
+/// Whether the body goes out (not for HEAD).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Body {
+    Send,
+    Omit,
+}
+
+pub(crate) fn reason(status: u16) -> &'static str {
+    match status {
+        100 => "Continue",
+        200 => "OK",
+        201 => "Created",
+        204 => "No Content",
+        303 => "See Other",
+        400 => "Bad Request",
+        401 => "Unauthorized",
+        403 => "Forbidden",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        409 => "Conflict",
+        413 => "Content Too Large",
+        415 => "Unsupported Media Type",
+        431 => "Request Header Fields Too Large",
+        500 => "Internal Server Error",
+        503 => "Service Unavailable",
+        505 => "HTTP Version Not Supported",
+        _ => "",
+    }
+}
+
+/// Writes a whole response in one write.
+pub(crate) fn write_response(
+    stream: &TcpStream,
+    status: u16,
+    ctype: &str,
+    body: &[u8],
+    extra: &[(&'static str, String)],
+    close: Close,
+    send: Body,
+) -> io::Result<()> {
+    use std::fmt::Write as _;
+    let mut head = String::with_capacity(256);
+    let _ = write!(head, "HTTP/1.1 {status} {}\r\n", reason(status));
+    if status != 204 {
+        let _ = write!(head, "Content-Type: {ctype}\r\nContent-Length: {}\r\n", body.len());
+    }
+    head.push_str("Cache-Control: no-store\r\nX-Content-Type-Options: nosniff\r\n");
+    for (k, v) in extra {
+        // Header values come from our handlers; never let one split the head.
+        if !v.contains(['\r', '\n']) {
+            let _ = write!(head, "{k}: {v}\r\n");
+        }
+    }
+    if close == Close::Yes {
+        head.push_str("Connection: close\r\n");
+    }
+    head.push_str("\r\n");
+    let mut out = head.into_bytes();
+    if send == Body::Send && status != 204 {
+        out.extend_from_slice(body);
+    }
+    let mut w = stream;
+    w.write_all(&out)
+}
+
+/// Handler threads: take jobs until shutdown.
+pub(crate) fn handler_loop(jobs: &Receiver<Job>, shared: &Arc<Shared>) {
+    while !shared.shutting_down.load(Ordering::SeqCst) {
+        match jobs.recv_timeout(Duration::from_millis(500)) {
+            Ok(job) => {
+                let reply = crate::handle(&job.req, job.started, shared);
+                let _ = job.reply.send(reply);
+            }
+            Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
+            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return,
+        }
+    }
+}
