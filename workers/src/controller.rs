@@ -40,6 +40,11 @@ const SHUTDOWN_SLACK_MS: u64 = 5_000;
 const SPAWN_REPLY_TIMEOUT_MS: u64 = 30_000;
 /// PATH given to workers when the server has none.
 const DEFAULT_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
+/// Hidden, for benchmarks: this many MiB of touched memory held by the controller, to show
+/// that starting a worker does not get slower as the server grows (see BENCHMARKS.md).
+const BALLAST_ENV: &str = "ATELIER_BALLAST_MB";
+/// The ballast is cut to this.
+const BALLAST_MB_MAX: usize = 64 * 1024;
 
 #[derive(Debug)]
 pub enum WorkersError {
@@ -398,6 +403,7 @@ impl Scheduler {
                 continue;
             }
             debug_assert_eq!(p, c.priority);
+            tracing::debug!(commission = id, "dispatching");
             let executor = self.shared.with_router(|r, cfg| r.route(cfg, id, Instant::now()));
             self.shared.metrics.routed(executor);
             let started = self.start(c, executor);
@@ -639,6 +645,7 @@ fn run_process_job(shared: &Shared, c: Commission, signal: &JobSignal) {
             return;
         }
     };
+    tracing::debug!(commission = c.id, job = job_id, "job dir ready");
     let memory_mb = attempt_memory_mb(&*shared.store, c.id, &p);
     let applied = Applied {
         memory_mb,
@@ -659,6 +666,7 @@ fn run_process_job(shared: &Shared, c: Commission, signal: &JobSignal) {
         }
     };
     shared.metrics.spawned(spawn_started.elapsed());
+    tracing::debug!(commission = c.id, job = job_id, spawn_us = spawn_started.elapsed().as_micros(), "spawned");
     let pid = child.id();
     let start = Command::StartJob { job_id, executor, job_name: p.name.clone(), pid: Some(pid) };
     let rejected = match execute(&*shared.store, c.id, start, &ctx(shared.config.retry)) {
@@ -770,6 +778,17 @@ pub struct Controller {
     sched_tx: Sender<SchedMsg>,
     threads: Mutex<Vec<JoinHandle<()>>>,
     task_runner: Mutex<Option<task_runner::Pool>>,
+    /// `ATELIER_BALLAST_MB` of resident memory, held only to be measured against.
+    _ballast: Vec<u8>,
+}
+
+/// `ATELIER_BALLAST_MB` MiB, every page written so it is resident.
+fn ballast_from_env() -> Vec<u8> {
+    let mb = std::env::var(BALLAST_ENV).ok().and_then(|v| v.trim().parse::<usize>().ok()).unwrap_or(0).min(BALLAST_MB_MAX);
+    if mb > 0 {
+        tracing::warn!(mb, "holding ballast memory ({BALLAST_ENV}); for benchmarks only");
+    }
+    vec![0xA5u8; mb * 1024 * 1024]
 }
 
 impl Controller {
@@ -826,7 +845,13 @@ impl Controller {
             keep_task_runner = shared.config.keep_task_runner,
             "workers started"
         );
-        Ok(Controller { shared, sched_tx, threads: Mutex::new(threads), task_runner: Mutex::new(Some(pool)) })
+        Ok(Controller {
+            shared,
+            sched_tx,
+            threads: Mutex::new(threads),
+            task_runner: Mutex::new(Some(pool)),
+            _ballast: ballast_from_env(),
+        })
     }
 
     /// The pipelines commissions may name (the API can refuse others up front).
