@@ -19,7 +19,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, Sender};
+use crossbeam_channel::Receiver;
 
 use crate::{percent_decode, render, Reply, Req, Shared};
 
@@ -33,16 +33,12 @@ const READ_BUFFER_BYTES: usize = 4096;
 /// Pause after an accept error (out of descriptors, say) before accepting again.
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
 
-/// A request handed to the handler pool, and where its reply goes.
-pub(crate) struct Job {
-    pub req: Req,
-    pub started: Instant,
-    pub reply: Sender<Reply>,
-}
+/// Work for the handler pool: a request to route, or a stream's history read.
+pub(crate) type Job = Box<dyn FnOnce() + Send>;
 
 /// Accepts until shutdown; a failed accept (EMFILE, ENFILE, ENOBUFS) pauses and retries, so
 /// running out of descriptors never stops the server.
-pub(crate) fn accept_loop(listener: TcpListener, shared: Arc<Shared>, jobs: Sender<Job>) {
+pub(crate) fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
     // Logged and counted once per run of errors, not once per retry.
     let mut failing = false;
     while !shared.shutting_down.load(Ordering::SeqCst) {
@@ -52,11 +48,11 @@ pub(crate) fn accept_loop(listener: TcpListener, shared: Arc<Shared>, jobs: Send
                 if shared.shutting_down.load(Ordering::SeqCst) {
                     return;
                 }
-                let (shared, jobs) = (shared.clone(), jobs.clone());
+                let shared = shared.clone();
                 let spawned = std::thread::Builder::new()
                     .name("atelier-conn".into())
                     .stack_size(CONNECTION_STACK_BYTES)
-                    .spawn(move || serve(stream, &shared, &jobs));
+                    .spawn(move || serve(stream, &shared));
                 if let Err(e) = spawned {
                     // The socket was moved into the closure and is closed with it.
                     tracing::warn!(error = %e, "could not start a connection thread; closed the connection");
@@ -145,7 +141,7 @@ impl Head {
 
 /// One connection: requests until the client closes, asks to close, stalls, or a stream
 /// takes the connection over.
-fn serve(stream: TcpStream, shared: &Arc<Shared>, jobs: &Sender<Job>) {
+fn serve(stream: TcpStream, shared: &Arc<Shared>) {
     let _ = stream.set_nodelay(true);
     let _ = stream.set_write_timeout(Some(Duration::from_millis(crate::SEND_TIMEOUT_MS)));
     let timeout = Duration::from_millis(shared.config.header_timeout_ms.max(1));
@@ -171,7 +167,11 @@ fn serve(stream: TcpStream, shared: &Arc<Shared>, jobs: &Sender<Job>) {
         let keep_alive = if head.keep_alive() { Close::No } else { Close::Yes };
         let head_only = if head.method.eq_ignore_ascii_case("HEAD") { Body::Omit } else { Body::Send };
         let req = to_req(head, body);
-        if jobs.send(Job { req, started, reply: reply_tx.clone() }).is_err() {
+        let (shared2, reply) = (shared.clone(), reply_tx.clone());
+        let job: Job = Box::new(move || {
+            let _ = reply.send(crate::handle(&req, started, &shared2));
+        });
+        if shared.jobs.send(job).is_err() {
             return;
         }
         let Ok(reply) = reply_rx.recv() else { return };
@@ -393,13 +393,10 @@ pub(crate) fn write_response(
 }
 
 /// Handler threads: take jobs until shutdown.
-pub(crate) fn handler_loop(jobs: &Receiver<Job>, shared: &Arc<Shared>) {
+pub(crate) fn handler_loop(jobs: &Receiver<Job>, shared: &Shared) {
     while !shared.shutting_down.load(Ordering::SeqCst) {
         match jobs.recv_timeout(Duration::from_millis(500)) {
-            Ok(job) => {
-                let reply = crate::handle(&job.req, job.started, shared);
-                let _ = job.reply.send(reply);
-            }
+            Ok(job) => job(),
             Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
             Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return,
         }

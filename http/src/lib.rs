@@ -106,6 +106,8 @@ pub(crate) struct Shared {
     pub(crate) streams: AtomicU64,
     /// Accept errors the accept loop recovered from (out of descriptors, say).
     pub(crate) accept_restarts: AtomicU64,
+    /// The handler pool's queue.
+    pub(crate) jobs: crossbeam_channel::Sender<conn::Job>,
 }
 
 pub struct Server {
@@ -134,6 +136,7 @@ impl Server {
         config.connections_max = fit_connections_to_fd_limit(config.connections_max);
         let listener = listen(addr).map_err(|source| HttpError::Bind { addr: config.listen.clone(), source })?;
         let addr = listener.local_addr().map_err(|e| HttpError::Start(e.to_string()))?;
+        let (jobs_tx, jobs_rx) = crossbeam_channel::unbounded::<conn::Job>();
         let shared = Arc::new(Shared {
             store,
             keys,
@@ -143,8 +146,8 @@ impl Server {
             shutting_down: AtomicBool::new(false),
             streams: AtomicU64::new(0),
             accept_restarts: AtomicU64::new(0),
+            jobs: jobs_tx,
         });
-        let (jobs_tx, jobs_rx) = crossbeam_channel::unbounded::<conn::Job>();
         let mut threads = (0..HANDLER_THREADS)
             .map(|i| {
                 let (jobs, shared) = (jobs_rx.clone(), shared.clone());
@@ -158,7 +161,7 @@ impl Server {
             let shared = shared.clone();
             std::thread::Builder::new()
                 .name("atelier-accept".into())
-                .spawn(move || conn::accept_loop(listener, shared, jobs_tx))
+                .spawn(move || conn::accept_loop(listener, shared))
                 .map_err(|e| HttpError::Start(e.to_string()))?
         };
         threads.push(accept);

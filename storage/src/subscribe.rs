@@ -211,6 +211,25 @@ impl Subscription {
         self.last_seq
     }
 
+    /// Whether the next [`Subscription::next_timeout`] would read history from the store:
+    /// nothing is buffered and the subscription is not yet live. A caller with many
+    /// subscriptions on their own threads can run [`Subscription::read_history`] on a few
+    /// threads instead: every thread that touches sled joins its epoch GC, whose every
+    /// advance walks all such threads (with 10,000 stream threads reading their own history, a
+    /// burst of 5,000 appends took 11–17 s instead of 2.5 s).
+    pub fn wants_history(&self) -> bool {
+        !self.ended && self.backlog.is_empty() && self.live.is_none()
+    }
+
+    /// Reads the next chunk of history, or registers for live events once history is
+    /// exhausted (what `next_timeout` would do first).
+    pub fn read_history(&mut self) -> Result<(), SubscriptionEnd> {
+        if self.wants_history() {
+            self.fill_backlog()?;
+        }
+        Ok(())
+    }
+
     /// The next event, waiting up to `timeout` for a live one. `Ok(None)` on timeout.
     pub fn next_timeout(&mut self, timeout: Duration) -> Result<Option<Delivery>, SubscriptionEnd> {
         if self.ended {
