@@ -45,6 +45,8 @@ const DEFAULT_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
 const BALLAST_ENV: &str = "ATELIER_BALLAST_MB";
 /// The ballast is cut to this.
 const BALLAST_MB_MAX: usize = 64 * 1024;
+/// Under `data_dir/jobs/`: the pipeline specs workers read (see `pipeline_file`).
+const PIPELINES_DIR: &str = "pipelines";
 
 #[derive(Debug)]
 pub enum WorkersError {
@@ -610,8 +612,8 @@ fn worker_env(shared: &Shared, p: &PipelineConfig, c: &Commission, job_id: u64, 
     env
 }
 
-/// Writes the job's input and pipeline files into its dir.
-pub(crate) fn prepare_job_dir(shared: &Shared, c: &Commission, job_id: u64, p: &PipelineConfig) -> Result<(PathBuf, JobInput), String> {
+/// Creates the job's dir and writes its input file.
+pub(crate) fn prepare_job_dir(shared: &Shared, c: &Commission, job_id: u64) -> Result<(PathBuf, JobInput), String> {
     let dir = job_dir(&shared.data_dir, job_id);
     std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
     std::fs::create_dir_all(artifacts_dir(&shared.data_dir)).map_err(|e| format!("cannot create the artifacts dir: {e}"))?;
@@ -619,9 +621,27 @@ pub(crate) fn prepare_job_dir(shared: &Shared, c: &Commission, job_id: u64, p: &
     let input = JobInput { commission_id: c.id, job_id, attempt: c.attempt + 1, pipeline: c.pipeline.clone(), context };
     let input_text = serde_json::to_vec(&input).map_err(|e| format!("cannot encode the input: {e}"))?;
     std::fs::write(dir.join("input.json"), input_text).map_err(|e| format!("cannot write input.json: {e}"))?;
-    let spec = serde_json::to_vec(p).map_err(|e| format!("cannot encode the pipeline: {e}"))?;
-    std::fs::write(dir.join("pipeline.json"), spec).map_err(|e| format!("cannot write pipeline.json: {e}"))?;
     Ok((dir, input))
+}
+
+/// The pipeline's spec for workers, `data_dir/jobs/pipelines/{name}-{hash}.json`: one file per
+/// distinct spec, shared by its jobs (written once instead of once per job; files are a good
+/// share of a short job's cost). Named by content, so a changed spec never reuses a stale file.
+pub(crate) fn pipeline_file(shared: &Shared, p: &PipelineConfig, job_id: u64) -> Result<PathBuf, String> {
+    use sha2::{Digest, Sha256};
+    let spec = serde_json::to_vec(p).map_err(|e| format!("cannot encode the pipeline: {e}"))?;
+    let hash: String = Sha256::digest(&spec).iter().take(8).map(|b| format!("{b:02x}")).collect();
+    let dir = shared.data_dir.join("jobs").join(PIPELINES_DIR);
+    let path = dir.join(format!("{}-{hash}.json", p.name));
+    if path.exists() {
+        return Ok(path);
+    }
+    std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    // Written aside and renamed, so a worker never reads half a file.
+    let tmp = dir.join(format!(".{}-{hash}.{job_id}.tmp", p.name));
+    std::fs::write(&tmp, spec).map_err(|e| format!("cannot write {}: {e}", tmp.display()))?;
+    std::fs::rename(&tmp, &path).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    Ok(path)
 }
 
 /// One job on the job controller, from job id to recorded outcome.
@@ -638,7 +658,8 @@ fn run_process_job(shared: &Shared, c: Commission, signal: &JobSignal) {
         shared.fail_unstarted(&c, job_id, executor, format!("unknown pipeline '{}'", c.pipeline), false);
         return;
     };
-    let (dir, _input) = match prepare_job_dir(shared, &c, job_id, &p) {
+    let prepared = prepare_job_dir(shared, &c, job_id).and_then(|(dir, _)| Ok((dir, pipeline_file(shared, &p, job_id)?)));
+    let (dir, spec_file) = match prepared {
         Ok(v) => v,
         Err(e) => {
             shared.fail_unstarted(&c, job_id, executor, format!("could not prepare the job: {e}"), true);
@@ -655,7 +676,7 @@ fn run_process_job(shared: &Shared, c: Commission, signal: &JobSignal) {
         heartbeat_ms: shared.config.heartbeat_timeout_ms_for(&p),
     };
     let spawn_started = Instant::now();
-    let spawned = spawn_worker(shared, &c, job_id, &p, &dir, &applied);
+    let spawned = spawn_worker(shared, &c, job_id, &p, &dir, &spec_file, &applied);
     let (child, proto_r, out_r, err_r) = match spawned {
         Ok(v) => v,
         Err(e) => {
@@ -717,6 +738,7 @@ fn spawn_worker(
     job_id: u64,
     p: &PipelineConfig,
     dir: &Path,
+    spec_file: &Path,
     applied: &Applied,
 ) -> std::io::Result<SpawnedWorker> {
     use std::os::fd::AsRawFd;
@@ -729,7 +751,7 @@ fn spawn_worker(
         None => {
             let args = WorkerArgs {
                 input: dir.join("input.json"),
-                pipeline_file: dir.join("pipeline.json"),
+                pipeline_file: spec_file.to_path_buf(),
                 artifacts_dir: artifacts_dir(&shared.data_dir),
                 tick_ms: (applied.heartbeat_ms / 4).clamp(10, 1000),
                 behave: None,

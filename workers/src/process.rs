@@ -153,20 +153,33 @@ fn pidfd_open(pid: i32) -> Option<OwnedFd> {
     Some(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-/// A capped output file: bytes past `max` are dropped, with one note saying so.
+/// A capped output file: bytes past `max` are dropped, with one note saying so. The file is
+/// created at the first byte: most workers print nothing, and a file created per job and
+/// stream was a good share of a short job's cost (inode allocation); a missing log reads as
+/// empty (`job_log_paths`).
 struct LogSink {
+    path: PathBuf,
     file: Option<File>,
+    /// The file could not be created; do not try again for every chunk.
+    failed: bool,
     written: u64,
     max: u64,
     truncated: bool,
 }
 
 impl LogSink {
-    fn open(path: &Path, max: u64) -> LogSink {
-        LogSink { file: File::create(path).ok(), written: 0, max, truncated: false }
+    fn new(path: PathBuf, max: u64) -> LogSink {
+        LogSink { path, file: None, failed: false, written: 0, max, truncated: false }
     }
 
     fn write(&mut self, data: &[u8]) {
+        if data.is_empty() || self.failed {
+            return;
+        }
+        if self.file.is_none() {
+            self.file = File::create(&self.path).ok();
+            self.failed = self.file.is_none();
+        }
         let Some(f) = self.file.as_mut() else { return };
         let room = usize::try_from(self.max.saturating_sub(self.written)).unwrap_or(usize::MAX);
         let n = room.min(data.len());
@@ -247,9 +260,8 @@ pub(crate) fn watch(w: Watched, session: &mut Session, signal: &JobSignal, appli
     for fd in [&w.proto_r, &w.out_r, &w.err_r] {
         let _ = set_nonblocking(fd);
     }
-    let (paths_out, paths_err) = (w.job_dir.join("stdout.log"), w.job_dir.join("stderr.log"));
-    let mut out_log = LogSink::open(&paths_out, w.log_bytes_max);
-    let mut err_log = LogSink::open(&paths_err, w.log_bytes_max);
+    let mut out_log = LogSink::new(w.job_dir.join("stdout.log"), w.log_bytes_max);
+    let mut err_log = LogSink::new(w.job_dir.join("stderr.log"), w.log_bytes_max);
     let mut tail: Vec<u8> = Vec::new();
     let mut lines = LineBuffer::default();
     let mut flood = FloodGuard::new();

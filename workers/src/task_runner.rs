@@ -126,7 +126,7 @@ fn run_task(shared: &Shared, c: Commission, signal: &JobSignal) {
         shared.fail_unstarted(&c, job_id, executor, format!("unknown pipeline '{}'", c.pipeline), false);
         return;
     };
-    let (dir, input) = match prepare_job_dir(shared, &c, job_id, &p) {
+    let (dir, input) = match prepare_job_dir(shared, &c, job_id) {
         Ok(v) => v,
         Err(e) => {
             shared.fail_unstarted(&c, job_id, executor, format!("could not prepare the job: {e}"), true);

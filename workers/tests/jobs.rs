@@ -222,8 +222,10 @@ fn builtin_pipelines_complete_and_the_task_runner_agrees() {
         assert_eq!((j.executor, j.status, j.exit_code), (Executor::JobController, JobStatus::Succeeded, Some(0)));
         assert!(j.process_id.is_some() && j.cpu_ms < 10_000 && j.max_rss_bytes > 0, "{j:?}");
         assert_clean(j);
+        // The built-in worker prints nothing, and logs are created at their first byte.
         let (out, err) = atelier_workers::job_log_paths(&h.data_dir(), j.job_id);
-        assert!(out.exists() && err.exists());
+        assert!(!out.exists() && !err.exists(), "no empty log files");
+        assert!(out.parent().is_some_and(|d| d.join("input.json").exists()));
     }
 
     // The same commission on the task runner gives the same result, byte for byte.
@@ -338,6 +340,10 @@ fn fault_matrix() {
             assert_clean(j);
         }
     }
+    // What a worker prints is kept in its job's logs.
+    let sh = ids[cases.iter().position(|c| c.0 == "f-sh").expect("f-sh case")];
+    let (_, err) = atelier_workers::job_log_paths(&h.data_dir(), h.jobs(sh)[0].job_id);
+    assert_eq!(std::fs::read_to_string(err).expect("stderr.log"), "oops\n");
     // An external job program gets its job id and the pipeline's environment.
     let ext = ids[cases.iter().position(|c| c.0 == "ext").expect("ext case")];
     let r = result_json(&h.get(ext));
