@@ -491,7 +491,6 @@ async fn hold(addr: SocketAddr, pid: i32, n: usize, burst: usize, burst_concurre
         sent.extend(t.await.expect("cancel task"));
     }
     let appends_s = t_burst.elapsed().as_secs_f64();
-    let (mut rss_peak_kib, mut threads_peak) = proc_status(pid);
     let deadline = tokio::time::Instant::now() + COLLECT_TIMEOUT;
     while cancelled.len() < burst {
         match tokio::time::timeout_at(deadline, rx.recv()).await {
@@ -503,9 +502,7 @@ async fn hold(addr: SocketAddr, pid: i32, n: usize, burst: usize, burst_concurre
         }
     }
     let last_receipt = cancelled.values().map(|r| r.recv).max();
-    let (rss_after, threads_after) = proc_status(pid);
-    rss_peak_kib = rss_peak_kib.max(rss_after);
-    threads_peak = threads_peak.max(threads_after);
+    let (rss_after_kib, threads_after) = proc_status(pid);
     for h in handles {
         h.abort();
     }
@@ -521,7 +518,7 @@ async fn hold(addr: SocketAddr, pid: i32, n: usize, burst: usize, burst_concurre
         "streams": n, "opened": ok, "refused": bad, "open_all_s": open_s, "create_per_s": (n as f64 / create_s).round(),
         "rss_before_streams_mib": rss_idle_kib / 1024, "threads_before_streams": threads_idle,
         "rss_held_mib": rss_held_kib / 1024, "threads_held": threads_held,
-        "rss_peak_mib": rss_peak_kib / 1024, "threads_peak": threads_peak,
+        "rss_after_burst_mib": rss_after_kib / 1024, "threads_after_burst": threads_after,
         "burst": burst, "burst_concurrency": burst_concurrency, "burst_appends_s": appends_s,
         "burst_last_receipt_s": last_receipt.map_or(f64::NAN, |l| (l - t_burst).as_secs_f64()),
         "missing": burst - from_ok.len(),
@@ -652,7 +649,7 @@ fn median_of(runs: &[Value], pointer: &str) -> Value {
 fn summary(scenario: &str, runs: &[Value]) -> Value {
     let fields: &[&str] = match scenario {
         "latency" => &["/delivery_after_200_ms/p50", "/delivery_after_200_ms/p99", "/delivery_after_send_ms/p50", "/delivery_after_send_ms/p99", "/delivery_after_at_ms/p99", "/missing"],
-        "hold" => &["/opened", "/open_all_s", "/rss_held_mib", "/threads_held", "/rss_peak_mib", "/burst_appends_s", "/burst_last_receipt_s", "/delivery_after_200_ms/p50", "/delivery_after_200_ms/p99", "/delivery_after_send_ms/p99", "/delivery_after_at_ms/p99", "/missing"],
+        "hold" => &["/opened", "/open_all_s", "/rss_held_mib", "/threads_held", "/rss_after_burst_mib", "/burst_appends_s", "/burst_last_receipt_s", "/delivery_after_200_ms/p50", "/delivery_after_200_ms/p99", "/delivery_after_send_ms/p99", "/delivery_after_at_ms/p99", "/missing"],
         _ => &["/resumed", "/all_resumed_s", "/resume_ms/p50", "/resume_ms/p99", "/missing_events", "/extra_or_misordered", "/refused", "/rss_after_mib"],
     };
     let mut m = serde_json::Map::new();
