@@ -165,3 +165,32 @@ fn heartbeats_cap_and_graceful_shutdown() {
     let mut rest = Vec::new();
     let _ = raw.read_to_end(&mut rest);
 }
+
+/// Postmortem: tiny_http's task pool counted a thread as idle before it had woken up, so a
+/// burst of new connections queued behind threads that streams then held for good: of 20
+/// streams opened at once, 17 waited until the header timeout closed them (bench-sse).
+#[test]
+fn many_streams_opened_at_once_are_all_served() {
+    let dir = TempDir::new("sse-open-burst");
+    let s = Server::start(exe(), &dir.0, &[]);
+    let alice = token("alice", false);
+    let ids: Vec<u64> = (0..40).map(|_| s.create(&alice, queued())["task_id"].as_u64().unwrap()).collect();
+    let gate = std::sync::Arc::new(std::sync::Barrier::new(ids.len()));
+    let started = std::time::Instant::now();
+    let opened: Vec<_> = ids
+        .iter()
+        .map(|&id| {
+            let (addr, alice, gate) = (s.addr, alice.clone(), gate.clone());
+            std::thread::spawn(move || {
+                gate.wait();
+                let mut sse = Sse::open(addr, &format!("/api/progress/{id}/stream"), &alice, None);
+                sse.set_timeout(Duration::from_secs(5));
+                (sse.status, sse.next().map(|e| e.event))
+            })
+        })
+        .collect();
+    for t in opened {
+        assert_eq!(t.join().unwrap(), (200, Some("created".to_string())));
+    }
+    assert!(started.elapsed() < Duration::from_secs(5), "all streams served at once: {:?}", started.elapsed());
+}
