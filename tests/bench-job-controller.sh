@@ -77,6 +77,25 @@ for run in $(seq "$RUNS"); do
   OUT="$(flock /tmp/atelier-bench.lock "$PY" "$BENCH_DIR/bench.py" e2e --url "http://127.0.0.1:$PORT" \
     --token "$TOKEN" --pid "$SERVER_PID" "${BENCH_ARGS[@]}")"
   echo "$KIND run $run: $(echo "$OUT" | summary)"
+  if [ "$KIND" = atelier ]; then
+    # The controller's own view: free slot -> worker running, and the spawn alone (histograms).
+    curl -fsS -H "Authorization: Bearer $TOKEN" "http://127.0.0.1:$PORT/metrics" | "$PY" -c "$(cat <<'PYEOF'
+import sys
+h = {}
+for line in sys.stdin:
+    for name in ("atelier_job_pickup_seconds", "atelier_job_spawn_seconds"):
+        if line.startswith(name + "_bucket{"):
+            le = line.split('le="')[1].split('"')[0]
+            h.setdefault(name, []).append((float("inf") if le == "+Inf" else float(le), int(float(line.split()[-1]))))
+out = []
+for name, b in sorted(h.items()):
+    total = b[-1][1]
+    q = lambda p: next(("<=%gms" % (le * 1000) for le, c in b if c >= p * total), "?")
+    out.append("%s n=%d p50%s p99%s" % (name.replace("atelier_job_", "").replace("_seconds", ""), total, q(0.5), q(0.99)))
+print("  controller histograms: " + "; ".join(out))
+PYEOF
+)" || true
+  fi
   [ -n "${KEEP_JSON:-}" ] && echo "$OUT" | tail -1 >>"$KEEP_JSON"
   kill -TERM "$PID" 2>/dev/null || true
   wait "$PID" 2>/dev/null || true

@@ -392,6 +392,7 @@ impl Scheduler {
     fn dispatch(&mut self) {
         while self.running.len() < self.shared.config.max_concurrent_jobs && !self.shared.stopping.load(Ordering::Acquire) {
             let Some((Reverse(p), id)) = self.queue.pop_first() else { break };
+            let ready = Instant::now();
             self.queued.remove(&id);
             let c = match self.shared.store.commission(id) {
                 Ok(Some(c)) => c,
@@ -408,7 +409,7 @@ impl Scheduler {
             tracing::debug!(commission = id, "dispatching");
             let executor = self.shared.with_router(|r, cfg| r.route(cfg, id, Instant::now()));
             self.shared.metrics.routed(executor);
-            let started = self.start(c, executor);
+            let started = self.start(c, executor, ready);
             match started {
                 Ok(r) => {
                     self.running.insert(id, r);
@@ -418,7 +419,8 @@ impl Scheduler {
         }
     }
 
-    fn start(&self, c: Commission, executor: Executor) -> Result<Running, WorkersError> {
+    /// Starts `c`'s job; `ready` is when it got its slot (for the pickup metric).
+    fn start(&self, c: Commission, executor: Executor, ready: Instant) -> Result<Running, WorkersError> {
         let id = c.id;
         match executor {
             Executor::JobController => {
@@ -429,7 +431,7 @@ impl Scheduler {
                     .spawn(move || {
                         // Even if the job code panics (a bug), the slot must be freed.
                         let _done = DoneGuard(done, id);
-                        run_process_job(&shared, c, &sig);
+                        run_process_job(&shared, c, &sig, ready);
                     })
                     .map_err(io_err("job thread"))?;
                 Ok(Running { signal, thread: Some(thread) })
@@ -645,7 +647,7 @@ pub(crate) fn pipeline_file(shared: &Shared, p: &PipelineConfig, job_id: u64) ->
 }
 
 /// One job on the job controller, from job id to recorded outcome.
-fn run_process_job(shared: &Shared, c: Commission, signal: &JobSignal) {
+fn run_process_job(shared: &Shared, c: Commission, signal: &JobSignal, ready: Instant) {
     let executor = Executor::JobController;
     let job_id = match shared.store.allocate_job_id() {
         Ok(id) => id,
@@ -687,6 +689,7 @@ fn run_process_job(shared: &Shared, c: Commission, signal: &JobSignal) {
         }
     };
     shared.metrics.spawned(spawn_started.elapsed());
+    shared.metrics.picked_up(ready.elapsed());
     tracing::debug!(commission = c.id, job = job_id, spawn_us = spawn_started.elapsed().as_micros(), "spawned");
     let pid = child.id();
     let start = Command::StartJob { job_id, executor, job_name: p.name.clone(), pid: Some(pid) };

@@ -12,6 +12,9 @@ use atelier_engine::Executor;
 
 const DURATION_BUCKETS_SECONDS: [f64; 10] = [0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0];
 const SPAWN_BUCKETS_SECONDS: [f64; 9] = [0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5];
+/// Finer around the 5 ms a pickup should stay under.
+const PICKUP_BUCKETS_SECONDS: [f64; 13] =
+    [0.0005, 0.001, 0.0015, 0.002, 0.003, 0.004, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.1, 0.5];
 const EXECUTORS: [Executor; 2] = [Executor::JobController, Executor::TaskRunner];
 
 #[derive(Clone, Debug, Default)]
@@ -56,6 +59,7 @@ struct Inner {
     duration: [Histogram; 2],
     running: [i64; 2],
     spawn: Histogram,
+    pickup: Histogram,
     routing: [u64; 2],
 }
 
@@ -99,6 +103,12 @@ impl Metrics {
         self.with(|m| m.spawn.observe(&SPAWN_BUCKETS_SECONDS, took.as_secs_f64()));
     }
 
+    /// A job-controller job's worker is running: `took` is from the scheduler handing it a
+    /// free slot to the spawn's return (job id, job dir, spawn; not the start's append).
+    pub(crate) fn picked_up(&self, took: Duration) {
+        self.with(|m| m.pickup.observe(&PICKUP_BUCKETS_SECONDS, took.as_secs_f64()));
+    }
+
     pub(crate) fn routed(&self, e: Executor) {
         self.with(|m| m.routing[idx(e)] += 1);
     }
@@ -133,6 +143,8 @@ impl Metrics {
         }
         out.push_str("# HELP atelier_job_spawn_seconds Time to spawn a worker process.\n# TYPE atelier_job_spawn_seconds histogram\n");
         g.spawn.render(&mut out, "atelier_job_spawn_seconds", "", &SPAWN_BUCKETS_SECONDS);
+        out.push_str("# HELP atelier_job_pickup_seconds From a free slot to a running worker (job controller).\n# TYPE atelier_job_pickup_seconds histogram\n");
+        g.pickup.render(&mut out, "atelier_job_pickup_seconds", "", &PICKUP_BUCKETS_SECONDS);
         out.push_str("# HELP atelier_progress_events_coalesced_total Progress reports dropped for a newer one.\n# TYPE atelier_progress_events_coalesced_total counter\n");
         let _ = writeln!(out, "atelier_progress_events_coalesced_total {}", self.coalesced_total());
         out.push_str("# HELP atelier_executor_routing Commissions routed to each executor.\n# TYPE atelier_executor_routing counter\n");
