@@ -172,7 +172,7 @@ impl Server {
         self.addr
     }
 
-    /// Stops accepting, ends open streams (they see the flag within a second) and joins the
+    /// Stops accepting, ends open streams (they see the flag within `sse::SHUTDOWN_POLL`, 2 s) and joins the
     /// handler threads. Appends already handed to the store finish there.
     pub fn shutdown(mut self) {
         self.shared.shutting_down.store(true, Ordering::SeqCst);

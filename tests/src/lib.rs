@@ -331,6 +331,39 @@ impl Sse {
     }
 }
 
+/// Opens streams the way an async client (or a reconnect storm) does: every connect in flight
+/// at once on a tokio runtime. Returns each request's status (0 if it was closed or timed out
+/// unanswered); all streams stay open until every one has answered.
+pub fn open_streams_at_once(addr: SocketAddr, requests: &[(String, String)], timeout: Duration) -> Vec<u16> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("tokio runtime");
+    rt.block_on(async {
+        let tasks: Vec<_> = requests
+            .iter()
+            .cloned()
+            .map(|(path, token)| {
+                tokio::spawn(async move {
+                    let open = async {
+                        let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
+                        let head = format!("GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\r\n");
+                        s.write_all(head.as_bytes()).await.ok()?;
+                        let mut buf = [0u8; 64];
+                        let n = s.read(&mut buf).await.ok()?;
+                        let status = String::from_utf8_lossy(&buf[..n]).split_whitespace().nth(1)?.parse::<u16>().ok()?;
+                        Some((status, s))
+                    };
+                    tokio::time::timeout(timeout, open).await.ok().flatten()
+                })
+            })
+            .collect();
+        let mut opened = Vec::new();
+        for t in tasks {
+            opened.push(t.await.ok().flatten());
+        }
+        opened.iter().map(|o| o.as_ref().map_or(0, |(status, _)| *status)).collect()
+    })
+}
+
 /// Replaces values that change from run to run (times) so bodies can be snapshotted.
 pub fn redact(v: &Value) -> Value {
     match v {
