@@ -148,7 +148,7 @@ impl Server {
             accept_restarts: AtomicU64::new(0),
             jobs: jobs_tx,
         });
-        let mut threads = (0..HANDLER_THREADS)
+        let threads = (0..HANDLER_THREADS)
             .map(|i| {
                 let (jobs, shared) = (jobs_rx.clone(), shared.clone());
                 std::thread::Builder::new()
@@ -157,14 +157,15 @@ impl Server {
                     .map_err(|e| HttpError::Start(e.to_string()))
             })
             .collect::<Result<Vec<_>, _>>()?;
-        let accept = {
+        // Not joined at shutdown: if the wake-up connect cannot get through, a stop must not
+        // hang on a thread blocked in accept(); it ends with the process.
+        {
             let shared = shared.clone();
             std::thread::Builder::new()
                 .name("atelier-accept".into())
                 .spawn(move || conn::accept_loop(listener, shared))
-                .map_err(|e| HttpError::Start(e.to_string()))?
-        };
-        threads.push(accept);
+                .map_err(|e| HttpError::Start(e.to_string()))?;
+        }
         Ok(Server { shared, threads, addr })
     }
 
