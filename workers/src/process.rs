@@ -40,6 +40,10 @@ const DRAIN_BYTES_MAX: usize = 4 * 1024 * 1024;
 pub const MEMORY_ERROR_PREFIX: &str = "memory limit exceeded";
 /// A worker sending more protocol lines than this in one second is flooding and is cut off.
 pub const PROTOCOL_LINES_PER_SECOND_MAX: u32 = 10_000;
+/// Reports are held this long after the first of a batch before they are appended, so that a
+/// burst of lines, or a short job's whole life, is one append (one fsync) rather than one per
+/// poll wakeup; far below what anyone watching progress can notice.
+const BATCH_WINDOW: Duration = Duration::from_millis(2);
 /// Exit codes of the trampoline (see `trampoline.rs`).
 const TRAMPOLINE_EXIT_CODES: std::ops::RangeInclusive<i32> = 124..=127;
 
@@ -269,6 +273,8 @@ pub(crate) fn watch(w: Watched, session: &mut Session, signal: &JobSignal, appli
     let mut last_line = Instant::now();
     let mut kill: Option<KillReason> = None;
     let mut sigkill_at: Option<Instant> = None;
+    // When the queued reports are appended (see BATCH_WINDOW).
+    let mut commit_at: Option<Instant> = None;
 
     let ender = Ender { pid, grace: w.kill_grace, commission_id: session.commission_id, job_id: session.job_id };
     let end_worker = |kill: &mut Option<KillReason>, sigkill_at: &mut Option<Instant>, reason: KillReason| {
@@ -289,6 +295,7 @@ pub(crate) fn watch(w: Watched, session: &mut Session, signal: &JobSignal, appli
             consider(session.next_flush_at());
         }
         consider(sigkill_at);
+        consider(commit_at);
         if pidfd.is_none() {
             // Old kernel without pidfd: look at the child every 50 ms.
             consider(Some(now + Duration::from_millis(50)));
@@ -381,12 +388,18 @@ pub(crate) fn watch(w: Watched, session: &mut Session, signal: &JobSignal, appli
                 end_worker(&mut kill, &mut sigkill_at, halt_reason(h));
             }
         }
-        // Everything this wakeup read goes to the log in one append; once the worker has
-        // exited, the last batch waits to go with the job's end (see `record_finish`).
-        if !exited && session.has_batch() {
-            if let Err(h) = session.commit() {
-                end_worker(&mut kill, &mut sigkill_at, halt_reason(h));
+        // What the worker says within BATCH_WINDOW goes to the log in one append; once the
+        // worker has exited, the last batch waits to go with the job's end (`record_finish`).
+        if session.has_batch() {
+            let at = *commit_at.get_or_insert_with(|| Instant::now() + BATCH_WINDOW);
+            if !exited && (kill.is_some() || Instant::now() >= at) {
+                commit_at = None;
+                if let Err(h) = session.commit() {
+                    end_worker(&mut kill, &mut sigkill_at, halt_reason(h));
+                }
             }
+        } else {
+            commit_at = None;
         }
         let now = Instant::now();
         if kill.is_none() && now >= wall_deadline {
