@@ -8,7 +8,8 @@
 # (/work/shared/bench/bench.py e2e, from where it lives) under `flock /tmp/atelier-bench.lock`
 # so it never overlaps another benchmark, prints one summary line, and stops that server by pid.
 # The server's settings come from the environment (MAX_CONCURRENT_JOBS, USE_JOB_CONTROLLER,
-# ATELIER_BALLAST_MB, ...). Defaults: 3 runs of --n 600 --concurrency 20.
+# ATELIER_BALLAST_MB, ...). Defaults: 3 runs of --n 600 --concurrency 20. DATA_ROOT=DIR keeps
+# the data dirs there for the caller to delete after a series (see the comment at the end).
 set -euo pipefail
 KIND="${1:?usage: bench-job-controller.sh atelier|bullmq BIN [RUNS] [bench args]}"
 BIN="${2:?}"
@@ -59,7 +60,7 @@ DATA_DIRS=()
 for run in $(seq "$RUNS"); do
   PORT="$(free_port)"
   if [ "$KIND" = atelier ]; then
-    DATA="$(mktemp -d /tmp/atelier-jc-bench.XXXXXX)"
+    DATA="$(mktemp -d "${DATA_ROOT:-/tmp}/atelier-jc-bench.XXXXXX")"
     ATELIER_SECRET=s ATELIER_DATA_DIR="$DATA" ATELIER_LISTEN="127.0.0.1:$PORT" RUST_LOG="${RUST_LOG:-warn}" \
       "$BIN" serve >"$DATA.log" 2>&1 &
     PID=$!
@@ -103,4 +104,6 @@ PYEOF
   # ext4's inode allocator (recently_deleted) slower than any steady state would be.
   if [ "$KIND" = atelier ]; then DATA_DIRS+=("$DATA" "$DATA.log"); else rm -f "$PIDFILE"; fi
 done
-[ ${#DATA_DIRS[@]} -gt 0 ] && rm -rf "${DATA_DIRS[@]}"
+# With DATA_ROOT set, the caller deletes them after a whole series of calls.
+[ -z "${DATA_ROOT:-}" ] && [ ${#DATA_DIRS[@]} -gt 0 ] && rm -rf "${DATA_DIRS[@]}"
+true

@@ -16,6 +16,8 @@ use crate::config::PipelineConfig;
 use crate::pipeline::{self, JobInput, Reporter, RunEnv, Stop};
 use crate::protocol::{Message, PROTOCOL_LINE_BYTES_MAX};
 
+/// `--input` value meaning "read the input from stdin" (where the job controller puts it).
+pub const INPUT_STDIN: &str = "-";
 /// The protocol pipe's descriptor in a worker.
 pub const PROTOCOL_FD: i32 = 3;
 pub const EXIT_OK: i32 = 0;
@@ -122,7 +124,15 @@ pub fn worker_main(args: &[String]) -> i32 {
     let pipe = unsafe { File::from_raw_fd(PROTOCOL_FD) };
     let mut rep = PipeReporter { pipe };
     let read = |p: &PathBuf| std::fs::read(p).map_err(|e| format!("cannot read {}: {e}", p.display()));
-    let loaded = read(&args.input).and_then(|i| {
+    let read_input = |p: &PathBuf| {
+        if p.as_os_str() != INPUT_STDIN {
+            return read(p);
+        }
+        let mut buf = Vec::new();
+        std::io::Read::read_to_end(&mut std::io::stdin().lock(), &mut buf).map_err(|e| format!("cannot read stdin: {e}"))?;
+        Ok(buf)
+    };
+    let loaded = read_input(&args.input).and_then(|i| {
         let input: JobInput = serde_json::from_slice(&i).map_err(|e| format!("bad input file: {e}"))?;
         let spec: PipelineConfig =
             serde_json::from_slice(&read(&args.pipeline_file)?).map_err(|e| format!("bad pipeline file: {e}"))?;

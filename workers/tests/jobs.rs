@@ -225,7 +225,7 @@ fn builtin_pipelines_complete_and_the_task_runner_agrees() {
         // The built-in worker prints nothing, and logs are created at their first byte.
         let (out, err) = atelier_workers::job_log_paths(&h.data_dir(), j.job_id);
         assert!(!out.exists() && !err.exists(), "no empty log files");
-        assert!(out.parent().is_some_and(|d| d.join("input.json").exists()));
+        assert!(out.parent().is_some_and(Path::is_dir), "the job ran in its own dir");
     }
 
     // The same commission on the task runner gives the same result, byte for byte.
