@@ -28,7 +28,9 @@ impl RetryPolicy {
     }
 }
 
-fn splitmix64(mut x: u64) -> u64 {
+/// A well-mixed 64-bit hash of `x` (SplitMix64's finalizer): deterministic pseudo-randomness
+/// for jitter and for stable routing of a commission id.
+pub fn splitmix64(mut x: u64) -> u64 {
     x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
     let mut z = x;
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);

@@ -119,7 +119,7 @@ impl Router {
     pub(crate) fn route(&mut self, cfg: &WorkersConfig, commission_id: u64, now: Instant) -> Executor {
         let rolled_back = self.rollback_active(cfg, now);
         let in_rollout = cfg.job_controller_rollout_percent >= 100
-            || splitmix64(commission_id) % 100 < u64::from(cfg.job_controller_rollout_percent);
+            || atelier_engine::retry::splitmix64(commission_id) % 100 < u64::from(cfg.job_controller_rollout_percent);
         let controller = cfg.use_job_controller && !rolled_back && in_rollout;
         match (controller, cfg.keep_task_runner) {
             (true, true) if cfg.task_runner_priority > cfg.job_controller_priority => Executor::TaskRunner,
@@ -156,14 +156,6 @@ impl Router {
     pub(crate) fn spawn_failed(&mut self, cfg: &WorkersConfig, now: Instant) {
         self.trip(cfg, now, "the job controller cannot spawn workers");
     }
-}
-
-fn splitmix64(mut x: u64) -> u64 {
-    x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    let mut z = x;
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
 }
 
 /// What every thread of the workers shares.
