@@ -189,6 +189,23 @@ impl Shared {
         self.config.pipelines.get(name)
     }
 
+    /// A fresh job id and the commission's pipeline; `None` (with the reason logged, or the
+    /// attempt failed for an unknown pipeline) when the job cannot begin.
+    pub(crate) fn begin_job(&self, c: &Commission, executor: Executor) -> Option<(u64, PipelineConfig)> {
+        let job_id = match self.store.allocate_job_id() {
+            Ok(id) => id,
+            Err(e) => {
+                tracing::error!(commission = c.id, error = %e, "cannot allocate a job id");
+                return None;
+            }
+        };
+        let Some(p) = self.pipeline(&c.pipeline).cloned() else {
+            self.fail_unstarted(c, job_id, executor, format!("unknown pipeline '{}'", c.pipeline), false);
+            return None;
+        };
+        Some((job_id, p))
+    }
+
     /// Starts the attempt with no process (spawn failed or nothing to spawn) and fails it.
     pub(crate) fn fail_unstarted(&self, c: &Commission, job_id: u64, executor: Executor, error: String, retryable: bool) {
         let start = Command::StartJob { job_id, executor, job_name: c.pipeline.clone(), pid: None };
@@ -659,17 +676,7 @@ pub(crate) fn pipeline_file(shared: &Shared, p: &PipelineConfig, job_id: u64) ->
 /// One job on the job controller, from job id to recorded outcome.
 fn run_process_job(shared: &Shared, c: Commission, signal: &JobSignal, ready: Instant) {
     let executor = Executor::JobController;
-    let job_id = match shared.store.allocate_job_id() {
-        Ok(id) => id,
-        Err(e) => {
-            tracing::error!(commission = c.id, error = %e, "cannot allocate a job id");
-            return;
-        }
-    };
-    let Some(p) = shared.pipeline(&c.pipeline).cloned() else {
-        shared.fail_unstarted(&c, job_id, executor, format!("unknown pipeline '{}'", c.pipeline), false);
-        return;
-    };
+    let Some((job_id, p)) = shared.begin_job(&c, executor) else { return };
     let prepared = prepare_job_dir(shared, &c, job_id).and_then(|(dir, input)| Ok((dir, input, pipeline_file(shared, &p, job_id)?)));
     let (dir, input, spec_file) = match prepared {
         Ok(v) => v,

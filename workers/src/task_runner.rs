@@ -115,17 +115,7 @@ fn thread_cpu_ms() -> u64 {
 
 fn run_task(shared: &Shared, c: Commission, signal: &JobSignal) {
     let executor = Executor::TaskRunner;
-    let job_id = match shared.store.allocate_job_id() {
-        Ok(id) => id,
-        Err(e) => {
-            tracing::error!(commission = c.id, error = %e, "cannot allocate a job id");
-            return;
-        }
-    };
-    let Some(p) = shared.pipeline(&c.pipeline).cloned() else {
-        shared.fail_unstarted(&c, job_id, executor, format!("unknown pipeline '{}'", c.pipeline), false);
-        return;
-    };
+    let Some((job_id, p)) = shared.begin_job(&c, executor) else { return };
     let (dir, input) = match prepare_job_dir(shared, &c, job_id) {
         Ok(v) => v,
         Err(e) => {
