@@ -43,7 +43,7 @@ SETTINGS (environment wins over atelier.toml, which wins over defaults):
     ATELIER_CACHE_BYTES       sled page cache                   67108864
     ATELIER_RETENTION_DAYS    prune terminal commissions older than this   off
     ATELIER_HEARTBEAT_MS      SSE heartbeat interval            15000
-    ATELIER_MAX_CONNECTIONS   concurrent SSE streams            10000
+    ATELIER_MAX_CONNECTIONS   open connections, streams included 10000
     ATELIER_METRICS_PUBLIC    1 = /metrics without a token      0
     ATELIER_HEADER_TIMEOUT_MS close connections whose headers do not arrive in time   10000
     ATELIER_LOG_FORMAT        json for JSON lines               human-readable

@@ -30,6 +30,8 @@ pub const CONNECTION_STACK_BYTES: usize = 128 * 1024;
 pub const HEAD_BYTES_MAX: usize = 16 * 1024;
 /// Read buffer per connection.
 const READ_BUFFER_BYTES: usize = 4096;
+/// Send timeout for the 503 answered to a connection beyond the cap (on the accept thread).
+const OVER_CAPACITY_SEND_TIMEOUT: Duration = Duration::from_millis(100);
 /// Pause after an accept error (out of descriptors, say) before accepting again.
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
 
@@ -48,13 +50,24 @@ pub(crate) fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
                 if shared.shutting_down.load(Ordering::SeqCst) {
                     return;
                 }
-                let shared = shared.clone();
+                let capacity = shared.config.connections_max as u64;
+                if shared.connections.fetch_add(1, Ordering::SeqCst) >= capacity {
+                    shared.connections.fetch_sub(1, Ordering::SeqCst);
+                    refuse_over_capacity(&stream, capacity);
+                    continue;
+                }
+                let conn_shared = shared.clone();
                 let spawned = std::thread::Builder::new()
                     .name("atelier-conn".into())
                     .stack_size(CONNECTION_STACK_BYTES)
-                    .spawn(move || serve(stream, &shared));
+                    .spawn(move || {
+                        serve(stream, &conn_shared);
+                        conn_shared.connections.fetch_sub(1, Ordering::SeqCst);
+                    });
                 if let Err(e) = spawned {
-                    // The socket was moved into the closure and is closed with it.
+                    // The socket was moved into the closure and is closed with it; the closure
+                    // never ran, so its slot is given back here.
+                    shared.connections.fetch_sub(1, Ordering::SeqCst);
                     tracing::warn!(error = %e, "could not start a connection thread; closed the connection");
                 }
             }
@@ -71,6 +84,14 @@ pub(crate) fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
             }
         }
     }
+}
+
+/// Answers a connection beyond the cap with 503 and closes it, without a thread: the write
+/// fits a fresh socket's buffer, and a short send timeout keeps the accept loop moving anyway.
+fn refuse_over_capacity(stream: &TcpStream, capacity: u64) {
+    let _ = stream.set_write_timeout(Some(OVER_CAPACITY_SEND_TIMEOUT));
+    let body = render::error("over_capacity", &format!("{capacity} connections are open; try again shortly")).to_string();
+    let _ = write_response(stream, 503, "application/json", body.as_bytes(), &[("Retry-After", "1".into())], Close::Yes, Body::Send);
 }
 
 /// Where to connect to wake a blocked accept() at shutdown.

@@ -28,7 +28,7 @@ pub use routes::{openapi, Route, ROUTES};
 
 /// Request bodies above this are refused with 413.
 pub const BODY_BYTES_MAX: usize = 1024 * 1024;
-/// Default cap on concurrent SSE streams; more are answered 503.
+/// Default cap on open connections (streams included); more are answered 503 and closed.
 pub const CONNECTIONS_MAX_DEFAULT: usize = 10_000;
 /// Listen backlog: Rust's default of 128 stalls reconnect storms for seconds.
 pub const LISTEN_BACKLOG: i32 = 8192;
@@ -41,7 +41,7 @@ pub const HEADER_TIMEOUT_MS_DEFAULT: u64 = 10_000;
 /// A write that cannot proceed for this long (a client that stopped reading) fails, which
 /// ends that stream only; the client can resume from its last event id.
 pub const SEND_TIMEOUT_MS: u64 = 10_000;
-/// File descriptors kept free of streams for the store, workers and short requests.
+/// File descriptors kept free of connections for the store, the workers and their pipes.
 pub const RESERVED_FDS: u64 = 512;
 
 /// What the HTTP side needs from the executors, without depending on them.
@@ -104,6 +104,8 @@ pub(crate) struct Shared {
     pub(crate) metrics: metrics::Metrics,
     pub(crate) shutting_down: AtomicBool,
     pub(crate) streams: AtomicU64,
+    /// Open connections, counted by the accept loop against `connections_max`.
+    pub(crate) connections: AtomicU64,
     /// Accept errors the accept loop recovered from (out of descriptors, say).
     pub(crate) accept_restarts: AtomicU64,
     /// The handler pool's queue.
@@ -145,6 +147,7 @@ impl Server {
             metrics: metrics::Metrics::default(),
             shutting_down: AtomicBool::new(false),
             streams: AtomicU64::new(0),
+            connections: AtomicU64::new(0),
             accept_restarts: AtomicU64::new(0),
             jobs: jobs_tx,
         });
@@ -190,7 +193,7 @@ impl Server {
 }
 
 /// Raises the soft descriptor limit to the hard one, and keeps the stream cap below what it
-/// allows, so that streams alone can never exhaust descriptors.
+/// allows, so that connections alone can never exhaust descriptors.
 fn fit_connections_to_fd_limit(wanted: usize) -> usize {
     let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
     // SAFETY: getrlimit/setrlimit write and read a plain struct we own.
@@ -207,7 +210,7 @@ fn fit_connections_to_fd_limit(wanted: usize) -> usize {
     }
     let budget = usize::try_from(lim.rlim_cur.saturating_sub(RESERVED_FDS)).unwrap_or(usize::MAX);
     if budget < wanted {
-        tracing::warn!(wanted, allowed = budget, "the descriptor limit caps concurrent streams lower");
+        tracing::warn!(wanted, allowed = budget, "the descriptor limit caps concurrent connections lower");
     }
     wanted.min(budget.max(1))
 }

@@ -288,10 +288,6 @@ fn handle(route: &Route, params: &[&str], who: Option<&Identity>, req: &Req, sha
         }
         "stream_commission" | "stream_user" | "stream_all" => {
             let after = tri!(last_event_id(req));
-            let capacity = shared.config.connections_max as u64;
-            if shared.streams.load(std::sync::atomic::Ordering::SeqCst) >= capacity {
-                return Ok(error(503, "over_capacity", format!("{capacity} streams are open; try again shortly")));
-            }
             let (filter, end_on_terminal) = match route.name {
                 "stream_commission" => {
                     let id = tri!(parse_id(params[0], "task id"));
