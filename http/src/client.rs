@@ -145,7 +145,8 @@ impl Client {
     }
 }
 
-fn dechunk(mut b: &[u8]) -> Vec<u8> {
+/// The payload of a chunked body; stops at the last chunk or at the first malformed one.
+pub fn dechunk(mut b: &[u8]) -> Vec<u8> {
     let mut out = Vec::new();
     while let Some(nl) = b.windows(2).position(|w| w == b"\r\n") {
         let size = usize::from_str_radix(String::from_utf8_lossy(&b[..nl]).trim(), 16).unwrap_or(0);
