@@ -77,7 +77,7 @@ pub(crate) fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
                 }
                 if !failing {
                     failing = true;
-                    shared.accept_restarts.fetch_add(1, Ordering::Relaxed);
+                    shared.accept_errors.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(error = %e, "accepting connections failed; retrying until it works again");
                 }
                 std::thread::sleep(ACCEPT_ERROR_PAUSE);

@@ -107,7 +107,7 @@ pub(crate) struct Shared {
     /// Open connections, counted by the accept loop against `connections_max`.
     pub(crate) connections: AtomicU64,
     /// Accept errors the accept loop recovered from (out of descriptors, say).
-    pub(crate) accept_restarts: AtomicU64,
+    pub(crate) accept_errors: AtomicU64,
     /// The handler pool's queue.
     pub(crate) jobs: crossbeam_channel::Sender<conn::Job>,
 }
@@ -148,7 +148,7 @@ impl Server {
             shutting_down: AtomicBool::new(false),
             streams: AtomicU64::new(0),
             connections: AtomicU64::new(0),
-            accept_restarts: AtomicU64::new(0),
+            accept_errors: AtomicU64::new(0),
             jobs: jobs_tx,
         });
         let threads = (0..HANDLER_THREADS)

@@ -204,8 +204,8 @@ fn handle(route: &Route, params: &[&str], who: Option<&Identity>, req: &Req, sha
             }
             extra.push_str(&format!("# TYPE atelier_log_head_seq gauge\natelier_log_head_seq {}\n", shared.store.head_seq()));
             extra.push_str(&format!(
-                "# TYPE atelier_http_accept_restarts_total counter\natelier_http_accept_restarts_total {}\n",
-                shared.accept_restarts.load(std::sync::atomic::Ordering::Relaxed)
+                "# TYPE atelier_http_accept_errors_total counter\natelier_http_accept_errors_total {}\n",
+                shared.accept_errors.load(std::sync::atomic::Ordering::Relaxed)
             ));
             if let Some(e) = &shared.executors {
                 extra.push_str(&e.metrics_text());
@@ -263,10 +263,10 @@ fn handle(route: &Route, params: &[&str], who: Option<&Identity>, req: &Req, sha
                 return Ok(Reply::Json(200, json!({"items": [], "next_cursor": null})));
             }
             let limit = match req.query("limit") {
-                None => 20,
+                None => LIST_LIMIT_DEFAULT,
                 Some(l) => match l.parse::<usize>() {
-                    Ok(n) if (1..=200).contains(&n) => n,
-                    _ => return Ok(error(400, "invalid_field", "limit: must be 1..=200")),
+                    Ok(n) if (1..=LIST_LIMIT_MAX).contains(&n) => n,
+                    _ => return Ok(error(400, "invalid_field", format!("limit: must be 1..={LIST_LIMIT_MAX}"))),
                 },
             };
             let cursor = match req.query("cursor") {
@@ -376,6 +376,10 @@ fn json_body(req: &Req) -> Result<Value, Reply> {
     }
     serde_json::from_slice(&req.body).map_err(|e| error(400, "bad_json", format!("the body is not valid JSON: {e}")))
 }
+
+/// Page size of a listing without `?limit=`; the largest allowed is storage's.
+const LIST_LIMIT_DEFAULT: usize = 20;
+use atelier_storage::LIST_LIMIT_MAX;
 
 const CREATE_FIELDS: &[&str] = &["context", "pipeline", "priority", "scheduled_for", "max_attempts", "idempotency_key", "user_id"];
 
