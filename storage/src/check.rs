@@ -30,6 +30,11 @@ pub struct Rebuilt {
 /// Walks the whole log: checks that it is gap-free and that every checksum and the hash chain
 /// hold, and folds every event into snapshots and job records.
 pub fn rebuild(store: &SledStore) -> Result<Rebuilt, StorageError> {
+    rebuild_with(store, |_| {})
+}
+
+/// [`rebuild`], also showing every event to `each` (one pass over the log for the check).
+fn rebuild_with(store: &SledStore, mut each: impl FnMut(&Envelope)) -> Result<Rebuilt, StorageError> {
     let t = &store.inner().trees;
     let mut out = Rebuilt::default();
     let mut chain = 0u32;
@@ -47,6 +52,7 @@ pub fn rebuild(store: &SledStore) -> Result<Rebuilt, StorageError> {
             continue;
         };
         out.events += 1;
+        each(&env);
         let before = out.commissions.remove(&env.commission_id);
         let after = apply(before, &env).map_err(|r| StorageError::Corruption {
             seq,
@@ -76,7 +82,11 @@ pub struct CheckReport {
 pub fn replay_check(store: &SledStore) -> Result<CheckReport, StorageError> {
     let started = Instant::now();
     store.flush_projections()?;
-    let rebuilt = rebuild(store)?;
+    // Index by commission, (commission, version, seq), gathered in the same pass over the log.
+    let mut expected_idx = BTreeSet::new();
+    let rebuilt = rebuild_with(store, |env| {
+        expected_idx.insert((env.commission_id, env.version, env.seq));
+    })?;
     let t = &store.inner().trees;
     let mut diff = Vec::new();
 
@@ -112,8 +122,6 @@ pub fn replay_check(store: &SledStore) -> Result<CheckReport, StorageError> {
     }
     push_limited(&mut diff, lines);
 
-    // Index by commission: (commission, version) -> seq.
-    let mut expected_idx = BTreeSet::new();
     let mut expected_users = BTreeSet::new();
     let mut expected_idem = BTreeMap::new();
     let mut expected_live = BTreeSet::new();
@@ -127,13 +135,6 @@ pub fn replay_check(store: &SledStore) -> Result<CheckReport, StorageError> {
             expected_live.insert(c.id);
         }
         counts[c.state as usize] += 1;
-    }
-    for item in t.log.iter() {
-        let (k, v) = item?;
-        let seq = read_u64(&k).unwrap_or(0);
-        if let (Some(env), _) = decode_record(seq, &v, None)? {
-            expected_idx.insert((env.commission_id, env.version, env.seq));
-        }
     }
     let mut stored_idx = BTreeSet::new();
     for item in t.scan(Projection::ByCommission) {
