@@ -4,35 +4,9 @@
 
 mod common;
 
-use atelier_engine::{Envelope, Event, EventKind, Executor, JobEnd, JobStatus, Stage};
+use atelier_engine::{Envelope, Event, EventKind};
 use atelier_storage::{check, codec, EventStore, SledStore, StoreConfig};
-use common::TempDir;
-
-fn one_of_each() -> Vec<Event> {
-    vec![
-        Event::Created {
-            user_id: "alice".into(),
-            pipeline: "commission".into(),
-            priority: 5,
-            scheduled_for: Some(1_795_964_430_123),
-            context: r#"{"title":"Hello"}"#.into(),
-            idempotency_key: Some("k-1".into()),
-            max_attempts: 3,
-        },
-        Event::JobStarted { attempt: 1, job_id: 42, executor: Executor::JobController, job_name: "commission".into(), pid: Some(4242) },
-        Event::StageEntered { stage: Stage::GeneratingIdeas },
-        Event::Progress { stage: Stage::GeneratingIdeas, percent: 50, message: Some("half way".into()) },
-        Event::Artifact { stage: Stage::CreatingImages, kind: "image".into(), uri: "/artifacts/ab.png".into() },
-        Event::AttemptFailed { attempt: 1, error: "boom".into(), retryable: true, next_retry_at: 1_795_964_432_123 },
-        Event::RetryDue,
-        Event::Completed { result: r#"{"ok":true}"#.into() },
-        Event::Failed { attempt: 3, error: "gave up".into(), retryable: false },
-        Event::CancelRequested,
-        Event::Cancelled,
-        Event::RetryRequested,
-        Event::JobFinished(JobEnd { job_id: 42, status: JobStatus::Succeeded, exit_code: Some(0), signal: None, error: None, max_rss_bytes: 1 << 20, cpu_ms: 17 }),
-    ]
-}
+use common::{one_of_each, TempDir};
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
@@ -94,63 +68,4 @@ fn fuzz_corpus_replays() {
         }
         assert!(n > 0, "empty corpus for {target}");
     }
-}
-
-/// Writes the codec corpus seeds (run with ATELIER_WRITE_CORPUS=1 after a format change).
-#[test]
-fn write_corpus_seeds() {
-    if std::env::var("ATELIER_WRITE_CORPUS").is_err() {
-        return;
-    }
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/codec");
-    for (i, event) in one_of_each().into_iter().enumerate() {
-        let env = Envelope { seq: i as u64 + 1, commission_id: 7, version: 1, at: 5, event };
-        let payload = codec::encode(&env);
-        std::fs::write(dir.join(format!("envelope-{i:02}")), &payload).unwrap();
-        let (record, _) = codec::frame_record(env.seq, 0, &payload);
-        std::fs::write(dir.join(format!("record-{i:02}")), record).unwrap();
-    }
-}
-
-/// Records tests/fixtures/history-v1.jsonl (run with ATELIER_WRITE_FIXTURE=1, only for a new
-/// format version: the existing fixture must never change).
-#[test]
-fn write_fixture() {
-    use atelier_engine::Command;
-    use atelier_storage::{create, execute, Created};
-    if std::env::var("ATELIER_WRITE_FIXTURE").is_err() {
-        return;
-    }
-    let dir = TempDir::new("mkfixture");
-    let store = SledStore::open(StoreConfig::new(&dir.0)).unwrap();
-    let ctx = |now: i64| atelier_engine::Ctx { now, jitter_seed: 99, retry: Default::default() };
-    let mut ids = Vec::new();
-    for (i, key) in [Some("first"), None, None].into_iter().enumerate() {
-        let Created::New(c) = create(&*store, common::new_commission(&format!("user{i}"), key), &ctx(1_795_964_430_000)).unwrap().unwrap() else { panic!() };
-        ids.push(c.id);
-    }
-    let now = std::cell::Cell::new(1_795_964_431_000);
-    let run = |id: u64, cmds: Vec<Command>| {
-        for cmd in cmds {
-            now.set(now.get() + 137);
-            execute(&*store, id, cmd, &ctx(now.get())).unwrap().unwrap();
-        }
-    };
-    run(ids[0], common::full_run(10));
-    run(ids[1], vec![
-        Command::StartJob { job_id: 20, executor: Executor::JobController, job_name: "commission".into(), pid: Some(300) },
-        Command::EnterStage { job_id: 20, stage: Stage::GeneratingIdeas },
-        Command::FailAttempt { job_id: 20, error: "worker killed by SIGKILL".into(), retryable: true, job: Some(JobEnd { job_id: 20, status: JobStatus::Killed, exit_code: None, signal: Some(9), error: Some("killed by SIGKILL".into()), max_rss_bytes: 5 << 20, cpu_ms: 12 }) },
-    ]);
-    now.set(now.get() + 600_000);
-    run(ids[1], vec![Command::RetryDue]);
-    run(ids[1], common::full_run(21));
-    run(ids[2], vec![
-        Command::StartJob { job_id: 30, executor: Executor::TaskRunner, job_name: "commission".into(), pid: None },
-        Command::RequestCancel,
-        Command::ConfirmCancelled { job: None },
-    ]);
-    let mut out = Vec::new();
-    check::export(&store, &mut out).unwrap();
-    std::fs::write(fixture_path(), out).unwrap();
 }
