@@ -40,6 +40,7 @@ SETTINGS (environment wins over atelier.toml, which wins over defaults):
     ATELIER_CONFIG            config file                       ./atelier.toml if present
     ATELIER_SECRET            token signing secret              a random secret in DATA_DIR/secret
     ATELIER_DURABILITY        sync | periodic                   sync (acknowledge only after fsync)
+    ATELIER_DURABILITY_INTERVAL_MS  periodic: sync this often (a crash loses up to this)  100
     ATELIER_CACHE_BYTES       sled page cache                   67108864
     ATELIER_RETENTION_DAYS    prune terminal commissions older than this   off
     ATELIER_HEARTBEAT_MS      SSE heartbeat interval            15000
@@ -49,6 +50,9 @@ SETTINGS (environment wins over atelier.toml, which wins over defaults):
     ATELIER_LOG_FORMAT        json for JSON lines               human-readable
     RUST_LOG                  log level filter                  info
 ";
+
+/// How often `ATELIER_DURABILITY=periodic` makes the log durable.
+const DURABILITY_INTERVAL_MS_DEFAULT: u64 = 100;
 
 static STOP: AtomicBool = AtomicBool::new(false);
 
@@ -197,7 +201,9 @@ fn settings(args: &[String]) -> Result<Settings, CliError> {
     };
     let durability = match get("ATELIER_DURABILITY", "durability").as_deref() {
         None | Some("sync") => Durability::Sync,
-        Some("periodic") => Durability::Periodic { interval_ms: num("ATELIER_DURABILITY_INTERVAL_MS", "durability_interval_ms", 100)? },
+        Some("periodic") => Durability::Periodic {
+            interval_ms: num("ATELIER_DURABILITY_INTERVAL_MS", "durability_interval_ms", DURABILITY_INTERVAL_MS_DEFAULT)?,
+        },
         Some(other) => return Err(CliError(format!("ATELIER_DURABILITY / durability: '{other}' is not sync or periodic"))),
     };
     Ok(Settings {
