@@ -214,14 +214,14 @@ fn settings(args: &[String]) -> Result<Settings, CliError> {
             .map(PathBuf::from)
             .unwrap_or_else(|| PathBuf::from("atelier-data")),
         durability,
-        cache_bytes: num("ATELIER_CACHE_BYTES", "cache_capacity_bytes", 64 * 1024 * 1024)?,
+        cache_bytes: num("ATELIER_CACHE_BYTES", "cache_capacity_bytes", atelier_storage::CACHE_CAPACITY_BYTES_DEFAULT)?,
         retention_days: get("ATELIER_RETENTION_DAYS", "retention_days")
             .map(|v| v.parse().map_err(|_| CliError(format!("ATELIER_RETENTION_DAYS: '{v}' is not a number of days"))))
             .transpose()?,
-        heartbeat_ms: num("ATELIER_HEARTBEAT_MS", "heartbeat_ms", 15_000)?,
-        max_connections: usize::try_from(num("ATELIER_MAX_CONNECTIONS", "max_connections", 10_000)?).unwrap_or(usize::MAX),
+        heartbeat_ms: num("ATELIER_HEARTBEAT_MS", "heartbeat_ms", atelier_http::HEARTBEAT_MS_DEFAULT)?,
+        max_connections: usize::try_from(num("ATELIER_MAX_CONNECTIONS", "max_connections", atelier_http::CONNECTIONS_MAX_DEFAULT as u64)?).unwrap_or(usize::MAX),
         metrics_public: get("ATELIER_METRICS_PUBLIC", "metrics_public").is_some_and(|v| v == "1" || v == "true"),
-        header_timeout_ms: num("ATELIER_HEADER_TIMEOUT_MS", "header_timeout_ms", 10_000)?,
+        header_timeout_ms: num("ATELIER_HEADER_TIMEOUT_MS", "header_timeout_ms", atelier_http::HEADER_TIMEOUT_MS_DEFAULT)?,
     })
 }
 
