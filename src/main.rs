@@ -516,7 +516,26 @@ impl Bars {
                 (s["name"].as_str().unwrap_or("").to_string(), bar)
             })
             .collect();
-        Bars { multi, stages, plain }
+        let bars = Bars { multi, stages, plain };
+        if plain {
+            // Without a terminal there are no bars: print where the commission stands first, so
+            // output that starts mid-way (the watch began after some events) is still complete.
+            bars.line(&format!(
+                "commission {}: {} {}%",
+                snap["task_id"],
+                snap["state"].as_str().unwrap_or("?"),
+                snap["progress_percent"].as_u64().unwrap_or(0)
+            ));
+            for s in snap["stages"].as_array().into_iter().flatten() {
+                bars.line(&format!(
+                    "  {:<18} {:<10} {:>3}%",
+                    s["name"].as_str().unwrap_or(""),
+                    s["state"].as_str().unwrap_or(""),
+                    s["progress_percent"].as_u64().unwrap_or(0)
+                ));
+            }
+        }
+        bars
     }
 
     fn line(&self, text: &str) {

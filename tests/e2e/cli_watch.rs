@@ -29,6 +29,10 @@ fn submit_watch_status_list_and_exit_codes() {
     for stage in ["generating_ideas", "creating_images", "uploading", "creating_products"] {
         assert!(text.contains(stage), "watch shows {stage}: {text}");
     }
+    // However far the commission got before the watch connected (the stages above may come
+    // from the snapshot header alone), the output starts with where it stood and ends with the product.
+    assert!(text.starts_with(&format!("commission {id}: ")), "{text}");
+    assert!(text.contains("completed: "), "{text}");
     assert!(text.lines().last().unwrap_or("").starts_with("image: /artifacts/"), "{text}");
     let status = cli(s.addr, &alice, &["status", &id]);
     let snap: Value = serde_json::from_slice(&status.stdout).unwrap();
