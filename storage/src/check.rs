@@ -38,9 +38,8 @@ fn rebuild_with(store: &SledStore, mut each: impl FnMut(&Envelope)) -> Result<Re
     let t = &store.inner().trees;
     let mut out = Rebuilt::default();
     let mut chain = 0u32;
-    for item in t.log.iter() {
-        let (k, v) = item?;
-        let seq = read_u64(&k).ok_or(StorageError::Corruption { seq: out.head + 1, detail: "bad key".into() })?;
+    for item in crate::log::records(&t.log, 1, u64::MAX) {
+        let (seq, v) = item?;
         if seq != out.head + 1 {
             return Err(StorageError::Corruption { seq: out.head + 1, detail: format!("missing: the next record is {seq}") });
         }
@@ -228,9 +227,8 @@ fn push_limited(diff: &mut Vec<String>, lines: Vec<String>) {
 pub fn export(store: &SledStore, out: &mut dyn Write) -> Result<u64, StorageError> {
     let t = &store.inner().trees;
     let mut n = 0;
-    for item in t.log.iter() {
-        let (k, v) = item?;
-        let seq = read_u64(&k).unwrap_or(0);
+    for item in crate::log::records(&t.log, 1, u64::MAX) {
+        let (seq, v) = item?;
         if let (Some(env), _) = decode_record(seq, &v, None)? {
             let line = serde_json::to_string(&env).expect("invariant: envelopes serialize");
             writeln!(out, "{line}").map_err(crate::error::io("write the export"))?;

@@ -9,6 +9,7 @@ pub mod check;
 pub mod codec;
 mod error;
 pub mod layout;
+mod log;
 mod reply;
 mod service;
 mod sled_store;

@@ -38,7 +38,7 @@ use crate::subscribe::{Delivery, Filter, History, Registry, Subscription, ViewAf
 use crate::{AppendOutcome, AppendRequest, AppendTarget, EventStore, ListQuery, Page, StorageError};
 
 /// The layout written by this build. Opening a newer one fails; older ones are migrated.
-pub const SCHEMA_VERSION: u32 = 1;
+pub const SCHEMA_VERSION: u32 = 2;
 /// Requests taken into one group commit at most.
 pub const BATCH_REQUESTS_MAX: usize = 4096;
 /// Requests waiting for the writer before appenders block (backpressure).
@@ -62,7 +62,12 @@ pub const LIST_LIMIT_MAX: usize = 200;
 type Migration = fn(&sled::Db) -> Result<(), StorageError>;
 /// Ordered steps from one schema version to the next; step `n` produces version `n`.
 const MIGRATIONS: &[(u32, &str, Migration)] =
-    &[(1, "initial layout: the log, and one tree of prefixed projections", |_| Ok(()))];
+    &[
+        (1, "initial layout: the log, and one tree of prefixed projections", |_| Ok(())),
+        // Schema-1 values (one record each) stay as they are and stay readable; the version
+        // only tells an older build that it cannot read what this one writes.
+        (2, "a log value may hold a block of consecutive records", |_| Ok(())),
+    ];
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Durability {
@@ -120,6 +125,9 @@ pub(crate) struct Inner {
     /// sled's data file, for fdatasync.
     db_file: File,
     pub(crate) dropped_slow: AtomicU64,
+    /// Group commits that wrote to the log, and the appends they acknowledged.
+    group_commits: AtomicU64,
+    group_committed: AtomicU64,
     /// Acknowledged projection state not yet in the projection tree (write-back).
     unflushed: RwLock<Unflushed>,
     /// Commissions per state, as of the durable head.
@@ -302,11 +310,12 @@ impl SledStore {
         let db_file = File::open(&db_path).map_err(io(format!("open {}", db_path.display())))?;
 
         // The tail of the log: head seq and hash chain, checked.
-        let (head, chain) = match trees.log.last()? {
+        let (head, chain) = match crate::log::last_block(&trees.log)? {
             None => (0, 0),
-            Some((k, v)) => {
-                let seq = read_u64(&k).ok_or(StorageError::Corruption { seq: 0, detail: "bad log key".into() })?;
-                let (_, chain) = decode_record(seq, &v, None)?;
+            Some(block) => {
+                let seq = block.last();
+                let record = block.record(seq).expect("invariant: a block holds its last record");
+                let (_, chain) = decode_record(seq, &record, None)?;
                 (seq, chain)
             }
         };
@@ -317,6 +326,8 @@ impl SledStore {
             registry: Mutex::new(Registry::default()),
             db_file,
             dropped_slow: AtomicU64::new(0),
+            group_commits: AtomicU64::new(0),
+            group_committed: AtomicU64::new(0),
             unflushed: RwLock::new(Unflushed::default()),
             counts: Mutex::new([0; 10]),
             _lock: lock,
@@ -380,6 +391,12 @@ impl SledStore {
     /// Subscribers cut off for being too slow, since open.
     pub fn dropped_slow_total(&self) -> u64 {
         self.inner.dropped_slow.load(Ordering::Relaxed)
+    }
+
+    /// Group commits that wrote to the log since open, and the append requests they carried:
+    /// their ratio is the mean batch, the figure that says how well fsyncs are shared.
+    pub fn group_commit_totals(&self) -> (u64, u64) {
+        (self.inner.group_commits.load(Ordering::Relaxed), self.inner.group_committed.load(Ordering::Relaxed))
     }
 
     pub fn subscriber_count(&self) -> usize {
@@ -487,10 +504,9 @@ impl Writer {
         if self.projected < self.head {
             tracing::info!(from = self.projected + 1, to = self.head, "catching projections up with the log");
             let mut staged = Staged::default();
-            for item in self.inner.trees.log.range(u64_key(self.projected + 1)..) {
-                let (k, v) = item?;
-                let seq = read_u64(&k).unwrap_or(0);
-                let (env, _) = decode_record(seq, &v, None)?;
+            for item in crate::log::records(&self.inner.trees.log, self.projected + 1, u64::MAX) {
+                let (seq, record) = item?;
+                let (env, _) = decode_record(seq, &record, None)?;
                 let Some(env) = env else { continue };
                 if env.commission_id >= self.next_cid {
                     self.next_cid = env.commission_id + 1;
@@ -603,20 +619,20 @@ impl Writer {
     fn commit(&mut self, batch: Vec<Request>, durability: Durability) -> Result<(), StorageError> {
         let started = Instant::now();
         let mut staged = Staged::default();
-        let mut log_batch = sled::Batch::default();
+        let mut records: Vec<Vec<u8>> = Vec::new();
         let mut acks: Vec<(Request, Staging)> = Vec::with_capacity(batch.len());
         let head_before = self.head;
         for req in batch {
             let result = match &req {
-                Request::Append(r, _) => Staging::Append(self.stage_append(r, &mut staged, &mut log_batch)),
-                Request::Import(envs, _) => Staging::Unit(self.stage_import(envs, &mut staged, &mut log_batch)),
+                Request::Append(r, _) => Staging::Append(self.stage_append(r, &mut staged, &mut records)),
+                Request::Import(envs, _) => Staging::Unit(self.stage_import(envs, &mut staged, &mut records)),
                 Request::Prune(..) | Request::FlushProjections(_) => Staging::Unit(Ok(())),
             };
             acks.push((req, result));
         }
         if self.head > head_before {
             let written = (|| -> Result<(), StorageError> {
-                self.inner.trees.log.apply_batch(log_batch)?;
+                self.inner.trees.log.apply_batch(blocks(head_before + 1, records))?;
                 if durability == Durability::Sync {
                     self.inner.db.flush()?;
                     fdatasync(&self.inner.db_file)?;
@@ -638,6 +654,10 @@ impl Writer {
             if dropped > 0 {
                 self.inner.dropped_slow.fetch_add(dropped, Ordering::Relaxed);
             }
+        }
+        if self.head > head_before {
+            self.inner.group_commits.fetch_add(1, Ordering::Relaxed);
+            self.inner.group_committed.fetch_add(acks.len() as u64, Ordering::Relaxed);
         }
         tracing::trace!(elapsed_us = started.elapsed().as_micros() as u64, "group commit");
         for (req, result) in acks {
@@ -668,15 +688,20 @@ impl Writer {
         // Log stubs first (each keeps its crc and chain), then the projections in one batch.
         let mut proj = sled::Batch::default();
         for c in &victims {
+            // Each block that holds one of its records is rewritten once, with stubs.
+            let mut rewritten: std::collections::BTreeMap<u64, Vec<Vec<u8>>> = Default::default();
             for item in t.proj.scan_prefix(Projection::ByCommission.key_u64(c.id)) {
                 let (k, v) = item?;
                 for seq in layout::decode_run(&v).ok_or_else(bad_run)? {
-                    if let Some(rec) = t.log.get(u64_key(seq))? {
-                        let stub = codec::prune_record(&rec).map_err(|e| StorageError::Corruption { seq, detail: e.to_string() })?;
-                        t.log.insert(u64_key(seq), stub)?;
-                    }
+                    let Some(block) = crate::log::block_of(&t.log, seq)? else { continue };
+                    let records = rewritten.entry(block.first).or_insert_with(|| block.records());
+                    let i = (seq - block.first) as usize;
+                    records[i] = codec::prune_record(&records[i]).map_err(|e| StorageError::Corruption { seq, detail: e.to_string() })?;
                 }
                 proj.remove(k);
+            }
+            for (first, records) in rewritten {
+                t.log.insert(u64_key(first), codec::frame_block(&records))?;
             }
             for item in t.proj.scan_prefix(Projection::JobsByCommission.key_u64(c.id)) {
                 let (k, _) = item?;
@@ -700,7 +725,7 @@ impl Writer {
         Ok(victims.len() as u64)
     }
 
-    fn stage_append(&mut self, req: &AppendRequest, staged: &mut Staged, log: &mut sled::Batch) -> Result<AppendOutcome, StorageError> {
+    fn stage_append(&mut self, req: &AppendRequest, staged: &mut Staged, log: &mut Vec<Vec<u8>>) -> Result<AppendOutcome, StorageError> {
         let (cid, current, idem_key) = match &req.target {
             AppendTarget::Existing(id) => (*id, self.snapshot(staged, *id)?, None),
             AppendTarget::New { idempotency } => {
@@ -766,7 +791,7 @@ impl Writer {
         Ok(AppendOutcome::Appended { commission, first_seq, last_seq: self.head })
     }
 
-    fn stage_import(&mut self, envs: &[Envelope], staged: &mut Staged, log: &mut sled::Batch) -> Result<(), StorageError> {
+    fn stage_import(&mut self, envs: &[Envelope], staged: &mut Staged, log: &mut Vec<Vec<u8>>) -> Result<(), StorageError> {
         for (i, env) in envs.iter().enumerate() {
             let line = i + 1;
             if env.seq != self.head + 1 {
@@ -793,11 +818,12 @@ impl Writer {
         Ok(())
     }
 
-    fn write_record(&mut self, env: &Envelope, log: &mut sled::Batch) {
+    /// Frames the next record; [`blocks`] turns a batch's records into log values.
+    fn write_record(&mut self, env: &Envelope, log: &mut Vec<Vec<u8>>) {
         debug_assert_eq!(env.seq, self.head + 1, "the log is gap-free");
         let payload = codec::encode(env);
         let (record, chain) = codec::frame_record(env.seq, self.chain, &payload);
-        log.insert(&u64_key(env.seq), record);
+        log.push(record);
         self.chain = chain;
         self.head = env.seq;
     }
@@ -913,6 +939,30 @@ impl Writer {
     }
 }
 
+/// One group commit's records as log values: blocks of consecutive records keyed by the seq
+/// of their first, each closed at [`codec::BLOCK_RECORDS_MAX`] records or once it reaches
+/// [`codec::BLOCK_BYTES_TARGET`] bytes.
+fn blocks(first_seq: u64, records: Vec<Vec<u8>>) -> sled::Batch {
+    let mut batch = sled::Batch::default();
+    let mut first = first_seq;
+    let mut chunk: Vec<Vec<u8>> = Vec::new();
+    let mut bytes = 0;
+    for r in records {
+        bytes += r.len();
+        chunk.push(r);
+        if chunk.len() == codec::BLOCK_RECORDS_MAX || bytes >= codec::BLOCK_BYTES_TARGET {
+            batch.insert(&u64_key(first), codec::frame_block(&chunk));
+            first += chunk.len() as u64;
+            chunk.clear();
+            bytes = 0;
+        }
+    }
+    if !chunk.is_empty() {
+        batch.insert(&u64_key(first), codec::frame_block(&chunk));
+    }
+    batch
+}
+
 fn fail(req: Request, err: impl Fn() -> StorageError) {
     match req {
         Request::Append(_, ack) => ack.send(Err(err())),
@@ -976,8 +1026,9 @@ impl Inner {
 
     fn events_of(&self, id: u64) -> Result<Vec<Envelope>, StorageError> {
         let mut out = Vec::new();
+        let mut cursor = crate::log::Cursor::new(&self.trees.log);
         for seq in self.seqs_of(id)? {
-            let rec = self.trees.log.get(u64_key(seq))?.ok_or(StorageError::Corruption {
+            let rec = cursor.get(seq)?.ok_or(StorageError::Corruption {
                 seq,
                 detail: "indexed record is missing from the log".into(),
             })?;
@@ -993,10 +1044,9 @@ impl Inner {
         if after >= upto {
             return Ok(out);
         }
-        for item in self.trees.log.range(u64_key(after + 1)..=u64_key(upto)) {
-            let (k, v) = item?;
-            let seq = read_u64(&k).unwrap_or(0);
-            if let (Some(env), _) = decode_record(seq, &v, None)? {
+        for item in crate::log::records(&self.trees.log, after + 1, upto) {
+            let (seq, record) = item?;
+            if let (Some(env), _) = decode_record(seq, &record, None)? {
                 out.push(env);
                 if out.len() >= limit {
                     break;

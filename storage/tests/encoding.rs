@@ -35,6 +35,28 @@ fn framed_record_layout() {
     insta::assert_snapshot!(format!("{} chain={chain:08x}", hex(&record)));
 }
 
+/// A group commit of two records is one log value: `[2][count][len][record][len][record]`.
+#[test]
+fn framed_block_layout() {
+    let mut chain = 0;
+    let records: Vec<Vec<u8>> = [Event::RetryDue, Event::CancelRequested]
+        .into_iter()
+        .enumerate()
+        .map(|(i, event)| {
+            let seq = 7 + i as u64;
+            let env = Envelope { seq, commission_id: 1, version: 1 + i as u64, at: 0, event };
+            let (record, next) = codec::frame_record(seq, chain, &codec::encode(&env));
+            chain = next;
+            record
+        })
+        .collect();
+    let block = codec::frame_block(&records);
+    let ranges = codec::split_block(&block).unwrap();
+    assert_eq!(ranges.iter().map(|r| block[r.clone()].to_vec()).collect::<Vec<_>>(), records);
+    assert_eq!(codec::frame_block(&records[..1]), records[0], "a single record is stored bare");
+    insta::assert_snapshot!(hex(&block));
+}
+
 fn fixture_path() -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/history-v1.jsonl")
 }

@@ -253,15 +253,8 @@ fn flipped_bytes_are_reported_as_corruption_with_the_seq() {
     store.close();
     drop(store);
     // Damage seq 2 through sled itself (the byte flip a bad disk would make inside a value).
-    {
-        let db = sled::open(dir.0.join("sled")).unwrap();
-        let log = db.open_tree(layout::LOG_TREE).unwrap();
-        let mut rec = log.get(2u64.to_be_bytes()).unwrap().unwrap().to_vec();
-        let last = rec.len() - 1;
-        rec[last] ^= 0x40;
-        log.insert(2u64.to_be_bytes(), rec).unwrap();
-        db.flush().unwrap();
-    }
+    // The cancel appended seqs 2 and 3 together: one block, and the flip is in its first record.
+    damage_record(&dir, 2, |value, record| value[record.end - 1] ^= 0x40);
     let store = open(&dir);
     match store.events_of(id) {
         Err(StorageError::Corruption { seq: 2, .. }) => {}
@@ -271,6 +264,155 @@ fn flipped_bytes_are_reported_as_corruption_with_the_seq() {
         Err(StorageError::Corruption { seq: 2, .. }) => {}
         other => panic!("expected corruption at 2, got {:?}", other.map(|r| r.diff)),
     }
+}
+
+/// Changes the stored bytes of the record `seq` through sled itself: `f` gets the whole log
+/// value (a record or a block) and where the record lies in it.
+fn damage_record(dir: &TempDir, seq: u64, f: impl FnOnce(&mut Vec<u8>, std::ops::Range<usize>)) {
+    let db = sled::open(dir.0.join("sled")).unwrap();
+    let log = db.open_tree(layout::LOG_TREE).unwrap();
+    let (k, v) = log.range(..=seq.to_be_bytes()).next_back().unwrap().unwrap();
+    let first = u64::from_be_bytes(k.as_ref().try_into().unwrap());
+    let ranges = atelier_storage::codec::split_block(&v).unwrap();
+    let mut value = v.to_vec();
+    f(&mut value, ranges[(seq - first) as usize].clone());
+    log.insert(k, value).unwrap();
+    db.flush().unwrap();
+}
+
+/// Keys and first bytes of every log value.
+fn log_values(dir: &TempDir) -> Vec<(u64, u8)> {
+    let db = sled::open(dir.0.join("sled")).unwrap();
+    let log = db.open_tree(layout::LOG_TREE).unwrap();
+    log.iter().map(|i| i.unwrap()).map(|(k, v)| (u64::from_be_bytes(k.as_ref().try_into().unwrap()), v[0])).collect()
+}
+
+#[test]
+fn concurrent_appends_share_log_blocks_and_read_back_exactly() {
+    let dir = TempDir::new("blocks");
+    let store = open(&dir);
+    let threads: Vec<_> = (0..16)
+        .map(|t| {
+            let store = store.clone();
+            std::thread::spawn(move || {
+                let mut ids = Vec::new();
+                for _ in 0..10 {
+                    let id = created(&store, &format!("user{t}"));
+                    // Half the threads finish "late", so that retention can take the others.
+                    let base = if t % 2 == 0 { 2_000 } else { 5_000_000 };
+                    for (i, cmd) in full_run(store.allocate_job_id().unwrap()).into_iter().enumerate() {
+                        execute(&*store, id, cmd, &ctx(base + i as i64)).unwrap().unwrap();
+                    }
+                    ids.push(id);
+                }
+                ids
+            })
+        })
+        .collect();
+    let ids: Vec<u64> = threads.into_iter().flat_map(|t| t.join().unwrap()).collect();
+    let head = store.head_seq();
+    let all = store.read_log(0, usize::MAX).unwrap();
+    assert_eq!(all.iter().map(|e| e.seq).collect::<Vec<_>>(), (1..=head).collect::<Vec<_>>());
+    // Reads that start anywhere, also inside a block, see exactly the records after it.
+    for after in (0..head).step_by(7) {
+        let part = store.read_log(after, 5).unwrap();
+        assert_eq!(part.iter().map(|e| e.seq).collect::<Vec<_>>(), (after + 1..=(after + 5).min(head)).collect::<Vec<_>>());
+    }
+    for id in &ids {
+        let mine: Vec<_> = all.iter().filter(|e| e.commission_id == *id).cloned().collect();
+        assert_eq!(store.events_of(*id).unwrap(), mine);
+    }
+    store.close();
+    drop(store);
+    let values = log_values(&dir);
+    assert!(values.iter().any(|(_, v)| *v == atelier_storage::codec::BLOCK_VERSION), "some group commit wrote a block");
+    assert!(values.len() < head as usize, "fewer log values than records");
+
+    let store = open(&dir);
+    assert_eq!(store.head_seq(), head, "the head is found inside the last block");
+    let report = check::replay_check(&store).unwrap();
+    assert!(report.diff.is_empty(), "{:?}", report.diff);
+    assert_eq!(report.events, head);
+    // Retention rewrites the blocks it touches with stubs; the records it keeps, which share
+    // those blocks, read as before.
+    let (early, late): (Vec<u64>, Vec<u64>) =
+        ids.iter().partition(|id| store.commission(**id).unwrap().unwrap().updated_at < 1_000_000);
+    assert_eq!(early.len(), 80);
+    let kept: Vec<_> = late.iter().map(|id| store.events_of(*id).unwrap()).collect();
+    assert_eq!(store.prune_terminal_before(1_000_000).unwrap(), 80);
+    for (id, events) in late.iter().zip(&kept) {
+        assert_eq!(&store.events_of(*id).unwrap(), events);
+    }
+    let left = store.read_log(0, usize::MAX).unwrap();
+    assert_eq!(left.len(), kept.iter().map(Vec::len).sum::<usize>());
+    assert!(left.iter().all(|e| late.contains(&e.commission_id)));
+    let report = check::replay_check(&store).unwrap();
+    assert!(report.diff.is_empty(), "{:?}", report.diff);
+    store.close();
+    drop(store);
+    let store = open(&dir);
+    assert_eq!(store.head_seq(), head);
+    assert!(check::replay_check(&store).unwrap().diff.is_empty());
+}
+
+#[test]
+fn a_hole_between_log_blocks_is_corruption_with_the_missing_seq() {
+    let dir = TempDir::new("hole");
+    let store = open(&dir);
+    for _ in 0..3 {
+        created(&store, "alice");
+    }
+    store.close();
+    drop(store);
+    {
+        let db = sled::open(dir.0.join("sled")).unwrap();
+        db.open_tree(layout::LOG_TREE).unwrap().remove(2u64.to_be_bytes()).unwrap().expect("seq 2 is a value of its own");
+        db.flush().unwrap();
+    }
+    let store = open(&dir);
+    match store.read_log(0, usize::MAX) {
+        Err(StorageError::Corruption { seq: 2, .. }) => {}
+        other => panic!("expected corruption at 2, got {other:?}"),
+    }
+    match check::replay_check(&store) {
+        Err(StorageError::Corruption { seq: 2, .. }) => {}
+        other => panic!("expected corruption at 2, got {:?}", other.map(|r| r.diff)),
+    }
+}
+
+#[test]
+fn a_schema_1_data_dir_is_migrated_and_reads_the_same() {
+    let dir = TempDir::new("schema1");
+    let store = open(&dir);
+    let id = created(&store, "alice");
+    let job = store.allocate_job_id().unwrap();
+    for cmd in [
+        Command::StartJob { job_id: job, executor: atelier_engine::Executor::TaskRunner, job_name: "j".into(), pid: None },
+        Command::EnterStage { job_id: job, stage: atelier_engine::Stage::GeneratingIdeas },
+    ] {
+        execute(&*store, id, cmd, &ctx(2_000)).unwrap().unwrap();
+    }
+    let events = store.events_of(id).unwrap();
+    assert_eq!(events.len(), 3);
+    store.close();
+    drop(store);
+    // One appender, one event per append: every value is a bare record, as schema 1 wrote them.
+    assert!(log_values(&dir).iter().all(|(_, v)| *v == atelier_storage::codec::FORMAT_VERSION));
+    {
+        let db = sled::open(dir.0.join("sled")).unwrap();
+        let proj = db.open_tree(layout::PROJECTIONS_TREE).unwrap();
+        proj.insert(Projection::Meta.key(layout::META_SCHEMA), &1u64.to_be_bytes()).unwrap();
+        db.flush().unwrap();
+    }
+    let store = open(&dir);
+    assert_eq!(store.events_of(id).unwrap(), events);
+    assert!(check::replay_check(&store).unwrap().diff.is_empty());
+    store.close();
+    drop(store);
+    let db = sled::open(dir.0.join("sled")).unwrap();
+    let proj = db.open_tree(layout::PROJECTIONS_TREE).unwrap();
+    let schema = proj.get(Projection::Meta.key(layout::META_SCHEMA)).unwrap().unwrap();
+    assert_eq!(u64::from_be_bytes(schema.as_ref().try_into().unwrap()), u64::from(atelier_storage::SCHEMA_VERSION));
 }
 
 #[test]

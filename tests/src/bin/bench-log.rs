@@ -139,6 +139,8 @@ fn durable_appends(dir: &std::path::Path, appenders: usize, seconds: f64) -> (f6
     all.sort();
     let pct = |q: f64| all[((all.len() - 1) as f64 * q) as usize].as_secs_f64();
     let rate = all.len() as f64 / longest.as_secs_f64();
+    let (commits, requests) = store.group_commit_totals();
+    eprintln!("  {appenders} appenders: {commits} group commits, mean batch {:.1} requests", requests as f64 / commits.max(1) as f64);
     store.close();
     (rate, pct(0.5), pct(0.99), cpu.as_secs_f64() * 1e6 / all.len() as f64)
 }
