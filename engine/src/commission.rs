@@ -67,15 +67,25 @@ impl Commission {
         if self.state == State::Completed {
             return 100;
         }
-        let sum: u32 = self.stage_progress.iter().map(|&p| u32::from(p)).sum();
+        let sum: u32 = Stage::ALL.iter().map(|&s| u32::from(self.stage_percent(s))).sum();
         u8::try_from(sum / 4).expect("invariant: each stage is at most 100")
+    }
+
+    /// A stage's percent as shown: the reported one, except that a stage the commission has
+    /// moved past is complete (stages only move forward once finished, and a quick stage may
+    /// never report its 100) and every stage of a completed commission is.
+    pub fn stage_percent(&self, stage: Stage) -> u8 {
+        match self.stage {
+            _ if self.state == State::Completed => 100,
+            Some(cur) if stage < cur => 100,
+            _ => self.stage_progress[stage.index()],
+        }
     }
 
     pub fn stages(&self) -> Vec<StageView> {
         Stage::ALL
             .iter()
             .map(|&stage| {
-                let percent = self.stage_progress[stage.index()];
                 let state = match (self.state, self.stage) {
                     (State::Completed, _) => "done",
                     (_, Some(cur)) if stage < cur => "done",
@@ -87,8 +97,7 @@ impl Commission {
                     },
                     _ => "pending",
                 };
-                let progress_percent = if self.state == State::Completed { 100 } else { percent };
-                StageView { name: stage, state, progress_percent }
+                StageView { name: stage, state, progress_percent: self.stage_percent(stage) }
             })
             .collect()
     }

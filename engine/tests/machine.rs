@@ -1864,6 +1864,26 @@ mod snapshots {
         insta::assert_json_snapshot!(c.stages());
     }
 
+    /// A stage left behind is complete even if it never reported 100% (a quick stage).
+    #[test]
+    fn a_stage_moved_past_shows_complete() {
+        let mut h = Harness::new();
+        h.ok(Command::Create(new_commission(3)));
+        h.ok(start_cmd(1));
+        h.ok(Command::EnterStage { job_id: 1, stage: Stage::GeneratingIdeas });
+        h.ok(Command::ReportProgress { job_id: 1, stage: Stage::GeneratingIdeas, percent: 30, message: None });
+        let c = h.commission();
+        assert_eq!((c.stage_percent(Stage::GeneratingIdeas), c.progress_percent()), (30, 7));
+        h.ok(Command::EnterStage { job_id: 1, stage: Stage::CreatingImages });
+        h.ok(Command::EnterStage { job_id: 1, stage: Stage::Uploading });
+        let c = h.commission();
+        let percents: Vec<u8> = c.stages().iter().map(|s| s.progress_percent).collect();
+        assert_eq!(percents, [100, 100, 0, 0]);
+        assert_eq!(c.progress_percent(), 50);
+        // What was reported stays in the snapshot; only the view rounds a finished stage up.
+        assert_eq!(c.stage_progress[Stage::GeneratingIdeas.index()], 30);
+    }
+
     /// The view of an attempt that failed in its second stage (the last one allowed).
     #[test]
     fn stages_view_failed_mid_pipeline() {

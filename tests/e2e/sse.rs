@@ -94,7 +94,8 @@ fn resume_across_disconnect_and_restart_without_gap_or_duplicate() {
     let mut all = Sse::open(s.addr, "/api/events/stream", &admin, None);
     all.set_timeout(Duration::from_millis(1500));
     let expected: Vec<u64> = std::iter::from_fn(|| all.next()).map(|e| e.id.unwrap()).collect();
-    assert!(expected.len() >= 18 * 10, "18 noop commissions ran: {}", expected.len());
+    // created, job_started, four stages, job_finished, completed: 8 each at least.
+    assert!(expected.len() >= 18 * 8, "18 noop commissions ran: {}", expected.len());
     assert_eq!(seen, expected, "resumed streams = the full history, in order, no gaps or duplicates");
 }
 

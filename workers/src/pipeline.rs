@@ -171,12 +171,16 @@ fn run_builtin(
 ) -> Result<(), StepError> {
     match b {
         Builtin::Noop => {
+            // Without steps the stage completes at once: entering the next stage (or the
+            // result) says so, and a "100%" line would only be one more event per stage.
             let steps = input.context.get("progress_steps").and_then(Value::as_u64).unwrap_or(0).min(PROGRESS_STEPS_MAX);
             for i in 0..steps {
                 let percent = u32::try_from(i * 100 / steps).expect("invariant: below 100");
                 progress(rep, stage, percent, "working")?;
             }
-            progress(rep, stage, 100, "done")?;
+            if steps > 0 {
+                progress(rep, stage, 100, "done")?;
+            }
         }
         Builtin::Fail => {
             let retryable = input.context.get("fail").and_then(Value::as_str) == Some("retryable");
