@@ -203,6 +203,12 @@ fn handle(route: &Route, params: &[&str], who: Option<&Identity>, req: &Req, sha
                 extra.push_str(&format!("atelier_commissions{{state=\"{}\"}} {n}\n", state.as_str()));
             }
             extra.push_str(&format!("# TYPE atelier_log_head_seq gauge\natelier_log_head_seq {}\n", shared.store.head_seq()));
+            // Their ratio is the mean group: how many appends shared one fsync.
+            let (commits, requests) = shared.store.group_commit_totals();
+            extra.push_str(&format!(
+                "# TYPE atelier_log_group_commits_total counter\natelier_log_group_commits_total {commits}\n\
+                 # TYPE atelier_log_group_commit_appends_total counter\natelier_log_group_commit_appends_total {requests}\n"
+            ));
             extra.push_str(&format!(
                 "# TYPE atelier_http_accept_errors_total counter\natelier_http_accept_errors_total {}\n",
                 shared.accept_errors.load(std::sync::atomic::Ordering::Relaxed)

@@ -28,13 +28,18 @@ fn main() {
 /// Writes the codec fuzz corpus seeds (after a format change).
 fn write_corpus_seeds() {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/codec");
+    let mut records = Vec::new();
     for (i, event) in one_of_each().into_iter().enumerate() {
         let env = Envelope { seq: i as u64 + 1, commission_id: 7, version: 1, at: 5, event };
         let payload = codec::encode(&env);
         std::fs::write(dir.join(format!("envelope-{i:02}")), &payload).unwrap();
         let (record, _) = codec::frame_record(env.seq, 0, &payload);
-        std::fs::write(dir.join(format!("record-{i:02}")), record).unwrap();
+        std::fs::write(dir.join(format!("record-{i:02}")), &record).unwrap();
+        records.push(record);
     }
+    // A log block (schema 2) of three records, and one of all of them.
+    std::fs::write(dir.join("block-03"), codec::frame_block(&records[..3])).unwrap();
+    std::fs::write(dir.join("block-all"), codec::frame_block(&records)).unwrap();
 }
 
 /// Records tests/fixtures/history-v1.jsonl — only for a new format version, under a new name:

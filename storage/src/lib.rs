@@ -94,4 +94,9 @@ pub trait EventStore: Send + Sync + 'static {
     fn dropped_slow_total(&self) -> u64 {
         0
     }
+    /// Group commits (durable writes of the log) since the store opened, and the append
+    /// requests they carried; a backend without group commit reports `(0, 0)`.
+    fn group_commit_totals(&self) -> (u64, u64) {
+        (0, 0)
+    }
 }

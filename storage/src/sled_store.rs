@@ -1221,6 +1221,10 @@ impl EventStore for SledStore {
         self.inner.durable_head.load(Ordering::Acquire)
     }
 
+    fn group_commit_totals(&self) -> (u64, u64) {
+        SledStore::group_commit_totals(self)
+    }
+
     fn dropped_slow_total(&self) -> u64 {
         self.inner.dropped_slow.load(Ordering::Relaxed)
     }
