@@ -43,6 +43,7 @@ SETTINGS (environment wins over atelier.toml, which wins over defaults):
     ATELIER_DURABILITY_INTERVAL_MS  periodic: sync this often (a crash loses up to this)  100
     ATELIER_CACHE_BYTES       sled page cache                   67108864
     ATELIER_RETENTION_DAYS    prune terminal commissions older than this   off
+    ATELIER_JOB_DIRS_KEEP_DAYS  remove finished jobs' dirs (and logs) after   7 (0 = keep)
     ATELIER_HEARTBEAT_MS      SSE heartbeat interval            15000
     ATELIER_MAX_CONNECTIONS   open connections, streams included 10000
     ATELIER_METRICS_PUBLIC    1 = /metrics without a token      0

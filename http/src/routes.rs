@@ -258,6 +258,11 @@ fn handle(route: &Route, params: &[&str], who: Option<&Identity>, req: &Req, sha
                     return Ok(error(404, "not_found", "no executor keeps logs here"));
                 };
                 let (out, err) = ex.job_log_paths(id);
+                let finished = !matches!(job.status, atelier_engine::JobStatus::Pending | atelier_engine::JobStatus::Running);
+                if finished && out.parent().is_some_and(|d| !d.exists()) {
+                    // The job-dir sweep removed them (ATELIER_JOB_DIRS_KEEP_DAYS after the end).
+                    return Ok(error(410, "gone", format!("no logs are kept for job {id}: its working dir is gone (a finished job's dir is removed ATELIER_JOB_DIRS_KEEP_DAYS after it ended)")));
+                }
                 let read = |p: &std::path::Path| std::fs::read(p).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default();
                 Reply::Json(200, json!({"job_id": id, "stdout": read(&out), "stderr": read(&err)}))
             }

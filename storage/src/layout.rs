@@ -1,6 +1,7 @@
 //! The on-disk layout: which sled tree holds what, and how projection keys are built.
 //!
-//! Two trees. `log` holds the truth (seq → framed record). `projections` holds every cache
+//! Two trees. `log` holds the truth: seq of a group commit's first record → its records (one
+//! framed record, or a block of them; see `codec`). `projections` holds every cache
 //! of the log, each under its own one-byte key prefix, so that one batch's projection changes
 //! are a single sled `apply_batch`: atomic, also across a crash, and much cheaper than a
 //! transaction over one tree per projection. All integers in keys are big-endian so that
@@ -25,7 +26,7 @@
 //! Tools and tests that must touch the raw layout (to doctor a record, say) build keys with
 //! [`Projection::key`] rather than spelling bytes.
 
-/// seq → framed record. The truth.
+/// First seq → one framed record or a block of consecutive ones. The truth.
 pub const LOG_TREE: &str = "log";
 /// Every projection, each under its [`Projection::prefix`].
 pub const PROJECTIONS_TREE: &str = "projections";

@@ -100,6 +100,11 @@ fn job_records_and_logs_over_http() {
     assert_eq!(logs.status, 200);
     assert!(logs.json().get("stderr").is_some());
     assert_eq!(s.get(&format!("/api/jobs/{jid}/status"), Some(&token("bob", false))).status, 404);
+    // Once the job-dir sweep has removed a finished job's dir, its logs say so.
+    std::fs::remove_dir_all(dir.0.join("jobs").join(jid.to_string())).unwrap();
+    let gone = s.get(&format!("/api/jobs/{jid}/logs"), Some(&alice));
+    assert_eq!(gone.status, 410);
+    assert_eq!(gone.json()["error"]["code"], "gone");
     // The product image is served, content-addressed.
     let snap = s.get(&format!("/api/commissions/{id}"), Some(&alice)).json();
     let url = snap["result"]["product"]["image_url"].as_str().unwrap().to_string();

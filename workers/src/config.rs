@@ -165,6 +165,9 @@ impl PipelineConfig {
     }
 }
 
+/// Days a finished job's working dir is kept (see `janitor`).
+pub const JOB_DIRS_KEEP_DAYS_DEFAULT: u64 = 7;
+
 /// Settings of both executors and the pipelines they run.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct WorkersConfig {
@@ -196,6 +199,9 @@ pub struct WorkersConfig {
     pub heartbeat_timeout_ms: u64,
     /// Each of a job's stdout and stderr files is cut at this size.
     pub log_bytes_max: u64,
+    /// A finished job's working dir (and its logs) is removed this many days after the job
+    /// ended; 0 keeps them forever.
+    pub job_dirs_keep_days: u64,
     pub retry: RetryPolicy,
     pub pipelines: BTreeMap<String, PipelineConfig>,
 }
@@ -222,6 +228,7 @@ impl Default for WorkersConfig {
             kill_grace_ms: 5_000,
             heartbeat_timeout_ms: 30_000,
             log_bytes_max: 1024 * 1024,
+            job_dirs_keep_days: JOB_DIRS_KEEP_DAYS_DEFAULT,
             retry: RetryPolicy::default(),
             pipelines,
         }
@@ -271,6 +278,7 @@ const SETTINGS: &[(&str, &str)] = &[
     ("kill_grace_ms", "KILL_GRACE_MS"),
     ("heartbeat_timeout_ms", "HEARTBEAT_TIMEOUT_MS"),
     ("log_bytes_max", "JOB_LOG_BYTES_MAX"),
+    ("job_dirs_keep_days", "JOB_DIRS_KEEP_DAYS"),
     ("retry_base_ms", "RETRY_BASE_MS"),
     ("retry_cap_ms", "RETRY_CAP_MS"),
 ];
@@ -414,6 +422,7 @@ impl WorkersConfig {
             "kill_grace_ms" => self.kill_grace_ms = to_u64(raw.int(name, 0, 600_000)?),
             "heartbeat_timeout_ms" => self.heartbeat_timeout_ms = to_u64(raw.int(name, 50, 86_400_000)?),
             "log_bytes_max" => self.log_bytes_max = to_u64(raw.int(name, 0, 1 << 40)?),
+            "job_dirs_keep_days" => self.job_dirs_keep_days = to_u64(raw.int(name, 0, 36_500)?),
             "retry_base_ms" => self.retry.base_ms = to_u64(raw.int(name, 0, 86_400_000)?),
             "retry_cap_ms" => self.retry.cap_ms = to_u64(raw.int(name, 0, 86_400_000)?),
             _ => unreachable!("invariant: SETTINGS lists every key set() handles"),

@@ -821,6 +821,8 @@ pub struct Controller {
     sched_tx: Sender<SchedMsg>,
     threads: Mutex<Vec<JoinHandle<()>>>,
     task_runner: Mutex<Option<task_runner::Pool>>,
+    /// Dropping the sender stops the job-dir sweeper.
+    janitor: Mutex<Option<(Sender<()>, JoinHandle<()>)>>,
     /// `ATELIER_BALLAST_MB` of resident memory, held only to be measured against.
     _ballast: Vec<u8>,
 }
@@ -882,6 +884,16 @@ impl Controller {
         threads.push(spawn("atelier-scheduler", Box::new(move || scheduler.run()))?);
         let (feed_shared, feed_tx) = (shared.clone(), sched_tx.clone());
         threads.push(spawn("atelier-feed", Box::new(move || feed_loop(feed_shared, sub, feed_tx)))?);
+        let janitor = match shared.config.job_dirs_keep_days {
+            0 => None,
+            days => {
+                let (stop_tx, stop_rx) = crossbeam_channel::bounded::<()>(0);
+                let (store, dir) = (shared.store.clone(), shared.data_dir.clone());
+                let keep = Duration::from_secs(days * 86_400);
+                let handle = spawn("atelier-janitor", Box::new(move || janitor_loop(&*store, &dir, keep, &stop_rx)))?;
+                Some((stop_tx, handle))
+            }
+        };
         tracing::info!(
             max_concurrent_jobs = shared.config.max_concurrent_jobs,
             use_job_controller = shared.config.use_job_controller,
@@ -893,6 +905,7 @@ impl Controller {
             sched_tx,
             threads: Mutex::new(threads),
             task_runner: Mutex::new(Some(pool)),
+            janitor: Mutex::new(janitor),
             _ballast: ballast_from_env(),
         })
     }
@@ -920,6 +933,10 @@ impl Controller {
             return;
         }
         tracing::info!("workers shutting down");
+        if let Some((stop, handle)) = self.janitor.lock().ok().and_then(|mut j| j.take()) {
+            drop(stop);
+            let _ = handle.join();
+        }
         let _ = self.sched_tx.send(SchedMsg::Shutdown);
         // The scheduler stops its jobs before it returns; then nothing spawns any more.
         let threads: Vec<JoinHandle<()>> = self.threads.lock().map(|mut t| t.drain(..).collect()).unwrap_or_default();
@@ -939,6 +956,21 @@ impl Controller {
         }
         for t in rest {
             let _ = t.join();
+        }
+    }
+}
+
+/// Sweeps finished jobs' dirs now and then every [`janitor::SWEEP_INTERVAL`] until `stop`
+/// disconnects.
+fn janitor_loop(store: &dyn EventStore, data_dir: &Path, keep: Duration, stop: &Receiver<()>) {
+    loop {
+        match crate::janitor::sweep(store, data_dir, keep, now_ms()) {
+            Ok(s) if s.removed > 0 => tracing::info!(removed = s.removed, kept = s.kept, "removed the dirs of jobs that ended long ago"),
+            Ok(_) => {}
+            Err(e) => tracing::error!(error = %e, "job dir sweep failed; trying again later"),
+        }
+        if let Err(RecvTimeoutError::Disconnected) = stop.recv_timeout(crate::janitor::SWEEP_INTERVAL) {
+            return;
         }
     }
 }

@@ -7,6 +7,7 @@
 
 mod config;
 mod controller;
+pub mod janitor;
 mod metrics;
 mod pipeline;
 mod png;

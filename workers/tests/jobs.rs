@@ -650,3 +650,39 @@ fn server_crash_kills_workers_and_restart_recovers() {
     assert_eq!(jobs.len(), 2, "{jobs:#?}");
     assert_eq!(jobs[0].error_message.as_deref(), Some("server restarted"));
 }
+
+#[test]
+fn finished_jobs_dirs_are_swept_after_the_keep_time() {
+    let mut h = Harness::new("janitor");
+    h.start(config("", &[]));
+    let done = h.create("noop", serde_json::json!({}), 1);
+    h.wait_until(done, Duration::from_secs(20), "completed", |c| c.state == State::Completed);
+    let job = h.jobs(done)[0].clone();
+    h.controller().shutdown();
+    let jobs_dir = h.data_dir().join("jobs");
+    let finished_dir = jobs_dir.join(job.job_id.to_string());
+    assert!(finished_dir.is_dir(), "a finished job keeps its dir until it is due");
+    // A dir whose job is not in the log: fresh (a job about to start) and stale (its
+    // commission was pruned by retention).
+    let fresh = jobs_dir.join("900001");
+    let stale = jobs_dir.join("900002");
+    std::fs::create_dir_all(&fresh).unwrap();
+    std::fs::create_dir_all(&stale).unwrap();
+    std::fs::create_dir_all(jobs_dir.join("notes")).unwrap();
+    std::fs::File::open(jobs_dir.join("notes")).unwrap().set_modified(SystemTime::UNIX_EPOCH).unwrap();
+    let long_ago = SystemTime::now() - atelier_workers::janitor::ORPHAN_DIR_GRACE - Duration::from_secs(60);
+    std::fs::File::open(&stale).unwrap().set_modified(long_ago).unwrap();
+    let keep = Duration::from_secs(86_400);
+    let ended = job.completed_at.expect("the job ended");
+
+    // Not yet due: everything stays, except the stale orphan.
+    let s = atelier_workers::janitor::sweep(&*h.store, &h.data_dir(), keep, ended + 3_600_000).unwrap();
+    assert_eq!((s.removed, s.kept), (1, 2), "{s:?}");
+    assert!(finished_dir.exists() && fresh.exists() && !stale.exists());
+    // A day and a bit after the end the finished job's dir goes; the fresh orphan stays.
+    let s = atelier_workers::janitor::sweep(&*h.store, &h.data_dir(), keep, ended + 86_400_000 + 1).unwrap();
+    assert_eq!((s.removed, s.kept), (1, 1), "{s:?}");
+    assert!(!finished_dir.exists() && fresh.exists());
+    assert!(jobs_dir.join("notes").exists(), "what is not a job's dir is not the sweep's");
+    assert!(h.store.job(job.job_id).unwrap().is_some(), "the job record itself stays in the log");
+}
