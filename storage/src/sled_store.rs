@@ -461,8 +461,11 @@ struct Staged {
     versions: Vec<(u64, u64, u64)>,
     /// Index entries that change rarely (by user, idempotency, live, jobs by commission), in
     /// the order they were staged; written at once after the log is durable.
-    index: sled::Batch,
-    index_len: usize,
+    /// `(key, Some(value))` sets, `(key, None)` removes. Written entry by entry, not as one
+    /// sled batch: an `apply_batch` makes sled write out its IO buffer twice (before and after
+    /// the batch's manifest), each a pwrite plus sync_file_range, and these entries need no
+    /// atomicity of their own (see [`Writer::publish_projections`]).
+    index: Vec<(Vec<u8>, Option<Vec<u8>>)>,
     deliveries: Vec<Delivery>,
 }
 
@@ -632,7 +635,23 @@ impl Writer {
         }
         if self.head > head_before {
             let written = (|| -> Result<(), StorageError> {
-                self.inner.trees.log.apply_batch(blocks(head_before + 1, records))?;
+                let mut blocks = blocks(head_before + 1, records);
+                match blocks.len() {
+                    // One value is atomic by itself, and a plain insert spares sled's two
+                    // IO-buffer writes around a batch manifest (see `Staged::index`).
+                    1 => {
+                        let (k, v) = blocks.pop().expect("invariant: one block");
+                        self.inner.trees.log.insert(k, v)?;
+                    }
+                    // An append that spans blocks must still land whole or not at all.
+                    _ => {
+                        let mut batch = sled::Batch::default();
+                        for (k, v) in blocks {
+                            batch.insert(&k, v);
+                        }
+                        self.inner.trees.log.apply_batch(batch)?;
+                    }
+                }
                 if durability == Durability::Sync {
                     self.inner.db.flush()?;
                     fdatasync(&self.inner.db_file)?;
@@ -833,11 +852,9 @@ impl Writer {
         let cid = env.commission_id;
         staged.versions.push((cid, env.version, env.seq));
         if let Event::Created { user_id, idempotency_key, .. } = &env.event {
-            staged.index.insert(Projection::ByUser.key_user(user_id, &u64_key(cid)), &[]);
-            staged.index_len += 1;
+            staged.index.push((Projection::ByUser.key_user(user_id, &u64_key(cid)), Some(Vec::new())));
             if let Some(k) = idempotency_key {
-                staged.index.insert(Projection::Idempotency.key_user(user_id, k.as_bytes()), &u64_key(cid));
-                staged.index_len += 1;
+                staged.index.push((Projection::Idempotency.key_user(user_id, k.as_bytes()), Some(u64_key(cid).to_vec())));
             }
         }
         if step.before != Some(step.after) {
@@ -847,11 +864,10 @@ impl Writer {
             self.counts[step.after as usize] += 1;
             let was_live = step.before.is_some_and(|s| !s.is_terminal());
             match (was_live, step.after.is_terminal()) {
-                (false, false) => staged.index.insert(&Projection::Live.key_u64(cid), &[]),
-                (true, true) => staged.index.remove(&Projection::Live.key_u64(cid)),
+                (false, false) => staged.index.push((Projection::Live.key_u64(cid).to_vec(), Some(Vec::new()))),
+                (true, true) => staged.index.push((Projection::Live.key_u64(cid).to_vec(), None)),
                 _ => {}
             }
-            staged.index_len += 1;
         }
         let proj = &self.inner.trees.proj;
         let lookup = |id: u64| -> Option<Job> {
@@ -861,30 +877,33 @@ impl Writer {
         };
         if let Some((job_id, job)) = apply_job(lookup, &env) {
             if matches!(env.event, Event::JobStarted { .. }) {
-                staged.index.insert(&Projection::JobsByCommission.key_pair(cid, job_id), &[]);
+                staged.index.push((Projection::JobsByCommission.key_pair(cid, job_id).to_vec(), Some(Vec::new())));
             }
             staged.jobs.insert(job_id, job);
-            staged.index_len += 1;
         }
         staged.deliveries.push(Delivery { env: Arc::new(env), view: Arc::new(step.view) });
         Ok(())
     }
 
     /// Makes one durable batch's projection changes visible: the rare index entries (and job
-    /// records) go to the tree at once, in one atomic batch; snapshots, by-commission entries
-    /// and counts join the write-back state that readers consult before the tree.
+    /// records) go to the tree at once, one by one; snapshots, by-commission entries and counts
+    /// join the write-back state that readers consult before the tree.
     ///
-    /// Writing the rare entries ahead of `projected_seq` is safe because re-applying their
-    /// events at catch-up writes the same entries again (they are sets, and job records are
-    /// rebuilt from the event alone), while everything that a fold reads back (snapshots,
-    /// counts, the next commission id) is written only with `projected_seq`.
+    /// Writing the rare entries ahead of `projected_seq`, and without atomicity among them, is
+    /// safe because re-applying their events at catch-up writes the same entries again (they
+    /// are sets, and job records are rebuilt from the events), so a crash between two of them
+    /// is repaired at the next open; everything that a fold reads back (snapshots, counts, the
+    /// next commission id) is written only with `projected_seq`, in one atomic batch.
     fn publish_projections(&mut self, staged: Staged) -> Result<(), StorageError> {
-        if staged.index_len > 0 {
-            let mut batch = staged.index;
-            for (id, j) in &staged.jobs {
-                batch.insert(&Projection::Jobs.key_u64(*id), codec::encode(j));
-            }
-            self.inner.trees.proj.apply_batch(batch)?;
+        let proj = &self.inner.trees.proj;
+        for (k, v) in staged.index {
+            match v {
+                Some(v) => proj.insert(k, v)?,
+                None => proj.remove(k)?,
+            };
+        }
+        for (id, j) in &staged.jobs {
+            proj.insert(Projection::Jobs.key_u64(*id), codec::encode(j))?;
         }
         let mut u = self.inner.unflushed.write().unwrap_or_else(|p| p.into_inner());
         for (cid, c) in staged.snapshots {
@@ -942,8 +961,8 @@ impl Writer {
 /// One group commit's records as log values: blocks of consecutive records keyed by the seq
 /// of their first, each closed at [`codec::BLOCK_RECORDS_MAX`] records or once it reaches
 /// [`codec::BLOCK_BYTES_TARGET`] bytes.
-fn blocks(first_seq: u64, records: Vec<Vec<u8>>) -> sled::Batch {
-    let mut batch = sled::Batch::default();
+fn blocks(first_seq: u64, records: Vec<Vec<u8>>) -> Vec<([u8; 8], Vec<u8>)> {
+    let mut batch = Vec::new();
     let mut first = first_seq;
     let mut chunk: Vec<Vec<u8>> = Vec::new();
     let mut bytes = 0;
@@ -951,14 +970,14 @@ fn blocks(first_seq: u64, records: Vec<Vec<u8>>) -> sled::Batch {
         bytes += r.len();
         chunk.push(r);
         if chunk.len() == codec::BLOCK_RECORDS_MAX || bytes >= codec::BLOCK_BYTES_TARGET {
-            batch.insert(&u64_key(first), codec::frame_block(&chunk));
+            batch.push((u64_key(first), codec::frame_block(&chunk)));
             first += chunk.len() as u64;
             chunk.clear();
             bytes = 0;
         }
     }
     if !chunk.is_empty() {
-        batch.insert(&u64_key(first), codec::frame_block(&chunk));
+        batch.push((u64_key(first), codec::frame_block(&chunk)));
     }
     batch
 }
