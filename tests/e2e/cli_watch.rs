@@ -48,7 +48,7 @@ fn submit_watch_status_list_and_exit_codes() {
 
     let queued = s.create(&alice, json!({"context": {}, "pipeline": "noop", "scheduled_for": "2099-01-01T00:00:00Z"}));
     let qid = queued["task_id"].to_string();
-    let mut child = Command::new(exe())
+    let child = Command::new(exe())
         .args(["watch", &qid])
         .env("ATELIER_URL", format!("http://{}", s.addr))
         .env("ATELIER_TOKEN", &alice)
