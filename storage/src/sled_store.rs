@@ -32,7 +32,7 @@ use crossbeam_channel::{Receiver, Sender};
 
 use crate::codec::{self, CodecError};
 use crate::error::io;
-use crate::reply::{reply, ReplyTx};
+use crate::reply::{reply, Bell, ReplyTx};
 use crate::layout::{self, Projection, META_COUNTS, META_NEXT_CID, META_PROJECTED, META_SCHEMA};
 use crate::subscribe::{Delivery, Filter, History, Registry, Subscription, ViewAfter};
 use crate::{AppendOutcome, AppendRequest, AppendTarget, EventStore, ListQuery, Page, StorageError};
@@ -125,6 +125,8 @@ pub(crate) struct Inner {
     /// sled's data file, for fdatasync.
     db_file: File,
     pub(crate) dropped_slow: AtomicU64,
+    /// What every thread waiting for the writer sleeps on (see `reply`).
+    bell: Arc<Bell>,
     /// Group commits that wrote to the log, and the appends they acknowledged.
     group_commits: AtomicU64,
     group_committed: AtomicU64,
@@ -326,6 +328,7 @@ impl SledStore {
             registry: Mutex::new(Registry::default()),
             db_file,
             dropped_slow: AtomicU64::new(0),
+            bell: Arc::new(Bell::default()),
             group_commits: AtomicU64::new(0),
             group_committed: AtomicU64::new(0),
             unflushed: RwLock::new(Unflushed::default()),
@@ -375,7 +378,7 @@ impl SledStore {
     /// Loads events (from `atelier export`) into an empty store, checking each against the
     /// state machine exactly as live appends are.
     pub fn import(&self, events: Vec<Envelope>) -> Result<(), StorageError> {
-        let (ack, rx) = reply();
+        let (ack, rx) = reply(&self.inner.bell);
         self.send(Request::Import(events, ack))?;
         rx.recv()
     }
@@ -383,7 +386,7 @@ impl SledStore {
     /// Writes the projections held in memory (write-back) to the projection tree, so that the
     /// tree alone matches the log up to the head (what `replay --check` compares).
     pub fn flush_projections(&self) -> Result<(), StorageError> {
-        let (ack, rx) = reply();
+        let (ack, rx) = reply(&self.inner.bell);
         self.send(Request::FlushProjections(ack))?;
         rx.recv()
     }
@@ -411,7 +414,7 @@ impl SledStore {
     /// log records keep only checksum and chain (the sequence stays gap-free and verifiable).
     /// Runs on the writer thread, between group commits. Returns how many were pruned.
     pub fn prune_terminal_before(&self, before: atelier_engine::time::Millis) -> Result<u64, StorageError> {
-        let (ack, rx) = reply();
+        let (ack, rx) = reply(&self.inner.bell);
         self.send(Request::Prune(before, ack))?;
         rx.recv()
     }
@@ -679,14 +682,22 @@ impl Writer {
             self.inner.group_committed.fetch_add(acks.len() as u64, Ordering::Relaxed);
         }
         tracing::trace!(elapsed_us = started.elapsed().as_micros() as u64, "group commit");
+        let mut quiet = false;
         for (req, result) in acks {
             match (req, result) {
-                (Request::Append(_, ack), Staging::Append(r)) => ack.send(r),
+                (Request::Append(_, ack), Staging::Append(r)) => {
+                    ack.send_quiet(r);
+                    quiet = true;
+                }
                 (Request::Import(_, ack), Staging::Unit(r)) => ack.send(r),
                 (Request::Prune(before, ack), _) => ack.send(self.prune(before)),
                 (Request::FlushProjections(ack), _) => ack.send(self.flush_projections()),
                 _ => unreachable!("invariant: staging results match their requests"),
             }
+        }
+        if quiet {
+            // One wake for the whole group (see `reply`).
+            self.inner.bell.ring();
         }
         Ok(())
     }
@@ -1149,7 +1160,7 @@ impl History for Inner {
 
 impl EventStore for SledStore {
     fn append(&self, req: AppendRequest) -> Result<AppendOutcome, StorageError> {
-        let (ack, rx) = reply();
+        let (ack, rx) = reply(&self.inner.bell);
         self.send(Request::Append(req, ack))?;
         rx.recv()
     }
