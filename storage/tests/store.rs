@@ -482,6 +482,39 @@ fn export_then_import_rebuilds_the_same_projections() {
     }
 }
 
+/// One group commit bigger than a block (an import chunk here) is written as several blocks
+/// in one atomic sled batch, and reads back like any other.
+#[test]
+fn a_group_commit_larger_than_a_block_spans_blocks() {
+    let a = TempDir::new("big-src");
+    let store = open(&a);
+    let mut ids = Vec::new();
+    for i in 0..60 {
+        let id = created(&store, &format!("user{}", i % 3));
+        for cmd in full_run(store.allocate_job_id().unwrap()) {
+            execute(&*store, id, cmd, &ctx(9)).unwrap().unwrap();
+        }
+        ids.push(id);
+    }
+    let mut buf = Vec::new();
+    let n = check::export(&store, &mut buf).unwrap();
+    assert!(n > atelier_storage::codec::BLOCK_RECORDS_MAX as u64, "{n} events");
+    let b = TempDir::new("big-dst");
+    let copy = open(&b);
+    assert_eq!(check::import(&copy, &mut &buf[..]).unwrap(), n);
+    copy.close();
+    drop(copy);
+    let values = log_values(&b);
+    assert!(values.len() > 1 && values.len() < n as usize, "{} values for {n} records", values.len());
+    let copy = open(&b);
+    assert_eq!(copy.head_seq(), n);
+    for id in &ids {
+        assert_eq!(copy.events_of(*id).unwrap(), store.events_of(*id).unwrap());
+    }
+    assert_eq!(copy.read_log(0, usize::MAX).unwrap(), store.read_log(0, usize::MAX).unwrap());
+    assert!(check::replay_check(&copy).unwrap().diff.is_empty());
+}
+
 #[test]
 fn retention_prunes_old_terminal_commissions_and_keeps_the_chain() {
     let dir = TempDir::new("prune");
