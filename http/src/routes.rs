@@ -78,11 +78,15 @@ fn matches<'a>(pattern: &str, path: &'a str) -> Option<Vec<&'a str>> {
 
 /// The route for a method and path, the path's parameters, or the methods the path allows.
 pub(crate) fn find<'a>(method: &str, path: &'a str) -> Result<(&'static Route, Vec<&'a str>), Vec<&'static str>> {
+    // Literal segments win over parameters: patterns with fewer parameters are tried first.
+    // The order is worked out once, not on every request.
+    static CANDIDATES: std::sync::LazyLock<Vec<&'static Route>> = std::sync::LazyLock::new(|| {
+        let mut v: Vec<&'static Route> = ROUTES.iter().collect();
+        v.sort_by_key(|r| r.path.matches('{').count());
+        v
+    });
     let mut allowed = Vec::new();
-    // Literal segments win over parameters: try patterns with fewer parameters first.
-    let mut candidates: Vec<&'static Route> = ROUTES.iter().collect();
-    candidates.sort_by_key(|r| r.path.matches('{').count());
-    for route in candidates {
+    for &route in CANDIDATES.iter() {
         if let Some(params) = matches(route.path, path) {
             if route.method == method || (method == "HEAD" && route.method == "GET") {
                 return Ok((route, params));
