@@ -189,6 +189,9 @@ pub enum Command {
     /// The attempt failed; retried with backoff while `retryable` and attempts remain.
     FailAttempt { job_id: u64, error: String, retryable: bool, job: Option<JobEnd> },
     RetryDue,
+    /// An operator's "run it now" for a commission waiting on its backoff: the retry is due
+    /// at once, whatever `next_retry_at` says.
+    RetryNow,
     RequestCancel,
     /// The cancelled job's processes are gone (or there were none).
     ConfirmCancelled { job: Option<JobEnd> },
@@ -475,6 +478,10 @@ fn decide_events(state: Option<&Commission>, cmd: Command, ctx: &Ctx) -> Result<
             (Retrying, Some(t)) if t > ctx.now => Err(Rejection::RetryNotDue { next_retry_at: t }),
             (Retrying, _) => Ok(vec![Event::RetryDue]),
             (from, _) => Err(Rejection::IllegalTransition { from, event: EventKind::RetryDue }),
+        },
+        Command::RetryNow => match c.state {
+            Retrying => Ok(vec![Event::RetryDue]),
+            from => Err(Rejection::IllegalTransition { from, event: EventKind::RetryDue }),
         },
         Command::RequestCancel => {
             if c.cancel_requested {

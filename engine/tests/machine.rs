@@ -558,11 +558,11 @@ mod model {
                         vec![K::JobFinished, K::Failed]
                     }
                 }
-                Command::RetryDue => {
+                Command::RetryDue | Command::RetryNow => {
                     if self.phase != Phase::Backoff {
                         return Err(Rejection::IllegalTransition { from: state_name(self.phase), event: K::RetryDue });
                     }
-                    if let Some(t) = self.retry_at.filter(|t| *t > now) {
+                    if let Some(t) = self.retry_at.filter(|t| *t > now && matches!(cmd, Command::RetryDue)) {
                         return Err(Rejection::RetryNotDue { next_retry_at: t });
                     }
                     self.phase = Phase::Queued;
@@ -675,6 +675,7 @@ mod model {
         Complete { job: JobRef, valid_result: bool, with_end: bool },
         FailAttempt { job: JobRef, retryable: bool, with_end: bool },
         RetryDue,
+        RetryNow,
         RequestCancel,
         ConfirmCancelled { job: Option<JobRef> },
         ManualRetry,
@@ -729,6 +730,7 @@ mod model {
             3 => (job_ref(), prop::bool::weighted(0.7), any::<bool>())
                 .prop_map(|(job, retryable, with_end)| Op::FailAttempt { job, retryable, with_end }),
             3 => Just(Op::RetryDue),
+            1 => Just(Op::RetryNow),
             1 => Just(Op::RequestCancel),
             1 => prop::option::of(job_ref()).prop_map(|job| Op::ConfirmCancelled { job }),
             1 => Just(Op::ManualRetry),
@@ -843,6 +845,7 @@ mod model {
                     }
                 }
                 Op::RetryDue => Command::RetryDue,
+                Op::RetryNow => Command::RetryNow,
                 Op::RequestCancel => Command::RequestCancel,
                 Op::ConfirmCancelled { job } => {
                     Command::ConfirmCancelled { job: job.as_ref().map(|r| job_end(self.job(r, m), JobStatus::Killed)) }

@@ -42,7 +42,7 @@ pub const ROUTES: &[Route] = &[
     r("GET", "/api/progress/{id}/stream", "stream_commission", Access::User, "SSE of one commission's events; ends after a terminal event"),
     r("GET", "/api/commissions/user/{user}/stream", "stream_user", Access::User, "SSE of all a user's commissions"),
     r("GET", "/api/events/stream", "stream_all", Access::Admin, "SSE of every event (admin)"),
-    r("POST", "/api/jobs/create", "create_job", Access::Admin, "Queue a job for a commission (admin)"),
+    r("POST", "/api/jobs/create", "create_job", Access::Admin, "Queue a job for a commission now: a queued one, one waiting on its backoff, or a failed one (admin)"),
     r("GET", "/api/jobs/{id}/status", "job_status", Access::User, "A job record"),
     r("GET", "/api/jobs/{id}/logs", "job_logs", Access::User, "A job's captured stdout and stderr"),
     r("GET", "/api/me", "me", Access::User, "Who the token belongs to"),
@@ -332,6 +332,11 @@ fn handle(route: &Route, params: &[&str], who: Option<&Identity>, req: &Req, sha
             match c.state {
                 State::Created => Reply::Json(201, json!({"job_id": null, "task_id": id, "status": "pending", "executor": null})),
                 State::Failed => match execute(&*shared.store, id, Command::ManualRetry, &ctx())? {
+                    Ok(_) => Reply::Json(201, json!({"job_id": null, "task_id": id, "status": "pending", "executor": null})),
+                    Err(r) => rejection(r),
+                },
+                // Waiting on its backoff: the operator wants it run now, not at `next_retry_at`.
+                State::Retrying => match execute(&*shared.store, id, Command::RetryNow, &ctx())? {
                     Ok(_) => Reply::Json(201, json!({"job_id": null, "task_id": id, "status": "pending", "executor": null})),
                     Err(r) => rejection(r),
                 },

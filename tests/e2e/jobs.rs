@@ -114,3 +114,32 @@ fn job_records_and_logs_over_http() {
     // readyz: the store is open and the job controller runs.
     assert_eq!(s.get("/readyz", None).status, 200);
 }
+
+/// `POST /api/jobs/create` on a commission waiting on its backoff runs it now.
+#[test]
+fn creating_a_job_for_a_commission_in_backoff_runs_it_now() {
+    let dir = TempDir::new("jobs-now");
+    // A day of backoff: without the request, the second attempt would not start in this test.
+    let s = Server::start(exe(), &dir.0, &[("RETRY_BASE_MS", "86400000"), ("RETRY_CAP_MS", "86400000")]);
+    let admin = token("root", true);
+    let alice = token("alice", false);
+    let id = s.create(&alice, json!({"context": {"fail": "retryable"}, "pipeline": "fail", "max_attempts": 3}))["task_id"].as_u64().unwrap();
+    let waiting = wait_for(Duration::from_secs(20), || {
+        let c = s.get(&format!("/api/commissions/{id}"), Some(&alice)).json();
+        (c["state"] == "retrying").then_some(c)
+    })
+    .expect("the first attempt fails and the commission waits on its backoff");
+    assert!(waiting["next_retry_at"].is_string(), "{waiting}");
+    let r = s.post("/api/jobs/create", Some(&alice), &json!({"task_id": id}));
+    assert_eq!(r.status, 403, "admins only");
+    let r = s.post("/api/jobs/create", Some(&admin), &json!({"task_id": id}));
+    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.json()["status"], "pending");
+    let second = wait_for(Duration::from_secs(20), || {
+        let jobs = s.get(&format!("/api/commissions/{id}/jobs"), Some(&alice)).json();
+        (jobs["items"].as_array()?.len() >= 2).then_some(())
+    });
+    assert!(second.is_some(), "the second attempt ran at once");
+    let c = s.get(&format!("/api/commissions/{id}"), Some(&alice)).json();
+    assert!(c["attempt"].as_u64().unwrap() >= 2, "{c}");
+}
