@@ -21,7 +21,7 @@ use atelier_engine::time::Millis;
 pub use error::StorageError;
 pub use service::{create, execute, Created};
 pub use sled_store::{Durability, SledStore, StoreConfig, CACHE_CAPACITY_BYTES_DEFAULT, LIST_LIMIT_MAX, SCHEMA_VERSION};
-pub use subscribe::{Delivery, Filter, Subscription, SubscriptionEnd, ViewAfter, SUBSCRIBER_QUEUE_EVENTS_MAX};
+pub use subscribe::{Delivery, Filter, Subscription, SubscriptionEnd, ViewAfter, REPLAY_CHUNK_EVENTS, SUBSCRIBER_QUEUE_EVENTS_MAX};
 
 /// Which commission an append is for.
 #[derive(Clone, Debug, PartialEq, Eq)]

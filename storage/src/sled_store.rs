@@ -1055,9 +1055,14 @@ impl Inner {
     }
 
     fn events_of(&self, id: u64) -> Result<Vec<Envelope>, StorageError> {
+        self.events_upto(id, u64::MAX)
+    }
+
+    /// A commission's events with seq at most `upto`, in order.
+    fn events_upto(&self, id: u64, upto: u64) -> Result<Vec<Envelope>, StorageError> {
         let mut out = Vec::new();
         let mut cursor = crate::log::Cursor::new(&self.trees.log);
-        for seq in self.seqs_of(id)? {
+        for seq in self.seqs_of(id)?.into_iter().take_while(|&s| s <= upto) {
             let rec = cursor.get(seq)?.ok_or(StorageError::Corruption {
                 seq,
                 detail: "indexed record is missing from the log".into(),
@@ -1112,12 +1117,28 @@ impl History for Inner {
                 }
             }
             Filter::User(user) => {
+                // Pick the chunk from the by-commission index alone (the user's first `limit`
+                // seqs in range), then fold only the commissions that have a pick, each only up
+                // to its last pick. Folding every commission with anything newer, for every
+                // chunk, made a from-scratch replay of a big user quadratic.
+                let mut picks: Vec<(u64, u64)> = Vec::new();
                 for item in self.trees.proj.scan_prefix(Projection::ByUser.key_user(user, &[])) {
                     let (k, _) = item?;
                     let id = read_u64(&k[k.len() - 8..]).unwrap_or(0);
-                    if self.get_commission(id)?.is_some_and(|c| c.last_seq > after) {
-                        fold_deliveries(self.events_of(id)?, after, upto, &mut out)?;
-                    }
+                    let seqs = self.seqs_of(id)?;
+                    let newer = &seqs[seqs.partition_point(|&s| s <= after)..];
+                    picks.extend(newer.iter().take_while(|&&s| s <= upto).map(|&s| (s, id)));
+                }
+                picks.sort_unstable();
+                picks.truncate(limit);
+                // A commission's picks are all its seqs in (after, its last pick]: any smaller
+                // seq of the same commission is smaller than that pick, so it was picked too.
+                let mut last_pick: HashMap<u64, u64> = HashMap::new();
+                for &(seq, id) in &picks {
+                    last_pick.insert(id, seq);
+                }
+                for (id, last) in last_pick {
+                    fold_deliveries(self.events_upto(id, last)?, after, last, &mut out)?;
                 }
                 out.sort_by_key(|d| d.env.seq);
             }

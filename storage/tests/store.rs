@@ -163,6 +163,41 @@ fn subscription_replays_then_goes_live_without_gap_or_duplicate() {
     assert!(first.env.seq > mid);
 }
 
+/// A user's history spans many replay chunks and is interleaved with another user's events:
+/// every one of the user's events comes once, in order, with the view folded up to it.
+#[test]
+fn a_users_history_across_chunks_is_exact() {
+    let dir = TempDir::new("user-history");
+    let store = open(&dir);
+    // Commissions started in a round robin, so that their events interleave in the log.
+    let ids: Vec<u64> = (0..90).map(|i| created(&store, if i % 7 == 0 { "bob" } else { "alice" })).collect();
+    let runs: Vec<(u64, Vec<Command>)> = ids.iter().map(|&id| (id, full_run(store.allocate_job_id().unwrap()))).collect();
+    for step in 0..runs[0].1.len() {
+        for (id, cmds) in &runs {
+            execute(&*store, *id, cmds[step].clone(), &ctx(5 + step as i64)).unwrap().unwrap();
+        }
+    }
+    let log = store.read_log(0, usize::MAX).unwrap();
+    let alices: Vec<u64> = ids.iter().copied().filter(|id| store.commission(*id).unwrap().unwrap().user_id == "alice").collect();
+    let expected: Vec<u64> = log.iter().filter(|e| alices.contains(&e.commission_id)).map(|e| e.seq).collect();
+    assert!(expected.len() > 2 * atelier_storage::REPLAY_CHUNK_EVENTS, "{} events", expected.len());
+    for after in [0, expected[expected.len() / 3], *expected.last().unwrap() - 1] {
+        let mut sub = store.subscribe(after, Filter::User("alice".into())).unwrap();
+        let mut got = Vec::new();
+        while let Some(d) = sub.next_timeout(Duration::from_millis(300)).unwrap() {
+            // The view is the commission right after this event.
+            let mut c = None;
+            for e in log.iter().filter(|e| e.commission_id == d.env.commission_id && e.seq <= d.env.seq) {
+                c = Some(atelier_engine::apply(c, e).unwrap());
+            }
+            assert_eq!(*d.view, atelier_storage::ViewAfter::of(&c.unwrap()), "view after seq {}", d.env.seq);
+            got.push(d.env.seq);
+        }
+        let want: Vec<u64> = expected.iter().copied().filter(|s| *s > after).collect();
+        assert_eq!(got, want, "after {after}");
+    }
+}
+
 #[test]
 fn a_slow_subscriber_is_cut_off_and_never_blocks_the_writer() {
     let dir = TempDir::new("slow");
