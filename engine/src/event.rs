@@ -41,6 +41,11 @@ pub enum JobStatus {
 }
 
 impl JobStatus {
+    /// The job has ended, one way or another.
+    pub fn is_finished(self) -> bool {
+        !matches!(self, JobStatus::Pending | JobStatus::Running)
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             JobStatus::Pending => "pending",

@@ -262,8 +262,7 @@ fn handle(route: &Route, params: &[&str], who: Option<&Identity>, req: &Req, sha
                     return Ok(error(404, "not_found", "no executor keeps logs here"));
                 };
                 let (out, err) = ex.job_log_paths(id);
-                let finished = !matches!(job.status, atelier_engine::JobStatus::Pending | atelier_engine::JobStatus::Running);
-                if finished && out.parent().is_some_and(|d| !d.exists()) {
+                if job.status.is_finished() && out.parent().is_some_and(|d| !d.exists()) {
                     // The job-dir sweep removed them (ATELIER_JOB_DIRS_KEEP_DAYS after the end).
                     return Ok(error(410, "gone", format!("no logs are kept for job {id}: its working dir is gone (a finished job's dir is removed ATELIER_JOB_DIRS_KEEP_DAYS after it ended)")));
                 }
@@ -331,15 +330,14 @@ fn handle(route: &Route, params: &[&str], who: Option<&Identity>, req: &Req, sha
             let c = tri!(visible(shared, me(), id)?);
             match c.state {
                 State::Created => Reply::Json(201, json!({"job_id": null, "task_id": id, "status": "pending", "executor": null})),
-                State::Failed => match execute(&*shared.store, id, Command::ManualRetry, &ctx())? {
-                    Ok(_) => Reply::Json(201, json!({"job_id": null, "task_id": id, "status": "pending", "executor": null})),
-                    Err(r) => rejection(r),
-                },
-                // Waiting on its backoff: the operator wants it run now, not at `next_retry_at`.
-                State::Retrying => match execute(&*shared.store, id, Command::RetryNow, &ctx())? {
-                    Ok(_) => Reply::Json(201, json!({"job_id": null, "task_id": id, "status": "pending", "executor": null})),
-                    Err(r) => rejection(r),
-                },
+                // Failed: a manual retry. Waiting on its backoff: run it now, not at `next_retry_at`.
+                State::Failed | State::Retrying => {
+                    let cmd = if c.state == State::Failed { Command::ManualRetry } else { Command::RetryNow };
+                    match execute(&*shared.store, id, cmd, &ctx())? {
+                        Ok(_) => Reply::Json(201, json!({"job_id": null, "task_id": id, "status": "pending", "executor": null})),
+                        Err(r) => rejection(r),
+                    }
+                }
                 s => match c.active_job.map(|j| shared.store.job(j)).transpose()?.flatten() {
                     Some(job) => error(409, "job_active", format!("job {} is already running it ({s})", job.job_id)),
                     None => error(409, "not_runnable", format!("the commission is {s}; it is not waiting for a job")),

@@ -679,7 +679,8 @@ impl Writer {
         }
         if self.head > head_before {
             self.inner.group_commits.fetch_add(1, Ordering::Relaxed);
-            self.inner.group_committed.fetch_add(acks.len() as u64, Ordering::Relaxed);
+            let appends = acks.iter().filter(|(r, _)| matches!(r, Request::Append(..) | Request::Import(..))).count();
+            self.inner.group_committed.fetch_add(appends as u64, Ordering::Relaxed);
         }
         tracing::trace!(elapsed_us = started.elapsed().as_micros() as u64, "group commit");
         let mut quiet = false;

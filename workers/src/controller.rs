@@ -82,8 +82,13 @@ pub fn job_log_paths(data_dir: &Path, job_id: u64) -> (PathBuf, PathBuf) {
     (dir.join("stdout.log"), dir.join("stderr.log"))
 }
 
+/// Where every job's working dir lives (and the pipeline specs, under [`PIPELINES_DIR`]).
+pub(crate) fn jobs_dir(data_dir: &Path) -> PathBuf {
+    data_dir.join("jobs")
+}
+
 pub(crate) fn job_dir(data_dir: &Path, job_id: u64) -> PathBuf {
-    data_dir.join("jobs").join(job_id.to_string())
+    jobs_dir(data_dir).join(job_id.to_string())
 }
 
 pub(crate) fn artifacts_dir(data_dir: &Path) -> PathBuf {
@@ -660,7 +665,7 @@ pub(crate) fn pipeline_file(shared: &Shared, p: &PipelineConfig, job_id: u64) ->
     use sha2::{Digest, Sha256};
     let spec = serde_json::to_vec(p).map_err(|e| format!("cannot encode the pipeline: {e}"))?;
     let hash: String = Sha256::digest(&spec).iter().take(8).map(|b| format!("{b:02x}")).collect();
-    let dir = shared.data_dir.join("jobs").join(PIPELINES_DIR);
+    let dir = jobs_dir(&shared.data_dir).join(PIPELINES_DIR);
     let path = dir.join(format!("{}-{hash}.json", p.name));
     if path.exists() {
         return Ok(path);
@@ -844,7 +849,7 @@ impl Controller {
         // Workers run in their job dir: every path handed to them must not depend on our cwd.
         let data_dir = std::path::absolute(&data_dir).map_err(io_err("resolve the data dir"))?;
         let exe = std::path::absolute(&exe).map_err(io_err("resolve the executable path"))?;
-        std::fs::create_dir_all(data_dir.join("jobs")).map_err(io_err("create the jobs dir"))?;
+        std::fs::create_dir_all(jobs_dir(&data_dir)).map_err(io_err("create the jobs dir"))?;
         std::fs::create_dir_all(artifacts_dir(&data_dir)).map_err(io_err("create the artifacts dir"))?;
         let (spawn_tx, spawn_rx) = crossbeam_channel::unbounded::<SpawnRequest>();
         let shared = Arc::new(Shared {

@@ -10,7 +10,6 @@ use std::path::Path;
 use std::time::{Duration, SystemTime};
 
 use atelier_engine::time::Millis;
-use atelier_engine::JobStatus;
 use atelier_storage::EventStore;
 
 /// How often the sweep runs.
@@ -31,7 +30,7 @@ pub struct Swept {
 /// Entries that are not job directories (named by a job id) are left alone.
 pub fn sweep(store: &dyn EventStore, data_dir: &Path, keep: Duration, now: Millis) -> std::io::Result<Swept> {
     let mut swept = Swept::default();
-    let jobs = data_dir.join("jobs");
+    let jobs = crate::controller::jobs_dir(data_dir);
     let entries = match std::fs::read_dir(&jobs) {
         Ok(e) => e,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(swept),
@@ -46,8 +45,7 @@ pub fn sweep(store: &dyn EventStore, data_dir: &Path, keep: Duration, now: Milli
         }
         let due = match store.job(job_id) {
             Ok(Some(job)) => {
-                let finished = !matches!(job.status, JobStatus::Pending | JobStatus::Running);
-                finished && job.completed_at.is_some_and(|t| t.saturating_add(keep_ms) < now)
+                job.status.is_finished() && job.completed_at.is_some_and(|t| t.saturating_add(keep_ms) < now)
             }
             Ok(None) => {
                 let changed = entry.metadata()?.modified()?;
