@@ -102,8 +102,10 @@ pub fn event_data(env: &Envelope, view: &ViewAfter) -> Value {
 }
 
 /// One SSE message, terminated by the blank line.
-pub fn sse_message(env: &Envelope, view: &ViewAfter) -> String {
-    format!("id: {}\nevent: {}\ndata: {}\n\n", env.seq, env.event.kind().as_str(), event_data(env, view))
+/// Appends one SSE message (`id`, `event`, `data`, blank line) to `out`.
+pub fn push_sse_message(out: &mut String, env: &Envelope, view: &ViewAfter) {
+    use std::fmt::Write;
+    let _ = write!(out, "id: {}\nevent: {}\ndata: {}\n\n", env.seq, env.event.kind().as_str(), event_data(env, view));
 }
 
 pub fn error(code: &str, message: &str) -> Value {

@@ -1,5 +1,5 @@
-//! Server-Sent Events: a stream runs on its connection's thread and writes each event to the
-//! socket in one write. A stream resumes strictly after Last-Event-ID (the global seq).
+//! Server-Sent Events: a stream runs on its connection's thread and writes the events that are
+//! ready together in one write. A stream resumes strictly after Last-Event-ID (the global seq).
 
 use std::io::Write;
 use std::net::TcpStream;
@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use atelier_storage::{Filter, Subscription, SubscriptionEnd};
+use atelier_storage::{Delivery, Filter, Subscription, SubscriptionEnd};
 
 use crate::conn::{write_response, Body, Close};
 use crate::{render, Shared};
@@ -18,6 +18,8 @@ pub const RETRY_HINT_MS: u64 = 2_000;
 /// thread (and crossbeam spins a little before it sleeps again): 10,000 idle streams at
 /// 500 ms cost a tenth of a core; `Server::shutdown` waits up to 3 s for them.
 const SHUTDOWN_POLL: Duration = Duration::from_millis(2_000);
+/// Events ready at once are gathered into one write up to about this many bytes.
+const SSE_WRITE_BYTES_TARGET: usize = 64 * 1024;
 
 pub(crate) struct StreamSpec {
     pub filter: Filter,
@@ -46,12 +48,12 @@ fn run(stream: &TcpStream, spec: StreamSpec, shared: &Arc<Shared>) {
         }
     };
     let mut w = stream;
-    let head = format!(
+    // The head goes out with the first events when history is read first (one write, one
+    // wake-up for the client), on its own otherwise, so a client waiting for the future
+    // still sees the stream open at once.
+    let mut out = format!(
         "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\nConnection: close\r\nX-Accel-Buffering: no\r\n\r\nretry: {RETRY_HINT_MS}\n\n"
     );
-    if w.write_all(head.as_bytes()).is_err() {
-        return;
-    }
     let heartbeat = Duration::from_millis(shared.config.heartbeat_ms.max(1));
     let mut last_write = Instant::now();
     loop {
@@ -59,24 +61,39 @@ fn run(stream: &TcpStream, spec: StreamSpec, shared: &Arc<Shared>) {
             return;
         }
         // History is read on the handler pool, never on this thread (see `on_pool`).
-        let next = if sub.wants_history() {
+        if sub.wants_history() {
             match on_pool(shared, sub) {
                 Some(moved) => sub = moved,
                 None => return,
             }
             continue;
-        } else {
-            sub.next_timeout(heartbeat.min(SHUTDOWN_POLL))
-        };
-        match next {
+        }
+        // Everything ready now goes out in one write: a worker's reports arrive as one
+        // append, and one write instead of one per event spares the client (and loopback)
+        // a wake-up per event.
+        let mut ended = false;
+        while out.len() < SSE_WRITE_BYTES_TARGET {
+            let Some(d) = sub.try_next() else { break };
+            ended = add(&mut out, &d, &spec, shared);
+            if ended {
+                break;
+            }
+        }
+        if !out.is_empty() {
+            if w.write_all(out.as_bytes()).is_err() {
+                return;
+            }
+            out.clear();
+            last_write = Instant::now();
+        }
+        if ended {
+            return;
+        }
+        match sub.next_timeout(heartbeat.min(SHUTDOWN_POLL)) {
+            // Written at the top of the loop, with whatever else is ready by then.
             Ok(Some(d)) => {
-                let msg = render::sse_message(&d.env, &d.view);
-                if w.write_all(msg.as_bytes()).is_err() {
-                    return;
-                }
-                last_write = Instant::now();
-                shared.metrics.sse_events_sent.fetch_add(1, Ordering::Relaxed);
-                if spec.end_on_terminal && d.env.event.kind().is_terminal() {
+                if add(&mut out, &d, &spec, shared) {
+                    let _ = w.write_all(out.as_bytes());
                     return;
                 }
             }
@@ -99,6 +116,13 @@ fn run(stream: &TcpStream, spec: StreamSpec, shared: &Arc<Shared>) {
             }
         }
     }
+}
+
+/// Renders one event onto `out`; true if the stream ends with it.
+fn add(out: &mut String, d: &Delivery, spec: &StreamSpec, shared: &Shared) -> bool {
+    render::push_sse_message(out, &d.env, &d.view);
+    shared.metrics.sse_events_sent.fetch_add(1, Ordering::Relaxed);
+    spec.end_on_terminal && d.env.event.kind().is_terminal()
 }
 
 /// Reads a subscription's next chunk of history on a handler thread and hands it back; `None`

@@ -230,6 +230,30 @@ impl Subscription {
         Ok(())
     }
 
+    /// The next event if one is ready now: buffered history or a queued live event. Never
+    /// reads the store and never waits, so a caller can gather everything ready into one
+    /// write; how the subscription ends is left to [`Subscription::next_timeout`].
+    pub fn try_next(&mut self) -> Option<Delivery> {
+        if self.ended {
+            return None;
+        }
+        if let Some(d) = self.backlog.pop_front() {
+            self.last_seq = d.env.seq;
+            return Some(d);
+        }
+        let (_, rx) = self.live.as_ref()?;
+        loop {
+            match rx.try_recv() {
+                Ok(d) if d.env.seq <= self.last_seq => continue,
+                Ok(d) => {
+                    self.last_seq = d.env.seq;
+                    return Some(d);
+                }
+                Err(_) => return None,
+            }
+        }
+    }
+
     /// The next event, waiting up to `timeout` for a live one. `Ok(None)` on timeout.
     pub fn next_timeout(&mut self, timeout: Duration) -> Result<Option<Delivery>, SubscriptionEnd> {
         if self.ended {

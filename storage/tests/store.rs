@@ -163,6 +163,43 @@ fn subscription_replays_then_goes_live_without_gap_or_duplicate() {
     assert!(first.env.seq > mid);
 }
 
+/// `try_next` hands out only what is ready: never history it has not read, never a wait; what
+/// it hands out and what `next_timeout` hands out after it form one gap-free sequence.
+#[test]
+fn try_next_takes_only_what_is_ready() {
+    let dir = TempDir::new("try-next");
+    let store = open(&dir);
+    let id = created(&store, "alice");
+    let job = store.allocate_job_id().unwrap();
+    let cmds = full_run(job);
+    let mut sub = store.subscribe(0, Filter::Commission(id)).unwrap();
+    // History not read yet: nothing ready, and asking does not read it.
+    assert!(sub.wants_history());
+    assert!(sub.try_next().is_none());
+    assert!(sub.wants_history());
+    sub.read_history().unwrap();
+    let mut seen = vec![sub.try_next().expect("created was read as history").env.version];
+    // The history is exhausted; the next call registers the subscription for live events.
+    assert!(sub.try_next().is_none());
+    assert!(sub.next_timeout(Duration::from_millis(10)).unwrap().is_none());
+    // Several appends land before the subscriber looks: all of them are ready at once.
+    for cmd in &cmds[..3] {
+        execute(&*store, id, cmd.clone(), &ctx(3)).unwrap().unwrap();
+    }
+    while let Some(d) = sub.try_next() {
+        seen.push(d.env.version);
+    }
+    assert!(seen.len() > 1, "published events are ready without waiting: {seen:?}");
+    // The rest by waiting; together one gap-free sequence.
+    execute(&*store, id, cmds[3].clone(), &ctx(3)).unwrap().unwrap();
+    let version = store.commission(id).unwrap().unwrap().version;
+    while (seen.len() as u64) < version {
+        seen.push(sub.next_timeout(Duration::from_secs(5)).unwrap().expect("a live event").env.version);
+    }
+    assert_eq!(seen, (1..=version).collect::<Vec<_>>());
+    assert!(sub.try_next().is_none());
+}
+
 /// A user's history spans many replay chunks and is interleaved with another user's events:
 /// every one of the user's events comes once, in order, with the view folded up to it.
 #[test]
