@@ -48,10 +48,11 @@ d = json.loads(sys.stdin.read().strip().splitlines()[-1])
 g = lambda k, q: d[k][q]
 srv = d.get("server") or {}
 print("ok=%s/%s per_s=%s pickup_p50=%s pickup_p99=%s complete_p50=%s srv_pickup_p50=%s srv_pickup_p99=%s "
-      "dups=%s ooo=%s missing=%s max_rss_kb=%s" % (
+      "dups=%s ooo=%s missing=%s max_rss_kb=%s cpu_ms_per=%.2f children_cpu_ms_per=%.2f" % (
           d["completed"], d["n"], d["completed_per_s"], g("pickup_ms", "p50"), g("pickup_ms", "p99"),
           g("complete_ms", "p50"), g("server_pickup_ms", "p50"), g("server_pickup_ms", "p99"),
-          d["dup_ids"], d["out_of_order"], d["streams_missing_stages"], srv.get("max_rss_kb")))
+          d["dup_ids"], d["out_of_order"], d["streams_missing_stages"], srv.get("max_rss_kb"),
+          srv.get("cpu_ms", 0) / max(1, d["n"]), srv.get("children_cpu_ms", 0) / max(1, d["n"])))
 PYEOF
 )"
 }

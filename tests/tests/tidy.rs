@@ -10,7 +10,8 @@ fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
     for entry in std::fs::read_dir(dir).unwrap() {
         let p = entry.unwrap().path();
         if p.is_dir() {
-            if !p.ends_with("target") && !p.ends_with("snapshots") {
+            // Vendored crates keep their authors' style (storage/vendor/README.md).
+            if !p.ends_with("target") && !p.ends_with("snapshots") && !p.ends_with("vendor") {
                 rust_files(&p, out);
             }
         } else if p.extension().is_some_and(|e| e == "rs") {
