@@ -9,8 +9,7 @@ use std::time::{Duration, Instant};
 
 use atelier_storage::{Delivery, Filter, Subscription, SubscriptionEnd};
 
-use crate::conn::{write_response, Body, Close};
-use crate::{render, Shared};
+use crate::{render, Reply, Shared};
 
 /// The `retry:` hint sent first: how long a browser waits before reconnecting.
 pub const RETRY_HINT_MS: u64 = 2_000;
@@ -28,25 +27,42 @@ pub(crate) struct StreamSpec {
     pub end_on_terminal: bool,
 }
 
+/// A stream ready to run: subscribed, its first chunk of history read.
+pub(crate) struct Opened {
+    sub: Subscription,
+    end_on_terminal: bool,
+}
+
+/// Subscribes and reads the first chunk of history, on the handler thread that routed the
+/// request: most streams start with a short history (a commission just created), and reading
+/// it here spares the stream's thread a round trip to the pool before its first write.
+pub(crate) fn open(spec: StreamSpec, shared: &Arc<Shared>) -> Reply {
+    let mut sub = match shared.store.subscribe(spec.after, spec.filter) {
+        Ok(s) => s,
+        Err(e) => return crate::error(500, "storage", e.to_string()),
+    };
+    match sub.read_history() {
+        Ok(()) => Reply::Streaming(Opened { sub, end_on_terminal: spec.end_on_terminal }),
+        Err(SubscriptionEnd::Failed(e)) => {
+            tracing::error!(error = %e, "a stream failed reading the log");
+            crate::error(500, "storage", e.to_string())
+        }
+        Err(_) => crate::error(503, "shutting_down", "the server is stopping"),
+    }
+}
+
 /// Runs a stream on its connection's thread until the client goes, the stream ends or the
 /// server shuts down.
-pub(crate) fn serve(stream: &TcpStream, spec: StreamSpec, shared: &Arc<Shared>) {
+pub(crate) fn serve(stream: &TcpStream, opened: Opened, shared: &Arc<Shared>) {
     shared.streams.fetch_add(1, Ordering::SeqCst);
     shared.metrics.sse_connections.fetch_add(1, Ordering::Relaxed);
-    run(stream, spec, shared);
+    run(stream, opened, shared);
     shared.metrics.sse_connections.fetch_sub(1, Ordering::Relaxed);
     shared.streams.fetch_sub(1, Ordering::SeqCst);
 }
 
-fn run(stream: &TcpStream, spec: StreamSpec, shared: &Arc<Shared>) {
-    let mut sub = match shared.store.subscribe(spec.after, spec.filter.clone()) {
-        Ok(s) => s,
-        Err(e) => {
-            let body = render::error("storage", &e.to_string()).to_string();
-            let _ = write_response(stream, 500, "application/json", body.as_bytes(), &[], Close::Yes, Body::Send);
-            return;
-        }
-    };
+fn run(stream: &TcpStream, opened: Opened, shared: &Arc<Shared>) {
+    let Opened { mut sub, end_on_terminal } = opened;
     let mut w = stream;
     // The head goes out with the first events when history is read first (one write, one
     // wake-up for the client), on its own otherwise, so a client waiting for the future
@@ -74,7 +90,7 @@ fn run(stream: &TcpStream, spec: StreamSpec, shared: &Arc<Shared>) {
         let mut ended = false;
         while out.len() < SSE_WRITE_BYTES_TARGET {
             let Some(d) = sub.try_next() else { break };
-            ended = add(&mut out, &d, &spec, shared);
+            ended = add(&mut out, &d, end_on_terminal, shared);
             if ended {
                 break;
             }
@@ -92,7 +108,7 @@ fn run(stream: &TcpStream, spec: StreamSpec, shared: &Arc<Shared>) {
         match sub.next_timeout(heartbeat.min(SHUTDOWN_POLL)) {
             // Written at the top of the loop, with whatever else is ready by then.
             Ok(Some(d)) => {
-                if add(&mut out, &d, &spec, shared) {
+                if add(&mut out, &d, end_on_terminal, shared) {
                     let _ = w.write_all(out.as_bytes());
                     return;
                 }
@@ -119,10 +135,10 @@ fn run(stream: &TcpStream, spec: StreamSpec, shared: &Arc<Shared>) {
 }
 
 /// Renders one event onto `out`; true if the stream ends with it.
-fn add(out: &mut String, d: &Delivery, spec: &StreamSpec, shared: &Shared) -> bool {
+fn add(out: &mut String, d: &Delivery, end_on_terminal: bool, shared: &Shared) -> bool {
     render::push_sse_message(out, &d.env, &d.view);
     shared.metrics.sse_events_sent.fetch_add(1, Ordering::Relaxed);
-    spec.end_on_terminal && d.env.event.kind().is_terminal()
+    end_on_terminal && d.env.event.kind().is_terminal()
 }
 
 /// Reads a subscription's next chunk of history on a handler thread and hands it back; `None`
