@@ -59,6 +59,30 @@ pub trait Reporter {
     fn check(&mut self) -> Result<(), Stop> {
         Ok(())
     }
+
+    /// Sends messages that were all ready at once (an instant pipeline's whole run). A
+    /// reporter may deliver them together (one write, one append) instead of one by one.
+    fn send_all(&mut self, msgs: Vec<Message>) -> Result<(), Stop> {
+        msgs.into_iter().try_for_each(|m| self.send(m))
+    }
+}
+
+/// Gathers an instant run's messages for one `send_all`.
+struct Gather(Vec<Message>);
+
+impl Reporter for Gather {
+    fn send(&mut self, msg: Message) -> Result<(), Stop> {
+        self.0.push(msg);
+        Ok(())
+    }
+}
+
+/// Whether the whole run is instant: every stage a `noop` step and no test delay. Such a run
+/// reports everything in one go (`Reporter::send_all`): for the noop pipeline, one write and
+/// one wake-up of the job's watcher instead of five. Any other run reports as it goes, so
+/// progress and heartbeats are never held back.
+fn instant(spec: &PipelineConfig, input: &JobInput) -> bool {
+    spec.stages.iter().all(|s| matches!(s, StageSpec::Builtin(Builtin::Noop))) && input.context.get("delay_ms").is_none()
 }
 
 /// A step failed; the pipeline reports it as the worker's `error` line.
@@ -80,6 +104,15 @@ fn fail(error: impl Into<String>, retryable: bool) -> StepError {
 
 /// Runs the pipeline to its `result` or `error` line. `Err` only when the reporter stopped it.
 pub fn run(spec: &PipelineConfig, input: &JobInput, env: &RunEnv, rep: &mut dyn Reporter) -> Result<(), Stop> {
+    if instant(spec, input) {
+        let mut gathered = Gather(Vec::new());
+        run_steps(spec, input, env, &mut gathered)?;
+        return rep.send_all(gathered.0);
+    }
+    run_steps(spec, input, env, rep)
+}
+
+fn run_steps(spec: &PipelineConfig, input: &JobInput, env: &RunEnv, rep: &mut dyn Reporter) -> Result<(), Stop> {
     let mut state = Map::new();
     for stage in Stage::ALL {
         rep.send(Message::Stage { stage })?;
@@ -525,6 +558,50 @@ mod tests {
             self.0.push(msg);
             Ok(())
         }
+    }
+
+    /// Counts how messages arrive: one by one (`send`) or together (`send_all`).
+    #[derive(Default)]
+    struct Calls {
+        sends: usize,
+        batches: Vec<usize>,
+    }
+    impl Reporter for Calls {
+        fn send(&mut self, _: Message) -> Result<(), Stop> {
+            self.sends += 1;
+            Ok(())
+        }
+        fn send_all(&mut self, msgs: Vec<Message>) -> Result<(), Stop> {
+            self.batches.push(msgs.len());
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn an_instant_run_reports_in_one_go_and_any_other_as_it_goes() {
+        let env = RunEnv { job_dir: std::env::temp_dir(), artifacts_dir: std::env::temp_dir(), tick: Duration::from_millis(10) };
+        let input = |context: Value| JobInput { commission_id: 1, job_id: 1, attempt: 1, pipeline: "noop".into(), context };
+        let noop = PipelineConfig::noop();
+        // Four stage lines and the result, in one batch.
+        let mut calls = Calls::default();
+        run(&noop, &input(json!({})), &env, &mut calls).expect("runs");
+        assert_eq!((calls.sends, calls.batches.clone()), (0, vec![5]));
+        // Progress steps are instant too.
+        let mut calls = Calls::default();
+        run(&noop, &input(json!({"progress_steps": 2})), &env, &mut calls).expect("runs");
+        assert_eq!((calls.sends, calls.batches.clone()), (0, vec![5 + 4 * 3]));
+        // A delay is not: heartbeats and stages must go out while it waits.
+        let mut calls = Calls::default();
+        run(&noop, &input(json!({"delay_ms": 20})), &env, &mut calls).expect("runs");
+        assert!(calls.batches.is_empty() && calls.sends >= 5 + 4, "{:?} {}", calls.batches, calls.sends);
+        // Nor is a pipeline with real steps.
+        let dir = std::env::temp_dir().join(format!("atelier-pipeline-calls-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let env = RunEnv { job_dir: dir.clone(), artifacts_dir: dir.join("artifacts"), ..env };
+        let mut calls = Calls::default();
+        run(&PipelineConfig::commission(), &input(json!({"title": "Fox"})), &env, &mut calls).expect("runs");
+        assert!(calls.batches.is_empty() && calls.sends > 5);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -90,6 +90,19 @@ impl Reporter for InProcess<'_> {
         })
     }
 
+    /// An instant run's messages are recorded with the job's end, in its one append (as the
+    /// job controller records a worker's last batch of lines).
+    fn send_all(&mut self, msgs: Vec<Message>) -> Result<(), Stop> {
+        self.check()?;
+        for msg in msgs {
+            if let Err(h) = self.session.handle(msg) {
+                self.halted = Some(h.clone());
+                return Err(Stop(format!("{h:?}")));
+            }
+        }
+        Ok(())
+    }
+
     fn send(&mut self, msg: Message) -> Result<(), Stop> {
         self.check()?;
         // In-process steps report as they go, so each report is recorded at once.

@@ -87,7 +87,7 @@ impl WorkerArgs {
     }
 }
 
-/// Writes protocol lines to the pipe, one `write` per line so lines never interleave.
+/// Writes protocol lines to the pipe: whole lines per `write`, so lines never interleave.
 struct PipeReporter {
     pipe: File,
 }
@@ -95,6 +95,12 @@ struct PipeReporter {
 impl Reporter for PipeReporter {
     fn send(&mut self, msg: Message) -> Result<(), Stop> {
         self.pipe.write_all(msg.to_line().as_bytes()).map_err(|e| Stop(format!("protocol pipe: {e}")))
+    }
+
+    /// One write for all of them: the controller's job thread wakes once, not once per line.
+    fn send_all(&mut self, msgs: Vec<Message>) -> Result<(), Stop> {
+        let lines: String = msgs.iter().map(Message::to_line).collect();
+        self.pipe.write_all(lines.as_bytes()).map_err(|e| Stop(format!("protocol pipe: {e}")))
     }
 }
 
