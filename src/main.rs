@@ -296,7 +296,9 @@ fn serve(args: &[String]) -> Result<ExitCode, CliError> {
     http_config.metrics_public = s.metrics_public;
     http_config.header_timeout_ms = s.header_timeout_ms;
     let dyn_store: Arc<dyn EventStore> = store.clone();
-    let workers_config = WorkersConfig::load(s.config_text.as_deref(), &|k| std::env::var(k).ok())?;
+    let mut workers_config = WorkersConfig::load(s.config_text.as_deref(), &|k| std::env::var(k).ok())?;
+    // The server owns its process: it may end whatever a job leaves behind outside its group.
+    workers_config.contain_descendants = true;
     let pipelines = workers_config.pipelines.keys().cloned().collect();
     let exe = std::env::current_exe().map_err(|e| CliError(format!("cannot find the atelier binary: {e}")))?;
     let data_dir = std::fs::canonicalize(&s.data_dir).unwrap_or_else(|_| s.data_dir.clone());

@@ -143,3 +143,46 @@ fn creating_a_job_for_a_commission_in_backoff_runs_it_now() {
     let c = s.get(&format!("/api/commissions/{id}"), Some(&alice)).json();
     assert!(c["attempt"].as_u64().unwrap() >= 2, "{c}");
 }
+
+/// A process that leaves its job's process group (here with `setsid`, as a daemon would) is
+/// out of reach of the group kill that ends a job; the server, a child subreaper, ends it and
+/// reaps it once the job is over.
+#[test]
+fn a_process_that_leaves_its_jobs_group_is_ended_after_the_job() {
+    let dir = TempDir::new("jobs-escape");
+    // The worker starts a process that calls setsid() and then sleeps for five minutes; the
+    // worker waits until it has left the group (it writes its pid only then), reports its
+    // stages and a result, and exits 0.
+    let config = dir.0.join("atelier.toml");
+    std::fs::write(
+        &config,
+        r#"
+[pipelines.escape]
+command = ["sh", "-c", '''cat >/dev/null; python3 -c 'import os, time; os.setsid(); open("escapee.tmp", "w").write(str(os.getpid())); os.rename("escapee.tmp", "escapee.pid"); time.sleep(300)' </dev/null >/dev/null 2>&1 3>&- & while [ ! -f escapee.pid ]; do sleep 0.01; done; for s in generating_ideas creating_images uploading creating_products; do printf '{"type":"stage","stage":"%s"}\n' $s >&3; done; printf '{"type":"result","result":{"ok":true}}\n' >&3''']
+env = { PATH = "/usr/bin:/bin" }
+"#,
+    )
+    .unwrap();
+    let config = config.display().to_string();
+    let s = Server::start(exe(), &dir.0, &[("ATELIER_CONFIG", &config)]);
+    let alice = token("alice", false);
+    let id = s.create(&alice, json!({"context": {}, "pipeline": "escape"}))["task_id"].as_u64().unwrap();
+    let jid = wait_for(Duration::from_secs(20), || {
+        let jobs = s.get(&format!("/api/commissions/{id}/jobs"), Some(&alice)).json();
+        let j = jobs["items"].as_array()?.first()?.clone();
+        (j["status"] == "succeeded").then_some(j["job_id"].as_u64().unwrap())
+    })
+    .expect("the job succeeds");
+    let pid: u64 = std::fs::read_to_string(dir.0.join("jobs").join(jid.to_string()).join("escapee.pid")).unwrap().trim().parse().unwrap();
+    let session = |pid: u64| -> Option<u64> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        stat.rsplit(')').next()?.split_whitespace().nth(3)?.parse().ok()
+    };
+    assert_eq!(session(pid), Some(pid), "the process runs in a session of its own, outside the job's group");
+    // Gone, and reaped: no /proc entry left, not even a zombie.
+    let gone = wait_for(Duration::from_secs(10), || (!std::path::Path::new(&format!("/proc/{pid}")).exists()).then_some(()));
+    assert!(gone.is_some(), "the escaped process {pid} outlived its job");
+    let metrics = s.get("/metrics", Some(&token("root", true))).text();
+    assert!(metrics.contains("atelier_job_escapees_killed_total 1"), "{metrics}");
+    assert!(s.stop().success());
+}

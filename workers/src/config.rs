@@ -204,6 +204,11 @@ pub struct WorkersConfig {
     pub job_dirs_keep_days: u64,
     pub retry: RetryPolicy,
     pub pipelines: BTreeMap<String, PipelineConfig>,
+    /// Make the process a child subreaper and end whatever a job leaves behind outside its
+    /// process group (`contain`). Off in the library: it kills every child of the process that
+    /// the controller did not start, which only the server may do to itself. `atelier serve`
+    /// turns it on.
+    pub contain_descendants: bool,
 }
 
 impl Default for WorkersConfig {
@@ -231,6 +236,7 @@ impl Default for WorkersConfig {
             job_dirs_keep_days: JOB_DIRS_KEEP_DAYS_DEFAULT,
             retry: RetryPolicy::default(),
             pipelines,
+            contain_descendants: false,
         }
     }
 }

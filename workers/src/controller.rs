@@ -701,7 +701,9 @@ fn run_process_job(shared: &Shared, c: Commission, signal: &JobSignal, ready: In
     };
     let spawn_started = Instant::now();
     let spawned = spawn_worker(shared, &c, &p, &dir, &input, &spec_file, &applied);
-    let (child, proto_r, out_r, err_r) = match spawned {
+    // `_known` lives to the end of this function, past the reap (`process::watch` or the
+    // refused start's wait): until then a sweep leaves the worker alone (`contain`).
+    let (child, _known, proto_r, out_r, err_r) = match spawned {
         Ok(v) => v,
         Err(e) => {
             tracing::error!(commission = c.id, job = job_id, error = %e, "cannot spawn a worker");
@@ -755,7 +757,7 @@ fn run_process_job(shared: &Shared, c: Commission, signal: &JobSignal, ready: In
     record_finish(&*shared.store, shared.config.retry, c.id, executor, session.take_batch(), ended.finish);
 }
 
-type SpawnedWorker = (std::process::Child, std::os::fd::OwnedFd, std::os::fd::OwnedFd, std::os::fd::OwnedFd);
+type SpawnedWorker = (std::process::Child, crate::contain::Known, std::os::fd::OwnedFd, std::os::fd::OwnedFd, std::os::fd::OwnedFd);
 
 /// Spawns the worker of `input.job_id` (through the spawner thread).
 fn spawn_worker(
@@ -814,10 +816,10 @@ fn spawn_worker(
     let tx = shared.spawn_tx.lock().unwrap_or_else(|p| p.into_inner()).clone();
     let tx = tx.ok_or_else(|| std::io::Error::other("the spawner is stopped"))?;
     tx.send(req).map_err(|_| std::io::Error::other("the spawner is gone"))?;
-    let child = reply_rx
+    let (child, known) = reply_rx
         .recv_timeout(Duration::from_millis(SPAWN_REPLY_TIMEOUT_MS))
         .map_err(|_| std::io::Error::other("the spawner did not answer"))??;
-    Ok((child, proto_r, out_r, err_r))
+    Ok((child, known, proto_r, out_r, err_r))
 }
 
 /// The running workers: executors, router and metrics.
@@ -828,6 +830,8 @@ pub struct Controller {
     task_runner: Mutex<Option<task_runner::Pool>>,
     /// Dropping the sender stops the job-dir sweeper.
     janitor: Mutex<Option<(Sender<()>, JoinHandle<()>)>>,
+    /// Dropping the sender stops the sweep for escaped processes (after one last sweep).
+    reaper: Mutex<Option<(Sender<()>, JoinHandle<()>)>>,
     /// `ATELIER_BALLAST_MB` of resident memory, held only to be measured against.
     _ballast: Vec<u8>,
 }
@@ -863,6 +867,15 @@ impl Controller {
             spawn_tx: Mutex::new(Some(spawn_tx)),
             server_pid: std::process::id(),
         });
+        // Before any job starts: what a job leaves behind must be re-parented to us.
+        let contained = shared.config.contain_descendants
+            && match crate::contain::become_subreaper() {
+                Ok(()) => true,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot become a child subreaper; processes that leave their job's group are not ended");
+                    false
+                }
+            };
         // Subscribe before reading the live set, so nothing falls between the two.
         let head = shared.store.head_seq();
         let sub = shared.store.subscribe(head, Filter::All)?;
@@ -899,6 +912,14 @@ impl Controller {
                 Some((stop_tx, handle))
             }
         };
+        let reaper = if contained {
+            let (stop_tx, stop_rx) = crossbeam_channel::bounded::<()>(0);
+            let metrics = shared.metrics.clone();
+            let handle = spawn("atelier-reaper", Box::new(move || reaper_loop(&metrics, &stop_rx)))?;
+            Some((stop_tx, handle))
+        } else {
+            None
+        };
         tracing::info!(
             max_concurrent_jobs = shared.config.max_concurrent_jobs,
             use_job_controller = shared.config.use_job_controller,
@@ -911,6 +932,7 @@ impl Controller {
             threads: Mutex::new(threads),
             task_runner: Mutex::new(Some(pool)),
             janitor: Mutex::new(janitor),
+            reaper: Mutex::new(reaper),
             _ballast: ballast_from_env(),
         })
     }
@@ -961,6 +983,23 @@ impl Controller {
         }
         for t in rest {
             let _ = t.join();
+        }
+        // Jobs are over: one last sweep ends what they left behind.
+        if let Some((stop, handle)) = self.reaper.lock().ok().and_then(|mut r| r.take()) {
+            drop(stop);
+            let _ = handle.join();
+        }
+    }
+}
+
+/// Ends escaped processes every [`contain::SWEEP_INTERVAL`], and once more when stopped.
+fn reaper_loop(metrics: &Metrics, stop: &Receiver<()>) {
+    loop {
+        let stopped = matches!(stop.recv_timeout(crate::contain::SWEEP_INTERVAL), Err(RecvTimeoutError::Disconnected));
+        let ended = crate::contain::sweep();
+        metrics.escapees_ended.fetch_add(ended.len() as u64, Ordering::Relaxed);
+        if stopped {
+            return;
         }
     }
 }

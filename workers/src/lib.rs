@@ -6,6 +6,7 @@
 //! [`trampoline_main`] and [`worker_main`]. Everything else is internal.
 
 mod config;
+mod contain;
 mod controller;
 pub mod janitor;
 mod metrics;

@@ -68,6 +68,8 @@ pub(crate) struct Metrics {
     inner: Mutex<Inner>,
     coalesced: AtomicU64,
     pub(crate) rollback_active: AtomicBool,
+    /// Processes ended because they had left their job's process group (`contain`).
+    pub(crate) escapees_ended: AtomicU64,
 }
 
 fn idx(e: Executor) -> usize {
@@ -147,6 +149,8 @@ impl Metrics {
         g.pickup.render(&mut out, "atelier_job_pickup_seconds", "", &PICKUP_BUCKETS_SECONDS);
         out.push_str("# HELP atelier_progress_events_coalesced_total Progress reports dropped for a newer one.\n# TYPE atelier_progress_events_coalesced_total counter\n");
         let _ = writeln!(out, "atelier_progress_events_coalesced_total {}", self.coalesced_total());
+        out.push_str("# HELP atelier_job_escapees_killed_total Processes ended because they outlived their job outside its process group.\n# TYPE atelier_job_escapees_killed_total counter\n");
+        let _ = writeln!(out, "atelier_job_escapees_killed_total {}", self.escapees_ended.load(Ordering::Relaxed));
         out.push_str("# HELP atelier_executor_routing Commissions routed to each executor.\n# TYPE atelier_executor_routing counter\n");
         for e in EXECUTORS {
             let _ = writeln!(out, "atelier_executor_routing{{{}}} {}", l(e), g.routing[idx(e)]);

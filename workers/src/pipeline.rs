@@ -420,14 +420,17 @@ fn run_command(
         "context": input.context,
         "state": state,
     });
-    let mut child = std::process::Command::new(name)
-        .args(&argv[1..])
-        .current_dir(&env.job_dir)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .map_err(|e| fail(format!("cannot start {name:?}: {e}"), false))?;
+    // Known to the sweep until this function returns (it has reaped the command by then, or
+    // gave up on it, and then the sweep ends it): see `contain`.
+    let (mut child, _known) = crate::contain::spawn(
+        std::process::Command::new(name)
+            .args(&argv[1..])
+            .current_dir(&env.job_dir)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit()),
+    )
+    .map_err(|e| fail(format!("cannot start {name:?}: {e}"), false))?;
     let mut stdin = child.stdin.take().expect("invariant: stdin is piped");
     let mut stdout = child.stdout.take().expect("invariant: stdout is piped");
     let doc = stdin_doc.to_string();

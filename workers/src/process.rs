@@ -26,6 +26,7 @@ use nix::poll::{PollFd, PollFlags, PollTimeout};
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
 
+use crate::contain::Known;
 use crate::protocol::{parse_line, LineBuffer};
 use crate::session::{job_end, Finish, Halt, Session};
 
@@ -102,7 +103,7 @@ pub(crate) struct SpawnRequest {
     pub(crate) stderr: OwnedFd,
     /// The protocol pipe's write end; inherited by the child only (see `spawn_one`).
     pub(crate) proto_w: OwnedFd,
-    pub(crate) reply: Sender<io::Result<Child>>,
+    pub(crate) reply: Sender<io::Result<(Child, Known)>>,
 }
 
 /// The one long-lived thread that spawns workers. PR_SET_PDEATHSIG fires when the thread
@@ -115,14 +116,14 @@ pub(crate) fn spawner_loop(exe: PathBuf, rx: Receiver<SpawnRequest>) {
     }
 }
 
-fn spawn_one(exe: &Path, req: SpawnRequest) -> io::Result<Child> {
+fn spawn_one(exe: &Path, req: SpawnRequest) -> io::Result<(Child, Known)> {
     // The protocol pipe is created close-on-exec so no other child inherits it; it is made
     // inheritable only here, on the one spawning thread, for exactly this spawn.
     fcntl(req.proto_w.as_raw_fd(), FcntlArg::F_SETFD(FdFlag::empty())).map_err(io::Error::from)?;
     // No pre_exec: std then uses posix_spawn (vfork-like, ~1 ms whatever the server's RSS).
     // process_group(0) is done by posix_spawn itself, so the group exists before we return
     // and a kill of the group can never miss the worker.
-    let result = std::os::unix::process::CommandExt::process_group(
+    let result = crate::contain::spawn(std::os::unix::process::CommandExt::process_group(
         std::process::Command::new(exe)
             .args(&req.args)
             .env_clear()
@@ -132,8 +133,7 @@ fn spawn_one(exe: &Path, req: SpawnRequest) -> io::Result<Child> {
             .stdout(Stdio::from(req.stdout))
             .stderr(Stdio::from(req.stderr)),
         0,
-    )
-    .spawn();
+    ));
     drop(req.proto_w);
     result
 }
