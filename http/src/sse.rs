@@ -19,6 +19,8 @@ pub const RETRY_HINT_MS: u64 = 2_000;
 const SHUTDOWN_POLL: Duration = Duration::from_millis(2_000);
 /// Events ready at once are gathered into one write up to about this many bytes.
 const SSE_WRITE_BYTES_TARGET: usize = 64 * 1024;
+/// A stream's write buffer beyond this is given back after the write.
+const SSE_IDLE_BUFFER_BYTES_MAX: usize = 4 * 1024;
 
 pub(crate) struct StreamSpec {
     pub filter: Filter,
@@ -100,6 +102,10 @@ fn run(stream: &TcpStream, opened: Opened, shared: &Arc<Shared>) {
                 return;
             }
             out.clear();
+            // A long history's buffer is not kept by an idle stream (10,000 may be open).
+            if out.capacity() > SSE_IDLE_BUFFER_BYTES_MAX {
+                out = String::new();
+            }
             last_write = Instant::now();
         }
         if ended {
