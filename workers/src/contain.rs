@@ -31,6 +31,8 @@ use nix::unistd::Pid;
 pub const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 /// How long a sweep waits for a killed process to exit before leaving it to the next sweep.
 const REAP_WAIT: Duration = Duration::from_millis(100);
+/// How often it looks meanwhile.
+const REAP_POLL: Duration = Duration::from_millis(2);
 
 /// Children the server started and has not reaped yet: pid → how many times it is known
 /// (a pid reused while the old entry is still being removed counts twice).
@@ -117,7 +119,7 @@ pub fn sweep() -> Vec<u32> {
         let deadline = Instant::now() + REAP_WAIT;
         loop {
             match waitpid(Pid::from_raw(raw), Some(WaitPidFlag::WNOHANG)) {
-                Ok(WaitStatus::StillAlive) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(2)),
+                Ok(WaitStatus::StillAlive) if Instant::now() < deadline => std::thread::sleep(REAP_POLL),
                 // Reaped, gone, or left for the next sweep.
                 _ => break,
             }
