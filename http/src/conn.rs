@@ -197,13 +197,12 @@ fn serve(stream: TcpStream, shared: &Arc<Shared>) {
         }
         let Ok(reply) = reply_rx.recv() else { return };
         let written = match reply {
-            Reply::Streaming(opened) => {
+            Reply::Stream(opened) => {
                 // A stream never reads again: give its read buffer back (40 MiB at 10,000).
                 drop(reader);
                 crate::sse::serve(&stream, opened, shared);
                 return;
             }
-            Reply::Stream(_) => unreachable!("invariant: handle() opens every stream"),
             Reply::Json(status, body) => {
                 let body = serde_json::to_vec(&body).expect("invariant: JSON values serialize");
                 write_response(&stream, status, "application/json", &body, &[], keep_alive, head_only)

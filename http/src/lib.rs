@@ -232,10 +232,8 @@ pub(crate) enum Reply {
     Json(u16, Value),
     Bytes(u16, &'static str, Vec<u8>, Vec<(&'static str, String)>),
     Empty(u16),
-    /// What a route answers for a stream; `handle` turns it into `Streaming`.
-    Stream(sse::StreamSpec),
     /// A stream, subscribed and with its first history read: the connection's thread runs it.
-    Streaming(sse::Opened),
+    Stream(sse::Opened),
 }
 
 pub(crate) fn error(status: u16, code: &str, message: impl AsRef<str>) -> Reply {
@@ -310,15 +308,9 @@ pub(crate) fn handle(req: &Req, started: Instant, shared: &Arc<Shared>) -> Reply
             }
         }
     };
-    // Subscribing and the first history read happen here, on the handler thread that routed
-    // the request, rather than in one more round trip from the stream's thread (see `sse`).
-    let reply = match reply {
-        Reply::Stream(spec) => sse::open(spec, shared),
-        other => other,
-    };
     let status = match &reply {
         Reply::Json(s, _) | Reply::Bytes(s, ..) | Reply::Empty(s) => *s,
-        Reply::Stream(_) | Reply::Streaming(_) => 200,
+        Reply::Stream(_) => 200,
     };
     shared.metrics.request(route, status, started.elapsed().as_secs_f64());
     reply

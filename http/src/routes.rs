@@ -8,7 +8,7 @@ use atelier_storage::{create, execute, Created, Filter, ListQuery, StorageError}
 use serde_json::{json, Value};
 
 use crate::auth::{Identity, TokenError};
-use crate::sse::StreamSpec;
+use crate::sse::{self, StreamSpec};
 use crate::{error, now_ms, render, Reply, Req, Shared};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -320,7 +320,8 @@ fn handle(route: &Route, params: &[&str], who: Option<&Identity>, req: &Req, sha
                 }
                 _ => (Filter::All, false),
             };
-            Reply::Stream(StreamSpec { filter, after: after.unwrap_or(0), end_on_terminal })
+            // Subscribed, with its first history read, here on the handler thread (see `sse::open`).
+            sse::open(StreamSpec { filter, after: after.unwrap_or(0), end_on_terminal }, shared)
         }
         "create_job" => {
             let body: Value = tri!(json_body(req));
