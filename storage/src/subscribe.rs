@@ -238,20 +238,17 @@ impl Subscription {
             return None;
         }
         if let Some(d) = self.backlog.pop_front() {
-            self.last_seq = d.env.seq;
-            return Some(d);
+            return Some(self.hand_out(d));
         }
         let (_, rx) = self.live.as_ref()?;
-        loop {
-            match rx.try_recv() {
-                Ok(d) if d.env.seq <= self.last_seq => continue,
-                Ok(d) => {
-                    self.last_seq = d.env.seq;
-                    return Some(d);
-                }
-                Err(_) => return None,
-            }
-        }
+        let d = rx.try_iter().find(|d| d.env.seq > self.last_seq)?;
+        Some(self.hand_out(d))
+    }
+
+    /// Records `d` as the last event handed out (a resume starts after it).
+    fn hand_out(&mut self, d: Delivery) -> Delivery {
+        self.last_seq = d.env.seq;
+        d
     }
 
     /// The next event, waiting up to `timeout` for a live one. `Ok(None)` on timeout.
@@ -261,8 +258,7 @@ impl Subscription {
         }
         loop {
             if let Some(d) = self.backlog.pop_front() {
-                self.last_seq = d.env.seq;
-                return Ok(Some(d));
+                return Ok(Some(self.hand_out(d)));
             }
             if self.live.is_none() {
                 self.fill_backlog()?;
@@ -274,10 +270,7 @@ impl Subscription {
             let (_, rx) = self.live.as_ref().expect("invariant: registered above");
             match rx.recv_timeout(timeout) {
                 Ok(d) if d.env.seq <= self.last_seq => continue,
-                Ok(d) => {
-                    self.last_seq = d.env.seq;
-                    return Ok(Some(d));
-                }
+                Ok(d) => return Ok(Some(self.hand_out(d))),
                 Err(RecvTimeoutError::Timeout) => return Ok(None),
                 Err(RecvTimeoutError::Disconnected) => {
                     self.ended = true;

@@ -84,34 +84,35 @@ impl Reporter for InProcess<'_> {
             self.timed_out = true;
             return Err(Stop("timed out".into()));
         }
-        self.session.flush_due().and_then(|()| self.session.commit()).map_err(|h| {
-            self.halted = Some(h.clone());
-            Stop(format!("{h:?}"))
-        })
+        let r = self.session.flush_due().and_then(|()| self.session.commit());
+        self.stop_on(r)
     }
 
     /// An instant run's messages are recorded with the job's end, in its one append (as the
     /// job controller records a worker's last batch of lines).
     fn send_all(&mut self, msgs: Vec<Message>) -> Result<(), Stop> {
         self.check()?;
-        for msg in msgs {
-            if let Err(h) = self.session.handle(msg) {
-                self.halted = Some(h.clone());
-                return Err(Stop(format!("{h:?}")));
-            }
-        }
-        Ok(())
+        let session = &mut self.session;
+        let r = msgs.into_iter().try_for_each(|msg| session.handle(msg));
+        self.stop_on(r)
     }
 
     fn send(&mut self, msg: Message) -> Result<(), Stop> {
         self.check()?;
         // In-process steps report as they go, so each report is recorded at once.
         let r = self.session.handle(msg).and_then(|()| self.session.commit());
-        if let Err(h) = r {
-            self.halted = Some(h.clone());
-            return Err(Stop(format!("{h:?}")));
-        }
-        Ok(())
+        self.stop_on(r)
+    }
+}
+
+impl InProcess<'_> {
+    /// A halt of the session stops the pipeline; the halt is kept for the job's outcome.
+    fn stop_on(&mut self, r: Result<(), Halt>) -> Result<(), Stop> {
+        r.map_err(|h| {
+            let stop = Stop(format!("{h:?}"));
+            self.halted = Some(h);
+            stop
+        })
     }
 }
 
