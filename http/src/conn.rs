@@ -198,10 +198,22 @@ fn serve(stream: TcpStream, shared: &Arc<Shared>) {
         let Ok(reply) = reply_rx.recv() else { return };
         let written = match reply {
             Reply::Stream(opened) => {
-                // A stream never reads again: give its read buffer back (40 MiB at 10,000).
+                // A stream that ends by itself hands the connection back to a keep-alive
+                // client, unless that client already sent more (pipelined bytes would sit in
+                // the read buffer given back below; such a client gets a close instead).
+                let framing = if opened.ends() && keep_alive == Close::No && reader.buffer().is_empty() {
+                    crate::sse::Framing::Chunked
+                } else {
+                    crate::sse::Framing::UntilClose
+                };
+                // A stream does not read while it runs: give its read buffer back (40 MiB at
+                // 10,000 streams), and take a new one if the connection goes on.
                 drop(reader);
-                crate::sse::serve(&stream, opened, shared);
-                return;
+                if !crate::sse::serve(&stream, opened, framing, shared) {
+                    return;
+                }
+                reader = BufReader::with_capacity(READ_BUFFER_BYTES, Deadlined { stream: &stream, deadline: Instant::now() + timeout });
+                continue;
             }
             Reply::Json(status, body) => {
                 let body = serde_json::to_vec(&body).expect("invariant: JSON values serialize");

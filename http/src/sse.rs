@@ -53,36 +53,122 @@ pub(crate) fn open(spec: StreamSpec, shared: &Arc<Shared>) -> Reply {
     }
 }
 
-/// Runs a stream on its connection's thread until the client goes, the stream ends or the
-/// server shuts down.
-pub(crate) fn serve(stream: &TcpStream, opened: Opened, shared: &Arc<Shared>) {
-    shared.streams.fetch_add(1, Ordering::SeqCst);
-    shared.metrics.sse_connections.fetch_add(1, Ordering::Relaxed);
-    run(stream, opened, shared);
-    shared.metrics.sse_connections.fetch_sub(1, Ordering::Relaxed);
-    shared.streams.fetch_sub(1, Ordering::SeqCst);
+/// How a stream's bytes are framed on the connection.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Framing {
+    /// The body runs to the connection's close (HTTP/1.0, `Connection: close`, and streams
+    /// that never end on their own).
+    UntilClose,
+    /// `Transfer-Encoding: chunked`: a stream that ends (a commission's, at its terminal event)
+    /// ends with the last chunk, and the connection serves the client's next request. Why: a
+    /// client following one commission after another otherwise pays a TCP connect, and the
+    /// server a thread, per commission.
+    Chunked,
 }
 
-fn run(stream: &TcpStream, opened: Opened, shared: &Arc<Shared>) {
+impl Opened {
+    /// Whether this stream ends by itself (and so can hand its connection back).
+    pub(crate) fn ends(&self) -> bool {
+        self.end_on_terminal
+    }
+}
+
+/// Runs a stream on its connection's thread until the client goes, the stream ends or the
+/// server shuts down. True when the stream ended at its terminal event with its body complete
+/// (chunked framing): the connection can take another request.
+pub(crate) fn serve(stream: &TcpStream, opened: Opened, framing: Framing, shared: &Arc<Shared>) -> bool {
+    shared.streams.fetch_add(1, Ordering::SeqCst);
+    shared.metrics.sse_connections.fetch_add(1, Ordering::Relaxed);
+    let completed = run(stream, opened, framing, shared);
+    shared.metrics.sse_connections.fetch_sub(1, Ordering::Relaxed);
+    shared.streams.fetch_sub(1, Ordering::SeqCst);
+    completed && framing == Framing::Chunked
+}
+
+/// A stream's pending output: the response head until it is sent, then body bytes, framed
+/// on the way out.
+struct Out {
+    head: Option<String>,
+    body: String,
+    framing: Framing,
+    /// Reused for the framed bytes of a chunked write.
+    wire: Vec<u8>,
+}
+
+impl Out {
+    /// Writes the head (if not yet sent) and the pending body in one write; `last` ends a
+    /// chunked body in the same write, so the client sees the terminal event and the end
+    /// of the response together.
+    fn write(&mut self, w: &mut &TcpStream, last: bool) -> std::io::Result<()> {
+        let chunked = self.framing == Framing::Chunked;
+        if !chunked && self.head.is_none() {
+            w.write_all(self.body.as_bytes())?;
+        } else {
+            self.wire.clear();
+            if let Some(head) = self.head.take() {
+                self.wire.extend_from_slice(head.as_bytes());
+            }
+            if !chunked {
+                self.wire.extend_from_slice(self.body.as_bytes());
+            } else {
+                if !self.body.is_empty() {
+                    self.wire.extend_from_slice(format!("{:x}\r\n", self.body.len()).as_bytes());
+                    self.wire.extend_from_slice(self.body.as_bytes());
+                    self.wire.extend_from_slice(b"\r\n");
+                }
+                if last {
+                    self.wire.extend_from_slice(b"0\r\n\r\n");
+                }
+            }
+            w.write_all(&self.wire)?;
+            if self.wire.capacity() > SSE_IDLE_BUFFER_BYTES_MAX {
+                self.wire = Vec::new();
+            }
+        }
+        self.body.clear();
+        // A long history's buffer is not kept by an idle stream (10,000 may be open).
+        if self.body.capacity() > SSE_IDLE_BUFFER_BYTES_MAX {
+            self.body = String::new();
+        }
+        Ok(())
+    }
+
+    fn pending(&self) -> bool {
+        self.head.is_some() || !self.body.is_empty()
+    }
+}
+
+/// True when the stream ended at its terminal event and every byte of it was written.
+fn run(stream: &TcpStream, opened: Opened, framing: Framing, shared: &Arc<Shared>) -> bool {
     let Opened { mut sub, end_on_terminal } = opened;
     let mut w = stream;
+    let length = match framing {
+        Framing::UntilClose => "Connection: close",
+        Framing::Chunked => "Transfer-Encoding: chunked",
+    };
     // The head goes out with the first events when history is read first (one write, one
     // wake-up for the client), on its own otherwise, so a client waiting for the future
-    // still sees the stream open at once.
-    let mut out = format!(
-        "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\nConnection: close\r\nX-Accel-Buffering: no\r\n\r\nretry: {RETRY_HINT_MS}\n\n"
-    );
+    // still sees the stream open at once. The `retry:` field takes effect as its line is
+    // read; it needs no blank line of its own (one line fewer for every client to parse).
+    let mut out = Out {
+        head: Some(format!(
+            "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n{length}\r\nX-Accel-Buffering: no\r\n\r\n"
+        )),
+        body: format!("retry: {RETRY_HINT_MS}\n"),
+        framing,
+        wire: Vec::new(),
+    };
     let heartbeat = Duration::from_millis(shared.config.heartbeat_ms.max(1));
     let mut last_write = Instant::now();
     loop {
         if shared.shutting_down.load(Ordering::SeqCst) {
-            return;
+            return false;
         }
         // History is read on the handler pool, never on this thread (see `on_pool`).
         if sub.wants_history() {
             match on_pool(shared, sub) {
                 Some(moved) => sub = moved,
-                None => return,
+                None => return false,
             }
             continue;
         }
@@ -90,51 +176,46 @@ fn run(stream: &TcpStream, opened: Opened, shared: &Arc<Shared>) {
         // append, and one write instead of one per event spares the client (and loopback)
         // a wake-up per event.
         let mut ended = false;
-        while out.len() < SSE_WRITE_BYTES_TARGET {
+        while out.body.len() < SSE_WRITE_BYTES_TARGET {
             let Some(d) = sub.try_next() else { break };
-            ended = add(&mut out, &d, end_on_terminal, shared);
+            ended = add(&mut out.body, &d, end_on_terminal, shared);
             if ended {
                 break;
             }
         }
-        if !out.is_empty() {
-            if w.write_all(out.as_bytes()).is_err() {
-                return;
-            }
-            out.clear();
-            // A long history's buffer is not kept by an idle stream (10,000 may be open).
-            if out.capacity() > SSE_IDLE_BUFFER_BYTES_MAX {
-                out = String::new();
+        if out.pending() || ended {
+            if out.write(&mut w, ended).is_err() {
+                return false;
             }
             last_write = Instant::now();
         }
         if ended {
-            return;
+            return true;
         }
         match sub.next_timeout(heartbeat.min(SHUTDOWN_POLL)) {
             // Written at the top of the loop, with whatever else is ready by then.
             Ok(Some(d)) => {
-                if add(&mut out, &d, end_on_terminal, shared) {
-                    let _ = w.write_all(out.as_bytes());
-                    return;
+                if add(&mut out.body, &d, end_on_terminal, shared) {
+                    return out.write(&mut w, true).is_ok();
                 }
             }
             Ok(None) => {
                 if last_write.elapsed() >= heartbeat {
-                    if w.write_all(b": heartbeat\n\n").is_err() {
-                        return;
+                    out.body.push_str(": heartbeat\n\n");
+                    if out.write(&mut w, false).is_err() {
+                        return false;
                     }
                     last_write = Instant::now();
                 }
             }
             Err(SubscriptionEnd::Overflow { last_seq }) => {
                 tracing::info!(last_seq, "dropped a slow stream; the client can resume");
-                return;
+                return false;
             }
-            Err(SubscriptionEnd::Closed) => return,
+            Err(SubscriptionEnd::Closed) => return false,
             Err(SubscriptionEnd::Failed(e)) => {
                 tracing::error!(error = %e, "a stream failed reading the log");
-                return;
+                return false;
             }
         }
     }

@@ -47,6 +47,49 @@ fn stream_format_and_terminal_end_and_204() {
     assert_eq!(q.status, 204, "?last_event_id= and ?access_token= work too");
 }
 
+/// A keep-alive client (a browser, aiohttp) gets a commission's stream chunked: the terminal
+/// event and the end of the body arrive together, and the same connection then serves the
+/// next request. Without this, every commission followed costs a new connection.
+#[test]
+fn a_keep_alive_client_gets_a_chunked_stream_and_keeps_its_connection() {
+    use std::io::{Read, Write};
+    let dir = TempDir::new("sse-keep-alive");
+    let s = Server::start(exe(), &dir.0, &[]);
+    let alice = token("alice", false);
+    let id = s.create(&alice, queued())["task_id"].as_u64().unwrap();
+    let mut conn = std::net::TcpStream::connect(s.addr).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(conn, "GET /api/progress/{id}/stream HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {alice}\r\n\r\n").unwrap();
+    // Reads until `done` holds for what has arrived (or the read times out).
+    let read_until = |mut conn: &std::net::TcpStream, raw: &mut Vec<u8>, done: &dyn Fn(&[u8]) -> bool| {
+        let mut buf = [0u8; 4096];
+        while !done(raw) {
+            match conn.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => raw.extend_from_slice(&buf[..n]),
+            }
+        }
+    };
+    let mut raw = Vec::new();
+    read_until(&conn, &mut raw, &|b| String::from_utf8_lossy(b).contains("event: created"));
+    s.post(&format!("/api/commissions/{id}/cancel"), Some(&alice), &json!({}));
+    read_until(&conn, &mut raw, &|b| b.ends_with(b"\r\n0\r\n\r\n"));
+    let text = String::from_utf8_lossy(&raw).to_string();
+    let (head, body) = text.split_once("\r\n\r\n").expect("a head");
+    assert!(head.contains("Transfer-Encoding: chunked") && !head.contains("Connection: close"), "{head}");
+    assert!(text.ends_with("\r\n0\r\n\r\n"), "the body ends with the last chunk: {text}");
+    let events = String::from_utf8(atelier_http::client::dechunk(body.as_bytes())).unwrap();
+    assert!(events.starts_with("retry: 2000\nid: "), "{events}");
+    let kinds: Vec<&str> = events.lines().filter_map(|l| l.strip_prefix("event: ")).collect();
+    assert_eq!(kinds, vec!["created", "cancel_requested", "cancelled"]);
+    // The same connection answers the next request.
+    write!(conn, "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut next = Vec::new();
+    read_until(&conn, &mut next, &|b| b.windows(4).any(|w| w == b"\r\n\r\n"));
+    assert!(String::from_utf8_lossy(&next).starts_with("HTTP/1.1 200"), "{}", String::from_utf8_lossy(&next));
+    // A client that asks to close gets a body that runs to the close (the other tests).
+}
+
 /// Reads a user's stream in two halves around a disconnect (and a server restart) and
 /// checks the ids against the log: strictly increasing, nothing missing, nothing twice.
 #[test]

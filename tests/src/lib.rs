@@ -259,7 +259,9 @@ impl Sse {
     pub fn open(addr: SocketAddr, path: &str, token: &str, last_event_id: Option<u64>) -> Sse {
         let mut s = TcpStream::connect(addr).expect("connect");
         s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-        let mut head = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nAccept: text/event-stream\r\nAuthorization: Bearer {token}\r\n");
+        // `Connection: close`: the stream's body runs to the close, so `next` sees its end as
+        // EOF (a keep-alive client gets a chunked body; `tests/e2e/sse.rs` covers that).
+        let mut head = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nAccept: text/event-stream\r\nAuthorization: Bearer {token}\r\n");
         if let Some(id) = last_event_id {
             head.push_str(&format!("Last-Event-ID: {id}\r\n"));
         }

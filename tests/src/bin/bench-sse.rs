@@ -273,7 +273,8 @@ async fn open_sse(addr: SocketAddr, path: &str, tok: &str, last_event_id: Option
     let s = TcpStream::connect(addr).await?;
     s.set_nodelay(true)?;
     let mut io = BufReader::with_capacity(STREAM_BUFFER_BYTES, s);
-    let mut req = format!("GET {path} HTTP/1.1\r\nHost: bench\r\nAccept: text/event-stream\r\nAuthorization: Bearer {tok}\r\n");
+    // Read as lines to the close: ask for a body that runs to the close, not a chunked one.
+    let mut req = format!("GET {path} HTTP/1.1\r\nHost: bench\r\nConnection: close\r\nAccept: text/event-stream\r\nAuthorization: Bearer {tok}\r\n");
     if let Some(id) = last_event_id {
         req.push_str(&format!("Last-Event-ID: {id}\r\n"));
     }
