@@ -91,7 +91,7 @@ struct Out {
     head: Option<String>,
     body: String,
     framing: Framing,
-    /// Reused for the framed bytes of a chunked write.
+    /// The bytes of one write (head, framed body), reused.
     wire: Vec<u8>,
 }
 
@@ -100,17 +100,14 @@ impl Out {
     /// chunked body in the same write, so the client sees the terminal event and the end
     /// of the response together.
     fn write(&mut self, w: &mut &TcpStream, last: bool) -> std::io::Result<()> {
-        let chunked = self.framing == Framing::Chunked;
-        if !chunked && self.head.is_none() {
-            w.write_all(self.body.as_bytes())?;
-        } else {
-            self.wire.clear();
-            if let Some(head) = self.head.take() {
-                self.wire.extend_from_slice(head.as_bytes());
-            }
-            if !chunked {
-                self.wire.extend_from_slice(self.body.as_bytes());
-            } else {
+        self.wire.clear();
+        if let Some(head) = self.head.take() {
+            self.wire.extend_from_slice(head.as_bytes());
+        }
+        match self.framing {
+            Framing::UntilClose => self.wire.extend_from_slice(self.body.as_bytes()),
+            Framing::Chunked => {
+                // A zero-size chunk would end the body; an empty write sends none.
                 if !self.body.is_empty() {
                     self.wire.extend_from_slice(format!("{:x}\r\n", self.body.len()).as_bytes());
                     self.wire.extend_from_slice(self.body.as_bytes());
@@ -120,15 +117,15 @@ impl Out {
                     self.wire.extend_from_slice(b"0\r\n\r\n");
                 }
             }
-            w.write_all(&self.wire)?;
-            if self.wire.capacity() > SSE_IDLE_BUFFER_BYTES_MAX {
-                self.wire = Vec::new();
-            }
         }
+        w.write_all(&self.wire)?;
         self.body.clear();
-        // A long history's buffer is not kept by an idle stream (10,000 may be open).
+        // A long history's buffers are not kept by an idle stream (10,000 may be open).
         if self.body.capacity() > SSE_IDLE_BUFFER_BYTES_MAX {
             self.body = String::new();
+        }
+        if self.wire.capacity() > SSE_IDLE_BUFFER_BYTES_MAX {
+            self.wire = Vec::new();
         }
         Ok(())
     }
