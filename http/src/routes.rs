@@ -56,6 +56,16 @@ pub const ROUTES: &[Route] = &[
     r("GET", "/artifacts/{file}", "artifact", Access::Public, "Content-addressed artifacts (PNG)"),
 ];
 
+/// Whether a job's logs are past the keep time, so the job-dir sweep has removed them.
+/// Decided by time, not by the dir: a job that never wrote anything never had a dir (it is
+/// made on first use), and its logs are empty, not gone.
+fn logs_swept(completed_at: Option<time::Millis>, keep_ms: Option<u64>, now: time::Millis) -> bool {
+    match (completed_at, keep_ms) {
+        (Some(ended), Some(keep)) => ended.saturating_add(i64::try_from(keep).unwrap_or(i64::MAX)) <= now,
+        _ => false,
+    }
+}
+
 /// Matches a path against a pattern, returning its `{...}` parameters.
 fn matches<'a>(pattern: &str, path: &'a str) -> Option<Vec<&'a str>> {
     let mut params = Vec::new();
@@ -262,8 +272,7 @@ fn handle(route: &Route, params: &[&str], who: Option<&Identity>, req: &Req, sha
                     return Ok(error(404, "not_found", "no executor keeps logs here"));
                 };
                 let (out, err) = ex.job_log_paths(id);
-                if job.status.is_finished() && out.parent().is_some_and(|d| !d.exists()) {
-                    // The job-dir sweep removed them (ATELIER_JOB_DIRS_KEEP_DAYS after the end).
+                if logs_swept(job.completed_at, ex.job_dirs_keep_ms(), now_ms()) {
                     return Ok(error(410, "gone", format!("no logs are kept for job {id}: its working dir is gone (a finished job's dir is removed ATELIER_JOB_DIRS_KEEP_DAYS after it ended)")));
                 }
                 let read = |p: &std::path::Path| std::fs::read(p).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default();
@@ -528,6 +537,17 @@ pub fn openapi() -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_jobs_logs_are_gone_only_past_the_keep_time() {
+        let day: u64 = 86_400_000;
+        let later = |ms: u64| 1_000 + i64::try_from(ms).unwrap();
+        assert!(!logs_swept(None, Some(day), i64::MAX), "a running job's logs are never gone");
+        assert!(!logs_swept(Some(1_000), None, i64::MAX), "keep for good");
+        assert!(!logs_swept(Some(1_000), Some(day), later(day) - 1));
+        assert!(logs_swept(Some(1_000), Some(day), later(day)));
+        assert!(!logs_swept(Some(1_000), Some(u64::MAX), i64::MAX - 1), "no overflow");
+    }
 
     #[test]
     fn router_prefers_literal_segments_and_reports_allowed_methods() {

@@ -100,11 +100,19 @@ fn job_records_and_logs_over_http() {
     assert_eq!(logs.status, 200);
     assert!(logs.json().get("stderr").is_some());
     assert_eq!(s.get(&format!("/api/jobs/{jid}/status"), Some(&token("bob", false))).status, 404);
-    // Once the job-dir sweep has removed a finished job's dir, its logs say so.
-    std::fs::remove_dir_all(dir.0.join("jobs").join(jid.to_string())).unwrap();
-    let gone = s.get(&format!("/api/jobs/{jid}/logs"), Some(&alice));
-    assert_eq!(gone.status, 410);
-    assert_eq!(gone.json()["error"]["code"], "gone");
+    assert!(dir.0.join("jobs").join(jid.to_string()).join("image.png").is_file(), "the rendered image is in the job's dir");
+    // A job that puts nothing in its dir never gets one, and its logs are empty, not gone
+    // (410 is for a dir the sweep removed: `routes::logs_swept`).
+    let quiet = s.create(&alice, json!({"context": {}, "pipeline": "noop"}))["task_id"].as_u64().unwrap();
+    let qjob = wait_for(Duration::from_secs(20), || {
+        let jobs = s.get(&format!("/api/commissions/{quiet}/jobs"), Some(&alice)).json();
+        let j = jobs["items"].as_array()?.first()?.clone();
+        (j["status"] == "succeeded").then(|| j["job_id"].as_u64().unwrap())
+    })
+    .expect("the noop job succeeds");
+    assert!(!dir.0.join("jobs").join(qjob.to_string()).exists(), "no dir for a job that wrote nothing");
+    let logs = s.get(&format!("/api/jobs/{qjob}/logs"), Some(&alice));
+    assert_eq!((logs.status, logs.json()["stdout"].as_str(), logs.json()["stderr"].as_str()), (200, Some(""), Some("")));
     // The product image is served, content-addressed.
     let snap = s.get(&format!("/api/commissions/{id}"), Some(&alice)).json();
     let url = snap["result"]["product"]["image_url"].as_str().unwrap().to_string();

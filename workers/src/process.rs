@@ -181,6 +181,10 @@ impl LogSink {
             return;
         }
         if self.file.is_none() {
+            // The job's directory too: it is made when something first goes in it.
+            if let Some(dir) = self.path.parent() {
+                let _ = std::fs::create_dir_all(dir);
+            }
             self.file = File::create(&self.path).ok();
             self.failed = self.file.is_none();
         }

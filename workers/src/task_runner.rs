@@ -11,7 +11,7 @@ use atelier_engine::{Command, Commission, Executor, JobStatus};
 use atelier_storage::execute;
 use crossbeam_channel::Sender;
 
-use crate::controller::{prepare_job_dir, Shared, artifacts_dir};
+use crate::controller::{job_input, Shared, artifacts_dir};
 use crate::pipeline::{self, Reporter, RunEnv, Stop};
 use crate::process::{JobSignal, Request};
 use crate::protocol::Message;
@@ -130,7 +130,7 @@ fn thread_cpu_ms() -> u64 {
 fn run_task(shared: &Shared, c: Commission, signal: &JobSignal) {
     let executor = Executor::TaskRunner;
     let Some((job_id, p)) = shared.begin_job(&c, executor) else { return };
-    let (dir, input) = match prepare_job_dir(shared, &c, job_id) {
+    let (dir, input) = match job_input(shared, &c, job_id) {
         Ok(v) => v,
         Err(e) => {
             shared.fail_unstarted(&c, job_id, executor, format!("could not prepare the job: {e}"), true);

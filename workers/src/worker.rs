@@ -33,6 +33,9 @@ pub struct WorkerArgs {
     pub input: PathBuf,
     pub pipeline_file: PathBuf,
     pub artifacts_dir: PathBuf,
+    /// The job's own directory, created when something is put in it (`RunEnv::job_dir`);
+    /// the working directory when not given.
+    pub job_dir: Option<PathBuf>,
     pub tick_ms: u64,
     pub behave: Option<String>,
 }
@@ -49,6 +52,10 @@ impl WorkerArgs {
             "--tick-ms".into(),
             self.tick_ms.to_string(),
         ];
+        if let Some(d) = &self.job_dir {
+            v.push("--job-dir".into());
+            v.push(d.display().to_string());
+        }
         if let Some(b) = &self.behave {
             v.push("--behave".into());
             v.push(b.clone());
@@ -65,6 +72,7 @@ impl WorkerArgs {
             input: PathBuf::new(),
             pipeline_file: PathBuf::new(),
             artifacts_dir: PathBuf::new(),
+            job_dir: None,
             tick_ms: 250,
             behave: None,
         };
@@ -75,6 +83,7 @@ impl WorkerArgs {
                 "--input" => w.input = value.into(),
                 "--pipeline-file" => w.pipeline_file = value.into(),
                 "--artifacts-dir" => w.artifacts_dir = value.into(),
+                "--job-dir" => w.job_dir = Some(value.into()),
                 "--tick-ms" => w.tick_ms = value.parse().map_err(|e| format!("--tick-ms {value}: {e}"))?,
                 "--behave" => w.behave = Some(value.clone()),
                 other => return Err(format!("unknown option {other}")),
@@ -153,7 +162,7 @@ pub fn worker_main(args: &[String]) -> i32 {
         }
     };
     let env = RunEnv {
-        job_dir: std::env::current_dir().unwrap_or_else(|_| PathBuf::from(".")),
+        job_dir: args.job_dir.clone().unwrap_or_else(|| std::env::current_dir().unwrap_or_else(|_| PathBuf::from("."))),
         artifacts_dir: args.artifacts_dir.clone(),
         tick: Duration::from_millis(args.tick_ms.max(10)),
     };

@@ -225,7 +225,8 @@ fn builtin_pipelines_complete_and_the_task_runner_agrees() {
         // The built-in worker prints nothing, and logs are created at their first byte.
         let (out, err) = atelier_workers::job_log_paths(&h.data_dir(), j.job_id);
         assert!(!out.exists() && !err.exists(), "no empty log files");
-        assert!(out.parent().is_some_and(Path::is_dir), "the job ran in its own dir");
+        // A job's dir is made when something goes in it: the rendered image, not a noop.
+        assert_eq!(out.parent().is_some_and(Path::is_dir), id == comm, "job dir of commission {id}");
     }
 
     // The same commission on the task runner gives the same result, byte for byte.
@@ -655,7 +656,8 @@ fn server_crash_kills_workers_and_restart_recovers() {
 fn finished_jobs_dirs_are_swept_after_the_keep_time() {
     let mut h = Harness::new("janitor");
     h.start(config("", &[]));
-    let done = h.create("noop", serde_json::json!({}), 1);
+    // A job that puts something in its dir (the rendered image): a noop job has none.
+    let done = h.create("commission", serde_json::json!({"title": "t"}), 1);
     h.wait_until(done, Duration::from_secs(20), "completed", |c| c.state == State::Completed);
     let job = h.jobs(done)[0].clone();
     h.controller().shutdown();
