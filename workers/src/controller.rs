@@ -628,7 +628,7 @@ fn worker_env(shared: &Shared, p: &PipelineConfig, c: &Commission, job_id: u64, 
     env
 }
 
-/// The job's dir (not created here: see `RunEnv::job_dir`) and what the job runs on. The
+/// The job's dir (not created here: see `RunEnv::make_job_dir`) and what the job runs on. The
 /// input is not written to a file: workers get it on stdin (see `input_memfd`); on this VM's
 /// disk every file or directory created costs an inode allocation, ~0.2 ms of CPU.
 pub(crate) fn job_input(shared: &Shared, c: &Commission, job_id: u64) -> Result<(PathBuf, JobInput), String> {
@@ -774,7 +774,7 @@ fn spawn_worker(
     let stdin = input_memfd(input)?;
     // A worker program of the pipeline's own runs in its job's dir, made now. The built-in
     // worker is told where its dir is and makes it only if it puts something there
-    // (`RunEnv::job_dir`); it runs in the jobs dir meanwhile.
+    // (`RunEnv::make_job_dir`); it runs in the jobs dir meanwhile.
     let (worker_argv, cwd) = match &p.command {
         Some(cmd) => {
             std::fs::create_dir_all(dir)?;

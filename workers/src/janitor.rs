@@ -1,8 +1,9 @@
 //! Removes the working directories of jobs that finished long ago.
 //!
 //! A job that puts something in its dir has `data_dir/jobs/{job_id}/` (its captured stdout
-//! and stderr, and whatever the worker leaves there; see `RunEnv::job_dir`). Without a sweep an edge box running thousands of jobs a day fills its
-//! disk, and its inode table, with them. A directory goes once its job finished more than
+//! and stderr, and whatever the worker leaves there; see `RunEnv::make_job_dir`). Without a
+//! sweep an edge box running thousands of jobs a day fills its disk, and its inode table,
+//! with them. A directory goes once its job finished more than
 //! `job_dirs_keep_days` ago, or once its job record is gone (retention pruned the commission)
 //! and the directory has not changed for [`ORPHAN_DIR_GRACE`].
 

@@ -42,7 +42,7 @@ pub struct JobInput {
 /// Where a running pipeline keeps files.
 #[derive(Clone, Debug)]
 pub struct RunEnv {
-    /// The job's own directory; it may not exist yet (see [`RunEnv::job_dir`]).
+    /// The job's own directory; it may not exist yet (see [`RunEnv::make_job_dir`]).
     pub job_dir: PathBuf,
     pub artifacts_dir: PathBuf,
     /// How often to show signs of life while waiting (heartbeats; cancel checks in-process).
@@ -50,11 +50,11 @@ pub struct RunEnv {
 }
 
 impl RunEnv {
-    /// The job's directory, created if it is not there yet. A job's directory is made when
+    /// The job's directory, made if it is not there yet. A job's directory is made when
     /// something goes in it (a rendered image, a stage command's working directory, a log):
     /// on this machine's ext4 a `mkdir` costs ~0.2 ms of CPU, a twentieth of a short job's
     /// whole cost, and most `noop` jobs never put anything there.
-    pub fn job_dir(&self) -> Result<&Path, String> {
+    pub fn make_job_dir(&self) -> Result<&Path, String> {
         std::fs::create_dir_all(&self.job_dir).map_err(|e| format!("cannot create {}: {e}", self.job_dir.display()))?;
         Ok(&self.job_dir)
     }
@@ -252,7 +252,7 @@ fn run_builtin(
                 }
             })?;
             let png = crate::png::encode_rgb(side, side, &rgb);
-            let path = env.job_dir().map_err(|e| fail(e, true))?.join("image.png");
+            let path = env.make_job_dir().map_err(|e| fail(e, true))?.join("image.png");
             write_atomic(&path, &png).map_err(|e| fail(format!("cannot write {}: {e}", path.display()), true))?;
             state.insert("image_path".into(), Value::String(path.display().to_string()));
         }
@@ -432,7 +432,7 @@ fn run_command(
         "context": input.context,
         "state": state,
     });
-    let job_dir = env.job_dir().map_err(|e| fail(e, true))?;
+    let job_dir = env.make_job_dir().map_err(|e| fail(e, true))?;
     // Known to the sweep until this function returns (it has reaped the command by then, or
     // gave up on it, and then the sweep ends it): see `contain`.
     let (mut child, _known) = crate::contain::spawn(

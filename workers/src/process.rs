@@ -547,7 +547,7 @@ fn read_some(fd: &OwnedFd, max: usize) -> (Vec<u8>, bool) {
     // SAFETY: ManuallyDrop keeps the File from closing the descriptor, which `fd` owns.
     let f = std::mem::ManuallyDrop::new(unsafe { File::from_raw_fd(fd.as_raw_fd()) });
     // `read_to_end` retries EINTR and keeps what it read before EAGAIN (nothing more yet).
-    match (&*f).take(max as u64).read_to_end(&mut out) {
+    match (&*f).take(u64::try_from(max).unwrap_or(u64::MAX)).read_to_end(&mut out) {
         // Short of the limit: the read that ended it returned 0, the writer is gone.
         Ok(_) => {
             let eof = out.len() < max;

@@ -33,7 +33,7 @@ pub struct WorkerArgs {
     pub input: PathBuf,
     pub pipeline_file: PathBuf,
     pub artifacts_dir: PathBuf,
-    /// The job's own directory, created when something is put in it (`RunEnv::job_dir`);
+    /// The job's own directory, created when something is put in it (`RunEnv::make_job_dir`);
     /// the working directory when not given.
     pub job_dir: Option<PathBuf>,
     pub tick_ms: u64,
