@@ -9,6 +9,8 @@
 
 mod commission;
 mod event;
+#[doc(hidden)]
+pub mod fixtures;
 mod job;
 pub mod limits;
 mod machine;

@@ -72,9 +72,15 @@ pub fn event_data(env: &Envelope, view: &ViewAfter) -> Value {
             }
         }
     }
+    // Times are RFC 3339 strings everywhere in the API, as in snapshots and `at` (the log
+    // keeps them as epoch milliseconds).
     match &env.event {
-        Event::Created { context, .. } => {
+        Event::Created { context, scheduled_for, .. } => {
             m.insert("context".into(), parse_or_string(context));
+            m.insert("scheduled_for".into(), json!(scheduled_for.map(format_rfc3339_ms)));
+        }
+        Event::AttemptFailed { next_retry_at, .. } => {
+            m.insert("next_retry_at".into(), json!(format_rfc3339_ms(*next_retry_at)));
         }
         Event::Completed { result } => {
             m.insert("result".into(), parse_or_string(result));
@@ -110,4 +116,30 @@ pub fn push_sse_message(out: &mut String, env: &Envelope, view: &ViewAfter) {
 
 pub fn error(code: &str, message: &str) -> Value {
     json!({"error": {"code": code, "message": message}})
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use atelier_engine::{Stage, State};
+
+    /// Every SSE message body, one event of every kind: what browsers and scripts parse.
+    #[test]
+    fn sse_message_of_every_event_kind() {
+        let view = ViewAfter {
+            user_id: std::sync::Arc::from("alice"),
+            state: State::CreatingImages,
+            stage: Some(Stage::CreatingImages),
+            progress_percent: 25,
+            stage_progress_percent: Some(40),
+            message: Some("rendering".into()),
+        };
+        let mut out = String::new();
+        for (i, event) in atelier_engine::fixtures::one_of_each().into_iter().enumerate() {
+            let n = u64::try_from(i).expect("a few events") + 1;
+            let env = Envelope { seq: 100 + n, commission_id: 7, version: n, at: 1_795_964_430_123, event };
+            push_sse_message(&mut out, &env, &view);
+        }
+        insta::assert_snapshot!(out);
+    }
 }

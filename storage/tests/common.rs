@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use atelier_engine::{Command, Ctx, Event, Executor, JobEnd, JobStatus, NewCommission, RetryPolicy, Stage};
+use atelier_engine::{Command, Ctx, Executor, NewCommission, RetryPolicy, Stage};
 
 pub struct TempDir(pub PathBuf);
 
@@ -56,29 +56,5 @@ pub fn full_run(job_id: u64) -> Vec<Command> {
     cmds
 }
 
-/// One event of every kind, in `EventKind::ALL` order, with fixed field values.
-pub fn one_of_each() -> Vec<Event> {
-    vec![
-        Event::Created {
-            user_id: "alice".into(),
-            pipeline: "commission".into(),
-            priority: 5,
-            scheduled_for: Some(1_795_964_430_123),
-            context: r#"{"title":"Hello"}"#.into(),
-            idempotency_key: Some("k-1".into()),
-            max_attempts: 3,
-        },
-        Event::JobStarted { attempt: 1, job_id: 42, executor: Executor::JobController, job_name: "commission".into(), pid: Some(4242) },
-        Event::StageEntered { stage: Stage::GeneratingIdeas },
-        Event::Progress { stage: Stage::GeneratingIdeas, percent: 50, message: Some("half way".into()) },
-        Event::Artifact { stage: Stage::CreatingImages, kind: "image".into(), uri: "/artifacts/ab.png".into() },
-        Event::AttemptFailed { attempt: 1, error: "boom".into(), retryable: true, next_retry_at: 1_795_964_432_123 },
-        Event::RetryDue,
-        Event::Completed { result: r#"{"ok":true}"#.into() },
-        Event::Failed { attempt: 3, error: "gave up".into(), retryable: false },
-        Event::CancelRequested,
-        Event::Cancelled,
-        Event::RetryRequested,
-        Event::JobFinished(JobEnd { job_id: 42, status: JobStatus::Succeeded, exit_code: Some(0), signal: None, error: None, max_rss_bytes: 1 << 20, cpu_ms: 17 }),
-    ]
-}
+#[allow(unused_imports)] // not every test binary that includes this module uses it
+pub use atelier_engine::fixtures::one_of_each;
