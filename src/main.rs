@@ -598,20 +598,18 @@ fn watch(args: &[String]) -> Result<ExitCode, CliError> {
     let mut announced = false;
     while !matches!(state.as_str(), "completed" | "failed" | "cancelled") {
         match c.stream(&format!("/api/progress/{id}/stream"), last) {
-            Ok(Some(mut stream)) => loop {
-                match stream.next() {
-                    Ok(Some(e)) => {
-                        reconnects = 0;
-                        announced = false;
-                        if e.id.is_some() {
-                            last = e.id;
-                        }
-                        state = e.data["state"].as_str().unwrap_or("").to_string();
-                        bars.apply(&e);
+            Ok(Some(mut stream)) => {
+                // Until the stream ends or breaks (then resume after `last`).
+                while let Ok(Some(e)) = stream.next() {
+                    reconnects = 0;
+                    announced = false;
+                    if e.id.is_some() {
+                        last = e.id;
                     }
-                    Ok(None) | Err(_) => break,
+                    state = e.data["state"].as_str().unwrap_or("").to_string();
+                    bars.apply(&e);
                 }
-            },
+            }
             Ok(None) => {
                 // 204: finished, nothing newer than what we saw.
                 let (_, snap) = c.json("GET", &format!("/api/commissions/{id}"), None)?;

@@ -104,6 +104,6 @@ impl Commission {
 
     /// Runnable now by an executor: queued and not scheduled for later.
     pub fn is_runnable(&self, now: Millis) -> bool {
-        self.state == State::Created && self.scheduled_for.map_or(true, |t| t <= now)
+        self.state == State::Created && self.scheduled_for.is_none_or(|t| t <= now)
     }
 }

@@ -264,10 +264,8 @@ pub fn transition(state: Option<&Commission>, event: &Event) -> Result<State, Re
                 return Err(Rejection::TooManyArtifacts);
             }
         }
-        Event::JobFinished(end) => {
-            if c.active_job != Some(end.job_id) {
-                return Err(Rejection::StaleJob { active: c.active_job, got: end.job_id });
-            }
+        Event::JobFinished(end) if c.active_job != Some(end.job_id) => {
+            return Err(Rejection::StaleJob { active: c.active_job, got: end.job_id });
         }
         _ => {}
     }

@@ -173,6 +173,8 @@ pub struct EventStream {
 
 impl EventStream {
     /// The next event; `Ok(None)` when the server ends the stream.
+    // Not an `Iterator`: the stream is fallible and ends with `Ok(None)`.
+    #[allow(clippy::should_implement_trait)]
     pub fn next(&mut self) -> Result<Option<StreamEvent>, ClientError> {
         let (mut id, mut event, mut data) = (None, String::new(), String::new());
         let mut line = String::new();

@@ -209,7 +209,7 @@ fn serve(stream: TcpStream, shared: &Arc<Shared>) {
                 // A stream does not read while it runs: give its read buffer back (40 MiB at
                 // 10,000 streams), and take a new one if the connection goes on.
                 drop(reader);
-                if !crate::sse::serve(&stream, opened, framing, shared) {
+                if !crate::sse::serve(&stream, *opened, framing, shared) {
                     return;
                 }
                 reader = BufReader::with_capacity(READ_BUFFER_BYTES, Deadlined { stream: &stream, deadline: Instant::now() + timeout });

@@ -235,7 +235,8 @@ pub(crate) enum Reply {
     Bytes(u16, &'static str, Vec<u8>, Vec<(&'static str, String)>),
     Empty(u16),
     /// A stream, subscribed and with its first history read: the connection's thread runs it.
-    Stream(sse::Opened),
+    /// Boxed: a subscription is large, and replies travel by value (and as `Err` in routes).
+    Stream(Box<sse::Opened>),
 }
 
 pub(crate) fn error(status: u16, code: &str, message: impl AsRef<str>) -> Reply {

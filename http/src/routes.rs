@@ -206,7 +206,7 @@ fn handle(route: &Route, params: &[&str], who: Option<&Identity>, req: &Req, sha
     Ok(match route.name {
         "healthz" => Reply::Json(200, json!({"status": "ok"})),
         "readyz" => {
-            let controller = shared.executors.as_ref().map_or(false, |e| e.is_running());
+            let controller = shared.executors.as_ref().is_some_and(|e| e.is_running());
             let body = json!({"store": "open", "executors": controller, "head_seq": shared.store.head_seq()});
             Reply::Json(if controller { 200 } else { 503 }, body)
         }
@@ -492,7 +492,7 @@ pub(crate) fn fuzz_inputs(req: &Req) {
     let _ = last_event_id(req);
     let _ = json_body(req);
     let _ = token_of(req, true);
-    if let Some((_, params)) = find(&req.method, &req.path).ok() {
+    if let Ok((_, params)) = find(&req.method, &req.path) {
         for p in params {
             let _ = parse_id(p, "id");
             let _ = crate::percent_decode(p);

@@ -44,7 +44,7 @@ pub(crate) fn open(spec: StreamSpec, shared: &Arc<Shared>) -> Reply {
         Err(e) => return crate::error(500, "storage", e.to_string()),
     };
     match sub.read_history() {
-        Ok(()) => Reply::Stream(Opened { sub, end_on_terminal: spec.end_on_terminal }),
+        Ok(()) => Reply::Stream(Box::new(Opened { sub, end_on_terminal: spec.end_on_terminal })),
         Err(SubscriptionEnd::Failed(e)) => {
             tracing::error!(error = %e, "a stream failed reading the log");
             crate::error(500, "storage", e.to_string())

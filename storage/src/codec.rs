@@ -170,6 +170,8 @@ pub fn frame_block(records: &[Vec<u8>]) -> Vec<u8> {
 pub fn split_block(value: &[u8]) -> Result<Vec<std::ops::Range<usize>>, CodecError> {
     match value.first() {
         None => Err(CodecError::Empty),
+        // One range: the whole value is one record (a list, like a block's).
+        #[allow(clippy::single_range_in_vec_init)]
         Some(&FORMAT_VERSION) => Ok(vec![0..value.len()]),
         Some(&BLOCK_VERSION) => {
             let count = value.get(1..BLOCK_HEADER_BYTES).ok_or(CodecError::Truncated)?;

@@ -211,6 +211,9 @@ enum Request {
     FlushProjections(ReplyTx<()>),
 }
 
+// A staged result lives on the writer's stack for one commit; boxing the large variant would
+// cost an allocation per append.
+#[allow(clippy::large_enum_variant)]
 enum Staging {
     Append(Result<AppendOutcome, StorageError>),
     Unit(Result<(), StorageError>),
@@ -1212,7 +1215,7 @@ impl EventStore for SledStore {
             last_id = Some(id);
             scanned += 1;
             if let Some(c) = self.inner.get_commission(id)? {
-                if q.state.map_or(true, |s| s == c.state) {
+                if q.state.is_none_or(|s| s == c.state) {
                     items.push(c);
                 }
             }

@@ -285,6 +285,9 @@ impl Sse {
     }
 
     /// The next event; `None` when the stream ends (or times out). Comments are skipped.
+    // Like `EventStream::next`: reads the socket, so not an `Iterator` (tests call it with
+    // a timeout set and treat `None` as the end or a stall).
+    #[allow(clippy::should_implement_trait)]
     pub fn next(&mut self) -> Option<SseEvent> {
         let (mut id, mut event, mut data) = (None, String::new(), String::new());
         let mut line = String::new();

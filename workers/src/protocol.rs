@@ -200,6 +200,28 @@ impl LineBuffer {
     }
 }
 
+/// The protocol fuzz target's body (also run over the stored corpus by `cargo test`): any byte
+/// stream from a worker goes through line splitting, parsing and the sequence checker without
+/// a panic, and every accepted line re-encodes to a line that parses to the same message.
+#[doc(hidden)]
+pub fn fuzz_stream(data: &[u8]) {
+    let mut buffer = LineBuffer::default();
+    let mut checker = Checker::default();
+    // Feed in two pieces, so line splitting across reads is exercised too.
+    let split = data.first().map_or(0, |b| usize::from(*b) % (data.len() + 1));
+    for piece in [&data[..split], &data[split..]] {
+        let Ok(lines) = buffer.push(piece) else { return };
+        for line in lines {
+            let Ok(msg) = parse_line(&line) else { return };
+            let again = parse_line(msg.to_line().trim_end().as_bytes()).expect("an accepted message re-parses");
+            assert_eq!(again, msg);
+            if checker.check(&msg).is_err() {
+                return;
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -297,27 +319,5 @@ mod tests {
         assert_eq!(b.push(b"e\n").expect("ok"), vec![b"cde".to_vec()]);
         let big = vec![b'x'; PROTOCOL_LINE_BYTES_MAX + 1];
         assert!(b.push(&big).expect_err("too long").contains("limit"));
-    }
-}
-
-/// The protocol fuzz target's body (also run over the stored corpus by `cargo test`): any byte
-/// stream from a worker goes through line splitting, parsing and the sequence checker without
-/// a panic, and every accepted line re-encodes to a line that parses to the same message.
-#[doc(hidden)]
-pub fn fuzz_stream(data: &[u8]) {
-    let mut buffer = LineBuffer::default();
-    let mut checker = Checker::default();
-    // Feed in two pieces, so line splitting across reads is exercised too.
-    let split = data.first().map_or(0, |b| usize::from(*b) % (data.len() + 1));
-    for piece in [&data[..split], &data[split..]] {
-        let Ok(lines) = buffer.push(piece) else { return };
-        for line in lines {
-            let Ok(msg) = parse_line(&line) else { return };
-            let again = parse_line(msg.to_line().trim_end().as_bytes()).expect("an accepted message re-parses");
-            assert_eq!(again, msg);
-            if checker.check(&msg).is_err() {
-                return;
-            }
-        }
     }
 }
