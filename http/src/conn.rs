@@ -200,8 +200,10 @@ fn serve(stream: TcpStream, shared: &Arc<Shared>) {
             Reply::Stream(opened) => {
                 // A stream that ends by itself hands the connection back to a keep-alive
                 // client, unless that client already sent more (pipelined bytes would sit in
-                // the read buffer given back below; such a client gets a close instead).
-                let framing = if opened.ends() && keep_alive == Close::No && reader.buffer().is_empty() {
+                // the read buffer given back below; such a client gets a close instead) or
+                // asked with HEAD (it expects no body, so the connection cannot go on).
+                let reusable = keep_alive == Close::No && head_only == Body::Send && reader.buffer().is_empty();
+                let framing = if opened.ends() && reusable {
                     crate::sse::Framing::Chunked
                 } else {
                     crate::sse::Framing::UntilClose
