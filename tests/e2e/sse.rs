@@ -20,12 +20,18 @@ fn queued() -> Value {
     json!({"context": {"title": "t"}, "pipeline": "noop", "scheduled_for": "2099-01-01T00:00:00Z"})
 }
 
-#[test]
-fn stream_format_and_terminal_end_and_204() {
-    let dir = TempDir::new("sse-format");
+/// A fresh server, alice's token, and one queued commission of hers (the tests end it).
+fn alice_with_a_queued_commission(name: &str) -> (TempDir, Server, String, u64) {
+    let dir = TempDir::new(name);
     let s = Server::start(exe(), &dir.0, &[]);
     let alice = token("alice", false);
     let id = s.create(&alice, queued())["task_id"].as_u64().unwrap();
+    (dir, s, alice, id)
+}
+
+#[test]
+fn stream_format_and_terminal_end_and_204() {
+    let (_dir, s, alice, id) = alice_with_a_queued_commission("sse-format");
     let mut sse = Sse::open(s.addr, &format!("/api/progress/{id}/stream"), &alice, None);
     assert_eq!(sse.status, 200);
     let first = sse.next().expect("the created event is replayed");
@@ -53,10 +59,7 @@ fn stream_format_and_terminal_end_and_204() {
 #[test]
 fn a_keep_alive_client_gets_a_chunked_stream_and_keeps_its_connection() {
     use std::io::{Read, Write};
-    let dir = TempDir::new("sse-keep-alive");
-    let s = Server::start(exe(), &dir.0, &[]);
-    let alice = token("alice", false);
-    let id = s.create(&alice, queued())["task_id"].as_u64().unwrap();
+    let (_dir, s, alice, id) = alice_with_a_queued_commission("sse-keep-alive");
     let mut conn = std::net::TcpStream::connect(s.addr).unwrap();
     conn.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     write!(conn, "GET /api/progress/{id}/stream HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {alice}\r\n\r\n").unwrap();
