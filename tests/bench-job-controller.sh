@@ -41,18 +41,32 @@ wait_quiet() {
   echo "(still noisy: compilers running)" >&2
 }
 
+busy_ticks() { awk '/^cpu /{print $2+$3+$4+$7+$8}' /proc/stat; }
+
+# Runs the harness as a child and writes the child's CPU seconds (user+sys) to a file.
+HARNESS_WRAPPER='import resource, subprocess, sys
+r = subprocess.run(sys.argv[2:])
+u = resource.getrusage(resource.RUSAGE_CHILDREN)
+open(sys.argv[1], "w").write("%.3f" % (u.ru_utime + u.ru_stime))
+sys.exit(r.returncode)'
+
 summary() {
   "$PY" -c "$(cat <<'PYEOF'
 import json, sys
 d = json.loads(sys.stdin.read().strip().splitlines()[-1])
 g = lambda k, q: d[k][q]
 srv = d.get("server") or {}
+import os
+n = max(1, d["n"])
+machine_ms = float(os.environ.get("MACHINE_CPU_S") or 0) * 1000 / n
+harness_ms = float(os.environ.get("HARNESS_CPU_S") or 0) * 1000 / n
 print("ok=%s/%s per_s=%s pickup_p50=%s pickup_p99=%s complete_p50=%s srv_pickup_p50=%s srv_pickup_p99=%s "
-      "dups=%s ooo=%s missing=%s max_rss_kb=%s cpu_ms_per=%.2f children_cpu_ms_per=%.2f" % (
+      "dups=%s ooo=%s missing=%s max_rss_kb=%s cpu_ms_per=%.2f children_cpu_ms_per=%.2f "
+      "harness_ms_per=%.2f rest_of_machine_ms_per=%.2f" % (
           d["completed"], d["n"], d["completed_per_s"], g("pickup_ms", "p50"), g("pickup_ms", "p99"),
           g("complete_ms", "p50"), g("server_pickup_ms", "p50"), g("server_pickup_ms", "p99"),
           d["dup_ids"], d["out_of_order"], d["streams_missing_stages"], srv.get("max_rss_kb"),
-          srv.get("cpu_ms", 0) / max(1, d["n"]), srv.get("children_cpu_ms", 0) / max(1, d["n"])))
+          srv.get("cpu_ms", 0) / n, srv.get("children_cpu_ms", 0) / n, harness_ms, machine_ms - harness_ms))
 PYEOF
 )"
 }
@@ -76,8 +90,19 @@ for run in $(seq "$RUNS"); do
   SERVER_PID="$PID"
   [ "$KIND" = bullmq ] && SERVER_PID="$(cat "$PIDFILE")"
   wait_quiet
-  OUT="$(flock /tmp/atelier-bench.lock "$PY" "$BENCH_DIR/bench.py" e2e --url "http://127.0.0.1:$PORT" \
+  # The whole machine's busy CPU over the run (user, nice, system, irq, softirq; not steal)
+  # and the harness's own CPU (its rusage as a child of a small wrapper): their difference is
+  # what the system under test (with everything it starts) and any other tenant used.
+  HARNESS_CPU_FILE="$(mktemp)"
+  BUSY0="$(busy_ticks)"
+  OUT="$(flock /tmp/atelier-bench.lock "$PY" -c "$HARNESS_WRAPPER" "$HARNESS_CPU_FILE" \
+    "$PY" "$BENCH_DIR/bench.py" e2e --url "http://127.0.0.1:$PORT" \
     --token "$TOKEN" --pid "$SERVER_PID" "${BENCH_ARGS[@]}")"
+  BUSY1="$(busy_ticks)"
+  export MACHINE_CPU_S HARNESS_CPU_S
+  MACHINE_CPU_S="$(awk -v a="$BUSY0" -v b="$BUSY1" -v hz="$(getconf CLK_TCK)" 'BEGIN{print (b-a)/hz}')"
+  HARNESS_CPU_S="$(cat "$HARNESS_CPU_FILE")"
+  rm -f "$HARNESS_CPU_FILE"
   echo "$KIND run $run: $(echo "$OUT" | summary)"
   if [ "$KIND" = atelier ]; then
     # The controller's own view: free slot -> worker running, and the spawn alone (histograms).
