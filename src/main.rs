@@ -113,7 +113,7 @@ struct Workers {
     controller: Controller,
     data_dir: PathBuf,
     pipelines: Vec<String>,
-    job_dirs_keep_days: u64,
+    job_dirs_keep: Option<Duration>,
 }
 
 impl Executors for Workers {
@@ -130,8 +130,7 @@ impl Executors for Workers {
     }
 
     fn job_dirs_keep_ms(&self) -> Option<u64> {
-        // 0 days: the job-dir sweep is off.
-        (self.job_dirs_keep_days > 0).then(|| self.job_dirs_keep_days.saturating_mul(86_400_000))
+        self.job_dirs_keep.map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
     }
 
     fn pipeline_exists(&self, name: &str) -> bool {
@@ -306,11 +305,11 @@ fn serve(args: &[String]) -> Result<ExitCode, CliError> {
     // The server owns its process: it may end whatever a job leaves behind outside its group.
     workers_config.contain_descendants = true;
     let pipelines = workers_config.pipelines.keys().cloned().collect();
-    let job_dirs_keep_days = workers_config.job_dirs_keep_days;
+    let job_dirs_keep = workers_config.job_dirs_keep();
     let exe = std::env::current_exe().map_err(|e| CliError(format!("cannot find the atelier binary: {e}")))?;
     let data_dir = std::fs::canonicalize(&s.data_dir).unwrap_or_else(|_| s.data_dir.clone());
     let controller = Controller::start(dyn_store.clone(), workers_config, data_dir.clone(), exe)?;
-    let workers = Arc::new(Workers { controller, data_dir, pipelines, job_dirs_keep_days });
+    let workers = Arc::new(Workers { controller, data_dir, pipelines, job_dirs_keep });
     let executors: Arc<dyn Executors> = workers.clone();
     let server = Server::start(http_config, dyn_store, keys.clone(), Some(executors))?;
     // SAFETY: the handler only stores to an atomic, which is async-signal-safe.

@@ -189,6 +189,12 @@ fn run(stream: &TcpStream, opened: Opened, framing: Framing, shared: &Arc<Shared
         if ended {
             return true;
         }
+        // Drained the history read so far: the next chunk (or the registration for live
+        // events, which reads what landed meanwhile) is read on the pool, at the top. Left
+        // to `next_timeout`, it would read the store on this thread.
+        if sub.wants_history() {
+            continue;
+        }
         match sub.next_timeout(heartbeat.min(SHUTDOWN_POLL)) {
             // Written at the top of the loop, with whatever else is ready by then.
             Ok(Some(d)) => {

@@ -18,6 +18,16 @@ fn open(dir: &TempDir) -> Arc<SledStore> {
     SledStore::open(StoreConfig::new(&dir.0)).expect("open store")
 }
 
+/// A fresh store with one of alice's commissions, a job id for it and the commands of that
+/// job's whole run.
+fn alice_and_a_full_run(name: &str) -> (TempDir, Arc<SledStore>, u64, u64, Vec<Command>) {
+    let dir = TempDir::new(name);
+    let store = open(&dir);
+    let id = created(&store, "alice");
+    let job = store.allocate_job_id().unwrap();
+    (dir, store, id, job, full_run(job))
+}
+
 fn created(store: &SledStore, user: &str) -> u64 {
     match create(store, new_commission(user, None), &ctx(1_000)).unwrap().unwrap() {
         Created::New(c) => c.id,
@@ -100,11 +110,7 @@ fn idempotent_create_returns_the_first_commission_even_when_racing() {
 
 #[test]
 fn concurrent_commands_on_one_commission_serialize_through_versions() {
-    let dir = TempDir::new("race");
-    let store = open(&dir);
-    let id = created(&store, "alice");
-    let job = store.allocate_job_id().unwrap();
-    let cmds = full_run(job);
+    let (_dir, store, id, job, cmds) = alice_and_a_full_run("race");
     for cmd in &cmds[..2] {
         execute(&*store, id, cmd.clone(), &ctx(3)).unwrap().unwrap();
     }
@@ -127,11 +133,7 @@ fn concurrent_commands_on_one_commission_serialize_through_versions() {
 
 #[test]
 fn subscription_replays_then_goes_live_without_gap_or_duplicate() {
-    let dir = TempDir::new("sub");
-    let store = open(&dir);
-    let id = created(&store, "alice");
-    let job = store.allocate_job_id().unwrap();
-    let cmds = full_run(job);
+    let (_dir, store, id, _job, cmds) = alice_and_a_full_run("sub");
     execute(&*store, id, cmds[0].clone(), &ctx(3)).unwrap().unwrap();
     let mut sub = store.subscribe(0, Filter::Commission(id)).unwrap();
     let writer = {
@@ -167,11 +169,7 @@ fn subscription_replays_then_goes_live_without_gap_or_duplicate() {
 /// it hands out and what `next_timeout` hands out after it form one gap-free sequence.
 #[test]
 fn try_next_takes_only_what_is_ready() {
-    let dir = TempDir::new("try-next");
-    let store = open(&dir);
-    let id = created(&store, "alice");
-    let job = store.allocate_job_id().unwrap();
-    let cmds = full_run(job);
+    let (_dir, store, id, _job, cmds) = alice_and_a_full_run("try-next");
     let mut sub = store.subscribe(0, Filter::Commission(id)).unwrap();
     // History not read yet: nothing ready, and asking does not read it.
     assert!(sub.wants_history());

@@ -167,6 +167,7 @@ impl PipelineConfig {
 
 /// Days a finished job's working dir is kept (see `janitor`).
 pub const JOB_DIRS_KEEP_DAYS_DEFAULT: u64 = 7;
+const SECONDS_PER_DAY: u64 = 86_400;
 
 /// Settings of both executors and the pipelines they run.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -341,6 +342,12 @@ fn to_u64(v: i64) -> u64 {
 }
 
 impl WorkersConfig {
+    /// How long a finished job's dir (and its logs) is kept; `None` (0 days): for good, and
+    /// no sweep runs. The one reading of `job_dirs_keep_days`, for the sweep and for the API.
+    pub fn job_dirs_keep(&self) -> Option<std::time::Duration> {
+        (self.job_dirs_keep_days > 0).then(|| std::time::Duration::from_secs(self.job_dirs_keep_days.saturating_mul(SECONDS_PER_DAY)))
+    }
+
     /// `toml_text`: the whole atelier.toml if present (its `[workers]` and `[pipelines.NAME]`
     /// tables are read, other tables are left to their owners); `env`: looks up environment
     /// variables, which win over the file.
@@ -609,6 +616,13 @@ mod tests {
     fn load(text: &str, env: &[(&str, &str)]) -> Result<WorkersConfig, ConfigError> {
         let env: Vec<(String, String)> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         WorkersConfig::load(Some(text), &|k| env.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone()))
+    }
+
+    #[test]
+    fn job_dirs_are_kept_for_the_days_configured_and_zero_keeps_them_for_good() {
+        assert_eq!(WorkersConfig::default().job_dirs_keep(), Some(std::time::Duration::from_secs(7 * 86_400)));
+        assert_eq!(load("[workers]\njob_dirs_keep_days = 0\n", &[]).unwrap().job_dirs_keep(), None);
+        assert_eq!(load("", &[("JOB_DIRS_KEEP_DAYS", "2")]).unwrap().job_dirs_keep(), Some(std::time::Duration::from_secs(2 * 86_400)));
     }
 
     #[test]

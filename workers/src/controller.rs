@@ -907,12 +907,11 @@ impl Controller {
         threads.push(spawn("atelier-scheduler", Box::new(move || scheduler.run()))?);
         let (feed_shared, feed_tx) = (shared.clone(), sched_tx.clone());
         threads.push(spawn("atelier-feed", Box::new(move || feed_loop(feed_shared, sub, feed_tx)))?);
-        let janitor = match shared.config.job_dirs_keep_days {
-            0 => None,
-            days => {
+        let janitor = match shared.config.job_dirs_keep() {
+            None => None,
+            Some(keep) => {
                 let (stop_tx, stop_rx) = crossbeam_channel::bounded::<()>(0);
                 let (store, dir) = (shared.store.clone(), shared.data_dir.clone());
-                let keep = Duration::from_secs(days * 86_400);
                 let handle = spawn("atelier-janitor", Box::new(move || janitor_loop(&*store, &dir, keep, &stop_rx)))?;
                 Some((stop_tx, handle))
             }
