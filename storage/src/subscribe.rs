@@ -222,10 +222,13 @@ impl Subscription {
     }
 
     /// Reads the next chunk of history, or registers for live events once history is
-    /// exhausted (what `next_timeout` would do first).
+    /// exhausted (what `next_timeout` would do first). A chunk that reaches the durable head
+    /// registers in the same call: the caller that reads history for others (a pool thread)
+    /// then leaves nothing to the subscriber's own thread but draining its queues, and the
+    /// subscriber needs no second trip to that caller (a commission's short history).
     pub fn read_history(&mut self) -> Result<(), SubscriptionEnd> {
-        if self.wants_history() {
-            self.fill_backlog()?;
+        if self.wants_history() && self.fill_backlog()? && self.live.is_none() {
+            self.register()?;
         }
         Ok(())
     }
@@ -287,7 +290,9 @@ impl Subscription {
 
     /// Reads the next chunk of history; when history up to the durable head is exhausted,
     /// registers for live events and reads the remainder up to the head seen under the lock.
-    fn fill_backlog(&mut self) -> Result<(), SubscriptionEnd> {
+    /// True when history is now read up to the durable head (nothing left but to register,
+    /// if that was not this call).
+    fn fill_backlog(&mut self) -> Result<bool, SubscriptionEnd> {
         let head = self.source.durable_head().load(Ordering::Acquire);
         if self.history_upto < head {
             let chunk = self
@@ -299,8 +304,15 @@ impl Subscription {
                 _ => head,
             };
             self.backlog.extend(chunk);
-            return Ok(());
+            return Ok(self.history_upto == head);
         }
+        self.register()?;
+        Ok(true)
+    }
+
+    /// Registers for live events, and reads the history that became durable between the
+    /// last history read and the registration (queued behind the backlog: seqs stay in order).
+    fn register(&mut self) -> Result<(), SubscriptionEnd> {
         let (tx, rx) = crossbeam_channel::bounded(SUBSCRIBER_QUEUE_EVENTS_MAX);
         let (id, head_at_register) = {
             let mut reg = self.source.registry().lock().map_err(|_| SubscriptionEnd::Closed)?;

@@ -177,8 +177,11 @@ fn try_next_takes_only_what_is_ready() {
     assert!(sub.wants_history());
     sub.read_history().unwrap();
     let mut seen = vec![sub.try_next().expect("created was read as history").env.version];
-    // The history is exhausted; the next call registers the subscription for live events.
+    // That history reached the head, so the same call registered for live events: drained,
+    // the subscription wants nothing more read for it (an SSE stream never goes back to the
+    // pool, and never reads the log on its own thread).
     assert!(sub.try_next().is_none());
+    assert!(!sub.wants_history(), "registered with the history read that reached the head");
     assert!(sub.next_timeout(Duration::from_millis(10)).unwrap().is_none());
     // Several appends land before the subscriber looks: all of them are ready at once.
     for cmd in &cmds[..3] {
