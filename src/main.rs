@@ -10,7 +10,7 @@ use std::time::Duration;
 use atelier_http::client::{Client, ClientError};
 use atelier_http::{Executors, HttpConfig, Keys, Role, Server};
 use atelier_storage::{check, Durability, EventStore, SledStore, StoreConfig};
-use atelier_workers::{Controller, WorkersConfig};
+use atelier_workers::{Controller, ProgramSource, WorkersConfig};
 
 const HELP: &str = "\
 atelier — runs commissions (long background jobs) and shows their progress live
@@ -48,6 +48,8 @@ SETTINGS (environment wins over atelier.toml, which wins over defaults):
     ATELIER_MAX_CONNECTIONS   open connections, streams included 10000
     ATELIER_METRICS_PUBLIC    1 = /metrics without a token      0
     ATELIER_HEADER_TIMEOUT_MS close connections whose headers do not arrive in time   10000
+    ATELIER_WORKER_PROGRAM    the program each job runs         atelier-worker next to this binary
+                              (`cargo build-worker` makes it), else this binary
     ATELIER_LOG_FORMAT        json for JSON lines               human-readable
     RUST_LOG                  log level filter                  info
 ";
@@ -77,6 +79,10 @@ fn main() -> ExitCode {
         // Hidden: the worker side of the job controller (see workers/).
         Some("__trampoline") => return exit_code(atelier_workers::trampoline_main(&args[1..])),
         Some("__worker") => return exit_code(atelier_workers::worker_main(&args[1..])),
+        Some("__interface") => {
+            println!("{}", atelier_workers::INTERFACE);
+            return ExitCode::SUCCESS;
+        }
         Some("token") => token(&args[1..]),
         Some("replay") => replay(&args[1..]),
         Some("export") => export(&args[1..]),
@@ -176,6 +182,8 @@ struct Settings {
     max_connections: usize,
     metrics_public: bool,
     header_timeout_ms: u64,
+    /// The program each job runs; None: `atelier-worker` next to this binary, else this binary.
+    worker_program: Option<PathBuf>,
 }
 
 fn settings(args: &[String]) -> Result<Settings, CliError> {
@@ -228,6 +236,7 @@ fn settings(args: &[String]) -> Result<Settings, CliError> {
         max_connections: usize::try_from(num("ATELIER_MAX_CONNECTIONS", "max_connections", atelier_http::CONNECTIONS_MAX_DEFAULT as u64)?).unwrap_or(usize::MAX),
         metrics_public: get("ATELIER_METRICS_PUBLIC", "metrics_public").is_some_and(|v| v == "1" || v == "true"),
         header_timeout_ms: num("ATELIER_HEADER_TIMEOUT_MS", "header_timeout_ms", atelier_http::HEADER_TIMEOUT_MS_DEFAULT)?,
+        worker_program: get("ATELIER_WORKER_PROGRAM", "worker_program").map(PathBuf::from),
     })
 }
 
@@ -306,7 +315,15 @@ fn serve(args: &[String]) -> Result<ExitCode, CliError> {
     workers_config.contain_descendants = true;
     let pipelines = workers_config.pipelines.keys().cloned().collect();
     let job_dirs_keep = workers_config.job_dirs_keep();
-    let exe = std::env::current_exe().map_err(|e| CliError(format!("cannot find the atelier binary: {e}")))?;
+    let server_exe = std::env::current_exe().map_err(|e| CliError(format!("cannot find the atelier binary: {e}")))?;
+    let program = atelier_workers::choose_worker_program(&server_exe, s.worker_program.clone())?;
+    match &program.source {
+        ProgramSource::ServerInsteadOf { why, .. } => {
+            tracing::warn!(program = %program.path.display(), "{why}; jobs run this binary's own worker mode instead")
+        }
+        source => tracing::info!(program = %program.path.display(), ?source, "worker program"),
+    }
+    let exe = program.path;
     let data_dir = std::fs::canonicalize(&s.data_dir).unwrap_or_else(|_| s.data_dir.clone());
     let controller = Controller::start(dyn_store.clone(), workers_config, data_dir.clone(), exe)?;
     let workers = Arc::new(Workers { controller, data_dir, pipelines, job_dirs_keep });

@@ -42,6 +42,11 @@ fn sigkill_the_server_with_jobs_running() {
     })
     .expect("three jobs running at once");
     assert!(pids.iter().all(|p| alive(*p)));
+    // By default a job runs the small worker program next to the server binary.
+    let worker_program = std::fs::canonicalize(env!("CARGO_BIN_EXE_atelier-worker")).unwrap();
+    for pid in &pids {
+        assert_eq!(std::fs::read_link(format!("/proc/{pid}/exe")).unwrap(), worker_program, "worker {pid}");
+    }
     let addr = s.addr.to_string();
     s.kill();
     let gone = wait_for(Duration::from_secs(5), || pids.iter().all(|p| !alive(*p)).then_some(()));
@@ -74,6 +79,36 @@ fn sigkill_the_server_with_jobs_running() {
     assert!(stopped.success());
     let check = std::process::Command::new(exe()).args(["replay", "--check"]).env("ATELIER_DATA_DIR", &dir.0).output().unwrap();
     assert!(check.status.success(), "{}", String::from_utf8_lossy(&check.stdout));
+}
+
+#[test]
+fn the_worker_program_is_checked_before_it_runs_jobs() {
+    let dir = TempDir::new("jobs-worker-program");
+    let alice = token("alice", false);
+    // The server binary's own worker mode, named explicitly: jobs run and complete.
+    let s = Server::start(exe(), &dir.0.join("own"), &[("ATELIER_WORKER_PROGRAM", exe().to_str().unwrap())]);
+    let id = s.create(&alice, json!({"context": {"title": "own"}, "pipeline": "commission"}))["task_id"].as_u64().unwrap();
+    let state = wait_for(Duration::from_secs(20), || {
+        let st = s.get(&format!("/api/commissions/{id}"), Some(&alice)).json()["state"].as_str().unwrap_or("").to_string();
+        (st == "completed" || st == "failed").then_some(st)
+    });
+    assert_eq!(state.as_deref(), Some("completed"));
+    assert!(s.stop().success());
+
+    // A worker program built from other sources is refused at start, with the reason.
+    let stale = dir.0.join("atelier-worker");
+    std::fs::write(&stale, "#!/bin/sh\necho 0.0.0+0000000000000000\n").unwrap();
+    std::fs::set_permissions(&stale, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let out = std::process::Command::new(exe())
+        .arg("serve")
+        .env("ATELIER_DATA_DIR", dir.0.join("stale"))
+        .env("ATELIER_LISTEN", "127.0.0.1:0")
+        .env("ATELIER_WORKER_PROGRAM", &stale)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("built from other sources") && stderr.contains("0.0.0+0000000000000000"), "{stderr}");
 }
 
 #[test]

@@ -2,8 +2,9 @@
 //! the in-process task runner, behind one router that picks between them.
 //!
 //! The server calls [`WorkersConfig::load`], then [`Controller::start`]; the `atelier`
-//! binary dispatches its hidden `__trampoline` and `__worker` subcommands to
-//! [`trampoline_main`] and [`worker_main`]. Everything else is internal.
+//! binary (and the small `atelier-worker`) dispatches its hidden `__trampoline` and `__worker`
+//! subcommands to [`trampoline_main`] and [`worker_main`], and answers `__interface` with
+//! [`INTERFACE`]; [`choose_worker_program`] picks which of the two a job runs. Everything else is internal.
 
 mod config;
 mod contain;
@@ -13,6 +14,7 @@ mod metrics;
 mod pipeline;
 mod png;
 mod process;
+mod program;
 pub mod protocol;
 mod session;
 mod task_runner;
@@ -22,5 +24,6 @@ mod worker;
 pub use config::{Builtin, ConfigError, JobLimits, PipelineConfig, StageSpec, WorkersConfig};
 pub use controller::{job_log_paths, Controller, WorkersError};
 pub use pipeline::{derive_ideas, JobInput};
+pub use program::{check_interface, choose_worker_program, ProgramError, ProgramSource, WorkerProgram, INTERFACE, WORKER_PROGRAM_NAME};
 pub use trampoline::trampoline_main;
 pub use worker::worker_main;

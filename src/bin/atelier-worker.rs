@@ -1,0 +1,22 @@
+//! The job controller's worker program: `atelier-worker __trampoline ...` and
+//! `atelier-worker __worker ...`, the same hidden modes as the `atelier` binary, in a binary
+//! small enough (and, built as in the README, statically linked) that starting one per job is
+//! cheap. The server uses it when it sits next to the `atelier` binary and runs its own
+//! hidden modes otherwise (ARCHITECTURE.md, "Worker program").
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let code = match args.first().map(String::as_str) {
+        Some("__trampoline") => atelier_workers::trampoline_main(&args[1..]),
+        Some("__worker") => atelier_workers::worker_main(&args[1..]),
+        Some("__interface") => {
+            println!("{}", atelier_workers::INTERFACE);
+            0
+        }
+        _ => {
+            eprintln!("atelier-worker: the job controller's worker program; it is started by `atelier serve`, not by hand");
+            2
+        }
+    };
+    std::process::exit(code);
+}

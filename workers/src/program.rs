@@ -1,0 +1,230 @@
+//! Which program the job controller starts for a job (its trampoline, which then runs the
+//! built-in worker in place).
+//!
+//! Every job pays one exec of that program, and an exec of the whole dynamically linked
+//! server binary is most of a job's CPU (the dynamic loader, relocations, page faults). The
+//! small `atelier-worker` binary, statically linked by `cargo build-worker`, costs about half
+//! as much per job (BENCHMARKS.md, "Worker program"). The server uses it when it sits next to
+//! the server binary and was built from the same sources; otherwise the server runs its own
+//! hidden modes, as before. Both programs answer `__interface` with [`INTERFACE`], so a worker
+//! program left over from an older build is refused instead of misreading the job's arguments.
+
+use std::fmt;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The interface stamp (workers/build.rs): equal stamps, same trampoline arguments, job
+/// input, pipeline file and line protocol.
+pub const INTERFACE: &str = env!("ATELIER_WORKER_INTERFACE");
+
+/// The file name of the worker program next to the server binary.
+pub const WORKER_PROGRAM_NAME: &str = "atelier-worker";
+
+/// How long a candidate may take to print its interface stamp (it does nothing else).
+const INTERFACE_CHECK_TIMEOUT: Duration = Duration::from_secs(5);
+const INTERFACE_CHECK_POLL: Duration = Duration::from_millis(5);
+/// A stamp is one short line; anything longer is not one.
+const INTERFACE_BYTES_MAX: u64 = 256;
+
+/// The program chosen, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkerProgram {
+    pub path: PathBuf,
+    pub source: ProgramSource,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProgramSource {
+    /// Named by configuration (ATELIER_WORKER_PROGRAM).
+    Configured,
+    /// `atelier-worker` next to the server binary.
+    Sibling,
+    /// The server binary's own hidden modes: no worker program next to it.
+    Server,
+    /// The server binary's own hidden modes, because the one next to it was refused.
+    ServerInsteadOf { refused: PathBuf, why: ProgramError },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProgramError {
+    /// It could not be started, or did not exit cleanly.
+    CannotRun { path: PathBuf, error: String },
+    /// It did not answer within [`INTERFACE_CHECK_TIMEOUT`] (it was killed).
+    TimedOut { path: PathBuf },
+    /// It was built from other sources than this server.
+    Mismatch { path: PathBuf, found: String, expected: String },
+}
+
+impl fmt::Display for ProgramError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ProgramError::CannotRun { path, error } => write!(f, "worker program {}: {error}", path.display()),
+            ProgramError::TimedOut { path } => write!(
+                f,
+                "worker program {}: no answer to `__interface` within {} s",
+                path.display(),
+                INTERFACE_CHECK_TIMEOUT.as_secs()
+            ),
+            ProgramError::Mismatch { path, found, expected } => write!(
+                f,
+                "worker program {} was built from other sources (interface '{found}', this server '{expected}'); rebuild it (`cargo build-worker`)",
+                path.display()
+            ),
+        }
+    }
+}
+
+impl std::error::Error for ProgramError {}
+
+/// Picks the worker program for a server running as `server_exe`. A configured program must
+/// pass the interface check (an error otherwise: the operator asked for it); a sibling that
+/// fails it is set aside for the server's own modes, with the reason in the result.
+pub fn choose_worker_program(server_exe: &Path, configured: Option<PathBuf>) -> Result<WorkerProgram, ProgramError> {
+    if let Some(path) = configured {
+        check_interface(&path)?;
+        return Ok(WorkerProgram { path, source: ProgramSource::Configured });
+    }
+    let server = || server_exe.to_path_buf();
+    let Some(sibling) = server_exe.parent().map(|dir| dir.join(WORKER_PROGRAM_NAME)) else {
+        return Ok(WorkerProgram { path: server(), source: ProgramSource::Server });
+    };
+    if !sibling.is_file() {
+        return Ok(WorkerProgram { path: server(), source: ProgramSource::Server });
+    }
+    match check_interface(&sibling) {
+        Ok(()) => Ok(WorkerProgram { path: sibling, source: ProgramSource::Sibling }),
+        Err(why) => Ok(WorkerProgram { path: server(), source: ProgramSource::ServerInsteadOf { refused: sibling, why } }),
+    }
+}
+
+/// Runs `path __interface` and compares its answer with [`INTERFACE`].
+pub fn check_interface(path: &Path) -> Result<(), ProgramError> {
+    let cannot = |error: String| ProgramError::CannotRun { path: path.to_path_buf(), error };
+    let mut child = Command::new(path)
+        .arg("__interface")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .env_clear()
+        .spawn()
+        .map_err(|e| cannot(format!("cannot start it: {e}")))?;
+    let started = Instant::now();
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break status,
+            Ok(None) if started.elapsed() < INTERFACE_CHECK_TIMEOUT => std::thread::sleep(INTERFACE_CHECK_POLL),
+            Ok(None) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(ProgramError::TimedOut { path: path.to_path_buf() });
+            }
+            Err(e) => return Err(cannot(format!("cannot wait for it: {e}"))),
+        }
+    };
+    let mut answer = String::new();
+    if let Some(out) = child.stdout.take() {
+        // The child has exited, so this read ends; a non-UTF-8 answer is simply a mismatch.
+        let _ = out.take(INTERFACE_BYTES_MAX).read_to_string(&mut answer);
+    }
+    if !status.success() {
+        return Err(cannot(format!("`__interface` ended with {status}")));
+    }
+    let found = answer.trim();
+    if found != INTERFACE {
+        return Err(ProgramError::Mismatch { path: path.to_path_buf(), found: found.to_string(), expected: INTERFACE.to_string() });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn dir(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("atelier-program-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    fn script(path: &Path, body: &str) {
+        std::fs::write(path, format!("#!/bin/sh\n{body}\n")).unwrap();
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+
+    #[test]
+    fn no_sibling_means_the_server_itself() {
+        let d = dir("none");
+        let server = d.join("atelier");
+        let chosen = choose_worker_program(&server, None).unwrap();
+        assert_eq!(chosen, WorkerProgram { path: server, source: ProgramSource::Server });
+    }
+
+    #[test]
+    fn a_sibling_with_the_same_interface_is_used() {
+        let d = dir("same");
+        let sibling = d.join(WORKER_PROGRAM_NAME);
+        script(&sibling, &format!("[ \"$1\" = __interface ] && echo '{INTERFACE}'"));
+        let chosen = choose_worker_program(&d.join("atelier"), None).unwrap();
+        assert_eq!(chosen, WorkerProgram { path: sibling, source: ProgramSource::Sibling });
+    }
+
+    #[test]
+    fn a_stale_sibling_is_set_aside_with_the_reason() {
+        let d = dir("stale");
+        let sibling = d.join(WORKER_PROGRAM_NAME);
+        script(&sibling, "echo 0.0.1+0000000000000000");
+        let server = d.join("atelier");
+        let chosen = choose_worker_program(&server, None).unwrap();
+        assert_eq!(chosen.path, server);
+        match chosen.source {
+            ProgramSource::ServerInsteadOf { refused, why: ProgramError::Mismatch { found, expected, .. } } => {
+                assert_eq!(refused, sibling);
+                assert_eq!(found, "0.0.1+0000000000000000");
+                assert_eq!(expected, INTERFACE);
+            }
+            other => panic!("expected a mismatch, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_sibling_that_fails_is_set_aside() {
+        let d = dir("fails");
+        script(&d.join(WORKER_PROGRAM_NAME), "exit 3");
+        let chosen = choose_worker_program(&d.join("atelier"), None).unwrap();
+        assert!(
+            matches!(&chosen.source, ProgramSource::ServerInsteadOf { why: ProgramError::CannotRun { error, .. }, .. } if error.contains("exit status: 3")),
+            "{chosen:?}"
+        );
+    }
+
+    #[test]
+    fn a_configured_program_must_pass_the_check() {
+        let d = dir("configured");
+        let good = d.join("good");
+        script(&good, &format!("echo '{INTERFACE}'"));
+        let chosen = choose_worker_program(&d.join("atelier"), Some(good.clone())).unwrap();
+        assert_eq!(chosen, WorkerProgram { path: good, source: ProgramSource::Configured });
+
+        let missing = d.join("missing");
+        let err = choose_worker_program(&d.join("atelier"), Some(missing)).unwrap_err();
+        assert!(matches!(err, ProgramError::CannotRun { .. }), "{err:?}");
+        assert!(err.to_string().contains("cannot start it"), "{err}");
+
+        let old = d.join("old");
+        script(&old, "echo nope");
+        let err = choose_worker_program(&d.join("atelier"), Some(old)).unwrap_err();
+        assert!(err.to_string().contains("built from other sources"), "{err}");
+    }
+
+    #[test]
+    fn the_stamp_names_the_version_and_a_source_hash() {
+        let (version, hash) = INTERFACE.split_once('+').unwrap();
+        assert_eq!(version, env!("CARGO_PKG_VERSION"));
+        assert_eq!(hash.len(), 16);
+        assert!(hash.bytes().all(|b| b.is_ascii_hexdigit()), "{INTERFACE}");
+    }
+}
