@@ -42,8 +42,10 @@ fn sigkill_the_server_with_jobs_running() {
     })
     .expect("three jobs running at once");
     assert!(pids.iter().all(|p| alive(*p)));
-    // By default a job runs the small worker program next to the server binary.
-    let worker_program = std::fs::canonicalize(env!("CARGO_BIN_EXE_atelier-worker")).unwrap();
+    // A job runs the small worker program: the one named by ATELIER_WORKER_PROGRAM (CI runs
+    // this suite again with the statically linked one), else the one next to the server.
+    let worker_program = std::env::var_os("ATELIER_WORKER_PROGRAM").unwrap_or_else(|| env!("CARGO_BIN_EXE_atelier-worker").into());
+    let worker_program = std::fs::canonicalize(worker_program).unwrap();
     for pid in &pids {
         assert_eq!(std::fs::read_link(format!("/proc/{pid}/exe")).unwrap(), worker_program, "worker {pid}");
     }

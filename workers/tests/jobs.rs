@@ -85,8 +85,11 @@ impl Harness {
         self.dir.0.join("data")
     }
 
+    /// Jobs run `atelier-workerd`, or the worker program named by ATELIER_WORKER_PROGRAM (CI
+    /// runs this fault matrix again with the statically linked `atelier-worker`).
     fn start(&mut self, cfg: WorkersConfig) {
-        self.start_with_exe(cfg, PathBuf::from(EXE));
+        let exe = std::env::var_os("ATELIER_WORKER_PROGRAM").map_or_else(|| PathBuf::from(EXE), PathBuf::from);
+        self.start_with_exe(cfg, exe);
     }
 
     fn start_with_exe(&mut self, cfg: WorkersConfig, exe: PathBuf) {
