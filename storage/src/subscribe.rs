@@ -10,9 +10,15 @@
 //! writer does not wait: it cuts the subscriber off, and the subscription ends with
 //! [`SubscriptionEnd::Overflow`] carrying the last seq delivered, from which the client can
 //! resume. sled's own `watch_prefix` would instead block the writer.
+//!
+//! What one publish holds for a subscriber goes to it as one message: a subscriber woken by
+//! the first event of a batch would otherwise often run (on the other core) before the
+//! writer sent the rest, and write them to its client in two or more writes, each one more
+//! wake-up for the stream thread and for the client (a `noop` commission's end went out in
+//! two writes).
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -21,7 +27,8 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
 
 use crate::StorageError;
 
-/// Live events queued per subscriber before it is cut off as too slow.
+/// Live events queued per subscriber before it is cut off as too slow (a single batch
+/// larger than this still reaches a subscriber whose queue is empty).
 pub const SUBSCRIBER_QUEUE_EVENTS_MAX: usize = 256;
 /// Events read from the log per chunk while replaying history.
 pub const REPLAY_CHUNK_EVENTS: usize = 512;
@@ -73,9 +80,14 @@ pub enum SubscriptionEnd {
     Failed(StorageError),
 }
 
+/// The events of one publish that match one subscriber, in seq order.
+type Batch = Arc<[Delivery]>;
+
 pub(crate) struct Subscriber {
     id: u64,
-    tx: Sender<Delivery>,
+    tx: Sender<Batch>,
+    /// Events sent and not yet taken by the subscription (the channel counts batches).
+    queued: Arc<AtomicUsize>,
 }
 
 #[derive(Default)]
@@ -88,9 +100,9 @@ pub(crate) struct Registry {
 }
 
 impl Registry {
-    fn add(&mut self, filter: Filter, tx: Sender<Delivery>) -> u64 {
+    fn add(&mut self, filter: Filter, tx: Sender<Batch>, queued: Arc<AtomicUsize>) -> u64 {
         self.next_id += 1;
-        let sub = Subscriber { id: self.next_id, tx };
+        let sub = Subscriber { id: self.next_id, tx, queued };
         match filter {
             Filter::Commission(id) => self.by_commission.entry(id).or_default().push(sub),
             Filter::User(u) => self.by_user.entry(Arc::from(u.as_str())).or_default().push(sub),
@@ -127,18 +139,30 @@ impl Registry {
             + self.all.len()
     }
 
-    /// Sends each delivery to the matching subscribers; never blocks. Returns how many
-    /// subscribers were cut off for being too slow.
+    /// Sends the deliveries (in seq order) to the matching subscribers, each subscriber's
+    /// share as one batch; never blocks. Returns how many subscribers were cut off for being
+    /// too slow.
     pub(crate) fn publish(&mut self, deliveries: &[Delivery]) -> u64 {
         let mut dropped = 0;
-        for d in deliveries {
-            if let Some(v) = self.by_commission.get_mut(&d.env.commission_id) {
-                dropped += send_all(v, d);
+        // A commission belongs to one user: a run of one commission's events is also one
+        // user's. A user with events of several commissions in one publish gets one batch per
+        // run, still in seq order.
+        for run in deliveries.chunk_by(|a, b| a.env.commission_id == b.env.commission_id) {
+            let commission_subs = self.by_commission.get_mut(&run[0].env.commission_id);
+            let user_subs = self.by_user.get_mut(&run[0].view.user_id);
+            if commission_subs.is_none() && user_subs.is_none() {
+                continue;
             }
-            if let Some(v) = self.by_user.get_mut(&d.view.user_id) {
-                dropped += send_all(v, d);
+            let batch: Batch = run.into();
+            if let Some(v) = commission_subs {
+                dropped += send_all(v, &batch);
             }
-            dropped += send_all(&mut self.all, d);
+            if let Some(v) = user_subs {
+                dropped += send_all(v, &batch);
+            }
+        }
+        if !self.all.is_empty() && !deliveries.is_empty() {
+            dropped += send_all(&mut self.all, &deliveries.into());
         }
         if dropped > 0 {
             self.by_commission.retain(|_, v| !v.is_empty());
@@ -155,15 +179,27 @@ impl Registry {
     }
 }
 
-fn send_all(subs: &mut Vec<Subscriber>, d: &Delivery) -> u64 {
+fn send_all(subs: &mut Vec<Subscriber>, batch: &Batch) -> u64 {
     let mut dropped = 0;
-    subs.retain(|s| match s.tx.try_send(d.clone()) {
-        Ok(()) => true,
-        Err(TrySendError::Full(_)) => {
-            dropped += 1;
-            false
+    subs.retain(|s| {
+        // Counted before the send, so the subscription never takes more than was counted.
+        let before = s.queued.fetch_add(batch.len(), Ordering::AcqRel);
+        let result = if before > 0 && before + batch.len() > SUBSCRIBER_QUEUE_EVENTS_MAX {
+            Err(TrySendError::Full(()))
+        } else {
+            s.tx.try_send(batch.clone()).map_err(|e| match e {
+                TrySendError::Full(_) => TrySendError::Full(()),
+                TrySendError::Disconnected(_) => TrySendError::Disconnected(()),
+            })
+        };
+        match result {
+            Ok(()) => true,
+            Err(TrySendError::Full(())) => {
+                dropped += 1;
+                false
+            }
+            Err(TrySendError::Disconnected(())) => false,
         }
-        Err(TrySendError::Disconnected(_)) => false,
     });
     dropped
 }
@@ -177,15 +213,30 @@ pub(crate) trait History: Send + Sync {
     fn durable_head(&self) -> &AtomicU64;
 }
 
+/// A registered subscription's end of its queue.
+struct Live {
+    id: u64,
+    rx: Receiver<Batch>,
+    queued: Arc<AtomicUsize>,
+}
+
+impl Live {
+    /// Moves a received batch into `ready`, skipping what was already handed out.
+    fn take(&self, batch: &Batch, last_seq: u64, ready: &mut VecDeque<Delivery>) {
+        self.queued.fetch_sub(batch.len(), Ordering::AcqRel);
+        ready.extend(batch.iter().filter(|d| d.env.seq > last_seq).cloned());
+    }
+}
+
 pub struct Subscription {
     source: Arc<dyn History>,
     filter: Filter,
     last_seq: u64,
-    /// History not yet handed out, in order.
+    /// History and received live events not yet handed out, in order.
     backlog: VecDeque<Delivery>,
     /// History is known up to here; beyond it events come live (once registered).
     history_upto: u64,
-    live: Option<(u64, Receiver<Delivery>)>,
+    live: Option<Live>,
     ended: bool,
 }
 
@@ -240,11 +291,16 @@ impl Subscription {
         if self.ended {
             return None;
         }
-        if let Some(d) = self.backlog.pop_front() {
-            return Some(self.hand_out(d));
+        if self.backlog.is_empty() {
+            let live = self.live.as_ref()?;
+            while let Ok(batch) = live.rx.try_recv() {
+                live.take(&batch, self.last_seq, &mut self.backlog);
+                if !self.backlog.is_empty() {
+                    break;
+                }
+            }
         }
-        let (_, rx) = self.live.as_ref()?;
-        let d = rx.try_iter().find(|d| d.env.seq > self.last_seq)?;
+        let d = self.backlog.pop_front()?;
         Some(self.hand_out(d))
     }
 
@@ -270,10 +326,9 @@ impl Subscription {
                 }
                 continue; // fill_backlog registered us once history was exhausted
             }
-            let (_, rx) = self.live.as_ref().expect("invariant: registered above");
-            match rx.recv_timeout(timeout) {
-                Ok(d) if d.env.seq <= self.last_seq => continue,
-                Ok(d) => return Ok(Some(self.hand_out(d))),
+            let live = self.live.as_ref().expect("invariant: registered above");
+            match live.rx.recv_timeout(timeout) {
+                Ok(batch) => live.take(&batch, self.last_seq, &mut self.backlog),
                 Err(RecvTimeoutError::Timeout) => return Ok(None),
                 Err(RecvTimeoutError::Disconnected) => {
                     self.ended = true;
@@ -314,15 +369,16 @@ impl Subscription {
     /// last history read and the registration (queued behind the backlog: seqs stay in order).
     fn register(&mut self) -> Result<(), SubscriptionEnd> {
         let (tx, rx) = crossbeam_channel::bounded(SUBSCRIBER_QUEUE_EVENTS_MAX);
+        let queued = Arc::new(AtomicUsize::new(0));
         let (id, head_at_register) = {
             let mut reg = self.source.registry().lock().map_err(|_| SubscriptionEnd::Closed)?;
             if reg.closed {
                 return Err(SubscriptionEnd::Closed);
             }
             let head = self.source.durable_head().load(Ordering::Acquire);
-            (reg.add(self.filter.clone(), tx), head)
+            (reg.add(self.filter.clone(), tx, queued.clone()), head)
         };
-        self.live = Some((id, rx));
+        self.live = Some(Live { id, rx, queued });
         // Events that became durable between our history read and registering.
         let mut after = self.history_upto;
         while after < head_at_register {
@@ -343,10 +399,76 @@ impl Subscription {
 
 impl Drop for Subscription {
     fn drop(&mut self) {
-        if let Some((id, _)) = self.live.take() {
+        if let Some(live) = self.live.take() {
             if let Ok(mut reg) = self.source.registry().lock() {
-                reg.remove(id, &self.filter);
+                reg.remove(live.id, &self.filter);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use atelier_engine::Event;
+
+    fn delivery(seq: u64, commission_id: u64, user: &str) -> Delivery {
+        let event = Event::RetryDue;
+        let env = Envelope { seq, commission_id, version: seq, at: 0, event };
+        let view = ViewAfter {
+            user_id: Arc::from(user),
+            state: State::Processing,
+            stage: None,
+            progress_percent: 0,
+            stage_progress_percent: None,
+            message: None,
+        };
+        Delivery { env: Arc::new(env), view: Arc::new(view) }
+    }
+
+    fn subscribe(reg: &mut Registry, filter: Filter) -> (Receiver<Batch>, Arc<AtomicUsize>) {
+        let (tx, rx) = crossbeam_channel::bounded(SUBSCRIBER_QUEUE_EVENTS_MAX);
+        let queued = Arc::new(AtomicUsize::new(0));
+        reg.add(filter, tx, queued.clone());
+        (rx, queued)
+    }
+
+    fn seqs(batch: &Batch) -> Vec<u64> {
+        batch.iter().map(|d| d.env.seq).collect()
+    }
+
+    #[test]
+    fn a_publish_reaches_each_subscriber_as_one_batch_per_commission_run() {
+        let mut reg = Registry::default();
+        let (one, one_queued) = subscribe(&mut reg, Filter::Commission(1));
+        let (alice, _) = subscribe(&mut reg, Filter::User("alice".into()));
+        let (all, _) = subscribe(&mut reg, Filter::All);
+        let (bob, _) = subscribe(&mut reg, Filter::User("bob".into()));
+        // Commission 1 (alice) twice, 2 (alice) once, 1 again, 3 (carol) once.
+        let group = [delivery(10, 1, "alice"), delivery(11, 1, "alice"), delivery(12, 2, "alice"), delivery(13, 1, "alice"), delivery(14, 3, "carol")];
+        assert_eq!(reg.publish(&group), 0);
+        let got: Vec<Vec<u64>> = one.try_iter().map(|b| seqs(&b)).collect();
+        assert_eq!(got, vec![vec![10, 11], vec![13]]);
+        assert_eq!(one_queued.load(Ordering::Acquire), 3, "events, not batches, are counted");
+        let got: Vec<Vec<u64>> = alice.try_iter().map(|b| seqs(&b)).collect();
+        assert_eq!(got, vec![vec![10, 11], vec![12], vec![13]]);
+        let got: Vec<Vec<u64>> = all.try_iter().map(|b| seqs(&b)).collect();
+        assert_eq!(got, vec![vec![10, 11, 12, 13, 14]]);
+        assert!(bob.try_recv().is_err(), "nothing for a user without events");
+    }
+
+    #[test]
+    fn a_subscriber_is_cut_off_by_events_queued_not_by_batches() {
+        let mut reg = Registry::default();
+        let (rx, queued) = subscribe(&mut reg, Filter::Commission(1));
+        // One batch larger than the queue still reaches an idle subscriber.
+        let big: Vec<Delivery> = (1..=SUBSCRIBER_QUEUE_EVENTS_MAX as u64 + 1).map(|s| delivery(s, 1, "alice")).collect();
+        assert_eq!(reg.publish(&big), 0);
+        assert_eq!(queued.load(Ordering::Acquire), big.len());
+        // Anything more while it is still queued: cut off.
+        let next = SUBSCRIBER_QUEUE_EVENTS_MAX as u64 + 2;
+        assert_eq!(reg.publish(&[delivery(next, 1, "alice")]), 1);
+        assert_eq!(reg.len(), 0);
+        assert_eq!(rx.try_iter().map(|b| b.len()).sum::<usize>(), big.len(), "what was sent stays deliverable");
     }
 }
