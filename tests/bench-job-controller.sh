@@ -10,6 +10,9 @@
 # The server's settings come from the environment (MAX_CONCURRENT_JOBS, USE_JOB_CONTROLLER,
 # ATELIER_BALLAST_MB, ...). Defaults: 3 runs of --n 600 --concurrency 20. DATA_ROOT=DIR keeps
 # the data dirs there for the caller to delete after a series (see the comment at the end).
+# PIN=1 gives the system under test (with everything it starts) CPU 1 and the harness CPU 0,
+# so neither takes the other's core: it measures what the system does on one core, where an
+# unpinned run also measures how the scheduler happens to place the single-threaded harness.
 set -euo pipefail
 KIND="${1:?usage: bench-job-controller.sh atelier|bullmq BIN [RUNS] [bench args]}"
 BIN="${2:?}"
@@ -18,6 +21,12 @@ shift 3 || shift $#
 BENCH_ARGS=("$@")
 [ ${#BENCH_ARGS[@]} -eq 0 ] && BENCH_ARGS=(--n 600 --concurrency 20)
 BENCH_DIR="${BENCH_DIR:-/work/shared/bench}"
+SYSTEM_CPU=()
+HARNESS_CPU=()
+if [ -n "${PIN:-}" ]; then
+  SYSTEM_CPU=(taskset -c 1)
+  HARNESS_CPU=(taskset -c 0)
+fi
 PY="${PY:-/tmp/bench-venv/bin/python}"
 [ -x "$PY" ] || "$BENCH_DIR/setup.sh"
 
@@ -77,12 +86,12 @@ for run in $(seq "$RUNS"); do
   if [ "$KIND" = atelier ]; then
     DATA="$(mktemp -d "${DATA_ROOT:-/tmp}/atelier-jc-bench.XXXXXX")"
     ATELIER_SECRET=s ATELIER_DATA_DIR="$DATA" ATELIER_LISTEN="127.0.0.1:$PORT" RUST_LOG="${RUST_LOG:-warn}" \
-      "$BIN" serve >"$DATA.log" 2>&1 &
+      "${SYSTEM_CPU[@]}" "$BIN" serve >"$DATA.log" 2>&1 &
     PID=$!
     TOKEN="$(ATELIER_SECRET=s "$BIN" token --user bench --admin)"
   else
     PIDFILE="$(mktemp)"
-    PIDFILE="$PIDFILE" /work/shared/peers/bullmq/run.sh "$PORT" 2>/dev/null &
+    PIDFILE="$PIDFILE" "${SYSTEM_CPU[@]}" /work/shared/peers/bullmq/run.sh "$PORT" 2>/dev/null &
     PID=$!
     TOKEN=x
   fi
@@ -95,7 +104,7 @@ for run in $(seq "$RUNS"); do
   # what the system under test (with everything it starts) and any other tenant used.
   HARNESS_CPU_FILE="$(mktemp)"
   BUSY0="$(busy_ticks)"
-  OUT="$(flock /tmp/atelier-bench.lock "$PY" -c "$HARNESS_WRAPPER" "$HARNESS_CPU_FILE" \
+  OUT="$(flock /tmp/atelier-bench.lock "${HARNESS_CPU[@]}" "$PY" -c "$HARNESS_WRAPPER" "$HARNESS_CPU_FILE" \
     "$PY" "$BENCH_DIR/bench.py" e2e --url "http://127.0.0.1:$PORT" \
     --token "$TOKEN" --pid "$SERVER_PID" "${BENCH_ARGS[@]}")"
   BUSY1="$(busy_ticks)"
