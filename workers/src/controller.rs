@@ -752,6 +752,9 @@ fn run_process_job(shared: &Shared, c: Commission, signal: &JobSignal, ready: In
     let ended = process::watch(watched, &mut session, signal, &applied);
     shared.with_router(|r, cfg| r.record(cfg, ended.infra_failure, Instant::now()));
     shared.metrics.job_finished(executor, ended.finish.outcome(), started.elapsed());
+    if let Some(bytes) = ended.finish.max_rss_bytes() {
+        shared.metrics.worker_max_rss(bytes);
+    }
     record_finish(&*shared.store, shared.config.retry, c.id, executor, session.take_batch(), ended.finish);
 }
 

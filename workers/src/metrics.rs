@@ -15,6 +15,20 @@ const SPAWN_BUCKETS_SECONDS: [f64; 9] = [0.0005, 0.001, 0.002, 0.005, 0.01, 0.02
 /// Finer around the 5 ms a pickup should stay under.
 const PICKUP_BUCKETS_SECONDS: [f64; 13] =
     [0.0005, 0.001, 0.0015, 0.002, 0.003, 0.004, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.1, 0.5];
+/// Peak RSS of a worker process, 4 MiB to 4 GiB (the memory limit's range).
+const MAX_RSS_BUCKETS_BYTES: [f64; 11] = [
+    4_194_304.0,
+    8_388_608.0,
+    16_777_216.0,
+    33_554_432.0,
+    67_108_864.0,
+    134_217_728.0,
+    268_435_456.0,
+    536_870_912.0,
+    1_073_741_824.0,
+    2_147_483_648.0,
+    4_294_967_296.0,
+];
 const EXECUTORS: [Executor; 2] = [Executor::JobController, Executor::TaskRunner];
 
 #[derive(Clone, Debug, Default)]
@@ -60,6 +74,7 @@ struct Inner {
     running: [i64; 2],
     spawn: Histogram,
     pickup: Histogram,
+    max_rss: Histogram,
     routing: [u64; 2],
 }
 
@@ -99,6 +114,14 @@ impl Metrics {
             m.duration[idx(e)].observe(&DURATION_BUCKETS_SECONDS, took.as_secs_f64());
             m.running[idx(e)] -= 1;
         });
+    }
+
+    /// A worker process was reaped with this peak RSS (kernel rusage).
+    pub(crate) fn worker_max_rss(&self, bytes: u64) {
+        // Exact to the byte up to 2^53 (8 PiB): far past any memory limit.
+        #[allow(clippy::cast_precision_loss)]
+        let bytes = bytes as f64;
+        self.with(|m| m.max_rss.observe(&MAX_RSS_BUCKETS_BYTES, bytes));
     }
 
     pub(crate) fn spawned(&self, took: Duration) {
@@ -145,6 +168,8 @@ impl Metrics {
         }
         out.push_str("# HELP atelier_job_spawn_seconds Time to spawn a worker process.\n# TYPE atelier_job_spawn_seconds histogram\n");
         g.spawn.render(&mut out, "atelier_job_spawn_seconds", "", &SPAWN_BUCKETS_SECONDS);
+        out.push_str("# HELP atelier_job_max_rss_bytes Peak RSS of worker processes (kernel rusage).\n# TYPE atelier_job_max_rss_bytes histogram\n");
+        g.max_rss.render(&mut out, "atelier_job_max_rss_bytes", "", &MAX_RSS_BUCKETS_BYTES);
         out.push_str("# HELP atelier_job_pickup_seconds From a free slot to a running worker (job controller).\n# TYPE atelier_job_pickup_seconds histogram\n");
         g.pickup.render(&mut out, "atelier_job_pickup_seconds", "", &PICKUP_BUCKETS_SECONDS);
         out.push_str("# HELP atelier_progress_events_coalesced_total Progress reports dropped for a newer one.\n# TYPE atelier_progress_events_coalesced_total counter\n");

@@ -57,6 +57,17 @@ pub(crate) enum Finish {
 }
 
 impl Finish {
+    /// The worker's peak RSS from the kernel's rusage, when the job had a process of its own
+    /// that was reaped (not for the task runner, whose jobs share the server's).
+    pub(crate) fn max_rss_bytes(&self) -> Option<u64> {
+        match self {
+            Finish::Complete { end, .. } | Finish::Fail { end, .. } | Finish::Cancelled { end } => {
+                Some(end.max_rss_bytes).filter(|b| *b > 0)
+            }
+            Finish::Nothing => None,
+        }
+    }
+
     /// The `outcome` label of the finished-jobs metric.
     pub(crate) fn outcome(&self) -> &'static str {
         match self {

@@ -250,6 +250,8 @@ fn builtin_pipelines_complete_and_the_task_runner_agrees() {
         "atelier_job_duration_seconds_count{executor=\"job_controller\"} 2",
         "atelier_jobs_running{executor=\"job_controller\"} 0",
         "atelier_job_spawn_seconds_count 2",
+        "atelier_job_max_rss_bytes_count 2",
+        "atelier_job_max_rss_bytes_bucket{le=\"4294967296\"} 2",
         "atelier_progress_events_coalesced_total",
         "atelier_executor_routing{executor=\"job_controller\"} 2",
         "atelier_rollback_active 0",
