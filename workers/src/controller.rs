@@ -806,6 +806,7 @@ fn spawn_worker(
         nofile_max: p.limits.nofile_max,
         nproc_max: p.limits.nproc_max,
         fsize_bytes: p.limits.fsize_mb * 1024 * 1024,
+        interface: crate::INTERFACE.into(),
         argv: worker_argv,
     };
     let mut args = vec!["__trampoline".to_string()];

@@ -83,6 +83,9 @@ impl std::error::Error for ProgramError {}
 /// fails it is set aside for the server's own modes, with the reason in the result.
 pub fn choose_worker_program(server_exe: &Path, configured: Option<PathBuf>) -> Result<WorkerProgram, ProgramError> {
     if let Some(path) = configured {
+        // Absolute: a job's trampoline runs in another working directory.
+        let path = std::fs::canonicalize(&path)
+            .map_err(|e| ProgramError::CannotRun { path: path.clone(), error: format!("cannot start it: {e}") })?;
         check_interface(&path)?;
         return Ok(WorkerProgram { path, source: ProgramSource::Configured });
     }

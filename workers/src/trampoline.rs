@@ -34,6 +34,9 @@ pub struct TrampolineArgs {
     pub nofile_max: u64,
     pub nproc_max: u64,
     pub fsize_bytes: u64,
+    /// The server's [`crate::INTERFACE`]: a trampoline built from other sources (a worker
+    /// program replaced on disk while the server runs) refuses to run the job.
+    pub interface: String,
     pub argv: Vec<String>,
 }
 
@@ -55,6 +58,8 @@ impl TrampolineArgs {
             self.nproc_max.to_string(),
             "--fsize-bytes".into(),
             self.fsize_bytes.to_string(),
+            "--interface".into(),
+            self.interface.clone(),
             "--".into(),
         ];
         v.extend(self.argv.iter().cloned());
@@ -79,6 +84,7 @@ impl TrampolineArgs {
             nofile_max: 0,
             nproc_max: 0,
             fsize_bytes: 0,
+            interface: String::new(),
             argv: argv.to_vec(),
         };
         let mut it = opts.iter();
@@ -93,11 +99,12 @@ impl TrampolineArgs {
                 "--nofile" => t.nofile_max = num()?,
                 "--nproc" => t.nproc_max = num()?,
                 "--fsize-bytes" => t.fsize_bytes = num()?,
+                "--interface" => t.interface = value.clone(),
                 other => return Err(format!("unknown option {other}")),
             }
         }
-        if t.server_pid == 0 || t.proto_fd < 0 {
-            return Err("--server-pid and --proto-fd are required".into());
+        if t.server_pid == 0 || t.proto_fd < 0 || t.interface.is_empty() {
+            return Err("--server-pid, --proto-fd and --interface are required".into());
         }
         Ok(t)
     }
@@ -112,6 +119,16 @@ pub fn trampoline_main(args: &[String]) -> i32 {
             return EXIT_USAGE;
         }
     };
+    // First, before it changes anything about this process: the server checked its worker
+    // program at start, but the file may have been replaced since (a rebuild, a deploy).
+    if t.interface != crate::INTERFACE {
+        eprintln!(
+            "atelier __trampoline: this worker program was built from other sources than the server (interface {}, the server's {}); rebuild it or restart the server",
+            crate::INTERFACE,
+            t.interface
+        );
+        return EXIT_SETUP_FAILED;
+    }
     // The spawner already made us a group leader (posix_spawn's SETPGROUP); this covers a
     // caller that did not. Failing is fine only if we already lead our group.
     if setpgid(Pid::from_raw(0), Pid::from_raw(0)).is_err() && getpgrp() != getpid() {
@@ -209,12 +226,36 @@ mod tests {
             nofile_max: 256,
             nproc_max: 64,
             fsize_bytes: 1 << 20,
+            interface: crate::INTERFACE.into(),
             argv: vec!["/bin/x".into(), "--a".into(), "--".into()],
         };
         assert_eq!(TrampolineArgs::parse(&t.to_args()), Ok(t.clone()));
         let mut with_name = vec!["__trampoline".to_string()];
         with_name.extend(t.to_args());
-        assert_eq!(TrampolineArgs::parse(&with_name), Ok(t));
+        assert_eq!(TrampolineArgs::parse(&with_name), Ok(t.clone()));
         assert!(TrampolineArgs::parse(&["--server-pid".into(), "1".into()]).is_err());
+        let mut no_interface = t.clone();
+        no_interface.interface.clear();
+        assert!(TrampolineArgs::parse(&no_interface.to_args()).is_err());
+    }
+
+    #[test]
+    fn a_trampoline_from_other_sources_refuses_the_job_before_touching_anything() {
+        let t = TrampolineArgs {
+            server_pid: 42,
+            proto_fd: 9,
+            memory_bytes: 1 << 29,
+            cpu_seconds: 60,
+            nofile_max: 256,
+            nproc_max: 64,
+            fsize_bytes: 1 << 20,
+            interface: "0.0.0+0000000000000000".into(),
+            argv: vec!["/bin/true".into()],
+        };
+        let group = getpgrp();
+        // Runs in this test process: had it gone past the check, it would have made this
+        // process a group leader (and exec'd /bin/true).
+        assert_eq!(trampoline_main(&t.to_args()), EXIT_SETUP_FAILED);
+        assert_eq!(getpgrp(), group);
     }
 }
