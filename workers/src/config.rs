@@ -194,6 +194,9 @@ pub struct WorkersConfig {
     pub rollback_min_jobs: u32,
     /// How long a rollback lasts before the controller gets traffic again.
     pub rollback_cooldown_ms: u64,
+    /// Roll back when the controller's median time of recent succeeded jobs exceeds the task
+    /// runner's by this much (150: 1.5×), once both have `rollback_min_jobs` of them; 0: never.
+    pub rollback_slowdown_percent: u32,
     pub auto_rollback: bool,
     /// Between SIGTERM and SIGKILL on cancel and shutdown.
     pub kill_grace_ms: u64,
@@ -230,6 +233,7 @@ impl Default for WorkersConfig {
             rollback_window_jobs: 100,
             rollback_min_jobs: 20,
             rollback_cooldown_ms: 60_000,
+            rollback_slowdown_percent: 150,
             auto_rollback: true,
             kill_grace_ms: 5_000,
             heartbeat_timeout_ms: 30_000,
@@ -281,6 +285,7 @@ const SETTINGS: &[(&str, &str)] = &[
     ("rollback_window_jobs", "ROLLBACK_WINDOW_JOBS"),
     ("rollback_min_jobs", "ROLLBACK_MIN_JOBS"),
     ("rollback_cooldown_ms", "ROLLBACK_COOLDOWN_MS"),
+    ("rollback_slowdown_percent", "ROLLBACK_SLOWDOWN_PERCENT"),
     ("auto_rollback", "AUTO_ROLLBACK"),
     ("kill_grace_ms", "KILL_GRACE_MS"),
     ("heartbeat_timeout_ms", "HEARTBEAT_TIMEOUT_MS"),
@@ -432,6 +437,13 @@ impl WorkersConfig {
                 self.rollback_min_jobs = u32::try_from(raw.int(name, 1, 100_000)?).expect("invariant: in range")
             }
             "rollback_cooldown_ms" => self.rollback_cooldown_ms = to_u64(raw.int(name, 0, 86_400_000)?),
+            "rollback_slowdown_percent" => {
+                let v = u32::try_from(raw.int(name, 0, 10_000)?).expect("invariant: in range");
+                if v != 0 && v < 100 {
+                    return Err(invalid(name, format!("{v} is below 100 (the task runner's own speed); 0 turns it off")));
+                }
+                self.rollback_slowdown_percent = v;
+            }
             "kill_grace_ms" => self.kill_grace_ms = to_u64(raw.int(name, 0, 600_000)?),
             "heartbeat_timeout_ms" => self.heartbeat_timeout_ms = to_u64(raw.int(name, 50, 86_400_000)?),
             "log_bytes_max" => self.log_bytes_max = to_u64(raw.int(name, 0, 1 << 40)?),
@@ -677,6 +689,8 @@ stages.uploading = { builtin = "artifact_store" }
             ("[pipelines.a]\ncpu_seconds = 999999999", &[], "pipelines.a.cpu_seconds"),
             ("[pipelines.a]\ncolour = 1", &[], "pipelines.a.colour"),
             ("[workers]\nuse_job_controller = false\nkeep_task_runner = false", &[], "workers.keep_task_runner"),
+            ("[workers]\nrollback_slowdown_percent = 50", &[], "workers.rollback_slowdown_percent"),
+            ("", &[("ROLLBACK_SLOWDOWN_PERCENT", "99")], "ROLLBACK_SLOWDOWN_PERCENT"),
         ];
         for (text, env, key) in cases {
             let err = load(text, env).expect_err(text);

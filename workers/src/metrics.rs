@@ -85,6 +85,8 @@ pub(crate) struct Metrics {
     pub(crate) rollback_active: AtomicBool,
     /// Processes ended because they had left their job's process group (`contain`).
     pub(crate) escapees_ended: AtomicU64,
+    /// Rollbacks by reason, as the router counted them (`RollbackReason::ALL` order).
+    rollbacks: Mutex<[u64; 3]>,
 }
 
 fn idx(e: Executor) -> usize {
@@ -132,6 +134,10 @@ impl Metrics {
     /// free slot to the spawn's return (job id, job dir, spawn; not the start's append).
     pub(crate) fn picked_up(&self, took: Duration) {
         self.with(|m| m.pickup.observe(&PICKUP_BUCKETS_SECONDS, took.as_secs_f64()));
+    }
+
+    pub(crate) fn set_rollbacks(&self, counts: [u64; 3]) {
+        *self.rollbacks.lock().unwrap_or_else(|p| p.into_inner()) = counts;
     }
 
     pub(crate) fn routed(&self, e: Executor) {
@@ -182,6 +188,11 @@ impl Metrics {
         }
         out.push_str("# HELP atelier_rollback_active 1 while jobs are rolled back to the task runner.\n# TYPE atelier_rollback_active gauge\n");
         let _ = writeln!(out, "atelier_rollback_active {}", u8::from(self.rollback_active.load(Ordering::Relaxed)));
+        out.push_str("# HELP atelier_rollbacks_total Rollbacks to the task runner, by reason.\n# TYPE atelier_rollbacks_total counter\n");
+        let rollbacks = *self.rollbacks.lock().unwrap_or_else(|p| p.into_inner());
+        for (reason, n) in crate::controller::RollbackReason::ALL.iter().zip(rollbacks) {
+            let _ = writeln!(out, "atelier_rollbacks_total{{reason=\"{}\"}} {n}", reason.as_str());
+        }
         out
     }
 }

@@ -193,6 +193,11 @@ fn run_task(shared: &Shared, c: Commission, signal: &JobSignal) {
             (None, None) => fail("the pipeline ended without a result".into(), false, JobStatus::Failed),
         },
     };
-    shared.metrics.job_finished(executor, finish.outcome(), started.elapsed());
+    let took = started.elapsed();
+    if matches!(finish, Finish::Complete { .. }) {
+        // The rollback compares the controller's job times with these.
+        shared.with_router(|r, cfg| r.record_took(cfg, executor, took, Instant::now()));
+    }
+    shared.metrics.job_finished(executor, finish.outcome(), took);
     record_finish(&*shared.store, shared.config.retry, c.id, executor, rep.session.take_batch(), finish);
 }

@@ -255,6 +255,7 @@ fn builtin_pipelines_complete_and_the_task_runner_agrees() {
         "atelier_progress_events_coalesced_total",
         "atelier_executor_routing{executor=\"job_controller\"} 2",
         "atelier_rollback_active 0",
+        "atelier_rollbacks_total{reason=\"slow\"} 0",
     ] {
         assert!(m.contains(name), "metrics lack {name}:\n{m}");
     }
@@ -508,6 +509,7 @@ fn spawn_failure_rolls_back_to_the_task_runner() {
     assert_eq!(jobs[1].executor, Executor::TaskRunner);
     let m = h.controller().metrics_text();
     assert!(m.contains("atelier_rollback_active 1"), "{m}");
+    assert!(m.contains("atelier_rollbacks_total{reason=\"spawn_failed\"} 1"), "{m}");
     assert!(m.contains("atelier_executor_routing{executor=\"task_runner\"} 1"), "{m}");
 }
 
@@ -536,6 +538,7 @@ fn failure_rate_rolls_back_to_the_task_runner() {
     }
     let m = h.controller().metrics_text();
     assert!(m.contains("atelier_rollback_active 1"), "{m}");
+    assert!(m.contains("atelier_rollbacks_total{reason=\"failure_rate\"} 1"), "{m}");
     let id = h.create("noop", serde_json::json!({}), 1);
     assert_eq!(h.wait_terminal(id, LONG).state, State::Completed);
     assert_eq!(h.jobs(id)[0].executor, Executor::TaskRunner);
