@@ -114,6 +114,35 @@ fn the_worker_program_is_checked_before_it_runs_jobs() {
 }
 
 #[test]
+fn every_line_about_a_job_carries_its_commission_and_job() {
+    let dir = TempDir::new("jobs-spans");
+    let alice = token("alice", false);
+    for (executor, use_controller) in [("job_controller", "true"), ("task_runner", "false")] {
+        let log = dir.0.join(format!("{executor}.log"));
+        let env = [("RUST_LOG", "info"), ("ATELIER_LOG_FORMAT", "json"), ("USE_JOB_CONTROLLER", use_controller)];
+        let s = Server::start_logging_to(exe(), &dir.0.join(executor), &env, &log);
+        let id = s.create(&alice, json!({"context": {"title": "spans"}, "pipeline": "commission"}))["task_id"].as_u64().unwrap();
+        let done = wait_for(Duration::from_secs(20), || {
+            (s.get(&format!("/api/commissions/{id}"), Some(&alice)).json()["state"] == "completed").then_some(())
+        });
+        assert!(done.is_some(), "{executor}: the commission completes");
+        let job_id = s.get(&format!("/api/commissions/{id}/jobs"), Some(&alice)).json()["items"][0]["job_id"].as_u64().unwrap();
+        assert!(s.stop().success());
+        let text = std::fs::read_to_string(&log).unwrap();
+        let lines: Vec<Value> = text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+        let about_the_job: Vec<&Value> = lines.iter().filter(|l| l["fields"]["message"] == "job recorded").collect();
+        assert_eq!(about_the_job.len(), 1, "{executor}: one 'job recorded' line in\n{text}");
+        let spans = &about_the_job[0]["spans"];
+        assert_eq!(spans[0]["name"], "commission", "{executor}: {spans}");
+        assert_eq!(spans[0]["id"], id);
+        assert_eq!(spans[0]["user"], "alice");
+        assert_eq!(spans[1]["name"], "job", "{executor}: {spans}");
+        assert_eq!(spans[1]["id"], job_id);
+        assert_eq!(spans[1]["executor"], executor);
+    }
+}
+
+#[test]
 fn job_records_and_logs_over_http() {
     let dir = TempDir::new("jobs-http");
     let s = Server::start(exe(), &dir.0, &[]);

@@ -59,7 +59,13 @@ impl Server {
     }
 
     pub fn start_on(exe: &Path, data_dir: &Path, env: &[(&str, &str)], listen: &str) -> Server {
-        Self::start_with(Command::new(exe), exe, data_dir, env, listen)
+        Self::start_with(Command::new(exe), exe, data_dir, env, listen, Stdio::inherit())
+    }
+
+    /// Starts the server with its log (stderr) going to `log`.
+    pub fn start_logging_to(exe: &Path, data_dir: &Path, env: &[(&str, &str)], log: &Path) -> Server {
+        let log = std::fs::File::create(log).expect("create the log file");
+        Self::start_with(Command::new(exe), exe, data_dir, env, "127.0.0.1:0", log.into())
     }
 
     /// Starts the server with at most `nofile` open file descriptors (soft and hard).
@@ -76,10 +82,10 @@ impl Server {
                 Ok(())
             });
         }
-        Self::start_with(cmd, exe, data_dir, env, "127.0.0.1:0")
+        Self::start_with(cmd, exe, data_dir, env, "127.0.0.1:0", Stdio::inherit())
     }
 
-    fn start_with(mut cmd: Command, exe: &Path, data_dir: &Path, env: &[(&str, &str)], listen: &str) -> Server {
+    fn start_with(mut cmd: Command, exe: &Path, data_dir: &Path, env: &[(&str, &str)], listen: &str, stderr: Stdio) -> Server {
         cmd.arg("serve")
             .env("ATELIER_LISTEN", listen)
             .env("ATELIER_DATA_DIR", data_dir)
@@ -87,7 +93,7 @@ impl Server {
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
+            .stderr(stderr);
         for (k, v) in env {
             cmd.env(k, v);
         }

@@ -754,9 +754,21 @@ pub(crate) fn pipeline_file(shared: &Shared, p: &PipelineConfig, job_id: u64) ->
 }
 
 /// One job on the job controller, from job id to recorded outcome.
+/// The span every line about one commission's job is logged in (with the job's, below):
+/// its ids are on every line, also on lines that do not name them.
+pub(crate) fn commission_span(c: &Commission) -> tracing::Span {
+    tracing::info_span!("commission", id = c.id, user = %c.user_id, pipeline = %c.pipeline)
+}
+
+pub(crate) fn job_span(job_id: u64, executor: Executor) -> tracing::Span {
+    tracing::info_span!("job", id = job_id, executor = executor.as_str())
+}
+
 fn run_process_job(shared: &Shared, c: Commission, signal: &JobSignal, ready: Instant) {
     let executor = Executor::JobController;
+    let _commission = commission_span(&c).entered();
     let Some((job_id, p)) = shared.begin_job(&c, executor) else { return };
+    let _job = job_span(job_id, executor).entered();
     let prepared = job_input(shared, &c, job_id).and_then(|(dir, input)| Ok((dir, input, pipeline_file(shared, &p, job_id)?)));
     let (dir, input, spec_file) = match prepared {
         Ok(v) => v,

@@ -129,7 +129,9 @@ fn thread_cpu_ms() -> u64 {
 
 fn run_task(shared: &Shared, c: Commission, signal: &JobSignal) {
     let executor = Executor::TaskRunner;
+    let _commission = crate::controller::commission_span(&c).entered();
     let Some((job_id, p)) = shared.begin_job(&c, executor) else { return };
+    let _job = crate::controller::job_span(job_id, executor).entered();
     let (dir, input) = match job_input(shared, &c, job_id) {
         Ok(v) => v,
         Err(e) => {
