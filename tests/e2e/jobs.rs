@@ -142,6 +142,71 @@ fn every_line_about_a_job_carries_its_commission_and_job() {
     }
 }
 
+/// Workers that end badly, each in its own way (the fault matrix in workers/tests has them
+/// all, against the library); here against the real server, to count what they leave in it.
+const FAULTY: &str = r#"
+[pipelines.f-sigkill]
+worker_args = ["--behave", "sigkill"]
+[pipelines.f-segv]
+worker_args = ["--behave", "segfault"]
+[pipelines.f-garbage]
+worker_args = ["--behave", "garbage"]
+[pipelines.f-huge]
+worker_args = ["--behave", "huge-line"]
+[pipelines.f-noresult]
+worker_args = ["--behave", "no-result"]
+[pipelines.f-orphan]
+worker_args = ["--behave", "fork-orphan"]
+[pipelines.f-hang]
+worker_args = ["--behave", "hang"]
+timeout_seconds = 1
+[pipelines.f-flood]
+worker_args = ["--behave", "flood"]
+[pipelines.f-missing]
+command = ["/nonexistent/worker"]
+"#;
+
+#[test]
+fn workers_that_end_badly_leave_no_descriptor_in_the_server() {
+    let dir = TempDir::new("jobs-fds");
+    let config = dir.0.join("atelier.toml");
+    std::fs::write(&config, FAULTY).unwrap();
+    let s = Server::start(exe(), &dir.0.join("data"), &[("ATELIER_CONFIG", config.to_str().unwrap()), ("MAX_CONCURRENT_JOBS", "4")]);
+    let alice = token("alice", false);
+    let finish = |pipelines: &[&str]| {
+        let ids: Vec<u64> = pipelines
+            .iter()
+            .map(|p| s.create(&alice, json!({"context": {}, "pipeline": p, "max_attempts": 1}))["task_id"].as_u64().unwrap())
+            .collect();
+        for (id, p) in ids.iter().zip(pipelines) {
+            let state = wait_for(Duration::from_secs(30), || {
+                let st = s.get(&format!("/api/commissions/{id}"), Some(&alice)).json()["state"].as_str().unwrap_or("").to_string();
+                (st == "completed" || st == "failed").then_some(st)
+            });
+            assert!(state.is_some(), "{p}: commission {id} ends");
+        }
+    };
+    // Warm up what a server opens once (log files, threads' pipes) with a job of each kind.
+    finish(&["noop", "commission"]);
+    let fds = || -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(format!("/proc/{}/fd", s.pid()))
+            .unwrap()
+            .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+            .map(|p| p.display().to_string())
+            .collect();
+        v.sort();
+        v
+    };
+    // The last request's connection closes right after its reply; let it.
+    std::thread::sleep(Duration::from_millis(300));
+    let before = fds();
+    finish(&["f-sigkill", "f-segv", "f-garbage", "f-huge", "f-noresult", "f-orphan", "f-hang", "f-flood", "f-missing", "noop"]);
+    // Connections of the requests above may still be closing: wait (bounded) for the count.
+    let settled = wait_for(Duration::from_secs(5), || (fds().len() <= before.len()).then_some(()));
+    assert!(settled.is_some(), "descriptors before: {before:#?}\nafter: {:#?}", fds());
+    assert_eq!(s.get("/healthz", None).status, 200, "the server still serves");
+}
+
 #[test]
 fn job_records_and_logs_over_http() {
     let dir = TempDir::new("jobs-http");

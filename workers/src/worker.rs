@@ -26,6 +26,11 @@ pub const EXIT_USAGE: i32 = 2;
 pub const EXIT_PIPE: i32 = 3;
 /// What `--behave exit-nonzero` exits with.
 pub const EXIT_BEHAVE: i32 = 7;
+/// `--behave fork-bomb` stops here where RLIMIT_NPROC does not stop it (it does not bind root).
+const FORK_BOMB_PROCESSES_MAX: usize = 256;
+/// `--behave huge-line`: one protocol line of 10 MiB, far past PROTOCOL_LINE_BYTES_MAX.
+const HUGE_LINE_BYTES: usize = 10 << 20;
+const _: () = assert!(HUGE_LINE_BYTES > PROTOCOL_LINE_BYTES_MAX);
 
 /// Arguments of `atelier __worker`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -192,7 +197,8 @@ fn misbehave(mode: &str, rep: &mut PipeReporter, env: &RunEnv) -> Option<i32> {
         }
     };
     match mode {
-        "sigkill" | "abort" | "oom" | "spin" | "hang" | "no-heartbeat" | "ignore-term" | "exit-nonzero" => {
+        "sigkill" | "abort" | "segfault" | "oom" | "spin" | "hang" | "no-heartbeat" | "ignore-term" | "exit-nonzero"
+        | "fork-bomb" => {
             let _ = rep.send(first);
         }
         _ => {}
@@ -203,6 +209,35 @@ fn misbehave(mode: &str, rep: &mut PipeReporter, env: &RunEnv) -> Option<i32> {
             Some(EXIT_BEHAVE)
         }
         "abort" => std::process::abort(),
+        // The wait status of an invalid memory access, without writing one (undefined
+        // behaviour in Rust, which the compiler may remove). std's own SIGSEGV handler (stack
+        // overflow detection) would swallow a raised one, so the default action goes back first.
+        "segfault" => {
+            use nix::sys::signal::{raise, signal, SigHandler, Signal};
+            // SAFETY: SIG_DFL runs no code of ours in signal context.
+            let _ = unsafe { signal(Signal::SIGSEGV, SigHandler::SigDfl) };
+            let _ = raise(Signal::SIGSEGV);
+            Some(EXIT_BEHAVE)
+        }
+        "fork-bomb" => {
+            // Children that only wait, until fork fails (RLIMIT_NPROC) or, where the limit
+            // does not hold (root), FORK_BOMB_PROCESSES_MAX of them; then wait to be killed.
+            for n in 0..FORK_BOMB_PROCESSES_MAX {
+                // SAFETY: the child only calls pause(2) and _exit(2), both async-signal-safe.
+                match unsafe { nix::unistd::fork() } {
+                    Ok(nix::unistd::ForkResult::Child) => loop {
+                        let _ = nix::unistd::pause();
+                    },
+                    Ok(nix::unistd::ForkResult::Parent { .. }) => {}
+                    Err(e) => {
+                        let error = format!("fork failed after {n} children: {e}");
+                        let _ = rep.send(Message::Error { error, retryable: false });
+                        return Some(EXIT_BEHAVE);
+                    }
+                }
+            }
+            forever(rep, true)
+        }
         "oom" => {
             let mut hoard: Vec<Vec<u8>> = Vec::new();
             loop {
@@ -237,7 +272,7 @@ fn misbehave(mode: &str, rep: &mut PipeReporter, env: &RunEnv) -> Option<i32> {
             forever(rep, true)
         }
         "huge-line" => {
-            let line = vec![b'x'; PROTOCOL_LINE_BYTES_MAX + 10];
+            let line = vec![b'x'; HUGE_LINE_BYTES];
             let _ = rep.pipe.write_all(&line);
             let _ = rep.pipe.write_all(b"\n");
             forever(rep, true)

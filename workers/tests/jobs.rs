@@ -267,6 +267,12 @@ const FAULTS: &str = r#"
 worker_args = ["--behave", "sigkill"]
 [pipelines.f-abort]
 worker_args = ["--behave", "abort"]
+[pipelines.f-segv]
+worker_args = ["--behave", "segfault"]
+[pipelines.f-forkbomb]
+worker_args = ["--behave", "fork-bomb"]
+nproc_max = 64
+timeout_seconds = 3
 [pipelines.f-oom]
 worker_args = ["--behave", "oom"]
 memory_mb = 128
@@ -311,6 +317,7 @@ fn fault_matrix() {
     let cases: Vec<(&str, serde_json::Value, u32, State, usize, JobStatus, &str)> = vec![
         ("f-sigkill", serde_json::json!({}), 2, State::Failed, 2, JobStatus::Killed, "killed by SIGKILL"),
         ("f-abort", serde_json::json!({}), 1, State::Failed, 1, JobStatus::Killed, "killed by SIGABRT"),
+        ("f-segv", serde_json::json!({}), 2, State::Failed, 2, JobStatus::Killed, "killed by SIGSEGV"),
         ("f-oom", serde_json::json!({}), 3, State::Failed, 2, JobStatus::Killed, "memory limit exceeded (256 MiB, the cap)"),
         ("f-spin", serde_json::json!({}), 2, State::Failed, 1, JobStatus::Killed, "CPU limit exceeded (1 s)"),
         ("f-hang", serde_json::json!({}), 1, State::Failed, 1, JobStatus::TimedOut, "timed out after 1 s"),
@@ -329,6 +336,7 @@ fn fault_matrix() {
         ("commission", serde_json::json!({"fail": "permanent"}), 3, State::Failed, 1, JobStatus::Failed, "asked to fail (permanent)"),
         ("commission", serde_json::json!({"fail": "retryable", "fail_attempts": 1}), 3, State::Completed, 2, JobStatus::Succeeded, ""),
     ];
+    let bomb = h.create("f-forkbomb", serde_json::json!({}), 1);
     let ids: Vec<u64> = cases.iter().map(|(p, ctx, n, ..)| h.create(p, ctx.clone(), *n)).collect();
     for (id, (pipeline, _, _, state, attempts, status, error)) in ids.iter().zip(&cases) {
         let c = h.wait_terminal(*id, LONG);
@@ -357,10 +365,25 @@ fn fault_matrix() {
     assert_eq!(r["job"], h.jobs(ext)[0].job_id.to_string());
     assert_eq!(r["path"], "/usr/bin:/bin");
     // The memory limit doubled for the retry, and said so.
-    let oom_jobs = h.jobs(ids[2]);
+    let oom_jobs = h.jobs(ids[cases.iter().position(|c| c.0 == "f-oom").expect("f-oom case")]);
     assert!(oom_jobs[0].error_message.as_deref().is_some_and(|e| e.contains("(128 MiB); the next attempt gets 256 MiB")), "{oom_jobs:#?}");
     // A signal's number is recorded too.
     assert_eq!(h.jobs(ids[0])[0].signal, Some(9));
+    // A fork bomb: RLIMIT_NPROC (64) stops it; root is not bound by that limit, so there the
+    // worker's own bound (256 children) does and the wall timeout ends the job. Either way
+    // the whole group is gone afterwards.
+    let c = h.wait_terminal(bomb, LONG);
+    let jobs = h.jobs(bomb);
+    let last = jobs.last().expect("the bomb ran");
+    let msg = last.error_message.clone().unwrap_or_default();
+    assert_eq!(c.state, State::Failed, "{c:#?}");
+    // SAFETY: geteuid(2) cannot fail and touches no memory.
+    if unsafe { libc::geteuid() } == 0 {
+        assert_eq!((last.status, msg.contains("timed out after 3 s")), (JobStatus::TimedOut, true), "{msg}");
+    } else {
+        assert_eq!((last.status, msg.contains("fork failed after")), (JobStatus::Failed, true), "{msg}");
+    }
+    assert_clean(last);
     // The server still works after all that.
     let ok = h.create("noop", serde_json::json!({}), 1);
     assert_eq!(h.wait_terminal(ok, LONG).state, State::Completed);
