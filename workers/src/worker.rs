@@ -226,7 +226,7 @@ fn misbehave(mode: &str, rep: &mut PipeReporter, env: &RunEnv) -> Option<i32> {
                 // SAFETY: the child only calls pause(2) and _exit(2), both async-signal-safe.
                 match unsafe { nix::unistd::fork() } {
                     Ok(nix::unistd::ForkResult::Child) => loop {
-                        let _ = nix::unistd::pause();
+                        nix::unistd::pause();
                     },
                     Ok(nix::unistd::ForkResult::Parent { .. }) => {}
                     Err(e) => {
