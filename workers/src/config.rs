@@ -129,6 +129,9 @@ pub struct PipelineConfig {
     pub pass_env: Vec<String>,
     /// A worker silent for longer than this is stalled; `None` uses the `[workers]` default.
     pub heartbeat_timeout_ms: Option<u64>,
+    /// Each of a job's stdout and stderr logs is cut at this size; `None` uses the
+    /// `[workers]` default (`log_bytes_max`).
+    pub log_bytes_max: Option<u64>,
 }
 
 impl PipelineConfig {
@@ -142,6 +145,7 @@ impl PipelineConfig {
             env: BTreeMap::new(),
             pass_env: Vec::new(),
             heartbeat_timeout_ms: None,
+            log_bytes_max: None,
         }
     }
 
@@ -459,6 +463,11 @@ impl WorkersConfig {
     pub fn heartbeat_timeout_ms_for(&self, pipeline: &PipelineConfig) -> u64 {
         pipeline.heartbeat_timeout_ms.unwrap_or(self.heartbeat_timeout_ms)
     }
+
+    /// Where each of `pipeline`'s job logs is cut.
+    pub fn log_bytes_max_for(&self, pipeline: &PipelineConfig) -> u64 {
+        pipeline.log_bytes_max.unwrap_or(self.log_bytes_max)
+    }
 }
 
 const PIPELINE_KEYS: &[&str] = &[
@@ -475,6 +484,7 @@ const PIPELINE_KEYS: &[&str] = &[
     "env",
     "pass_env",
     "heartbeat_timeout_ms",
+    "log_bytes_max",
 ];
 
 fn parse_pipeline(name: &str, value: &toml::Value) -> Result<PipelineConfig, ConfigError> {
@@ -538,6 +548,7 @@ fn parse_pipeline(name: &str, value: &toml::Value) -> Result<PipelineConfig, Con
         p.limits.fsize_mb = v;
     }
     p.heartbeat_timeout_ms = int("heartbeat_timeout_ms", 50, 86_400_000)?;
+    p.log_bytes_max = int("log_bytes_max", 0, 1 << 40)?;
     if let Some(v) = t.get("command") {
         p.command = Some(parse_command(&format!("{prefix}.command"), v)?);
     }

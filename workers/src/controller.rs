@@ -835,7 +835,7 @@ fn run_process_job(shared: &Shared, c: Commission, signal: &JobSignal, ready: In
         out_r,
         err_r,
         job_dir: dir,
-        log_bytes_max: shared.config.log_bytes_max,
+        log_bytes_max: shared.config.log_bytes_max_for(&p),
         kill_grace: Duration::from_millis(shared.config.kill_grace_ms),
     };
     let ended = process::watch(watched, &mut session, signal, &applied);

@@ -390,6 +390,22 @@ fn fault_matrix() {
 }
 
 #[test]
+fn a_pipelines_output_is_cut_at_its_own_cap() {
+    let mut h = Harness::new("logcap");
+    let chatty = r#"
+[pipelines.chatty]
+log_bytes_max = 1000
+command = ["sh", "-c", '''cat >/dev/null; head -c 5000 /dev/zero | tr '\0' x; for s in generating_ideas creating_images uploading creating_products; do printf '{"type":"stage","stage":"%s"}\n' $s >&3; done; printf '{"type":"result","result":{}}\n' >&3''']
+"#;
+    h.start(config(chatty, &[("log_bytes_max", "100000")]));
+    let id = h.create("chatty", serde_json::json!({}), 1);
+    assert_eq!(h.wait_terminal(id, LONG).state, State::Completed);
+    let (out, _) = atelier_workers::job_log_paths(&h.data_dir(), h.jobs(id)[0].job_id);
+    let log = std::fs::read_to_string(out).expect("stdout.log");
+    assert_eq!(log, format!("{}\n[atelier: output cut at 1000 bytes]\n", "x".repeat(1000)));
+}
+
+#[test]
 fn cancel_while_running() {
     let mut h = Harness::new("cancel");
     h.start(config("[pipelines.stubborn]\nworker_args = [\"--behave\", \"ignore-term\"]\n", &[("kill_grace_ms", "300")]));
