@@ -257,6 +257,8 @@ pub enum ConfigError {
     UnknownKey { key: String },
     /// `key` has the wrong type or an unusable value.
     Invalid { key: String, reason: String },
+    /// One of the above, for a key set on this line (1-based) of atelier.toml.
+    AtLine { line: usize, error: Box<ConfigError> },
 }
 
 impl std::fmt::Display for ConfigError {
@@ -265,11 +267,29 @@ impl std::fmt::Display for ConfigError {
             ConfigError::Syntax(e) => write!(f, "atelier.toml is not valid TOML: {e}"),
             ConfigError::UnknownKey { key } => write!(f, "unknown setting '{key}'"),
             ConfigError::Invalid { key, reason } => write!(f, "setting '{key}': {reason}"),
+            ConfigError::AtLine { line, error } => write!(f, "atelier.toml line {line}: {error}"),
         }
     }
 }
 
 impl std::error::Error for ConfigError {}
+
+/// The line (1-based) of `text` where the dotted `key` (`pipelines.a.memory_mb`) is set, or
+/// for a key of the environment (`MAX_CONCURRENT_JOBS`) or one not in the text, none.
+fn line_of(text: &str, key: &str) -> Option<usize> {
+    let doc = toml_edit::ImDocument::parse(text).ok()?;
+    let mut table: &dyn toml_edit::TableLike = doc.as_table();
+    let mut segments = key.split('.').peekable();
+    while let Some(segment) = segments.next() {
+        let (k, item) = table.get_key_value(segment)?;
+        if segments.peek().is_none() {
+            let start = k.span().or_else(|| item.span())?.start;
+            return Some(text.get(..start)?.matches('\n').count() + 1);
+        }
+        table = item.as_table_like()?;
+    }
+    None
+}
 
 fn invalid(key: &str, reason: impl Into<String>) -> ConfigError {
     ConfigError::Invalid { key: key.to_string(), reason: reason.into() }
@@ -361,6 +381,19 @@ impl WorkersConfig {
     /// tables are read, other tables are left to their owners); `env`: looks up environment
     /// variables, which win over the file.
     pub fn load(toml_text: Option<&str>, env: &dyn Fn(&str) -> Option<String>) -> Result<WorkersConfig, ConfigError> {
+        WorkersConfig::load_unlocated(toml_text, env).map_err(|error| {
+            let key = match &error {
+                ConfigError::UnknownKey { key } | ConfigError::Invalid { key, .. } => key,
+                ConfigError::Syntax(_) | ConfigError::AtLine { .. } => return error,
+            };
+            match toml_text.and_then(|text| line_of(text, key)) {
+                Some(line) => ConfigError::AtLine { line, error: Box::new(error) },
+                None => error,
+            }
+        })
+    }
+
+    fn load_unlocated(toml_text: Option<&str>, env: &dyn Fn(&str) -> Option<String>) -> Result<WorkersConfig, ConfigError> {
         let doc: toml::Table = match toml_text {
             Some(text) => text.parse().map_err(|e: toml::de::Error| ConfigError::Syntax(e.to_string()))?,
             None => toml::Table::new(),
@@ -707,5 +740,13 @@ stages.uploading = { builtin = "artifact_store" }
             let err = load(text, env).expect_err(text);
             assert!(err.to_string().contains(key), "{text}: {err} should name {key}");
         }
+        // And the line, for a key of the file.
+        let text = "[workers]\nmax_concurrent_jobs = 2\n\n[pipelines.a]\nmemory_mb = 256\nstages.uploading = { builtin = \"ftp\" }\n";
+        let err = load(text, &[]).expect_err(text);
+        assert_eq!(err.to_string(), "atelier.toml line 6: setting 'pipelines.a.stages.uploading.builtin': unknown builtin 'ftp' (known: noop, ideas, render_image, artifact_store, product, fail)");
+        let err = load("[workers]\n# a comment\nmax_concurent_jobs = 2\n", &[]).expect_err("typo");
+        assert_eq!(err.to_string(), "atelier.toml line 3: unknown setting 'workers.max_concurent_jobs'");
+        let err = load("", &[("MAX_CONCURRENT_JOBS", "lots")]).expect_err("env");
+        assert!(!err.to_string().contains("line"), "{err}");
     }
 }
