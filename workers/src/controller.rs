@@ -402,9 +402,32 @@ impl Scheduler {
                 Err(e) => tracing::error!(error = %e, "cannot list live commissions"),
             },
             SchedMsg::JobDone { commission_id } => {
+                let mut panicked = false;
                 if let Some(mut r) = self.running.remove(&commission_id) {
                     if let Some(t) = r.thread.take() {
-                        let _ = t.join();
+                        panicked = t.join().is_err();
+                    }
+                }
+                // The job's thread is gone. Its end is on record unless the thread panicked
+                // or the log refused it for good; then fail the attempt now, not at the next
+                // start, so no commission stays running without a job. (On shutdown the next
+                // start does it, as for every job the stop interrupted.)
+                if !self.shared.stopping.load(Ordering::Acquire) {
+                    match self.shared.store.commission(commission_id) {
+                        Ok(Some(c)) if c.state.is_running() && c.active_job.is_some() => {
+                            fail_lost_job(&self.shared, &c, "the server lost track of the job (an internal error)");
+                        }
+                        // A thread that panicked before the job started: an attempt that
+                        // fails (with backoff, counted), not an instant retry in a loop.
+                        Ok(Some(c)) if panicked && !c.state.is_terminal() => {
+                            let executor = Executor::JobController;
+                            if let Some((job_id, _)) = self.shared.begin_job(&c, executor) {
+                                let error = "the server failed to start the job (an internal error)".to_string();
+                                self.shared.fail_unstarted(&c, job_id, executor, error, true);
+                            }
+                        }
+                        Ok(_) => {}
+                        Err(e) => tracing::error!(commission = commission_id, error = %e, "cannot check the finished job's commission"),
                     }
                 }
                 // A retry that became due while the job was still winding down.
@@ -629,21 +652,31 @@ fn feed_loop(shared: Arc<Shared>, mut sub: Subscription, tx: Sender<SchedMsg>) {
 /// Kills what a previous server left running and fails those attempts so they retry.
 fn reconcile(shared: &Shared) -> Result<(), WorkersError> {
     for c in shared.store.live_commissions()? {
-        if !c.state.is_running() {
-            continue;
+        if c.state.is_running() && c.active_job.is_some() {
+            fail_lost_job(shared, &c, "server restarted");
         }
-        let Some(job_id) = c.active_job else { continue };
-        if let Ok(Some(job)) = shared.store.job(job_id) {
+    }
+    Ok(())
+}
+
+/// Fails the attempt of `c`'s active job, which no thread of this server runs (a previous
+/// server's, or one whose thread ended without recording it): its process group is killed
+/// if it is still there, and the attempt is retried.
+fn fail_lost_job(shared: &Shared, c: &Commission, error: &str) {
+    let Some(job_id) = c.active_job else { return };
+    let executor = match shared.store.job(job_id) {
+        Ok(Some(job)) => {
             if let (Executor::JobController, Some(pid)) = (job.executor, job.process_id) {
                 kill_leftover_group(pid, job_id);
             }
+            job.executor
         }
-        let error = "server restarted".to_string();
-        let end = job_end(job_id, JobStatus::Killed, Some(error.clone()));
-        tracing::warn!(commission = c.id, job = job_id, "job of a previous server; failing the attempt");
-        record_finish(&*shared.store, shared.config.retry, c.id, Executor::JobController, Vec::new(), Finish::Fail { error, retryable: true, end });
-    }
-    Ok(())
+        _ => Executor::JobController,
+    };
+    let end = job_end(job_id, JobStatus::Killed, Some(error.to_string()));
+    tracing::warn!(commission = c.id, job = job_id, reason = error, "a job without a thread; failing the attempt");
+    let fail = Finish::Fail { error: error.to_string(), retryable: true, end };
+    record_finish(&*shared.store, shared.config.retry, c.id, executor, Vec::new(), fail);
 }
 
 /// Kills the process group `pid` led, but only if it is still ours: a live leader must carry
