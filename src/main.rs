@@ -321,6 +321,10 @@ fn serve(args: &[String]) -> Result<ExitCode, CliError> {
         ProgramSource::ServerInsteadOf { why, .. } => {
             tracing::warn!(program = %program.path.display(), "{why}; jobs run this binary's own worker mode instead")
         }
+        ProgramSource::Server => tracing::info!(
+            program = %program.path.display(),
+            "jobs run this binary's worker mode; a static atelier-worker next to it (`cargo build-worker`) starts in about half the CPU"
+        ),
         source => tracing::info!(program = %program.path.display(), ?source, "worker program"),
     }
     let exe = program.path;
