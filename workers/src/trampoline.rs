@@ -216,9 +216,8 @@ fn close_fds_slowly() {
 mod tests {
     use super::*;
 
-    #[test]
-    fn args_round_trip() {
-        let t = TrampolineArgs {
+    fn sample() -> TrampolineArgs {
+        TrampolineArgs {
             server_pid: 42,
             proto_fd: 9,
             memory_bytes: 1 << 29,
@@ -228,7 +227,12 @@ mod tests {
             fsize_bytes: 1 << 20,
             interface: crate::INTERFACE.into(),
             argv: vec!["/bin/x".into(), "--a".into(), "--".into()],
-        };
+        }
+    }
+
+    #[test]
+    fn args_round_trip() {
+        let t = sample();
         assert_eq!(TrampolineArgs::parse(&t.to_args()), Ok(t.clone()));
         let mut with_name = vec!["__trampoline".to_string()];
         with_name.extend(t.to_args());
@@ -241,17 +245,7 @@ mod tests {
 
     #[test]
     fn a_trampoline_from_other_sources_refuses_the_job_before_touching_anything() {
-        let t = TrampolineArgs {
-            server_pid: 42,
-            proto_fd: 9,
-            memory_bytes: 1 << 29,
-            cpu_seconds: 60,
-            nofile_max: 256,
-            nproc_max: 64,
-            fsize_bytes: 1 << 20,
-            interface: "0.0.0+0000000000000000".into(),
-            argv: vec!["/bin/true".into()],
-        };
+        let t = TrampolineArgs { interface: "0.0.0+0000000000000000".into(), argv: vec!["/bin/true".into()], ..sample() };
         let group = getpgrp();
         // Runs in this test process: had it gone past the check, it would have made this
         // process a group leader (and exec'd /bin/true).
