@@ -32,7 +32,7 @@ ATELIER_TOKEN).
 
 Executors and pipelines are configured in atelier.toml ([workers], [pipelines.NAME]) and with
 USE_JOB_CONTROLLER, KEEP_TASK_RUNNER, JOB_CONTROLLER_PRIORITY, MAX_CONCURRENT_JOBS and
-PROGRESS_UPDATE_INTERVAL (see README.md).
+PROGRESS_UPDATE_INTERVAL (see workers/README.md).
 
 SETTINGS (environment wins over atelier.toml, which wins over defaults):
     ATELIER_LISTEN            listen address                    127.0.0.1:8080
@@ -53,6 +53,24 @@ SETTINGS (environment wins over atelier.toml, which wins over defaults):
     ATELIER_LOG_FORMAT        json for JSON lines               human-readable
     RUST_LOG                  log level filter                  info
 ";
+
+/// The keys atelier.toml may have at its top level: the server's settings and the executors'
+/// tables.
+const TOP_LEVEL_KEYS: &[&str] = &[
+    "listen",
+    "data_dir",
+    "durability",
+    "durability_interval_ms",
+    "cache_capacity_bytes",
+    "retention_days",
+    "heartbeat_ms",
+    "max_connections",
+    "metrics_public",
+    "header_timeout_ms",
+    "worker_program",
+    "workers",
+    "pipelines",
+];
 
 /// How often `ATELIER_DURABILITY=periodic` makes the log durable.
 const DURABILITY_INTERVAL_MS_DEFAULT: u64 = 100;
@@ -195,10 +213,17 @@ fn settings(args: &[String]) -> Result<Settings, CliError> {
         None => None,
         Some(p) => Some(std::fs::read_to_string(p).map_err(|e| CliError(format!("cannot read {}: {e}", p.display())))?),
     };
+    let path_text = config_path.as_ref().map_or(String::new(), |p| p.display().to_string());
     let file: toml::Table = match &config_text {
         None => toml::Table::new(),
-        Some(text) => text.parse().map_err(|e| CliError(format!("{}: {e}", config_path.as_ref().map_or(String::new(), |p| p.display().to_string()))))?,
+        Some(text) => text.parse().map_err(|e| CliError(format!("{path_text}: {e}")))?,
     };
+    // A misspelt setting must not be ignored in silence ([workers] and [pipelines.*] are
+    // checked key by key by the workers' own loader).
+    if let Some(unknown) = file.keys().find(|k| !TOP_LEVEL_KEYS.contains(&k.as_str())) {
+        let known = TOP_LEVEL_KEYS.join(", ");
+        return Err(CliError(format!("{path_text}: unknown setting '{unknown}' (known: {known})")));
+    }
     let get = |env: &str, key: &str| -> Option<String> {
         std::env::var(env).ok().filter(|v| !v.is_empty()).or_else(|| {
             file.get(key).map(|v| match v {

@@ -23,7 +23,7 @@ BENCH_ARGS=("$@")
 BENCH_DIR="${BENCH_DIR:-/work/shared/bench}"
 SYSTEM_CPU=()
 HARNESS_CPU=()
-if [ -n "${PIN:-}" ]; then
+if [ "${PIN:-0}" = 1 ]; then
   SYSTEM_CPU=(taskset -c 1)
   HARNESS_CPU=(taskset -c 0)
 fi

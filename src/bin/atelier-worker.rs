@@ -2,7 +2,7 @@
 //! `atelier-worker __worker ...`, the same hidden modes as the `atelier` binary, in a binary
 //! small enough (and, built as in the README, statically linked) that starting one per job is
 //! cheap. The server uses it when it sits next to the `atelier` binary and runs its own
-//! hidden modes otherwise (ARCHITECTURE.md, "Worker program").
+//! hidden modes otherwise (workers/README.md, "The worker program").
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();

@@ -75,9 +75,9 @@ impl Builtin {
 #[serde(rename_all = "snake_case")]
 pub enum StageSpec {
     Builtin(Builtin),
-    /// An external program: gets the stage input as JSON on stdin, may write protocol lines
-    /// (progress, artifact, heartbeat) for its stage on fd 3, and prints a JSON object on
-    /// stdout that is merged into the pipeline state.
+    /// An external program: gets the stage input as JSON on stdin and speaks the protocol for
+    /// its stage on stdout (progress, artifact, heartbeat lines, then one `result` whose JSON
+    /// object is merged into the pipeline state, or an `error`); see `pipeline::run_command`.
     Command(Vec<String>),
 }
 
@@ -257,7 +257,7 @@ pub enum ConfigError {
     UnknownKey { key: String },
     /// `key` has the wrong type or an unusable value.
     Invalid { key: String, reason: String },
-    /// One of the above, for a key set on this line (1-based) of atelier.toml.
+    /// One of the above, for a key set on this line (1-based) of the config file.
     AtLine { line: usize, error: Box<ConfigError> },
 }
 
@@ -267,7 +267,7 @@ impl std::fmt::Display for ConfigError {
             ConfigError::Syntax(e) => write!(f, "atelier.toml is not valid TOML: {e}"),
             ConfigError::UnknownKey { key } => write!(f, "unknown setting '{key}'"),
             ConfigError::Invalid { key, reason } => write!(f, "setting '{key}': {reason}"),
-            ConfigError::AtLine { line, error } => write!(f, "atelier.toml line {line}: {error}"),
+            ConfigError::AtLine { line, error } => write!(f, "config file line {line}: {error}"),
         }
     }
 }
@@ -743,9 +743,9 @@ stages.uploading = { builtin = "artifact_store" }
         // And the line, for a key of the file.
         let text = "[workers]\nmax_concurrent_jobs = 2\n\n[pipelines.a]\nmemory_mb = 256\nstages.uploading = { builtin = \"ftp\" }\n";
         let err = load(text, &[]).expect_err(text);
-        assert_eq!(err.to_string(), "atelier.toml line 6: setting 'pipelines.a.stages.uploading.builtin': unknown builtin 'ftp' (known: noop, ideas, render_image, artifact_store, product, fail)");
+        assert_eq!(err.to_string(), "config file line 6: setting 'pipelines.a.stages.uploading.builtin': unknown builtin 'ftp' (known: noop, ideas, render_image, artifact_store, product, fail)");
         let err = load("[workers]\n# a comment\nmax_concurent_jobs = 2\n", &[]).expect_err("typo");
-        assert_eq!(err.to_string(), "atelier.toml line 3: unknown setting 'workers.max_concurent_jobs'");
+        assert_eq!(err.to_string(), "config file line 3: unknown setting 'workers.max_concurent_jobs'");
         let err = load("", &[("MAX_CONCURRENT_JOBS", "lots")]).expect_err("env");
         assert!(!err.to_string().contains("line"), "{err}");
     }
