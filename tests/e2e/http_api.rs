@@ -299,21 +299,18 @@ fn a_low_descriptor_limit_caps_connections_and_the_server_keeps_serving() {
 fn a_misspelt_setting_stops_the_start_with_its_name() {
     let dir = TempDir::new("http-bad-config");
     let config = dir.0.join("atelier.toml");
-    std::fs::write(&config, "listen = \"127.0.0.1:0\"\nmax_conections = 5\n").unwrap();
-    let out = std::process::Command::new(exe())
-        .args(["serve", "--config", config.to_str().unwrap(), "--data-dir", dir.0.join("data").to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(2));
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let serve_with = |text: &str| -> String {
+        std::fs::write(&config, text).unwrap();
+        let out = std::process::Command::new(exe())
+            .args(["serve", "--config", config.to_str().unwrap(), "--data-dir", dir.0.join("data").to_str().unwrap()])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{text}");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let stderr = serve_with("listen = \"127.0.0.1:0\"\nmax_conections = 5\n");
     assert!(stderr.contains("unknown setting 'max_conections'") && stderr.contains("max_connections"), "{stderr}");
     // In the executors' tables, the line too.
-    std::fs::write(&config, "[workers]\nmax_concurrent_jobs = 2\n\n[pipelines.a]\nmemory_mb = 1\n").unwrap();
-    let out = std::process::Command::new(exe())
-        .args(["serve", "--config", config.to_str().unwrap(), "--data-dir", dir.0.join("data").to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(2));
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = serve_with("[workers]\nmax_concurrent_jobs = 2\n\n[pipelines.a]\nmemory_mb = 1\n");
     assert!(stderr.contains("config file line 5: setting 'pipelines.a.memory_mb'"), "{stderr}");
 }
