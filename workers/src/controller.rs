@@ -24,7 +24,7 @@ use atelier_storage::{execute, EventStore, Filter, StorageError, Subscription, S
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 
 use crate::config::{PipelineConfig, WorkersConfig};
-use crate::metrics::Metrics;
+use crate::metrics::{idx, Metrics};
 use crate::pipeline::JobInput;
 use crate::process::{self, Applied, JobSignal, Request, SpawnRequest, Watched, MEMORY_ERROR_PREFIX};
 use crate::session::{ctx, job_end, now_ms, record_finish, Finish, Session};
@@ -99,9 +99,10 @@ pub(crate) fn artifacts_dir(data_dir: &Path) -> PathBuf {
 /// `atelier_rollbacks_total`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum RollbackReason {
-    FailureRate,
-    Slow,
-    SpawnFailed,
+    // The discriminants index the counters, in `ALL` order.
+    FailureRate = 0,
+    Slow = 1,
+    SpawnFailed = 2,
 }
 
 impl RollbackReason {
@@ -124,15 +125,8 @@ pub(crate) struct Router {
     /// Wall times of recent succeeded jobs, per executor (`idx`).
     took: [VecDeque<Duration>; 2],
     rollback_until: Option<Instant>,
-    /// Rollbacks so far, by reason (`RollbackReason::ALL` order).
-    pub(crate) rollbacks: [u64; 3],
-}
-
-fn idx(e: Executor) -> usize {
-    match e {
-        Executor::JobController => 0,
-        Executor::TaskRunner => 1,
-    }
+    /// Where each rollback is counted, by reason.
+    metrics: Arc<Metrics>,
 }
 
 fn median(v: &VecDeque<Duration>) -> Option<Duration> {
@@ -142,8 +136,8 @@ fn median(v: &VecDeque<Duration>) -> Option<Duration> {
 }
 
 impl Router {
-    fn new() -> Router {
-        Router { window: VecDeque::new(), took: [VecDeque::new(), VecDeque::new()], rollback_until: None, rollbacks: [0; 3] }
+    fn new(metrics: Arc<Metrics>) -> Router {
+        Router { window: VecDeque::new(), took: [VecDeque::new(), VecDeque::new()], rollback_until: None, metrics }
     }
 
     fn rollback_active(&mut self, cfg: &WorkersConfig, now: Instant) -> bool {
@@ -181,9 +175,7 @@ impl Router {
         }
         if self.rollback_until.is_none() {
             tracing::warn!(reason = reason.as_str(), why, cooldown_ms = cfg.rollback_cooldown_ms, "rolling back to the task runner");
-            if let Some(n) = RollbackReason::ALL.iter().position(|r| *r == reason) {
-                self.rollbacks[n] += 1;
-            }
+            self.metrics.rolled_back(reason);
         }
         self.rollback_until = Some(now + Duration::from_millis(cfg.rollback_cooldown_ms));
         self.window.clear();
@@ -258,7 +250,6 @@ impl Shared {
         let out = f(&mut r, &self.config);
         let active = r.rollback_until.is_some_and(|t| Instant::now() < t);
         self.metrics.rollback_active.store(active && self.config.auto_rollback, Ordering::Relaxed);
-        self.metrics.set_rollbacks(r.rollbacks);
         out
     }
 
@@ -314,7 +305,9 @@ enum SchedMsg {
     Event { commission_id: u64, kind: EventKind, next_retry_at: Option<Millis> },
     /// Look at every live commission again (at start, and after the feed lost events).
     Rescan,
-    JobDone { commission_id: u64 },
+    /// A job's code is done; `panicked`: it ended in a panic (a bug), so its end may not be
+    /// on record.
+    JobDone { commission_id: u64, panicked: bool },
     Shutdown,
 }
 
@@ -331,13 +324,17 @@ struct DoneGuard(Sender<SchedMsg>, u64);
 
 impl Drop for DoneGuard {
     fn drop(&mut self) {
-        let _ = self.0.send(SchedMsg::JobDone { commission_id: self.1 });
+        let panicked = std::thread::panicking();
+        let _ = self.0.send(SchedMsg::JobDone { commission_id: self.1, panicked });
     }
 }
 
 struct Running {
     signal: Arc<JobSignal>,
     thread: Option<JoinHandle<()>>,
+    /// The commission's attempt count when the job was handed out: unchanged after a panic
+    /// means the job never started.
+    attempt: u32,
 }
 
 struct Scheduler {
@@ -401,25 +398,25 @@ impl Scheduler {
                 }
                 Err(e) => tracing::error!(error = %e, "cannot list live commissions"),
             },
-            SchedMsg::JobDone { commission_id } => {
-                let mut panicked = false;
+            SchedMsg::JobDone { commission_id, panicked } => {
+                let mut attempt_at_start = None;
                 if let Some(mut r) = self.running.remove(&commission_id) {
                     if let Some(t) = r.thread.take() {
-                        panicked = t.join().is_err();
+                        let _ = t.join();
                     }
+                    attempt_at_start = Some(r.attempt);
                 }
-                // The job's thread is gone. Its end is on record unless the thread panicked
-                // or the log refused it for good; then fail the attempt now, not at the next
-                // start, so no commission stays running without a job. (On shutdown the next
-                // start does it, as for every job the stop interrupted.)
-                if !self.shared.stopping.load(Ordering::Acquire) {
+                // A job whose code panicked may have left its end unrecorded: fail the attempt
+                // now, not at the next start, so no commission stays running without a job.
+                // (On shutdown the next start does it, as for every job the stop interrupted.)
+                if panicked && !self.shared.stopping.load(Ordering::Acquire) {
                     match self.shared.store.commission(commission_id) {
                         Ok(Some(c)) if c.state.is_running() && c.active_job.is_some() => {
                             fail_lost_job(&self.shared, &c, "the server lost track of the job (an internal error)");
                         }
-                        // A thread that panicked before the job started: an attempt that
-                        // fails (with backoff, counted), not an instant retry in a loop.
-                        Ok(Some(c)) if panicked && !c.state.is_terminal() => {
+                        // It panicked before the job started: an attempt that fails (with
+                        // backoff, counted), not an instant retry in a loop.
+                        Ok(Some(c)) if Some(c.attempt) == attempt_at_start && !c.state.is_terminal() => {
                             let executor = Executor::JobController;
                             if let Some((job_id, _)) = self.shared.begin_job(&c, executor) {
                                 let error = "the server failed to start the job (an internal error)".to_string();
@@ -535,7 +532,7 @@ impl Scheduler {
 
     /// Starts `c`'s job; `ready` is when it got its slot (for the pickup metric).
     fn start(&self, c: Commission, executor: Executor, ready: Instant) -> Result<Running, WorkersError> {
-        let id = c.id;
+        let (id, attempt) = (c.id, c.attempt);
         match executor {
             Executor::JobController => {
                 let signal = Arc::new(JobSignal::with_pipe().map_err(io_err("wake pipe"))?);
@@ -548,7 +545,7 @@ impl Scheduler {
                         run_process_job(&shared, c, &sig, ready);
                     })
                     .map_err(io_err("job thread"))?;
-                Ok(Running { signal, thread: Some(thread) })
+                Ok(Running { signal, thread: Some(thread), attempt })
             }
             Executor::TaskRunner => {
                 let signal = Arc::new(JobSignal::plain());
@@ -556,15 +553,15 @@ impl Scheduler {
                 let job = TaskJob {
                     commission: c,
                     signal: signal.clone(),
-                    done: Box::new(move || {
-                        let _ = done.send(SchedMsg::JobDone { commission_id: id });
+                    done: Box::new(move |panicked| {
+                        let _ = done.send(SchedMsg::JobDone { commission_id: id, panicked });
                     }),
                 };
                 self.task_tx.send(job).map_err(|_| WorkersError::Io {
                     context: "task runner".into(),
                     source: std::io::Error::other("the task runner is gone"),
                 })?;
-                Ok(Running { signal, thread: None })
+                Ok(Running { signal, thread: None, attempt })
             }
         }
     }
@@ -578,7 +575,7 @@ impl Scheduler {
         while !self.running.is_empty() {
             let left = deadline.saturating_duration_since(Instant::now());
             match self.rx.recv_timeout(left) {
-                Ok(SchedMsg::JobDone { commission_id }) => {
+                Ok(SchedMsg::JobDone { commission_id, .. }) => {
                     if let Some(mut r) = self.running.remove(&commission_id) {
                         if let Some(t) = r.thread.take() {
                             let _ = t.join();
@@ -786,7 +783,6 @@ pub(crate) fn pipeline_file(shared: &Shared, p: &PipelineConfig, job_id: u64) ->
     Ok(path)
 }
 
-/// One job on the job controller, from job id to recorded outcome.
 /// The span every line about one commission's job is logged in (with the job's, below):
 /// its ids are on every line, also on lines that do not name them.
 pub(crate) fn commission_span(c: &Commission) -> tracing::Span {
@@ -797,6 +793,7 @@ pub(crate) fn job_span(job_id: u64, executor: Executor) -> tracing::Span {
     tracing::info_span!("job", id = job_id, executor = executor.as_str())
 }
 
+/// One job on the job controller, from job id to recorded outcome.
 fn run_process_job(shared: &Shared, c: Commission, signal: &JobSignal, ready: Instant) {
     let executor = Executor::JobController;
     let _commission = commission_span(&c).entered();
@@ -989,13 +986,14 @@ impl Controller {
         std::fs::create_dir_all(jobs_dir(&data_dir)).map_err(io_err("create the jobs dir"))?;
         std::fs::create_dir_all(artifacts_dir(&data_dir)).map_err(io_err("create the artifacts dir"))?;
         let (spawn_tx, spawn_rx) = crossbeam_channel::unbounded::<SpawnRequest>();
+        let metrics = Arc::new(Metrics::default());
         let shared = Arc::new(Shared {
             store,
             config,
             data_dir,
             exe: exe.clone(),
-            metrics: Arc::new(Metrics::default()),
-            router: Mutex::new(Router::new()),
+            metrics: metrics.clone(),
+            router: Mutex::new(Router::new(metrics)),
             stopping: AtomicBool::new(false),
             spawn_tx: Mutex::new(Some(spawn_tx)),
             server_pid: std::process::id(),
@@ -1176,7 +1174,7 @@ mod tests {
     #[test]
     fn failures_of_the_controller_roll_back_until_the_cooldown_ends() {
         let (cfg, t0) = (cfg(), Instant::now());
-        let mut r = Router::new();
+        let mut r = Router::new(Arc::default());
         assert_eq!(r.route(&cfg, 1, t0), Executor::JobController);
         // 1 failure in 4 is 25% > 5%, but only counted from rollback_min_jobs on.
         r.record(&cfg, true, None, t0);
@@ -1185,7 +1183,7 @@ mod tests {
             r.record(&cfg, false, Some(10 * MS), t0);
         }
         assert_eq!(r.route(&cfg, 1, t0), Executor::TaskRunner);
-        assert_eq!(r.rollbacks, [1, 0, 0]);
+        assert_eq!(r.metrics.rollbacks(), [1, 0, 0]);
         assert_eq!(r.route(&cfg, 1, t0 + 999 * MS), Executor::TaskRunner);
         // Healthy again after the cooldown, judged afresh.
         assert_eq!(r.route(&cfg, 1, t0 + 1_000 * MS), Executor::JobController);
@@ -1196,7 +1194,7 @@ mod tests {
     #[test]
     fn a_controller_much_slower_than_the_task_runner_rolls_back() {
         let (cfg, t0) = (cfg(), Instant::now());
-        let mut r = Router::new();
+        let mut r = Router::new(Arc::default());
         // Slow controller jobs alone are no reason: the task runner has no times to compare.
         for _ in 0..4 {
             r.record(&cfg, false, Some(100 * MS), t0);
@@ -1209,12 +1207,12 @@ mod tests {
         }
         r.record_took(&cfg, Executor::TaskRunner, 66 * MS, t0);
         assert_eq!(r.route(&cfg, 1, t0), Executor::TaskRunner);
-        assert_eq!(r.rollbacks, [0, 1, 0]);
+        assert_eq!(r.metrics.rollbacks(), [0, 1, 0]);
 
         // Exactly 1.5× is not over it; 0 turns the check off.
         for (percent, controller_ms, rolled_back) in [(150, 99, false), (150, 100, true), (0, 1_000, false)] {
             let cfg = WorkersConfig { rollback_slowdown_percent: percent, ..cfg.clone() };
-            let mut r = Router::new();
+            let mut r = Router::new(Arc::default());
             for _ in 0..4 {
                 r.record_took(&cfg, Executor::TaskRunner, 66 * MS, t0);
                 r.record(&cfg, false, Some(controller_ms * MS), t0);
@@ -1226,16 +1224,16 @@ mod tests {
     #[test]
     fn a_spawn_failure_rolls_back_at_once_unless_there_is_no_fallback() {
         let (cfg, t0) = (cfg(), Instant::now());
-        let mut r = Router::new();
+        let mut r = Router::new(Arc::default());
         r.spawn_failed(&cfg, t0);
         assert_eq!(r.route(&cfg, 1, t0), Executor::TaskRunner);
-        assert_eq!(r.rollbacks, [0, 0, 1]);
+        assert_eq!(r.metrics.rollbacks(), [0, 0, 1]);
         // Without a task runner, or with rollback off, the controller keeps the work.
         for cfg in [WorkersConfig { keep_task_runner: false, ..cfg.clone() }, WorkersConfig { auto_rollback: false, ..cfg.clone() }] {
-            let mut r = Router::new();
+            let mut r = Router::new(Arc::default());
             r.spawn_failed(&cfg, t0);
             assert_eq!(r.route(&cfg, 1, t0), Executor::JobController);
-            assert_eq!(r.rollbacks, [0, 0, 0]);
+            assert_eq!(r.metrics.rollbacks(), [0, 0, 0]);
         }
     }
 
@@ -1243,7 +1241,7 @@ mod tests {
     fn rollout_sends_a_stable_share_and_priority_picks_the_executor() {
         let t0 = Instant::now();
         let cfg = WorkersConfig { job_controller_rollout_percent: 30, ..cfg() };
-        let mut r = Router::new();
+        let mut r = Router::new(Arc::default());
         let to_controller: Vec<u64> = (1..=10_000).filter(|id| r.route(&cfg, *id, t0) == Executor::JobController).collect();
         assert!((2_700..=3_300).contains(&to_controller.len()), "{} of 10,000", to_controller.len());
         let again: Vec<u64> = (1..=10_000).filter(|id| r.route(&cfg, *id, t0) == Executor::JobController).collect();

@@ -10,6 +10,8 @@ use std::time::Duration;
 
 use atelier_engine::Executor;
 
+use crate::controller::RollbackReason;
+
 const DURATION_BUCKETS_SECONDS: [f64; 10] = [0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0];
 const SPAWN_BUCKETS_SECONDS: [f64; 9] = [0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5];
 /// Finer around the 5 ms a pickup should stay under.
@@ -85,11 +87,12 @@ pub(crate) struct Metrics {
     pub(crate) rollback_active: AtomicBool,
     /// Processes ended because they had left their job's process group (`contain`).
     pub(crate) escapees_ended: AtomicU64,
-    /// Rollbacks by reason, as the router counted them (`RollbackReason::ALL` order).
-    rollbacks: Mutex<[u64; 3]>,
+    /// Rollbacks to the task runner, by reason (`RollbackReason::ALL` order).
+    rollbacks: [AtomicU64; 3],
 }
 
-fn idx(e: Executor) -> usize {
+/// An executor's slot in the per-executor arrays (here and in the router).
+pub(crate) fn idx(e: Executor) -> usize {
     match e {
         Executor::JobController => 0,
         Executor::TaskRunner => 1,
@@ -136,8 +139,12 @@ impl Metrics {
         self.with(|m| m.pickup.observe(&PICKUP_BUCKETS_SECONDS, took.as_secs_f64()));
     }
 
-    pub(crate) fn set_rollbacks(&self, counts: [u64; 3]) {
-        *self.rollbacks.lock().unwrap_or_else(|p| p.into_inner()) = counts;
+    pub(crate) fn rolled_back(&self, reason: RollbackReason) {
+        self.rollbacks[reason as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn rollbacks(&self) -> [u64; 3] {
+        std::array::from_fn(|i| self.rollbacks[i].load(Ordering::Relaxed))
     }
 
     pub(crate) fn routed(&self, e: Executor) {
@@ -189,8 +196,7 @@ impl Metrics {
         out.push_str("# HELP atelier_rollback_active 1 while jobs are rolled back to the task runner.\n# TYPE atelier_rollback_active gauge\n");
         let _ = writeln!(out, "atelier_rollback_active {}", u8::from(self.rollback_active.load(Ordering::Relaxed)));
         out.push_str("# HELP atelier_rollbacks_total Rollbacks to the task runner, by reason.\n# TYPE atelier_rollbacks_total counter\n");
-        let rollbacks = *self.rollbacks.lock().unwrap_or_else(|p| p.into_inner());
-        for (reason, n) in crate::controller::RollbackReason::ALL.iter().zip(rollbacks) {
+        for (reason, n) in RollbackReason::ALL.iter().zip(self.rollbacks()) {
             let _ = writeln!(out, "atelier_rollbacks_total{{reason=\"{}\"}} {n}", reason.as_str());
         }
         out

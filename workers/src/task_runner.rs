@@ -23,8 +23,8 @@ const TICK_MS_MAX: u64 = 200;
 pub(crate) struct TaskJob {
     pub(crate) commission: Commission,
     pub(crate) signal: Arc<JobSignal>,
-    /// Called once the job is recorded.
-    pub(crate) done: Box<dyn FnOnce() + Send>,
+    /// Called once the job is recorded, or its code panicked (true).
+    pub(crate) done: Box<dyn FnOnce(bool) + Send>,
 }
 
 pub(crate) struct Pool {
@@ -43,10 +43,11 @@ impl Pool {
                     let id = job.commission.id;
                     // A panic outside the pipeline (which has its own guard) is a bug; keep the
                     // thread and the slot alive anyway.
-                    if catch_unwind(AssertUnwindSafe(|| run_task(&shared, job.commission, &job.signal))).is_err() {
+                    let panicked = catch_unwind(AssertUnwindSafe(|| run_task(&shared, job.commission, &job.signal))).is_err();
+                    if panicked {
                         tracing::error!(commission = id, "task runner job panicked");
                     }
-                    (job.done)();
+                    (job.done)(panicked);
                 }
             })?);
         }
