@@ -95,12 +95,10 @@ fn main() -> ExitCode {
     let result = match args.first().map(String::as_str) {
         Some("serve") => serve(&args[1..]),
         // Hidden: the worker side of the job controller (see workers/).
-        Some("__trampoline") => return exit_code(atelier_workers::trampoline_main(&args[1..])),
-        Some("__worker") => return exit_code(atelier_workers::worker_main(&args[1..])),
-        Some("__interface") => {
-            println!("{}", atelier_workers::INTERFACE);
-            return ExitCode::SUCCESS;
-        }
+        Some(hidden) if hidden.starts_with("__") => match atelier_workers::run_hidden_mode(&args) {
+            Some(code) => return exit_code(code),
+            None => Err(CliError(format!("unknown command '{hidden}'; see `atelier help`"))),
+        },
         Some("token") => token(&args[1..]),
         Some("replay") => replay(&args[1..]),
         Some("export") => export(&args[1..]),

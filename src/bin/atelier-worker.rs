@@ -6,17 +6,9 @@
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let code = match args.first().map(String::as_str) {
-        Some("__trampoline") => atelier_workers::trampoline_main(&args[1..]),
-        Some("__worker") => atelier_workers::worker_main(&args[1..]),
-        Some("__interface") => {
-            println!("{}", atelier_workers::INTERFACE);
-            0
-        }
-        _ => {
-            eprintln!("atelier-worker: the job controller's worker program; it is started by `atelier serve`, not by hand");
-            2
-        }
-    };
+    let code = atelier_workers::run_hidden_mode(&args).unwrap_or_else(|| {
+        eprintln!("atelier-worker: the job controller's worker program; it is started by `atelier serve`, not by hand");
+        2
+    });
     std::process::exit(code);
 }

@@ -184,21 +184,17 @@ fn send_all(subs: &mut Vec<Subscriber>, batch: &Batch) -> u64 {
     subs.retain(|s| {
         // Counted before the send, so the subscription never takes more than was counted.
         let before = s.queued.fetch_add(batch.len(), Ordering::AcqRel);
-        let result = if before > 0 && before + batch.len() > SUBSCRIBER_QUEUE_EVENTS_MAX {
-            Err(TrySendError::Full(()))
-        } else {
-            s.tx.try_send(batch.clone()).map_err(|e| match e {
-                TrySendError::Full(_) => TrySendError::Full(()),
-                TrySendError::Disconnected(_) => TrySendError::Disconnected(()),
-            })
-        };
-        match result {
+        if before > 0 && before + batch.len() > SUBSCRIBER_QUEUE_EVENTS_MAX {
+            dropped += 1;
+            return false;
+        }
+        match s.tx.try_send(batch.clone()) {
             Ok(()) => true,
-            Err(TrySendError::Full(())) => {
+            Err(TrySendError::Full(_)) => {
                 dropped += 1;
                 false
             }
-            Err(TrySendError::Disconnected(())) => false,
+            Err(TrySendError::Disconnected(_)) => false,
         }
     });
     dropped

@@ -24,6 +24,21 @@ mod worker;
 pub use config::{Builtin, ConfigError, JobLimits, PipelineConfig, StageSpec, WorkersConfig};
 pub use controller::{job_log_paths, Controller, WorkersError};
 pub use pipeline::{derive_ideas, JobInput};
-pub use program::{check_interface, choose_worker_program, ProgramError, ProgramSource, WorkerProgram, INTERFACE, WORKER_PROGRAM_NAME};
+pub use program::{choose_worker_program, ProgramError, ProgramSource, WorkerProgram, INTERFACE};
 pub use trampoline::trampoline_main;
 pub use worker::worker_main;
+
+/// Runs a hidden mode (`__trampoline`, `__worker`, `__interface`) if `args` (without the
+/// program name) name one, and returns its exit code; `None` for anything else. Every binary
+/// that can be a worker program dispatches through here, so they all answer the same.
+pub fn run_hidden_mode(args: &[String]) -> Option<i32> {
+    match args.first().map(String::as_str) {
+        Some("__trampoline") => Some(trampoline_main(&args[1..])),
+        Some("__worker") => Some(worker_main(&args[1..])),
+        Some("__interface") => {
+            println!("{INTERFACE}");
+            Some(0)
+        }
+        _ => None,
+    }
+}

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 pub const INTERFACE: &str = env!("ATELIER_WORKER_INTERFACE");
 
 /// The file name of the worker program next to the server binary.
-pub const WORKER_PROGRAM_NAME: &str = "atelier-worker";
+pub(crate) const WORKER_PROGRAM_NAME: &str = "atelier-worker";
 
 /// How long a candidate may take to print its interface stamp (it does nothing else).
 const INTERFACE_CHECK_TIMEOUT: Duration = Duration::from_secs(5);
@@ -103,7 +103,7 @@ pub fn choose_worker_program(server_exe: &Path, configured: Option<PathBuf>) -> 
 }
 
 /// Runs `path __interface` and compares its answer with [`INTERFACE`].
-pub fn check_interface(path: &Path) -> Result<(), ProgramError> {
+pub(crate) fn check_interface(path: &Path) -> Result<(), ProgramError> {
     let cannot = |error: String| ProgramError::CannotRun { path: path.to_path_buf(), error };
     let mut child = Command::new(path)
         .arg("__interface")

@@ -223,7 +223,7 @@ fn misbehave(mode: &str, rep: &mut PipeReporter, env: &RunEnv) -> Option<i32> {
             // Children that only wait, until fork fails (RLIMIT_NPROC) or, where the limit
             // does not hold (root), FORK_BOMB_PROCESSES_MAX of them; then wait to be killed.
             for n in 0..FORK_BOMB_PROCESSES_MAX {
-                // SAFETY: the child only calls pause(2) and _exit(2), both async-signal-safe.
+                // SAFETY: the child only calls pause(2), async-signal-safe, until it is killed.
                 match unsafe { nix::unistd::fork() } {
                     Ok(nix::unistd::ForkResult::Child) => loop {
                         nix::unistd::pause();

@@ -20,9 +20,10 @@ worker_args = ["--behave", "hang"]
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    if let Some(code) = atelier_workers::run_hidden_mode(&args) {
+        std::process::exit(code);
+    }
     let code = match args.first().map(String::as_str) {
-        Some("__trampoline") => atelier_workers::trampoline_main(&args[1..]),
-        Some("__worker") => atelier_workers::worker_main(&args[1..]),
         Some("__crash-test-server") => match args.get(1) {
             Some(dir) => crash_test_server(dir),
             None => 2,
