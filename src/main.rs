@@ -164,7 +164,9 @@ impl Executors for Workers {
 fn flag(args: &[String], name: &str) -> Result<Option<String>, CliError> {
     match args.iter().position(|a| a == name) {
         None => Ok(None),
-        Some(i) => args.get(i + 1).cloned().map(Some).ok_or_else(|| CliError(format!("{name} needs a value"))),
+        Some(i) => {
+            args.get(i + 1).cloned().map(Some).ok_or_else(|| CliError(format!("{name} needs a value")))
+        }
     }
 }
 
@@ -209,7 +211,9 @@ fn settings(args: &[String]) -> Result<Settings, CliError> {
         .or_else(|| Some(PathBuf::from("atelier.toml")).filter(|p| p.exists()));
     let config_text = match &config_path {
         None => None,
-        Some(p) => Some(std::fs::read_to_string(p).map_err(|e| CliError(format!("cannot read {}: {e}", p.display())))?),
+        Some(p) => Some(
+            std::fs::read_to_string(p).map_err(|e| CliError(format!("cannot read {}: {e}", p.display())))?,
+        ),
     };
     let path_text = config_path.as_ref().map_or(String::new(), |p| p.display().to_string());
     let file: toml::Table = match &config_text {
@@ -239,26 +243,53 @@ fn settings(args: &[String]) -> Result<Settings, CliError> {
     let durability = match get("ATELIER_DURABILITY", "durability").as_deref() {
         None | Some("sync") => Durability::Sync,
         Some("periodic") => Durability::Periodic {
-            interval_ms: num("ATELIER_DURABILITY_INTERVAL_MS", "durability_interval_ms", DURABILITY_INTERVAL_MS_DEFAULT)?,
+            interval_ms: num(
+                "ATELIER_DURABILITY_INTERVAL_MS",
+                "durability_interval_ms",
+                DURABILITY_INTERVAL_MS_DEFAULT,
+            )?,
         },
-        Some(other) => return Err(CliError(format!("ATELIER_DURABILITY / durability: '{other}' is not sync or periodic"))),
+        Some(other) => {
+            return Err(CliError(format!(
+                "ATELIER_DURABILITY / durability: '{other}' is not sync or periodic"
+            )))
+        }
     };
     Ok(Settings {
         config_text,
-        listen: flag(args, "--listen")?.or_else(|| get("ATELIER_LISTEN", "listen")).unwrap_or_else(|| "127.0.0.1:8080".into()),
+        listen: flag(args, "--listen")?
+            .or_else(|| get("ATELIER_LISTEN", "listen"))
+            .unwrap_or_else(|| "127.0.0.1:8080".into()),
         data_dir: flag(args, "--data-dir")?
             .or_else(|| get("ATELIER_DATA_DIR", "data_dir"))
             .map(PathBuf::from)
             .unwrap_or_else(|| PathBuf::from("atelier-data")),
         durability,
-        cache_bytes: num("ATELIER_CACHE_BYTES", "cache_capacity_bytes", atelier_storage::CACHE_CAPACITY_BYTES_DEFAULT)?,
+        cache_bytes: num(
+            "ATELIER_CACHE_BYTES",
+            "cache_capacity_bytes",
+            atelier_storage::CACHE_CAPACITY_BYTES_DEFAULT,
+        )?,
         retention_days: get("ATELIER_RETENTION_DAYS", "retention_days")
-            .map(|v| v.parse().map_err(|_| CliError(format!("ATELIER_RETENTION_DAYS: '{v}' is not a number of days"))))
+            .map(|v| {
+                v.parse()
+                    .map_err(|_| CliError(format!("ATELIER_RETENTION_DAYS: '{v}' is not a number of days")))
+            })
             .transpose()?,
         heartbeat_ms: num("ATELIER_HEARTBEAT_MS", "heartbeat_ms", atelier_http::HEARTBEAT_MS_DEFAULT)?,
-        max_connections: usize::try_from(num("ATELIER_MAX_CONNECTIONS", "max_connections", atelier_http::CONNECTIONS_MAX_DEFAULT as u64)?).unwrap_or(usize::MAX),
-        metrics_public: get("ATELIER_METRICS_PUBLIC", "metrics_public").is_some_and(|v| v == "1" || v == "true"),
-        header_timeout_ms: num("ATELIER_HEADER_TIMEOUT_MS", "header_timeout_ms", atelier_http::HEADER_TIMEOUT_MS_DEFAULT)?,
+        max_connections: usize::try_from(num(
+            "ATELIER_MAX_CONNECTIONS",
+            "max_connections",
+            atelier_http::CONNECTIONS_MAX_DEFAULT as u64,
+        )?)
+        .unwrap_or(usize::MAX),
+        metrics_public: get("ATELIER_METRICS_PUBLIC", "metrics_public")
+            .is_some_and(|v| v == "1" || v == "true"),
+        header_timeout_ms: num(
+            "ATELIER_HEADER_TIMEOUT_MS",
+            "header_timeout_ms",
+            atelier_http::HEADER_TIMEOUT_MS_DEFAULT,
+        )?,
         worker_program: get("ATELIER_WORKER_PROGRAM", "worker_program").map(PathBuf::from),
     })
 }
@@ -281,7 +312,8 @@ fn keys(data_dir: &std::path::Path) -> Result<Keys, CliError> {
     if let Ok(s) = std::fs::read_to_string(&path) {
         return Ok(Keys::new(s.trim().as_bytes()));
     }
-    std::fs::create_dir_all(data_dir).map_err(|e| CliError(format!("cannot create {}: {e}", data_dir.display())))?;
+    std::fs::create_dir_all(data_dir)
+        .map_err(|e| CliError(format!("cannot create {}: {e}", data_dir.display())))?;
     let mut bytes = [0u8; 32];
     use std::io::Read;
     std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut bytes))?;
@@ -294,7 +326,10 @@ fn keys(data_dir: &std::path::Path) -> Result<Keys, CliError> {
 }
 
 fn now_s() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
 }
 
 fn parse_ttl(s: &str) -> Result<i64, CliError> {
@@ -338,7 +373,8 @@ fn serve(args: &[String]) -> Result<ExitCode, CliError> {
     workers_config.contain_descendants = true;
     let pipelines = workers_config.pipelines.keys().cloned().collect();
     let job_dirs_keep = workers_config.job_dirs_keep();
-    let server_exe = std::env::current_exe().map_err(|e| CliError(format!("cannot find the atelier binary: {e}")))?;
+    let server_exe =
+        std::env::current_exe().map_err(|e| CliError(format!("cannot find the atelier binary: {e}")))?;
     let program = atelier_workers::choose_worker_program(&server_exe, s.worker_program.clone())?;
     match &program.source {
         ProgramSource::ServerInsteadOf { why, .. } => {
@@ -433,7 +469,8 @@ fn export(args: &[String]) -> Result<ExitCode, CliError> {
     let store = open_store(&s)?;
     let n = match flag(args, "--out")? {
         Some(path) => {
-            let f = std::fs::File::create(&path).map_err(|e| CliError(format!("cannot create {path}: {e}")))?;
+            let f =
+                std::fs::File::create(&path).map_err(|e| CliError(format!("cannot create {path}: {e}")))?;
             check::export(&store, &mut std::io::BufWriter::new(f))?
         }
         None => check::export(&store, &mut std::io::BufWriter::new(std::io::stdout().lock()))?,
@@ -444,7 +481,10 @@ fn export(args: &[String]) -> Result<ExitCode, CliError> {
 
 fn import(args: &[String]) -> Result<ExitCode, CliError> {
     check_flags(args, &["--data-dir", "--config"], &[])?;
-    let path = args.iter().find(|a| !a.starts_with("--")).ok_or_else(|| CliError("import FILE: which file?".into()))?;
+    let path = args
+        .iter()
+        .find(|a| !a.starts_with("--"))
+        .ok_or_else(|| CliError("import FILE: which file?".into()))?;
     let f = std::fs::File::open(path).map_err(|e| CliError(format!("cannot open {path}: {e}")))?;
     let s = settings(args)?;
     let store = open_store(&s)?;
@@ -464,7 +504,9 @@ fn client(args: &[String]) -> Result<Client, CliError> {
         .unwrap_or_else(|| "http://127.0.0.1:8080".into());
     let token = flag(args, "--token")?
         .or_else(|| std::env::var("ATELIER_TOKEN").ok().filter(|t| !t.is_empty()))
-        .ok_or_else(|| CliError("no token: pass --token or set ATELIER_TOKEN (see `atelier token`)".into()))?;
+        .ok_or_else(|| {
+            CliError("no token: pass --token or set ATELIER_TOKEN (see `atelier token`)".into())
+        })?;
     Ok(Client::new(&url, &token)?)
 }
 
@@ -521,7 +563,10 @@ fn list(args: &[String]) -> Result<ExitCode, CliError> {
     let c = client(args)?;
     let (_, me) = c.json("GET", "/api/me", None)?;
     let user = me["user_id"].as_str().unwrap_or_default().to_string();
-    let mut path = format!("/api/commissions/user/{user}?limit={}", flag(args, "--limit")?.unwrap_or_else(|| "20".into()));
+    let mut path = format!(
+        "/api/commissions/user/{user}?limit={}",
+        flag(args, "--limit")?.unwrap_or_else(|| "20".into())
+    );
     if let Some(s) = flag(args, "--state")? {
         path.push_str(&format!("&state={s}"));
     }

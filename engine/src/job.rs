@@ -26,10 +26,7 @@ pub struct Job {
 
 /// Folds one event into the job it concerns. Returns the job id and the new record, or `None`
 /// when the event does not concern a job.
-pub fn apply_job(
-    current: impl FnOnce(u64) -> Option<Job>,
-    env: &Envelope,
-) -> Option<(u64, Job)> {
+pub fn apply_job(current: impl FnOnce(u64) -> Option<Job>, env: &Envelope) -> Option<(u64, Job)> {
     match &env.event {
         Event::JobStarted { attempt, job_id, executor, job_name, pid } => Some((
             *job_id,

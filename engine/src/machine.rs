@@ -55,29 +55,63 @@ pub enum Rejection {
     NotFound,
     AlreadyExists,
     /// Nothing leaves a terminal state (but an explicit manual retry of `failed`).
-    Terminal { state: State },
+    Terminal {
+        state: State,
+    },
     /// The transition table has no row for this event in this state.
-    IllegalTransition { from: State, event: EventKind },
+    IllegalTransition {
+        from: State,
+        event: EventKind,
+    },
     /// Stages run forward, one after the other.
-    StageOutOfOrder { current: Option<Stage>, requested: Stage },
+    StageOutOfOrder {
+        current: Option<Stage>,
+        requested: Stage,
+    },
     /// Progress, artifacts: only for the stage that is running.
-    NotInStage { requested: Stage, current: Option<Stage> },
-    ProgressDecrease { stage: Stage, current: u8, requested: u8 },
-    ProgressOutOfRange { percent: u32 },
+    NotInStage {
+        requested: Stage,
+        current: Option<Stage>,
+    },
+    ProgressDecrease {
+        stage: Stage,
+        current: u8,
+        requested: u8,
+    },
+    ProgressOutOfRange {
+        percent: u32,
+    },
     /// A report from a job that is not the commission's active job.
-    StaleJob { active: Option<u64>, got: u64 },
+    StaleJob {
+        active: Option<u64>,
+        got: u64,
+    },
     /// A new attempt would exceed `max_attempts`.
-    AttemptsExhausted { max_attempts: u32 },
-    NotYetScheduled { scheduled_for: Millis },
-    RetryNotDue { next_retry_at: Millis },
+    AttemptsExhausted {
+        max_attempts: u32,
+    },
+    NotYetScheduled {
+        scheduled_for: Millis,
+    },
+    RetryNotDue {
+        next_retry_at: Millis,
+    },
     /// Only a failed commission can be retried by hand.
-    NotFailed { state: State },
+    NotFailed {
+        state: State,
+    },
     /// A cancel is pending: the job may only end now.
     CancelPending,
     TooManyArtifacts,
     /// An event's version does not follow the commission's (a broken or reordered log).
-    VersionGap { expected: u64, got: u64 },
-    Invalid { field: &'static str, reason: String },
+    VersionGap {
+        expected: u64,
+        got: u64,
+    },
+    Invalid {
+        field: &'static str,
+        reason: String,
+    },
 }
 
 impl Rejection {
@@ -142,11 +176,9 @@ impl std::fmt::Display for Rejection {
                 "the commission is scheduled for {}",
                 crate::time::format_rfc3339_ms(*scheduled_for)
             ),
-            Rejection::RetryNotDue { next_retry_at } => write!(
-                f,
-                "the retry is due at {}",
-                crate::time::format_rfc3339_ms(*next_retry_at)
-            ),
+            Rejection::RetryNotDue { next_retry_at } => {
+                write!(f, "the retry is due at {}", crate::time::format_rfc3339_ms(*next_retry_at))
+            }
             Rejection::NotFailed { state } => {
                 write!(f, "only a failed commission can be retried; this one is {state}")
             }
@@ -180,21 +212,50 @@ pub struct NewCommission {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Command {
     Create(NewCommission),
-    StartJob { job_id: u64, executor: Executor, job_name: String, pid: Option<u32> },
-    EnterStage { job_id: u64, stage: Stage },
-    ReportProgress { job_id: u64, stage: Stage, percent: u32, message: Option<String> },
-    RecordArtifact { job_id: u64, stage: Stage, kind: String, uri: String },
+    StartJob {
+        job_id: u64,
+        executor: Executor,
+        job_name: String,
+        pid: Option<u32>,
+    },
+    EnterStage {
+        job_id: u64,
+        stage: Stage,
+    },
+    ReportProgress {
+        job_id: u64,
+        stage: Stage,
+        percent: u32,
+        message: Option<String>,
+    },
+    RecordArtifact {
+        job_id: u64,
+        stage: Stage,
+        kind: String,
+        uri: String,
+    },
     /// The job produced its result and (if `job` is given) has ended.
-    Complete { job_id: u64, result: String, job: Option<JobEnd> },
+    Complete {
+        job_id: u64,
+        result: String,
+        job: Option<JobEnd>,
+    },
     /// The attempt failed; retried with backoff while `retryable` and attempts remain.
-    FailAttempt { job_id: u64, error: String, retryable: bool, job: Option<JobEnd> },
+    FailAttempt {
+        job_id: u64,
+        error: String,
+        retryable: bool,
+        job: Option<JobEnd>,
+    },
     RetryDue,
     /// An operator's "run it now" for a commission waiting on its backoff: the retry is due
     /// at once, whatever `next_retry_at` says.
     RetryNow,
     RequestCancel,
     /// The cancelled job's processes are gone (or there were none).
-    ConfirmCancelled { job: Option<JobEnd> },
+    ConfirmCancelled {
+        job: Option<JobEnd>,
+    },
     ManualRetry,
 }
 
@@ -297,34 +358,43 @@ pub fn apply(state: Option<Commission>, env: &Envelope) -> Result<Commission, Re
         return Err(Rejection::VersionGap { expected, got: env.version });
     }
     let mut c = match (state, &env.event) {
-        (None, Event::Created { user_id, pipeline, priority, scheduled_for, context, idempotency_key, max_attempts }) => {
-            Commission {
-                id: env.commission_id,
-                user_id: user_id.clone(),
-                pipeline: pipeline.clone(),
-                priority: *priority,
-                scheduled_for: *scheduled_for,
-                context: context.clone(),
-                idempotency_key: idempotency_key.clone(),
-                max_attempts: *max_attempts,
-                attempt_budget: *max_attempts,
-                attempt: 0,
-                state: Created,
-                stage: None,
-                stage_progress: [0; 4],
-                message: None,
-                error: None,
-                result: None,
-                artifacts: Vec::new(),
-                active_job: None,
-                cancel_requested: false,
-                next_retry_at: None,
-                created_at: env.at,
-                updated_at: env.at,
-                version: 0,
-                last_seq: 0,
-            }
-        }
+        (
+            None,
+            Event::Created {
+                user_id,
+                pipeline,
+                priority,
+                scheduled_for,
+                context,
+                idempotency_key,
+                max_attempts,
+            },
+        ) => Commission {
+            id: env.commission_id,
+            user_id: user_id.clone(),
+            pipeline: pipeline.clone(),
+            priority: *priority,
+            scheduled_for: *scheduled_for,
+            context: context.clone(),
+            idempotency_key: idempotency_key.clone(),
+            max_attempts: *max_attempts,
+            attempt_budget: *max_attempts,
+            attempt: 0,
+            state: Created,
+            stage: None,
+            stage_progress: [0; 4],
+            message: None,
+            error: None,
+            result: None,
+            artifacts: Vec::new(),
+            active_job: None,
+            cancel_requested: false,
+            next_retry_at: None,
+            created_at: env.at,
+            updated_at: env.at,
+            version: 0,
+            last_seq: 0,
+        },
         (Some(c), _) => c,
         (None, _) => unreachable!("invariant: transition() refuses non-create events for a new commission"),
     };

@@ -11,12 +11,7 @@ pub fn format_rfc3339_ms(ms: Millis) -> String {
     let days = secs.div_euclid(86_400);
     let sod = secs.rem_euclid(86_400);
     let (y, m, d) = civil_from_days(days);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{milli:03}Z",
-        sod / 3600,
-        (sod % 3600) / 60,
-        sod % 60
-    )
+    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{milli:03}Z", sod / 3600, (sod % 3600) / 60, sod % 60)
 }
 
 /// Parses RFC 3339 (`YYYY-MM-DDTHH:MM:SS[.fff][Z|±HH:MM]`) into milliseconds.
@@ -126,12 +121,23 @@ mod tests {
         assert_eq!(format_rfc3339_ms(1_795_964_430_123), "2026-11-29T15:00:30.123Z");
         assert_eq!(parse_rfc3339("2026-11-29T15:00:30.123Z"), Some(1_795_964_430_123));
         assert_eq!(parse_rfc3339("2026-11-29T16:00:30.123+01:00"), Some(1_795_964_430_123));
-        assert_eq!(parse_rfc3339("2024-02-29T00:00:00Z").map(format_rfc3339_ms).as_deref(), Some("2024-02-29T00:00:00.000Z"));
+        assert_eq!(
+            parse_rfc3339("2024-02-29T00:00:00Z").map(format_rfc3339_ms).as_deref(),
+            Some("2024-02-29T00:00:00.000Z")
+        );
     }
 
     #[test]
     fn rejects_malformed() {
-        for bad in ["", "2026-13-01T00:00:00Z", "2023-02-29T00:00:00Z", "2026-11-29 15:27:10", "2026-11-29T15:27:10.Z", "2026-11-29T15:27:10Zjunk", "２０２６-11-29T15:27:10Z"] {
+        for bad in [
+            "",
+            "2026-13-01T00:00:00Z",
+            "2023-02-29T00:00:00Z",
+            "2026-11-29 15:27:10",
+            "2026-11-29T15:27:10.Z",
+            "2026-11-29T15:27:10Zjunk",
+            "２０２６-11-29T15:27:10Z",
+        ] {
             assert_eq!(parse_rfc3339(bad), None, "{bad}");
         }
     }

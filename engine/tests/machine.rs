@@ -27,8 +27,9 @@
 use atelier_engine::limits;
 use atelier_engine::time::Millis;
 use atelier_engine::{
-    apply, decide, transition, transitions_markdown, Allowed, Command, Commission, Ctx, Envelope, Event, EventKind,
-    Executor, JobEnd, JobStatus, NewCommission, Rejection, RetryPolicy, Stage, State, Target, TRANSITIONS,
+    apply, decide, transition, transitions_markdown, Allowed, Command, Commission, Ctx, Envelope, Event,
+    EventKind, Executor, JobEnd, JobStatus, NewCommission, Rejection, RetryPolicy, Stage, State, Target,
+    TRANSITIONS,
 };
 
 /// An arbitrary fixed instant (2023-11-14T22:13:20Z): nothing in the engine reads a clock.
@@ -67,7 +68,11 @@ impl Harness {
         let before = self.live.clone();
         let ctx = self.ctx();
         let decided = decide(self.live.as_ref(), cmd.clone(), &ctx);
-        assert_eq!(decide(self.live.as_ref(), cmd.clone(), &ctx), decided, "decide is not deterministic for {cmd:?}");
+        assert_eq!(
+            decide(self.live.as_ref(), cmd.clone(), &ctx),
+            decided,
+            "decide is not deterministic for {cmd:?}"
+        );
         match &decided {
             Err(_) => {
                 // A rejected command appends nothing, so the commission is exactly as it was.
@@ -95,10 +100,15 @@ impl Harness {
     fn append(&mut self, event: Event) {
         let before = self.live.clone();
         let version = before.as_ref().map_or(1, |c| c.version + 1);
-        let env =
-            Envelope { seq: self.log.len() as u64 + 1, commission_id: COMMISSION_ID, version, at: self.now, event };
-        let after =
-            apply(before.clone(), &env).unwrap_or_else(|r| panic!("decided event {env:?} does not apply: {r:?}"));
+        let env = Envelope {
+            seq: self.log.len() as u64 + 1,
+            commission_id: COMMISSION_ID,
+            version,
+            at: self.now,
+            event,
+        };
+        let after = apply(before.clone(), &env)
+            .unwrap_or_else(|r| panic!("decided event {env:?} does not apply: {r:?}"));
         check_event(before.as_ref(), &env, &after);
         self.live = Some(after);
         self.log.push(env);
@@ -223,7 +233,11 @@ fn check_decision(before: Option<&Commission>, after: &Commission, events: &[Eve
         after.state
     );
     if after.state.stage().is_some() {
-        assert_eq!(after.stage, after.state.stage(), "the snapshot's stage is the state's stage while in a stage");
+        assert_eq!(
+            after.stage,
+            after.state.stage(),
+            "the snapshot's stage is the state's stage while in a stage"
+        );
     }
     if after.state == State::Retrying {
         assert!(after.next_retry_at.is_some());
@@ -254,11 +268,24 @@ fn new_commission(max_attempts: u32) -> NewCommission {
 }
 
 fn start_cmd(job_id: u64) -> Command {
-    Command::StartJob { job_id, executor: Executor::JobController, job_name: format!("job-{job_id}"), pid: Some(4242) }
+    Command::StartJob {
+        job_id,
+        executor: Executor::JobController,
+        job_name: format!("job-{job_id}"),
+        pid: Some(4242),
+    }
 }
 
 fn job_end(job_id: u64, status: JobStatus) -> JobEnd {
-    JobEnd { job_id, status, exit_code: Some(0), signal: None, error: None, max_rss_bytes: 1 << 20, cpu_ms: 15 }
+    JobEnd {
+        job_id,
+        status,
+        exit_code: Some(0),
+        signal: None,
+        error: None,
+        max_rss_bytes: 1 << 20,
+        cpu_ms: 15,
+    }
 }
 
 fn policy_ceiling(policy: RetryPolicy, attempt: u32) -> u64 {
@@ -306,7 +333,9 @@ mod model {
     fn fresh_seed() -> u64 {
         use std::hash::{BuildHasher, Hasher};
         let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-        h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos()));
+        h.write_u128(
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos()),
+        );
         h.finish()
     }
 
@@ -417,7 +446,9 @@ mod model {
         fn in_stage(&self, event: EventKind, stage: Stage) -> Result<usize, Rejection> {
             match self.phase {
                 Phase::InStage(i) if i == stage_pos(stage) => Ok(i),
-                Phase::InStage(i) => Err(Rejection::NotInStage { requested: stage, current: Some(stage_at(i)) }),
+                Phase::InStage(i) => {
+                    Err(Rejection::NotInStage { requested: stage, current: Some(stage_at(i)) })
+                }
                 p => Err(Rejection::IllegalTransition { from: state_name(p), event }),
             }
         }
@@ -479,7 +510,10 @@ mod model {
                         vec![K::JobStarted]
                     }
                     Phase::Backoff => {
-                        return Err(Rejection::IllegalTransition { from: State::Retrying, event: K::JobStarted })
+                        return Err(Rejection::IllegalTransition {
+                            from: State::Retrying,
+                            event: K::JobStarted,
+                        })
                     }
                     _ => return Err(Rejection::StaleJob { active: self.job, got: *job_id }),
                 },
@@ -488,7 +522,12 @@ mod model {
                     let (current, next) = match self.phase {
                         Phase::Starting => (None, 0),
                         Phase::InStage(i) if i + 1 < STAGE_COUNT => (Some(stage_at(i)), i + 1),
-                        p => return Err(Rejection::IllegalTransition { from: state_name(p), event: K::StageEntered }),
+                        p => {
+                            return Err(Rejection::IllegalTransition {
+                                from: state_name(p),
+                                event: K::StageEntered,
+                            })
+                        }
                     };
                     if stage_pos(*stage) != next {
                         return Err(Rejection::StageOutOfOrder { current, requested: *stage });
@@ -531,7 +570,10 @@ mod model {
                         return Err(Rejection::Invalid { field: "result", reason: String::new() });
                     }
                     if self.phase != Phase::InStage(STAGE_COUNT - 1) {
-                        return Err(Rejection::IllegalTransition { from: state_name(self.phase), event: K::Completed });
+                        return Err(Rejection::IllegalTransition {
+                            from: state_name(self.phase),
+                            event: K::Completed,
+                        });
                     }
                     self.phase = Phase::Done;
                     self.job = None;
@@ -560,7 +602,10 @@ mod model {
                 }
                 Command::RetryDue | Command::RetryNow => {
                     if self.phase != Phase::Backoff {
-                        return Err(Rejection::IllegalTransition { from: state_name(self.phase), event: K::RetryDue });
+                        return Err(Rejection::IllegalTransition {
+                            from: state_name(self.phase),
+                            event: K::RetryDue,
+                        });
                     }
                     if let Some(t) = self.retry_at.filter(|t| *t > now && matches!(cmd, Command::RetryDue)) {
                         return Err(Rejection::RetryNotDue { next_retry_at: t });
@@ -745,7 +790,11 @@ mod model {
             3 => 0i64..5_000,
             1 => 0i64..400_000,
         ];
-        (op(), advance, any::<u64>()).prop_map(|(op, advance_ms, jitter_seed)| Step { op, advance_ms, jitter_seed })
+        (op(), advance, any::<u64>()).prop_map(|(op, advance_ms, jitter_seed)| Step {
+            op,
+            advance_ms,
+            jitter_seed,
+        })
     }
 
     fn policy() -> impl Strategy<Value = RetryPolicy> {
@@ -847,9 +896,9 @@ mod model {
                 Op::RetryDue => Command::RetryDue,
                 Op::RetryNow => Command::RetryNow,
                 Op::RequestCancel => Command::RequestCancel,
-                Op::ConfirmCancelled { job } => {
-                    Command::ConfirmCancelled { job: job.as_ref().map(|r| job_end(self.job(r, m), JobStatus::Killed)) }
-                }
+                Op::ConfirmCancelled { job } => Command::ConfirmCancelled {
+                    job: job.as_ref().map(|r| job_end(self.job(r, m), JobStatus::Killed)),
+                },
                 Op::ManualRetry => Command::ManualRetry,
             }
         }
@@ -898,7 +947,10 @@ mod model {
                     );
                 }
                 (want, got) => {
-                    panic!("step {n}: {cmd:?} in {:?}: model says {want:?}, engine says {got:?}", before.phase)
+                    panic!(
+                        "step {n}: {cmd:?} in {:?}: model says {want:?}, engine says {got:?}",
+                        before.phase
+                    )
                 }
             }
             m.assert_matches(h.live.as_ref());
@@ -1183,16 +1235,21 @@ mod table {
             },
             EventKind::Progress => Event::Progress { stage, percent: 100, message: None },
             EventKind::Artifact => Event::Artifact { stage, kind: "k".into(), uri: "u".into() },
-            EventKind::AttemptFailed => {
-                Event::AttemptFailed { attempt: c.attempt, error: "e".into(), retryable: true, next_retry_at: T0 }
-            }
+            EventKind::AttemptFailed => Event::AttemptFailed {
+                attempt: c.attempt,
+                error: "e".into(),
+                retryable: true,
+                next_retry_at: T0,
+            },
             EventKind::RetryDue => Event::RetryDue,
             EventKind::Completed => Event::Completed { result: "1".into() },
             EventKind::Failed => Event::Failed { attempt: c.attempt, error: "e".into(), retryable: false },
             EventKind::CancelRequested => Event::CancelRequested,
             EventKind::Cancelled => Event::Cancelled,
             EventKind::RetryRequested => Event::RetryRequested,
-            EventKind::JobFinished => Event::JobFinished(job_end(c.active_job.unwrap_or(9), JobStatus::Succeeded)),
+            EventKind::JobFinished => {
+                Event::JobFinished(job_end(c.active_job.unwrap_or(9), JobStatus::Succeeded))
+            }
         }
     }
 
@@ -1209,7 +1266,11 @@ mod table {
                 let in_table = matches!(row.1, Allowed::Any(states) if states.contains(&state));
                 match transition(Some(&c), &event) {
                     Ok(to) => {
-                        assert!(in_table, "{state} --{}--> {to} accepted but not in the table", kind.as_str());
+                        assert!(
+                            in_table,
+                            "{state} --{}--> {to} accepted but not in the table",
+                            kind.as_str()
+                        );
                         assert!(
                             table_allows(Some(state), kind, to),
                             "{state} --{}--> {to}: wrong target",
@@ -1218,7 +1279,11 @@ mod table {
                         allowed_pairs += 1;
                     }
                     Err(r) => {
-                        assert!(!in_table, "{state} --{}--> refused ({r:?}) though the table allows it", kind.as_str());
+                        assert!(
+                            !in_table,
+                            "{state} --{}--> refused ({r:?}) though the table allows it",
+                            kind.as_str()
+                        );
                         let expected = if kind == EventKind::Created {
                             Rejection::AlreadyExists
                         } else if state.is_terminal() {
@@ -1271,7 +1336,12 @@ mod table {
                     assert!(states.iter().all(|s| next_stage_state(*s).is_some()));
                 }
             }
-            assert_eq!(kind.is_terminal(), matches!(target, Target::To(s) if s.is_terminal()), "{}", kind.as_str());
+            assert_eq!(
+                kind.is_terminal(),
+                matches!(target, Target::To(s) if s.is_terminal()),
+                "{}",
+                kind.as_str()
+            );
         }
     }
 }
@@ -1356,7 +1426,10 @@ mod rules {
                     let got = h.exec(cmd.clone());
                     match got {
                         Err(r) => {
-                            assert!(same_rejection(&r, &expected), "{cmd:?}: expected {expected:?}, got {r:?}");
+                            assert!(
+                                same_rejection(&r, &expected),
+                                "{cmd:?}: expected {expected:?}, got {r:?}"
+                            );
                             assert_eq!(r.code(), expected.code());
                             assert!(!r.to_string().is_empty());
                         }
@@ -1451,8 +1524,14 @@ mod rules {
         );
         check(vec![create(), cancel(), start(1)], Rejection::Terminal { state: State::Cancelled });
         check(vec![create(), cancel(), cancel()], Rejection::Terminal { state: State::Cancelled });
-        check(vec![create(), start(1), fail(1, false), start(2)], Rejection::Terminal { state: State::Failed });
-        check(vec![create(), start(1), fail(1, false), cancel()], Rejection::Terminal { state: State::Failed });
+        check(
+            vec![create(), start(1), fail(1, false), start(2)],
+            Rejection::Terminal { state: State::Failed },
+        );
+        check(
+            vec![create(), start(1), fail(1, false), cancel()],
+            Rejection::Terminal { state: State::Failed },
+        );
     }
 
     #[test]
@@ -1491,7 +1570,10 @@ mod rules {
         );
         check(
             with(up_to(Stage::CreatingImages), [enter(1, Stage::CreatingProducts)]),
-            Rejection::StageOutOfOrder { current: Some(Stage::CreatingImages), requested: Stage::CreatingProducts },
+            Rejection::StageOutOfOrder {
+                current: Some(Stage::CreatingImages),
+                requested: Stage::CreatingProducts,
+            },
         );
         check(
             with(up_to(Stage::Uploading), [enter(1, Stage::GeneratingIdeas)]),
@@ -1499,7 +1581,10 @@ mod rules {
         );
         check(
             with(up_to(Stage::GeneratingIdeas), [enter(1, Stage::GeneratingIdeas)]),
-            Rejection::StageOutOfOrder { current: Some(Stage::GeneratingIdeas), requested: Stage::GeneratingIdeas },
+            Rejection::StageOutOfOrder {
+                current: Some(Stage::GeneratingIdeas),
+                requested: Stage::GeneratingIdeas,
+            },
         );
     }
 
@@ -1588,7 +1673,10 @@ mod rules {
             ],
             Rejection::StaleJob { active: Some(2), got: 1 },
         );
-        check(vec![create(), start(1), cancel(), confirm(Some(5))], Rejection::StaleJob { active: Some(1), got: 5 });
+        check(
+            vec![create(), start(1), cancel(), confirm(Some(5))],
+            Rejection::StaleJob { active: Some(1), got: 5 },
+        );
         check(
             with(up_to(Stage::CreatingProducts), [complete(3, "{}")]),
             Rejection::StaleJob { active: Some(1), got: 3 },
@@ -1628,8 +1716,13 @@ mod rules {
         ];
         let mut c = None;
         for (i, event) in events.iter().enumerate() {
-            let env =
-                Envelope { seq: i as u64 + 1, commission_id: 1, version: i as u64 + 1, at: T0, event: event.clone() };
+            let env = Envelope {
+                seq: i as u64 + 1,
+                commission_id: 1,
+                version: i as u64 + 1,
+                at: T0,
+                event: event.clone(),
+            };
             match apply(c.clone(), &env) {
                 Ok(next) => c = Some(next),
                 Err(r) => {
@@ -1678,8 +1771,14 @@ mod rules {
     #[test]
     fn not_failed() {
         check(vec![create(), manual_retry()], Rejection::NotFailed { state: State::Created });
-        check(vec![create(), start(1), fail(1, true), manual_retry()], Rejection::NotFailed { state: State::Retrying });
-        check(with(up_to(Stage::Uploading), [manual_retry()]), Rejection::NotFailed { state: State::Uploading });
+        check(
+            vec![create(), start(1), fail(1, true), manual_retry()],
+            Rejection::NotFailed { state: State::Retrying },
+        );
+        check(
+            with(up_to(Stage::Uploading), [manual_retry()]),
+            Rejection::NotFailed { state: State::Uploading },
+        );
     }
 
     #[test]
@@ -1698,11 +1797,15 @@ mod rules {
             Rejection::CancelPending,
         );
         // The job may end, though: confirming the cancel is accepted.
-        let mut h =
-            check(vec![create(), start(1), cancel(), enter(1, Stage::GeneratingIdeas)], Rejection::CancelPending);
+        let mut h = check(
+            vec![create(), start(1), cancel(), enter(1, Stage::GeneratingIdeas)],
+            Rejection::CancelPending,
+        );
         let events = h.ok(Command::ConfirmCancelled { job: None });
         assert_eq!(events.len(), 2);
-        assert!(matches!(&events[0], Event::JobFinished(end) if end.job_id == 1 && end.status == JobStatus::Killed));
+        assert!(
+            matches!(&events[0], Event::JobFinished(end) if end.job_id == 1 && end.status == JobStatus::Killed)
+        );
         assert_eq!(h.commission().state, State::Cancelled);
     }
 
@@ -1720,8 +1823,13 @@ mod rules {
         let mut h = Harness::new();
         h.ok(Command::Create(new_commission(3)));
         let c = h.live.clone();
-        let env =
-            |version| Envelope { seq: 2, commission_id: COMMISSION_ID, version, at: T0, event: Event::CancelRequested };
+        let env = |version| Envelope {
+            seq: 2,
+            commission_id: COMMISSION_ID,
+            version,
+            at: T0,
+            event: Event::CancelRequested,
+        };
         assert_eq!(apply(c.clone(), &env(3)), Err(Rejection::VersionGap { expected: 2, got: 3 }));
         assert_eq!(apply(c.clone(), &env(1)), Err(Rejection::VersionGap { expected: 2, got: 1 }));
         assert!(apply(c, &env(2)).is_ok());
@@ -1737,7 +1845,10 @@ mod rules {
         check(vec![create_with(|n| n.user_id = String::new())], invalid("user_id"));
         check(vec![create_with(|n| n.user_id = "a/b".into())], invalid("user_id"));
         check(vec![create_with(|n| n.user_id = "a\nb".into())], invalid("user_id"));
-        check(vec![create_with(|n| n.user_id = "u".repeat(limits::USER_ID_BYTES_MAX + 1))], invalid("user_id"));
+        check(
+            vec![create_with(|n| n.user_id = "u".repeat(limits::USER_ID_BYTES_MAX + 1))],
+            invalid("user_id"),
+        );
         check(vec![create_with(|n| n.pipeline = "Etsy".into())], invalid("pipeline"));
         check(vec![create_with(|n| n.pipeline = String::new())], invalid("pipeline"));
         check(vec![create_with(|n| n.context = "[1]".into())], invalid("context"));
@@ -1760,7 +1871,12 @@ mod rules {
             Rejection::StaleJob { active: Some(1), got: 9 },
         );
         let message = "é".repeat(limits::MESSAGE_BYTES_MAX); // twice the limit in bytes
-        h.ok(Command::ReportProgress { job_id: 1, stage: Stage::GeneratingIdeas, percent: 1, message: Some(message) });
+        h.ok(Command::ReportProgress {
+            job_id: 1,
+            stage: Stage::GeneratingIdeas,
+            percent: 1,
+            message: Some(message),
+        });
         let kept = h.commission().message.clone().expect("a message");
         assert_eq!(kept.len(), limits::MESSAGE_BYTES_MAX);
         let error = "ü".repeat(limits::ERROR_BYTES_MAX) + "x";
@@ -1854,7 +1970,12 @@ mod snapshots {
         h.ok(Command::Create(new_commission(3)));
         h.ok(start_cmd(1));
         h.ok(Command::EnterStage { job_id: 1, stage: Stage::GeneratingIdeas });
-        h.ok(Command::ReportProgress { job_id: 1, stage: Stage::GeneratingIdeas, percent: 100, message: None });
+        h.ok(Command::ReportProgress {
+            job_id: 1,
+            stage: Stage::GeneratingIdeas,
+            percent: 100,
+            message: None,
+        });
         h.ok(Command::EnterStage { job_id: 1, stage: Stage::CreatingImages });
         h.ok(Command::ReportProgress {
             job_id: 1,
@@ -1874,7 +1995,12 @@ mod snapshots {
         h.ok(Command::Create(new_commission(3)));
         h.ok(start_cmd(1));
         h.ok(Command::EnterStage { job_id: 1, stage: Stage::GeneratingIdeas });
-        h.ok(Command::ReportProgress { job_id: 1, stage: Stage::GeneratingIdeas, percent: 30, message: None });
+        h.ok(Command::ReportProgress {
+            job_id: 1,
+            stage: Stage::GeneratingIdeas,
+            percent: 30,
+            message: None,
+        });
         let c = h.commission();
         assert_eq!((c.stage_percent(Stage::GeneratingIdeas), c.progress_percent()), (30, 7));
         h.ok(Command::EnterStage { job_id: 1, stage: Stage::CreatingImages });

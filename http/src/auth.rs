@@ -93,11 +93,13 @@ impl Keys {
             return Err(TokenError::Malformed);
         }
         let mut parts = token.split('.');
-        let (Some(h), Some(p), Some(s), None) = (parts.next(), parts.next(), parts.next(), parts.next()) else {
+        let (Some(h), Some(p), Some(s), None) = (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
             return Err(TokenError::Malformed);
         };
         let header: serde_json::Value =
-            serde_json::from_slice(&B64.decode(h).map_err(|_| TokenError::Malformed)?).map_err(|_| TokenError::Malformed)?;
+            serde_json::from_slice(&B64.decode(h).map_err(|_| TokenError::Malformed)?)
+                .map_err(|_| TokenError::Malformed)?;
         if header.get("alg").and_then(|a| a.as_str()) != Some("HS256") {
             return Err(TokenError::UnsupportedAlgorithm);
         }
@@ -108,12 +110,17 @@ impl Keys {
         mac.update(p.as_bytes());
         mac.verify_slice(&sig).map_err(|_| TokenError::BadSignature)?;
         let claims: serde_json::Value =
-            serde_json::from_slice(&B64.decode(p).map_err(|_| TokenError::Malformed)?).map_err(|_| TokenError::Malformed)?;
+            serde_json::from_slice(&B64.decode(p).map_err(|_| TokenError::Malformed)?)
+                .map_err(|_| TokenError::Malformed)?;
         let exp = claims.get("exp").and_then(|e| e.as_i64()).ok_or(TokenError::Malformed)?;
         if exp <= now {
             return Err(TokenError::Expired);
         }
-        let user_id = claims.get("sub").and_then(|s| s.as_str()).filter(|s| !s.is_empty()).ok_or(TokenError::Malformed)?;
+        let user_id = claims
+            .get("sub")
+            .and_then(|s| s.as_str())
+            .filter(|s| !s.is_empty())
+            .ok_or(TokenError::Malformed)?;
         let role = match claims.get("role").and_then(|r| r.as_str()) {
             Some("admin") => Role::Admin,
             Some("user") | None => Role::User,

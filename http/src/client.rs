@@ -19,7 +19,11 @@ pub enum ClientError {
     Io(String),
     Protocol(String),
     /// The server answered with an error body.
-    Api { status: u16, code: String, message: String },
+    Api {
+        status: u16,
+        code: String,
+        message: String,
+    },
 }
 
 impl std::fmt::Display for ClientError {
@@ -66,16 +70,27 @@ impl Client {
             .map_err(|e| ClientError::Connect(format!("{}: {e}", self.host)))?
             .next()
             .ok_or_else(|| ClientError::Connect(self.host.clone()))?;
-        let s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).map_err(|e| ClientError::Connect(format!("{}: {e}", self.host)))?;
-        s.set_read_timeout(Some(Duration::from_millis(REQUEST_TIMEOUT_MS))).map_err(|e| ClientError::Io(e.to_string()))?;
+        let s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+            .map_err(|e| ClientError::Connect(format!("{}: {e}", self.host)))?;
+        s.set_read_timeout(Some(Duration::from_millis(REQUEST_TIMEOUT_MS)))
+            .map_err(|e| ClientError::Io(e.to_string()))?;
         let _ = s.set_nodelay(true);
         Ok(s)
     }
 
-    fn send(&self, method: &str, path: &str, body: Option<&Value>, extra: &[(&str, String)]) -> Result<TcpStream, ClientError> {
+    fn send(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&Value>,
+        extra: &[(&str, String)],
+    ) -> Result<TcpStream, ClientError> {
         let mut s = self.connect()?;
         let body = body.map(|b| b.to_string()).unwrap_or_default();
-        let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {}\r\nConnection: close\r\n", self.host, self.token);
+        let mut head = format!(
+            "{method} {path} HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {}\r\nConnection: close\r\n",
+            self.host, self.token
+        );
         if !body.is_empty() {
             head.push_str("Content-Type: application/json\r\n");
         }
@@ -92,15 +107,26 @@ impl Client {
         let s = self.send(method, path, body, &[])?;
         let mut raw = Vec::new();
         s.take(RESPONSE_BYTES_MAX).read_to_end(&mut raw).map_err(|e| ClientError::Io(e.to_string()))?;
-        let split = raw.windows(4).position(|w| w == b"\r\n\r\n").ok_or_else(|| ClientError::Protocol("no HTTP head".into()))?;
+        let split = raw
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .ok_or_else(|| ClientError::Protocol("no HTTP head".into()))?;
         let head = String::from_utf8_lossy(&raw[..split]);
-        let status: u16 = head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).ok_or_else(|| ClientError::Protocol("no status".into()))?;
+        let status: u16 = head
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .ok_or_else(|| ClientError::Protocol("no status".into()))?;
         let chunked = head.to_ascii_lowercase().contains("transfer-encoding: chunked");
         let mut body = raw[split + 4..].to_vec();
         if chunked {
             body = dechunk(&body);
         }
-        let value: Value = if body.is_empty() { Value::Null } else { serde_json::from_slice(&body).map_err(|e| ClientError::Protocol(format!("not JSON: {e}")))? };
+        let value: Value = if body.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&body).map_err(|e| ClientError::Protocol(format!("not JSON: {e}")))?
+        };
         if status >= 400 {
             return Err(ClientError::Api {
                 status,
@@ -121,10 +147,15 @@ impl Client {
         let mut reader = BufReader::new(s);
         let mut line = String::new();
         reader.read_line(&mut line).map_err(|e| ClientError::Io(e.to_string()))?;
-        let status: u16 = line.split_whitespace().nth(1).and_then(|c| c.parse().ok()).ok_or_else(|| ClientError::Protocol(format!("bad status line {line:?}")))?;
+        let status: u16 = line
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .ok_or_else(|| ClientError::Protocol(format!("bad status line {line:?}")))?;
         loop {
             line.clear();
-            if reader.read_line(&mut line).map_err(|e| ClientError::Io(e.to_string()))? == 0 || line == "\r\n" {
+            if reader.read_line(&mut line).map_err(|e| ClientError::Io(e.to_string()))? == 0 || line == "\r\n"
+            {
                 break;
             }
         }
@@ -138,7 +169,10 @@ impl Client {
                 Err(ClientError::Api {
                     status,
                     code: v["error"]["code"].as_str().unwrap_or("").to_string(),
-                    message: v["error"]["message"].as_str().unwrap_or("the server refused the stream").to_string(),
+                    message: v["error"]["message"]
+                        .as_str()
+                        .unwrap_or("the server refused the stream")
+                        .to_string(),
                 })
             }
         }
@@ -189,7 +223,8 @@ impl EventStream {
                 if data.is_empty() {
                     continue;
                 }
-                let data = serde_json::from_str(&data).map_err(|e| ClientError::Protocol(format!("event data is not JSON: {e}")))?;
+                let data = serde_json::from_str(&data)
+                    .map_err(|e| ClientError::Protocol(format!("event data is not JSON: {e}")))?;
                 return Ok(Some(StreamEvent { id, event, data }));
             }
             if let Some(v) = l.strip_prefix("id:") {

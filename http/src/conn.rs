@@ -90,8 +90,17 @@ pub(crate) fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
 /// fits a fresh socket's buffer, and a short send timeout keeps the accept loop moving anyway.
 fn refuse_over_capacity(stream: &TcpStream, capacity: u64) {
     let _ = stream.set_write_timeout(Some(OVER_CAPACITY_SEND_TIMEOUT));
-    let body = render::error("over_capacity", &format!("{capacity} connections are open; try again shortly")).to_string();
-    let _ = write_response(stream, 503, "application/json", body.as_bytes(), &[("Retry-After", "1".into())], Close::Yes, Body::Send);
+    let body = render::error("over_capacity", &format!("{capacity} connections are open; try again shortly"))
+        .to_string();
+    let _ = write_response(
+        stream,
+        503,
+        "application/json",
+        body.as_bytes(),
+        &[("Retry-After", "1".into())],
+        Close::Yes,
+        Body::Send,
+    );
 }
 
 /// Where to connect to wake a blocked accept() at shutdown.
@@ -166,7 +175,10 @@ fn serve(stream: TcpStream, shared: &Arc<Shared>) {
     let _ = stream.set_nodelay(true);
     let _ = stream.set_write_timeout(Some(Duration::from_millis(crate::SEND_TIMEOUT_MS)));
     let timeout = Duration::from_millis(shared.config.header_timeout_ms.max(1));
-    let mut reader = BufReader::with_capacity(READ_BUFFER_BYTES, Deadlined { stream: &stream, deadline: Instant::now() + timeout });
+    let mut reader = BufReader::with_capacity(
+        READ_BUFFER_BYTES,
+        Deadlined { stream: &stream, deadline: Instant::now() + timeout },
+    );
     let (reply_tx, reply_rx) = crossbeam_channel::bounded(1);
     loop {
         if shared.shutting_down.load(Ordering::SeqCst) {
@@ -180,8 +192,10 @@ fn serve(stream: TcpStream, shared: &Arc<Shared>) {
             Ok(None) | Err(ReadError::Gone) => return,
             Err(ReadError::Refuse(status, code, message)) => {
                 shared.metrics.request("bad_request", status, started.elapsed().as_secs_f64());
-                let body = serde_json::to_vec(&render::error(code, &message)).expect("invariant: JSON serializes");
-                let _ = write_response(&stream, status, "application/json", &body, &[], Close::Yes, Body::Send);
+                let body =
+                    serde_json::to_vec(&render::error(code, &message)).expect("invariant: JSON serializes");
+                let _ =
+                    write_response(&stream, status, "application/json", &body, &[], Close::Yes, Body::Send);
                 return;
             }
         };
@@ -202,7 +216,8 @@ fn serve(stream: TcpStream, shared: &Arc<Shared>) {
                 // client, unless that client already sent more (pipelined bytes would sit in
                 // the read buffer given back below; such a client gets a close instead) or
                 // asked with HEAD (it expects no body, so the connection cannot go on).
-                let reusable = keep_alive == Close::No && head_only == Body::Send && reader.buffer().is_empty();
+                let reusable =
+                    keep_alive == Close::No && head_only == Body::Send && reader.buffer().is_empty();
                 let framing = if opened.ends() && reusable {
                     crate::sse::Framing::Chunked
                 } else {
@@ -214,15 +229,22 @@ fn serve(stream: TcpStream, shared: &Arc<Shared>) {
                 if !crate::sse::serve(&stream, *opened, framing, shared) {
                     return;
                 }
-                reader = BufReader::with_capacity(READ_BUFFER_BYTES, Deadlined { stream: &stream, deadline: Instant::now() + timeout });
+                reader = BufReader::with_capacity(
+                    READ_BUFFER_BYTES,
+                    Deadlined { stream: &stream, deadline: Instant::now() + timeout },
+                );
                 continue;
             }
             Reply::Json(status, body) => {
                 let body = serde_json::to_vec(&body).expect("invariant: JSON values serialize");
                 write_response(&stream, status, "application/json", &body, &[], keep_alive, head_only)
             }
-            Reply::Bytes(status, ctype, body, extra) => write_response(&stream, status, ctype, &body, &extra, keep_alive, head_only),
-            Reply::Empty(status) => write_response(&stream, status, "text/plain", &[], &[], keep_alive, head_only),
+            Reply::Bytes(status, ctype, body, extra) => {
+                write_response(&stream, status, ctype, &body, &extra, keep_alive, head_only)
+            }
+            Reply::Empty(status) => {
+                write_response(&stream, status, "text/plain", &[], &[], keep_alive, head_only)
+            }
         };
         if written.is_err() || keep_alive == Close::Yes {
             return;
@@ -240,7 +262,13 @@ fn to_req(head: Head, body: Vec<u8>) -> Req {
             (percent_decode(k), percent_decode(v))
         })
         .collect();
-    Req { method: head.method.to_ascii_uppercase(), path: path.to_string(), query, headers: head.headers, body }
+    Req {
+        method: head.method.to_ascii_uppercase(),
+        path: path.to_string(),
+        query,
+        headers: head.headers,
+        body,
+    }
 }
 
 /// Reads one request; `Ok(None)` when the client closed between requests.
@@ -255,17 +283,35 @@ fn read_request(reader: &mut impl BufRead, stream: impl Write) -> Result<Option<
         }
     };
     let mut parts = line.split(' ');
-    let (Some(method), Some(target), Some(version), None) = (parts.next(), parts.next(), parts.next(), parts.next()) else {
-        return Err(ReadError::Refuse(400, "bad_request", "the request line is not METHOD TARGET HTTP/1.1".into()));
+    let (Some(method), Some(target), Some(version), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err(ReadError::Refuse(
+            400,
+            "bad_request",
+            "the request line is not METHOD TARGET HTTP/1.1".into(),
+        ));
     };
     let http10 = match version {
         "HTTP/1.1" => false,
         "HTTP/1.0" => true,
-        v if v.starts_with("HTTP/") => return Err(ReadError::Refuse(505, "http_version", format!("{v} is not served; use HTTP/1.1"))),
-        _ => return Err(ReadError::Refuse(400, "bad_request", "the request line is not METHOD TARGET HTTP/1.1".into())),
+        v if v.starts_with("HTTP/") => {
+            return Err(ReadError::Refuse(505, "http_version", format!("{v} is not served; use HTTP/1.1")))
+        }
+        _ => {
+            return Err(ReadError::Refuse(
+                400,
+                "bad_request",
+                "the request line is not METHOD TARGET HTTP/1.1".into(),
+            ))
+        }
     };
     if method.is_empty() || !method.bytes().all(|b| b.is_ascii_alphabetic()) || !target.starts_with('/') {
-        return Err(ReadError::Refuse(400, "bad_request", "the request line is not METHOD TARGET HTTP/1.1".into()));
+        return Err(ReadError::Refuse(
+            400,
+            "bad_request",
+            "the request line is not METHOD TARGET HTTP/1.1".into(),
+        ));
     }
     let mut headers = Vec::new();
     loop {
@@ -274,7 +320,11 @@ fn read_request(reader: &mut impl BufRead, stream: impl Write) -> Result<Option<
             break;
         }
         let Some((k, v)) = l.split_once(':') else {
-            return Err(ReadError::Refuse(400, "bad_request", format!("a header line without a colon: '{}'", l.chars().take(80).collect::<String>())));
+            return Err(ReadError::Refuse(
+                400,
+                "bad_request",
+                format!("a header line without a colon: '{}'", l.chars().take(80).collect::<String>()),
+            ));
         };
         headers.push((k.trim().to_string(), v.trim().to_string()));
     }
@@ -292,7 +342,11 @@ fn read_line(reader: &mut impl BufRead, budget: &mut usize) -> Result<Option<Str
         return Ok(None);
     }
     if n > *budget {
-        return Err(ReadError::Refuse(431, "headers_too_large", format!("the request head is over {HEAD_BYTES_MAX} bytes")));
+        return Err(ReadError::Refuse(
+            431,
+            "headers_too_large",
+            format!("the request head is over {HEAD_BYTES_MAX} bytes"),
+        ));
     }
     *budget -= n;
     if !buf.ends_with(b"\n") {
@@ -301,7 +355,9 @@ fn read_line(reader: &mut impl BufRead, budget: &mut usize) -> Result<Option<Str
     while buf.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
         buf.pop();
     }
-    String::from_utf8(buf).map(Some).map_err(|_| ReadError::Refuse(400, "bad_request", "the request head is not UTF-8".into()))
+    String::from_utf8(buf)
+        .map(Some)
+        .map_err(|_| ReadError::Refuse(400, "bad_request", "the request head is not UTF-8".into()))
 }
 
 fn too_large() -> ReadError {
@@ -309,15 +365,27 @@ fn too_large() -> ReadError {
 }
 
 /// `continue_to` gets the interim `100 Continue` a client may wait for before its body.
-fn read_body(reader: &mut impl BufRead, mut continue_to: impl Write, head: &Head) -> Result<Vec<u8>, ReadError> {
+fn read_body(
+    reader: &mut impl BufRead,
+    mut continue_to: impl Write,
+    head: &Head,
+) -> Result<Vec<u8>, ReadError> {
     let chunked = match head.header("transfer-encoding") {
         None => false,
         Some(te) if te.to_ascii_lowercase().trim_end().ends_with("chunked") => true,
-        Some(te) => return Err(ReadError::Refuse(400, "bad_request", format!("Transfer-Encoding '{te}' is not supported"))),
+        Some(te) => {
+            return Err(ReadError::Refuse(
+                400,
+                "bad_request",
+                format!("Transfer-Encoding '{te}' is not supported"),
+            ))
+        }
     };
     let length = match (chunked, head.header("content-length")) {
         (true, _) | (false, None) => None,
-        (false, Some(v)) => Some(v.parse::<usize>().map_err(|_| ReadError::Refuse(400, "bad_request", format!("Content-Length '{v}' is not a number")))?),
+        (false, Some(v)) => Some(v.parse::<usize>().map_err(|_| {
+            ReadError::Refuse(400, "bad_request", format!("Content-Length '{v}' is not a number"))
+        })?),
     };
     if length.is_some_and(|n| n > crate::BODY_BYTES_MAX) {
         return Err(too_large());
@@ -338,7 +406,8 @@ fn read_body(reader: &mut impl BufRead, mut continue_to: impl Write, head: &Head
             let mut budget = HEAD_BYTES_MAX;
             let Some(size_line) = read_line(reader, &mut budget)? else { return Err(ReadError::Gone) };
             let size_hex = size_line.split(';').next().unwrap_or("").trim();
-            let size = usize::from_str_radix(size_hex, 16).map_err(|_| ReadError::Refuse(400, "bad_request", "a bad chunk size".into()))?;
+            let size = usize::from_str_radix(size_hex, 16)
+                .map_err(|_| ReadError::Refuse(400, "bad_request", "a bad chunk size".into()))?;
             if size == 0 {
                 // Trailers up to the blank line.
                 while read_line(reader, &mut budget)?.is_some_and(|l| !l.is_empty()) {}
@@ -464,7 +533,10 @@ mod parse_tests {
         let input = b"POST /api/commissions?x=%41 HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\n{\"a\":\r\n2\r\n1}\r\n0\r\n\r\nGET /healthz HTTP/1.0\r\n\r\n";
         let reqs = fuzz_parse(input);
         assert_eq!(reqs.len(), 2);
-        assert_eq!((reqs[0].method.as_str(), reqs[0].path.as_str(), reqs[0].body.as_slice()), ("POST", "/api/commissions", &b"{\"a\":1}"[..]));
+        assert_eq!(
+            (reqs[0].method.as_str(), reqs[0].path.as_str(), reqs[0].body.as_slice()),
+            ("POST", "/api/commissions", &b"{\"a\":1}"[..])
+        );
         assert_eq!(reqs[0].query, vec![("x".to_string(), "A".to_string())]);
         assert_eq!(reqs[1].path, "/healthz");
         // Refused: a huge Content-Length (413), HTTP/2 (505), a head over the limit (431).

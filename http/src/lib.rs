@@ -4,12 +4,12 @@
 //! the routes. An SSE request keeps its connection's thread (thread per stream) and writes
 //! each event straight to the socket.
 
+mod assets;
 pub mod auth;
 pub mod client;
+mod conn;
 mod metrics;
 pub mod render;
-mod assets;
-mod conn;
 mod routes;
 mod sse;
 
@@ -90,7 +90,9 @@ impl std::fmt::Display for HttpError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             HttpError::Bind { addr, source } => write!(f, "cannot listen on {addr}: {source}"),
-            HttpError::BadAddress(a) => write!(f, "'{a}' is not an address to listen on (e.g. 127.0.0.1:8080)"),
+            HttpError::BadAddress(a) => {
+                write!(f, "'{a}' is not an address to listen on (e.g. 127.0.0.1:8080)")
+            }
             HttpError::Start(e) => write!(f, "cannot start the HTTP server: {e}"),
         }
     }
@@ -127,7 +129,6 @@ pub(crate) fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
-
 impl Server {
     pub fn start(
         config: HttpConfig,
@@ -135,10 +136,12 @@ impl Server {
         keys: Keys,
         executors: Option<Arc<dyn Executors>>,
     ) -> Result<Server, HttpError> {
-        let addr: SocketAddr = config.listen.parse().map_err(|_| HttpError::BadAddress(config.listen.clone()))?;
+        let addr: SocketAddr =
+            config.listen.parse().map_err(|_| HttpError::BadAddress(config.listen.clone()))?;
         let mut config = config;
         config.connections_max = fit_connections_to_fd_limit(config.connections_max);
-        let listener = listen(addr).map_err(|source| HttpError::Bind { addr: config.listen.clone(), source })?;
+        let listener =
+            listen(addr).map_err(|source| HttpError::Bind { addr: config.listen.clone(), source })?;
         let addr = listener.local_addr().map_err(|e| HttpError::Start(e.to_string()))?;
         let (jobs_tx, jobs_rx) = crossbeam_channel::unbounded::<conn::Job>();
         let shared = Arc::new(Shared {
@@ -301,12 +304,20 @@ pub(crate) fn handle(req: &Req, started: Instant, shared: &Arc<Shared>) -> Reply
     let (route, reply) = match check_media_type(req) {
         Err(reply) => ("body", reply),
         Ok(()) => {
-            let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| routes::dispatch(req, shared)));
+            let outcome =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| routes::dispatch(req, shared)));
             match outcome {
                 Ok(r) => r,
                 Err(_) => {
                     tracing::error!(path = %req.path, "a handler panicked");
-                    ("panic", error(500, "internal", "the server hit a bug handling this request; it keeps running"))
+                    (
+                        "panic",
+                        error(
+                            500,
+                            "internal",
+                            "the server hit a bug handling this request; it keeps running",
+                        ),
+                    )
                 }
             }
         }
@@ -325,7 +336,11 @@ fn check_media_type(req: &Req) -> Result<(), Reply> {
         let ctype = req.header("content-type").unwrap_or("");
         let mime = ctype.split(';').next().unwrap_or("").trim();
         if !mime.eq_ignore_ascii_case("application/json") {
-            return Err(error(415, "unsupported_media_type", format!("send JSON with Content-Type: application/json (got '{ctype}')")));
+            return Err(error(
+                415,
+                "unsupported_media_type",
+                format!("send JSON with Content-Type: application/json (got '{ctype}')"),
+            ));
         }
     }
     Ok(())
@@ -360,7 +375,10 @@ fn fuzz_request_lines(data: &[u8]) {
             .filter_map(|kv| kv.split_once('='))
             .map(|(k, v)| (percent_decode(k), percent_decode(v)))
             .collect(),
-        headers: lines.filter_map(|l| l.split_once(':')).map(|(k, v)| (k.trim().to_string(), v.trim().to_string())).collect(),
+        headers: lines
+            .filter_map(|l| l.split_once(':'))
+            .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+            .collect(),
         body: body.as_bytes().to_vec(),
     };
     check_request(&req);

@@ -68,7 +68,8 @@ impl Metrics {
         let _ = writeln!(out, "# TYPE atelier_http_requests_total counter");
         if let Ok(m) = self.requests.lock() {
             for ((route, status), n) in m.iter() {
-                let _ = writeln!(out, "atelier_http_requests_total{{route=\"{route}\",status=\"{status}\"}} {n}");
+                let _ =
+                    writeln!(out, "atelier_http_requests_total{{route=\"{route}\",status=\"{status}\"}} {n}");
             }
         }
         REQUEST_DURATION.render(&mut out, "atelier_http_request_duration_seconds");

@@ -111,7 +111,13 @@ pub fn event_data(env: &Envelope, view: &ViewAfter) -> Value {
 /// Appends one SSE message (`id`, `event`, `data`, blank line) to `out`.
 pub fn push_sse_message(out: &mut String, env: &Envelope, view: &ViewAfter) {
     use std::fmt::Write;
-    let _ = write!(out, "id: {}\nevent: {}\ndata: {}\n\n", env.seq, env.event.kind().as_str(), event_data(env, view));
+    let _ = write!(
+        out,
+        "id: {}\nevent: {}\ndata: {}\n\n",
+        env.seq,
+        env.event.kind().as_str(),
+        event_data(env, view)
+    );
 }
 
 pub fn error(code: &str, message: &str) -> Value {

@@ -27,28 +27,76 @@ pub struct Route {
     pub summary: &'static str,
 }
 
-const fn r(method: &'static str, path: &'static str, name: &'static str, access: Access, summary: &'static str) -> Route {
+const fn r(
+    method: &'static str,
+    path: &'static str,
+    name: &'static str,
+    access: Access,
+    summary: &'static str,
+) -> Route {
     Route { method, path, name, access, summary }
 }
 
 pub const ROUTES: &[Route] = &[
-    r("POST", "/api/commissions", "create_commission", Access::User, "Create a commission (201; 200 with the first one for a repeated idempotency_key)"),
+    r(
+        "POST",
+        "/api/commissions",
+        "create_commission",
+        Access::User,
+        "Create a commission (201; 200 with the first one for a repeated idempotency_key)",
+    ),
     r("GET", "/api/commissions/{id}", "get_commission", Access::User, "A commission's snapshot"),
     r("GET", "/api/progress/{id}/status", "get_status", Access::User, "A commission's snapshot (alias)"),
     r("POST", "/api/commissions/{id}/cancel", "cancel", Access::User, "Cancel (409 if terminal)"),
-    r("POST", "/api/commissions/{id}/retry", "retry", Access::User, "Retry a failed commission (409 unless failed)"),
+    r(
+        "POST",
+        "/api/commissions/{id}/retry",
+        "retry",
+        Access::User,
+        "Retry a failed commission (409 unless failed)",
+    ),
     r("GET", "/api/commissions/{id}/jobs", "commission_jobs", Access::User, "A commission's job records"),
-    r("GET", "/api/commissions/user/{user}", "list_user", Access::User, "A user's commissions, newest first: ?limit= (max 200), ?cursor=, ?state="),
-    r("GET", "/api/progress/{id}/stream", "stream_commission", Access::User, "SSE of one commission's events; ends after a terminal event"),
-    r("GET", "/api/commissions/user/{user}/stream", "stream_user", Access::User, "SSE of all a user's commissions"),
+    r(
+        "GET",
+        "/api/commissions/user/{user}",
+        "list_user",
+        Access::User,
+        "A user's commissions, newest first: ?limit= (max 200), ?cursor=, ?state=",
+    ),
+    r(
+        "GET",
+        "/api/progress/{id}/stream",
+        "stream_commission",
+        Access::User,
+        "SSE of one commission's events; ends after a terminal event",
+    ),
+    r(
+        "GET",
+        "/api/commissions/user/{user}/stream",
+        "stream_user",
+        Access::User,
+        "SSE of all a user's commissions",
+    ),
     r("GET", "/api/events/stream", "stream_all", Access::Admin, "SSE of every event (admin)"),
-    r("POST", "/api/jobs/create", "create_job", Access::Admin, "Queue a job for a commission now: a queued one, one waiting on its backoff, or a failed one (admin)"),
+    r(
+        "POST",
+        "/api/jobs/create",
+        "create_job",
+        Access::Admin,
+        "Queue a job for a commission now: a queued one, one waiting on its backoff, or a failed one (admin)",
+    ),
     r("GET", "/api/jobs/{id}/status", "job_status", Access::User, "A job record"),
     r("GET", "/api/jobs/{id}/logs", "job_logs", Access::User, "A job's captured stdout and stderr"),
     r("GET", "/api/me", "me", Access::User, "Who the token belongs to"),
     r("GET", "/healthz", "healthz", Access::Public, "The process is up"),
     r("GET", "/readyz", "readyz", Access::Public, "The store is open and the job controller running"),
-    r("GET", "/metrics", "metrics", Access::Admin, "Prometheus metrics (public with ATELIER_METRICS_PUBLIC=1)"),
+    r(
+        "GET",
+        "/metrics",
+        "metrics",
+        Access::Admin,
+        "Prometheus metrics (public with ATELIER_METRICS_PUBLIC=1)",
+    ),
     r("GET", "/api/openapi.json", "openapi", Access::Public, "This API as OpenAPI 3.1"),
     r("GET", "/", "page_index", Access::Public, "The status page (?token= signs in)"),
     r("GET", "/commissions/{id}", "page_commission", Access::Public, "The progress view"),
@@ -87,7 +135,10 @@ fn matches<'a>(pattern: &str, path: &'a str) -> Option<Vec<&'a str>> {
 }
 
 /// The route for a method and path, the path's parameters, or the methods the path allows.
-pub(crate) fn find<'a>(method: &str, path: &'a str) -> Result<(&'static Route, Vec<&'a str>), Vec<&'static str>> {
+pub(crate) fn find<'a>(
+    method: &str,
+    path: &'a str,
+) -> Result<(&'static Route, Vec<&'a str>), Vec<&'static str>> {
     // Literal segments win over parameters: patterns with fewer parameters are tried first.
     // The order is worked out once, not on every request.
     static CANDIDATES: std::sync::LazyLock<Vec<&'static Route>> = std::sync::LazyLock::new(|| {
@@ -117,7 +168,10 @@ pub(crate) fn dispatch(req: &Req, shared: &Arc<Shared>) -> (&'static str, Reply)
             allowed.sort();
             allowed.dedup();
             let allow = allowed.join(", ");
-            let body = render::error("method_not_allowed", &format!("{} is not allowed here; use {allow}", req.method));
+            let body = render::error(
+                "method_not_allowed",
+                &format!("{} is not allowed here; use {allow}", req.method),
+            );
             let bytes = serde_json::to_vec(&body).expect("invariant: JSON serializes");
             return ("method", Reply::Bytes(405, "application/json", bytes, vec![("Allow", allow)]));
         }
@@ -133,7 +187,10 @@ pub(crate) fn dispatch(req: &Req, shared: &Arc<Shared>) -> (&'static str, Reply)
             Err(reply) => return (route.name, reply),
         },
     };
-    if route.access == Access::Admin && !who.as_ref().is_some_and(Identity::is_admin) && !(route.name == "metrics" && shared.config.metrics_public) {
+    if route.access == Access::Admin
+        && !who.as_ref().is_some_and(Identity::is_admin)
+        && !(route.name == "metrics" && shared.config.metrics_public)
+    {
         return (route.name, error(403, "forbidden", "this needs an admin token"));
     }
     let reply = match handle(route, &params, who.as_ref(), req, shared) {
@@ -148,7 +205,9 @@ pub(crate) fn dispatch(req: &Req, shared: &Arc<Shared>) -> (&'static str, Reply)
 
 fn token_of(req: &Req, allow_query: bool) -> Option<String> {
     if let Some(h) = req.header("authorization") {
-        return Some(h.strip_prefix("Bearer ").or_else(|| h.strip_prefix("bearer ")).unwrap_or(h).trim().to_string());
+        return Some(
+            h.strip_prefix("Bearer ").or_else(|| h.strip_prefix("bearer ")).unwrap_or(h).trim().to_string(),
+        );
     }
     if let Some(c) = req.cookie("atelier_token") {
         return Some(c.to_string());
@@ -162,9 +221,16 @@ fn token_of(req: &Req, allow_query: bool) -> Option<String> {
 fn authenticate(req: &Req, shared: &Shared) -> Result<Identity, Reply> {
     let sse = req.path.ends_with("/stream");
     let token = token_of(req, sse).ok_or_else(|| {
-        error(401, "unauthorized", "send a token: Authorization: Bearer T (or the atelier_token cookie; ?access_token= on streams)")
+        error(
+            401,
+            "unauthorized",
+            "send a token: Authorization: Bearer T (or the atelier_token cookie; ?access_token= on streams)",
+        )
     })?;
-    shared.keys.verify(&token, now_ms() / 1000).map_err(|e: TokenError| error(401, "unauthorized", e.to_string()))
+    shared
+        .keys
+        .verify(&token, now_ms() / 1000)
+        .map_err(|e: TokenError| error(401, "unauthorized", e.to_string()))
 }
 
 fn ctx() -> Ctx {
@@ -173,7 +239,8 @@ fn ctx() -> Ctx {
 }
 
 fn parse_id(s: &str, what: &str) -> Result<u64, Reply> {
-    s.parse::<u64>().map_err(|_| error(400, "bad_id", format!("{what} must be a positive integer, got '{s}'")))
+    s.parse::<u64>()
+        .map_err(|_| error(400, "bad_id", format!("{what} must be a positive integer, got '{s}'")))
 }
 
 fn rejection(r: Rejection) -> Reply {
@@ -201,7 +268,13 @@ macro_rules! tri {
     };
 }
 
-fn handle(route: &Route, params: &[&str], who: Option<&Identity>, req: &Req, shared: &Arc<Shared>) -> Result<Reply, StorageError> {
+fn handle(
+    route: &Route,
+    params: &[&str],
+    who: Option<&Identity>,
+    req: &Req,
+    shared: &Arc<Shared>,
+) -> Result<Reply, StorageError> {
     let me = || who.expect("invariant: authenticated routes have an identity");
     Ok(match route.name {
         "healthz" => Reply::Json(200, json!({"status": "ok"})),
@@ -216,7 +289,10 @@ fn handle(route: &Route, params: &[&str], who: Option<&Identity>, req: &Req, sha
             for (state, n) in shared.store.state_counts()? {
                 extra.push_str(&format!("atelier_commissions{{state=\"{}\"}} {n}\n", state.as_str()));
             }
-            extra.push_str(&format!("# TYPE atelier_log_head_seq gauge\natelier_log_head_seq {}\n", shared.store.head_seq()));
+            extra.push_str(&format!(
+                "# TYPE atelier_log_head_seq gauge\natelier_log_head_seq {}\n",
+                shared.store.head_seq()
+            ));
             // Their ratio is the mean group: how many appends shared one fsync.
             let (commits, requests) = shared.store.group_commit_totals();
             extra.push_str(&format!(
@@ -230,7 +306,12 @@ fn handle(route: &Route, params: &[&str], who: Option<&Identity>, req: &Req, sha
             if let Some(e) = &shared.executors {
                 extra.push_str(&e.metrics_text());
             }
-            Reply::Bytes(200, "text/plain; version=0.0.4", shared.metrics.render(&extra, shared.store.dropped_slow_total()).into_bytes(), vec![])
+            Reply::Bytes(
+                200,
+                "text/plain; version=0.0.4",
+                shared.metrics.render(&extra, shared.store.dropped_slow_total()).into_bytes(),
+                vec![],
+            )
         }
         "openapi" => Reply::Json(200, crate::openapi()),
         "me" => Reply::Json(200, json!({"user_id": me().user_id, "role": me().role.as_str()})),
@@ -275,7 +356,9 @@ fn handle(route: &Route, params: &[&str], who: Option<&Identity>, req: &Req, sha
                 if logs_swept(job.completed_at, ex.job_dirs_keep_ms(), now_ms()) {
                     return Ok(error(410, "gone", format!("no logs are kept for job {id}: its working dir is gone (a finished job's dir is removed ATELIER_JOB_DIRS_KEEP_DAYS after it ended)")));
                 }
-                let read = |p: &std::path::Path| std::fs::read(p).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default();
+                let read = |p: &std::path::Path| {
+                    std::fs::read(p).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default()
+                };
                 Reply::Json(200, json!({"job_id": id, "stdout": read(&out), "stderr": read(&err)}))
             }
         }
@@ -289,7 +372,13 @@ fn handle(route: &Route, params: &[&str], who: Option<&Identity>, req: &Req, sha
                 None => LIST_LIMIT_DEFAULT,
                 Some(l) => match l.parse::<usize>() {
                     Ok(n) if (1..=LIST_LIMIT_MAX).contains(&n) => n,
-                    _ => return Ok(error(400, "invalid_field", format!("limit: must be 1..={LIST_LIMIT_MAX}"))),
+                    _ => {
+                        return Ok(error(
+                            400,
+                            "invalid_field",
+                            format!("limit: must be 1..={LIST_LIMIT_MAX}"),
+                        ))
+                    }
                 },
             };
             let cursor = match req.query("cursor") {
@@ -304,10 +393,13 @@ fn handle(route: &Route, params: &[&str], who: Option<&Identity>, req: &Req, sha
                 },
             };
             let page = shared.store.list_user(&user, &ListQuery { limit, cursor, state })?;
-            Reply::Json(200, json!({
-                "items": page.items.iter().map(render::snapshot).collect::<Vec<_>>(),
-                "next_cursor": page.next_cursor.map(|c| c.to_string()),
-            }))
+            Reply::Json(
+                200,
+                json!({
+                    "items": page.items.iter().map(render::snapshot).collect::<Vec<_>>(),
+                    "next_cursor": page.next_cursor.map(|c| c.to_string()),
+                }),
+            )
         }
         "stream_commission" | "stream_user" | "stream_all" => {
             let after = tri!(last_event_id(req));
@@ -339,18 +431,30 @@ fn handle(route: &Route, params: &[&str], who: Option<&Identity>, req: &Req, sha
             };
             let c = tri!(visible(shared, me(), id)?);
             match c.state {
-                State::Created => Reply::Json(201, json!({"job_id": null, "task_id": id, "status": "pending", "executor": null})),
+                State::Created => Reply::Json(
+                    201,
+                    json!({"job_id": null, "task_id": id, "status": "pending", "executor": null}),
+                ),
                 // Failed: a manual retry. Waiting on its backoff: run it now, not at `next_retry_at`.
                 State::Failed | State::Retrying => {
                     let cmd = if c.state == State::Failed { Command::ManualRetry } else { Command::RetryNow };
                     match execute(&*shared.store, id, cmd, &ctx())? {
-                        Ok(_) => Reply::Json(201, json!({"job_id": null, "task_id": id, "status": "pending", "executor": null})),
+                        Ok(_) => Reply::Json(
+                            201,
+                            json!({"job_id": null, "task_id": id, "status": "pending", "executor": null}),
+                        ),
                         Err(r) => rejection(r),
                     }
                 }
                 s => match c.active_job.map(|j| shared.store.job(j)).transpose()?.flatten() {
-                    Some(job) => error(409, "job_active", format!("job {} is already running it ({s})", job.job_id)),
-                    None => error(409, "not_runnable", format!("the commission is {s}; it is not waiting for a job")),
+                    Some(job) => {
+                        error(409, "job_active", format!("job {} is already running it ({s})", job.job_id))
+                    }
+                    None => error(
+                        409,
+                        "not_runnable",
+                        format!("the commission is {s}; it is not waiting for a job"),
+                    ),
                 },
             }
         }
@@ -358,27 +462,57 @@ fn handle(route: &Route, params: &[&str], who: Option<&Identity>, req: &Req, sha
             if let Some(token) = req.query("token") {
                 // Sign in once from the URL, then keep the token in an HttpOnly cookie.
                 if shared.keys.verify(token, now_ms() / 1000).is_err() {
-                    return Ok(page(crate::assets::INDEX, vec![("Set-Cookie", "atelier_token=; Path=/; Max-Age=0; HttpOnly; SameSite=Strict".into())]));
+                    return Ok(page(
+                        crate::assets::INDEX,
+                        vec![(
+                            "Set-Cookie",
+                            "atelier_token=; Path=/; Max-Age=0; HttpOnly; SameSite=Strict".into(),
+                        )],
+                    ));
                 }
                 let cookie = format!("atelier_token={token}; Path=/; HttpOnly; SameSite=Strict");
-                return Ok(Reply::Bytes(303, "text/plain", Vec::new(), vec![("Set-Cookie", cookie), ("Location", "/".into())]));
+                return Ok(Reply::Bytes(
+                    303,
+                    "text/plain",
+                    Vec::new(),
+                    vec![("Set-Cookie", cookie), ("Location", "/".into())],
+                ));
             }
             page(crate::assets::INDEX, vec![])
         }
         "page_commission" => page(crate::assets::COMMISSION, vec![]),
         "asset" => match params[0] {
-            "app.js" => Reply::Bytes(200, "text/javascript; charset=utf-8", crate::assets::APP_JS.as_bytes().to_vec(), vec![]),
-            "style.css" => Reply::Bytes(200, "text/css; charset=utf-8", crate::assets::STYLE_CSS.as_bytes().to_vec(), vec![]),
+            "app.js" => Reply::Bytes(
+                200,
+                "text/javascript; charset=utf-8",
+                crate::assets::APP_JS.as_bytes().to_vec(),
+                vec![],
+            ),
+            "style.css" => Reply::Bytes(
+                200,
+                "text/css; charset=utf-8",
+                crate::assets::STYLE_CSS.as_bytes().to_vec(),
+                vec![],
+            ),
             other => error(404, "not_found", format!("no asset {other}")),
         },
         "artifact" => {
             let name = params[0];
             let hash = name.strip_suffix(".png").unwrap_or("");
             if hash.len() != 64 || !hash.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()) {
-                return Ok(error(404, "not_found", "artifacts are named by their sha-256, e.g. /artifacts/<64 hex>.png"));
+                return Ok(error(
+                    404,
+                    "not_found",
+                    "artifacts are named by their sha-256, e.g. /artifacts/<64 hex>.png",
+                ));
             }
             match std::fs::read(shared.config.data_dir.join("artifacts").join(name)) {
-                Ok(bytes) => Reply::Bytes(200, "image/png", bytes, vec![("Cache-Control", "public, max-age=31536000, immutable".into())]),
+                Ok(bytes) => Reply::Bytes(
+                    200,
+                    "image/png",
+                    bytes,
+                    vec![("Cache-Control", "public, max-age=31536000, immutable".into())],
+                ),
                 Err(_) => error(404, "not_found", format!("no artifact {name}")),
             }
         }
@@ -394,7 +528,9 @@ fn last_event_id(req: &Req) -> Result<Option<u64>, Reply> {
     let raw = req.header("last-event-id").or_else(|| req.query("last_event_id"));
     match raw.map(str::trim) {
         None | Some("") => Ok(None),
-        Some(v) => v.parse::<u64>().map(Some).map_err(|_| error(400, "invalid_field", format!("Last-Event-ID: must be an event id (an integer), got '{v}'"))),
+        Some(v) => v.parse::<u64>().map(Some).map_err(|_| {
+            error(400, "invalid_field", format!("Last-Event-ID: must be an event id (an integer), got '{v}'"))
+        }),
     }
 }
 
@@ -402,14 +538,16 @@ fn json_body(req: &Req) -> Result<Value, Reply> {
     if req.body.is_empty() {
         return Err(error(400, "bad_json", "a JSON body is required"));
     }
-    serde_json::from_slice(&req.body).map_err(|e| error(400, "bad_json", format!("the body is not valid JSON: {e}")))
+    serde_json::from_slice(&req.body)
+        .map_err(|e| error(400, "bad_json", format!("the body is not valid JSON: {e}")))
 }
 
 /// Page size of a listing without `?limit=`; the largest allowed is storage's.
 const LIST_LIMIT_DEFAULT: usize = 20;
 use atelier_storage::LIST_LIMIT_MAX;
 
-const CREATE_FIELDS: &[&str] = &["context", "pipeline", "priority", "scheduled_for", "max_attempts", "idempotency_key", "user_id"];
+const CREATE_FIELDS: &[&str] =
+    &["context", "pipeline", "priority", "scheduled_for", "max_attempts", "idempotency_key", "user_id"];
 
 fn create_commission(req: &Req, who: &Identity, shared: &Shared) -> Result<Reply, StorageError> {
     let body = tri!(json_body(req));
@@ -417,7 +555,11 @@ fn create_commission(req: &Req, who: &Identity, shared: &Shared) -> Result<Reply
         return Ok(error(400, "bad_json", "the body must be a JSON object"));
     };
     if let Some(unknown) = fields.keys().find(|k| !CREATE_FIELDS.contains(&k.as_str())) {
-        return Ok(error(400, "invalid_field", format!("{unknown}: unknown field (expected one of {})", CREATE_FIELDS.join(", "))));
+        return Ok(error(
+            400,
+            "invalid_field",
+            format!("{unknown}: unknown field (expected one of {})", CREATE_FIELDS.join(", ")),
+        ));
     }
     let context = match fields.get("context") {
         Some(v @ Value::Object(_)) => v.to_string(),
@@ -441,7 +583,9 @@ fn create_commission(req: &Req, who: &Identity, shared: &Shared) -> Result<Reply
         None | Some(Value::Null) => 0,
         Some(v) => match v.as_i64().and_then(|p| i32::try_from(p).ok()) {
             Some(p) => p,
-            None => return Ok(error(400, "invalid_field", "priority: must be an integer (higher runs first)")),
+            None => {
+                return Ok(error(400, "invalid_field", "priority: must be an integer (higher runs first)"))
+            }
         },
     };
     let max_attempts = match fields.get("max_attempts") {
@@ -455,12 +599,22 @@ fn create_commission(req: &Req, who: &Identity, shared: &Shared) -> Result<Reply
         None => None,
         Some(s) => match time::parse_rfc3339(&s) {
             Some(t) => Some(t),
-            None => return Ok(error(400, "invalid_field", format!("scheduled_for: '{s}' is not an RFC 3339 time"))),
+            None => {
+                return Ok(error(
+                    400,
+                    "invalid_field",
+                    format!("scheduled_for: '{s}' is not an RFC 3339 time"),
+                ))
+            }
         },
     };
     let user_id = match tri!(str_field("user_id")) {
         Some(u) if u != who.user_id && !who.is_admin() => {
-            return Ok(error(403, "forbidden", "user_id: only an admin may create commissions for another user"));
+            return Ok(error(
+                403,
+                "forbidden",
+                "user_id: only an admin may create commissions for another user",
+            ));
         }
         Some(u) => u,
         None => who.user_id.clone(),
@@ -568,8 +722,15 @@ mod tests {
             for method in ops.as_object().unwrap().keys() {
                 documented.push(format!("{} {path}", method.to_ascii_uppercase()));
                 // Every documented operation is routed (with a sample parameter value).
-                let sample = path.split('/').map(|s| if s.starts_with('{') { "1" } else { s }).collect::<Vec<_>>().join("/");
-                assert!(find(&method.to_ascii_uppercase(), &sample).is_ok(), "{method} {path} is documented but not routed");
+                let sample = path
+                    .split('/')
+                    .map(|s| if s.starts_with('{') { "1" } else { s })
+                    .collect::<Vec<_>>()
+                    .join("/");
+                assert!(
+                    find(&method.to_ascii_uppercase(), &sample).is_ok(),
+                    "{method} {path} is documented but not routed"
+                );
             }
         }
         assert_eq!(documented.len(), ROUTES.len());

@@ -52,7 +52,13 @@ fn write_fixture() {
     let ctx = |now: i64| atelier_engine::Ctx { now, jitter_seed: 99, retry: Default::default() };
     let mut ids = Vec::new();
     for (i, key) in [Some("first"), None, None].into_iter().enumerate() {
-        let Created::New(c) = create(&*store, common::new_commission(&format!("user{i}"), key), &ctx(1_795_964_430_000)).unwrap().unwrap() else { panic!() };
+        let Created::New(c) =
+            create(&*store, common::new_commission(&format!("user{i}"), key), &ctx(1_795_964_430_000))
+                .unwrap()
+                .unwrap()
+        else {
+            panic!()
+        };
         ids.push(c.id);
     }
     let now = std::cell::Cell::new(1_795_964_431_000);
@@ -63,19 +69,48 @@ fn write_fixture() {
         }
     };
     run(ids[0], common::full_run(10));
-    run(ids[1], vec![
-        Command::StartJob { job_id: 20, executor: Executor::JobController, job_name: "commission".into(), pid: Some(300) },
-        Command::EnterStage { job_id: 20, stage: Stage::GeneratingIdeas },
-        Command::FailAttempt { job_id: 20, error: "worker killed by SIGKILL".into(), retryable: true, job: Some(JobEnd { job_id: 20, status: JobStatus::Killed, exit_code: None, signal: Some(9), error: Some("killed by SIGKILL".into()), max_rss_bytes: 5 << 20, cpu_ms: 12 }) },
-    ]);
+    run(
+        ids[1],
+        vec![
+            Command::StartJob {
+                job_id: 20,
+                executor: Executor::JobController,
+                job_name: "commission".into(),
+                pid: Some(300),
+            },
+            Command::EnterStage { job_id: 20, stage: Stage::GeneratingIdeas },
+            Command::FailAttempt {
+                job_id: 20,
+                error: "worker killed by SIGKILL".into(),
+                retryable: true,
+                job: Some(JobEnd {
+                    job_id: 20,
+                    status: JobStatus::Killed,
+                    exit_code: None,
+                    signal: Some(9),
+                    error: Some("killed by SIGKILL".into()),
+                    max_rss_bytes: 5 << 20,
+                    cpu_ms: 12,
+                }),
+            },
+        ],
+    );
     now.set(now.get() + 600_000);
     run(ids[1], vec![Command::RetryDue]);
     run(ids[1], common::full_run(21));
-    run(ids[2], vec![
-        Command::StartJob { job_id: 30, executor: Executor::TaskRunner, job_name: "commission".into(), pid: None },
-        Command::RequestCancel,
-        Command::ConfirmCancelled { job: None },
-    ]);
+    run(
+        ids[2],
+        vec![
+            Command::StartJob {
+                job_id: 30,
+                executor: Executor::TaskRunner,
+                job_name: "commission".into(),
+                pid: None,
+            },
+            Command::RequestCancel,
+            Command::ConfirmCancelled { job: None },
+        ],
+    );
     let mut out = Vec::new();
     check::export(&store, &mut out).unwrap();
     std::fs::write(fixture_path(), out).unwrap();

@@ -41,7 +41,10 @@ fn rebuild_with(store: &SledStore, mut each: impl FnMut(&Envelope)) -> Result<Re
     for item in crate::log::records(&t.log, 1, u64::MAX) {
         let (seq, v) = item?;
         if seq != out.head + 1 {
-            return Err(StorageError::Corruption { seq: out.head + 1, detail: format!("missing: the next record is {seq}") });
+            return Err(StorageError::Corruption {
+                seq: out.head + 1,
+                detail: format!("missing: the next record is {seq}"),
+            });
         }
         let (env, next_chain) = decode_record(seq, &v, Some(chain))?;
         chain = next_chain;
@@ -209,8 +212,14 @@ pub fn replay_check(store: &SledStore) -> Result<CheckReport, StorageError> {
     })
 }
 
-fn compare_sets<T: Ord + std::fmt::Debug>(diff: &mut Vec<String>, tree: &str, expected: &BTreeSet<T>, stored: &BTreeSet<T>) {
-    let mut lines: Vec<String> = expected.difference(stored).map(|x| format!("{tree}: missing {x:?}")).collect();
+fn compare_sets<T: Ord + std::fmt::Debug>(
+    diff: &mut Vec<String>,
+    tree: &str,
+    expected: &BTreeSet<T>,
+    stored: &BTreeSet<T>,
+) {
+    let mut lines: Vec<String> =
+        expected.difference(stored).map(|x| format!("{tree}: missing {x:?}")).collect();
     lines.extend(stored.difference(expected).map(|x| format!("{tree}: unexpected {x:?}")));
     push_limited(diff, lines);
 }

@@ -77,8 +77,8 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
     if version != FORMAT_VERSION {
         return Err(CodecError::UnknownVersion(version));
     }
-    let (value, used) = bincode::serde::decode_from_slice(body, config())
-        .map_err(|e| CodecError::Decode(e.to_string()))?;
+    let (value, used) =
+        bincode::serde::decode_from_slice(body, config()).map_err(|e| CodecError::Decode(e.to_string()))?;
     if used != body.len() {
         return Err(CodecError::Decode(format!("{} trailing bytes", body.len() - used)));
     }
@@ -150,7 +150,10 @@ pub fn split_record(record: &[u8]) -> Result<(RecordHeader, &[u8]), CodecError> 
 /// Frames consecutive records (from [`frame_record`]) as one log value. A single record is
 /// stored bare, as schema 1 stored every record.
 pub fn frame_block(records: &[Vec<u8>]) -> Vec<u8> {
-    assert!(!records.is_empty() && records.len() <= BLOCK_RECORDS_MAX, "invariant: a block holds 1..=BLOCK_RECORDS_MAX records");
+    assert!(
+        !records.is_empty() && records.len() <= BLOCK_RECORDS_MAX,
+        "invariant: a block holds 1..=BLOCK_RECORDS_MAX records"
+    );
     if let [one] = records {
         return one.clone();
     }
@@ -190,7 +193,10 @@ pub fn split_block(value: &[u8]) -> Result<Vec<std::ops::Range<usize>>, CodecErr
                 at = end;
             }
             if at != value.len() {
-                return Err(CodecError::Decode(format!("{} bytes after the block's last record", value.len() - at)));
+                return Err(CodecError::Decode(format!(
+                    "{} bytes after the block's last record",
+                    value.len() - at
+                )));
             }
             Ok(out)
         }

@@ -5,24 +5,44 @@ use std::path::PathBuf;
 
 #[derive(Debug)]
 pub enum StorageError {
-    Io { context: String, source: std::io::Error },
+    Io {
+        context: String,
+        source: std::io::Error,
+    },
     Sled(String),
     /// A stored record fails its checksum or hash chain, or cannot be decoded.
-    Corruption { seq: u64, detail: String },
+    Corruption {
+        seq: u64,
+        detail: String,
+    },
     /// A projection record cannot be decoded (it can be rebuilt from the log).
-    BadProjection { tree: &'static str, detail: String },
+    BadProjection {
+        tree: &'static str,
+        detail: String,
+    },
     /// The data dir was written by a newer Atelier.
-    NewerSchema { found: u32, supported: u32 },
+    NewerSchema {
+        found: u32,
+        supported: u32,
+    },
     /// Another process holds the data dir.
-    Locked { path: PathBuf, holder: String },
+    Locked {
+        path: PathBuf,
+        holder: String,
+    },
     /// The store stopped accepting writes after a failed commit; restart to recover.
     Poisoned(String),
     /// The store is shut down.
     Closed,
     /// A command lost the version race too many times in a row.
-    Contention { commission: u64 },
+    Contention {
+        commission: u64,
+    },
     /// `import` needs an empty data dir; the input must be a valid log.
-    Import { line: usize, detail: String },
+    Import {
+        line: usize,
+        detail: String,
+    },
 }
 
 impl std::fmt::Display for StorageError {

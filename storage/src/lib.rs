@@ -15,13 +15,18 @@ mod service;
 mod sled_store;
 mod subscribe;
 
-use atelier_engine::{Commission, Envelope, Event, Job, Rejection, State};
 use atelier_engine::time::Millis;
+use atelier_engine::{Commission, Envelope, Event, Job, Rejection, State};
 
 pub use error::StorageError;
 pub use service::{create, execute, Created};
-pub use sled_store::{Durability, SledStore, StoreConfig, CACHE_CAPACITY_BYTES_DEFAULT, LIST_LIMIT_MAX, SCHEMA_VERSION};
-pub use subscribe::{Delivery, Filter, Subscription, SubscriptionEnd, ViewAfter, REPLAY_CHUNK_EVENTS, SUBSCRIBER_QUEUE_EVENTS_MAX};
+pub use sled_store::{
+    Durability, SledStore, StoreConfig, CACHE_CAPACITY_BYTES_DEFAULT, LIST_LIMIT_MAX, SCHEMA_VERSION,
+};
+pub use subscribe::{
+    Delivery, Filter, Subscription, SubscriptionEnd, ViewAfter, REPLAY_CHUNK_EVENTS,
+    SUBSCRIBER_QUEUE_EVENTS_MAX,
+};
 
 /// Which commission an append is for.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -29,7 +34,9 @@ pub enum AppendTarget {
     Existing(u64),
     /// A new commission: the store assigns its id. With an idempotency key (scoped by user), a
     /// second create with the same key returns the first commission instead.
-    New { idempotency: Option<(String, String)> },
+    New {
+        idempotency: Option<(String, String)>,
+    },
 }
 
 #[derive(Clone, Debug)]
@@ -44,11 +51,19 @@ pub struct AppendRequest {
 /// The expected outcomes of an append. Failures (I/O, corruption) are `Err(StorageError)`.
 #[derive(Clone, Debug)]
 pub enum AppendOutcome {
-    Appended { commission: Commission, first_seq: u64, last_seq: u64 },
+    Appended {
+        commission: Commission,
+        first_seq: u64,
+        last_seq: u64,
+    },
     /// Someone else appended first; decide again on the fresh state.
-    Conflict { current_version: u64 },
+    Conflict {
+        current_version: u64,
+    },
     /// The idempotency key was used before: this is the first commission.
-    Duplicate { commission: Commission },
+    Duplicate {
+        commission: Commission,
+    },
     /// The events do not fit the state they would follow (the table or a rule refused them).
     Rejected(Rejection),
 }

@@ -30,8 +30,10 @@ pub(crate) struct Block {
 
 impl Block {
     pub(crate) fn parse(key: &[u8], value: sled::IVec) -> Result<Block, StorageError> {
-        let first = read_u64(key).ok_or(StorageError::Corruption { seq: 0, detail: "a log key is not 8 bytes".into() })?;
-        let ranges = codec::split_block(&value).map_err(|e| StorageError::Corruption { seq: first, detail: e.to_string() })?;
+        let first = read_u64(key)
+            .ok_or(StorageError::Corruption { seq: 0, detail: "a log key is not 8 bytes".into() })?;
+        let ranges = codec::split_block(&value)
+            .map_err(|e| StorageError::Corruption { seq: first, detail: e.to_string() })?;
         Ok(Block { first, value, ranges })
     }
 
@@ -121,7 +123,10 @@ impl Iterator for Records {
                     // A hole between blocks: the gap-free invariant is broken.
                     let seq = self.next;
                     self.next = self.upto.saturating_add(1);
-                    return Some(Err(StorageError::Corruption { seq, detail: "the record is missing from the log".into() }));
+                    return Some(Err(StorageError::Corruption {
+                        seq,
+                        detail: "the record is missing from the log".into(),
+                    }));
                 }
                 if let Some(r) = b.record(self.next) {
                     let seq = self.next;

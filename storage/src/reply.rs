@@ -30,7 +30,12 @@ impl Bell {
         if self.sleepers.load(Ordering::SeqCst) > 0 {
             // SAFETY: FUTEX_WAKE only reads the address of a live atomic we own a reference to.
             unsafe {
-                libc::syscall(libc::SYS_futex, self.epoch.as_ptr(), libc::FUTEX_WAKE | libc::FUTEX_PRIVATE_FLAG, i32::MAX);
+                libc::syscall(
+                    libc::SYS_futex,
+                    self.epoch.as_ptr(),
+                    libc::FUTEX_WAKE | libc::FUTEX_PRIVATE_FLAG,
+                    i32::MAX,
+                );
             }
         }
     }
@@ -138,6 +143,9 @@ mod tests {
         drop(dropped);
         let got: Vec<_> = waiters.into_iter().map(|w| w.join().expect("waiter")).collect();
         assert!(matches!(got[0], Err(StorageError::Closed)));
-        assert_eq!(got[1..].iter().map(|r| *r.as_ref().expect("sent")).collect::<Vec<_>>(), (0..15).collect::<Vec<_>>());
+        assert_eq!(
+            got[1..].iter().map(|r| *r.as_ref().expect("sent")).collect::<Vec<_>>(),
+            (0..15).collect::<Vec<_>>()
+        );
     }
 }

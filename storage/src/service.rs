@@ -14,13 +14,18 @@ pub enum Created {
     Existing(Commission),
 }
 
-pub fn create(store: &dyn EventStore, new: NewCommission, ctx: &Ctx) -> Result<Result<Created, Rejection>, StorageError> {
+pub fn create(
+    store: &dyn EventStore,
+    new: NewCommission,
+    ctx: &Ctx,
+) -> Result<Result<Created, Rejection>, StorageError> {
     let idempotency = new.idempotency_key.clone().map(|k| (new.user_id.clone(), k));
     let events = match decide(None, Command::Create(new), ctx) {
         Ok(e) => e,
         Err(r) => return Ok(Err(r)),
     };
-    let req = AppendRequest { target: AppendTarget::New { idempotency }, expected_version: 0, events, at: ctx.now };
+    let req =
+        AppendRequest { target: AppendTarget::New { idempotency }, expected_version: 0, events, at: ctx.now };
     Ok(match store.append(req)? {
         AppendOutcome::Appended { commission, .. } => Ok(Created::New(commission)),
         AppendOutcome::Duplicate { commission } => Ok(Created::Existing(commission)),
@@ -31,7 +36,12 @@ pub fn create(store: &dyn EventStore, new: NewCommission, ctx: &Ctx) -> Result<R
 
 /// Runs `cmd` against commission `id`: decide on the current snapshot, append at its version,
 /// and decide again if another writer got there first.
-pub fn execute(store: &dyn EventStore, id: u64, cmd: Command, ctx: &Ctx) -> Result<Result<Commission, Rejection>, StorageError> {
+pub fn execute(
+    store: &dyn EventStore,
+    id: u64,
+    cmd: Command,
+    ctx: &Ctx,
+) -> Result<Result<Commission, Rejection>, StorageError> {
     for _ in 0..CONFLICT_RETRIES_MAX {
         let Some(current) = store.commission(id)? else {
             return Ok(Err(Rejection::NotFound));

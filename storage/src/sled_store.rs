@@ -32,8 +32,8 @@ use crossbeam_channel::{Receiver, Sender};
 
 use crate::codec::{self, CodecError};
 use crate::error::io;
-use crate::reply::{reply, Bell, ReplyTx};
 use crate::layout::{self, Projection, META_COUNTS, META_NEXT_CID, META_PROJECTED, META_SCHEMA};
+use crate::reply::{reply, Bell, ReplyTx};
 use crate::subscribe::{Delivery, Filter, History, Registry, Subscription, ViewAfter};
 use crate::{AppendOutcome, AppendRequest, AppendTarget, EventStore, ListQuery, Page, StorageError};
 
@@ -61,13 +61,12 @@ pub const LIST_LIMIT_MAX: usize = 200;
 
 type Migration = fn(&sled::Db) -> Result<(), StorageError>;
 /// Ordered steps from one schema version to the next; step `n` produces version `n`.
-const MIGRATIONS: &[(u32, &str, Migration)] =
-    &[
-        (1, "initial layout: the log, and one tree of prefixed projections", |_| Ok(())),
-        // Schema-1 values (one record each) stay as they are and stay readable; the version
-        // only tells an older build that it cannot read what this one writes.
-        (2, "a log value may hold a block of consecutive records", |_| Ok(())),
-    ];
+const MIGRATIONS: &[(u32, &str, Migration)] = &[
+    (1, "initial layout: the log, and one tree of prefixed projections", |_| Ok(())),
+    // Schema-1 values (one record each) stay as they are and stay readable; the version
+    // only tells an older build that it cannot read what this one writes.
+    (2, "a log value may hold a block of consecutive records", |_| Ok(())),
+];
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Durability {
@@ -105,7 +104,10 @@ pub(crate) struct Trees {
 
 impl Trees {
     /// The entries of one projection, with the prefix byte stripped from the keys.
-    pub(crate) fn scan(&self, p: Projection) -> impl DoubleEndedIterator<Item = Result<(sled::IVec, sled::IVec), StorageError>> {
+    pub(crate) fn scan(
+        &self,
+        p: Projection,
+    ) -> impl DoubleEndedIterator<Item = Result<(sled::IVec, sled::IVec), StorageError>> {
         self.proj.scan_prefix([p.prefix()]).map(|item| {
             let (k, v) = item?;
             Ok((k.subslice(1, k.len() - 1), v))
@@ -185,7 +187,8 @@ impl Unflushed {
     }
 
     fn push_version(&mut self, cid: u64, version: u64, seq: u64) {
-        let d = self.commissions.get_mut(&cid).expect("invariant: a changed commission has its snapshot staged");
+        let d =
+            self.commissions.get_mut(&cid).expect("invariant: a changed commission has its snapshot staged");
         if d.seqs.is_empty() {
             d.first_version = version;
         }
@@ -239,11 +242,18 @@ fn bad(p: Projection) -> impl Fn(CodecError) -> StorageError {
 }
 
 fn bad_run() -> StorageError {
-    StorageError::BadProjection { tree: Projection::ByCommission.name(), detail: "a run of seqs is not a multiple of 8 bytes".into() }
+    StorageError::BadProjection {
+        tree: Projection::ByCommission.name(),
+        detail: "a run of seqs is not a multiple of 8 bytes".into(),
+    }
 }
 
 /// Decodes a log record, checking its checksum and, given the previous chain, the chain.
-pub(crate) fn decode_record(seq: u64, record: &[u8], prev_chain: Option<u32>) -> Result<(Option<Envelope>, u32), StorageError> {
+pub(crate) fn decode_record(
+    seq: u64,
+    record: &[u8],
+    prev_chain: Option<u32>,
+) -> Result<(Option<Envelope>, u32), StorageError> {
     let corrupt = |detail: String| StorageError::Corruption { seq, detail };
     let (header, payload) = codec::split_record(record).map_err(|e| corrupt(e.to_string()))?;
     if let Some(prev) = prev_chain {
@@ -281,7 +291,11 @@ impl LockFile {
         let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
         if rc != 0 {
             let holder = std::fs::read_to_string(&path).unwrap_or_default();
-            let holder = if holder.trim().is_empty() { "another process".to_string() } else { holder.trim().to_string() };
+            let holder = if holder.trim().is_empty() {
+                "another process".to_string()
+            } else {
+                holder.trim().to_string()
+            };
             return Err(StorageError::Locked { path: dir.to_path_buf(), holder });
         }
         let me = format!(
@@ -309,7 +323,8 @@ impl SledStore {
             .cache_capacity(config.cache_capacity_bytes)
             .flush_every_ms(flush_every)
             .open()?;
-        let trees = Trees { log: db.open_tree(layout::LOG_TREE)?, proj: db.open_tree(layout::PROJECTIONS_TREE)? };
+        let trees =
+            Trees { log: db.open_tree(layout::LOG_TREE)?, proj: db.open_tree(layout::PROJECTIONS_TREE)? };
         migrate(&db, &trees)?;
         let db_path = sled_dir.join("db");
         let db_file = File::open(&db_path).map_err(io(format!("open {}", db_path.display())))?;
@@ -682,7 +697,8 @@ impl Writer {
         }
         if self.head > head_before {
             self.inner.group_commits.fetch_add(1, Ordering::Relaxed);
-            let appends = acks.iter().filter(|(r, _)| matches!(r, Request::Append(..) | Request::Import(..))).count();
+            let appends =
+                acks.iter().filter(|(r, _)| matches!(r, Request::Append(..) | Request::Import(..))).count();
             self.inner.group_committed.fetch_add(appends as u64, Ordering::Relaxed);
         }
         tracing::trace!(elapsed_us = started.elapsed().as_micros() as u64, "group commit");
@@ -730,7 +746,8 @@ impl Writer {
                     let Some(block) = crate::log::block_of(&t.log, seq)? else { continue };
                     let records = rewritten.entry(block.first).or_insert_with(|| block.records());
                     let i = (seq - block.first) as usize;
-                    records[i] = codec::prune_record(&records[i]).map_err(|e| StorageError::Corruption { seq, detail: e.to_string() })?;
+                    records[i] = codec::prune_record(&records[i])
+                        .map_err(|e| StorageError::Corruption { seq, detail: e.to_string() })?;
                 }
                 proj.remove(k);
             }
@@ -759,11 +776,17 @@ impl Writer {
         Ok(victims.len() as u64)
     }
 
-    fn stage_append(&mut self, req: &AppendRequest, staged: &mut Staged, log: &mut Vec<Vec<u8>>) -> Result<AppendOutcome, StorageError> {
+    fn stage_append(
+        &mut self,
+        req: &AppendRequest,
+        staged: &mut Staged,
+        log: &mut Vec<Vec<u8>>,
+    ) -> Result<AppendOutcome, StorageError> {
         let (cid, current, idem_key) = match &req.target {
             AppendTarget::Existing(id) => (*id, self.snapshot(staged, *id)?, None),
             AppendTarget::New { idempotency } => {
-                let key = idempotency.as_ref().map(|(u, k)| Projection::Idempotency.key_user(u, k.as_bytes()));
+                let key =
+                    idempotency.as_ref().map(|(u, k)| Projection::Idempotency.key_user(u, k.as_bytes()));
                 if let Some(key) = &key {
                     let existing = match staged.idempotency.get(key) {
                         Some(id) => Some(*id),
@@ -785,7 +808,10 @@ impl Writer {
             return Ok(AppendOutcome::Conflict { current_version });
         }
         if req.events.is_empty() {
-            return Ok(AppendOutcome::Rejected(Rejection::Invalid { field: "events", reason: "nothing to append".into() }));
+            return Ok(AppendOutcome::Rejected(Rejection::Invalid {
+                field: "events",
+                reason: "nothing to append".into(),
+            }));
         }
         // Fold first, so that a refused event leaves nothing staged (all or nothing). The
         // commission moves through `apply`; each step keeps only what the projections need.
@@ -825,23 +851,39 @@ impl Writer {
         Ok(AppendOutcome::Appended { commission, first_seq, last_seq: self.head })
     }
 
-    fn stage_import(&mut self, envs: &[Envelope], staged: &mut Staged, log: &mut Vec<Vec<u8>>) -> Result<(), StorageError> {
+    fn stage_import(
+        &mut self,
+        envs: &[Envelope],
+        staged: &mut Staged,
+        log: &mut Vec<Vec<u8>>,
+    ) -> Result<(), StorageError> {
         for (i, env) in envs.iter().enumerate() {
             let line = i + 1;
             if env.seq != self.head + 1 {
-                return Err(StorageError::Import { line, detail: format!("seq {} does not follow {}", env.seq, self.head) });
+                return Err(StorageError::Import {
+                    line,
+                    detail: format!("seq {} does not follow {}", env.seq, self.head),
+                });
             }
             let before = self.snapshot(staged, env.commission_id)?;
             let before_state = before.as_ref().map(|c| c.state);
-            let after = apply(before, env)
-                .map_err(|r| StorageError::Import { line, detail: format!("refused by the state machine: {r}") })?;
+            let after = apply(before, env).map_err(|r| StorageError::Import {
+                line,
+                detail: format!("refused by the state machine: {r}"),
+            })?;
             if before_state.is_none() {
                 if env.commission_id < self.next_cid {
-                    return Err(StorageError::Import { line, detail: format!("commission id {} reused", env.commission_id) });
+                    return Err(StorageError::Import {
+                        line,
+                        detail: format!("commission id {} reused", env.commission_id),
+                    });
                 }
                 self.next_cid = env.commission_id + 1;
                 if let Some(k) = &after.idempotency_key {
-                    staged.idempotency.insert(Projection::Idempotency.key_user(&after.user_id, k.as_bytes()), env.commission_id);
+                    staged.idempotency.insert(
+                        Projection::Idempotency.key_user(&after.user_id, k.as_bytes()),
+                        env.commission_id,
+                    );
                 }
             }
             self.write_record(env, log);
@@ -869,7 +911,10 @@ impl Writer {
         if let Event::Created { user_id, idempotency_key, .. } = &env.event {
             staged.index.push((Projection::ByUser.key_user(user_id, &u64_key(cid)), Some(Vec::new())));
             if let Some(k) = idempotency_key {
-                staged.index.push((Projection::Idempotency.key_user(user_id, k.as_bytes()), Some(u64_key(cid).to_vec())));
+                staged.index.push((
+                    Projection::Idempotency.key_user(user_id, k.as_bytes()),
+                    Some(u64_key(cid).to_vec()),
+                ));
             }
         }
         if step.before != Some(step.after) {
@@ -879,7 +924,9 @@ impl Writer {
             self.counts[step.after as usize] += 1;
             let was_live = step.before.is_some_and(|s| !s.is_terminal());
             match (was_live, step.after.is_terminal()) {
-                (false, false) => staged.index.push((Projection::Live.key_u64(cid).to_vec(), Some(Vec::new()))),
+                (false, false) => {
+                    staged.index.push((Projection::Live.key_u64(cid).to_vec(), Some(Vec::new())))
+                }
                 (true, true) => staged.index.push((Projection::Live.key_u64(cid).to_vec(), None)),
                 _ => {}
             }
@@ -892,7 +939,9 @@ impl Writer {
         };
         if let Some((job_id, job)) = apply_job(lookup, &env) {
             if matches!(env.event, Event::JobStarted { .. }) {
-                staged.index.push((Projection::JobsByCommission.key_pair(cid, job_id).to_vec(), Some(Vec::new())));
+                staged
+                    .index
+                    .push((Projection::JobsByCommission.key_pair(cid, job_id).to_vec(), Some(Vec::new())));
             }
             staged.jobs.insert(job_id, job);
         }
@@ -1097,11 +1146,17 @@ impl Inner {
 }
 
 /// Folds a commission's events from its first, keeping deliveries in `(after, upto]`.
-fn fold_deliveries(events: Vec<Envelope>, after: u64, upto: u64, out: &mut Vec<Delivery>) -> Result<(), StorageError> {
+fn fold_deliveries(
+    events: Vec<Envelope>,
+    after: u64,
+    upto: u64,
+    out: &mut Vec<Delivery>,
+) -> Result<(), StorageError> {
     let mut c: Option<Commission> = None;
     for env in events {
         let seq = env.seq;
-        let next = apply(c, &env).map_err(|r| StorageError::Corruption { seq, detail: format!("refused on replay: {r}") })?;
+        let next = apply(c, &env)
+            .map_err(|r| StorageError::Corruption { seq, detail: format!("refused on replay: {r}") })?;
         if seq > after && seq <= upto {
             out.push(Delivery { view: Arc::new(ViewAfter::of(&next)), env: Arc::new(env) });
         }
@@ -1111,7 +1166,13 @@ fn fold_deliveries(events: Vec<Envelope>, after: u64, upto: u64, out: &mut Vec<D
 }
 
 impl History for Inner {
-    fn history(&self, filter: &Filter, after: u64, upto: u64, limit: usize) -> Result<Vec<Delivery>, StorageError> {
+    fn history(
+        &self,
+        filter: &Filter,
+        after: u64,
+        upto: u64,
+        limit: usize,
+    ) -> Result<Vec<Delivery>, StorageError> {
         let mut out = Vec::new();
         match filter {
             Filter::Commission(id) => {
@@ -1159,12 +1220,16 @@ impl History for Inner {
                                 if e.version >= env.version {
                                     break;
                                 }
-                                c = Some(apply(c, &e).map_err(|r| StorageError::Corruption { seq: e.seq, detail: r.to_string() })?);
+                                c = Some(apply(c, &e).map_err(|r| StorageError::Corruption {
+                                    seq: e.seq,
+                                    detail: r.to_string(),
+                                })?);
                             }
                             c
                         }
                     };
-                    let next = apply(prev, &env).map_err(|r| StorageError::Corruption { seq, detail: r.to_string() })?;
+                    let next = apply(prev, &env)
+                        .map_err(|r| StorageError::Corruption { seq, detail: r.to_string() })?;
                     out.push(Delivery { view: Arc::new(ViewAfter::of(&next)), env: Arc::new(env) });
                     cache.insert(next.id, next);
                 }

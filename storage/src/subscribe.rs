@@ -74,7 +74,9 @@ pub struct Delivery {
 #[derive(Debug)]
 pub enum SubscriptionEnd {
     /// Too slow: its queue overflowed. Resume after `last_seq`.
-    Overflow { last_seq: u64 },
+    Overflow {
+        last_seq: u64,
+    },
     /// The store shut down.
     Closed,
     Failed(StorageError),
@@ -203,8 +205,13 @@ fn send_all(subs: &mut Vec<Subscriber>, batch: &Batch) -> u64 {
 /// What a subscription needs from the store: history reads and the registry.
 pub(crate) trait History: Send + Sync {
     /// Deliveries with `after < seq <= upto` matching `filter`, at most `limit`, in seq order.
-    fn history(&self, filter: &Filter, after: u64, upto: u64, limit: usize)
-        -> Result<Vec<Delivery>, StorageError>;
+    fn history(
+        &self,
+        filter: &Filter,
+        after: u64,
+        upto: u64,
+        limit: usize,
+    ) -> Result<Vec<Delivery>, StorageError>;
     fn registry(&self) -> &Mutex<Registry>;
     fn durable_head(&self) -> &AtomicU64;
 }
@@ -441,7 +448,13 @@ mod tests {
         let (all, _) = subscribe(&mut reg, Filter::All);
         let (bob, _) = subscribe(&mut reg, Filter::User("bob".into()));
         // Commission 1 (alice) twice, 2 (alice) once, 1 again, 3 (carol) once.
-        let group = [delivery(10, 1, "alice"), delivery(11, 1, "alice"), delivery(12, 2, "alice"), delivery(13, 1, "alice"), delivery(14, 3, "carol")];
+        let group = [
+            delivery(10, 1, "alice"),
+            delivery(11, 1, "alice"),
+            delivery(12, 2, "alice"),
+            delivery(13, 1, "alice"),
+            delivery(14, 3, "carol"),
+        ];
         assert_eq!(reg.publish(&group), 0);
         let got: Vec<Vec<u64>> = one.try_iter().map(|b| seqs(&b)).collect();
         assert_eq!(got, vec![vec![10, 11], vec![13]]);
@@ -458,13 +471,18 @@ mod tests {
         let mut reg = Registry::default();
         let (rx, queued) = subscribe(&mut reg, Filter::Commission(1));
         // One batch larger than the queue still reaches an idle subscriber.
-        let big: Vec<Delivery> = (1..=SUBSCRIBER_QUEUE_EVENTS_MAX as u64 + 1).map(|s| delivery(s, 1, "alice")).collect();
+        let big: Vec<Delivery> =
+            (1..=SUBSCRIBER_QUEUE_EVENTS_MAX as u64 + 1).map(|s| delivery(s, 1, "alice")).collect();
         assert_eq!(reg.publish(&big), 0);
         assert_eq!(queued.load(Ordering::Acquire), big.len());
         // Anything more while it is still queued: cut off.
         let next = SUBSCRIBER_QUEUE_EVENTS_MAX as u64 + 2;
         assert_eq!(reg.publish(&[delivery(next, 1, "alice")]), 1);
         assert_eq!(reg.len(), 0);
-        assert_eq!(rx.try_iter().map(|b| b.len()).sum::<usize>(), big.len(), "what was sent stays deliverable");
+        assert_eq!(
+            rx.try_iter().map(|b| b.len()).sum::<usize>(),
+            big.len(),
+            "what was sent stays deliverable"
+        );
     }
 }

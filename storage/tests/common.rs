@@ -46,7 +46,12 @@ pub fn new_commission(user: &str, key: Option<&str>) -> NewCommission {
 
 /// The commands that take a created commission through every stage to completed.
 pub fn full_run(job_id: u64) -> Vec<Command> {
-    let mut cmds = vec![Command::StartJob { job_id, executor: Executor::TaskRunner, job_name: "noop".into(), pid: None }];
+    let mut cmds = vec![Command::StartJob {
+        job_id,
+        executor: Executor::TaskRunner,
+        job_name: "noop".into(),
+        pid: None,
+    }];
     for stage in Stage::ALL {
         cmds.push(Command::EnterStage { job_id, stage });
         cmds.push(Command::ReportProgress { job_id, stage, percent: 50, message: Some("half".into()) });

@@ -12,7 +12,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use atelier_engine::{Command, Executor, Stage};
-use atelier_storage::{check, create, AppendOutcome, AppendRequest, AppendTarget, Created, EventStore, SledStore, StoreConfig};
+use atelier_storage::{
+    check, create, AppendOutcome, AppendRequest, AppendTarget, Created, EventStore, SledStore, StoreConfig,
+};
 use common::*;
 
 const CHILD_ENV: &str = "ATELIER_CRASH_CHILD_DIR";
@@ -30,19 +32,32 @@ fn crash_child() {
             let store = store.clone();
             let out = out.clone();
             std::thread::spawn(move || loop {
-                let c = match create(&*store, new_commission(&format!("u{t}"), None), &ctx(1)).unwrap().unwrap() {
+                let c = match create(&*store, new_commission(&format!("u{t}"), None), &ctx(1))
+                    .unwrap()
+                    .unwrap()
+                {
                     Created::New(c) => c,
                     Created::Existing(c) => c,
                 };
                 print_acks(&out, c.last_seq, c.last_seq);
                 let job = store.allocate_job_id().unwrap();
                 let mut version = c.version;
-                let mut cmds = vec![Command::StartJob { job_id: job, executor: Executor::TaskRunner, job_name: "x".into(), pid: None }];
+                let mut cmds = vec![Command::StartJob {
+                    job_id: job,
+                    executor: Executor::TaskRunner,
+                    job_name: "x".into(),
+                    pid: None,
+                }];
                 cmds.extend(Stage::ALL.iter().map(|&stage| Command::EnterStage { job_id: job, stage }));
                 let mut state = Some(c);
                 for cmd in cmds {
                     let events = atelier_engine::decide(state.as_ref(), cmd, &ctx(2)).unwrap();
-                    let req = AppendRequest { target: AppendTarget::Existing(state.as_ref().unwrap().id), expected_version: version, events, at: 2 };
+                    let req = AppendRequest {
+                        target: AppendTarget::Existing(state.as_ref().unwrap().id),
+                        expected_version: version,
+                        events,
+                        at: 2,
+                    };
                     match store.append(req).unwrap() {
                         AppendOutcome::Appended { commission, first_seq, last_seq } => {
                             print_acks(&out, first_seq, last_seq);
@@ -115,5 +130,9 @@ fn acknowledged_events_survive_sigkill() {
         assert_eq!(report.events, head, "round {round}: gap-free log");
         store.close();
     }
-    assert!(acked.len() > ROUNDS * 10, "the child acknowledged too little to prove anything: {}", acked.len());
+    assert!(
+        acked.len() > ROUNDS * 10,
+        "the child acknowledged too little to prove anything: {}",
+        acked.len()
+    );
 }

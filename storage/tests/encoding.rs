@@ -19,7 +19,13 @@ fn encoded_bytes_of_every_event_kind() {
     assert_eq!(kinds, EventKind::ALL.to_vec(), "one event of every kind, in order");
     let mut out = String::new();
     for (i, event) in events.into_iter().enumerate() {
-        let env = Envelope { seq: i as u64 + 1, commission_id: 7, version: i as u64 + 1, at: 1_795_964_430_123, event };
+        let env = Envelope {
+            seq: i as u64 + 1,
+            commission_id: 7,
+            version: i as u64 + 1,
+            at: 1_795_964_430_123,
+            event,
+        };
         let bytes = codec::encode(&env);
         let back: Envelope = codec::decode(&bytes).unwrap();
         assert_eq!(back, env);
@@ -71,7 +77,8 @@ fn recorded_history_replays_to_the_same_snapshots() {
     assert!(n >= 20, "the fixture covers a full run, a retry and a cancel");
     let report = check::replay_check(&store).unwrap();
     assert!(report.diff.is_empty(), "{:?}", report.diff);
-    let snapshots: Vec<_> = (1..=3).map(|id| store.commission(id).unwrap().expect("fixture commission")).collect();
+    let snapshots: Vec<_> =
+        (1..=3).map(|id| store.commission(id).unwrap().expect("fixture commission")).collect();
     insta::assert_json_snapshot!(snapshots);
     let snap = &snapshots[0];
     let bytes = codec::encode(snap);

@@ -9,8 +9,8 @@ use std::time::Duration;
 use atelier_engine::{Command, Event, Rejection, State};
 use atelier_storage::layout::{self, Projection};
 use atelier_storage::{
-    check, create, execute, AppendOutcome, AppendRequest, AppendTarget, Created, EventStore, Filter, ListQuery,
-    SledStore, StorageError, StoreConfig,
+    check, create, execute, AppendOutcome, AppendRequest, AppendTarget, Created, EventStore, Filter,
+    ListQuery, SledStore, StorageError, StoreConfig,
 };
 use common::*;
 
@@ -62,7 +62,12 @@ fn version_conflict_is_an_outcome_and_appends_nothing() {
     let id = created(&store, "alice");
     let head = store.head_seq();
     let out = store
-        .append(AppendRequest { target: AppendTarget::Existing(id), expected_version: 7, events: vec![Event::CancelRequested], at: 5 })
+        .append(AppendRequest {
+            target: AppendTarget::Existing(id),
+            expected_version: 7,
+            events: vec![Event::CancelRequested],
+            at: 5,
+        })
         .unwrap();
     assert!(matches!(out, AppendOutcome::Conflict { current_version: 1 }), "{out:?}");
     assert_eq!(store.head_seq(), head);
@@ -95,17 +100,23 @@ fn idempotent_create_returns_the_first_commission_even_when_racing() {
     let handles: Vec<_> = (0..8)
         .map(|_| {
             let s = store.clone();
-            std::thread::spawn(move || create(&*s, new_commission("alice", Some("k1")), &ctx(1)).unwrap().unwrap())
+            std::thread::spawn(move || {
+                create(&*s, new_commission("alice", Some("k1")), &ctx(1)).unwrap().unwrap()
+            })
         })
         .collect();
     let results: Vec<Created> = handles.into_iter().map(|h| h.join().unwrap()).collect();
-    let news: Vec<u64> = results.iter().filter_map(|r| if let Created::New(c) = r { Some(c.id) } else { None }).collect();
+    let news: Vec<u64> =
+        results.iter().filter_map(|r| if let Created::New(c) = r { Some(c.id) } else { None }).collect();
     assert_eq!(news.len(), 1, "exactly one create wins");
     assert!(results.iter().all(|r| match r {
         Created::New(c) | Created::Existing(c) => c.id == news[0],
     }));
     // Same key, other user: a different commission.
-    assert!(matches!(create(&*store, new_commission("bob", Some("k1")), &ctx(1)).unwrap().unwrap(), Created::New(_)));
+    assert!(matches!(
+        create(&*store, new_commission("bob", Some("k1")), &ctx(1)).unwrap().unwrap(),
+        Created::New(_)
+    ));
 }
 
 #[test]
@@ -118,7 +129,18 @@ fn concurrent_commands_on_one_commission_serialize_through_versions() {
         .map(|p| {
             let s = store.clone();
             std::thread::spawn(move || {
-                execute(&*s, id, Command::ReportProgress { job_id: job, stage: atelier_engine::Stage::GeneratingIdeas, percent: p, message: None }, &ctx(4)).unwrap()
+                execute(
+                    &*s,
+                    id,
+                    Command::ReportProgress {
+                        job_id: job,
+                        stage: atelier_engine::Stage::GeneratingIdeas,
+                        percent: p,
+                        message: None,
+                    },
+                    &ctx(4),
+                )
+                .unwrap()
             })
         })
         .collect();
@@ -126,8 +148,17 @@ fn concurrent_commands_on_one_commission_serialize_through_versions() {
     let c = store.commission(id).unwrap().unwrap();
     // Whatever interleaving happened, progress never went down and every accepted report is an event.
     assert_eq!(c.version as usize, 3 + accepted);
-    let percents: Vec<u8> = store.events_of(id).unwrap().iter().filter_map(|e| match e.event { Event::Progress { percent, .. } => Some(percent), _ => None }).collect();
-    let evs: Vec<_> = store.events_of(id).unwrap().iter().map(|e| (e.seq, e.version, format!("{:?}", e.event))).collect();
+    let percents: Vec<u8> = store
+        .events_of(id)
+        .unwrap()
+        .iter()
+        .filter_map(|e| match e.event {
+            Event::Progress { percent, .. } => Some(percent),
+            _ => None,
+        })
+        .collect();
+    let evs: Vec<_> =
+        store.events_of(id).unwrap().iter().map(|e| (e.seq, e.version, format!("{:?}", e.event))).collect();
     assert!(percents.windows(2).all(|w| w[0] <= w[1]), "{percents:?} {evs:#?}");
 }
 
@@ -209,15 +240,18 @@ fn a_users_history_across_chunks_is_exact() {
     let store = open(&dir);
     // Commissions started in a round robin, so that their events interleave in the log.
     let ids: Vec<u64> = (0..90).map(|i| created(&store, if i % 7 == 0 { "bob" } else { "alice" })).collect();
-    let runs: Vec<(u64, Vec<Command>)> = ids.iter().map(|&id| (id, full_run(store.allocate_job_id().unwrap()))).collect();
+    let runs: Vec<(u64, Vec<Command>)> =
+        ids.iter().map(|&id| (id, full_run(store.allocate_job_id().unwrap()))).collect();
     for step in 0..runs[0].1.len() {
         for (id, cmds) in &runs {
             execute(&*store, *id, cmds[step].clone(), &ctx(5 + step as i64)).unwrap().unwrap();
         }
     }
     let log = store.read_log(0, usize::MAX).unwrap();
-    let alices: Vec<u64> = ids.iter().copied().filter(|id| store.commission(*id).unwrap().unwrap().user_id == "alice").collect();
-    let expected: Vec<u64> = log.iter().filter(|e| alices.contains(&e.commission_id)).map(|e| e.seq).collect();
+    let alices: Vec<u64> =
+        ids.iter().copied().filter(|id| store.commission(*id).unwrap().unwrap().user_id == "alice").collect();
+    let expected: Vec<u64> =
+        log.iter().filter(|e| alices.contains(&e.commission_id)).map(|e| e.seq).collect();
     assert!(expected.len() > 2 * atelier_storage::REPLAY_CHUNK_EVENTS, "{} events", expected.len());
     for after in [0, expected[expected.len() / 3], *expected.last().unwrap() - 1] {
         let mut sub = store.subscribe(after, Filter::User("alice".into())).unwrap();
@@ -275,7 +309,9 @@ fn listing_pages_newest_first_and_filters_by_state() {
     let p3 = store.list_user("alice", &ListQuery { limit: 2, cursor: p2.next_cursor, state: None }).unwrap();
     assert_eq!(p3.items.len(), 1);
     assert_eq!(p3.next_cursor, None);
-    let cancelled = store.list_user("alice", &ListQuery { limit: 10, cursor: None, state: Some(State::Cancelled) }).unwrap();
+    let cancelled = store
+        .list_user("alice", &ListQuery { limit: 10, cursor: None, state: Some(State::Cancelled) })
+        .unwrap();
     assert_eq!(cancelled.items.iter().map(|c| c.id).collect::<Vec<_>>(), vec![ids[1]]);
     let counts = store.state_counts().unwrap();
     assert!(counts.contains(&(State::Created, 5)) && counts.contains(&(State::Cancelled, 1)), "{counts:?}");
@@ -288,7 +324,9 @@ fn reopen_keeps_everything_and_a_second_opener_is_refused_by_name() {
     let store = open(&dir);
     let id = created(&store, "alice");
     match SledStore::open(StoreConfig::new(&dir.0)) {
-        Err(StorageError::Locked { holder, .. }) => assert!(holder.contains(&format!("pid {}", std::process::id())), "{holder}"),
+        Err(StorageError::Locked { holder, .. }) => {
+            assert!(holder.contains(&format!("pid {}", std::process::id())), "{holder}")
+        }
         other => panic!("expected Locked, got {:?}", other.map(|_| ())),
     }
     let head = store.head_seq();
@@ -357,7 +395,10 @@ fn damage_record(dir: &TempDir, seq: u64, f: impl FnOnce(&mut Vec<u8>, std::ops:
 fn log_values(dir: &TempDir) -> Vec<(u64, u8)> {
     let db = sled::open(dir.0.join("sled")).unwrap();
     let log = db.open_tree(layout::LOG_TREE).unwrap();
-    log.iter().map(|i| i.unwrap()).map(|(k, v)| (u64::from_be_bytes(k.as_ref().try_into().unwrap()), v[0])).collect()
+    log.iter()
+        .map(|i| i.unwrap())
+        .map(|(k, v)| (u64::from_be_bytes(k.as_ref().try_into().unwrap()), v[0]))
+        .collect()
 }
 
 #[test]
@@ -389,7 +430,10 @@ fn concurrent_appends_share_log_blocks_and_read_back_exactly() {
     // Reads that start anywhere, also inside a block, see exactly the records after it.
     for after in (0..head).step_by(7) {
         let part = store.read_log(after, 5).unwrap();
-        assert_eq!(part.iter().map(|e| e.seq).collect::<Vec<_>>(), (after + 1..=(after + 5).min(head)).collect::<Vec<_>>());
+        assert_eq!(
+            part.iter().map(|e| e.seq).collect::<Vec<_>>(),
+            (after + 1..=(after + 5).min(head)).collect::<Vec<_>>()
+        );
     }
     for id in &ids {
         let mine: Vec<_> = all.iter().filter(|e| e.commission_id == *id).cloned().collect();
@@ -398,7 +442,10 @@ fn concurrent_appends_share_log_blocks_and_read_back_exactly() {
     store.close();
     drop(store);
     let values = log_values(&dir);
-    assert!(values.iter().any(|(_, v)| *v == atelier_storage::codec::BLOCK_VERSION), "some group commit wrote a block");
+    assert!(
+        values.iter().any(|(_, v)| *v == atelier_storage::codec::BLOCK_VERSION),
+        "some group commit wrote a block"
+    );
     assert!(values.len() < head as usize, "fewer log values than records");
 
     let store = open(&dir);
@@ -439,7 +486,11 @@ fn a_hole_between_log_blocks_is_corruption_with_the_missing_seq() {
     drop(store);
     {
         let db = sled::open(dir.0.join("sled")).unwrap();
-        db.open_tree(layout::LOG_TREE).unwrap().remove(2u64.to_be_bytes()).unwrap().expect("seq 2 is a value of its own");
+        db.open_tree(layout::LOG_TREE)
+            .unwrap()
+            .remove(2u64.to_be_bytes())
+            .unwrap()
+            .expect("seq 2 is a value of its own");
         db.flush().unwrap();
     }
     let store = open(&dir);
@@ -460,7 +511,12 @@ fn a_schema_1_data_dir_is_migrated_and_reads_the_same() {
     let id = created(&store, "alice");
     let job = store.allocate_job_id().unwrap();
     for cmd in [
-        Command::StartJob { job_id: job, executor: atelier_engine::Executor::TaskRunner, job_name: "j".into(), pid: None },
+        Command::StartJob {
+            job_id: job,
+            executor: atelier_engine::Executor::TaskRunner,
+            job_name: "j".into(),
+            pid: None,
+        },
         Command::EnterStage { job_id: job, stage: atelier_engine::Stage::GeneratingIdeas },
     ] {
         execute(&*store, id, cmd, &ctx(2_000)).unwrap().unwrap();
@@ -485,7 +541,10 @@ fn a_schema_1_data_dir_is_migrated_and_reads_the_same() {
     let db = sled::open(dir.0.join("sled")).unwrap();
     let proj = db.open_tree(layout::PROJECTIONS_TREE).unwrap();
     let schema = proj.get(Projection::Meta.key(layout::META_SCHEMA)).unwrap().unwrap();
-    assert_eq!(u64::from_be_bytes(schema.as_ref().try_into().unwrap()), u64::from(atelier_storage::SCHEMA_VERSION));
+    assert_eq!(
+        u64::from_be_bytes(schema.as_ref().try_into().unwrap()),
+        u64::from(atelier_storage::SCHEMA_VERSION)
+    );
 }
 
 #[test]
@@ -518,7 +577,8 @@ fn replay_check_reports_a_doctored_projection() {
     drop(store);
     {
         let db = sled::open(dir.0.join("sled")).unwrap();
-        let removed = db.open_tree(layout::PROJECTIONS_TREE).unwrap().remove(Projection::Live.key_u64(id)).unwrap();
+        let removed =
+            db.open_tree(layout::PROJECTIONS_TREE).unwrap().remove(Projection::Live.key_u64(id)).unwrap();
         assert!(removed.is_some(), "the live entry was where the layout says");
         db.flush().unwrap();
     }
@@ -609,8 +669,20 @@ fn progress_events(store: &SledStore, id: u64, n: usize, per_append: usize) {
     let mut left = n;
     while left > 0 {
         let k = left.min(per_append);
-        let events = vec![Event::Progress { stage: atelier_engine::Stage::GeneratingIdeas, percent: 50, message: None }; k];
-        match store.append(AppendRequest { target: AppendTarget::Existing(id), expected_version: version, events, at: 5 }).unwrap() {
+        let events =
+            vec![
+                Event::Progress { stage: atelier_engine::Stage::GeneratingIdeas, percent: 50, message: None };
+                k
+            ];
+        match store
+            .append(AppendRequest {
+                target: AppendTarget::Existing(id),
+                expected_version: version,
+                events,
+                at: 5,
+            })
+            .unwrap()
+        {
             AppendOutcome::Appended { commission, .. } => version = commission.version,
             other => panic!("{other:?}"),
         }

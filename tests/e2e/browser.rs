@@ -41,7 +41,10 @@ fn the_page_in_a_real_browser() {
     // Sign in once by URL; the cookie keeps it.
     b.goto(&format!("{base}/?token={alice}"));
     b.wait_until("signed in", WAIT, |b| b.text("#signed-in-user").is_some_and(|t| t.contains("alice")));
-    assert!(!b.js("return location.search").as_str().unwrap_or("").contains("token"), "the token leaves the address bar");
+    assert!(
+        !b.js("return location.search").as_str().unwrap_or("").contains("token"),
+        "the token leaves the address bar"
+    );
 
     // Create from the form; the row reaches 100% and shows the product preview.
     b.type_into("#post-title", "Cats in hats");
@@ -55,7 +58,10 @@ fn the_page_in_a_real_browser() {
     });
     let img = b.attr(&format!("{row} .preview img"), "src").unwrap();
     assert!(img.contains("/artifacts/") && img.ends_with(".png"), "{img}");
-    let loaded = b.js(&format!("return document.querySelector('{} .preview img').naturalWidth", row.replace('\'', "\\'")));
+    let loaded = b.js(&format!(
+        "return document.querySelector('{} .preview img').naturalWidth",
+        row.replace('\'', "\\'")
+    ));
     assert!(loaded.as_u64().unwrap_or(0) > 0, "the preview image loads");
     shot(&b, "02-list-completed");
 
@@ -69,21 +75,28 @@ fn the_page_in_a_real_browser() {
     shot(&b, "03-progress-completed");
 
     // A slow commission; restart the server while it runs: "reconnecting…", then every stage.
-    let slow = s.create(&alice, json!({"context": {"title": "Slow one", "delay_ms": 700}, "pipeline": "commission"}));
+    let slow = s
+        .create(&alice, json!({"context": {"title": "Slow one", "delay_ms": 700}, "pipeline": "commission"}));
     let sid = slow["task_id"].as_u64().unwrap();
     b.goto(&format!("{base}/commissions/{sid}"));
     b.wait_until("live", WAIT, |b| b.text("#connection-status").as_deref() == Some("live"));
     b.wait_until("a stage running", WAIT, |b| b.attr("#state", "data-state").is_some_and(|s| s != "created"));
     let addr = s.addr.to_string();
     s.kill();
-    b.wait_until("reconnecting shown", WAIT, |b| b.text("#connection-status").is_some_and(|t| t.contains("reconnecting")));
+    b.wait_until("reconnecting shown", WAIT, |b| {
+        b.text("#connection-status").is_some_and(|t| t.contains("reconnecting"))
+    });
     shot(&b, "04-reconnecting");
     s = Server::start_on(exe(), &dir.0, &[], &addr);
     b.wait_until("caught up and completed after the restart", Duration::from_secs(60), |b| {
         b.attr("#state", "data-state").as_deref() == Some("completed")
     });
     for stage in ["generating_ideas", "creating_images", "uploading", "creating_products"] {
-        assert_eq!(percent(&b, &format!(".stage-bar[data-stage=\"{stage}\"]")), 100, "{stage} after the restart");
+        assert_eq!(
+            percent(&b, &format!(".stage-bar[data-stage=\"{stage}\"]")),
+            100,
+            "{stage} after the restart"
+        );
     }
     assert_eq!(percent(&b, "#overall"), 100);
     shot(&b, "05-caught-up");
@@ -95,7 +108,9 @@ fn the_page_in_a_real_browser() {
     b.wait_until("the error", WAIT, |b| b.text("#error").is_some_and(|t| t.contains("asked to fail")));
     shot(&b, "06-failed");
     b.click("#retry-button");
-    b.wait_until("completed after retry", WAIT, |b| b.attr("#state", "data-state").as_deref() == Some("completed"));
+    b.wait_until("completed after retry", WAIT, |b| {
+        b.attr("#state", "data-state").as_deref() == Some("completed")
+    });
     assert!(b.text("#attempt").is_some_and(|t| t.contains("attempt 2")), "{:?}", b.text("#attempt"));
     shot(&b, "07-retried");
 
@@ -106,7 +121,8 @@ fn the_page_in_a_real_browser() {
     let overflow = b.js("return document.documentElement.scrollWidth > window.innerWidth");
     assert_eq!(overflow, json!(false), "no horizontal scroll at 375px");
     shot(&b, "08-phone");
-    let errors: Vec<String> = b.console_errors().into_iter().filter(|e| !e.contains("Failed to load resource")).collect();
+    let errors: Vec<String> =
+        b.console_errors().into_iter().filter(|e| !e.contains("Failed to load resource")).collect();
     assert!(errors.is_empty(), "console errors: {errors:?}");
 
     // Another user: alice's commissions are not visible.

@@ -12,7 +12,12 @@ fn exe() -> &'static Path {
 }
 
 fn cli(s_addr: std::net::SocketAddr, token: &str, args: &[&str]) -> std::process::Output {
-    Command::new(exe()).args(args).env("ATELIER_URL", format!("http://{s_addr}")).env("ATELIER_TOKEN", token).output().unwrap()
+    Command::new(exe())
+        .args(args)
+        .env("ATELIER_URL", format!("http://{s_addr}"))
+        .env("ATELIER_TOKEN", token)
+        .output()
+        .unwrap()
 }
 
 #[test]
@@ -40,13 +45,15 @@ fn submit_watch_status_list_and_exit_codes() {
     let list = cli(s.addr, &alice, &["list"]);
     assert!(String::from_utf8_lossy(&list.stdout).contains("completed"));
 
-    let failing = cli(s.addr, &alice, &["submit", "--pipeline", "fail", "--context", r#"{"fail":"permanent"}"#]);
+    let failing =
+        cli(s.addr, &alice, &["submit", "--pipeline", "fail", "--context", r#"{"fail":"permanent"}"#]);
     let fid = String::from_utf8_lossy(&failing.stdout).trim().to_string();
     let watch = cli(s.addr, &alice, &["watch", &fid]);
     assert_eq!(watch.status.code(), Some(1), "failed → exit 1: {}", String::from_utf8_lossy(&watch.stdout));
     assert!(String::from_utf8_lossy(&watch.stdout).contains("failed: "));
 
-    let queued = s.create(&alice, json!({"context": {}, "pipeline": "noop", "scheduled_for": "2099-01-01T00:00:00Z"}));
+    let queued =
+        s.create(&alice, json!({"context": {}, "pipeline": "noop", "scheduled_for": "2099-01-01T00:00:00Z"}));
     let qid = queued["task_id"].to_string();
     let child = Command::new(exe())
         .args(["watch", &qid])
@@ -64,7 +71,11 @@ fn submit_watch_status_list_and_exit_codes() {
     assert_eq!(bad.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&bad.stderr).contains("no commission 999999"));
     let bob = token("bob", false);
-    assert_eq!(cli(s.addr, &bob, &["watch", &id]).status.code(), Some(2), "another user's commission is not found");
+    assert_eq!(
+        cli(s.addr, &bob, &["watch", &id]).status.code(),
+        Some(2),
+        "another user's commission is not found"
+    );
     assert_eq!(cli(s.addr, "nonsense", &["list"]).status.code(), Some(2));
 }
 
@@ -75,7 +86,10 @@ fn watch_reconnects_across_a_server_restart() {
     let alice = token("alice", false);
     // Scheduled two seconds ahead: it is still queued while the server restarts.
     let at = atelier_engine::time::format_rfc3339_ms((now_s() + 3) * 1000);
-    let id = s.create(&alice, json!({"context": {"title": "later"}, "pipeline": "noop", "scheduled_for": at}))["task_id"].to_string();
+    let id = s
+        .create(&alice, json!({"context": {"title": "later"}, "pipeline": "noop", "scheduled_for": at}))
+        ["task_id"]
+        .to_string();
     let child = Command::new(exe())
         .args(["watch", &id])
         .env("ATELIER_URL", format!("http://{}", s.addr))

@@ -44,7 +44,8 @@ fn create_get_list_cancel_retry() {
         s.create(&alice, noop(&format!("n{i}")));
     }
     let page = s.get("/api/commissions/user/alice?limit=2", Some(&alice)).json();
-    let ids: Vec<u64> = page["items"].as_array().unwrap().iter().map(|c| c["task_id"].as_u64().unwrap()).collect();
+    let ids: Vec<u64> =
+        page["items"].as_array().unwrap().iter().map(|c| c["task_id"].as_u64().unwrap()).collect();
     assert_eq!(ids.len(), 2);
     assert!(ids[0] > ids[1]);
     let cursor = page["next_cursor"].as_str().unwrap().to_string();
@@ -79,27 +80,41 @@ fn auth_matrix() {
     assert_eq!(s.get(&path, Some(&alice)).status, 200);
     assert_eq!(s.get(&path, Some(&admin)).status, 200, "admins see all");
     let other = s.get(&path, Some(&bob));
-    assert_eq!((other.status, other.code().as_str()), (404, "not_found"), "another user's commission is 404, not 403");
+    assert_eq!(
+        (other.status, other.code().as_str()),
+        (404, "not_found"),
+        "another user's commission is 404, not 403"
+    );
     assert_eq!(s.post(&format!("{path}/cancel"), Some(&bob), &json!({})).status, 404);
     assert_eq!(s.get("/api/commissions/user/alice", Some(&bob)).json()["items"], json!([]));
 
     let none = s.get(&path, None);
     assert_eq!((none.status, none.code().as_str()), (401, "unauthorized"));
     assert_eq!(s.get(&path, Some(&expired_token("alice"))).status, 401);
-    let forged = atelier_http::Keys::new(b"not the secret").issue("alice", atelier_http::Role::Admin, now_s() + 60);
+    let forged =
+        atelier_http::Keys::new(b"not the secret").issue("alice", atelier_http::Role::Admin, now_s() + 60);
     assert_eq!(s.get(&path, Some(&forged)).status, 401);
     assert_eq!(s.get(&path, Some("garbage")).status, 401);
     // The cookie works too.
-    let by_cookie = request(s.addr, "GET", &path, None, &[("Cookie", &format!("atelier_token={alice}"))], None);
+    let by_cookie =
+        request(s.addr, "GET", &path, None, &[("Cookie", &format!("atelier_token={alice}"))], None);
     assert_eq!(by_cookie.status, 200);
 
     // Admin-only routes.
     assert_eq!(s.get("/metrics", Some(&alice)).status, 403);
     assert_eq!(s.get("/api/events/stream", Some(&alice)).status, 403);
     // user_id on create is for admins only.
-    let r = s.post("/api/commissions", Some(&alice), &json!({"context": {}, "pipeline": "noop", "user_id": "bob"}));
+    let r = s.post(
+        "/api/commissions",
+        Some(&alice),
+        &json!({"context": {}, "pipeline": "noop", "user_id": "bob"}),
+    );
     assert_eq!(r.status, 403);
-    let r = s.post("/api/commissions", Some(&admin), &json!({"context": {}, "pipeline": "noop", "user_id": "bob"}));
+    let r = s.post(
+        "/api/commissions",
+        Some(&admin),
+        &json!({"context": {}, "pipeline": "noop", "user_id": "bob"}),
+    );
     assert_eq!(r.status, 201);
     assert_eq!(r.json()["user_id"], "bob");
     assert_eq!(s.get("/api/me", Some(&bob)).json(), json!({"user_id": "bob", "role": "user"}));
@@ -117,32 +132,82 @@ fn bad_input_gets_a_clear_error_and_appends_nothing() {
     };
     let before = head();
     let cases: Vec<(&str, Response)> = vec![
-        ("bad json", request(s.addr, "POST", "/api/commissions", Some(&alice), &[("Content-Type", "application/json")], Some(b"{nope"))),
+        (
+            "bad json",
+            request(
+                s.addr,
+                "POST",
+                "/api/commissions",
+                Some(&alice),
+                &[("Content-Type", "application/json")],
+                Some(b"{nope"),
+            ),
+        ),
         ("not an object", s.post("/api/commissions", Some(&alice), &json!([1]))),
         ("missing context", s.post("/api/commissions", Some(&alice), &json!({"pipeline": "noop"}))),
         ("context not object", s.post("/api/commissions", Some(&alice), &json!({"context": "x"}))),
         ("unknown field", s.post("/api/commissions", Some(&alice), &json!({"context": {}, "colour": "red"}))),
-        ("bad priority", s.post("/api/commissions", Some(&alice), &json!({"context": {}, "priority": "high"}))),
-        ("bad attempts", s.post("/api/commissions", Some(&alice), &json!({"context": {}, "max_attempts": 0}))),
-        ("bad schedule", s.post("/api/commissions", Some(&alice), &json!({"context": {}, "scheduled_for": "tomorrow"}))),
-        ("bad pipeline name", s.post("/api/commissions", Some(&alice), &json!({"context": {}, "pipeline": "Shop!"}))),
-        ("wrong content type", request(s.addr, "POST", "/api/commissions", Some(&alice), &[("Content-Type", "text/plain")], Some(b"{}"))),
-        ("body too large", request(s.addr, "POST", "/api/commissions", Some(&alice), &[("Content-Type", "application/json")], Some(&vec![b' '; 1024 * 1024 + 10]))),
+        (
+            "bad priority",
+            s.post("/api/commissions", Some(&alice), &json!({"context": {}, "priority": "high"})),
+        ),
+        (
+            "bad attempts",
+            s.post("/api/commissions", Some(&alice), &json!({"context": {}, "max_attempts": 0})),
+        ),
+        (
+            "bad schedule",
+            s.post("/api/commissions", Some(&alice), &json!({"context": {}, "scheduled_for": "tomorrow"})),
+        ),
+        (
+            "bad pipeline name",
+            s.post("/api/commissions", Some(&alice), &json!({"context": {}, "pipeline": "Shop!"})),
+        ),
+        (
+            "wrong content type",
+            request(
+                s.addr,
+                "POST",
+                "/api/commissions",
+                Some(&alice),
+                &[("Content-Type", "text/plain")],
+                Some(b"{}"),
+            ),
+        ),
+        (
+            "body too large",
+            request(
+                s.addr,
+                "POST",
+                "/api/commissions",
+                Some(&alice),
+                &[("Content-Type", "application/json")],
+                Some(&vec![b' '; 1024 * 1024 + 10]),
+            ),
+        ),
         ("unknown route", s.get("/api/nothing-here", Some(&alice))),
         ("bad id", s.get("/api/commissions/abc", Some(&alice))),
         ("missing commission", s.get("/api/commissions/999999", Some(&alice))),
         ("wrong method", request(s.addr, "DELETE", "/api/commissions/1", Some(&alice), &[], None)),
         ("bad limit", s.get("/api/commissions/user/alice?limit=5000", Some(&alice))),
         ("bad state filter", s.get("/api/commissions/user/alice?state=sleeping", Some(&alice))),
-        ("bad last-event-id", request(s.addr, "GET", "/api/events/stream", Some(&admin), &[("Last-Event-ID", "x")], None)),
+        (
+            "bad last-event-id",
+            request(s.addr, "GET", "/api/events/stream", Some(&admin), &[("Last-Event-ID", "x")], None),
+        ),
     ];
     let mut summary = Vec::new();
     for (name, r) in &cases {
         let body = r.json();
-        assert!(body["error"]["code"].is_string() && body["error"]["message"].is_string(), "{name}: {}", r.text());
+        assert!(
+            body["error"]["code"].is_string() && body["error"]["message"].is_string(),
+            "{name}: {}",
+            r.text()
+        );
         summary.push(json!({"case": name, "status": r.status, "body": body}));
     }
-    let allow = cases.iter().find(|(n, _)| *n == "wrong method").unwrap().1.header("Allow").map(str::to_string);
+    let allow =
+        cases.iter().find(|(n, _)| *n == "wrong method").unwrap().1.header("Allow").map(str::to_string);
     assert_eq!(allow.as_deref(), Some("GET"));
     insta::assert_json_snapshot!("errors", summary);
     assert_eq!(head(), before, "no rejected request appended anything");
@@ -195,7 +260,11 @@ fn page_sign_in_sets_an_httponly_cookie() {
     let r = s.get(&format!("/?token={alice}"), None);
     assert_eq!(r.status, 303);
     let cookie = r.header("Set-Cookie").unwrap();
-    assert!(cookie.contains("HttpOnly") && cookie.contains("SameSite=Strict") && cookie.starts_with("atelier_token="));
+    assert!(
+        cookie.contains("HttpOnly")
+            && cookie.contains("SameSite=Strict")
+            && cookie.starts_with("atelier_token=")
+    );
     let page = s.get("/", None);
     assert_eq!(page.status, 200);
     assert!(page.header("Content-Type").unwrap().starts_with("text/html"));
@@ -228,7 +297,9 @@ fn cli_replay_check_export_import_and_bad_flags() {
         s.post(&format!("/api/commissions/{id}/cancel"), Some(&alice), &json!({}));
         assert!(s.stop().success(), "graceful stop exits 0");
     }
-    let run = |args: &[&str]| std::process::Command::new(exe()).args(args).env("ATELIER_DATA_DIR", &dir.0).output().unwrap();
+    let run = |args: &[&str]| {
+        std::process::Command::new(exe()).args(args).env("ATELIER_DATA_DIR", &dir.0).output().unwrap()
+    };
     let check = run(&["replay", "--check"]);
     assert!(check.status.success(), "{}", String::from_utf8_lossy(&check.stdout));
     assert!(String::from_utf8_lossy(&check.stdout).contains("projections match the log"));
@@ -239,7 +310,11 @@ fn cli_replay_check_export_import_and_bad_flags() {
     let file = copy.0.join("log.jsonl");
     std::fs::write(&file, &export.stdout).unwrap();
     let target = copy.0.join("data");
-    let import = std::process::Command::new(exe()).args(["import", file.to_str().unwrap()]).env("ATELIER_DATA_DIR", &target).output().unwrap();
+    let import = std::process::Command::new(exe())
+        .args(["import", file.to_str().unwrap()])
+        .env("ATELIER_DATA_DIR", &target)
+        .output()
+        .unwrap();
     assert!(import.status.success(), "{}", String::from_utf8_lossy(&import.stderr));
     let bad = run(&["serve", "--bogus"]);
     assert_eq!(bad.status.code(), Some(2));
@@ -261,7 +336,11 @@ fn a_request_whose_headers_never_finish_is_closed() {
     let mut buf = [0u8; 64];
     let n = c.read(&mut buf).unwrap_or(0);
     assert_eq!(n, 0, "closed without an answer");
-    assert!(started.elapsed() < std::time::Duration::from_secs(3), "closed by the header timeout: {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(3),
+        "closed by the header timeout: {:?}",
+        started.elapsed()
+    );
     assert_eq!(s.get("/healthz", None).status, 200, "others are served");
 }
 
@@ -276,7 +355,8 @@ fn a_low_descriptor_limit_caps_connections_and_the_server_keeps_serving() {
     let s = Server::start_with_fd_limit(exe(), &dir.0, &[("ATELIER_HEADER_TIMEOUT_MS", "1000")], 96);
     let admin = token("root", true);
     // Hold many idle connections: far more than the descriptors allow.
-    let held: Vec<std::net::TcpStream> = (0..200).filter_map(|_| std::net::TcpStream::connect(s.addr).ok()).collect();
+    let held: Vec<std::net::TcpStream> =
+        (0..200).filter_map(|_| std::net::TcpStream::connect(s.addr).ok()).collect();
     let mut refused = 0;
     for mut c in held.iter().skip(1) {
         c.set_read_timeout(Some(std::time::Duration::from_secs(2))).unwrap();
@@ -302,14 +382,23 @@ fn a_misspelt_setting_stops_the_start_with_its_name() {
     let serve_with = |text: &str| -> String {
         std::fs::write(&config, text).unwrap();
         let out = std::process::Command::new(exe())
-            .args(["serve", "--config", config.to_str().unwrap(), "--data-dir", dir.0.join("data").to_str().unwrap()])
+            .args([
+                "serve",
+                "--config",
+                config.to_str().unwrap(),
+                "--data-dir",
+                dir.0.join("data").to_str().unwrap(),
+            ])
             .output()
             .unwrap();
         assert_eq!(out.status.code(), Some(2), "{text}");
         String::from_utf8_lossy(&out.stderr).into_owned()
     };
     let stderr = serve_with("listen = \"127.0.0.1:0\"\nmax_conections = 5\n");
-    assert!(stderr.contains("unknown setting 'max_conections'") && stderr.contains("max_connections"), "{stderr}");
+    assert!(
+        stderr.contains("unknown setting 'max_conections'") && stderr.contains("max_connections"),
+        "{stderr}"
+    );
     // In the executors' tables, the line too.
     let stderr = serve_with("[workers]\nmax_concurrent_jobs = 2\n\n[pipelines.a]\nmemory_mb = 1\n");
     assert!(stderr.contains("config file line 5: setting 'pipelines.a.memory_mb'"), "{stderr}");

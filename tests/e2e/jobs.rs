@@ -25,7 +25,10 @@ fn sigkill_the_server_with_jobs_running() {
     let alice = token("alice", false);
     let ids: Vec<u64> = (0..5)
         .map(|i| {
-            s.create(&alice, json!({"context": {"title": format!("slow {i}"), "delay_ms": 600}, "pipeline": "commission"}))["task_id"]
+            s.create(
+                &alice,
+                json!({"context": {"title": format!("slow {i}"), "delay_ms": 600}, "pipeline": "commission"}),
+            )["task_id"]
                 .as_u64()
                 .unwrap()
         })
@@ -34,7 +37,12 @@ fn sigkill_the_server_with_jobs_running() {
     let pids = wait_for(Duration::from_secs(20), || {
         let pids: Vec<u64> = ids
             .iter()
-            .flat_map(|id| s.get(&format!("/api/commissions/{id}/jobs"), Some(&alice)).json()["items"].as_array().cloned().unwrap_or_default())
+            .flat_map(|id| {
+                s.get(&format!("/api/commissions/{id}/jobs"), Some(&alice)).json()["items"]
+                    .as_array()
+                    .cloned()
+                    .unwrap_or_default()
+            })
             .filter(|j| j["status"] == "running")
             .filter_map(|j| j["process_id"].as_u64())
             .collect();
@@ -44,7 +52,8 @@ fn sigkill_the_server_with_jobs_running() {
     assert!(pids.iter().all(|p| alive(*p)));
     // A job runs the small worker program: the one named by ATELIER_WORKER_PROGRAM (CI runs
     // this suite again with the statically linked one), else the one next to the server.
-    let worker_program = std::env::var_os("ATELIER_WORKER_PROGRAM").unwrap_or_else(|| env!("CARGO_BIN_EXE_atelier-worker").into());
+    let worker_program = std::env::var_os("ATELIER_WORKER_PROGRAM")
+        .unwrap_or_else(|| env!("CARGO_BIN_EXE_atelier-worker").into());
     let worker_program = std::fs::canonicalize(worker_program).unwrap();
     for pid in &pids {
         assert_eq!(std::fs::read_link(format!("/proc/{pid}/exe")).unwrap(), worker_program, "worker {pid}");
@@ -58,7 +67,12 @@ fn sigkill_the_server_with_jobs_running() {
     let done = wait_for(Duration::from_secs(60), || {
         let states: Vec<String> = ids
             .iter()
-            .map(|id| s.get(&format!("/api/commissions/{id}"), Some(&alice)).json()["state"].as_str().unwrap_or("").to_string())
+            .map(|id| {
+                s.get(&format!("/api/commissions/{id}"), Some(&alice)).json()["state"]
+                    .as_str()
+                    .unwrap_or("")
+                    .to_string()
+            })
             .collect();
         states.iter().all(|st| st == "completed").then_some(states)
     });
@@ -74,12 +88,20 @@ fn sigkill_the_server_with_jobs_running() {
         }
     }
     assert_eq!(restarted, 3, "the three interrupted jobs are recorded as such");
-    let check = std::process::Command::new(exe()).args(["replay", "--check"]).env("ATELIER_DATA_DIR", &dir.0).output().unwrap();
+    let check = std::process::Command::new(exe())
+        .args(["replay", "--check"])
+        .env("ATELIER_DATA_DIR", &dir.0)
+        .output()
+        .unwrap();
     assert_eq!(check.status.code(), Some(2), "the running server holds the data dir lock");
     assert!(String::from_utf8_lossy(&check.stderr).contains("in use by pid"));
     let stopped = s.stop();
     assert!(stopped.success());
-    let check = std::process::Command::new(exe()).args(["replay", "--check"]).env("ATELIER_DATA_DIR", &dir.0).output().unwrap();
+    let check = std::process::Command::new(exe())
+        .args(["replay", "--check"])
+        .env("ATELIER_DATA_DIR", &dir.0)
+        .output()
+        .unwrap();
     assert!(check.status.success(), "{}", String::from_utf8_lossy(&check.stdout));
 }
 
@@ -89,9 +111,14 @@ fn the_worker_program_is_checked_before_it_runs_jobs() {
     let alice = token("alice", false);
     // The server binary's own worker mode, named explicitly: jobs run and complete.
     let s = Server::start(exe(), &dir.0.join("own"), &[("ATELIER_WORKER_PROGRAM", exe().to_str().unwrap())]);
-    let id = s.create(&alice, json!({"context": {"title": "own"}, "pipeline": "commission"}))["task_id"].as_u64().unwrap();
+    let id = s.create(&alice, json!({"context": {"title": "own"}, "pipeline": "commission"}))["task_id"]
+        .as_u64()
+        .unwrap();
     let state = wait_for(Duration::from_secs(20), || {
-        let st = s.get(&format!("/api/commissions/{id}"), Some(&alice)).json()["state"].as_str().unwrap_or("").to_string();
+        let st = s.get(&format!("/api/commissions/{id}"), Some(&alice)).json()["state"]
+            .as_str()
+            .unwrap_or("")
+            .to_string();
         (st == "completed" || st == "failed").then_some(st)
     });
     assert_eq!(state.as_deref(), Some("completed"));
@@ -110,7 +137,10 @@ fn the_worker_program_is_checked_before_it_runs_jobs() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("built from other sources") && stderr.contains("0.0.0+0000000000000000"), "{stderr}");
+    assert!(
+        stderr.contains("built from other sources") && stderr.contains("0.0.0+0000000000000000"),
+        "{stderr}"
+    );
 }
 
 #[test]
@@ -119,18 +149,26 @@ fn every_line_about_a_job_carries_its_commission_and_job() {
     let alice = token("alice", false);
     for (executor, use_controller) in [("job_controller", "true"), ("task_runner", "false")] {
         let log = dir.0.join(format!("{executor}.log"));
-        let env = [("RUST_LOG", "info"), ("ATELIER_LOG_FORMAT", "json"), ("USE_JOB_CONTROLLER", use_controller)];
+        let env =
+            [("RUST_LOG", "info"), ("ATELIER_LOG_FORMAT", "json"), ("USE_JOB_CONTROLLER", use_controller)];
         let s = Server::start_logging_to(exe(), &dir.0.join(executor), &env, &log);
-        let id = s.create(&alice, json!({"context": {"title": "spans"}, "pipeline": "commission"}))["task_id"].as_u64().unwrap();
+        let id = s.create(&alice, json!({"context": {"title": "spans"}, "pipeline": "commission"}))
+            ["task_id"]
+            .as_u64()
+            .unwrap();
         let done = wait_for(Duration::from_secs(20), || {
-            (s.get(&format!("/api/commissions/{id}"), Some(&alice)).json()["state"] == "completed").then_some(())
+            (s.get(&format!("/api/commissions/{id}"), Some(&alice)).json()["state"] == "completed")
+                .then_some(())
         });
         assert!(done.is_some(), "{executor}: the commission completes");
-        let job_id = s.get(&format!("/api/commissions/{id}/jobs"), Some(&alice)).json()["items"][0]["job_id"].as_u64().unwrap();
+        let job_id = s.get(&format!("/api/commissions/{id}/jobs"), Some(&alice)).json()["items"][0]["job_id"]
+            .as_u64()
+            .unwrap();
         assert!(s.stop().success());
         let text = std::fs::read_to_string(&log).unwrap();
         let lines: Vec<Value> = text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
-        let about_the_job: Vec<&Value> = lines.iter().filter(|l| l["fields"]["message"] == "job recorded").collect();
+        let about_the_job: Vec<&Value> =
+            lines.iter().filter(|l| l["fields"]["message"] == "job recorded").collect();
         assert_eq!(about_the_job.len(), 1, "{executor}: one 'job recorded' line in\n{text}");
         let spans = &about_the_job[0]["spans"];
         assert_eq!(spans[0]["name"], "commission", "{executor}: {spans}");
@@ -171,16 +209,27 @@ fn workers_that_end_badly_leave_no_descriptor_in_the_server() {
     let dir = TempDir::new("jobs-fds");
     let config = dir.0.join("atelier.toml");
     std::fs::write(&config, FAULTY).unwrap();
-    let s = Server::start(exe(), &dir.0.join("data"), &[("ATELIER_CONFIG", config.to_str().unwrap()), ("MAX_CONCURRENT_JOBS", "4")]);
+    let s = Server::start(
+        exe(),
+        &dir.0.join("data"),
+        &[("ATELIER_CONFIG", config.to_str().unwrap()), ("MAX_CONCURRENT_JOBS", "4")],
+    );
     let alice = token("alice", false);
     let finish = |pipelines: &[&str]| {
         let ids: Vec<u64> = pipelines
             .iter()
-            .map(|p| s.create(&alice, json!({"context": {}, "pipeline": p, "max_attempts": 1}))["task_id"].as_u64().unwrap())
+            .map(|p| {
+                s.create(&alice, json!({"context": {}, "pipeline": p, "max_attempts": 1}))["task_id"]
+                    .as_u64()
+                    .unwrap()
+            })
             .collect();
         for (id, p) in ids.iter().zip(pipelines) {
             let state = wait_for(Duration::from_secs(30), || {
-                let st = s.get(&format!("/api/commissions/{id}"), Some(&alice)).json()["state"].as_str().unwrap_or("").to_string();
+                let st = s.get(&format!("/api/commissions/{id}"), Some(&alice)).json()["state"]
+                    .as_str()
+                    .unwrap_or("")
+                    .to_string();
                 (st == "completed" || st == "failed").then_some(st)
             });
             assert!(state.is_some(), "{p}: commission {id} ends");
@@ -200,7 +249,18 @@ fn workers_that_end_badly_leave_no_descriptor_in_the_server() {
     // The last request's connection closes right after its reply; let it.
     std::thread::sleep(Duration::from_millis(300));
     let before = fds();
-    finish(&["f-sigkill", "f-segv", "f-garbage", "f-huge", "f-noresult", "f-orphan", "f-hang", "f-flood", "f-missing", "noop"]);
+    finish(&[
+        "f-sigkill",
+        "f-segv",
+        "f-garbage",
+        "f-huge",
+        "f-noresult",
+        "f-orphan",
+        "f-hang",
+        "f-flood",
+        "f-missing",
+        "noop",
+    ]);
     // Connections of the requests above may still be closing: wait (bounded) for the count.
     let settled = wait_for(Duration::from_secs(5), || (fds().len() <= before.len()).then_some(()));
     assert!(settled.is_some(), "descriptors before: {before:#?}\nafter: {:#?}", fds());
@@ -212,14 +272,31 @@ fn job_records_and_logs_over_http() {
     let dir = TempDir::new("jobs-http");
     let s = Server::start(exe(), &dir.0, &[]);
     let alice = token("alice", false);
-    let id = s.create(&alice, json!({"context": {"title": "t"}, "pipeline": "commission"}))["task_id"].as_u64().unwrap();
+    let id = s.create(&alice, json!({"context": {"title": "t"}, "pipeline": "commission"}))["task_id"]
+        .as_u64()
+        .unwrap();
     let job = wait_for(Duration::from_secs(20), || {
         let jobs = s.get(&format!("/api/commissions/{id}/jobs"), Some(&alice)).json();
         let j = jobs["items"].as_array()?.first()?.clone();
         (j["status"] == "succeeded").then_some(j)
     })
     .expect("the job succeeds");
-    for key in ["job_id", "task_id", "executor", "job_name", "process_id", "status", "created_at", "started_at", "completed_at", "exit_code", "signal", "error_message", "max_rss_bytes", "cpu_ms"] {
+    for key in [
+        "job_id",
+        "task_id",
+        "executor",
+        "job_name",
+        "process_id",
+        "status",
+        "created_at",
+        "started_at",
+        "completed_at",
+        "exit_code",
+        "signal",
+        "error_message",
+        "max_rss_bytes",
+        "cpu_ms",
+    ] {
         assert!(job.get(key).is_some(), "job has {key}: {job}");
     }
     assert_eq!(job["executor"], "job_controller");
@@ -231,7 +308,10 @@ fn job_records_and_logs_over_http() {
     assert_eq!(logs.status, 200);
     assert!(logs.json().get("stderr").is_some());
     assert_eq!(s.get(&format!("/api/jobs/{jid}/status"), Some(&token("bob", false))).status, 404);
-    assert!(dir.0.join("jobs").join(jid.to_string()).join("image.png").is_file(), "the rendered image is in the job's dir");
+    assert!(
+        dir.0.join("jobs").join(jid.to_string()).join("image.png").is_file(),
+        "the rendered image is in the job's dir"
+    );
     // A job that puts nothing in its dir never gets one, and its logs are empty, not gone
     // (410 is for a dir the sweep removed: `routes::logs_swept`).
     let quiet = s.create(&alice, json!({"context": {}, "pipeline": "noop"}))["task_id"].as_u64().unwrap();
@@ -243,7 +323,10 @@ fn job_records_and_logs_over_http() {
     .expect("the noop job succeeds");
     assert!(!dir.0.join("jobs").join(qjob.to_string()).exists(), "no dir for a job that wrote nothing");
     let logs = s.get(&format!("/api/jobs/{qjob}/logs"), Some(&alice));
-    assert_eq!((logs.status, logs.json()["stdout"].as_str(), logs.json()["stderr"].as_str()), (200, Some(""), Some("")));
+    assert_eq!(
+        (logs.status, logs.json()["stdout"].as_str(), logs.json()["stderr"].as_str()),
+        (200, Some(""), Some(""))
+    );
     // The product image is served, content-addressed.
     let snap = s.get(&format!("/api/commissions/{id}"), Some(&alice)).json();
     let url = snap["result"]["product"]["image_url"].as_str().unwrap().to_string();
@@ -262,7 +345,11 @@ fn creating_a_job_for_a_commission_in_backoff_runs_it_now() {
     let s = Server::start(exe(), &dir.0, &[("RETRY_BASE_MS", "86400000"), ("RETRY_CAP_MS", "86400000")]);
     let admin = token("root", true);
     let alice = token("alice", false);
-    let id = s.create(&alice, json!({"context": {"fail": "retryable"}, "pipeline": "fail", "max_attempts": 3}))["task_id"].as_u64().unwrap();
+    let id = s
+        .create(&alice, json!({"context": {"fail": "retryable"}, "pipeline": "fail", "max_attempts": 3}))
+        ["task_id"]
+        .as_u64()
+        .unwrap();
     let waiting = wait_for(Duration::from_secs(20), || {
         let c = s.get(&format!("/api/commissions/{id}"), Some(&alice)).json();
         (c["state"] == "retrying").then_some(c)
@@ -312,14 +399,20 @@ env = { PATH = "/usr/bin:/bin" }
         (j["status"] == "succeeded").then_some(j["job_id"].as_u64().unwrap())
     })
     .expect("the job succeeds");
-    let pid: u64 = std::fs::read_to_string(dir.0.join("jobs").join(jid.to_string()).join("escapee.pid")).unwrap().trim().parse().unwrap();
+    let pid: u64 = std::fs::read_to_string(dir.0.join("jobs").join(jid.to_string()).join("escapee.pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
     let session = |pid: u64| -> Option<u64> {
         let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
         stat.rsplit(')').next()?.split_whitespace().nth(3)?.parse().ok()
     };
     assert_eq!(session(pid), Some(pid), "the process runs in a session of its own, outside the job's group");
     // Gone, and reaped: no /proc entry left, not even a zombie.
-    let gone = wait_for(Duration::from_secs(10), || (!std::path::Path::new(&format!("/proc/{pid}")).exists()).then_some(()));
+    let gone = wait_for(Duration::from_secs(10), || {
+        (!std::path::Path::new(&format!("/proc/{pid}")).exists()).then_some(())
+    });
     assert!(gone.is_some(), "the escaped process {pid} outlived its job");
     let metrics = s.get("/metrics", Some(&token("root", true))).text();
     assert!(metrics.contains("atelier_job_escapees_killed_total 1"), "{metrics}");

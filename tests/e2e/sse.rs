@@ -46,10 +46,25 @@ fn stream_format_and_terminal_end_and_204() {
     s.post(&format!("/api/commissions/{id}/cancel"), Some(&alice), &json!({}));
     let kinds: Vec<String> = std::iter::from_fn(|| sse.next()).map(|e| e.event).collect();
     assert_eq!(kinds, vec!["cancel_requested", "cancelled"], "the stream ends after the terminal event");
-    let last = s.get(&format!("/api/commissions/{id}"), Some(&alice)).json()["last_event_id"].as_u64().unwrap();
-    let done = request(s.addr, "GET", &format!("/api/progress/{id}/stream"), Some(&alice), &[("Last-Event-ID", &last.to_string())], None);
+    let last =
+        s.get(&format!("/api/commissions/{id}"), Some(&alice)).json()["last_event_id"].as_u64().unwrap();
+    let done = request(
+        s.addr,
+        "GET",
+        &format!("/api/progress/{id}/stream"),
+        Some(&alice),
+        &[("Last-Event-ID", &last.to_string())],
+        None,
+    );
     assert_eq!(done.status, 204, "a finished commission with nothing newer: 204 so EventSource stops");
-    let q = request(s.addr, "GET", &format!("/api/progress/{id}/stream?last_event_id={last}&access_token={alice}"), None, &[], None);
+    let q = request(
+        s.addr,
+        "GET",
+        &format!("/api/progress/{id}/stream?last_event_id={last}&access_token={alice}"),
+        None,
+        &[],
+        None,
+    );
     assert_eq!(q.status, 204, "?last_event_id= and ?access_token= work too");
 }
 
@@ -62,7 +77,11 @@ fn a_keep_alive_client_gets_a_chunked_stream_and_keeps_its_connection() {
     let (_dir, s, alice, id) = alice_with_a_queued_commission("sse-keep-alive");
     let mut conn = std::net::TcpStream::connect(s.addr).unwrap();
     conn.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(conn, "GET /api/progress/{id}/stream HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {alice}\r\n\r\n").unwrap();
+    write!(
+        conn,
+        "GET /api/progress/{id}/stream HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {alice}\r\n\r\n"
+    )
+    .unwrap();
     // Reads until `done` holds for what has arrived (or the read times out).
     let read_until = |mut conn: &std::net::TcpStream, raw: &mut Vec<u8>, done: &dyn Fn(&[u8]) -> bool| {
         let mut buf = [0u8; 4096];
@@ -174,7 +193,8 @@ fn a_client_that_never_reads_is_dropped_and_others_keep_receiving() {
     creator.join().unwrap();
     let dropped = wait_for(Duration::from_secs(5), || {
         let m = s.get("/metrics", Some(&admin)).text();
-        let v: u64 = m.lines().find_map(|l| l.strip_prefix("atelier_sse_dropped_slow_total "))?.trim().parse().ok()?;
+        let v: u64 =
+            m.lines().find_map(|l| l.strip_prefix("atelier_sse_dropped_slow_total "))?.trim().parse().ok()?;
         (v >= 1).then_some(v)
     });
     assert_eq!(dropped, Some(1), "exactly the stalled client was cut off");
@@ -184,12 +204,14 @@ fn a_client_that_never_reads_is_dropped_and_others_keep_receiving() {
 #[test]
 fn heartbeats_cap_and_graceful_shutdown() {
     let dir = TempDir::new("sse-ops");
-    let s = Server::start(exe(), &dir.0, &[("ATELIER_HEARTBEAT_MS", "200"), ("ATELIER_MAX_CONNECTIONS", "2")]);
+    let s =
+        Server::start(exe(), &dir.0, &[("ATELIER_HEARTBEAT_MS", "200"), ("ATELIER_MAX_CONNECTIONS", "2")]);
     let admin = token("root", true);
     // A raw read of an idle stream: heartbeat comments keep it alive.
     let mut raw = std::net::TcpStream::connect(s.addr).unwrap();
     use std::io::{Read, Write};
-    write!(raw, "GET /api/events/stream HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {admin}\r\n\r\n").unwrap();
+    write!(raw, "GET /api/events/stream HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {admin}\r\n\r\n")
+        .unwrap();
     raw.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
     let mut text = String::new();
     let mut buf = [0u8; 512];
@@ -220,8 +242,9 @@ fn heartbeats_cap_and_graceful_shutdown() {
 fn many_streams_opened_at_once_are_all_served() {
     let dir = TempDir::new("sse-open-burst");
     let s = Server::start(exe(), &dir.0, &[]);
-    let requests: Vec<(String, String)> =
-        (0..40).map(|i| (format!("/api/commissions/user/u{i}/stream"), token(&format!("u{i}"), false))).collect();
+    let requests: Vec<(String, String)> = (0..40)
+        .map(|i| (format!("/api/commissions/user/u{i}/stream"), token(&format!("u{i}"), false)))
+        .collect();
     let started = std::time::Instant::now();
     let statuses = open_streams_at_once(s.addr, &requests, Duration::from_secs(5));
     assert!(statuses.iter().all(|s| *s == 200), "after {:?}: {statuses:?}", started.elapsed());

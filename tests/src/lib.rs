@@ -18,7 +18,11 @@ pub struct TempDir(pub PathBuf);
 impl TempDir {
     pub fn new(name: &str) -> TempDir {
         static N: AtomicU64 = AtomicU64::new(0);
-        let p = std::env::temp_dir().join(format!("atelier-e2e-{name}-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed)));
+        let p = std::env::temp_dir().join(format!(
+            "atelier-e2e-{name}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
         let _ = std::fs::remove_dir_all(&p);
         std::fs::create_dir_all(&p).expect("temp dir");
         TempDir(p)
@@ -85,7 +89,14 @@ impl Server {
         Self::start_with(cmd, exe, data_dir, env, "127.0.0.1:0", Stdio::inherit())
     }
 
-    fn start_with(mut cmd: Command, exe: &Path, data_dir: &Path, env: &[(&str, &str)], listen: &str, stderr: Stdio) -> Server {
+    fn start_with(
+        mut cmd: Command,
+        exe: &Path,
+        data_dir: &Path,
+        env: &[(&str, &str)],
+        listen: &str,
+        stderr: Stdio,
+    ) -> Server {
         cmd.arg("serve")
             .env("ATELIER_LISTEN", listen)
             .env("ATELIER_DATA_DIR", data_dir)
@@ -151,7 +162,14 @@ impl Server {
     }
 
     pub fn post(&self, path: &str, token: Option<&str>, body: &Value) -> Response {
-        request(self.addr, "POST", path, token, &[("Content-Type", "application/json")], Some(body.to_string().as_bytes()))
+        request(
+            self.addr,
+            "POST",
+            path,
+            token,
+            &[("Content-Type", "application/json")],
+            Some(body.to_string().as_bytes()),
+        )
     }
 
     /// Creates a commission and returns its snapshot.
@@ -196,7 +214,14 @@ impl Response {
 }
 
 /// One HTTP/1.1 request with `Connection: close`; reads the whole response.
-pub fn request(addr: SocketAddr, method: &str, path: &str, token: Option<&str>, headers: &[(&str, &str)], body: Option<&[u8]>) -> Response {
+pub fn request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    headers: &[(&str, &str)],
+    body: Option<&[u8]>,
+) -> Response {
     let mut s = TcpStream::connect(addr).expect("connect");
     s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
     let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
@@ -218,7 +243,10 @@ pub fn request(addr: SocketAddr, method: &str, path: &str, token: Option<&str>, 
     loop {
         if let Some(split) = raw.windows(4).position(|w| w == b"\r\n\r\n") {
             let head = String::from_utf8_lossy(&raw[..split]).to_ascii_lowercase();
-            let len = head.lines().find_map(|l| l.strip_prefix("content-length:")).and_then(|v| v.trim().parse::<usize>().ok());
+            let len = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .and_then(|v| v.trim().parse::<usize>().ok());
             if let Some(len) = len {
                 if raw.len() >= split + 4 + len {
                     break;
@@ -234,11 +262,17 @@ pub fn request(addr: SocketAddr, method: &str, path: &str, token: Option<&str>, 
 }
 
 fn parse_response(raw: &[u8]) -> Response {
-    let split = raw.windows(4).position(|w| w == b"\r\n\r\n").unwrap_or_else(|| panic!("no response head: {:?}", String::from_utf8_lossy(raw)));
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .unwrap_or_else(|| panic!("no response head: {:?}", String::from_utf8_lossy(raw)));
     let head = String::from_utf8_lossy(&raw[..split]).into_owned();
     let mut lines = head.lines();
     let status = lines.next().unwrap().split_whitespace().nth(1).unwrap().parse().unwrap();
-    let headers: Vec<(String, String)> = lines.filter_map(|l| l.split_once(':')).map(|(k, v)| (k.trim().to_string(), v.trim().to_string())).collect();
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        .collect();
     let mut body = raw[split + 4..].to_vec();
     if headers.iter().any(|(k, v)| k.eq_ignore_ascii_case("transfer-encoding") && v.contains("chunked")) {
         body = atelier_http::client::dechunk(&body);
@@ -333,7 +367,11 @@ impl Sse {
 /// unanswered); all streams stay open until every one has answered.
 pub fn open_streams_at_once(addr: SocketAddr, requests: &[(String, String)], timeout: Duration) -> Vec<u16> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("tokio runtime");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
     rt.block_on(async {
         let tasks: Vec<_> = requests
             .iter()
@@ -342,11 +380,17 @@ pub fn open_streams_at_once(addr: SocketAddr, requests: &[(String, String)], tim
                 tokio::spawn(async move {
                     let open = async {
                         let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
-                        let head = format!("GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\r\n");
+                        let head = format!(
+                            "GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\r\n"
+                        );
                         s.write_all(head.as_bytes()).await.ok()?;
                         let mut buf = [0u8; 64];
                         let n = s.read(&mut buf).await.ok()?;
-                        let status = String::from_utf8_lossy(&buf[..n]).split_whitespace().nth(1)?.parse::<u16>().ok()?;
+                        let status = String::from_utf8_lossy(&buf[..n])
+                            .split_whitespace()
+                            .nth(1)?
+                            .parse::<u16>()
+                            .ok()?;
                         Some((status, s))
                     };
                     tokio::time::timeout(timeout, open).await.ok().flatten()

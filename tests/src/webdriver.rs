@@ -59,7 +59,8 @@ impl Browser {
 
     fn call(&self, method: &str, path: &str, body: Option<Value>) -> Value {
         let bytes = body.map(|b| b.to_string().into_bytes());
-        let r = request(self.addr, method, path, None, &[("Content-Type", "application/json")], bytes.as_deref());
+        let r =
+            request(self.addr, method, path, None, &[("Content-Type", "application/json")], bytes.as_deref());
         let v: Value = serde_json::from_slice(&r.body).unwrap_or(Value::Null);
         if r.status >= 400 {
             panic!("webdriver {method} {path}: {} {}", r.status, r.text());
@@ -108,7 +109,9 @@ impl Browser {
 
     pub fn attr(&self, css: &str, name: &str) -> Option<String> {
         let id = self.find(css)?;
-        self.call("GET", &self.s(&format!("/element/{id}/attribute/{name}")), None).as_str().map(str::to_string)
+        self.call("GET", &self.s(&format!("/element/{id}/attribute/{name}")), None)
+            .as_str()
+            .map(str::to_string)
     }
 
     pub fn exists(&self, css: &str) -> bool {
@@ -134,7 +137,8 @@ impl Browser {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
-        let shot = crate::artifacts_dir().join(format!("timeout-{}.png", what.replace(|c: char| !c.is_alphanumeric(), "_")));
+        let shot = crate::artifacts_dir()
+            .join(format!("timeout-{}.png", what.replace(|c: char| !c.is_alphanumeric(), "_")));
         self.screenshot(&shot);
         panic!("timed out waiting for {what} (screenshot: {})", shot.display());
     }
@@ -142,7 +146,9 @@ impl Browser {
     pub fn screenshot(&self, path: &Path) {
         use base64::Engine as _;
         let b64 = self.call("GET", &self.s("/screenshot"), None);
-        if let Some(data) = b64.as_str().and_then(|s| base64::engine::general_purpose::STANDARD.decode(s).ok()) {
+        if let Some(data) =
+            b64.as_str().and_then(|s| base64::engine::general_purpose::STANDARD.decode(s).ok())
+        {
             let _ = std::fs::write(path, data);
         }
     }

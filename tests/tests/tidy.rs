@@ -49,7 +49,9 @@ fn every_module_says_why_it_exists_and_no_debug_leftovers() {
         if !first.starts_with("//!") {
             problems.push(format!("{}: does not start with a //! comment", f.display()));
         }
-        for (needle, what) in [("dbg!(", "dbg!"), ("#[ignore", "#[ignore]"), ("FIXME", "FIXME"), ("todo!(", "todo!")] {
+        for (needle, what) in
+            [("dbg!(", "dbg!"), ("#[ignore", "#[ignore]"), ("FIXME", "FIXME"), ("todo!(", "todo!")]
+        {
             // Split so this file does not flag itself.
             if text.contains(needle) && !f.ends_with("tidy.rs") {
                 problems.push(format!("{}: contains {what}", f.display()));

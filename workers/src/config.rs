@@ -41,8 +41,14 @@ pub enum Builtin {
 }
 
 impl Builtin {
-    pub const ALL: [Builtin; 6] =
-        [Builtin::Noop, Builtin::Ideas, Builtin::RenderImage, Builtin::ArtifactStore, Builtin::Product, Builtin::Fail];
+    pub const ALL: [Builtin; 6] = [
+        Builtin::Noop,
+        Builtin::Ideas,
+        Builtin::RenderImage,
+        Builtin::ArtifactStore,
+        Builtin::Product,
+        Builtin::Fail,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -162,10 +168,7 @@ impl PipelineConfig {
     }
 
     pub fn commission() -> PipelineConfig {
-        PipelineConfig::builtin(
-            "commission",
-            Stage::ALL.map(|s| StageSpec::Builtin(Builtin::default_for(s))),
-        )
+        PipelineConfig::builtin("commission", Stage::ALL.map(|s| StageSpec::Builtin(Builtin::default_for(s))))
     }
 }
 
@@ -254,11 +257,19 @@ impl Default for WorkersConfig {
 pub enum ConfigError {
     /// The file is not valid TOML.
     Syntax(String),
-    UnknownKey { key: String },
+    UnknownKey {
+        key: String,
+    },
     /// `key` has the wrong type or an unusable value.
-    Invalid { key: String, reason: String },
+    Invalid {
+        key: String,
+        reason: String,
+    },
     /// One of the above, for a key set on this line (1-based) of the config file.
-    AtLine { line: usize, error: Box<ConfigError> },
+    AtLine {
+        line: usize,
+        error: Box<ConfigError>,
+    },
 }
 
 impl std::fmt::Display for ConfigError {
@@ -374,13 +385,17 @@ impl WorkersConfig {
     /// How long a finished job's dir (and its logs) is kept; `None` (0 days): for good, and
     /// no sweep runs. The one reading of `job_dirs_keep_days`, for the sweep and for the API.
     pub fn job_dirs_keep(&self) -> Option<std::time::Duration> {
-        (self.job_dirs_keep_days > 0).then(|| std::time::Duration::from_secs(self.job_dirs_keep_days.saturating_mul(SECONDS_PER_DAY)))
+        (self.job_dirs_keep_days > 0)
+            .then(|| std::time::Duration::from_secs(self.job_dirs_keep_days.saturating_mul(SECONDS_PER_DAY)))
     }
 
     /// `toml_text`: the whole atelier.toml if present (its `[workers]` and `[pipelines.NAME]`
     /// tables are read, other tables are left to their owners); `env`: looks up environment
     /// variables, which win over the file.
-    pub fn load(toml_text: Option<&str>, env: &dyn Fn(&str) -> Option<String>) -> Result<WorkersConfig, ConfigError> {
+    pub fn load(
+        toml_text: Option<&str>,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<WorkersConfig, ConfigError> {
         WorkersConfig::load_unlocated(toml_text, env).map_err(|error| {
             let key = match &error {
                 ConfigError::UnknownKey { key } | ConfigError::Invalid { key, .. } => key,
@@ -393,7 +408,10 @@ impl WorkersConfig {
         })
     }
 
-    fn load_unlocated(toml_text: Option<&str>, env: &dyn Fn(&str) -> Option<String>) -> Result<WorkersConfig, ConfigError> {
+    fn load_unlocated(
+        toml_text: Option<&str>,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<WorkersConfig, ConfigError> {
         let doc: toml::Table = match toml_text {
             Some(text) => text.parse().map_err(|e: toml::de::Error| ConfigError::Syntax(e.to_string()))?,
             None => toml::Table::new(),
@@ -451,33 +469,45 @@ impl WorkersConfig {
             "keep_task_runner" => self.keep_task_runner = raw.bool(name)?,
             "auto_rollback" => self.auto_rollback = raw.bool(name)?,
             "job_controller_priority" => {
-                self.job_controller_priority = i32::try_from(raw.int(name, -1000, 1000)?).expect("invariant: in range")
+                self.job_controller_priority =
+                    i32::try_from(raw.int(name, -1000, 1000)?).expect("invariant: in range")
             }
             "task_runner_priority" => {
-                self.task_runner_priority = i32::try_from(raw.int(name, -1000, 1000)?).expect("invariant: in range")
+                self.task_runner_priority =
+                    i32::try_from(raw.int(name, -1000, 1000)?).expect("invariant: in range")
             }
             "max_concurrent_jobs" => {
                 let max = i64::try_from(MAX_CONCURRENT_JOBS_MAX).expect("invariant: small");
-                self.max_concurrent_jobs = usize::try_from(raw.int(name, 1, max)?).expect("invariant: in range")
+                self.max_concurrent_jobs =
+                    usize::try_from(raw.int(name, 1, max)?).expect("invariant: in range")
             }
-            "progress_update_interval_seconds" => self.progress_update_interval_ms = raw.seconds_ms(name, 3600)?,
+            "progress_update_interval_seconds" => {
+                self.progress_update_interval_ms = raw.seconds_ms(name, 3600)?
+            }
             "job_controller_rollout_percent" => {
-                self.job_controller_rollout_percent = u8::try_from(raw.int(name, 0, 100)?).expect("invariant: in range")
+                self.job_controller_rollout_percent =
+                    u8::try_from(raw.int(name, 0, 100)?).expect("invariant: in range")
             }
             "rollback_failure_rate_percent" => {
-                self.rollback_failure_rate_percent = u8::try_from(raw.int(name, 0, 100)?).expect("invariant: in range")
+                self.rollback_failure_rate_percent =
+                    u8::try_from(raw.int(name, 0, 100)?).expect("invariant: in range")
             }
             "rollback_window_jobs" => {
-                self.rollback_window_jobs = u32::try_from(raw.int(name, 1, 100_000)?).expect("invariant: in range")
+                self.rollback_window_jobs =
+                    u32::try_from(raw.int(name, 1, 100_000)?).expect("invariant: in range")
             }
             "rollback_min_jobs" => {
-                self.rollback_min_jobs = u32::try_from(raw.int(name, 1, 100_000)?).expect("invariant: in range")
+                self.rollback_min_jobs =
+                    u32::try_from(raw.int(name, 1, 100_000)?).expect("invariant: in range")
             }
             "rollback_cooldown_ms" => self.rollback_cooldown_ms = to_u64(raw.int(name, 0, 86_400_000)?),
             "rollback_slowdown_percent" => {
                 let v = u32::try_from(raw.int(name, 0, 10_000)?).expect("invariant: in range");
                 if v != 0 && v < 100 {
-                    return Err(invalid(name, format!("{v} is below 100 (the task runner's own speed); 0 turns it off")));
+                    return Err(invalid(
+                        name,
+                        format!("{v} is below 100 (the task runner's own speed); 0 turns it off"),
+                    ));
                 }
                 self.rollback_slowdown_percent = v;
             }
@@ -613,7 +643,8 @@ fn parse_pipeline(name: &str, value: &toml::Value) -> Result<PipelineConfig, Con
         };
         for (stage_name, spec) in stages {
             let skey = format!("{key}.{stage_name}");
-            let stage = Stage::parse(stage_name).ok_or_else(|| ConfigError::UnknownKey { key: skey.clone() })?;
+            let stage =
+                Stage::parse(stage_name).ok_or_else(|| ConfigError::UnknownKey { key: skey.clone() })?;
             p.stages[stage.index()] = parse_stage(&skey, spec)?;
         }
     }
@@ -676,9 +707,15 @@ mod tests {
 
     #[test]
     fn job_dirs_are_kept_for_the_days_configured_and_zero_keeps_them_for_good() {
-        assert_eq!(WorkersConfig::default().job_dirs_keep(), Some(std::time::Duration::from_secs(7 * 86_400)));
+        assert_eq!(
+            WorkersConfig::default().job_dirs_keep(),
+            Some(std::time::Duration::from_secs(7 * 86_400))
+        );
         assert_eq!(load("[workers]\njob_dirs_keep_days = 0\n", &[]).unwrap().job_dirs_keep(), None);
-        assert_eq!(load("", &[("JOB_DIRS_KEEP_DAYS", "2")]).unwrap().job_dirs_keep(), Some(std::time::Duration::from_secs(2 * 86_400)));
+        assert_eq!(
+            load("", &[("JOB_DIRS_KEEP_DAYS", "2")]).unwrap().job_dirs_keep(),
+            Some(std::time::Duration::from_secs(2 * 86_400))
+        );
     }
 
     #[test]
@@ -696,7 +733,8 @@ mod tests {
         let text = "[server]\nport = 1\n[workers]\nmax_concurrent_jobs = 5\nprogress_update_interval_seconds = 0.25\n";
         let cfg = load(text, &[]).expect("loads");
         assert_eq!((cfg.max_concurrent_jobs, cfg.progress_update_interval_ms), (5, 250));
-        let cfg = load(text, &[("MAX_CONCURRENT_JOBS", "7"), ("ATELIER_PROGRESS_UPDATE_INTERVAL", "0")]).expect("loads");
+        let cfg = load(text, &[("MAX_CONCURRENT_JOBS", "7"), ("ATELIER_PROGRESS_UPDATE_INTERVAL", "0")])
+            .expect("loads");
         assert_eq!((cfg.max_concurrent_jobs, cfg.progress_update_interval_ms), (7, 0));
     }
 
@@ -726,13 +764,25 @@ stages.uploading = { builtin = "artifact_store" }
             ("[workers]\nmax_concurrent_jobs = 0", &[], "workers.max_concurrent_jobs"),
             ("", &[("MAX_CONCURRENT_JOBS", "lots")], "MAX_CONCURRENT_JOBS"),
             ("[pipelines.a]\nstages.painting = { builtin = \"noop\" }", &[], "pipelines.a.stages.painting"),
-            ("[pipelines.a]\nstages.uploading = { builtin = \"ftp\" }", &[], "pipelines.a.stages.uploading.builtin"),
+            (
+                "[pipelines.a]\nstages.uploading = { builtin = \"ftp\" }",
+                &[],
+                "pipelines.a.stages.uploading.builtin",
+            ),
             ("[pipelines.a]\nstages.uploading = { }", &[], "pipelines.a.stages.uploading.command"),
-            ("[pipelines.a]\nstages.uploading = { command = [] }", &[], "pipelines.a.stages.uploading.command"),
+            (
+                "[pipelines.a]\nstages.uploading = { command = [] }",
+                &[],
+                "pipelines.a.stages.uploading.command",
+            ),
             ("[pipelines.a]\nmemory_mb = 1", &[], "pipelines.a.memory_mb"),
             ("[pipelines.a]\ncpu_seconds = 999999999", &[], "pipelines.a.cpu_seconds"),
             ("[pipelines.a]\ncolour = 1", &[], "pipelines.a.colour"),
-            ("[workers]\nuse_job_controller = false\nkeep_task_runner = false", &[], "workers.keep_task_runner"),
+            (
+                "[workers]\nuse_job_controller = false\nkeep_task_runner = false",
+                &[],
+                "workers.keep_task_runner",
+            ),
             ("[workers]\nrollback_slowdown_percent = 50", &[], "workers.rollback_slowdown_percent"),
             ("", &[("ROLLBACK_SLOWDOWN_PERCENT", "99")], "ROLLBACK_SLOWDOWN_PERCENT"),
         ];

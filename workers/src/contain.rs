@@ -111,7 +111,11 @@ pub fn sweep() -> Vec<u32> {
         let running = state != 'Z';
         if running {
             let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
-            tracing::warn!(pid, command = comm.trim(), "ending a process that outlived its job (it had left the job's process group)");
+            tracing::warn!(
+                pid,
+                command = comm.trim(),
+                "ending a process that outlived its job (it had left the job's process group)"
+            );
             // Still our child and not known, so the pid cannot have been reused meanwhile.
             let _ = kill(Pid::from_raw(raw), Signal::SIGKILL);
             escaped.push(pid);

@@ -19,7 +19,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use atelier_engine::time::Millis;
-use atelier_engine::{Command, Commission, EventKind, Event, Executor, JobStatus, Rejection, State};
+use atelier_engine::{Command, Commission, Event, EventKind, Executor, JobStatus, Rejection, State};
 use atelier_storage::{execute, EventStore, Filter, StorageError, Subscription, SubscriptionEnd};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 
@@ -106,7 +106,8 @@ pub(crate) enum RollbackReason {
 }
 
 impl RollbackReason {
-    pub(crate) const ALL: [RollbackReason; 3] = [RollbackReason::FailureRate, RollbackReason::Slow, RollbackReason::SpawnFailed];
+    pub(crate) const ALL: [RollbackReason; 3] =
+        [RollbackReason::FailureRate, RollbackReason::Slow, RollbackReason::SpawnFailed];
 
     pub(crate) fn as_str(self) -> &'static str {
         match self {
@@ -137,7 +138,12 @@ fn median(v: &VecDeque<Duration>) -> Option<Duration> {
 
 impl Router {
     fn new(metrics: Arc<Metrics>) -> Router {
-        Router { window: VecDeque::new(), took: [VecDeque::new(), VecDeque::new()], rollback_until: None, metrics }
+        Router {
+            window: VecDeque::new(),
+            took: [VecDeque::new(), VecDeque::new()],
+            rollback_until: None,
+            metrics,
+        }
     }
 
     fn rollback_active(&mut self, cfg: &WorkersConfig, now: Instant) -> bool {
@@ -158,7 +164,8 @@ impl Router {
     pub(crate) fn route(&mut self, cfg: &WorkersConfig, commission_id: u64, now: Instant) -> Executor {
         let rolled_back = self.rollback_active(cfg, now);
         let in_rollout = cfg.job_controller_rollout_percent >= 100
-            || atelier_engine::retry::splitmix64(commission_id) % 100 < u64::from(cfg.job_controller_rollout_percent);
+            || atelier_engine::retry::splitmix64(commission_id) % 100
+                < u64::from(cfg.job_controller_rollout_percent);
         let controller = cfg.use_job_controller && !rolled_back && in_rollout;
         match (controller, cfg.keep_task_runner) {
             (true, true) if cfg.task_runner_priority > cfg.job_controller_priority => Executor::TaskRunner,
@@ -174,7 +181,12 @@ impl Router {
             return;
         }
         if self.rollback_until.is_none() {
-            tracing::warn!(reason = reason.as_str(), why, cooldown_ms = cfg.rollback_cooldown_ms, "rolling back to the task runner");
+            tracing::warn!(
+                reason = reason.as_str(),
+                why,
+                cooldown_ms = cfg.rollback_cooldown_ms,
+                "rolling back to the task runner"
+            );
             self.metrics.rolled_back(reason);
         }
         self.rollback_until = Some(now + Duration::from_millis(cfg.rollback_cooldown_ms));
@@ -184,7 +196,13 @@ impl Router {
 
     /// A controller job ended: `infra_failure` if the controller's own machinery failed it,
     /// `took` its wall time if it succeeded.
-    pub(crate) fn record(&mut self, cfg: &WorkersConfig, infra_failure: bool, took: Option<Duration>, now: Instant) {
+    pub(crate) fn record(
+        &mut self,
+        cfg: &WorkersConfig,
+        infra_failure: bool,
+        took: Option<Duration>,
+        now: Instant,
+    ) {
         let window_max = usize::try_from(cfg.rollback_window_jobs).unwrap_or(usize::MAX);
         self.window.push_back(infra_failure);
         while self.window.len() > window_max {
@@ -192,8 +210,15 @@ impl Router {
         }
         let n = self.window.len() as u64;
         let failed = self.window.iter().filter(|f| **f).count() as u64;
-        if n >= u64::from(cfg.rollback_min_jobs) && failed * 100 > u64::from(cfg.rollback_failure_rate_percent) * n {
-            self.trip(cfg, now, RollbackReason::FailureRate, &format!("{failed} of the last {n} controller jobs failed"));
+        if n >= u64::from(cfg.rollback_min_jobs)
+            && failed * 100 > u64::from(cfg.rollback_failure_rate_percent) * n
+        {
+            self.trip(
+                cfg,
+                now,
+                RollbackReason::FailureRate,
+                &format!("{failed} of the last {n} controller jobs failed"),
+            );
             return;
         }
         if let Some(took) = took {
@@ -202,7 +227,13 @@ impl Router {
     }
 
     /// A job succeeded in `took`; judges the controller's speed against the task runner's.
-    pub(crate) fn record_took(&mut self, cfg: &WorkersConfig, executor: Executor, took: Duration, now: Instant) {
+    pub(crate) fn record_took(
+        &mut self,
+        cfg: &WorkersConfig,
+        executor: Executor,
+        took: Duration,
+        now: Instant,
+    ) {
         let window_max = usize::try_from(cfg.rollback_window_jobs).unwrap_or(usize::MAX);
         let times = &mut self.took[idx(executor)];
         times.push_back(took);
@@ -280,7 +311,14 @@ impl Shared {
     }
 
     /// Starts the attempt with no process (spawn failed or nothing to spawn) and fails it.
-    pub(crate) fn fail_unstarted(&self, c: &Commission, job_id: u64, executor: Executor, error: String, retryable: bool) {
+    pub(crate) fn fail_unstarted(
+        &self,
+        c: &Commission,
+        job_id: u64,
+        executor: Executor,
+        error: String,
+        retryable: bool,
+    ) {
         let start = Command::StartJob { job_id, executor, job_name: c.pipeline.clone(), pid: None };
         match execute(&*self.store, c.id, start, &ctx(self.config.retry)) {
             Ok(Ok(_)) => {}
@@ -296,18 +334,32 @@ impl Shared {
         let end = job_end(job_id, JobStatus::Failed, Some(error.clone()));
         self.metrics.job_started(executor);
         self.metrics.job_finished(executor, "not_started", Duration::ZERO);
-        record_finish(&*self.store, self.config.retry, c.id, executor, Vec::new(), Finish::Fail { error, retryable, end });
+        record_finish(
+            &*self.store,
+            self.config.retry,
+            c.id,
+            executor,
+            Vec::new(),
+            Finish::Fail { error, retryable, end },
+        );
     }
 }
 
 /// Messages to the scheduler thread.
 enum SchedMsg {
-    Event { commission_id: u64, kind: EventKind, next_retry_at: Option<Millis> },
+    Event {
+        commission_id: u64,
+        kind: EventKind,
+        next_retry_at: Option<Millis>,
+    },
     /// Look at every live commission again (at start, and after the feed lost events).
     Rescan,
     /// A job's code is done; `panicked`: it ended in a panic (a bug), so its end may not be
     /// on record.
-    JobDone { commission_id: u64, panicked: bool },
+    JobDone {
+        commission_id: u64,
+        panicked: bool,
+    },
     Shutdown,
 }
 
@@ -375,7 +427,9 @@ impl Scheduler {
     fn handle(&mut self, msg: SchedMsg) {
         match msg {
             SchedMsg::Event { commission_id, kind, next_retry_at } => match kind {
-                EventKind::Created | EventKind::RetryDue | EventKind::RetryRequested => self.consider(commission_id),
+                EventKind::Created | EventKind::RetryDue | EventKind::RetryRequested => {
+                    self.consider(commission_id)
+                }
                 EventKind::AttemptFailed => {
                     if let Some(t) = next_retry_at {
                         self.add_timer((t, commission_id, TimerKind::RetryDue));
@@ -412,19 +466,26 @@ impl Scheduler {
                 if panicked && !self.shared.stopping.load(Ordering::Acquire) {
                     match self.shared.store.commission(commission_id) {
                         Ok(Some(c)) if c.state.is_running() && c.active_job.is_some() => {
-                            fail_lost_job(&self.shared, &c, "the server lost track of the job (an internal error)");
+                            fail_lost_job(
+                                &self.shared,
+                                &c,
+                                "the server lost track of the job (an internal error)",
+                            );
                         }
                         // It panicked before the job started: an attempt that fails (with
                         // backoff, counted), not an instant retry in a loop.
                         Ok(Some(c)) if Some(c.attempt) == attempt_at_start && !c.state.is_terminal() => {
                             let executor = Executor::JobController;
                             if let Some((job_id, _)) = self.shared.begin_job(&c, executor) {
-                                let error = "the server failed to start the job (an internal error)".to_string();
+                                let error =
+                                    "the server failed to start the job (an internal error)".to_string();
                                 self.shared.fail_unstarted(&c, job_id, executor, error, true);
                             }
                         }
                         Ok(_) => {}
-                        Err(e) => tracing::error!(commission = commission_id, error = %e, "cannot check the finished job's commission"),
+                        Err(e) => {
+                            tracing::error!(commission = commission_id, error = %e, "cannot check the finished job's commission")
+                        }
                     }
                 }
                 // A retry that became due while the job was still winding down.
@@ -486,7 +547,8 @@ impl Scheduler {
             match kind {
                 TimerKind::Scheduled => self.consider(id),
                 TimerKind::RetryDue => {
-                    match execute(&*self.shared.store, id, Command::RetryDue, &ctx(self.shared.config.retry)) {
+                    match execute(&*self.shared.store, id, Command::RetryDue, &ctx(self.shared.config.retry))
+                    {
                         // The RetryDue event comes back through the feed and queues it.
                         Ok(Ok(_)) => {}
                         Ok(Err(Rejection::RetryNotDue { next_retry_at })) => {
@@ -501,7 +563,9 @@ impl Scheduler {
     }
 
     fn dispatch(&mut self) {
-        while self.running.len() < self.shared.config.max_concurrent_jobs && !self.shared.stopping.load(Ordering::Acquire) {
+        while self.running.len() < self.shared.config.max_concurrent_jobs
+            && !self.shared.stopping.load(Ordering::Acquire)
+        {
             let Some((Reverse(p), id)) = self.queue.pop_first() else { break };
             let ready = Instant::now();
             self.queued.remove(&id);
@@ -571,7 +635,8 @@ impl Scheduler {
         for r in self.running.values() {
             r.signal.raise(Request::Shutdown);
         }
-        let deadline = Instant::now() + Duration::from_millis(self.shared.config.kill_grace_ms + SHUTDOWN_SLACK_MS);
+        let deadline =
+            Instant::now() + Duration::from_millis(self.shared.config.kill_grace_ms + SHUTDOWN_SLACK_MS);
         while !self.running.is_empty() {
             let left = deadline.saturating_duration_since(Instant::now());
             match self.rx.recv_timeout(left) {
@@ -613,7 +678,11 @@ fn feed_loop(shared: Arc<Shared>, mut sub: Subscription, tx: Sender<SchedMsg>) {
                         | EventKind::AttemptFailed
                         | EventKind::CancelRequested
                 ) || kind.is_terminal();
-                if wanted && tx.send(SchedMsg::Event { commission_id: d.env.commission_id, kind, next_retry_at }).is_err() {
+                if wanted
+                    && tx
+                        .send(SchedMsg::Event { commission_id: d.env.commission_id, kind, next_retry_at })
+                        .is_err()
+                {
                     return;
                 }
             }
@@ -671,7 +740,12 @@ fn fail_lost_job(shared: &Shared, c: &Commission, error: &str) {
         _ => Executor::JobController,
     };
     let end = job_end(job_id, JobStatus::Killed, Some(error.to_string()));
-    tracing::warn!(commission = c.id, job = job_id, reason = error, "a job without a thread; failing the attempt");
+    tracing::warn!(
+        commission = c.id,
+        job = job_id,
+        reason = error,
+        "a job without a thread; failing the attempt"
+    );
     let fail = Finish::Fail { error: error.to_string(), retryable: true, end };
     record_finish(&*shared.store, shared.config.retry, c.id, executor, Vec::new(), fail);
 }
@@ -713,7 +787,13 @@ fn attempt_memory_mb(store: &dyn EventStore, commission_id: u64, p: &PipelineCon
     mb
 }
 
-fn worker_env(shared: &Shared, p: &PipelineConfig, c: &Commission, job_id: u64, dir: &Path) -> Vec<(String, String)> {
+fn worker_env(
+    shared: &Shared,
+    p: &PipelineConfig,
+    c: &Commission,
+    job_id: u64,
+    dir: &Path,
+) -> Vec<(String, String)> {
     let mut env = vec![(
         "PATH".to_string(),
         std::env::var("PATH").ok().filter(|p| !p.is_empty()).unwrap_or_else(|| DEFAULT_PATH.to_string()),
@@ -741,7 +821,13 @@ fn worker_env(shared: &Shared, p: &PipelineConfig, c: &Commission, job_id: u64, 
 pub(crate) fn job_input(shared: &Shared, c: &Commission, job_id: u64) -> Result<(PathBuf, JobInput), String> {
     let dir = job_dir(&shared.data_dir, job_id);
     let context = serde_json::from_str(&c.context).map_err(|e| format!("bad context: {e}"))?;
-    let input = JobInput { commission_id: c.id, job_id, attempt: c.attempt + 1, pipeline: c.pipeline.clone(), context };
+    let input = JobInput {
+        commission_id: c.id,
+        job_id,
+        attempt: c.attempt + 1,
+        pipeline: c.pipeline.clone(),
+        context,
+    };
     Ok((dir, input))
 }
 
@@ -799,7 +885,8 @@ fn run_process_job(shared: &Shared, c: Commission, signal: &JobSignal, ready: In
     let _commission = commission_span(&c).entered();
     let Some((job_id, p)) = shared.begin_job(&c, executor) else { return };
     let _job = job_span(job_id, executor).entered();
-    let prepared = job_input(shared, &c, job_id).and_then(|(dir, input)| Ok((dir, input, pipeline_file(shared, &p, job_id)?)));
+    let prepared = job_input(shared, &c, job_id)
+        .and_then(|(dir, input)| Ok((dir, input, pipeline_file(shared, &p, job_id)?)));
     let (dir, input, spec_file) = match prepared {
         Ok(v) => v,
         Err(e) => {
@@ -831,7 +918,12 @@ fn run_process_job(shared: &Shared, c: Commission, signal: &JobSignal, ready: In
     };
     shared.metrics.spawned(spawn_started.elapsed());
     shared.metrics.picked_up(ready.elapsed());
-    tracing::debug!(commission = c.id, job = job_id, spawn_us = spawn_started.elapsed().as_micros(), "spawned");
+    tracing::debug!(
+        commission = c.id,
+        job = job_id,
+        spawn_us = spawn_started.elapsed().as_micros(),
+        "spawned"
+    );
     let pid = child.id();
     let start = Command::StartJob { job_id, executor, job_name: p.name.clone(), pid: Some(pid) };
     let rejected = match execute(&*shared.store, c.id, start, &ctx(shared.config.retry)) {
@@ -871,7 +963,8 @@ fn run_process_job(shared: &Shared, c: Commission, signal: &JobSignal, ready: In
     let ended = process::watch(watched, &mut session, signal, &applied);
     let took = started.elapsed();
     let succeeded = matches!(ended.finish, Finish::Complete { .. });
-    shared.with_router(|r, cfg| r.record(cfg, ended.infra_failure, succeeded.then_some(took), Instant::now()));
+    shared
+        .with_router(|r, cfg| r.record(cfg, ended.infra_failure, succeeded.then_some(took), Instant::now()));
     shared.metrics.job_finished(executor, ended.finish.outcome(), took);
     if let Some(bytes) = ended.finish.max_rss_bytes() {
         shared.metrics.worker_max_rss(bytes);
@@ -879,7 +972,13 @@ fn run_process_job(shared: &Shared, c: Commission, signal: &JobSignal, ready: In
     record_finish(&*shared.store, shared.config.retry, c.id, executor, session.take_batch(), ended.finish);
 }
 
-type SpawnedWorker = (std::process::Child, crate::contain::Known, std::os::fd::OwnedFd, std::os::fd::OwnedFd, std::os::fd::OwnedFd);
+type SpawnedWorker = (
+    std::process::Child,
+    crate::contain::Known,
+    std::os::fd::OwnedFd,
+    std::os::fd::OwnedFd,
+    std::os::fd::OwnedFd,
+);
 
 /// Spawns the worker of `input.job_id` (through the spawner thread).
 fn spawn_worker(
@@ -968,7 +1067,11 @@ pub struct Controller {
 
 /// `ATELIER_BALLAST_MB` MiB, every page written so it is resident.
 fn ballast_from_env() -> Vec<u8> {
-    let mb = std::env::var(BALLAST_ENV).ok().and_then(|v| v.trim().parse::<usize>().ok()).unwrap_or(0).min(BALLAST_MB_MAX);
+    let mb = std::env::var(BALLAST_ENV)
+        .ok()
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .unwrap_or(0)
+        .min(BALLAST_MB_MAX);
     if mb > 0 {
         tracing::warn!(mb, "holding ballast memory ({BALLAST_ENV}); for benchmarks only");
     }
@@ -979,7 +1082,12 @@ impl Controller {
     /// Starts the executors. `exe` is the path of the atelier binary (for the worker
     /// processes), `data_dir` the server's data dir (job working dirs go to
     /// `data_dir/jobs/{job_id}/`, artifacts to `data_dir/artifacts/{sha256hex}.png`).
-    pub fn start(store: Arc<dyn EventStore>, config: WorkersConfig, data_dir: PathBuf, exe: PathBuf) -> Result<Controller, WorkersError> {
+    pub fn start(
+        store: Arc<dyn EventStore>,
+        config: WorkersConfig,
+        data_dir: PathBuf,
+        exe: PathBuf,
+    ) -> Result<Controller, WorkersError> {
         // Workers run in their job dir: every path handed to them must not depend on our cwd.
         let data_dir = std::path::absolute(&data_dir).map_err(io_err("resolve the data dir"))?;
         let exe = std::path::absolute(&exe).map_err(io_err("resolve the executable path"))?;
@@ -1013,11 +1121,15 @@ impl Controller {
         reconcile(&shared)?;
         let mut threads = Vec::new();
         let spawn = |name: &str, f: Box<dyn FnOnce() + Send>| {
-            std::thread::Builder::new().name(name.to_string()).spawn(f).map_err(io_err(format!("start thread {name}")))
+            std::thread::Builder::new()
+                .name(name.to_string())
+                .spawn(f)
+                .map_err(io_err(format!("start thread {name}")))
         };
         threads.push(spawn("atelier-spawner", Box::new(move || process::spawner_loop(exe, spawn_rx)))?);
         let (sched_tx, sched_rx) = crossbeam_channel::unbounded();
-        let pool = task_runner::Pool::start(shared.clone(), shared.config.max_concurrent_jobs).map_err(io_err("start the task runner"))?;
+        let pool = task_runner::Pool::start(shared.clone(), shared.config.max_concurrent_jobs)
+            .map_err(io_err("start the task runner"))?;
         let scheduler = Scheduler {
             shared: shared.clone(),
             rx: sched_rx,
@@ -1038,7 +1150,8 @@ impl Controller {
             Some(keep) => {
                 let (stop_tx, stop_rx) = crossbeam_channel::bounded::<()>(0);
                 let (store, dir) = (shared.store.clone(), shared.data_dir.clone());
-                let handle = spawn("atelier-janitor", Box::new(move || janitor_loop(&*store, &dir, keep, &stop_rx)))?;
+                let handle =
+                    spawn("atelier-janitor", Box::new(move || janitor_loop(&*store, &dir, keep, &stop_rx)))?;
                 Some((stop_tx, handle))
             }
         };
@@ -1096,7 +1209,8 @@ impl Controller {
         }
         let _ = self.sched_tx.send(SchedMsg::Shutdown);
         // The scheduler stops its jobs before it returns; then nothing spawns any more.
-        let threads: Vec<JoinHandle<()>> = self.threads.lock().map(|mut t| t.drain(..).collect()).unwrap_or_default();
+        let threads: Vec<JoinHandle<()>> =
+            self.threads.lock().map(|mut t| t.drain(..).collect()).unwrap_or_default();
         let mut rest = Vec::new();
         for t in threads {
             if t.thread().name() == Some("atelier-scheduler") {
@@ -1125,7 +1239,8 @@ impl Controller {
 /// Ends escaped processes every [`contain::SWEEP_INTERVAL`], and once more when stopped.
 fn reaper_loop(metrics: &Metrics, stop: &Receiver<()>) {
     loop {
-        let stopped = matches!(stop.recv_timeout(crate::contain::SWEEP_INTERVAL), Err(RecvTimeoutError::Disconnected));
+        let stopped =
+            matches!(stop.recv_timeout(crate::contain::SWEEP_INTERVAL), Err(RecvTimeoutError::Disconnected));
         let ended = crate::contain::sweep();
         metrics.escapees_ended.fetch_add(ended.len() as u64, Ordering::Relaxed);
         if stopped {
@@ -1139,7 +1254,11 @@ fn reaper_loop(metrics: &Metrics, stop: &Receiver<()>) {
 fn janitor_loop(store: &dyn EventStore, data_dir: &Path, keep: Duration, stop: &Receiver<()>) {
     loop {
         match crate::janitor::sweep(store, data_dir, keep, now_ms()) {
-            Ok(s) if s.removed > 0 => tracing::info!(removed = s.removed, kept = s.kept, "removed the dirs of jobs that ended long ago"),
+            Ok(s) if s.removed > 0 => tracing::info!(
+                removed = s.removed,
+                kept = s.kept,
+                "removed the dirs of jobs that ended long ago"
+            ),
             Ok(_) => {}
             Err(e) => tracing::error!(error = %e, "job dir sweep failed; trying again later"),
         }
@@ -1166,7 +1285,12 @@ mod tests {
     use super::*;
 
     fn cfg() -> WorkersConfig {
-        WorkersConfig { rollback_min_jobs: 4, rollback_window_jobs: 10, rollback_cooldown_ms: 1_000, ..WorkersConfig::default() }
+        WorkersConfig {
+            rollback_min_jobs: 4,
+            rollback_window_jobs: 10,
+            rollback_cooldown_ms: 1_000,
+            ..WorkersConfig::default()
+        }
     }
 
     const MS: Duration = Duration::from_millis(1);
@@ -1217,7 +1341,11 @@ mod tests {
                 r.record_took(&cfg, Executor::TaskRunner, 66 * MS, t0);
                 r.record(&cfg, false, Some(controller_ms * MS), t0);
             }
-            assert_eq!(r.route(&cfg, 1, t0) == Executor::TaskRunner, rolled_back, "{percent}% with {controller_ms} ms");
+            assert_eq!(
+                r.route(&cfg, 1, t0) == Executor::TaskRunner,
+                rolled_back,
+                "{percent}% with {controller_ms} ms"
+            );
         }
     }
 
@@ -1229,7 +1357,10 @@ mod tests {
         assert_eq!(r.route(&cfg, 1, t0), Executor::TaskRunner);
         assert_eq!(r.metrics.rollbacks(), [0, 0, 1]);
         // Without a task runner, or with rollback off, the controller keeps the work.
-        for cfg in [WorkersConfig { keep_task_runner: false, ..cfg.clone() }, WorkersConfig { auto_rollback: false, ..cfg.clone() }] {
+        for cfg in [
+            WorkersConfig { keep_task_runner: false, ..cfg.clone() },
+            WorkersConfig { auto_rollback: false, ..cfg.clone() },
+        ] {
             let mut r = Router::new(Arc::default());
             r.spawn_failed(&cfg, t0);
             assert_eq!(r.route(&cfg, 1, t0), Executor::JobController);
@@ -1242,13 +1373,19 @@ mod tests {
         let t0 = Instant::now();
         let cfg = WorkersConfig { job_controller_rollout_percent: 30, ..cfg() };
         let mut r = Router::new(Arc::default());
-        let to_controller: Vec<u64> = (1..=10_000).filter(|id| r.route(&cfg, *id, t0) == Executor::JobController).collect();
+        let to_controller: Vec<u64> =
+            (1..=10_000).filter(|id| r.route(&cfg, *id, t0) == Executor::JobController).collect();
         assert!((2_700..=3_300).contains(&to_controller.len()), "{} of 10,000", to_controller.len());
-        let again: Vec<u64> = (1..=10_000).filter(|id| r.route(&cfg, *id, t0) == Executor::JobController).collect();
+        let again: Vec<u64> =
+            (1..=10_000).filter(|id| r.route(&cfg, *id, t0) == Executor::JobController).collect();
         assert_eq!(to_controller, again, "the same commissions every time");
 
         let runner_first = WorkersConfig { task_runner_priority: 20, ..self::cfg() };
-        assert_eq!(r.route(&runner_first, 1, t0), Executor::TaskRunner, "the higher priority takes work first");
+        assert_eq!(
+            r.route(&runner_first, 1, t0),
+            Executor::TaskRunner,
+            "the higher priority takes work first"
+        );
         let no_controller = WorkersConfig { use_job_controller: false, ..self::cfg() };
         assert_eq!(r.route(&no_controller, 1, t0), Executor::TaskRunner);
     }

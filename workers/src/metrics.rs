@@ -169,11 +169,20 @@ impl Metrics {
         }
         out.push_str("# HELP atelier_jobs_finished_total Jobs finished, by executor and outcome.\n# TYPE atelier_jobs_finished_total counter\n");
         for ((i, outcome), n) in &g.finished {
-            let _ = writeln!(out, "atelier_jobs_finished_total{{{},outcome=\"{outcome}\"}} {n}", l(EXECUTORS[*i]));
+            let _ = writeln!(
+                out,
+                "atelier_jobs_finished_total{{{},outcome=\"{outcome}\"}} {n}",
+                l(EXECUTORS[*i])
+            );
         }
         out.push_str("# HELP atelier_job_duration_seconds Wall time of finished jobs.\n# TYPE atelier_job_duration_seconds histogram\n");
         for e in EXECUTORS {
-            g.duration[idx(e)].render(&mut out, "atelier_job_duration_seconds", &l(e), &DURATION_BUCKETS_SECONDS);
+            g.duration[idx(e)].render(
+                &mut out,
+                "atelier_job_duration_seconds",
+                &l(e),
+                &DURATION_BUCKETS_SECONDS,
+            );
         }
         out.push_str("# HELP atelier_jobs_running Jobs running now.\n# TYPE atelier_jobs_running gauge\n");
         for e in EXECUTORS {
@@ -188,13 +197,21 @@ impl Metrics {
         out.push_str("# HELP atelier_progress_events_coalesced_total Progress reports dropped for a newer one.\n# TYPE atelier_progress_events_coalesced_total counter\n");
         let _ = writeln!(out, "atelier_progress_events_coalesced_total {}", self.coalesced_total());
         out.push_str("# HELP atelier_job_escapees_killed_total Processes ended because they outlived their job outside its process group.\n# TYPE atelier_job_escapees_killed_total counter\n");
-        let _ = writeln!(out, "atelier_job_escapees_killed_total {}", self.escapees_ended.load(Ordering::Relaxed));
+        let _ = writeln!(
+            out,
+            "atelier_job_escapees_killed_total {}",
+            self.escapees_ended.load(Ordering::Relaxed)
+        );
         out.push_str("# HELP atelier_executor_routing Commissions routed to each executor.\n# TYPE atelier_executor_routing counter\n");
         for e in EXECUTORS {
             let _ = writeln!(out, "atelier_executor_routing{{{}}} {}", l(e), g.routing[idx(e)]);
         }
         out.push_str("# HELP atelier_rollback_active 1 while jobs are rolled back to the task runner.\n# TYPE atelier_rollback_active gauge\n");
-        let _ = writeln!(out, "atelier_rollback_active {}", u8::from(self.rollback_active.load(Ordering::Relaxed)));
+        let _ = writeln!(
+            out,
+            "atelier_rollback_active {}",
+            u8::from(self.rollback_active.load(Ordering::Relaxed))
+        );
         out.push_str("# HELP atelier_rollbacks_total Rollbacks to the task runner, by reason.\n# TYPE atelier_rollbacks_total counter\n");
         for (reason, n) in RollbackReason::ALL.iter().zip(self.rollbacks()) {
             let _ = writeln!(out, "atelier_rollbacks_total{{reason=\"{}\"}} {n}", reason.as_str());

@@ -55,7 +55,8 @@ impl RunEnv {
     /// on this machine's ext4 a `mkdir` costs ~0.2 ms of CPU, a twentieth of a short job's
     /// whole cost, and most `noop` jobs never put anything there.
     pub fn make_job_dir(&self) -> Result<&Path, String> {
-        std::fs::create_dir_all(&self.job_dir).map_err(|e| format!("cannot create {}: {e}", self.job_dir.display()))?;
+        std::fs::create_dir_all(&self.job_dir)
+            .map_err(|e| format!("cannot create {}: {e}", self.job_dir.display()))?;
         Ok(&self.job_dir)
     }
 }
@@ -94,7 +95,8 @@ impl Reporter for Gather {
 /// one wake-up of the job's watcher instead of five. Any other run reports as it goes, so
 /// progress and heartbeats are never held back.
 fn instant(spec: &PipelineConfig, input: &JobInput) -> bool {
-    spec.stages.iter().all(|s| matches!(s, StageSpec::Builtin(Builtin::Noop))) && input.context.get("delay_ms").is_none()
+    spec.stages.iter().all(|s| matches!(s, StageSpec::Builtin(Builtin::Noop)))
+        && input.context.get("delay_ms").is_none()
 }
 
 /// A step failed; the pipeline reports it as the worker's `error` line.
@@ -115,7 +117,12 @@ fn fail(error: impl Into<String>, retryable: bool) -> StepError {
 }
 
 /// Runs the pipeline to its `result` or `error` line. `Err` only when the reporter stopped it.
-pub fn run(spec: &PipelineConfig, input: &JobInput, env: &RunEnv, rep: &mut dyn Reporter) -> Result<(), Stop> {
+pub fn run(
+    spec: &PipelineConfig,
+    input: &JobInput,
+    env: &RunEnv,
+    rep: &mut dyn Reporter,
+) -> Result<(), Stop> {
     if instant(spec, input) {
         let mut gathered = Gather(Vec::new());
         run_steps(spec, input, env, &mut gathered)?;
@@ -124,7 +131,12 @@ pub fn run(spec: &PipelineConfig, input: &JobInput, env: &RunEnv, rep: &mut dyn 
     run_steps(spec, input, env, rep)
 }
 
-fn run_steps(spec: &PipelineConfig, input: &JobInput, env: &RunEnv, rep: &mut dyn Reporter) -> Result<(), Stop> {
+fn run_steps(
+    spec: &PipelineConfig,
+    input: &JobInput,
+    env: &RunEnv,
+    rep: &mut dyn Reporter,
+) -> Result<(), Stop> {
     let mut state = Map::new();
     for stage in Stage::ALL {
         rep.send(Message::Stage { stage })?;
@@ -164,7 +176,8 @@ fn test_hooks(stage: Stage, input: &JobInput, env: &RunEnv, rep: &mut dyn Report
     if let Some(ms) = ctx.get("delay_ms").and_then(Value::as_u64) {
         wait(Duration::from_millis(ms.min(DELAY_MS_MAX)), env.tick, rep)?;
     }
-    let fail_stage = ctx.get("fail_stage").and_then(Value::as_str).and_then(Stage::parse).unwrap_or(Stage::FIRST);
+    let fail_stage =
+        ctx.get("fail_stage").and_then(Value::as_str).and_then(Stage::parse).unwrap_or(Stage::FIRST);
     let fail_attempts = ctx.get("fail_attempts").and_then(Value::as_u64).unwrap_or(u64::MAX);
     if stage == fail_stage && u64::from(input.attempt) <= fail_attempts {
         match ctx.get("fail").and_then(Value::as_str) {
@@ -218,7 +231,12 @@ fn run_builtin(
         Builtin::Noop => {
             // Without steps the stage completes at once: entering the next stage (or the
             // result) says so, and a "100%" line would only be one more event per stage.
-            let steps = input.context.get("progress_steps").and_then(Value::as_u64).unwrap_or(0).min(PROGRESS_STEPS_MAX);
+            let steps = input
+                .context
+                .get("progress_steps")
+                .and_then(Value::as_u64)
+                .unwrap_or(0)
+                .min(PROGRESS_STEPS_MAX);
             for i in 0..steps {
                 let percent = u32::try_from(i * 100 / steps).expect("invariant: below 100");
                 progress(rep, stage, percent, "working")?;
@@ -253,7 +271,8 @@ fn run_builtin(
             })?;
             let png = crate::png::encode_rgb(side, side, &rgb);
             let path = env.make_job_dir().map_err(|e| fail(e, true))?.join("image.png");
-            write_atomic(&path, &png).map_err(|e| fail(format!("cannot write {}: {e}", path.display()), true))?;
+            write_atomic(&path, &png)
+                .map_err(|e| fail(format!("cannot write {}: {e}", path.display()), true))?;
             state.insert("image_path".into(), Value::String(path.display().to_string()));
         }
         Builtin::ArtifactStore => {
@@ -262,13 +281,15 @@ fn run_builtin(
                 .and_then(Value::as_str)
                 .map(PathBuf::from)
                 .ok_or_else(|| fail("no image to store (no creating_images step made one)", false))?;
-            let bytes = std::fs::read(&path).map_err(|e| fail(format!("cannot read {}: {e}", path.display()), true))?;
+            let bytes = std::fs::read(&path)
+                .map_err(|e| fail(format!("cannot read {}: {e}", path.display()), true))?;
             let digest = hex(&Sha256::digest(&bytes));
             let dest = env.artifacts_dir.join(format!("{digest}.png"));
             if !dest.exists() {
                 std::fs::create_dir_all(&env.artifacts_dir)
                     .map_err(|e| fail(format!("cannot create {}: {e}", env.artifacts_dir.display()), true))?;
-                write_atomic(&dest, &bytes).map_err(|e| fail(format!("cannot store {}: {e}", dest.display()), true))?;
+                write_atomic(&dest, &bytes)
+                    .map_err(|e| fail(format!("cannot store {}: {e}", dest.display()), true))?;
             }
             let uri = format!("/artifacts/{digest}.png");
             rep.send(Message::Artifact { stage, kind: "image".into(), uri: uri.clone() })?;
@@ -313,8 +334,10 @@ fn first_idea_title(state: &Map<String, Value>) -> Result<String, StepError> {
         .ok_or_else(|| fail("no idea to draw (no generating_ideas step made one)", false))
 }
 
-const STYLES: [&str; 8] = ["Minimal", "Vintage", "Bold", "Pastel", "Geometric", "Botanical", "Retro", "Cosmic"];
-const PRODUCTS: [&str; 8] = ["Poster", "Mug", "T-shirt", "Tote bag", "Notebook", "Sticker set", "Phone case", "Pillow"];
+const STYLES: [&str; 8] =
+    ["Minimal", "Vintage", "Bold", "Pastel", "Geometric", "Botanical", "Retro", "Cosmic"];
+const PRODUCTS: [&str; 8] =
+    ["Poster", "Mug", "T-shirt", "Tote bag", "Notebook", "Sticker set", "Phone case", "Pillow"];
 
 fn text_field(ctx: &Value, key: &str) -> String {
     let s = ctx.get(key).and_then(Value::as_str).unwrap_or("").trim();
@@ -355,11 +378,18 @@ fn color(seed: &[u8], at: usize) -> [u8; 3] {
 
 /// A `side`×`side` RGB image: a vertical gradient between two seed colours, diagonal bands
 /// and a disc, all from the seed. `on_row` is called after each row (for progress).
-fn render(side: u32, seed: &[u8; 32], mut on_row: impl FnMut(u32) -> Result<(), Stop>) -> Result<Vec<u8>, Stop> {
+fn render(
+    side: u32,
+    seed: &[u8; 32],
+    mut on_row: impl FnMut(u32) -> Result<(), Stop>,
+) -> Result<Vec<u8>, Stop> {
     let (top, bottom, band, disc) = (color(seed, 0), color(seed, 3), color(seed, 6), color(seed, 9));
     let bands = 3 + u32::from(seed[12] % 5);
     let band_px = 8 + u32::from(seed[13] % 16);
-    let (cx, cy) = (i64::from(side / 4 + u32::from(seed[14]) % (side / 2)), i64::from(side / 4 + u32::from(seed[15]) % (side / 2)));
+    let (cx, cy) = (
+        i64::from(side / 4 + u32::from(seed[14]) % (side / 2)),
+        i64::from(side / 4 + u32::from(seed[15]) % (side / 2)),
+    );
     let r = i64::from(side / 8 + u32::from(seed[16]) % (side / 6));
     let period = side / bands;
     let cap = usize::try_from(side * side * 3).expect("invariant: small image");
@@ -553,7 +583,9 @@ fn relay(
             Message::Progress { stage: s, .. } | Message::Artifact { stage: s, .. } if s != stage => {
                 return Err(fail(format!("reported for stage {s} while {stage} is running"), false));
             }
-            m @ (Message::Progress { .. } | Message::Artifact { .. } | Message::Heartbeat {}) => rep.send(m)?,
+            m @ (Message::Progress { .. } | Message::Artifact { .. } | Message::Heartbeat {}) => {
+                rep.send(m)?
+            }
             Message::Result { result: Value::Object(fields) } => output = Some(fields),
             Message::Result { .. } => return Err(fail("its result is not a JSON object".to_string(), false)),
             Message::Error { error, retryable } => said_error = Some((error, retryable)),
@@ -595,8 +627,18 @@ mod tests {
 
     #[test]
     fn an_instant_run_reports_in_one_go_and_any_other_as_it_goes() {
-        let env = RunEnv { job_dir: std::env::temp_dir(), artifacts_dir: std::env::temp_dir(), tick: Duration::from_millis(10) };
-        let input = |context: Value| JobInput { commission_id: 1, job_id: 1, attempt: 1, pipeline: "noop".into(), context };
+        let env = RunEnv {
+            job_dir: std::env::temp_dir(),
+            artifacts_dir: std::env::temp_dir(),
+            tick: Duration::from_millis(10),
+        };
+        let input = |context: Value| JobInput {
+            commission_id: 1,
+            job_id: 1,
+            attempt: 1,
+            pipeline: "noop".into(),
+            context,
+        };
         let noop = PipelineConfig::noop();
         // Four stage lines and the result, in one batch.
         let mut calls = Calls::default();
@@ -633,8 +675,18 @@ mod tests {
     fn commission_pipeline_in_process() {
         let dir = std::env::temp_dir().join(format!("atelier-pipeline-test-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("temp dir");
-        let env = RunEnv { job_dir: dir.clone(), artifacts_dir: dir.join("artifacts"), tick: Duration::from_millis(50) };
-        let input = JobInput { commission_id: 1, job_id: 1, attempt: 1, pipeline: "commission".into(), context: json!({"title": "Fox"}) };
+        let env = RunEnv {
+            job_dir: dir.clone(),
+            artifacts_dir: dir.join("artifacts"),
+            tick: Duration::from_millis(50),
+        };
+        let input = JobInput {
+            commission_id: 1,
+            job_id: 1,
+            attempt: 1,
+            pipeline: "commission".into(),
+            context: json!({"title": "Fox"}),
+        };
         let mut c = Collect(Vec::new());
         run(&PipelineConfig::commission(), &input, &env, &mut c).expect("runs");
         let mut checker = crate::protocol::Checker::default();

@@ -280,7 +280,8 @@ pub(crate) fn watch(w: Watched, session: &mut Session, signal: &JobSignal, appli
     // When the queued reports are appended (see BATCH_WINDOW).
     let mut commit_at: Option<Instant> = None;
 
-    let ender = Ender { pid, grace: w.kill_grace, commission_id: session.commission_id, job_id: session.job_id };
+    let ender =
+        Ender { pid, grace: w.kill_grace, commission_id: session.commission_id, job_id: session.job_id };
     let end_worker = |kill: &mut Option<KillReason>, sigkill_at: &mut Option<Instant>, reason: KillReason| {
         ender.end(kill, sigkill_at, reason)
     };
@@ -430,7 +431,11 @@ pub(crate) fn watch(w: Watched, session: &mut Session, signal: &JobSignal, appli
             kill = Some(reason);
         }
     }
-    if kill.is_none() && !lines.leftover().is_empty() && session.result.is_none() && session.worker_error.is_none() {
+    if kill.is_none()
+        && !lines.leftover().is_empty()
+        && session.result.is_none()
+        && session.worker_error.is_none()
+    {
         kill = Some(KillReason::Protocol("the worker exited in the middle of a line (no newline)".into()));
     }
     // The reports still queued are recorded with the job's end if the engine takes them all;
@@ -450,7 +455,11 @@ pub(crate) fn watch(w: Watched, session: &mut Session, signal: &JobSignal, appli
     // std's Child would otherwise never learn it was reaped; dropping it does not wait.
     drop(w.child);
     let tail = String::from_utf8_lossy(&tail).into_owned();
-    let reported = Reported { job_id: session.job_id, result: session.result.clone(), worker_error: session.worker_error.clone() };
+    let reported = Reported {
+        job_id: session.job_id,
+        result: session.result.clone(),
+        worker_error: session.worker_error.clone(),
+    };
     classify(&reported, &exit, kill.as_ref(), &tail, applied)
 }
 
@@ -525,7 +534,12 @@ impl FloodGuard {
 }
 
 /// Splits `data` into lines and hands each to the session.
-fn feed(lines: &mut LineBuffer, data: &[u8], session: &mut Session, flood: &mut FloodGuard) -> Result<(), KillReason> {
+fn feed(
+    lines: &mut LineBuffer,
+    data: &[u8],
+    session: &mut Session,
+    flood: &mut FloodGuard,
+) -> Result<(), KillReason> {
     if data.is_empty() {
         return Ok(());
     }
@@ -568,7 +582,9 @@ fn keep_tail(tail: &mut Vec<u8>, data: &[u8]) {
 fn child_exited(pid: i32) -> bool {
     let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
     // SAFETY: waitid with WNOWAIT only inspects our own child and fills `info`.
-    let rc = unsafe { libc::waitid(libc::P_PID, pid as libc::id_t, &mut info, libc::WEXITED | libc::WNOHANG | libc::WNOWAIT) };
+    let rc = unsafe {
+        libc::waitid(libc::P_PID, pid as libc::id_t, &mut info, libc::WEXITED | libc::WNOHANG | libc::WNOWAIT)
+    };
     // SAFETY: si_pid is valid to read after a successful waitid.
     rc == 0 && unsafe { info.si_pid() } != 0
 }
@@ -608,8 +624,14 @@ pub(crate) fn signal_name(sig: i32) -> String {
 
 /// Whether stderr shows the process ran out of memory under its address-space limit.
 fn looks_like_oom(stderr_tail: &str) -> bool {
-    const MARKERS: [&str; 6] =
-        ["memory allocation of", "MemoryError", "Cannot allocate memory", "out of memory", "bad_alloc", "failed to allocate"];
+    const MARKERS: [&str; 6] = [
+        "memory allocation of",
+        "MemoryError",
+        "Cannot allocate memory",
+        "out of memory",
+        "bad_alloc",
+        "failed to allocate",
+    ];
     MARKERS.iter().any(|m| stderr_tail.contains(m))
 }
 
@@ -618,7 +640,13 @@ fn last_line(tail: &str) -> Option<&str> {
 }
 
 /// The one outcome of a finished worker. Pure, so the whole fault matrix is a table test.
-pub(crate) fn classify(session: &Reported, exit: &ExitInfo, kill: Option<&KillReason>, stderr_tail: &str, applied: &Applied) -> Ended {
+pub(crate) fn classify(
+    session: &Reported,
+    exit: &ExitInfo,
+    kill: Option<&KillReason>,
+    stderr_tail: &str,
+    applied: &Applied,
+) -> Ended {
     let job_id = session.job_id;
     let end = |status: JobStatus, error: Option<String>| JobEnd {
         exit_code: exit.code,
@@ -644,17 +672,26 @@ pub(crate) fn classify(session: &Reported, exit: &ExitInfo, kill: Option<&KillRe
         }
         Some(KillReason::Shutdown) => return fail("server shut down".into(), true, JobStatus::Killed, false),
         Some(KillReason::Timeout { seconds }) => {
-            return fail(format!("timed out after {seconds} s (wall-clock limit)"), true, JobStatus::TimedOut, false)
+            return fail(
+                format!("timed out after {seconds} s (wall-clock limit)"),
+                true,
+                JobStatus::TimedOut,
+                false,
+            )
         }
         Some(KillReason::Stalled { ms }) => {
             return fail(format!("stalled: no protocol line for {ms} ms"), true, JobStatus::TimedOut, true)
         }
-        Some(KillReason::Protocol(e)) => return fail(format!("protocol error: {e}"), false, JobStatus::Failed, true),
+        Some(KillReason::Protocol(e)) => {
+            return fail(format!("protocol error: {e}"), false, JobStatus::Failed, true)
+        }
         Some(KillReason::Stale(e)) => {
             tracing::warn!(job = job_id, reason = %e, "job is stale; nothing to record");
             return Ended { finish: Finish::Nothing, infra_failure: false };
         }
-        Some(KillReason::Storage(e)) => return fail(format!("controller error: {e}"), true, JobStatus::Killed, true),
+        Some(KillReason::Storage(e)) => {
+            return fail(format!("controller error: {e}"), true, JobStatus::Killed, true)
+        }
         None => {}
     }
     if let (Some(0), Some(result)) = (exit.code, &session.result) {
@@ -671,7 +708,12 @@ pub(crate) fn classify(session: &Reported, exit: &ExitInfo, kill: Option<&KillRe
         let mb = applied.memory_mb;
         return if mb < applied.memory_max_mb {
             let next = (mb * 2).min(applied.memory_max_mb);
-            fail(format!("{MEMORY_ERROR_PREFIX} ({mb} MiB); the next attempt gets {next} MiB"), true, JobStatus::Killed, false)
+            fail(
+                format!("{MEMORY_ERROR_PREFIX} ({mb} MiB); the next attempt gets {next} MiB"),
+                true,
+                JobStatus::Killed,
+                false,
+            )
         } else {
             fail(format!("{MEMORY_ERROR_PREFIX} ({mb} MiB, the cap)"), false, JobStatus::Killed, false)
         };
@@ -679,24 +721,56 @@ pub(crate) fn classify(session: &Reported, exit: &ExitInfo, kill: Option<&KillRe
     let cpu_limit_ms = applied.cpu_seconds.saturating_mul(1000);
     match exit.signal {
         Some(libc::SIGXCPU) => {
-            return fail(format!("CPU limit exceeded ({} s), killed by SIGXCPU", applied.cpu_seconds), false, JobStatus::Killed, false)
+            return fail(
+                format!("CPU limit exceeded ({} s), killed by SIGXCPU", applied.cpu_seconds),
+                false,
+                JobStatus::Killed,
+                false,
+            )
         }
         Some(libc::SIGKILL) if exit.cpu_ms >= cpu_limit_ms => {
-            return fail(format!("CPU limit exceeded ({} s), killed by SIGKILL", applied.cpu_seconds), false, JobStatus::Killed, false)
+            return fail(
+                format!("CPU limit exceeded ({} s), killed by SIGKILL", applied.cpu_seconds),
+                false,
+                JobStatus::Killed,
+                false,
+            )
         }
         Some(libc::SIGXFSZ) => {
-            return fail("file size limit exceeded, killed by SIGXFSZ".into(), false, JobStatus::Killed, false)
+            return fail(
+                "file size limit exceeded, killed by SIGXFSZ".into(),
+                false,
+                JobStatus::Killed,
+                false,
+            )
         }
-        Some(sig) => return fail(with_stderr(format!("killed by {}", signal_name(sig))), true, JobStatus::Killed, true),
+        Some(sig) => {
+            return fail(
+                with_stderr(format!("killed by {}", signal_name(sig))),
+                true,
+                JobStatus::Killed,
+                true,
+            )
+        }
         None => {}
     }
     match exit.code {
         Some(0) => fail("the worker exited 0 without a result".into(), false, JobStatus::Failed, true),
-        Some(127) => fail(with_stderr("could not start the worker program (exit 127)".into()), false, JobStatus::Failed, true),
-        Some(c) if TRAMPOLINE_EXIT_CODES.contains(&c) => {
-            fail(with_stderr(format!("could not set up the worker (exit {c})")), true, JobStatus::Failed, true)
+        Some(127) => fail(
+            with_stderr("could not start the worker program (exit 127)".into()),
+            false,
+            JobStatus::Failed,
+            true,
+        ),
+        Some(c) if TRAMPOLINE_EXIT_CODES.contains(&c) => fail(
+            with_stderr(format!("could not set up the worker (exit {c})")),
+            true,
+            JobStatus::Failed,
+            true,
+        ),
+        Some(c) => {
+            fail(with_stderr(format!("the worker exited with code {c}")), true, JobStatus::Failed, true)
         }
-        Some(c) => fail(with_stderr(format!("the worker exited with code {c}")), true, JobStatus::Failed, true),
         None => fail("the worker ended in an unknown way".into(), true, JobStatus::Failed, true),
     }
 }
@@ -727,21 +801,76 @@ mod tests {
         let ok = Reported { job_id: 1, result: Some("{}".into()), worker_error: None };
         let none = Reported { job_id: 1, ..Reported::default() };
         let err = Reported { job_id: 1, result: None, worker_error: Some(("boom".into(), true)) };
-        type Case<'a> = (&'a Reported, ExitInfo, Option<KillReason>, &'a str, &'a str, Option<bool>, &'a str, bool);
+        type Case<'a> =
+            (&'a Reported, ExitInfo, Option<KillReason>, &'a str, &'a str, Option<bool>, &'a str, bool);
         let cases: Vec<Case> = vec![
             (&ok, exit(Some(0), None), None, "", "succeeded", None, "", false),
             (&ok, exit(Some(3), None), None, "", "failed", Some(true), "exited with code 3", true),
             (&none, exit(Some(0), None), None, "", "failed", Some(false), "without a result", true),
             (&err, exit(Some(0), None), None, "", "failed", Some(true), "boom", false),
             (&none, exit(None, Some(9)), None, "", "killed", Some(true), "killed by SIGKILL", true),
-            (&none, exit(None, Some(6)), None, "memory allocation of 1 bytes failed", "killed", Some(true), "the next attempt gets 256 MiB", false),
+            (
+                &none,
+                exit(None, Some(6)),
+                None,
+                "memory allocation of 1 bytes failed",
+                "killed",
+                Some(true),
+                "the next attempt gets 256 MiB",
+                false,
+            ),
             (&none, exit(None, Some(24)), None, "", "killed", Some(false), "CPU limit exceeded (2 s)", false),
-            (&none, exit(None, Some(9)), Some(KillReason::Timeout { seconds: 5 }), "", "timed_out", Some(true), "timed out after 5 s", false),
-            (&none, exit(None, Some(9)), Some(KillReason::Stalled { ms: 400 }), "", "timed_out", Some(true), "stalled", true),
-            (&ok, exit(None, Some(9)), Some(KillReason::Protocol("x".into())), "", "failed", Some(false), "protocol error: x", true),
+            (
+                &none,
+                exit(None, Some(9)),
+                Some(KillReason::Timeout { seconds: 5 }),
+                "",
+                "timed_out",
+                Some(true),
+                "timed out after 5 s",
+                false,
+            ),
+            (
+                &none,
+                exit(None, Some(9)),
+                Some(KillReason::Stalled { ms: 400 }),
+                "",
+                "timed_out",
+                Some(true),
+                "stalled",
+                true,
+            ),
+            (
+                &ok,
+                exit(None, Some(9)),
+                Some(KillReason::Protocol("x".into())),
+                "",
+                "failed",
+                Some(false),
+                "protocol error: x",
+                true,
+            ),
             (&none, exit(None, Some(15)), Some(KillReason::Cancel), "", "cancelled", None, "", false),
-            (&none, exit(None, Some(15)), Some(KillReason::Shutdown), "", "killed", Some(true), "server shut down", false),
-            (&none, exit(Some(127), None), None, "cannot run", "failed", Some(false), "could not start the worker program", true),
+            (
+                &none,
+                exit(None, Some(15)),
+                Some(KillReason::Shutdown),
+                "",
+                "killed",
+                Some(true),
+                "server shut down",
+                false,
+            ),
+            (
+                &none,
+                exit(Some(127), None),
+                None,
+                "cannot run",
+                "failed",
+                Some(false),
+                "could not start the worker program",
+                true,
+            ),
         ];
         for (i, (said, ex, kill, tail, outcome, retryable, text, infra)) in cases.into_iter().enumerate() {
             let e = classify(said, &ex, kill.as_ref(), tail, &applied());

@@ -81,11 +81,16 @@ impl std::error::Error for ProgramError {}
 /// Picks the worker program for a server running as `server_exe`. A configured program must
 /// pass the interface check (an error otherwise: the operator asked for it); a sibling that
 /// fails it is set aside for the server's own modes, with the reason in the result.
-pub fn choose_worker_program(server_exe: &Path, configured: Option<PathBuf>) -> Result<WorkerProgram, ProgramError> {
+pub fn choose_worker_program(
+    server_exe: &Path,
+    configured: Option<PathBuf>,
+) -> Result<WorkerProgram, ProgramError> {
     if let Some(path) = configured {
         // Absolute: a job's trampoline runs in another working directory.
-        let path = std::fs::canonicalize(&path)
-            .map_err(|e| ProgramError::CannotRun { path: path.clone(), error: format!("cannot start it: {e}") })?;
+        let path = std::fs::canonicalize(&path).map_err(|e| ProgramError::CannotRun {
+            path: path.clone(),
+            error: format!("cannot start it: {e}"),
+        })?;
         check_interface(&path)?;
         return Ok(WorkerProgram { path, source: ProgramSource::Configured });
     }
@@ -98,7 +103,10 @@ pub fn choose_worker_program(server_exe: &Path, configured: Option<PathBuf>) -> 
     }
     match check_interface(&sibling) {
         Ok(()) => Ok(WorkerProgram { path: sibling, source: ProgramSource::Sibling }),
-        Err(why) => Ok(WorkerProgram { path: server(), source: ProgramSource::ServerInsteadOf { refused: sibling, why } }),
+        Err(why) => Ok(WorkerProgram {
+            path: server(),
+            source: ProgramSource::ServerInsteadOf { refused: sibling, why },
+        }),
     }
 }
 
@@ -117,7 +125,9 @@ pub(crate) fn check_interface(path: &Path) -> Result<(), ProgramError> {
     let status = loop {
         match child.try_wait() {
             Ok(Some(status)) => break status,
-            Ok(None) if started.elapsed() < INTERFACE_CHECK_TIMEOUT => std::thread::sleep(INTERFACE_CHECK_POLL),
+            Ok(None) if started.elapsed() < INTERFACE_CHECK_TIMEOUT => {
+                std::thread::sleep(INTERFACE_CHECK_POLL)
+            }
             Ok(None) => {
                 let _ = child.kill();
                 let _ = child.wait();
@@ -136,7 +146,11 @@ pub(crate) fn check_interface(path: &Path) -> Result<(), ProgramError> {
     }
     let found = answer.trim();
     if found != INTERFACE {
-        return Err(ProgramError::Mismatch { path: path.to_path_buf(), found: found.to_string(), expected: INTERFACE.to_string() });
+        return Err(ProgramError::Mismatch {
+            path: path.to_path_buf(),
+            found: found.to_string(),
+            expected: INTERFACE.to_string(),
+        });
     }
     Ok(())
 }
@@ -184,7 +198,10 @@ mod tests {
         let chosen = choose_worker_program(&server, None).unwrap();
         assert_eq!(chosen.path, server);
         match chosen.source {
-            ProgramSource::ServerInsteadOf { refused, why: ProgramError::Mismatch { found, expected, .. } } => {
+            ProgramSource::ServerInsteadOf {
+                refused,
+                why: ProgramError::Mismatch { found, expected, .. },
+            } => {
                 assert_eq!(refused, sibling);
                 assert_eq!(found, "0.0.1+0000000000000000");
                 assert_eq!(expected, INTERFACE);

@@ -97,7 +97,9 @@ impl Checker {
                         (Some(cur), Some(exp)) => {
                             format!("out of order: stage {stage} after {cur} (expected {exp})")
                         }
-                        (Some(cur), None) => format!("out of order: stage {stage} after the last stage {cur}"),
+                        (Some(cur), None) => {
+                            format!("out of order: stage {stage} after the last stage {cur}")
+                        }
                         (None, _) => format!("out of order: stage {stage} first (expected {})", Stage::FIRST),
                     });
                 }
@@ -120,7 +122,10 @@ impl Checker {
             Message::Artifact { stage, kind, uri } => {
                 self.in_stage(*stage, "artifact")?;
                 if kind.is_empty() || kind.len() > limits::ARTIFACT_KIND_BYTES_MAX {
-                    return Err(format!("artifact kind must be 1..={} bytes", limits::ARTIFACT_KIND_BYTES_MAX));
+                    return Err(format!(
+                        "artifact kind must be 1..={} bytes",
+                        limits::ARTIFACT_KIND_BYTES_MAX
+                    ));
                 }
                 if uri.is_empty() || uri.len() > limits::ARTIFACT_URI_BYTES_MAX {
                     return Err(format!("artifact uri must be 1..={} bytes", limits::ARTIFACT_URI_BYTES_MAX));
@@ -130,8 +135,14 @@ impl Checker {
             Message::Result { .. } => {
                 if self.stage != Some(Stage::LAST) {
                     return Err(match self.stage {
-                        Some(cur) => format!("out of order: result in stage {cur}, before the last stage {}", Stage::LAST),
-                        None => format!("out of order: result before any stage (the last stage is {})", Stage::LAST),
+                        Some(cur) => format!(
+                            "out of order: result in stage {cur}, before the last stage {}",
+                            Stage::LAST
+                        ),
+                        None => format!(
+                            "out of order: result before any stage (the last stage is {})",
+                            Stage::LAST
+                        ),
                     });
                 }
                 self.finished = true;
@@ -179,7 +190,10 @@ impl LineBuffer {
         while let Some(pos) = self.buf[start..].iter().position(|&b| b == b'\n') {
             let line = &self.buf[start..start + pos];
             if line.len() > PROTOCOL_LINE_BYTES_MAX {
-                return Err(format!("line of {} bytes is over the {PROTOCOL_LINE_BYTES_MAX}-byte limit", line.len()));
+                return Err(format!(
+                    "line of {} bytes is over the {PROTOCOL_LINE_BYTES_MAX}-byte limit",
+                    line.len()
+                ));
             }
             lines.push(line.to_vec());
             start += pos + 1;
@@ -213,7 +227,8 @@ pub fn fuzz_stream(data: &[u8]) {
         let Ok(lines) = buffer.push(piece) else { return };
         for line in lines {
             let Ok(msg) = parse_line(&line) else { return };
-            let again = parse_line(msg.to_line().trim_end().as_bytes()).expect("an accepted message re-parses");
+            let again =
+                parse_line(msg.to_line().trim_end().as_bytes()).expect("an accepted message re-parses");
             assert_eq!(again, msg);
             if checker.check(&msg).is_err() {
                 return;
@@ -258,8 +273,17 @@ mod tests {
             (&[r#"{"type":"heartbeat","extra":1}"#], "unknown field `extra`"),
             (&[r#"{"type":"stage","stage":"uploading"}"#], "out of order: stage uploading first"),
             (&[r#"{"type":"progress","stage":"uploading","percent":1}"#], "before any stage"),
-            (&[r#"{"type":"stage","stage":"generating_ideas"}"#, r#"{"type":"progress","stage":"generating_ideas","percent":101}"#], "outside 0..=100"),
-            (&[r#"{"type":"stage","stage":"generating_ideas"}"#, r#"{"type":"result","result":1}"#], "before the last stage"),
+            (
+                &[
+                    r#"{"type":"stage","stage":"generating_ideas"}"#,
+                    r#"{"type":"progress","stage":"generating_ideas","percent":101}"#,
+                ],
+                "outside 0..=100",
+            ),
+            (
+                &[r#"{"type":"stage","stage":"generating_ideas"}"#, r#"{"type":"result","result":1}"#],
+                "before the last stage",
+            ),
             (&[r#"{"type":"error","error":"x"}"#, r#"{"type":"heartbeat"}"#], "after the result or error"),
         ];
         for (lines, want) in cases {

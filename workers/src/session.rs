@@ -15,7 +15,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use atelier_engine::limits::{self, truncate};
-use atelier_engine::{apply, decide, Command, Commission, Ctx, Envelope, Event, Executor, JobEnd, JobStatus, Rejection, RetryPolicy, Stage};
+use atelier_engine::{
+    apply, decide, Command, Commission, Ctx, Envelope, Event, Executor, JobEnd, JobStatus, Rejection,
+    RetryPolicy, Stage,
+};
 use atelier_storage::{AppendOutcome, AppendRequest, AppendTarget, EventStore, StorageError};
 
 use crate::metrics::Metrics;
@@ -49,9 +52,18 @@ pub(crate) enum Halt {
 /// How a job ended, ready to be recorded.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) enum Finish {
-    Complete { result: String, end: JobEnd },
-    Fail { error: String, retryable: bool, end: JobEnd },
-    Cancelled { end: JobEnd },
+    Complete {
+        result: String,
+        end: JobEnd,
+    },
+    Fail {
+        error: String,
+        retryable: bool,
+        end: JobEnd,
+    },
+    Cancelled {
+        end: JobEnd,
+    },
     /// The job is stale: there is nothing to record.
     Nothing,
 }
@@ -164,7 +176,9 @@ impl Session {
                     Ok(())
                 }
             }
-            Message::Artifact { stage, kind, uri } => self.queue(Command::RecordArtifact { job_id, stage, kind, uri }),
+            Message::Artifact { stage, kind, uri } => {
+                self.queue(Command::RecordArtifact { job_id, stage, kind, uri })
+            }
             Message::Heartbeat {} => Ok(()),
             Message::Result { result } => {
                 self.flush()?;
@@ -265,7 +279,9 @@ impl Session {
 fn halt_for(r: Rejection) -> Halt {
     match r {
         Rejection::CancelPending => Halt::Cancelled,
-        r @ (Rejection::StaleJob { .. } | Rejection::Terminal { .. } | Rejection::NotFound) => Halt::Stale(r.to_string()),
+        r @ (Rejection::StaleJob { .. } | Rejection::Terminal { .. } | Rejection::NotFound) => {
+            Halt::Stale(r.to_string())
+        }
         r => Halt::Protocol(format!("the engine refused it: {r}")),
     }
 }
@@ -288,8 +304,15 @@ fn decide_all(current: &Commission, cmds: &[Command], ctx: &Ctx) -> Decided {
         match decide(Some(&probe), cmd.clone(), ctx) {
             Ok(decided) => {
                 for event in decided {
-                    let env = Envelope { seq: 0, commission_id: probe.id, version: probe.version + 1, at: ctx.now, event };
-                    probe = apply(Some(probe), &env).expect("invariant: decide() checked these events on this very state");
+                    let env = Envelope {
+                        seq: 0,
+                        commission_id: probe.id,
+                        version: probe.version + 1,
+                        at: ctx.now,
+                        event,
+                    };
+                    probe = apply(Some(probe), &env)
+                        .expect("invariant: decide() checked these events on this very state");
                     events.push(env.event);
                 }
             }
@@ -308,7 +331,12 @@ struct Decided {
 /// `atelier_storage::execute` for several commands: decided in a row on one snapshot (see
 /// [`decide_all`]) and appended as one atomic append at that snapshot's version, decided
 /// again if another writer got there first. The commands before a refused one are appended.
-pub(crate) fn execute_all(store: &dyn EventStore, id: u64, cmds: &[Command], ctx: &Ctx) -> Result<Batched, StorageError> {
+pub(crate) fn execute_all(
+    store: &dyn EventStore,
+    id: u64,
+    cmds: &[Command],
+    ctx: &Ctx,
+) -> Result<Batched, StorageError> {
     for _ in 0..CONFLICT_RETRIES_MAX {
         let Some(current) = store.commission(id)? else {
             return Ok(Batched { accepted: 0, rejected: Some(Rejection::NotFound), commission: None });
@@ -317,14 +345,21 @@ pub(crate) fn execute_all(store: &dyn EventStore, id: u64, cmds: &[Command], ctx
         if events.is_empty() {
             return Ok(Batched { accepted, rejected, commission: Some(current) });
         }
-        let req = AppendRequest { target: AppendTarget::Existing(id), expected_version: current.version, events, at: ctx.now };
+        let req = AppendRequest {
+            target: AppendTarget::Existing(id),
+            expected_version: current.version,
+            events,
+            at: ctx.now,
+        };
         match store.append(req)? {
             AppendOutcome::Appended { commission, .. } | AppendOutcome::Duplicate { commission } => {
                 return Ok(Batched { accepted, rejected, commission: Some(commission) })
             }
             AppendOutcome::Conflict { .. } => continue,
             // The store's fold refused what the engine decided: nothing was appended.
-            AppendOutcome::Rejected(r) => return Ok(Batched { accepted: 0, rejected: Some(r), commission: None }),
+            AppendOutcome::Rejected(r) => {
+                return Ok(Batched { accepted: 0, rejected: Some(r), commission: None })
+            }
         }
     }
     Err(StorageError::Contention { commission: id })
@@ -335,7 +370,12 @@ pub(crate) fn execute_all(store: &dyn EventStore, id: u64, cmds: &[Command], ctx
 const RECORD_TRIES_MAX: u32 = 5;
 const RECORD_RETRY_MS: u64 = 200;
 
-fn execute_persistently(store: &dyn EventStore, commission_id: u64, cmds: &[Command], retry: RetryPolicy) -> Result<Batched, StorageError> {
+fn execute_persistently(
+    store: &dyn EventStore,
+    commission_id: u64,
+    cmds: &[Command],
+    retry: RetryPolicy,
+) -> Result<Batched, StorageError> {
     let mut tries = 1;
     loop {
         match execute_all(store, commission_id, cmds, &ctx(retry)) {
@@ -377,7 +417,9 @@ pub(crate) fn record_finish(
 ) {
     let (job_id, cmd) = match finish.clone() {
         Finish::Nothing => return,
-        Finish::Complete { result, end } => (end.job_id, Command::Complete { job_id: end.job_id, result, job: Some(end) }),
+        Finish::Complete { result, end } => {
+            (end.job_id, Command::Complete { job_id: end.job_id, result, job: Some(end) })
+        }
         Finish::Fail { error, retryable, end } => {
             (end.job_id, Command::FailAttempt { job_id: end.job_id, error, retryable, job: Some(end) })
         }
@@ -403,12 +445,9 @@ pub(crate) fn record_finish(
             Some(Command::ConfirmCancelled { job: Some(JobEnd { status: JobStatus::Killed, ..end }) })
         }
         // Asked to stop without a cancel (a shutdown racing a cancel, say): fail the attempt.
-        (Ok(Err(Rejection::Invalid { .. })), Finish::Cancelled { end }) => Some(Command::FailAttempt {
-            job_id,
-            error: "stopped".into(),
-            retryable: true,
-            job: Some(end),
-        }),
+        (Ok(Err(Rejection::Invalid { .. })), Finish::Cancelled { end }) => {
+            Some(Command::FailAttempt { job_id, error: "stopped".into(), retryable: true, job: Some(end) })
+        }
         _ => None,
     };
     let outcome = match fallback {
@@ -416,8 +455,14 @@ pub(crate) fn record_finish(
         None => first,
     };
     match outcome {
-        Ok(Ok(c)) => tracing::info!(commission = commission_id, job = job_id, executor = executor.as_str(), state = %c.state, "job recorded"),
-        Ok(Err(r)) => tracing::warn!(commission = commission_id, job = job_id, rejection = %r, "job end not recorded"),
-        Err(e) => tracing::error!(commission = commission_id, job = job_id, error = %e, "cannot record the job end"),
+        Ok(Ok(c)) => {
+            tracing::info!(commission = commission_id, job = job_id, executor = executor.as_str(), state = %c.state, "job recorded")
+        }
+        Ok(Err(r)) => {
+            tracing::warn!(commission = commission_id, job = job_id, rejection = %r, "job end not recorded")
+        }
+        Err(e) => {
+            tracing::error!(commission = commission_id, job = job_id, error = %e, "cannot record the job end")
+        }
     }
 }

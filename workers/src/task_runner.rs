@@ -11,7 +11,7 @@ use atelier_engine::{Command, Commission, Executor, JobStatus};
 use atelier_storage::execute;
 use crossbeam_channel::Sender;
 
-use crate::controller::{job_input, Shared, artifacts_dir};
+use crate::controller::{artifacts_dir, job_input, Shared};
 use crate::pipeline::{self, Reporter, RunEnv, Stop};
 use crate::process::{JobSignal, Request};
 use crate::protocol::Message;
@@ -43,7 +43,9 @@ impl Pool {
                     let id = job.commission.id;
                     // A panic outside the pipeline (which has its own guard) is a bug; keep the
                     // thread and the slot alive anyway.
-                    let panicked = catch_unwind(AssertUnwindSafe(|| run_task(&shared, job.commission, &job.signal))).is_err();
+                    let panicked =
+                        catch_unwind(AssertUnwindSafe(|| run_task(&shared, job.commission, &job.signal)))
+                            .is_err();
                     if panicked {
                         tracing::error!(commission = id, "task runner job panicked");
                     }
@@ -124,7 +126,9 @@ fn thread_cpu_ms() -> u64 {
     if unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut u) } != 0 {
         return 0;
     }
-    let ms = |t: libc::timeval| u64::try_from(t.tv_sec).unwrap_or(0) * 1000 + u64::try_from(t.tv_usec).unwrap_or(0) / 1000;
+    let ms = |t: libc::timeval| {
+        u64::try_from(t.tv_sec).unwrap_or(0) * 1000 + u64::try_from(t.tv_usec).unwrap_or(0) / 1000
+    };
     ms(u.ru_utime) + ms(u.ru_stime)
 }
 
@@ -162,7 +166,14 @@ fn run_task(shared: &Shared, c: Commission, signal: &JobSignal) {
         artifacts_dir: artifacts_dir(&shared.data_dir),
         tick: Duration::from_millis((heartbeat_ms / 4).clamp(10, TICK_MS_MAX)),
     };
-    let session = Session::new(shared.store.clone(), c.id, job_id, shared.config.retry, shared.progress_interval(), shared.metrics.clone());
+    let session = Session::new(
+        shared.store.clone(),
+        c.id,
+        job_id,
+        shared.config.retry,
+        shared.progress_interval(),
+        shared.metrics.clone(),
+    );
     let mut rep = InProcess {
         session,
         signal,
@@ -172,15 +183,28 @@ fn run_task(shared: &Shared, c: Commission, signal: &JobSignal) {
     };
     let ran = catch_unwind(AssertUnwindSafe(|| pipeline::run(&p, &input, &env, &mut rep)));
     let cpu_ms = thread_cpu_ms().saturating_sub(cpu_before);
-    let end = |status: JobStatus, error: Option<String>| atelier_engine::JobEnd { cpu_ms, ..job_end(job_id, status, error) };
-    let fail = |error: String, retryable: bool, status: JobStatus| Finish::Fail { error: error.clone(), retryable, end: end(status, Some(error)) };
+    let end = |status: JobStatus, error: Option<String>| atelier_engine::JobEnd {
+        cpu_ms,
+        ..job_end(job_id, status, error)
+    };
+    let fail = |error: String, retryable: bool, status: JobStatus| Finish::Fail {
+        error: error.clone(),
+        retryable,
+        end: end(status, Some(error)),
+    };
     let finish = match (&ran, signal.get(), &rep.halted) {
-        (_, Request::Cancel, _) | (_, _, Some(Halt::Cancelled)) => Finish::Cancelled { end: end(JobStatus::Killed, Some("cancelled".into())) },
+        (_, Request::Cancel, _) | (_, _, Some(Halt::Cancelled)) => {
+            Finish::Cancelled { end: end(JobStatus::Killed, Some("cancelled".into())) }
+        }
         (_, Request::Shutdown, _) => fail("server shut down".into(), true, JobStatus::Killed),
         (_, _, Some(Halt::Protocol(e))) => fail(format!("protocol error: {e}"), false, JobStatus::Failed),
         (_, _, Some(Halt::Stale(_))) => Finish::Nothing,
         (_, _, Some(Halt::Storage(e))) => fail(format!("controller error: {e}"), true, JobStatus::Failed),
-        _ if rep.timed_out => fail(format!("timed out after {} s (wall-clock limit)", p.limits.timeout_seconds), true, JobStatus::TimedOut),
+        _ if rep.timed_out => fail(
+            format!("timed out after {} s (wall-clock limit)", p.limits.timeout_seconds),
+            true,
+            JobStatus::TimedOut,
+        ),
         (Err(panic), _, _) => {
             let what = panic
                 .downcast_ref::<&str>()
@@ -191,7 +215,9 @@ fn run_task(shared: &Shared, c: Commission, signal: &JobSignal) {
         }
         (Ok(Err(Stop(e))), _, _) => fail(format!("stopped: {e}"), true, JobStatus::Failed),
         (Ok(Ok(())), _, _) => match (&rep.session.result, &rep.session.worker_error) {
-            (Some(result), _) => Finish::Complete { result: result.clone(), end: end(JobStatus::Succeeded, None) },
+            (Some(result), _) => {
+                Finish::Complete { result: result.clone(), end: end(JobStatus::Succeeded, None) }
+            }
             (None, Some((e, retryable))) => fail(e.clone(), *retryable, JobStatus::Failed),
             (None, None) => fail("the pipeline ended without a result".into(), false, JobStatus::Failed),
         },

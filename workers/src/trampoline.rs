@@ -245,7 +245,11 @@ mod tests {
 
     #[test]
     fn a_trampoline_from_other_sources_refuses_the_job_before_touching_anything() {
-        let t = TrampolineArgs { interface: "0.0.0+0000000000000000".into(), argv: vec!["/bin/true".into()], ..sample() };
+        let t = TrampolineArgs {
+            interface: "0.0.0+0000000000000000".into(),
+            argv: vec!["/bin/true".into()],
+            ..sample()
+        };
         let group = getpgrp();
         // Runs in this test process: had it gone past the check, it would have made this
         // process a group leader (and exec'd /bin/true).

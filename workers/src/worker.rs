@@ -149,13 +149,14 @@ pub fn worker_main(args: &[String]) -> i32 {
             return read(p);
         }
         let mut buf = Vec::new();
-        std::io::Read::read_to_end(&mut std::io::stdin().lock(), &mut buf).map_err(|e| format!("cannot read stdin: {e}"))?;
+        std::io::Read::read_to_end(&mut std::io::stdin().lock(), &mut buf)
+            .map_err(|e| format!("cannot read stdin: {e}"))?;
         Ok(buf)
     };
     let loaded = read_input(&args.input).and_then(|i| {
         let input: JobInput = serde_json::from_slice(&i).map_err(|e| format!("bad input file: {e}"))?;
-        let spec: PipelineConfig =
-            serde_json::from_slice(&read(&args.pipeline_file)?).map_err(|e| format!("bad pipeline file: {e}"))?;
+        let spec: PipelineConfig = serde_json::from_slice(&read(&args.pipeline_file)?)
+            .map_err(|e| format!("bad pipeline file: {e}"))?;
         Ok((input, spec))
     });
     let (input, spec) = match loaded {
@@ -167,7 +168,10 @@ pub fn worker_main(args: &[String]) -> i32 {
         }
     };
     let env = RunEnv {
-        job_dir: args.job_dir.clone().unwrap_or_else(|| std::env::current_dir().unwrap_or_else(|_| PathBuf::from("."))),
+        job_dir: args
+            .job_dir
+            .clone()
+            .unwrap_or_else(|| std::env::current_dir().unwrap_or_else(|_| PathBuf::from("."))),
         artifacts_dir: args.artifacts_dir.clone(),
         tick: Duration::from_millis(args.tick_ms.max(10)),
     };
@@ -197,8 +201,8 @@ fn misbehave(mode: &str, rep: &mut PipeReporter, env: &RunEnv) -> Option<i32> {
         }
     };
     match mode {
-        "sigkill" | "abort" | "segfault" | "oom" | "spin" | "hang" | "no-heartbeat" | "ignore-term" | "exit-nonzero"
-        | "fork-bomb" => {
+        "sigkill" | "abort" | "segfault" | "oom" | "spin" | "hang" | "no-heartbeat" | "ignore-term"
+        | "exit-nonzero" | "fork-bomb" => {
             let _ = rep.send(first);
         }
         _ => {}
@@ -257,7 +261,10 @@ fn misbehave(mode: &str, rep: &mut PipeReporter, env: &RunEnv) -> Option<i32> {
         "ignore-term" => {
             // SAFETY: installing SIG_IGN runs no code in the handler context.
             let _ = unsafe {
-                nix::sys::signal::signal(nix::sys::signal::Signal::SIGTERM, nix::sys::signal::SigHandler::SigIgn)
+                nix::sys::signal::signal(
+                    nix::sys::signal::Signal::SIGTERM,
+                    nix::sys::signal::SigHandler::SigIgn,
+                )
             };
             forever(rep, true)
         }
@@ -290,7 +297,8 @@ fn misbehave(mode: &str, rep: &mut PipeReporter, env: &RunEnv) -> Option<i32> {
         "fork-orphan" => {
             // A grandchild that outlives us in our process group, holding all our pipes open
             // (the protocol pipe too), so the controller cannot rely on EOF.
-            let _ = nix::fcntl::fcntl(PROTOCOL_FD, nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()));
+            let _ =
+                nix::fcntl::fcntl(PROTOCOL_FD, nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()));
             if let Ok(exe) = std::env::current_exe() {
                 let _ = std::process::Command::new(exe)
                     .args(["__worker", "--input", "-", "--pipeline-file", "-", "--behave", "sleep"])
@@ -299,7 +307,8 @@ fn misbehave(mode: &str, rep: &mut PipeReporter, env: &RunEnv) -> Option<i32> {
             None
         }
         other => {
-            let _ = rep.send(Message::Error { error: format!("unknown --behave mode '{other}'"), retryable: false });
+            let _ = rep
+                .send(Message::Error { error: format!("unknown --behave mode '{other}'"), retryable: false });
             Some(EXIT_USAGE)
         }
     }

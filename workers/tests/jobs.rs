@@ -7,7 +7,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use atelier_engine::{Command, Commission, Ctx, Event, Executor, Job, JobStatus, NewCommission, RetryPolicy, State};
+use atelier_engine::{
+    Command, Commission, Ctx, Event, Executor, Job, JobStatus, NewCommission, RetryPolicy, State,
+};
 use atelier_storage::{create, execute, Created, EventStore, SledStore, StoreConfig};
 use atelier_workers::{Controller, WorkersConfig};
 
@@ -43,7 +45,8 @@ struct Harness {
 }
 
 fn now_ms() -> i64 {
-    i64::try_from(SystemTime::now().duration_since(UNIX_EPOCH).expect("clock after 1970").as_millis()).expect("fits")
+    i64::try_from(SystemTime::now().duration_since(UNIX_EPOCH).expect("clock after 1970").as_millis())
+        .expect("fits")
 }
 
 fn ctx() -> Ctx {
@@ -88,7 +91,8 @@ impl Harness {
     /// Jobs run `atelier-workerd`, or the worker program named by ATELIER_WORKER_PROGRAM (CI
     /// runs this fault matrix again with the statically linked `atelier-worker`).
     fn start(&mut self, cfg: WorkersConfig) {
-        let exe = std::env::var_os("ATELIER_WORKER_PROGRAM").map_or_else(|| PathBuf::from(EXE), PathBuf::from);
+        let exe =
+            std::env::var_os("ATELIER_WORKER_PROGRAM").map_or_else(|| PathBuf::from(EXE), PathBuf::from);
         self.start_with_exe(cfg, exe);
     }
 
@@ -106,7 +110,14 @@ impl Harness {
         self.create_full(pipeline, context, max_attempts, 0, None)
     }
 
-    fn create_full(&self, pipeline: &str, context: serde_json::Value, max_attempts: u32, priority: i32, scheduled_for: Option<i64>) -> u64 {
+    fn create_full(
+        &self,
+        pipeline: &str,
+        context: serde_json::Value,
+        max_attempts: u32,
+        priority: i32,
+        scheduled_for: Option<i64>,
+    ) -> u64 {
         let new = NewCommission {
             user_id: "tester".into(),
             pipeline: pipeline.into(),
@@ -129,14 +140,24 @@ impl Harness {
         self.store.jobs_of(id).expect("store works")
     }
 
-    fn wait_until(&self, id: u64, timeout: Duration, what: &str, f: impl Fn(&Commission) -> bool) -> Commission {
+    fn wait_until(
+        &self,
+        id: u64,
+        timeout: Duration,
+        what: &str,
+        f: impl Fn(&Commission) -> bool,
+    ) -> Commission {
         let end = Instant::now() + timeout;
         loop {
             let c = self.get(id);
             if f(&c) {
                 return c;
             }
-            assert!(Instant::now() < end, "commission {id} ({}) not {what} in {timeout:?}: {c:#?}", c.pipeline);
+            assert!(
+                Instant::now() < end,
+                "commission {id} ({}) not {what} in {timeout:?}: {c:#?}",
+                c.pipeline
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -185,7 +206,11 @@ fn assert_clean(job: &Job) {
         if !zombie && members.is_empty() {
             return;
         }
-        assert!(Instant::now() < end, "job {} (pid {pid}): zombie={zombie}, group members left: {members:?}", job.job_id);
+        assert!(
+            Instant::now() < end,
+            "job {} (pid {pid}): zombie={zombie}, group members left: {members:?}",
+            job.job_id
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -212,8 +237,10 @@ fn builtin_pipelines_complete_and_the_task_runner_agrees() {
     let r = result_json(&c);
     assert_eq!(r["ideas"].as_array().map(Vec::len), Some(3), "{r}");
     let url = r["product"]["image_url"].as_str().expect("image url");
-    let hash = url.strip_prefix("/artifacts/").and_then(|s| s.strip_suffix(".png")).expect("content-addressed url");
-    let png = std::fs::read(h.data_dir().join("artifacts").join(format!("{hash}.png"))).expect("artifact stored");
+    let hash =
+        url.strip_prefix("/artifacts/").and_then(|s| s.strip_suffix(".png")).expect("content-addressed url");
+    let png =
+        std::fs::read(h.data_dir().join("artifacts").join(format!("{hash}.png"))).expect("artifact stored");
     assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
     assert!(r["product"]["price_cents"].as_u64().is_some_and(|p| p > 0));
     assert_eq!(c.artifacts.len(), 1);
@@ -222,7 +249,10 @@ fn builtin_pipelines_complete_and_the_task_runner_agrees() {
         let jobs = h.jobs(id);
         assert_eq!(jobs.len(), 1);
         let j = &jobs[0];
-        assert_eq!((j.executor, j.status, j.exit_code), (Executor::JobController, JobStatus::Succeeded, Some(0)));
+        assert_eq!(
+            (j.executor, j.status, j.exit_code),
+            (Executor::JobController, JobStatus::Succeeded, Some(0))
+        );
         assert!(j.process_id.is_some() && j.cpu_ms < 10_000 && j.max_rss_bytes > 0, "{j:?}");
         assert_clean(j);
         // The built-in worker prints nothing, and logs are created at their first byte.
@@ -240,7 +270,8 @@ fn builtin_pipelines_complete_and_the_task_runner_agrees() {
     assert_eq!(tc.state, State::Completed, "{tc:#?}");
     assert_eq!(tc.result, c.result);
     assert_eq!(t.jobs(id)[0].executor, Executor::TaskRunner);
-    let png2 = std::fs::read(t.data_dir().join("artifacts").join(format!("{hash}.png"))).expect("same artifact");
+    let png2 =
+        std::fs::read(t.data_dir().join("artifacts").join(format!("{hash}.png"))).expect("same artifact");
     assert_eq!(png, png2);
 
     let m = h.controller().metrics_text();
@@ -318,23 +349,111 @@ fn fault_matrix() {
         ("f-sigkill", serde_json::json!({}), 2, State::Failed, 2, JobStatus::Killed, "killed by SIGKILL"),
         ("f-abort", serde_json::json!({}), 1, State::Failed, 1, JobStatus::Killed, "killed by SIGABRT"),
         ("f-segv", serde_json::json!({}), 2, State::Failed, 2, JobStatus::Killed, "killed by SIGSEGV"),
-        ("f-oom", serde_json::json!({}), 3, State::Failed, 2, JobStatus::Killed, "memory limit exceeded (256 MiB, the cap)"),
+        (
+            "f-oom",
+            serde_json::json!({}),
+            3,
+            State::Failed,
+            2,
+            JobStatus::Killed,
+            "memory limit exceeded (256 MiB, the cap)",
+        ),
         ("f-spin", serde_json::json!({}), 2, State::Failed, 1, JobStatus::Killed, "CPU limit exceeded (1 s)"),
         ("f-hang", serde_json::json!({}), 1, State::Failed, 1, JobStatus::TimedOut, "timed out after 1 s"),
-        ("f-silent", serde_json::json!({}), 2, State::Failed, 2, JobStatus::TimedOut, "stalled: no protocol line for 400 ms"),
-        ("f-garbage", serde_json::json!({}), 2, State::Failed, 1, JobStatus::Failed, "protocol error: malformed line \"this is not json\""),
+        (
+            "f-silent",
+            serde_json::json!({}),
+            2,
+            State::Failed,
+            2,
+            JobStatus::TimedOut,
+            "stalled: no protocol line for 400 ms",
+        ),
+        (
+            "f-garbage",
+            serde_json::json!({}),
+            2,
+            State::Failed,
+            1,
+            JobStatus::Failed,
+            "protocol error: malformed line \"this is not json\"",
+        ),
         ("f-huge", serde_json::json!({}), 1, State::Failed, 1, JobStatus::Failed, "-byte limit"),
-        ("f-order", serde_json::json!({}), 1, State::Failed, 1, JobStatus::Failed, "out of order: stage creating_images first"),
-        ("f-noresult", serde_json::json!({}), 1, State::Failed, 1, JobStatus::Failed, "exited 0 without a result"),
+        (
+            "f-order",
+            serde_json::json!({}),
+            1,
+            State::Failed,
+            1,
+            JobStatus::Failed,
+            "out of order: stage creating_images first",
+        ),
+        (
+            "f-noresult",
+            serde_json::json!({}),
+            1,
+            State::Failed,
+            1,
+            JobStatus::Failed,
+            "exited 0 without a result",
+        ),
         ("f-exit", serde_json::json!({}), 2, State::Failed, 2, JobStatus::Failed, "exited with code 7"),
         ("ext", serde_json::json!({}), 1, State::Completed, 1, JobStatus::Succeeded, ""),
         ("f-orphan", serde_json::json!({}), 1, State::Completed, 1, JobStatus::Succeeded, ""),
-        ("f-flood", serde_json::json!({}), 1, State::Failed, 1, JobStatus::Failed, "flooding: over 10000 protocol lines in one second"),
-        ("f-missing", serde_json::json!({}), 1, State::Failed, 1, JobStatus::Failed, "could not start the worker program"),
-        ("f-sh", serde_json::json!({}), 1, State::Failed, 1, JobStatus::Failed, "exited with code 4; stderr: oops"),
-        ("fail", serde_json::json!({}), 2, State::Failed, 1, JobStatus::Failed, "the fail pipeline always fails"),
-        ("commission", serde_json::json!({"fail": "permanent"}), 3, State::Failed, 1, JobStatus::Failed, "asked to fail (permanent)"),
-        ("commission", serde_json::json!({"fail": "retryable", "fail_attempts": 1}), 3, State::Completed, 2, JobStatus::Succeeded, ""),
+        (
+            "f-flood",
+            serde_json::json!({}),
+            1,
+            State::Failed,
+            1,
+            JobStatus::Failed,
+            "flooding: over 10000 protocol lines in one second",
+        ),
+        (
+            "f-missing",
+            serde_json::json!({}),
+            1,
+            State::Failed,
+            1,
+            JobStatus::Failed,
+            "could not start the worker program",
+        ),
+        (
+            "f-sh",
+            serde_json::json!({}),
+            1,
+            State::Failed,
+            1,
+            JobStatus::Failed,
+            "exited with code 4; stderr: oops",
+        ),
+        (
+            "fail",
+            serde_json::json!({}),
+            2,
+            State::Failed,
+            1,
+            JobStatus::Failed,
+            "the fail pipeline always fails",
+        ),
+        (
+            "commission",
+            serde_json::json!({"fail": "permanent"}),
+            3,
+            State::Failed,
+            1,
+            JobStatus::Failed,
+            "asked to fail (permanent)",
+        ),
+        (
+            "commission",
+            serde_json::json!({"fail": "retryable", "fail_attempts": 1}),
+            3,
+            State::Completed,
+            2,
+            JobStatus::Succeeded,
+            "",
+        ),
     ];
     let bomb = h.create("f-forkbomb", serde_json::json!({}), 1);
     let ids: Vec<u64> = cases.iter().map(|(p, ctx, n, ..)| h.create(p, ctx.clone(), *n)).collect();
@@ -366,7 +485,13 @@ fn fault_matrix() {
     assert_eq!(r["path"], "/usr/bin:/bin");
     // The memory limit doubled for the retry, and said so.
     let oom_jobs = h.jobs(ids[cases.iter().position(|c| c.0 == "f-oom").expect("f-oom case")]);
-    assert!(oom_jobs[0].error_message.as_deref().is_some_and(|e| e.contains("(128 MiB); the next attempt gets 256 MiB")), "{oom_jobs:#?}");
+    assert!(
+        oom_jobs[0]
+            .error_message
+            .as_deref()
+            .is_some_and(|e| e.contains("(128 MiB); the next attempt gets 256 MiB")),
+        "{oom_jobs:#?}"
+    );
     // A signal's number is recorded too.
     assert_eq!(h.jobs(ids[0])[0].signal, Some(9));
     // A fork bomb: RLIMIT_NPROC (64) stops it; root is not bound by that limit, so there the
@@ -408,13 +533,18 @@ command = ["sh", "-c", '''cat >/dev/null; head -c 5000 /dev/zero | tr '\0' x; fo
 #[test]
 fn cancel_while_running() {
     let mut h = Harness::new("cancel");
-    h.start(config("[pipelines.stubborn]\nworker_args = [\"--behave\", \"ignore-term\"]\n", &[("kill_grace_ms", "300")]));
+    h.start(config(
+        "[pipelines.stubborn]\nworker_args = [\"--behave\", \"ignore-term\"]\n",
+        &[("kill_grace_ms", "300")],
+    ));
     let slow = h.create("noop", serde_json::json!({"delay_ms": 20000}), 1);
     let stubborn = h.create("stubborn", serde_json::json!({}), 1);
     for id in [slow, stubborn] {
         h.wait_until(id, LONG, "in a stage", |c| c.state.stage().is_some());
         let asked = Instant::now();
-        execute(&*h.store, id, Command::RequestCancel, &ctx()).expect("store works").expect("cancel accepted");
+        execute(&*h.store, id, Command::RequestCancel, &ctx())
+            .expect("store works")
+            .expect("cancel accepted");
         let c = h.wait_terminal(id, Duration::from_secs(5));
         assert_eq!(c.state, State::Cancelled, "{c:#?}");
         assert!(asked.elapsed() < Duration::from_secs(3), "cancel took {:?}", asked.elapsed());
@@ -431,8 +561,10 @@ fn cancel_while_running() {
 fn concurrency_limit_and_priority_order() {
     let mut h = Harness::new("burst");
     // Queued before the controller starts, so the start-up scan sees them all at once.
-    let low: Vec<u64> = (0..3).map(|_| h.create_full("noop", serde_json::json!({"delay_ms": 150}), 1, 0, None)).collect();
-    let high: Vec<u64> = (0..2).map(|_| h.create_full("noop", serde_json::json!({"delay_ms": 150}), 1, 5, None)).collect();
+    let low: Vec<u64> =
+        (0..3).map(|_| h.create_full("noop", serde_json::json!({"delay_ms": 150}), 1, 0, None)).collect();
+    let high: Vec<u64> =
+        (0..2).map(|_| h.create_full("noop", serde_json::json!({"delay_ms": 150}), 1, 5, None)).collect();
     h.start(config("", &[("max_concurrent_jobs", "1")]));
     for id in low.iter().chain(&high) {
         assert_eq!(h.wait_terminal(*id, LONG).state, State::Completed);
@@ -484,11 +616,21 @@ fn restart_kills_leftovers_and_retries() {
     .spawn()
     .expect("spawn sleep");
     let pid = leftover.id();
-    let start = Command::StartJob { job_id, executor: Executor::JobController, job_name: "noop".into(), pid: Some(pid) };
+    let start = Command::StartJob {
+        job_id,
+        executor: Executor::JobController,
+        job_name: "noop".into(),
+        pid: Some(pid),
+    };
     execute(&*h.store, id, start, &ctx()).expect("store").expect("started");
-    execute(&*h.store, id, Command::EnterStage { job_id, stage: atelier_engine::Stage::GeneratingIdeas }, &ctx())
-        .expect("store")
-        .expect("stage");
+    execute(
+        &*h.store,
+        id,
+        Command::EnterStage { job_id, stage: atelier_engine::Stage::GeneratingIdeas },
+        &ctx(),
+    )
+    .expect("store")
+    .expect("stage");
     h.start(config("", &[]));
     let c = h.wait_terminal(id, LONG);
     assert_eq!(c.state, State::Completed, "{c:#?}");
@@ -537,7 +679,10 @@ fn progress_is_coalesced_but_stages_and_results_are_not() {
 #[test]
 fn spawn_failure_rolls_back_to_the_task_runner() {
     let mut h = Harness::new("rollback");
-    h.start_with_exe(config("", &[("auto_rollback", "true")]), Path::new("/nonexistent/atelier").to_path_buf());
+    h.start_with_exe(
+        config("", &[("auto_rollback", "true")]),
+        Path::new("/nonexistent/atelier").to_path_buf(),
+    );
     let id = h.create("noop", serde_json::json!({}), 2);
     let c = h.wait_terminal(id, LONG);
     assert_eq!(c.state, State::Completed, "{c:#?}");
@@ -569,7 +714,12 @@ fn failure_rate_rolls_back_to_the_task_runner() {
     let mut h = Harness::new("failrate");
     h.start(config(
         "[pipelines.f-exit]\nworker_args = [\"--behave\", \"exit-nonzero\"]\n",
-        &[("auto_rollback", "true"), ("rollback_min_jobs", "2"), ("rollback_window_jobs", "10"), ("max_concurrent_jobs", "1")],
+        &[
+            ("auto_rollback", "true"),
+            ("rollback_min_jobs", "2"),
+            ("rollback_window_jobs", "10"),
+            ("max_concurrent_jobs", "1"),
+        ],
     ));
     for _ in 0..2 {
         let id = h.create("f-exit", serde_json::json!({}), 1);
@@ -628,9 +778,9 @@ fn stage_commands_speak_the_protocol_on_stdout() {
         let r = result_json(&c);
         assert_eq!(r["product"]["title"], "Shell mug", "{r}");
         assert_eq!(r["product"]["description"], "Made by sh", "{r}");
-        let relayed = h.store.events_of(id).expect("events").iter().any(|e| {
-            matches!(&e.event, Event::Progress { percent: 50, message: Some(m), .. } if m == "thinking")
-        });
+        let relayed = h.store.events_of(id).expect("events").iter().any(
+            |e| matches!(&e.event, Event::Progress { percent: 50, message: Some(m), .. } if m == "thinking"),
+        );
         assert!(relayed, "the command's progress reached the log");
         let c = h.wait_terminal(rude, LONG);
         assert_eq!(c.state, State::Failed);
@@ -654,10 +804,17 @@ fn spawn_cost_does_not_grow_with_server_memory() {
     }
     let m = h.controller().metrics_text();
     let value = |name: &str| -> f64 {
-        m.lines().find_map(|l| l.strip_prefix(name)).and_then(|v| v.trim().parse().ok()).expect("metric present")
+        m.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().parse().ok())
+            .expect("metric present")
     };
     let mean = value("atelier_job_spawn_seconds_sum ") / value("atelier_job_spawn_seconds_count ");
-    assert!(mean < 0.020, "mean spawn {mean} s with {} bytes of ballast", std::hint::black_box(&ballast).len());
+    assert!(
+        mean < 0.020,
+        "mean spawn {mean} s with {} bytes of ballast",
+        std::hint::black_box(&ballast).len()
+    );
 }
 
 /// The server dies by SIGKILL mid-job: its worker dies with it (PDEATHSIG), and the next

@@ -13,12 +13,18 @@ use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
 use atelier_engine::{Command, Executor, Stage};
-use atelier_storage::{check, create, execute, AppendOutcome, AppendRequest, AppendTarget, Created, EventStore, SledStore, StoreConfig};
+use atelier_storage::{
+    check, create, execute, AppendOutcome, AppendRequest, AppendTarget, Created, EventStore, SledStore,
+    StoreConfig,
+};
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let arg = |name: &str, default: &str| -> String {
-        args.iter().position(|a| a == name).and_then(|i| args.get(i + 1).cloned()).unwrap_or_else(|| default.to_string())
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1).cloned())
+            .unwrap_or_else(|| default.to_string())
     };
     let seconds: f64 = arg("--seconds", "3").parse().expect("--seconds: a number");
     let replay_events: u64 = arg("--replay-events", "1000000").parse().expect("--replay-events: a count");
@@ -26,14 +32,18 @@ fn main() {
         .split(',')
         .map(|n| n.trim().parse().expect("--appenders: comma-separated counts"))
         .collect();
-    let base = std::path::PathBuf::from(arg("--dir", &std::env::temp_dir().join("atelier-bench-log").display().to_string()));
+    let base = std::path::PathBuf::from(arg(
+        "--dir",
+        &std::env::temp_dir().join("atelier-bench-log").display().to_string(),
+    ));
     let _ = std::fs::remove_dir_all(&base);
 
     let raw = raw_sled_rate(&base.join("raw"), seconds);
     println!("sled raw insert (no flush, 1 thread): {raw:.0}/s");
     let mut results = Vec::new();
     for appenders in levels {
-        let (rate, p50, p99, cpu_us) = durable_appends(&base.join(format!("a{appenders}")), appenders, seconds);
+        let (rate, p50, p99, cpu_us) =
+            durable_appends(&base.join(format!("a{appenders}")), appenders, seconds);
         println!(
             "durable appends, {appenders:>2} appenders: {rate:>8.0}/s  ratio to raw {:.2}  ack p50 {:.2} ms  p99 {:.2} ms  cpu {cpu_us:.1} us/append",
             rate / raw,
@@ -47,7 +57,9 @@ fn main() {
     if n > 0 {
         println!("replay (rebuild snapshots and jobs from the log, checks every checksum and the chain): {n} events at {replay_rate:.0}/s");
         println!("process RSS after writing and replaying {n} events (default cache): {rss_mib:.0} MiB");
-        println!("  the same after malloc_trim (freed heap of earlier phases returned): {rss_trimmed_mib:.0} MiB");
+        println!(
+            "  the same after malloc_trim (freed heap of earlier phases returned): {rss_trimmed_mib:.0} MiB"
+        );
     }
     println!(
         "{}",
@@ -57,7 +69,8 @@ fn main() {
 }
 
 fn raw_sled_rate(dir: &std::path::Path, seconds: f64) -> f64 {
-    let db = sled::Config::new().path(dir).cache_capacity(64 << 20).flush_every_ms(None).open().expect("sled");
+    let db =
+        sled::Config::new().path(dir).cache_capacity(64 << 20).flush_every_ms(None).open().expect("sled");
     let tree = db.open_tree("raw").expect("tree");
     let value = vec![7u8; 64];
     let started = Instant::now();
@@ -108,15 +121,47 @@ fn durable_appends(dir: &std::path::Path, appenders: usize, seconds: f64) -> (f6
                 };
                 let Created::New(c) = create(&*store, new, &ctx()).unwrap().unwrap() else { unreachable!() };
                 let job = store.allocate_job_id().unwrap();
-                execute(&*store, c.id, Command::StartJob { job_id: job, executor: Executor::TaskRunner, job_name: "b".into(), pid: None }, &ctx()).unwrap().unwrap();
-                let mut version = execute(&*store, c.id, Command::EnterStage { job_id: job, stage: Stage::GeneratingIdeas }, &ctx()).unwrap().unwrap().version;
+                execute(
+                    &*store,
+                    c.id,
+                    Command::StartJob {
+                        job_id: job,
+                        executor: Executor::TaskRunner,
+                        job_name: "b".into(),
+                        pid: None,
+                    },
+                    &ctx(),
+                )
+                .unwrap()
+                .unwrap();
+                let mut version = execute(
+                    &*store,
+                    c.id,
+                    Command::EnterStage { job_id: job, stage: Stage::GeneratingIdeas },
+                    &ctx(),
+                )
+                .unwrap()
+                .unwrap()
+                .version;
                 let mut lat = Vec::with_capacity(100_000);
                 barrier.wait();
                 let started = Instant::now();
                 while started.elapsed().as_secs_f64() < seconds {
-                    let ev = atelier_engine::Event::Progress { stage: Stage::GeneratingIdeas, percent: 50, message: None };
+                    let ev = atelier_engine::Event::Progress {
+                        stage: Stage::GeneratingIdeas,
+                        percent: 50,
+                        message: None,
+                    };
                     let t0 = Instant::now();
-                    match store.append(AppendRequest { target: AppendTarget::Existing(c.id), expected_version: version, events: vec![ev], at: 2 }).unwrap() {
+                    match store
+                        .append(AppendRequest {
+                            target: AppendTarget::Existing(c.id),
+                            expected_version: version,
+                            events: vec![ev],
+                            at: 2,
+                        })
+                        .unwrap()
+                    {
                         AppendOutcome::Appended { commission, .. } => version = commission.version,
                         other => panic!("{other:?}"),
                     }
@@ -140,7 +185,10 @@ fn durable_appends(dir: &std::path::Path, appenders: usize, seconds: f64) -> (f6
     let pct = |q: f64| all[((all.len() - 1) as f64 * q) as usize].as_secs_f64();
     let rate = all.len() as f64 / longest.as_secs_f64();
     let (commits, requests) = store.group_commit_totals();
-    eprintln!("  {appenders} appenders: {commits} group commits, mean batch {:.1} requests", requests as f64 / commits.max(1) as f64);
+    eprintln!(
+        "  {appenders} appenders: {commits} group commits, mean batch {:.1} requests",
+        requests as f64 / commits.max(1) as f64
+    );
     store.close();
     (rate, pct(0.5), pct(0.99), cpu.as_secs_f64() * 1e6 / all.len() as f64)
 }
@@ -166,10 +214,18 @@ fn replay(dir: &std::path::Path, events: u64) -> (f64, f64, f64, u64) {
                         idempotency_key: None,
                         max_attempts: 3,
                     };
-                    let Created::New(c) = create(&*store, new, &ctx()).unwrap().unwrap() else { unreachable!() };
+                    let Created::New(c) = create(&*store, new, &ctx()).unwrap().unwrap() else {
+                        unreachable!()
+                    };
                     let mut version = c.version;
                     let job = store.allocate_job_id().unwrap();
-                    let mut evs = vec![atelier_engine::Event::JobStarted { attempt: 1, job_id: job, executor: Executor::TaskRunner, job_name: "b".into(), pid: None }];
+                    let mut evs = vec![atelier_engine::Event::JobStarted {
+                        attempt: 1,
+                        job_id: job,
+                        executor: Executor::TaskRunner,
+                        job_name: "b".into(),
+                        pid: None,
+                    }];
                     for stage in Stage::ALL {
                         evs.push(atelier_engine::Event::StageEntered { stage });
                         for p in [25u8, 50, 75, 100] {
@@ -178,7 +234,15 @@ fn replay(dir: &std::path::Path, events: u64) -> (f64, f64, f64, u64) {
                     }
                     written += 1 + evs.len() as u64;
                     for ev in evs {
-                        match store.append(AppendRequest { target: AppendTarget::Existing(c.id), expected_version: version, events: vec![ev], at: 2 }).unwrap() {
+                        match store
+                            .append(AppendRequest {
+                                target: AppendTarget::Existing(c.id),
+                                expected_version: version,
+                                events: vec![ev],
+                                at: 2,
+                            })
+                            .unwrap()
+                        {
                             AppendOutcome::Appended { commission, .. } => version = commission.version,
                             other => panic!("{other:?}"),
                         }
@@ -211,7 +275,11 @@ fn replay(dir: &std::path::Path, events: u64) -> (f64, f64, f64, u64) {
 fn rss_mib() -> f64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok()))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
         .unwrap_or(0.0)
         / 1024.0
 }

@@ -57,13 +57,19 @@ struct Args {
 fn parse_args() -> Args {
     let args: Vec<String> = std::env::args().collect();
     let arg = |name: &str| args.iter().position(|a| a == name).and_then(|i| args.get(i + 1).cloned());
-    let num = |name: &str, default: usize| arg(name).map_or(default, |v| v.parse().unwrap_or_else(|_| panic!("{name}: a count")));
+    let num = |name: &str, default: usize| {
+        arg(name).map_or(default, |v| v.parse().unwrap_or_else(|_| panic!("{name}: a count")))
+    };
     let exe = arg("--exe").map(PathBuf::from).unwrap_or_else(|| {
         std::env::current_exe().expect("current exe").parent().expect("exe dir").join("atelier")
     });
     Args {
         exe,
-        scenarios: arg("--scenario").unwrap_or_else(|| "latency,hold,storm".into()).split(',').map(|s| s.trim().to_string()).collect(),
+        scenarios: arg("--scenario")
+            .unwrap_or_else(|| "latency,hold,storm".into())
+            .split(',')
+            .map(|s| s.trim().to_string())
+            .collect(),
         runs: num("--runs", 1),
         streams: num("--streams", 100),
         appends: num("--appends", 1000),
@@ -90,7 +96,8 @@ fn raise_fd_limit() -> u64 {
 
 fn start_server(args: &Args) -> (Server, TempDir) {
     let dir = TempDir::new("bench-sse");
-    let server = Server::start(&args.exe, &dir.0, &[("ATELIER_MAX_CONNECTIONS", "20000"), ("RUST_LOG", "warn")]);
+    let server =
+        Server::start(&args.exe, &dir.0, &[("ATELIER_MAX_CONNECTIONS", "20000"), ("RUST_LOG", "warn")]);
     (server, dir)
 }
 
@@ -186,7 +193,10 @@ impl Conn {
             .ok_or_else(|| std::io::Error::other("no content-length"))?;
         let mut buf = vec![0u8; len];
         io.read_exact(&mut buf).await?;
-        if headers.iter().any(|(k, v)| k.eq_ignore_ascii_case("connection") && v.eq_ignore_ascii_case("close")) {
+        if headers
+            .iter()
+            .any(|(k, v)| k.eq_ignore_ascii_case("connection") && v.eq_ignore_ascii_case("close"))
+        {
             self.io = None;
         }
         Ok((status, serde_json::from_slice(&buf).unwrap_or(Value::Null)))
@@ -216,7 +226,8 @@ async fn read_head(io: &mut BufReader<TcpStream>) -> std::io::Result<(u16, Vec<(
 }
 
 fn create_body(i: usize) -> String {
-    json!({"context": {"bench": "sse", "i": i}, "pipeline": "noop", "scheduled_for": SCHEDULED_FOR}).to_string()
+    json!({"context": {"bench": "sse", "i": i}, "pipeline": "noop", "scheduled_for": SCHEDULED_FOR})
+        .to_string()
 }
 
 /// Creates `n` queued commissions with `concurrency` connections; returns ids in creation order.
@@ -234,7 +245,8 @@ async fn create_many(addr: SocketAddr, tok: &str, n: usize, concurrency: usize) 
                 if i >= n {
                     return ids;
                 }
-                let (status, body) = conn.post("/api/commissions", &tok, &create_body(i)).await.expect("create");
+                let (status, body) =
+                    conn.post("/api/commissions", &tok, &create_body(i)).await.expect("create");
                 assert_eq!(status, 201, "create: {body}");
                 ids.push((i, body["task_id"].as_u64().expect("task_id")));
             }
@@ -269,7 +281,12 @@ enum Note {
     Ended,
 }
 
-async fn open_sse(addr: SocketAddr, path: &str, tok: &str, last_event_id: Option<u64>) -> std::io::Result<(u16, BufReader<TcpStream>)> {
+async fn open_sse(
+    addr: SocketAddr,
+    path: &str,
+    tok: &str,
+    last_event_id: Option<u64>,
+) -> std::io::Result<(u16, BufReader<TcpStream>)> {
     let s = TcpStream::connect(addr).await?;
     s.set_nodelay(true)?;
     let mut io = BufReader::with_capacity(STREAM_BUFFER_BYTES, s);
@@ -323,9 +340,20 @@ async fn follow(
                 let recv = Instant::now();
                 let recv_wall_ms = wall_ms();
                 let v: Value = serde_json::from_str(&data).unwrap_or(Value::Null);
-                let at_ms = v["at"].as_str().and_then(atelier_engine::time::parse_rfc3339).map_or(f64::NAN, |m| m as f64);
+                let at_ms = v["at"]
+                    .as_str()
+                    .and_then(atelier_engine::time::parse_rfc3339)
+                    .map_or(f64::NAN, |m| m as f64);
                 let task_id = v["task_id"].as_u64().unwrap_or(0);
-                let _ = tx.send(Note::Event(Receipt { stream, id, kind: std::mem::take(&mut kind), task_id, at_ms, recv, recv_wall_ms }));
+                let _ = tx.send(Note::Event(Receipt {
+                    stream,
+                    id,
+                    kind: std::mem::take(&mut kind),
+                    task_id,
+                    at_ms,
+                    recv,
+                    recv_wall_ms,
+                }));
                 data.clear();
             }
             continue;
@@ -349,7 +377,15 @@ async fn latency(addr: SocketAddr, streams: usize, appends: usize) -> Value {
     let tokens: Vec<String> = users.iter().map(|u| token(u, false)).collect();
     let mut handles = Vec::new();
     for (i, (u, t)) in users.iter().zip(&tokens).enumerate() {
-        handles.push(tokio::spawn(follow(i, addr, format!("/api/commissions/user/{u}/stream"), t.clone(), None, tx.clone(), None)));
+        handles.push(tokio::spawn(follow(
+            i,
+            addr,
+            format!("/api/commissions/user/{u}/stream"),
+            t.clone(),
+            None,
+            tx.clone(),
+            None,
+        )));
     }
     let mut opened = 0;
     while opened < streams {
@@ -369,7 +405,8 @@ async fn latency(addr: SocketAddr, streams: usize, appends: usize) -> Value {
     let mut receipts: HashMap<u64, Receipt> = HashMap::new();
     for i in 0..appends {
         let t_send = Instant::now();
-        let (status, body) = conn.post("/api/commissions", &tokens[i % streams], &create_body(i)).await.expect("create");
+        let (status, body) =
+            conn.post("/api/commissions", &tokens[i % streams], &create_body(i)).await.expect("create");
         let t_ok = Instant::now();
         assert_eq!(status, 201, "create: {body}");
         sent.insert(body["task_id"].as_u64().expect("task_id"), (t_send, t_ok));
@@ -408,12 +445,20 @@ async fn latency(addr: SocketAddr, streams: usize, appends: usize) -> Value {
 
 /// Opens one commission stream per id, at most `limit` handshakes at a time (all at once
 /// without one); the tasks forward what they read to `tx`.
-fn open_all(addr: SocketAddr, tok: &str, ids: &[u64], last: Option<&[u64]>, tx: &mpsc::UnboundedSender<Note>, limit: Option<usize>) -> Vec<tokio::task::JoinHandle<()>> {
+fn open_all(
+    addr: SocketAddr,
+    tok: &str,
+    ids: &[u64],
+    last: Option<&[u64]>,
+    tx: &mpsc::UnboundedSender<Note>,
+    limit: Option<usize>,
+) -> Vec<tokio::task::JoinHandle<()>> {
     let sem = limit.map(|n| Arc::new(Semaphore::new(n)));
     ids.iter()
         .enumerate()
         .map(|(i, id)| {
-            let (path, tok, tx, sem) = (format!("/api/progress/{id}/stream"), tok.to_string(), tx.clone(), sem.clone());
+            let (path, tok, tx, sem) =
+                (format!("/api/progress/{id}/stream"), tok.to_string(), tx.clone(), sem.clone());
             let last_id = last.map(|l| l[i]);
             tokio::spawn(async move {
                 let permit = match sem {
@@ -427,7 +472,11 @@ fn open_all(addr: SocketAddr, tok: &str, ids: &[u64], last: Option<&[u64]>, tx: 
 }
 
 /// Waits until `n` streams reported Opened; returns (opened with 200, other statuses, last open time).
-async fn await_opened(rx: &mut mpsc::UnboundedReceiver<Note>, n: usize, events: &mut Vec<Receipt>) -> (usize, usize, Option<Instant>) {
+async fn await_opened(
+    rx: &mut mpsc::UnboundedReceiver<Note>,
+    n: usize,
+    events: &mut Vec<Receipt>,
+) -> (usize, usize, Option<Instant>) {
     let (mut ok, mut bad, mut last) = (0, 0, None);
     while ok + bad < n {
         match tokio::time::timeout(COLLECT_TIMEOUT, rx.recv()).await {
@@ -480,7 +529,10 @@ async fn hold(addr: SocketAddr, pid: i32, n: usize, burst: usize, burst_concurre
                     return out;
                 }
                 let t_send = Instant::now();
-                let (status, body) = conn.post(&format!("/api/commissions/{}/cancel", ids[i]), &tok, "").await.expect("cancel");
+                let (status, body) = conn
+                    .post(&format!("/api/commissions/{}/cancel", ids[i]), &tok, "")
+                    .await
+                    .expect("cancel");
                 assert_eq!(status, 200, "cancel: {body}");
                 out.push((i, t_send, Instant::now()));
             }
@@ -548,7 +600,9 @@ async fn storm(addr: SocketAddr, pid: i32, n: usize) -> Value {
                 created.insert(r.stream, r.id);
             }
             Ok(Some(_)) => {}
-            Ok(None) | Err(_) => panic!("storm: only {} of {n} streams saw their created event", created.len()),
+            Ok(None) | Err(_) => {
+                panic!("storm: only {} of {n} streams saw their created event", created.len())
+            }
         }
     }
     for h in handles {
@@ -570,7 +624,10 @@ async fn storm(addr: SocketAddr, pid: i32, n: usize) -> Value {
                 if i >= ids.len() {
                     return out;
                 }
-                let (status, body) = conn.post(&format!("/api/commissions/{}/cancel", ids[i]), &tok, "").await.expect("cancel");
+                let (status, body) = conn
+                    .post(&format!("/api/commissions/{}/cancel", ids[i]), &tok, "")
+                    .await
+                    .expect("cancel");
                 assert_eq!(status, 200, "cancel: {body}");
                 out.push((i, body["last_event_id"].as_u64().expect("last_event_id")));
             }
@@ -649,9 +706,38 @@ fn median_of(runs: &[Value], pointer: &str) -> Value {
 
 fn summary(scenario: &str, runs: &[Value]) -> Value {
     let fields: &[&str] = match scenario {
-        "latency" => &["/delivery_after_200_ms/p50", "/delivery_after_200_ms/p99", "/delivery_after_send_ms/p50", "/delivery_after_send_ms/p99", "/delivery_after_at_ms/p99", "/missing"],
-        "hold" => &["/opened", "/open_all_s", "/rss_held_mib", "/threads_held", "/rss_after_burst_mib", "/burst_appends_s", "/burst_last_receipt_s", "/delivery_after_200_ms/p50", "/delivery_after_200_ms/p99", "/delivery_after_send_ms/p99", "/delivery_after_at_ms/p99", "/missing"],
-        _ => &["/resumed", "/all_resumed_s", "/resume_ms/p50", "/resume_ms/p99", "/missing_events", "/extra_or_misordered", "/refused", "/rss_after_mib"],
+        "latency" => &[
+            "/delivery_after_200_ms/p50",
+            "/delivery_after_200_ms/p99",
+            "/delivery_after_send_ms/p50",
+            "/delivery_after_send_ms/p99",
+            "/delivery_after_at_ms/p99",
+            "/missing",
+        ],
+        "hold" => &[
+            "/opened",
+            "/open_all_s",
+            "/rss_held_mib",
+            "/threads_held",
+            "/rss_after_burst_mib",
+            "/burst_appends_s",
+            "/burst_last_receipt_s",
+            "/delivery_after_200_ms/p50",
+            "/delivery_after_200_ms/p99",
+            "/delivery_after_send_ms/p99",
+            "/delivery_after_at_ms/p99",
+            "/missing",
+        ],
+        _ => &[
+            "/resumed",
+            "/all_resumed_s",
+            "/resume_ms/p50",
+            "/resume_ms/p99",
+            "/missing_events",
+            "/extra_or_misordered",
+            "/refused",
+            "/rss_after_mib",
+        ],
     };
     let mut m = serde_json::Map::new();
     for f in fields {

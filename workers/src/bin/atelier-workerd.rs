@@ -43,9 +43,14 @@ fn crash_test_server(dir: &str) -> i32 {
         let store: std::sync::Arc<dyn EventStore> = store;
         let cfg = WorkersConfig::load(Some(CRASH_CONFIG), &|_| None).map_err(|e| e.to_string())?;
         let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-        let _controller = Controller::start(store.clone(), cfg, dir.join("data"), exe).map_err(|e| e.to_string())?;
+        let _controller =
+            Controller::start(store.clone(), cfg, dir.join("data"), exe).map_err(|e| e.to_string())?;
         let now = SystemTime::now().duration_since(UNIX_EPOCH).map_err(|e| e.to_string())?.as_millis();
-        let ctx = Ctx { now: i64::try_from(now).map_err(|e| e.to_string())?, jitter_seed: 1, retry: RetryPolicy::default() };
+        let ctx = Ctx {
+            now: i64::try_from(now).map_err(|e| e.to_string())?,
+            jitter_seed: 1,
+            retry: RetryPolicy::default(),
+        };
         let new = NewCommission {
             user_id: "crash".into(),
             pipeline: "crashy".into(),
@@ -55,7 +60,10 @@ fn crash_test_server(dir: &str) -> i32 {
             idempotency_key: None,
             max_attempts: 3,
         };
-        let id = match atelier_storage::create(&*store, new, &ctx).map_err(|e| e.to_string())?.map_err(|e| e.to_string())? {
+        let id = match atelier_storage::create(&*store, new, &ctx)
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?
+        {
             atelier_storage::Created::New(c) | atelier_storage::Created::Existing(c) => c.id,
         };
         loop {
