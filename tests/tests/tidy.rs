@@ -33,7 +33,10 @@ fn architecture_md_shows_the_real_transition_table() {
 fn ci_runs_the_readme_test_command() {
     let readme = std::fs::read_to_string(root().join("README.md")).unwrap();
     let ci = std::fs::read_to_string(root().join(".ci/run")).unwrap();
-    assert!(readme.contains("cargo test --workspace") && ci.contains("\ncargo test --workspace\n"));
+    let script = std::fs::read_to_string(root().join("scripts/test")).unwrap();
+    assert!(readme.contains("\nscripts/test "), "README's test command is scripts/test");
+    assert!(ci.contains("\nexec scripts/test\n"), ".ci/run runs the README's test command");
+    assert!(script.contains("\ncargo test --workspace\n"), "scripts/test runs every workspace test");
 }
 
 #[test]
