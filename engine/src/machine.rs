@@ -358,43 +358,7 @@ pub fn apply(state: Option<Commission>, env: &Envelope) -> Result<Commission, Re
         return Err(Rejection::VersionGap { expected, got: env.version });
     }
     let mut c = match (state, &env.event) {
-        (
-            None,
-            Event::Created {
-                user_id,
-                pipeline,
-                priority,
-                scheduled_for,
-                context,
-                idempotency_key,
-                max_attempts,
-            },
-        ) => Commission {
-            id: env.commission_id,
-            user_id: user_id.clone(),
-            pipeline: pipeline.clone(),
-            priority: *priority,
-            scheduled_for: *scheduled_for,
-            context: context.clone(),
-            idempotency_key: idempotency_key.clone(),
-            max_attempts: *max_attempts,
-            attempt_budget: *max_attempts,
-            attempt: 0,
-            state: Created,
-            stage: None,
-            stage_progress: [0; 4],
-            message: None,
-            error: None,
-            result: None,
-            artifacts: Vec::new(),
-            active_job: None,
-            cancel_requested: false,
-            next_retry_at: None,
-            created_at: env.at,
-            updated_at: env.at,
-            version: 0,
-            last_seq: 0,
-        },
+        (None, Event::Created { .. }) => new_commission(env),
         (Some(c), _) => c,
         (None, _) => unreachable!("invariant: transition() refuses non-create events for a new commission"),
     };
@@ -456,6 +420,41 @@ pub fn apply(state: Option<Commission>, env: &Envelope) -> Result<Commission, Re
     Ok(c)
 }
 
+/// The commission a `Created` event starts.
+fn new_commission(env: &Envelope) -> Commission {
+    let Event::Created { user_id, pipeline, priority, scheduled_for, context, idempotency_key, max_attempts } =
+        &env.event
+    else {
+        unreachable!("invariant: called for a Created event only")
+    };
+    Commission {
+        id: env.commission_id,
+        user_id: user_id.clone(),
+        pipeline: pipeline.clone(),
+        priority: *priority,
+        scheduled_for: *scheduled_for,
+        context: context.clone(),
+        idempotency_key: idempotency_key.clone(),
+        max_attempts: *max_attempts,
+        attempt_budget: *max_attempts,
+        attempt: 0,
+        state: Created,
+        stage: None,
+        stage_progress: [0; 4],
+        message: None,
+        error: None,
+        result: None,
+        artifacts: Vec::new(),
+        active_job: None,
+        cancel_requested: false,
+        next_retry_at: None,
+        created_at: env.at,
+        updated_at: env.at,
+        version: 0,
+        last_seq: 0,
+    }
+}
+
 /// Turns a command into the events that record it, or a typed rejection. Empty means the
 /// command is already satisfied (a repeated cancel, say).
 pub fn decide(state: Option<&Commission>, cmd: Command, ctx: &Ctx) -> Result<Vec<Event>, Rejection> {
@@ -514,33 +513,9 @@ fn decide_events(state: Option<&Commission>, cmd: Command, ctx: &Ctx) -> Result<
             check_len("uri", &uri, limits::ARTIFACT_URI_BYTES_MAX)?;
             Ok(vec![Event::Artifact { stage, kind, uri }])
         }
-        Command::Complete { job_id, result, job } => {
-            check_job(c, job_id)?;
-            if result.len() > limits::RESULT_BYTES_MAX {
-                return Err(invalid("result", format!("over {} bytes", limits::RESULT_BYTES_MAX)));
-            }
-            if serde_json::from_str::<serde_json::Value>(&result).is_err() {
-                return Err(invalid("result", "not valid JSON".into()));
-            }
-            let mut events = job_finished(job, job_id, JobStatus::Succeeded);
-            events.push(Event::Completed { result });
-            Ok(events)
-        }
+        Command::Complete { job_id, result, job } => complete(c, job_id, result, job),
         Command::FailAttempt { job_id, error, retryable, job } => {
-            if c.active_job != Some(job_id) {
-                return Err(Rejection::StaleJob { active: c.active_job, got: job_id });
-            }
-            let error = truncate(error, limits::ERROR_BYTES_MAX);
-            let mut events = job_finished(job, job_id, JobStatus::Failed);
-            if c.cancel_requested {
-                events.push(Event::Cancelled);
-            } else if retryable && c.attempt < c.max_attempts {
-                let next_retry_at = ctx.now.saturating_add(ctx.retry.backoff_ms(c.attempt, ctx.jitter_seed));
-                events.push(Event::AttemptFailed { attempt: c.attempt, error, retryable, next_retry_at });
-            } else {
-                events.push(Event::Failed { attempt: c.attempt, error, retryable });
-            }
-            Ok(events)
+            fail_attempt(c, ctx, job_id, error, retryable, job)
         }
         Command::RetryDue => match (c.state, c.next_retry_at) {
             (Retrying, Some(t)) if t > ctx.now => Err(Rejection::RetryNotDue { next_retry_at: t }),
@@ -561,30 +536,7 @@ fn decide_events(state: Option<&Commission>, cmd: Command, ctx: &Ctx) -> Result<
                 Ok(vec![Event::CancelRequested, Event::Cancelled])
             }
         }
-        Command::ConfirmCancelled { job } => {
-            if !c.cancel_requested {
-                return Err(invalid("cancel", "no cancel was requested".into()));
-            }
-            let mut events = Vec::new();
-            if let Some(end) = job {
-                if c.active_job != Some(end.job_id) {
-                    return Err(Rejection::StaleJob { active: c.active_job, got: end.job_id });
-                }
-                events.push(Event::JobFinished(end));
-            } else if let Some(active) = c.active_job {
-                events.push(Event::JobFinished(JobEnd {
-                    job_id: active,
-                    status: JobStatus::Killed,
-                    exit_code: None,
-                    signal: None,
-                    error: Some("cancelled".into()),
-                    max_rss_bytes: 0,
-                    cpu_ms: 0,
-                }));
-            }
-            events.push(Event::Cancelled);
-            Ok(events)
-        }
+        Command::ConfirmCancelled { job } => confirm_cancelled(c, job),
         Command::ManualRetry => {
             if c.state != Failed {
                 return Err(Rejection::NotFailed { state: c.state });
@@ -592,6 +544,73 @@ fn decide_events(state: Option<&Commission>, cmd: Command, ctx: &Ctx) -> Result<
             Ok(vec![Event::RetryRequested])
         }
     }
+}
+
+fn complete(
+    c: &Commission,
+    job_id: u64,
+    result: String,
+    job: Option<JobEnd>,
+) -> Result<Vec<Event>, Rejection> {
+    check_job(c, job_id)?;
+    if result.len() > limits::RESULT_BYTES_MAX {
+        return Err(invalid("result", format!("over {} bytes", limits::RESULT_BYTES_MAX)));
+    }
+    if serde_json::from_str::<serde_json::Value>(&result).is_err() {
+        return Err(invalid("result", "not valid JSON".into()));
+    }
+    let mut events = job_finished(job, job_id, JobStatus::Succeeded);
+    events.push(Event::Completed { result });
+    Ok(events)
+}
+
+fn fail_attempt(
+    c: &Commission,
+    ctx: &Ctx,
+    job_id: u64,
+    error: String,
+    retryable: bool,
+    job: Option<JobEnd>,
+) -> Result<Vec<Event>, Rejection> {
+    if c.active_job != Some(job_id) {
+        return Err(Rejection::StaleJob { active: c.active_job, got: job_id });
+    }
+    let error = truncate(error, limits::ERROR_BYTES_MAX);
+    let mut events = job_finished(job, job_id, JobStatus::Failed);
+    if c.cancel_requested {
+        events.push(Event::Cancelled);
+    } else if retryable && c.attempt < c.max_attempts {
+        let next_retry_at = ctx.now.saturating_add(ctx.retry.backoff_ms(c.attempt, ctx.jitter_seed));
+        events.push(Event::AttemptFailed { attempt: c.attempt, error, retryable, next_retry_at });
+    } else {
+        events.push(Event::Failed { attempt: c.attempt, error, retryable });
+    }
+    Ok(events)
+}
+
+fn confirm_cancelled(c: &Commission, job: Option<JobEnd>) -> Result<Vec<Event>, Rejection> {
+    if !c.cancel_requested {
+        return Err(invalid("cancel", "no cancel was requested".into()));
+    }
+    let mut events = Vec::new();
+    if let Some(end) = job {
+        if c.active_job != Some(end.job_id) {
+            return Err(Rejection::StaleJob { active: c.active_job, got: end.job_id });
+        }
+        events.push(Event::JobFinished(end));
+    } else if let Some(active) = c.active_job {
+        events.push(Event::JobFinished(JobEnd {
+            job_id: active,
+            status: JobStatus::Killed,
+            exit_code: None,
+            signal: None,
+            error: Some("cancelled".into()),
+            max_rss_bytes: 0,
+            cpu_ms: 0,
+        }));
+    }
+    events.push(Event::Cancelled);
+    Ok(events)
 }
 
 fn job_finished(job: Option<JobEnd>, job_id: u64, default_status: JobStatus) -> Vec<Event> {
