@@ -8,9 +8,10 @@ use std::time::{Duration, Instant};
 use atelier_engine::{apply, apply_job, Commission, Envelope, Job};
 
 use crate::codec;
+use crate::error::StorageError;
 use crate::layout::{self, Projection, META_COUNTS};
-use crate::sled_store::{decode_record, read_u64, SledStore};
-use crate::StorageError;
+use crate::log::decode_record;
+use crate::sled_store::SledStore;
 
 /// Mismatches listed per projection before the report says "and N more".
 pub const DIFF_LINES_MAX: usize = 20;
@@ -96,7 +97,7 @@ pub fn replay_check(store: &SledStore) -> Result<CheckReport, StorageError> {
     let mut stored: BTreeMap<u64, Commission> = BTreeMap::new();
     for item in t.scan(Projection::Commissions) {
         let (k, v) = item?;
-        let id = read_u64(&k).unwrap_or(0);
+        let id = layout::decode_u64(&k).unwrap_or(0);
         match codec::decode::<Commission>(&v) {
             Ok(c) => {
                 stored.insert(id, c);
@@ -141,7 +142,7 @@ pub fn replay_check(store: &SledStore) -> Result<CheckReport, StorageError> {
     let mut stored_idx = BTreeSet::new();
     for item in t.scan(Projection::ByCommission) {
         let (k, v) = item?;
-        let (cid, first) = (read_u64(&k).unwrap_or(0), read_u64(&k[8..]).unwrap_or(0));
+        let (cid, first) = (layout::decode_u64(&k).unwrap_or(0), layout::decode_u64(&k[8..]).unwrap_or(0));
         let Some(seqs) = layout::decode_run(&v) else {
             diff.push(format!("by_commission: {cid}: the run at version {first} is undecodable"));
             continue;
@@ -155,7 +156,7 @@ pub fn replay_check(store: &SledStore) -> Result<CheckReport, StorageError> {
         let (k, _) = item?;
         let split = k.len().saturating_sub(9);
         let user = String::from_utf8_lossy(&k[..split]).into_owned();
-        stored_users.insert((user, read_u64(&k[split + 1..]).unwrap_or(0)));
+        stored_users.insert((user, layout::decode_u64(&k[split + 1..]).unwrap_or(0)));
     }
     compare_sets(&mut diff, "by_user", &expected_users, &stored_users);
 
@@ -165,7 +166,7 @@ pub fn replay_check(store: &SledStore) -> Result<CheckReport, StorageError> {
         let nul = k.iter().position(|b| *b == 0).unwrap_or(k.len());
         let user = String::from_utf8_lossy(&k[..nul]).into_owned();
         let key = String::from_utf8_lossy(k.get(nul + 1..).unwrap_or_default()).into_owned();
-        stored_idem.insert((user, key), read_u64(&v).unwrap_or(0));
+        stored_idem.insert((user, key), layout::decode_u64(&v).unwrap_or(0));
     }
     let e: BTreeSet<_> = expected_idem.into_iter().collect();
     let s: BTreeSet<_> = stored_idem.into_iter().collect();
@@ -173,7 +174,7 @@ pub fn replay_check(store: &SledStore) -> Result<CheckReport, StorageError> {
 
     let mut stored_live = BTreeSet::new();
     for item in t.scan(Projection::Live) {
-        stored_live.insert(read_u64(&item?.0).unwrap_or(0));
+        stored_live.insert(layout::decode_u64(&item?.0).unwrap_or(0));
     }
     compare_sets(&mut diff, "live", &expected_live, &stored_live);
 
@@ -182,7 +183,7 @@ pub fn replay_check(store: &SledStore) -> Result<CheckReport, StorageError> {
     for item in t.scan(Projection::Jobs) {
         let (k, v) = item?;
         stored_jobs += 1;
-        let id = read_u64(&k).unwrap_or(0);
+        let id = layout::decode_u64(&k).unwrap_or(0);
         match (codec::decode::<Job>(&v), rebuilt.jobs.get(&id)) {
             (Ok(j), Some(r)) if &j == r => {}
             (Ok(_), Some(_)) => lines.push(format!("jobs: {id}: stored record differs from the log")),

@@ -13,7 +13,7 @@
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
-use crate::StorageError;
+use crate::error::StorageError;
 
 /// The futex word waiters sleep on; it changes with every ring.
 #[derive(Default)]
