@@ -42,10 +42,7 @@ fn rebuild_with(store: &SledStore, mut each: impl FnMut(&Envelope)) -> Result<Re
     for item in crate::log::records(&t.log, 1, u64::MAX) {
         let (seq, v) = item?;
         if seq != out.head + 1 {
-            return Err(StorageError::Corruption {
-                seq: out.head + 1,
-                detail: format!("missing: the next record is {seq}"),
-            });
+            return Err(StorageError::corruption(out.head + 1, format!("missing: the next record is {seq}")));
         }
         let (env, next_chain) = decode_record(seq, &v, Some(chain))?;
         chain = next_chain;
@@ -57,10 +54,8 @@ fn rebuild_with(store: &SledStore, mut each: impl FnMut(&Envelope)) -> Result<Re
         out.events += 1;
         each(&env);
         let before = out.commissions.remove(&env.commission_id);
-        let after = apply(before, &env).map_err(|r| StorageError::Corruption {
-            seq,
-            detail: format!("the state machine refuses it: {r}"),
-        })?;
+        let after = apply(before, &env)
+            .map_err(|r| StorageError::corruption(seq, format!("the state machine refuses it: {r}")))?;
         out.commissions.insert(env.commission_id, after);
         let jobs = &out.jobs;
         if let Some((id, job)) = apply_job(|id| jobs.get(&id).cloned(), &env) {
@@ -252,7 +247,7 @@ pub fn export(store: &SledStore, out: &mut dyn Write) -> Result<u64, StorageErro
 /// Loads JSON lines from [`export`] into an empty store.
 pub fn import(store: &SledStore, input: &mut dyn BufRead) -> Result<u64, StorageError> {
     if store.inner().trees.log.first()?.is_some() {
-        return Err(StorageError::Import { line: 0, detail: "the data dir is not empty".into() });
+        return Err(StorageError::import(0, "the data dir is not empty"));
     }
     let mut chunk = Vec::with_capacity(IMPORT_CHUNK_EVENTS);
     let mut n = 0u64;
@@ -261,8 +256,11 @@ pub fn import(store: &SledStore, input: &mut dyn BufRead) -> Result<u64, Storage
         if line.trim().is_empty() {
             continue;
         }
-        let env: Envelope = serde_json::from_str(&line)
-            .map_err(|e| StorageError::Import { line: i + 1, detail: format!("not an event: {e}") })?;
+        let env: Envelope = serde_json::from_str(&line).map_err(|e| StorageError::Import {
+            line: i + 1,
+            detail: format!("not an event: {e}"),
+            source: Some(e),
+        })?;
         chunk.push(env);
         n += 1;
         if chunk.len() == IMPORT_CHUNK_EVENTS {
@@ -279,7 +277,9 @@ pub fn import(store: &SledStore, input: &mut dyn BufRead) -> Result<u64, Storage
 /// Imports one chunk; the writer counts lines within the chunk, so shift them by `base`.
 fn import_chunk(store: &SledStore, chunk: Vec<Envelope>, base: usize) -> Result<(), StorageError> {
     store.import(chunk).map_err(|e| match e {
-        StorageError::Import { line, detail } => StorageError::Import { line: line + base, detail },
+        StorageError::Import { line, detail, source } => {
+            StorageError::Import { line: line + base, detail, source }
+        }
         e => e,
     })
 }

@@ -29,20 +29,22 @@ pub(crate) fn decode_record(
     record: &[u8],
     prev_chain: Option<u32>,
 ) -> Result<(Option<Envelope>, u32), StorageError> {
-    let corrupt = |detail: String| StorageError::Corruption { seq, detail };
-    let (header, payload) = codec::split_record(record).map_err(|e| corrupt(e.to_string()))?;
+    let (header, payload) = codec::split_record(record).map_err(|e| StorageError::undecodable(seq, e))?;
     if let Some(prev) = prev_chain {
         let expected = codec::chain_next(prev, seq, header.crc);
         if expected != header.chain {
-            return Err(corrupt("hash chain broken: the record does not follow its predecessor".into()));
+            return Err(StorageError::corruption(
+                seq,
+                "hash chain broken: the record does not follow its predecessor",
+            ));
         }
     }
     if header.flags & codec::FLAG_PRUNED != 0 {
         return Ok((None, header.chain));
     }
-    let env: Envelope = codec::decode(payload).map_err(|e| corrupt(e.to_string()))?;
+    let env: Envelope = codec::decode(payload).map_err(|e| StorageError::undecodable(seq, e))?;
     if env.seq != seq {
-        return Err(corrupt(format!("record claims seq {}", env.seq)));
+        return Err(StorageError::corruption(seq, format!("record claims seq {}", env.seq)));
     }
     Ok((Some(env), header.chain))
 }
@@ -117,8 +119,7 @@ pub(crate) fn prune(log: &sled::Tree, seqs: impl IntoIterator<Item = u64>) -> Re
         let Some(block) = block_of(log, seq)? else { continue };
         let records = rewritten.entry(block.first).or_insert_with(|| block.records());
         let i = (seq - block.first) as usize;
-        records[i] = codec::prune_record(&records[i])
-            .map_err(|e| StorageError::Corruption { seq, detail: e.to_string() })?;
+        records[i] = codec::prune_record(&records[i]).map_err(|e| StorageError::undecodable(seq, e))?;
     }
     for (first, records) in rewritten {
         log.insert(seq_key(first), codec::frame_block(&records))?;
@@ -148,10 +149,8 @@ struct Block {
 
 impl Block {
     fn parse(key: &[u8], value: sled::IVec) -> Result<Block, StorageError> {
-        let first = key_seq(key)
-            .ok_or(StorageError::Corruption { seq: 0, detail: "a log key is not 8 bytes".into() })?;
-        let ranges = codec::split_block(&value)
-            .map_err(|e| StorageError::Corruption { seq: first, detail: e.to_string() })?;
+        let first = key_seq(key).ok_or_else(|| StorageError::corruption(0, "a log key is not 8 bytes"))?;
+        let ranges = codec::split_block(&value).map_err(|e| StorageError::undecodable(first, e))?;
         Ok(Block { first, value, ranges })
     }
 
@@ -241,10 +240,7 @@ impl Iterator for Records {
                     // A hole between blocks: the gap-free invariant is broken.
                     let seq = self.next;
                     self.next = self.upto.saturating_add(1);
-                    return Some(Err(StorageError::Corruption {
-                        seq,
-                        detail: "the record is missing from the log".into(),
-                    }));
+                    return Some(Err(StorageError::corruption(seq, "the record is missing from the log")));
                 }
                 if let Some(r) = b.record(self.next) {
                     let seq = self.next;

@@ -51,20 +51,20 @@ impl Inner {
             let first = layout::decode_u64(&k[9..]).ok_or_else(bad_run)?;
             let expected = seqs.len() as u64 + 1;
             if first != expected {
-                return Err(StorageError::BadProjection {
-                    tree: Projection::ByCommission.name(),
-                    detail: format!("commission {id}: a run starts at version {first}, expected {expected}"),
-                });
+                return Err(StorageError::bad_projection(
+                    Projection::ByCommission.name(),
+                    format!("commission {id}: a run starts at version {first}, expected {expected}"),
+                ));
             }
             seqs.extend(layout::decode_run(&v).ok_or_else(bad_run)?);
         }
         if let Some((first, pending)) = pending {
             let known = seqs.len() as u64;
             if first > known + 1 {
-                return Err(StorageError::BadProjection {
-                    tree: Projection::ByCommission.name(),
-                    detail: format!("commission {id}: versions {} to {} are missing", known + 1, first - 1),
-                });
+                return Err(StorageError::bad_projection(
+                    Projection::ByCommission.name(),
+                    format!("commission {id}: versions {} to {} are missing", known + 1, first - 1),
+                ));
             }
             let skip = usize::try_from(known + 1 - first).unwrap_or(usize::MAX);
             seqs.extend(pending.into_iter().skip(skip));
@@ -81,10 +81,9 @@ impl Inner {
         let mut out = Vec::new();
         let mut cursor = crate::log::Cursor::new(&self.trees.log);
         for seq in self.seqs_of(id)?.into_iter().take_while(|&s| s <= upto) {
-            let rec = cursor.get(seq)?.ok_or(StorageError::Corruption {
-                seq,
-                detail: "indexed record is missing from the log".into(),
-            })?;
+            let rec = cursor
+                .get(seq)?
+                .ok_or_else(|| StorageError::corruption(seq, "indexed record is missing from the log"))?;
             if let (Some(env), _) = decode_record(seq, &rec, None)? {
                 out.push(env);
             }
@@ -186,8 +185,8 @@ fn fold_deliveries(
     let mut c: Option<Commission> = None;
     for env in events {
         let seq = env.seq;
-        let next = apply(c, &env)
-            .map_err(|r| StorageError::Corruption { seq, detail: format!("refused on replay: {r}") })?;
+        let next =
+            apply(c, &env).map_err(|r| StorageError::corruption(seq, format!("refused on replay: {r}")))?;
         if seq > after && seq <= upto {
             out.push(Delivery { view: Arc::new(ViewAfter::of(&next)), env: Arc::new(env) });
         }
@@ -251,16 +250,15 @@ impl History for Inner {
                                 if e.version >= env.version {
                                     break;
                                 }
-                                c = Some(apply(c, &e).map_err(|r| StorageError::Corruption {
-                                    seq: e.seq,
-                                    detail: r.to_string(),
-                                })?);
+                                c = Some(
+                                    apply(c, &e)
+                                        .map_err(|r| StorageError::corruption(e.seq, r.to_string()))?,
+                                );
                             }
                             c
                         }
                     };
-                    let next = apply(prev, &env)
-                        .map_err(|r| StorageError::Corruption { seq, detail: r.to_string() })?;
+                    let next = apply(prev, &env).map_err(|r| StorageError::corruption(seq, r.to_string()))?;
                     out.push(Delivery { view: Arc::new(ViewAfter::of(&next)), env: Arc::new(env) });
                     cache.insert(next.id, next);
                 }

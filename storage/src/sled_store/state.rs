@@ -127,14 +127,14 @@ impl Unflushed {
 }
 
 pub(super) fn bad(p: Projection) -> impl Fn(CodecError) -> StorageError {
-    move |e| StorageError::BadProjection { tree: p.name(), detail: e.to_string() }
+    move |e| StorageError::undecodable_projection(p.name(), e)
 }
 
 pub(super) fn bad_run() -> StorageError {
-    StorageError::BadProjection {
-        tree: Projection::ByCommission.name(),
-        detail: "a run of seqs is not a multiple of 8 bytes".into(),
-    }
+    StorageError::bad_projection(
+        Projection::ByCommission.name(),
+        "a run of seqs is not a multiple of 8 bytes",
+    )
 }
 
 pub(super) fn fdatasync(f: &File) -> Result<(), StorageError> {

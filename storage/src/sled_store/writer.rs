@@ -128,9 +128,8 @@ impl Writer {
                 }
                 let before = self.snapshot(&staged, env.commission_id)?;
                 let before_state = before.as_ref().map(|c| c.state);
-                let after = apply(before, &env).map_err(|r| StorageError::Corruption {
-                    seq,
-                    detail: format!("the state machine refuses it: {r}"),
+                let after = apply(before, &env).map_err(|r| {
+                    StorageError::corruption(seq, format!("the state machine refuses it: {r}"))
                 })?;
                 let step = Step { before: before_state, after: after.state, view: ViewAfter::of(&after) };
                 self.project(&mut staged, env, step)?;
@@ -147,7 +146,7 @@ impl Writer {
     }
 
     pub(super) fn run(mut self, rx: Receiver<Request>, durability: Durability) {
-        let mut poisoned: Option<String> = None;
+        let mut poisoned: Option<Arc<StorageError>> = None;
         let sync_every = match durability {
             Durability::Sync => Duration::from_secs(3600),
             Durability::Periodic { interval_ms } => Duration::from_millis(interval_ms.max(1)),
@@ -163,13 +162,13 @@ impl Writer {
                     if poisoned.is_none() {
                         if let Err(e) = self.flush_projections() {
                             tracing::error!(error = %e, "projection flush failed; the store refuses further writes");
-                            poisoned = Some(e.to_string());
+                            poisoned = Some(Arc::new(e));
                         }
                     }
                     if dirty && poisoned.is_none() && last_sync.elapsed() >= sync_every {
                         if let Err(e) = self.sync() {
                             tracing::error!(error = %e, "periodic sync failed; the store refuses further writes");
-                            poisoned = Some(e.to_string());
+                            poisoned = Some(Arc::new(e));
                         }
                         dirty = false;
                         last_sync = Instant::now();
@@ -192,12 +191,13 @@ impl Writer {
                 continue;
             }
             if let Err(e) = self.commit(batch, durability) {
-                tracing::error!(error = %e, "log commit failed; the store refuses further writes");
-                poisoned = Some(e.to_string());
+                let cause = cause_of(e);
+                tracing::error!(error = %cause, "log commit failed; the store refuses further writes");
+                poisoned = Some(cause);
             } else if self.projection_flush_due() {
                 if let Err(e) = self.flush_projections() {
                     tracing::error!(error = %e, "projection flush failed; the store refuses further writes");
-                    poisoned = Some(e.to_string());
+                    poisoned = Some(Arc::new(e));
                 }
             }
             if let Durability::Periodic { .. } = durability {
@@ -205,7 +205,7 @@ impl Writer {
                 if last_sync.elapsed() >= sync_every {
                     if let Err(e) = self.sync() {
                         tracing::error!(error = %e, "periodic sync failed; the store refuses further writes");
-                        poisoned = Some(e.to_string());
+                        poisoned = Some(Arc::new(e));
                     }
                     dirty = false;
                     last_sync = Instant::now();
@@ -255,10 +255,11 @@ impl Writer {
                 Ok(())
             })();
             if let Err(e) = written {
+                let cause = Arc::new(e);
                 for (req, _) in acks {
-                    fail(req, || StorageError::Poisoned(e.to_string()));
+                    fail(req, || StorageError::Poisoned(cause.clone()));
                 }
-                return Err(e);
+                return Err(StorageError::Poisoned(cause));
             }
             let deliveries = std::mem::take(&mut staged.deliveries);
             self.publish_projections(staged)?;
@@ -359,9 +360,11 @@ impl Writer {
                         None => self.inner.trees.proj.get(key)?.and_then(|v| layout::decode_u64(&v)),
                     };
                     if let Some(id) = existing {
-                        let commission = self.snapshot(staged, id)?.ok_or(StorageError::BadProjection {
-                            tree: Projection::Idempotency.name(),
-                            detail: format!("points at missing commission {id}"),
+                        let commission = self.snapshot(staged, id)?.ok_or_else(|| {
+                            StorageError::bad_projection(
+                                Projection::Idempotency.name(),
+                                format!("points at missing commission {id}"),
+                            )
                         })?;
                         return Ok(AppendOutcome::Duplicate { commission });
                     }
@@ -426,23 +429,21 @@ impl Writer {
         for (i, env) in envs.iter().enumerate() {
             let line = i + 1;
             if env.seq != self.head + 1 {
-                return Err(StorageError::Import {
+                return Err(StorageError::import(
                     line,
-                    detail: format!("seq {} does not follow {}", env.seq, self.head),
-                });
+                    format!("seq {} does not follow {}", env.seq, self.head),
+                ));
             }
             let before = self.snapshot(staged, env.commission_id)?;
             let before_state = before.as_ref().map(|c| c.state);
-            let after = apply(before, env).map_err(|r| StorageError::Import {
-                line,
-                detail: format!("refused by the state machine: {r}"),
-            })?;
+            let after = apply(before, env)
+                .map_err(|r| StorageError::import(line, format!("refused by the state machine: {r}")))?;
             if before_state.is_none() {
                 if env.commission_id < self.next_cid {
-                    return Err(StorageError::Import {
+                    return Err(StorageError::import(
                         line,
-                        detail: format!("commission id {} reused", env.commission_id),
-                    });
+                        format!("commission id {} reused", env.commission_id),
+                    ));
                 }
                 self.next_cid = env.commission_id + 1;
                 if let Some(k) = &after.idempotency_key {
@@ -596,5 +597,14 @@ fn fail(req: Request, err: impl Fn() -> StorageError) {
         Request::Import(_, ack) => ack.send(Err(err())),
         Request::Prune(_, ack) => ack.send(Err(err())),
         Request::FlushProjections(ack) => ack.send(Err(err())),
+    }
+}
+
+/// The failure that poisons the store: a commit that failed its acknowledgements already
+/// wrapped its cause (shared by them), which is what later refusals carry too.
+fn cause_of(e: StorageError) -> Arc<StorageError> {
+    match e {
+        StorageError::Poisoned(cause) => cause,
+        e => Arc::new(e),
     }
 }
