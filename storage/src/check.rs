@@ -11,7 +11,7 @@ use crate::codec;
 use crate::error::StorageError;
 use crate::layout::{self, Projection, META_COUNTS};
 use crate::log::decode_record;
-use crate::sled_store::SledStore;
+use crate::sled_store::{SledStore, Trees};
 
 /// Mismatches listed per projection before the report says "and N more".
 pub const DIFF_LINES_MAX: usize = 20;
@@ -88,7 +88,29 @@ pub fn replay_check(store: &SledStore) -> Result<CheckReport, StorageError> {
     let t = &store.inner().trees;
     let mut diff = Vec::new();
 
-    // Snapshots.
+    diff_snapshots(t, &rebuilt, &mut diff)?;
+    let expected = Expected::of(&rebuilt, expected_idx);
+    diff_indexes(t, &expected, &mut diff)?;
+    diff_jobs(t, &rebuilt, &mut diff)?;
+    let stored_counts: [u64; 10] = match t.meta(META_COUNTS)? {
+        Some(v) => codec::decode(&v).unwrap_or([u64::MAX; 10]),
+        None => [0; 10],
+    };
+    if stored_counts != expected.counts && rebuilt.pruned == 0 {
+        diff.push(format!("meta: state counts stored {stored_counts:?} != rebuilt {:?}", expected.counts));
+    }
+    Ok(CheckReport {
+        events: rebuilt.events,
+        pruned: rebuilt.pruned,
+        commissions: rebuilt.commissions.len(),
+        jobs: rebuilt.jobs.len(),
+        elapsed: started.elapsed(),
+        diff,
+    })
+}
+
+/// Stored snapshots against rebuilt ones.
+fn diff_snapshots(t: &Trees, rebuilt: &Rebuilt, diff: &mut Vec<String>) -> Result<(), StorageError> {
     let mut stored: BTreeMap<u64, Commission> = BTreeMap::new();
     for item in t.scan(Projection::Commissions) {
         let (k, v) = item?;
@@ -118,22 +140,43 @@ pub fn replay_check(store: &SledStore) -> Result<CheckReport, StorageError> {
     for id in stored.keys().filter(|id| !rebuilt.commissions.contains_key(id)) {
         lines.push(format!("commissions: {id}: stored but not in the log"));
     }
-    push_limited(&mut diff, lines);
+    push_limited(diff, lines);
 
-    let mut expected_users = BTreeSet::new();
-    let mut expected_idem = BTreeMap::new();
-    let mut expected_live = BTreeSet::new();
-    let mut counts = [0u64; 10];
-    for c in rebuilt.commissions.values() {
-        expected_users.insert((c.user_id.clone(), c.id));
-        if let Some(k) = &c.idempotency_key {
-            expected_idem.insert((c.user_id.clone(), k.clone()), c.id);
+    Ok(())
+}
+
+/// The index entries and counts the rebuilt snapshots imply.
+struct Expected {
+    /// `(commission, version, seq)` of every event in the log.
+    by_commission: BTreeSet<(u64, u64, u64)>,
+    users: BTreeSet<(String, u64)>,
+    idempotency: BTreeSet<((String, String), u64)>,
+    live: BTreeSet<u64>,
+    counts: [u64; 10],
+}
+
+impl Expected {
+    fn of(rebuilt: &Rebuilt, by_commission: BTreeSet<(u64, u64, u64)>) -> Expected {
+        let mut users = BTreeSet::new();
+        let mut idempotency = BTreeMap::new();
+        let mut live = BTreeSet::new();
+        let mut counts = [0u64; 10];
+        for c in rebuilt.commissions.values() {
+            users.insert((c.user_id.clone(), c.id));
+            if let Some(k) = &c.idempotency_key {
+                idempotency.insert((c.user_id.clone(), k.clone()), c.id);
+            }
+            if !c.state.is_terminal() {
+                live.insert(c.id);
+            }
+            counts[c.state as usize] += 1;
         }
-        if !c.state.is_terminal() {
-            expected_live.insert(c.id);
-        }
-        counts[c.state as usize] += 1;
+        Expected { by_commission, users, idempotency: idempotency.into_iter().collect(), live, counts }
     }
+}
+
+/// The stored indexes (by commission, by user, idempotency, live) against the expected ones.
+fn diff_indexes(t: &Trees, expected: &Expected, diff: &mut Vec<String>) -> Result<(), StorageError> {
     let mut stored_idx = BTreeSet::new();
     for item in t.scan(Projection::ByCommission) {
         let (k, v) = item?;
@@ -144,7 +187,7 @@ pub fn replay_check(store: &SledStore) -> Result<CheckReport, StorageError> {
         };
         stored_idx.extend(seqs.zip(first..).map(|(seq, version)| (cid, version, seq)));
     }
-    compare_sets(&mut diff, "by_commission", &expected_idx, &stored_idx);
+    compare_sets(diff, "by_commission", &expected.by_commission, &stored_idx);
 
     let mut stored_users = BTreeSet::new();
     for item in t.scan(Projection::ByUser) {
@@ -153,7 +196,7 @@ pub fn replay_check(store: &SledStore) -> Result<CheckReport, StorageError> {
         let user = String::from_utf8_lossy(&k[..split]).into_owned();
         stored_users.insert((user, layout::decode_u64(&k[split + 1..]).unwrap_or(0)));
     }
-    compare_sets(&mut diff, "by_user", &expected_users, &stored_users);
+    compare_sets(diff, "by_user", &expected.users, &stored_users);
 
     let mut stored_idem = BTreeMap::new();
     for item in t.scan(Projection::Idempotency) {
@@ -163,16 +206,20 @@ pub fn replay_check(store: &SledStore) -> Result<CheckReport, StorageError> {
         let key = String::from_utf8_lossy(k.get(nul + 1..).unwrap_or_default()).into_owned();
         stored_idem.insert((user, key), layout::decode_u64(&v).unwrap_or(0));
     }
-    let e: BTreeSet<_> = expected_idem.into_iter().collect();
-    let s: BTreeSet<_> = stored_idem.into_iter().collect();
-    compare_sets(&mut diff, "idempotency", &e, &s);
+    let stored_idem: BTreeSet<_> = stored_idem.into_iter().collect();
+    compare_sets(diff, "idempotency", &expected.idempotency, &stored_idem);
 
     let mut stored_live = BTreeSet::new();
     for item in t.scan(Projection::Live) {
         stored_live.insert(layout::decode_u64(&item?.0).unwrap_or(0));
     }
-    compare_sets(&mut diff, "live", &expected_live, &stored_live);
+    compare_sets(diff, "live", &expected.live, &stored_live);
 
+    Ok(())
+}
+
+/// Stored job records against rebuilt ones.
+fn diff_jobs(t: &Trees, rebuilt: &Rebuilt, diff: &mut Vec<String>) -> Result<(), StorageError> {
     let mut lines = Vec::new();
     let mut stored_jobs = 0usize;
     for item in t.scan(Projection::Jobs) {
@@ -189,23 +236,9 @@ pub fn replay_check(store: &SledStore) -> Result<CheckReport, StorageError> {
     if stored_jobs < rebuilt.jobs.len() {
         lines.push(format!("jobs: {} records missing", rebuilt.jobs.len() - stored_jobs));
     }
-    push_limited(&mut diff, lines);
+    push_limited(diff, lines);
 
-    let stored_counts: [u64; 10] = match t.meta(META_COUNTS)? {
-        Some(v) => codec::decode(&v).unwrap_or([u64::MAX; 10]),
-        None => [0; 10],
-    };
-    if stored_counts != counts && rebuilt.pruned == 0 {
-        diff.push(format!("meta: state counts stored {stored_counts:?} != rebuilt {counts:?}"));
-    }
-    Ok(CheckReport {
-        events: rebuilt.events,
-        pruned: rebuilt.pruned,
-        commissions: rebuilt.commissions.len(),
-        jobs: rebuilt.jobs.len(),
-        elapsed: started.elapsed(),
-        diff,
-    })
+    Ok(())
 }
 
 fn compare_sets<T: Ord + std::fmt::Debug>(

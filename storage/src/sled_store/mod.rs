@@ -12,10 +12,17 @@
 //! Projections are caches of the log, caught up from the log at open. What changes with
 //! every event (snapshots, the by-commission index, counts) is written back: kept in memory,
 //! where readers look first, and written to the tree with `projected_seq` in one atomic batch
-//! every [`PROJECTION_FLUSH_INTERVAL_MS`] (or sooner, see the other `PROJECTION_*` limits).
+//! every [`writer::PROJECTION_FLUSH_INTERVAL_MS`] (or sooner, see the other `PROJECTION_*`
+//! limits).
 //! Index entries that change rarely (by user, idempotency, live, jobs) are written at once
 //! after each durable batch. Durability of the log is untouched: in `Durability::Sync` no
 //! append is acknowledged before its records are flushed and fdatasynced.
+//!
+//! The files, each importing only those below it: this one is the [`SledStore`] handle and
+//! its [`EventStore`] glue; `open` (lock, sled, schema migrations, catch-up) builds the
+//! `writer` (group commit, write-back, retention) over the `state` that it shares with `read`
+//! (snapshots, history, listings); `config` and `lock` sit at the bottom. How a seq becomes
+//! a log key, and how a log value becomes records, is `crate::log`'s alone.
 
 mod config;
 mod lock;
@@ -38,7 +45,7 @@ use crate::subscribe::{Filter, Subscription};
 pub use config::{Durability, StoreConfig, CACHE_CAPACITY_BYTES_DEFAULT};
 pub use open::SCHEMA_VERSION;
 pub use read::LIST_LIMIT_MAX;
-pub(crate) use state::Inner;
+pub(crate) use state::{Inner, Trees};
 use writer::{Request, WRITER_QUEUE_REQUESTS_MAX};
 
 pub struct SledStore {
