@@ -148,4 +148,41 @@ mod tests {
             (0..15).collect::<Vec<_>>()
         );
     }
+
+    #[test]
+    fn no_wake_up_is_lost_when_replies_race_the_waiters() {
+        // Replies sent while their waiters are between checking the slot and sleeping: a lost
+        // wake-up would hang this test.
+        let bell = Arc::new(Bell::default());
+        let (tx, rx) = crossbeam_channel::unbounded::<ReplyTx<u32>>();
+        let writer = std::thread::spawn(move || {
+            let mut group = Vec::new();
+            while let Ok(ack) = rx.recv() {
+                group.push(ack);
+                group.extend(rx.try_iter());
+                let mut bell = None;
+                for (i, ack) in group.drain(..).enumerate() {
+                    bell = Some(ack.send_quiet(Ok(i as u32)));
+                }
+                bell.expect("a group of at least one").ring();
+            }
+        });
+        let waiters: Vec<_> = (0..8)
+            .map(|_| {
+                let (bell, tx) = (bell.clone(), tx.clone());
+                std::thread::spawn(move || {
+                    for _ in 0..2_000 {
+                        let (ack, rx) = reply::<u32>(&bell);
+                        tx.send(ack).expect("the writer runs");
+                        rx.recv().expect("a reply");
+                    }
+                })
+            })
+            .collect();
+        for w in waiters {
+            w.join().expect("waiter");
+        }
+        drop(tx);
+        writer.join().expect("writer");
+    }
 }
