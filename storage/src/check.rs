@@ -54,8 +54,9 @@ fn rebuild_with(store: &SledStore, mut each: impl FnMut(&Envelope)) -> Result<Re
         out.events += 1;
         each(&env);
         let before = out.commissions.remove(&env.commission_id);
-        let after = apply(before, &env)
-            .map_err(|r| StorageError::corruption(seq, format!("the state machine refuses it: {r}")))?;
+        let after = apply(before, &env).map_err(|r| {
+            StorageError::corruption_from(seq, format!("the state machine refuses it: {r}"), r)
+        })?;
         out.commissions.insert(env.commission_id, after);
         let jobs = &out.jobs;
         if let Some((id, job)) = apply_job(|id| jobs.get(&id).cloned(), &env) {
@@ -289,11 +290,8 @@ pub fn import(store: &SledStore, input: &mut dyn BufRead) -> Result<u64, Storage
         if line.trim().is_empty() {
             continue;
         }
-        let env: Envelope = serde_json::from_str(&line).map_err(|e| StorageError::Import {
-            line: i + 1,
-            detail: format!("not an event: {e}"),
-            source: Some(e),
-        })?;
+        let env: Envelope = serde_json::from_str(&line)
+            .map_err(|e| StorageError::import_from(i + 1, format!("not an event: {e}"), e))?;
         chunk.push(env);
         n += 1;
         if chunk.len() == IMPORT_CHUNK_EVENTS {

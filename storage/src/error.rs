@@ -21,8 +21,9 @@ pub enum StorageError {
     Corruption {
         seq: u64,
         detail: String,
-        /// The codec's verdict, when the record's bytes did not decode.
-        source: Option<CodecError>,
+        /// Why, when another layer said so: the codec refused the record's bytes
+        /// ([`CodecError`]), or the state machine refused its event (`Rejection`).
+        source: Option<Box<dyn std::error::Error + Send + Sync>>,
     },
     /// A projection record cannot be decoded (it can be rebuilt from the log).
     BadProjection {
@@ -54,8 +55,9 @@ pub enum StorageError {
     Import {
         line: usize,
         detail: String,
-        /// The JSON parser's verdict, when the line is not an event.
-        source: Option<serde_json::Error>,
+        /// Why, when another layer said so: the line is not JSON of an event
+        /// (`serde_json::Error`), or the state machine refused the event (`Rejection`).
+        source: Option<Box<dyn std::error::Error + Send + Sync>>,
     },
 }
 
@@ -65,9 +67,18 @@ impl StorageError {
         StorageError::Corruption { seq, detail: detail.into(), source: None }
     }
 
+    /// A log record that another layer refused, `source` saying why.
+    pub(crate) fn corruption_from(
+        seq: u64,
+        detail: impl Into<String>,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> StorageError {
+        StorageError::Corruption { seq, detail: detail.into(), source: Some(Box::new(source)) }
+    }
+
     /// A log record whose bytes the codec refused.
     pub(crate) fn undecodable(seq: u64, source: CodecError) -> StorageError {
-        StorageError::Corruption { seq, detail: source.to_string(), source: Some(source) }
+        StorageError::corruption_from(seq, source.to_string(), source)
     }
 
     /// A projection value that is inconsistent in a way the codec did not see.
@@ -83,6 +94,15 @@ impl StorageError {
     /// An import line that cannot be loaded.
     pub(crate) fn import(line: usize, detail: impl Into<String>) -> StorageError {
         StorageError::Import { line, detail: detail.into(), source: None }
+    }
+
+    /// An import line that another layer refused, `source` saying why.
+    pub(crate) fn import_from(
+        line: usize,
+        detail: impl Into<String>,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> StorageError {
+        StorageError::Import { line, detail: detail.into(), source: Some(Box::new(source)) }
     }
 }
 
@@ -119,11 +139,11 @@ impl std::error::Error for StorageError {
         match self {
             StorageError::Io { source, .. } => Some(source),
             StorageError::Sled(e) => Some(e),
-            StorageError::Corruption { source, .. } | StorageError::BadProjection { source, .. } => {
-                source.as_ref().map(|e| e as _)
+            StorageError::Corruption { source, .. } | StorageError::Import { source, .. } => {
+                source.as_ref().map(|e| &**e as _)
             }
+            StorageError::BadProjection { source, .. } => source.as_ref().map(|e| e as _),
             StorageError::Poisoned(e) => Some(&**e),
-            StorageError::Import { source, .. } => source.as_ref().map(|e| e as _),
             StorageError::NewerSchema { .. }
             | StorageError::Locked { .. }
             | StorageError::Closed
@@ -163,6 +183,11 @@ mod tests {
         );
         let inner = poisoned.source().expect("the failed commit").downcast_ref::<StorageError>();
         assert!(matches!(inner, Some(StorageError::Corruption { seq: 7, .. })));
+
+        let refused =
+            StorageError::corruption_from(3, "refused on replay", atelier_engine::Rejection::NotFound);
+        let source = refused.source().and_then(|s| s.downcast_ref::<atelier_engine::Rejection>());
+        assert!(matches!(source, Some(atelier_engine::Rejection::NotFound)));
 
         let io = io("fdatasync")(std::io::Error::from(std::io::ErrorKind::StorageFull));
         let kind = io.source().and_then(|s| s.downcast_ref::<std::io::Error>()).map(|e| e.kind());

@@ -185,8 +185,8 @@ fn fold_deliveries(
     let mut c: Option<Commission> = None;
     for env in events {
         let seq = env.seq;
-        let next =
-            apply(c, &env).map_err(|r| StorageError::corruption(seq, format!("refused on replay: {r}")))?;
+        let next = apply(c, &env)
+            .map_err(|r| StorageError::corruption_from(seq, format!("refused on replay: {r}"), r))?;
         if seq > after && seq <= upto {
             out.push(Delivery { view: Arc::new(ViewAfter::of(&next)), env: Arc::new(env) });
         }
@@ -250,15 +250,16 @@ impl History for Inner {
                                 if e.version >= env.version {
                                     break;
                                 }
-                                c = Some(
-                                    apply(c, &e)
-                                        .map_err(|r| StorageError::corruption(e.seq, r.to_string()))?,
-                                );
+                                c =
+                                    Some(apply(c, &e).map_err(|r| {
+                                        StorageError::corruption_from(e.seq, r.to_string(), r)
+                                    })?);
                             }
                             c
                         }
                     };
-                    let next = apply(prev, &env).map_err(|r| StorageError::corruption(seq, r.to_string()))?;
+                    let next = apply(prev, &env)
+                        .map_err(|r| StorageError::corruption_from(seq, r.to_string(), r))?;
                     out.push(Delivery { view: Arc::new(ViewAfter::of(&next)), env: Arc::new(env) });
                     cache.insert(next.id, next);
                 }

@@ -129,7 +129,7 @@ impl Writer {
                 let before = self.snapshot(&staged, env.commission_id)?;
                 let before_state = before.as_ref().map(|c| c.state);
                 let after = apply(before, &env).map_err(|r| {
-                    StorageError::corruption(seq, format!("the state machine refuses it: {r}"))
+                    StorageError::corruption_from(seq, format!("the state machine refuses it: {r}"), r)
                 })?;
                 let step = Step { before: before_state, after: after.state, view: ViewAfter::of(&after) };
                 self.project(&mut staged, env, step)?;
@@ -436,8 +436,9 @@ impl Writer {
             }
             let before = self.snapshot(staged, env.commission_id)?;
             let before_state = before.as_ref().map(|c| c.state);
-            let after = apply(before, env)
-                .map_err(|r| StorageError::import(line, format!("refused by the state machine: {r}")))?;
+            let after = apply(before, env).map_err(|r| {
+                StorageError::import_from(line, format!("refused by the state machine: {r}"), r)
+            })?;
             if before_state.is_none() {
                 if env.commission_id < self.next_cid {
                     return Err(StorageError::import(
