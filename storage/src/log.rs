@@ -17,7 +17,7 @@ fn seq_key(seq: u64) -> [u8; 8] {
     seq.to_be_bytes()
 }
 
-/// The seq a log key stands for; `None` if it is not 8 bytes.
+/// The seq a log key stands for; `None` if it is shorter than 8 bytes.
 fn key_seq(key: &[u8]) -> Option<u64> {
     Some(u64::from_be_bytes(key.get(..8)?.try_into().ok()?))
 }
