@@ -8,9 +8,10 @@ use std::time::{Duration, Instant};
 use atelier_engine::{apply, apply_job, Commission, Envelope, Job};
 
 use crate::codec;
+use crate::error::StorageError;
 use crate::layout::{self, Projection, META_COUNTS};
-use crate::sled_store::{decode_record, read_u64, SledStore};
-use crate::StorageError;
+use crate::log::decode_record;
+use crate::sled_store::{SledStore, Trees};
 
 /// Mismatches listed per projection before the report says "and N more".
 pub const DIFF_LINES_MAX: usize = 20;
@@ -41,10 +42,7 @@ fn rebuild_with(store: &SledStore, mut each: impl FnMut(&Envelope)) -> Result<Re
     for item in crate::log::records(&t.log, 1, u64::MAX) {
         let (seq, v) = item?;
         if seq != out.head + 1 {
-            return Err(StorageError::Corruption {
-                seq: out.head + 1,
-                detail: format!("missing: the next record is {seq}"),
-            });
+            return Err(StorageError::corruption(out.head + 1, format!("missing: the next record is {seq}")));
         }
         let (env, next_chain) = decode_record(seq, &v, Some(chain))?;
         chain = next_chain;
@@ -56,9 +54,8 @@ fn rebuild_with(store: &SledStore, mut each: impl FnMut(&Envelope)) -> Result<Re
         out.events += 1;
         each(&env);
         let before = out.commissions.remove(&env.commission_id);
-        let after = apply(before, &env).map_err(|r| StorageError::Corruption {
-            seq,
-            detail: format!("the state machine refuses it: {r}"),
+        let after = apply(before, &env).map_err(|r| {
+            StorageError::corruption_from(seq, format!("the state machine refuses it: {r}"), r)
         })?;
         out.commissions.insert(env.commission_id, after);
         let jobs = &out.jobs;
@@ -92,11 +89,33 @@ pub fn replay_check(store: &SledStore) -> Result<CheckReport, StorageError> {
     let t = &store.inner().trees;
     let mut diff = Vec::new();
 
-    // Snapshots.
+    diff_snapshots(t, &rebuilt, &mut diff)?;
+    let expected = Expected::of(&rebuilt, expected_idx);
+    diff_indexes(t, &expected, &mut diff)?;
+    diff_jobs(t, &rebuilt, &mut diff)?;
+    let stored_counts: [u64; 10] = match t.meta(META_COUNTS)? {
+        Some(v) => codec::decode(&v).unwrap_or([u64::MAX; 10]),
+        None => [0; 10],
+    };
+    if stored_counts != expected.counts && rebuilt.pruned == 0 {
+        diff.push(format!("meta: state counts stored {stored_counts:?} != rebuilt {:?}", expected.counts));
+    }
+    Ok(CheckReport {
+        events: rebuilt.events,
+        pruned: rebuilt.pruned,
+        commissions: rebuilt.commissions.len(),
+        jobs: rebuilt.jobs.len(),
+        elapsed: started.elapsed(),
+        diff,
+    })
+}
+
+/// Stored snapshots against rebuilt ones.
+fn diff_snapshots(t: &Trees, rebuilt: &Rebuilt, diff: &mut Vec<String>) -> Result<(), StorageError> {
     let mut stored: BTreeMap<u64, Commission> = BTreeMap::new();
     for item in t.scan(Projection::Commissions) {
         let (k, v) = item?;
-        let id = read_u64(&k).unwrap_or(0);
+        let id = layout::decode_u64(&k).unwrap_or(0);
         match codec::decode::<Commission>(&v) {
             Ok(c) => {
                 stored.insert(id, c);
@@ -122,42 +141,63 @@ pub fn replay_check(store: &SledStore) -> Result<CheckReport, StorageError> {
     for id in stored.keys().filter(|id| !rebuilt.commissions.contains_key(id)) {
         lines.push(format!("commissions: {id}: stored but not in the log"));
     }
-    push_limited(&mut diff, lines);
+    push_limited(diff, lines);
 
-    let mut expected_users = BTreeSet::new();
-    let mut expected_idem = BTreeMap::new();
-    let mut expected_live = BTreeSet::new();
-    let mut counts = [0u64; 10];
-    for c in rebuilt.commissions.values() {
-        expected_users.insert((c.user_id.clone(), c.id));
-        if let Some(k) = &c.idempotency_key {
-            expected_idem.insert((c.user_id.clone(), k.clone()), c.id);
+    Ok(())
+}
+
+/// The index entries and counts the rebuilt snapshots imply.
+struct Expected {
+    /// `(commission, version, seq)` of every event in the log.
+    by_commission: BTreeSet<(u64, u64, u64)>,
+    users: BTreeSet<(String, u64)>,
+    idempotency: BTreeSet<((String, String), u64)>,
+    live: BTreeSet<u64>,
+    counts: [u64; 10],
+}
+
+impl Expected {
+    fn of(rebuilt: &Rebuilt, by_commission: BTreeSet<(u64, u64, u64)>) -> Expected {
+        let mut users = BTreeSet::new();
+        let mut idempotency = BTreeMap::new();
+        let mut live = BTreeSet::new();
+        let mut counts = [0u64; 10];
+        for c in rebuilt.commissions.values() {
+            users.insert((c.user_id.clone(), c.id));
+            if let Some(k) = &c.idempotency_key {
+                idempotency.insert((c.user_id.clone(), k.clone()), c.id);
+            }
+            if !c.state.is_terminal() {
+                live.insert(c.id);
+            }
+            counts[c.state as usize] += 1;
         }
-        if !c.state.is_terminal() {
-            expected_live.insert(c.id);
-        }
-        counts[c.state as usize] += 1;
+        Expected { by_commission, users, idempotency: idempotency.into_iter().collect(), live, counts }
     }
+}
+
+/// The stored indexes (by commission, by user, idempotency, live) against the expected ones.
+fn diff_indexes(t: &Trees, expected: &Expected, diff: &mut Vec<String>) -> Result<(), StorageError> {
     let mut stored_idx = BTreeSet::new();
     for item in t.scan(Projection::ByCommission) {
         let (k, v) = item?;
-        let (cid, first) = (read_u64(&k).unwrap_or(0), read_u64(&k[8..]).unwrap_or(0));
+        let (cid, first) = (layout::decode_u64(&k).unwrap_or(0), layout::decode_u64(&k[8..]).unwrap_or(0));
         let Some(seqs) = layout::decode_run(&v) else {
             diff.push(format!("by_commission: {cid}: the run at version {first} is undecodable"));
             continue;
         };
         stored_idx.extend(seqs.zip(first..).map(|(seq, version)| (cid, version, seq)));
     }
-    compare_sets(&mut diff, "by_commission", &expected_idx, &stored_idx);
+    compare_sets(diff, "by_commission", &expected.by_commission, &stored_idx);
 
     let mut stored_users = BTreeSet::new();
     for item in t.scan(Projection::ByUser) {
         let (k, _) = item?;
         let split = k.len().saturating_sub(9);
         let user = String::from_utf8_lossy(&k[..split]).into_owned();
-        stored_users.insert((user, read_u64(&k[split + 1..]).unwrap_or(0)));
+        stored_users.insert((user, layout::decode_u64(&k[split + 1..]).unwrap_or(0)));
     }
-    compare_sets(&mut diff, "by_user", &expected_users, &stored_users);
+    compare_sets(diff, "by_user", &expected.users, &stored_users);
 
     let mut stored_idem = BTreeMap::new();
     for item in t.scan(Projection::Idempotency) {
@@ -165,24 +205,28 @@ pub fn replay_check(store: &SledStore) -> Result<CheckReport, StorageError> {
         let nul = k.iter().position(|b| *b == 0).unwrap_or(k.len());
         let user = String::from_utf8_lossy(&k[..nul]).into_owned();
         let key = String::from_utf8_lossy(k.get(nul + 1..).unwrap_or_default()).into_owned();
-        stored_idem.insert((user, key), read_u64(&v).unwrap_or(0));
+        stored_idem.insert((user, key), layout::decode_u64(&v).unwrap_or(0));
     }
-    let e: BTreeSet<_> = expected_idem.into_iter().collect();
-    let s: BTreeSet<_> = stored_idem.into_iter().collect();
-    compare_sets(&mut diff, "idempotency", &e, &s);
+    let stored_idem: BTreeSet<_> = stored_idem.into_iter().collect();
+    compare_sets(diff, "idempotency", &expected.idempotency, &stored_idem);
 
     let mut stored_live = BTreeSet::new();
     for item in t.scan(Projection::Live) {
-        stored_live.insert(read_u64(&item?.0).unwrap_or(0));
+        stored_live.insert(layout::decode_u64(&item?.0).unwrap_or(0));
     }
-    compare_sets(&mut diff, "live", &expected_live, &stored_live);
+    compare_sets(diff, "live", &expected.live, &stored_live);
 
+    Ok(())
+}
+
+/// Stored job records against rebuilt ones.
+fn diff_jobs(t: &Trees, rebuilt: &Rebuilt, diff: &mut Vec<String>) -> Result<(), StorageError> {
     let mut lines = Vec::new();
     let mut stored_jobs = 0usize;
     for item in t.scan(Projection::Jobs) {
         let (k, v) = item?;
         stored_jobs += 1;
-        let id = read_u64(&k).unwrap_or(0);
+        let id = layout::decode_u64(&k).unwrap_or(0);
         match (codec::decode::<Job>(&v), rebuilt.jobs.get(&id)) {
             (Ok(j), Some(r)) if &j == r => {}
             (Ok(_), Some(_)) => lines.push(format!("jobs: {id}: stored record differs from the log")),
@@ -193,23 +237,9 @@ pub fn replay_check(store: &SledStore) -> Result<CheckReport, StorageError> {
     if stored_jobs < rebuilt.jobs.len() {
         lines.push(format!("jobs: {} records missing", rebuilt.jobs.len() - stored_jobs));
     }
-    push_limited(&mut diff, lines);
+    push_limited(diff, lines);
 
-    let stored_counts: [u64; 10] = match t.meta(META_COUNTS)? {
-        Some(v) => codec::decode(&v).unwrap_or([u64::MAX; 10]),
-        None => [0; 10],
-    };
-    if stored_counts != counts && rebuilt.pruned == 0 {
-        diff.push(format!("meta: state counts stored {stored_counts:?} != rebuilt {counts:?}"));
-    }
-    Ok(CheckReport {
-        events: rebuilt.events,
-        pruned: rebuilt.pruned,
-        commissions: rebuilt.commissions.len(),
-        jobs: rebuilt.jobs.len(),
-        elapsed: started.elapsed(),
-        diff,
-    })
+    Ok(())
 }
 
 fn compare_sets<T: Ord + std::fmt::Debug>(
@@ -251,7 +281,7 @@ pub fn export(store: &SledStore, out: &mut dyn Write) -> Result<u64, StorageErro
 /// Loads JSON lines from [`export`] into an empty store.
 pub fn import(store: &SledStore, input: &mut dyn BufRead) -> Result<u64, StorageError> {
     if store.inner().trees.log.first()?.is_some() {
-        return Err(StorageError::Import { line: 0, detail: "the data dir is not empty".into() });
+        return Err(StorageError::import(0, "the data dir is not empty"));
     }
     let mut chunk = Vec::with_capacity(IMPORT_CHUNK_EVENTS);
     let mut n = 0u64;
@@ -261,7 +291,7 @@ pub fn import(store: &SledStore, input: &mut dyn BufRead) -> Result<u64, Storage
             continue;
         }
         let env: Envelope = serde_json::from_str(&line)
-            .map_err(|e| StorageError::Import { line: i + 1, detail: format!("not an event: {e}") })?;
+            .map_err(|e| StorageError::import_from(i + 1, format!("not an event: {e}"), e))?;
         chunk.push(env);
         n += 1;
         if chunk.len() == IMPORT_CHUNK_EVENTS {
@@ -278,7 +308,9 @@ pub fn import(store: &SledStore, input: &mut dyn BufRead) -> Result<u64, Storage
 /// Imports one chunk; the writer counts lines within the chunk, so shift them by `base`.
 fn import_chunk(store: &SledStore, chunk: Vec<Envelope>, base: usize) -> Result<(), StorageError> {
     store.import(chunk).map_err(|e| match e {
-        StorageError::Import { line, detail } => StorageError::Import { line: line + base, detail },
+        StorageError::Import { line, detail, source } => {
+            StorageError::Import { line: line + base, detail, source }
+        }
         e => e,
     })
 }

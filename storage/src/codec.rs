@@ -58,6 +58,8 @@ impl std::fmt::Display for CodecError {
     }
 }
 
+impl std::error::Error for CodecError {}
+
 fn config() -> bincode::config::Configuration {
     bincode::config::standard()
 }

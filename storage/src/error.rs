@@ -1,7 +1,14 @@
 //! Storage failures: things that are broken, as opposed to expected outcomes such as a
 //! version conflict (see `AppendOutcome`).
+//!
+//! A failure that comes from another layer (sled, the file system, the codec, JSON) keeps
+//! that error as its [`source`](std::error::Error::source), so that a caller can tell a full
+//! disk from a bad checksum; the message still says what storage was doing.
 
 use std::path::PathBuf;
+use std::sync::Arc;
+
+use crate::codec::CodecError;
 
 #[derive(Debug)]
 pub enum StorageError {
@@ -9,16 +16,21 @@ pub enum StorageError {
         context: String,
         source: std::io::Error,
     },
-    Sled(String),
+    Sled(sled::Error),
     /// A stored record fails its checksum or hash chain, or cannot be decoded.
     Corruption {
         seq: u64,
         detail: String,
+        /// Why, when another layer said so: the codec refused the record's bytes
+        /// ([`CodecError`]), or the state machine refused its event (`Rejection`).
+        source: Option<Box<dyn std::error::Error + Send + Sync>>,
     },
     /// A projection record cannot be decoded (it can be rebuilt from the log).
     BadProjection {
         tree: &'static str,
         detail: String,
+        /// The codec's verdict, when the value's bytes did not decode.
+        source: Option<CodecError>,
     },
     /// The data dir was written by a newer Atelier.
     NewerSchema {
@@ -30,8 +42,9 @@ pub enum StorageError {
         path: PathBuf,
         holder: String,
     },
-    /// The store stopped accepting writes after a failed commit; restart to recover.
-    Poisoned(String),
+    /// The store stopped accepting writes after a failed commit (the failure, shared by
+    /// every request refused since); restart to recover.
+    Poisoned(Arc<StorageError>),
     /// The store is shut down.
     Closed,
     /// A command lost the version race too many times in a row.
@@ -42,7 +55,55 @@ pub enum StorageError {
     Import {
         line: usize,
         detail: String,
+        /// Why, when another layer said so: the line is not JSON of an event
+        /// (`serde_json::Error`), or the state machine refused the event (`Rejection`).
+        source: Option<Box<dyn std::error::Error + Send + Sync>>,
     },
+}
+
+impl StorageError {
+    /// A log record that is broken in a way the codec did not see (chain, seq, a gap).
+    pub(crate) fn corruption(seq: u64, detail: impl Into<String>) -> StorageError {
+        StorageError::Corruption { seq, detail: detail.into(), source: None }
+    }
+
+    /// A log record that another layer refused, `source` saying why.
+    pub(crate) fn corruption_from(
+        seq: u64,
+        detail: impl Into<String>,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> StorageError {
+        StorageError::Corruption { seq, detail: detail.into(), source: Some(Box::new(source)) }
+    }
+
+    /// A log record whose bytes the codec refused.
+    pub(crate) fn undecodable(seq: u64, source: CodecError) -> StorageError {
+        StorageError::corruption_from(seq, source.to_string(), source)
+    }
+
+    /// A projection value that is inconsistent in a way the codec did not see.
+    pub(crate) fn bad_projection(tree: &'static str, detail: impl Into<String>) -> StorageError {
+        StorageError::BadProjection { tree, detail: detail.into(), source: None }
+    }
+
+    /// A projection value whose bytes the codec refused.
+    pub(crate) fn undecodable_projection(tree: &'static str, source: CodecError) -> StorageError {
+        StorageError::BadProjection { tree, detail: source.to_string(), source: Some(source) }
+    }
+
+    /// An import line that cannot be loaded.
+    pub(crate) fn import(line: usize, detail: impl Into<String>) -> StorageError {
+        StorageError::Import { line, detail: detail.into(), source: None }
+    }
+
+    /// An import line that another layer refused, `source` saying why.
+    pub(crate) fn import_from(
+        line: usize,
+        detail: impl Into<String>,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> StorageError {
+        StorageError::Import { line, detail: detail.into(), source: Some(Box::new(source)) }
+    }
 }
 
 impl std::fmt::Display for StorageError {
@@ -50,10 +111,10 @@ impl std::fmt::Display for StorageError {
         match self {
             StorageError::Io { context, source } => write!(f, "{context}: {source}"),
             StorageError::Sled(e) => write!(f, "sled: {e}"),
-            StorageError::Corruption { seq, detail } => {
+            StorageError::Corruption { seq, detail, .. } => {
                 write!(f, "corrupted log record at seq {seq}: {detail}")
             }
-            StorageError::BadProjection { tree, detail } => {
+            StorageError::BadProjection { tree, detail, .. } => {
                 write!(f, "bad record in projection '{tree}': {detail} (rebuild with `atelier replay --rebuild`)")
             }
             StorageError::NewerSchema { found, supported } => write!(
@@ -68,20 +129,68 @@ impl std::fmt::Display for StorageError {
             StorageError::Contention { commission } => {
                 write!(f, "commission {commission} is changing too fast to apply the command; try again")
             }
-            StorageError::Import { line, detail } => write!(f, "import, line {line}: {detail}"),
+            StorageError::Import { line, detail, .. } => write!(f, "import, line {line}: {detail}"),
         }
     }
 }
 
-impl std::error::Error for StorageError {}
+impl std::error::Error for StorageError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            StorageError::Io { source, .. } => Some(source),
+            StorageError::Sled(e) => Some(e),
+            StorageError::Corruption { source, .. } | StorageError::Import { source, .. } => {
+                source.as_ref().map(|e| &**e as _)
+            }
+            StorageError::BadProjection { source, .. } => source.as_ref().map(|e| e as _),
+            StorageError::Poisoned(e) => Some(&**e),
+            StorageError::NewerSchema { .. }
+            | StorageError::Locked { .. }
+            | StorageError::Closed
+            | StorageError::Contention { .. } => None,
+        }
+    }
+}
 
 impl From<sled::Error> for StorageError {
     fn from(e: sled::Error) -> Self {
-        StorageError::Sled(e.to_string())
+        StorageError::Sled(e)
     }
 }
 
 pub(crate) fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> StorageError {
     let context = context.into();
     move |source| StorageError::Io { context, source }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::error::Error as _;
+
+    use super::*;
+
+    #[test]
+    fn a_wrapped_failure_keeps_its_message_and_its_source() {
+        let e = StorageError::undecodable(7, CodecError::Truncated);
+        assert_eq!(e.to_string(), "corrupted log record at seq 7: truncated record");
+        let source = e.source().expect("a codec source");
+        assert_eq!(source.downcast_ref::<CodecError>(), Some(&CodecError::Truncated));
+
+        let poisoned = StorageError::Poisoned(Arc::new(e));
+        assert_eq!(
+            poisoned.to_string(),
+            "the store stopped after a failed commit: corrupted log record at seq 7: truncated record"
+        );
+        let inner = poisoned.source().expect("the failed commit").downcast_ref::<StorageError>();
+        assert!(matches!(inner, Some(StorageError::Corruption { seq: 7, .. })));
+
+        let refused =
+            StorageError::corruption_from(3, "refused on replay", atelier_engine::Rejection::NotFound);
+        let source = refused.source().and_then(|s| s.downcast_ref::<atelier_engine::Rejection>());
+        assert!(matches!(source, Some(atelier_engine::Rejection::NotFound)));
+
+        let io = io("fdatasync")(std::io::Error::from(std::io::ErrorKind::StorageFull));
+        let kind = io.source().and_then(|s| s.downcast_ref::<std::io::Error>()).map(|e| e.kind());
+        assert_eq!(kind, Some(std::io::ErrorKind::StorageFull));
+    }
 }

@@ -141,3 +141,14 @@ impl Projection {
         k
     }
 }
+
+/// A number in a projection key or meta value: big-endian, so that sled's byte order is
+/// numeric order.
+pub(crate) fn encode_u64(v: u64) -> [u8; 8] {
+    v.to_be_bytes()
+}
+
+/// The number at the start of `bytes` (from [`encode_u64`]); `None` if fewer than 8 bytes.
+pub(crate) fn decode_u64(bytes: &[u8]) -> Option<u64> {
+    Some(u64::from_be_bytes(bytes.get(..8)?.try_into().ok()?))
+}

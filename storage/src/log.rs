@@ -1,12 +1,131 @@
-//! Reading records out of the log tree, where a value is one record or a block of consecutive
-//! records keyed by the seq of its first (see `codec`). Everything that reads the log by seq
-//! goes through here, so that no caller assumes one sled item per event.
+//! The log tree's keys and values: a value is one record or a block of consecutive records,
+//! keyed by the seq of its first (see `codec`). This is the only file that turns seqs into
+//! sled keys and back, writes log values, or decodes a record into its envelope, so that no
+//! caller assumes one sled item per event or knows how a key is spelled.
 
+use std::collections::BTreeMap;
 use std::ops::Range;
 
+use atelier_engine::Envelope;
+
 use crate::codec;
-use crate::sled_store::{read_u64, u64_key};
-use crate::StorageError;
+use crate::error::StorageError;
+
+/// The sled key of the log value whose first record has this seq: big-endian, so that sled's
+/// byte order is seq order.
+fn seq_key(seq: u64) -> [u8; 8] {
+    seq.to_be_bytes()
+}
+
+/// The seq a log key stands for; `None` if it is shorter than 8 bytes.
+fn key_seq(key: &[u8]) -> Option<u64> {
+    Some(u64::from_be_bytes(key.get(..8)?.try_into().ok()?))
+}
+
+/// Decodes a log record, checking its checksum and, given the previous chain, the chain. A
+/// pruned record decodes to `None` (its chain still counts).
+pub(crate) fn decode_record(
+    seq: u64,
+    record: &[u8],
+    prev_chain: Option<u32>,
+) -> Result<(Option<Envelope>, u32), StorageError> {
+    let (header, payload) = codec::split_record(record).map_err(|e| StorageError::undecodable(seq, e))?;
+    if let Some(prev) = prev_chain {
+        let expected = codec::chain_next(prev, seq, header.crc);
+        if expected != header.chain {
+            return Err(StorageError::corruption(
+                seq,
+                "hash chain broken: the record does not follow its predecessor",
+            ));
+        }
+    }
+    if header.flags & codec::FLAG_PRUNED != 0 {
+        return Ok((None, header.chain));
+    }
+    let env: Envelope = codec::decode(payload).map_err(|e| StorageError::undecodable(seq, e))?;
+    if env.seq != seq {
+        return Err(StorageError::corruption(seq, format!("record claims seq {}", env.seq)));
+    }
+    Ok((Some(env), header.chain))
+}
+
+/// The head of the log and the hash chain after it (`(0, 0)` for an empty log), its last
+/// record checked.
+pub(crate) fn tail(log: &sled::Tree) -> Result<(u64, u32), StorageError> {
+    match last_block(log)? {
+        None => Ok((0, 0)),
+        Some(block) => {
+            let seq = block.last();
+            let record = block.record(seq).expect("invariant: a block holds its last record");
+            let (_, chain) = decode_record(seq, &record, None)?;
+            Ok((seq, chain))
+        }
+    }
+}
+
+/// One group commit's records as log values: blocks of consecutive records keyed by the seq
+/// of their first, each closed at [`codec::BLOCK_RECORDS_MAX`] records or once it reaches
+/// [`codec::BLOCK_BYTES_TARGET`] bytes.
+fn blocks(first_seq: u64, records: Vec<Vec<u8>>) -> Vec<([u8; 8], Vec<u8>)> {
+    let mut batch = Vec::new();
+    let mut first = first_seq;
+    let mut chunk: Vec<Vec<u8>> = Vec::new();
+    let mut bytes = 0;
+    for r in records {
+        bytes += r.len();
+        chunk.push(r);
+        if chunk.len() == codec::BLOCK_RECORDS_MAX || bytes >= codec::BLOCK_BYTES_TARGET {
+            batch.push((seq_key(first), codec::frame_block(&chunk)));
+            first += chunk.len() as u64;
+            chunk.clear();
+            bytes = 0;
+        }
+    }
+    if !chunk.is_empty() {
+        batch.push((seq_key(first), codec::frame_block(&chunk)));
+    }
+    batch
+}
+
+/// Writes one group commit's framed records, the first of which has seq `first_seq`, whole
+/// or not at all. (Not durable yet: the caller flushes and fsyncs.)
+pub(crate) fn append(log: &sled::Tree, first_seq: u64, records: Vec<Vec<u8>>) -> Result<(), StorageError> {
+    let mut blocks = blocks(first_seq, records);
+    match blocks.len() {
+        // One value is atomic by itself, and a plain insert spares sled's two IO-buffer
+        // writes around a batch manifest.
+        1 => {
+            let (k, v) = blocks.pop().expect("invariant: one block");
+            log.insert(k, v)?;
+        }
+        // An append that spans blocks must still land whole or not at all.
+        _ => {
+            let mut batch = sled::Batch::default();
+            for (k, v) in blocks {
+                batch.insert(&k, v);
+            }
+            log.apply_batch(batch)?;
+        }
+    }
+    Ok(())
+}
+
+/// Replaces the records with these seqs by stubs that keep only checksum and chain
+/// (retention), so that the log stays gap-free and verifiable. Each block that holds one of
+/// them is rewritten once; a seq not in the log is skipped.
+pub(crate) fn prune(log: &sled::Tree, seqs: impl IntoIterator<Item = u64>) -> Result<(), StorageError> {
+    let mut rewritten: BTreeMap<u64, Vec<Vec<u8>>> = BTreeMap::new();
+    for seq in seqs {
+        let Some(block) = block_of(log, seq)? else { continue };
+        let records = rewritten.entry(block.first).or_insert_with(|| block.records());
+        let i = (seq - block.first) as usize;
+        records[i] = codec::prune_record(&records[i]).map_err(|e| StorageError::undecodable(seq, e))?;
+    }
+    for (first, records) in rewritten {
+        log.insert(seq_key(first), codec::frame_block(&records))?;
+    }
+    Ok(())
+}
 
 /// One stored record: a slice of the sled value that holds it (no copy).
 pub(crate) struct Record {
@@ -22,40 +141,38 @@ impl std::ops::Deref for Record {
 }
 
 /// A log value taken apart: the seq of its first record and where each record lies.
-pub(crate) struct Block {
-    pub(crate) first: u64,
-    pub(crate) value: sled::IVec,
-    pub(crate) ranges: Vec<Range<usize>>,
+struct Block {
+    first: u64,
+    value: sled::IVec,
+    ranges: Vec<Range<usize>>,
 }
 
 impl Block {
-    pub(crate) fn parse(key: &[u8], value: sled::IVec) -> Result<Block, StorageError> {
-        let first = read_u64(key)
-            .ok_or(StorageError::Corruption { seq: 0, detail: "a log key is not 8 bytes".into() })?;
-        let ranges = codec::split_block(&value)
-            .map_err(|e| StorageError::Corruption { seq: first, detail: e.to_string() })?;
+    fn parse(key: &[u8], value: sled::IVec) -> Result<Block, StorageError> {
+        let first = key_seq(key).ok_or_else(|| StorageError::corruption(0, "a log key is not 8 bytes"))?;
+        let ranges = codec::split_block(&value).map_err(|e| StorageError::undecodable(first, e))?;
         Ok(Block { first, value, ranges })
     }
 
     /// The seq of its last record.
-    pub(crate) fn last(&self) -> u64 {
+    fn last(&self) -> u64 {
         self.first + self.ranges.len() as u64 - 1
     }
 
-    pub(crate) fn record(&self, seq: u64) -> Option<Record> {
+    fn record(&self, seq: u64) -> Option<Record> {
         let i = usize::try_from(seq.checked_sub(self.first)?).ok()?;
         self.ranges.get(i).map(|r| Record { value: self.value.clone(), range: r.clone() })
     }
 
     /// The records themselves, copied (for rewriting the block).
-    pub(crate) fn records(&self) -> Vec<Vec<u8>> {
+    fn records(&self) -> Vec<Vec<u8>> {
         self.ranges.iter().map(|r| self.value[r.clone()].to_vec()).collect()
     }
 }
 
 /// The block that holds `seq`, if any.
-pub(crate) fn block_of(log: &sled::Tree, seq: u64) -> Result<Option<Block>, StorageError> {
-    match log.range(..=u64_key(seq)).next_back() {
+fn block_of(log: &sled::Tree, seq: u64) -> Result<Option<Block>, StorageError> {
+    match log.range(..=seq_key(seq)).next_back() {
         None => Ok(None),
         Some(item) => {
             let (k, v) = item?;
@@ -66,7 +183,7 @@ pub(crate) fn block_of(log: &sled::Tree, seq: u64) -> Result<Option<Block>, Stor
 }
 
 /// The last block of the log.
-pub(crate) fn last_block(log: &sled::Tree) -> Result<Option<Block>, StorageError> {
+fn last_block(log: &sled::Tree) -> Result<Option<Block>, StorageError> {
     match log.last()? {
         None => Ok(None),
         Some((k, v)) => Block::parse(&k, v).map(Some),
@@ -95,11 +212,11 @@ impl<'a> Cursor<'a> {
 
 /// The records with seq in `from..=upto`, in order.
 pub(crate) fn records(log: &sled::Tree, from: u64, upto: u64) -> Records {
-    let start = match log.range(..=u64_key(from)).next_back() {
-        Some(Ok((k, _))) => read_u64(&k).unwrap_or(from),
+    let start = match log.range(..=seq_key(from)).next_back() {
+        Some(Ok((k, _))) => key_seq(&k).unwrap_or(from),
         _ => from,
     };
-    Records { blocks: log.range(u64_key(start)..=u64_key(upto)), block: None, next: from, upto }
+    Records { blocks: log.range(seq_key(start)..=seq_key(upto)), block: None, next: from, upto }
 }
 
 pub(crate) struct Records {
@@ -123,10 +240,7 @@ impl Iterator for Records {
                     // A hole between blocks: the gap-free invariant is broken.
                     let seq = self.next;
                     self.next = self.upto.saturating_add(1);
-                    return Some(Err(StorageError::Corruption {
-                        seq,
-                        detail: "the record is missing from the log".into(),
-                    }));
+                    return Some(Err(StorageError::corruption(seq, "the record is missing from the log")));
                 }
                 if let Some(r) = b.record(self.next) {
                     let seq = self.next;

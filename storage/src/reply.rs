@@ -1,58 +1,65 @@
 //! A one-shot reply from the log writer to the thread waiting on a request.
 //!
-//! A crossbeam `bounded(1)` channel per request did the same job, but its `recv` first spins,
-//! calling `sched_yield` in a loop, before it parks. With 64 appenders on a 2-core machine
-//! that spinning took a third of the CPU in the benchmark, away from the writer it waits for.
-//! A condvar per reply then parked at once, but the writer woke a group commit's appenders one
-//! syscall (and one mutex) at a time, ~300 µs for 57 of them, a third of the commit cycle.
-//!
-//! Now every waiter of a store sleeps on one futex word, the [`Bell`]: the writer fills a
-//! whole group's replies quietly and rings once, one `FUTEX_WAKE` for all of them. A waiter
-//! whose reply is not among them looks at its own slot and sleeps again.
+//! Every waiter of a store sleeps on one condition variable, the [`Bell`]: the writer fills a
+//! whole group commit's replies quietly and rings once, one wake-up call for all of them,
+//! rather than one call (and one lock) per appender, which would add up to a large share of
+//! a commit cycle with dozens of appenders. A waiter whose reply is not among them looks at
+//! its own slot and sleeps again. Waiters park at once instead of spinning first (as a
+//! channel's `recv` does), so that on a small machine they leave the CPU to the writer they
+//! wait for.
 
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
-use crate::StorageError;
+use crate::error::StorageError;
 
-/// The futex word waiters sleep on; it changes with every ring.
+/// What waiters sleep on; its epoch changes with every ring.
 #[derive(Default)]
 pub(crate) struct Bell {
-    epoch: AtomicU32,
-    /// Threads between deciding to sleep and waking: a ring with none skips the syscall.
-    sleepers: AtomicU32,
+    state: Mutex<BellState>,
+    rung: Condvar,
+}
+
+#[derive(Default)]
+struct BellState {
+    epoch: u64,
+    /// Threads asleep on `rung`: a ring with none skips the wake-up call.
+    sleepers: u32,
 }
 
 impl Bell {
+    fn lock(&self) -> MutexGuard<'_, BellState> {
+        // The state is two counters that no panic can leave half-changed.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Wakes every waiter, to look at its own slot.
     pub(crate) fn ring(&self) {
-        self.epoch.fetch_add(1, Ordering::SeqCst);
-        if self.sleepers.load(Ordering::SeqCst) > 0 {
-            // SAFETY: FUTEX_WAKE only reads the address of a live atomic we own a reference to.
-            unsafe {
-                libc::syscall(
-                    libc::SYS_futex,
-                    self.epoch.as_ptr(),
-                    libc::FUTEX_WAKE | libc::FUTEX_PRIVATE_FLAG,
-                    i32::MAX,
-                );
-            }
+        let mut state = self.lock();
+        state.epoch = state.epoch.wrapping_add(1);
+        let sleepers = state.sleepers;
+        drop(state);
+        if sleepers > 0 {
+            self.rung.notify_all();
         }
     }
 
-    /// Sleeps until a ring after `seen` (or a spurious wakeup: callers re-check).
-    fn sleep(&self, seen: u32) {
-        // SAFETY: FUTEX_WAIT compares the atomic's current value with `seen` and sleeps only if
-        // they are equal; the pointer is valid for the call.
-        unsafe {
-            libc::syscall(
-                libc::SYS_futex,
-                self.epoch.as_ptr(),
-                libc::FUTEX_WAIT | libc::FUTEX_PRIVATE_FLAG,
-                seen,
-                std::ptr::null::<libc::timespec>(),
-            );
+    /// Sleeps until `ready` holds or the bell rings (callers re-check their slot either way).
+    ///
+    /// `ready` is read under the bell's lock, and a ring takes that lock after its sender
+    /// filled the slot: so either the reply is seen here, or the ring comes after this thread
+    /// is counted asleep and wakes it. No wake-up is lost.
+    fn sleep_unless(&self, ready: &AtomicBool) {
+        let mut state = self.lock();
+        if ready.load(Ordering::SeqCst) {
+            return;
         }
+        let seen = state.epoch;
+        state.sleepers += 1;
+        while state.epoch == seen {
+            state = self.rung.wait(state).unwrap_or_else(|p| p.into_inner());
+        }
+        state.sleepers -= 1;
     }
 }
 
@@ -111,14 +118,7 @@ impl<T> ReplyRx<T> {
                 let value = slot.value.lock().unwrap_or_else(|p| p.into_inner()).take();
                 return value.expect("invariant: ready is set after the value");
             }
-            bell.sleepers.fetch_add(1, Ordering::SeqCst);
-            let seen = bell.epoch.load(Ordering::SeqCst);
-            // A ring between our check and `seen` either set `ready` (checked again here) or
-            // changed the epoch (the futex then returns at once).
-            if !slot.ready.load(Ordering::SeqCst) {
-                bell.sleep(seen);
-            }
-            bell.sleepers.fetch_sub(1, Ordering::SeqCst);
+            bell.sleep_unless(&slot.ready);
         }
     }
 }
@@ -147,5 +147,42 @@ mod tests {
             got[1..].iter().map(|r| *r.as_ref().expect("sent")).collect::<Vec<_>>(),
             (0..15).collect::<Vec<_>>()
         );
+    }
+
+    #[test]
+    fn no_wake_up_is_lost_when_replies_race_the_waiters() {
+        // Replies sent while their waiters are between checking the slot and sleeping: a lost
+        // wake-up would hang this test.
+        let bell = Arc::new(Bell::default());
+        let (tx, rx) = crossbeam_channel::unbounded::<ReplyTx<u32>>();
+        let writer = std::thread::spawn(move || {
+            let mut group = Vec::new();
+            while let Ok(ack) = rx.recv() {
+                group.push(ack);
+                group.extend(rx.try_iter());
+                let mut bell = None;
+                for (i, ack) in group.drain(..).enumerate() {
+                    bell = Some(ack.send_quiet(Ok(i as u32)));
+                }
+                bell.expect("a group of at least one").ring();
+            }
+        });
+        let waiters: Vec<_> = (0..8)
+            .map(|_| {
+                let (bell, tx) = (bell.clone(), tx.clone());
+                std::thread::spawn(move || {
+                    for _ in 0..2_000 {
+                        let (ack, rx) = reply::<u32>(&bell);
+                        tx.send(ack).expect("the writer runs");
+                        rx.recv().expect("a reply");
+                    }
+                })
+            })
+            .collect();
+        for w in waiters {
+            w.join().expect("waiter");
+        }
+        drop(tx);
+        writer.join().expect("writer");
     }
 }

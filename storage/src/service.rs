@@ -2,7 +2,8 @@
 
 use atelier_engine::{decide, Command, Commission, Ctx, NewCommission, Rejection};
 
-use crate::{AppendOutcome, AppendRequest, AppendTarget, EventStore, StorageError};
+use crate::error::StorageError;
+use crate::event_store::{AppendOutcome, AppendRequest, AppendTarget, EventStore};
 
 /// Times a command is decided again after losing a version race before giving up.
 pub const CONFLICT_RETRIES_MAX: usize = 64;

@@ -25,7 +25,7 @@ use std::time::Duration;
 use atelier_engine::{Commission, Envelope, Stage, State};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
 
-use crate::StorageError;
+use crate::error::StorageError;
 
 /// Live events queued per subscriber before it is cut off as too slow (a single batch
 /// larger than this still reaches a subscriber whose queue is empty).

@@ -1,0 +1,83 @@
+//! Opening a data dir: take its lock, open sled, bring the schema up to this build's version,
+//! find the log's head and chain, and catch the projections up with the log before the
+//! writer takes requests.
+
+use std::fs::File;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex, RwLock};
+
+use super::config::{Durability, StoreConfig};
+use super::lock::LockFile;
+use super::state::{Inner, Trees, Unflushed};
+use super::writer::Writer;
+use crate::error::{io, StorageError};
+use crate::layout::{self, Projection, META_SCHEMA};
+use crate::reply::Bell;
+use crate::subscribe::Registry;
+
+/// The layout written by this build. Opening a newer one fails; older ones are migrated.
+pub const SCHEMA_VERSION: u32 = 2;
+
+type Migration = fn(&sled::Db) -> Result<(), StorageError>;
+/// Ordered steps from one schema version to the next; step `n` produces version `n`.
+const MIGRATIONS: &[(u32, &str, Migration)] = &[
+    (1, "initial layout: the log, and one tree of prefixed projections", |_| Ok(())),
+    // Schema-1 values (one record each) stay as they are and stay readable; the version
+    // only tells an older build that it cannot read what this one writes.
+    (2, "a log value may hold a block of consecutive records", |_| Ok(())),
+];
+
+/// Opens the store's files and state, and a writer caught up with the log (not yet running).
+pub(super) fn open(config: &StoreConfig) -> Result<(Arc<Inner>, Writer), StorageError> {
+    std::fs::create_dir_all(&config.dir).map_err(io(format!("create {}", config.dir.display())))?;
+    let lock = LockFile::acquire(&config.dir)?;
+    let sled_dir = config.dir.join("sled");
+    let flush_every = match config.durability {
+        Durability::Sync => None,
+        Durability::Periodic { interval_ms } => Some(interval_ms.max(1)),
+    };
+    let db = sled::Config::new()
+        .path(&sled_dir)
+        .cache_capacity(config.cache_capacity_bytes)
+        .flush_every_ms(flush_every)
+        .open()?;
+    let trees = Trees { log: db.open_tree(layout::LOG_TREE)?, proj: db.open_tree(layout::PROJECTIONS_TREE)? };
+    migrate(&db, &trees)?;
+    let db_path = sled_dir.join("db");
+    let db_file = File::open(&db_path).map_err(io(format!("open {}", db_path.display())))?;
+
+    let (head, chain) = crate::log::tail(&trees.log)?;
+    let inner = Arc::new(Inner {
+        db,
+        trees,
+        durable_head: AtomicU64::new(head),
+        registry: Mutex::new(Registry::default()),
+        db_file,
+        dropped_slow: AtomicU64::new(0),
+        bell: Arc::new(Bell::default()),
+        group_commits: AtomicU64::new(0),
+        group_committed: AtomicU64::new(0),
+        unflushed: RwLock::new(Unflushed::default()),
+        counts: Mutex::new([0; 10]),
+        _lock: lock,
+    });
+    let mut writer = Writer::new(inner.clone(), head, chain)?;
+    writer.catch_up()?;
+    Ok((inner, writer))
+}
+
+fn migrate(db: &sled::Db, trees: &Trees) -> Result<(), StorageError> {
+    let found = match trees.meta(META_SCHEMA)? {
+        None => 0,
+        Some(v) => u32::try_from(layout::decode_u64(&v).unwrap_or(0)).unwrap_or(u32::MAX),
+    };
+    if found > SCHEMA_VERSION {
+        return Err(StorageError::NewerSchema { found, supported: SCHEMA_VERSION });
+    }
+    for (version, what, step) in MIGRATIONS.iter().filter(|(v, _, _)| *v > found) {
+        tracing::info!(version, what, "migrating the data dir");
+        step(db)?;
+        trees.proj.insert(Projection::Meta.key(META_SCHEMA), &layout::encode_u64(u64::from(*version)))?;
+    }
+    Ok(())
+}
