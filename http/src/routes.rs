@@ -327,7 +327,7 @@ fn handle(
             let started = std::time::Instant::now();
             match execute(&*shared.store, id, cmd, &ctx())? {
                 Ok(c) => {
-                    crate::metrics::APPEND_DURATION.observe(started.elapsed().as_secs_f64());
+                    shared.metrics.append_duration.observe(started.elapsed().as_secs_f64());
                     Reply::Json(200, render::snapshot(&c))
                 }
                 Err(r) => rejection(r),
@@ -630,10 +630,10 @@ fn create_commission(req: &Req, who: &Identity, shared: &Shared) -> Result<Reply
     };
     let started = std::time::Instant::now();
     let out = create(&*shared.store, new, &ctx())?;
-    crate::metrics::APPEND_DURATION.observe(started.elapsed().as_secs_f64());
+    shared.metrics.append_duration.observe(started.elapsed().as_secs_f64());
     Ok(match out {
         Ok(Created::New(c)) => {
-            shared.metrics.events_appended.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            shared.metrics.events_appended.inc();
             Reply::Json(201, render::snapshot(&c))
         }
         Ok(Created::Existing(c)) => Reply::Json(200, render::snapshot(&c)),
