@@ -81,24 +81,38 @@ impl HttpConfig {
 
 #[derive(Debug)]
 pub enum HttpError {
-    Bind { addr: String, source: std::io::Error },
-    BadAddress(String),
-    Start(String),
+    Bind {
+        addr: String,
+        source: std::io::Error,
+    },
+    BadAddress {
+        addr: String,
+        source: std::net::AddrParseError,
+    },
+    /// The listener's address or a server thread could not be had.
+    Start(std::io::Error),
 }
 
 impl std::fmt::Display for HttpError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             HttpError::Bind { addr, source } => write!(f, "cannot listen on {addr}: {source}"),
-            HttpError::BadAddress(a) => {
-                write!(f, "'{a}' is not an address to listen on (e.g. 127.0.0.1:8080)")
+            HttpError::BadAddress { addr, .. } => {
+                write!(f, "'{addr}' is not an address to listen on (e.g. 127.0.0.1:8080)")
             }
             HttpError::Start(e) => write!(f, "cannot start the HTTP server: {e}"),
         }
     }
 }
 
-impl std::error::Error for HttpError {}
+impl std::error::Error for HttpError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            HttpError::Bind { source, .. } | HttpError::Start(source) => Some(source),
+            HttpError::BadAddress { source, .. } => Some(source),
+        }
+    }
+}
 
 pub(crate) struct Shared {
     pub(crate) store: Arc<dyn EventStore>,
@@ -136,13 +150,15 @@ impl Server {
         keys: Keys,
         executors: Option<Arc<dyn Executors>>,
     ) -> Result<Server, HttpError> {
-        let addr: SocketAddr =
-            config.listen.parse().map_err(|_| HttpError::BadAddress(config.listen.clone()))?;
+        let addr: SocketAddr = config
+            .listen
+            .parse()
+            .map_err(|source| HttpError::BadAddress { addr: config.listen.clone(), source })?;
         let mut config = config;
         config.connections_max = fit_connections_to_fd_limit(config.connections_max);
         let listener =
             listen(addr).map_err(|source| HttpError::Bind { addr: config.listen.clone(), source })?;
-        let addr = listener.local_addr().map_err(|e| HttpError::Start(e.to_string()))?;
+        let addr = listener.local_addr().map_err(HttpError::Start)?;
         let (jobs_tx, jobs_rx) = crossbeam_channel::unbounded::<conn::Job>();
         let shared = Arc::new(Shared {
             store,
@@ -162,7 +178,7 @@ impl Server {
                 std::thread::Builder::new()
                     .name(format!("atelier-http-{i}"))
                     .spawn(move || conn::handler_loop(&jobs, &shared))
-                    .map_err(|e| HttpError::Start(e.to_string()))
+                    .map_err(HttpError::Start)
             })
             .collect::<Result<Vec<_>, _>>()?;
         // Not joined at shutdown: if the wake-up connect cannot get through, a stop must not
@@ -172,7 +188,7 @@ impl Server {
             std::thread::Builder::new()
                 .name("atelier-accept".into())
                 .spawn(move || conn::accept_loop(listener, shared))
-                .map_err(|e| HttpError::Start(e.to_string()))?;
+                .map_err(HttpError::Start)?;
         }
         Ok(Server { shared, threads, addr })
     }

@@ -1,89 +1,157 @@
-//! Prometheus counters, gauges and histograms for the HTTP side, rendered as text.
+//! The HTTP side's Prometheus series: counters, gauges and histograms kept by the `prometheus`
+//! crate, rendered in its text format for `/metrics` in a fixed order, followed by the lines
+//! of series whose values live elsewhere (the store's, the executors').
 
-use std::collections::BTreeMap;
-use std::fmt::Write as _;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use prometheus::core::Collector;
+use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, TextEncoder};
 
 /// Upper bounds (seconds) of the latency histogram buckets.
 const BUCKETS_S: [f64; 12] = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0];
 
-pub struct Histogram {
-    counts: [AtomicU64; 12],
-    count: AtomicU64,
-    sum_us: AtomicU64,
-}
-
-impl Histogram {
-    pub const fn new() -> Histogram {
-        // The array-repeat idiom for atomics in a const fn: each element is a fresh copy.
-        #[allow(clippy::declare_interior_mutable_const)]
-        const Z: AtomicU64 = AtomicU64::new(0);
-        Histogram { counts: [Z; 12], count: Z, sum_us: Z }
-    }
-
-    pub fn observe(&self, seconds: f64) {
-        if let Some(i) = BUCKETS_S.iter().position(|b| seconds <= *b) {
-            self.counts[i].fetch_add(1, Ordering::Relaxed);
-        }
-        self.count.fetch_add(1, Ordering::Relaxed);
-        self.sum_us.fetch_add((seconds * 1e6) as u64, Ordering::Relaxed);
-    }
-
-    fn render(&self, out: &mut String, name: &str) {
-        let _ = writeln!(out, "# TYPE {name} histogram");
-        let mut cumulative = 0;
-        for (i, b) in BUCKETS_S.iter().enumerate() {
-            cumulative += self.counts[i].load(Ordering::Relaxed);
-            let _ = writeln!(out, "{name}_bucket{{le=\"{b}\"}} {cumulative}");
-        }
-        let count = self.count.load(Ordering::Relaxed);
-        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {count}");
-        let _ = writeln!(out, "{name}_sum {}", self.sum_us.load(Ordering::Relaxed) as f64 / 1e6);
-        let _ = writeln!(out, "{name}_count {count}");
-    }
-}
-
-#[derive(Default)]
 pub struct Metrics {
-    requests: Mutex<BTreeMap<(&'static str, u16), u64>>,
-    pub sse_connections: AtomicU64,
-    pub sse_events_sent: AtomicU64,
-    pub events_appended: AtomicU64,
+    requests: IntCounterVec,
+    request_duration: Histogram,
+    pub sse_connections: IntGauge,
+    pub sse_events_sent: IntCounter,
+    pub events_appended: IntCounter,
+    /// Time a create, cancel or retry spent appending to the log (decide and fsync included).
+    pub append_duration: Histogram,
 }
 
-pub static REQUEST_DURATION: Histogram = Histogram::new();
-pub static APPEND_DURATION: Histogram = Histogram::new();
+fn histogram(name: &str, help: &str) -> Histogram {
+    Histogram::with_opts(HistogramOpts::new(name, help).buckets(BUCKETS_S.to_vec()))
+        .expect("invariant: a histogram's name, help and increasing buckets are valid")
+}
+
+fn counter(name: &str, help: &str) -> IntCounter {
+    IntCounter::new(name, help).expect("invariant: a counter's name and help are valid")
+}
+
+impl Default for Metrics {
+    fn default() -> Metrics {
+        Metrics {
+            requests: IntCounterVec::new(
+                Opts::new("atelier_http_requests_total", "HTTP requests answered, by route and status"),
+                &["route", "status"],
+            )
+            .expect("invariant: the requests counter's name and labels are valid"),
+            request_duration: histogram(
+                "atelier_http_request_duration_seconds",
+                "Time from a request's parse to its reply",
+            ),
+            sse_connections: IntGauge::new("atelier_sse_connections", "Open event streams")
+                .expect("invariant: a gauge's name and help are valid"),
+            sse_events_sent: counter("atelier_sse_events_sent_total", "Events written to streams"),
+            events_appended: counter("atelier_events_appended_total", "Commissions created over HTTP"),
+            append_duration: histogram(
+                "atelier_append_duration_seconds",
+                "Time a command from HTTP spent appending to the log",
+            ),
+        }
+    }
+}
 
 impl Metrics {
     pub fn request(&self, route: &'static str, status: u16, seconds: f64) {
-        if let Ok(mut m) = self.requests.lock() {
-            *m.entry((route, status)).or_default() += 1;
-        }
-        REQUEST_DURATION.observe(seconds);
+        self.requests.with_label_values(&[route, &status.to_string()]).inc();
+        self.request_duration.observe(seconds);
     }
 
     pub fn render(&self, store_lines: &str, store_dropped_slow: u64) -> String {
         let mut out = String::new();
-        let _ = writeln!(out, "# TYPE atelier_http_requests_total counter");
-        if let Ok(m) = self.requests.lock() {
-            for ((route, status), n) in m.iter() {
-                let _ =
-                    writeln!(out, "atelier_http_requests_total{{route=\"{route}\",status=\"{status}\"}} {n}");
-            }
-        }
-        REQUEST_DURATION.render(&mut out, "atelier_http_request_duration_seconds");
-        let g = |out: &mut String, kind: &str, name: &str, v: u64| {
-            let _ = writeln!(out, "# TYPE {name} {kind}\n{name} {v}");
-        };
-        g(&mut out, "gauge", "atelier_sse_connections", self.sse_connections.load(Ordering::Relaxed));
-        g(&mut out, "counter", "atelier_sse_events_sent_total", self.sse_events_sent.load(Ordering::Relaxed));
+        encode(&mut out, &self.requests);
+        encode(&mut out, &self.request_duration);
+        encode(&mut out, &self.sse_connections);
+        encode(&mut out, &self.sse_events_sent);
         // A stream is cut off by the store when its queue overflows, even while its thread is
-        // still blocked writing to a client that stopped reading.
-        g(&mut out, "counter", "atelier_sse_dropped_slow_total", store_dropped_slow);
-        g(&mut out, "counter", "atelier_events_appended_total", self.events_appended.load(Ordering::Relaxed));
-        APPEND_DURATION.render(&mut out, "atelier_append_duration_seconds");
+        // still blocked writing to a client that stopped reading. The store counts them.
+        out.push_str(&format!(
+            "# TYPE atelier_sse_dropped_slow_total counter\natelier_sse_dropped_slow_total {store_dropped_slow}\n"
+        ));
+        encode(&mut out, &self.events_appended);
+        encode(&mut out, &self.append_duration);
         out.push_str(store_lines);
         out
+    }
+}
+
+/// Appends one collector's families in the text format. A family with no series yet (no
+/// request answered) is left out: the encoder refuses it, and Prometheus needs no such line.
+fn encode(out: &mut String, collector: &dyn Collector) {
+    let families: Vec<_> = collector.collect().into_iter().filter(|f| !f.get_metric().is_empty()).collect();
+    TextEncoder::new()
+        .encode_utf8(&families, out)
+        .expect("invariant: named families with series encode into a String");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_series_keeps_its_name_labels_and_buckets() {
+        let m = Metrics::default();
+        m.request("get_commission", 200, 0.003);
+        m.request("get_commission", 200, 7.0);
+        m.request("unknown", 404, 0.0001);
+        m.sse_connections.inc();
+        m.sse_events_sent.inc();
+        m.events_appended.inc();
+        m.append_duration.observe(0.02);
+        let text = m.render("atelier_log_head_seq 3\n", 2);
+        for line in [
+            "# TYPE atelier_http_requests_total counter",
+            "atelier_http_requests_total{route=\"get_commission\",status=\"200\"} 2",
+            "atelier_http_requests_total{route=\"unknown\",status=\"404\"} 1",
+            "# TYPE atelier_http_request_duration_seconds histogram",
+            "atelier_http_request_duration_seconds_bucket{le=\"0.0005\"} 1",
+            "atelier_http_request_duration_seconds_bucket{le=\"0.001\"} 1",
+            "atelier_http_request_duration_seconds_bucket{le=\"0.0025\"} 1",
+            "atelier_http_request_duration_seconds_bucket{le=\"0.005\"} 2",
+            "atelier_http_request_duration_seconds_bucket{le=\"1\"} 2",
+            "atelier_http_request_duration_seconds_bucket{le=\"5\"} 2",
+            "atelier_http_request_duration_seconds_bucket{le=\"+Inf\"} 3",
+            "atelier_http_request_duration_seconds_count 3",
+            "# TYPE atelier_sse_connections gauge",
+            "atelier_sse_connections 1",
+            "# TYPE atelier_sse_events_sent_total counter",
+            "atelier_sse_events_sent_total 1",
+            "# TYPE atelier_sse_dropped_slow_total counter",
+            "atelier_sse_dropped_slow_total 2",
+            "# TYPE atelier_events_appended_total counter",
+            "atelier_events_appended_total 1",
+            "# TYPE atelier_append_duration_seconds histogram",
+            "atelier_append_duration_seconds_bucket{le=\"0.025\"} 1",
+            "atelier_append_duration_seconds_sum 0.02",
+            "atelier_append_duration_seconds_count 1",
+            "atelier_log_head_seq 3",
+        ] {
+            assert!(text.lines().any(|l| l == line), "missing '{line}' in:\n{text}");
+        }
+        let bounds: Vec<&str> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("atelier_append_duration_seconds_bucket{le=\""))
+            .filter_map(|l| l.split('"').next())
+            .collect();
+        assert_eq!(
+            bounds,
+            [
+                "0.0005", "0.001", "0.0025", "0.005", "0.01", "0.025", "0.05", "0.1", "0.25", "0.5", "1",
+                "5", "+Inf"
+            ]
+        );
+        // The series come in the order they always had, the store's lines last.
+        let order: Vec<usize> = [
+            "requests_total",
+            "request_duration",
+            "sse_connections",
+            "dropped_slow",
+            "append_duration",
+            "log_head_seq",
+        ]
+        .iter()
+        .map(|n| text.find(n).unwrap())
+        .collect();
+        assert!(order.windows(2).all(|w| w[0] < w[1]), "{text}");
     }
 }

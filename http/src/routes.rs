@@ -1,15 +1,33 @@
-//! The route table, authentication, and the handlers. The table is data: the router, the
-//! OpenAPI document and its test all read it.
+//! The route table, authentication, and dispatch. The table is data: each entry names its
+//! handler, and the router, the OpenAPI document and its test all read it. The handlers live
+//! in the folder beside this file, one file per area of the API; they import from this file,
+//! and this file knows them only through the table.
 
 use std::sync::Arc;
 
-use atelier_engine::{time, Command, Commission, Ctx, NewCommission, Rejection, RetryPolicy, State};
-use atelier_storage::{create, execute, Created, Filter, ListQuery, StorageError};
+use atelier_storage::StorageError;
 use serde_json::{json, Value};
 
 use crate::auth::{Identity, TokenError};
-use crate::sse::{self, StreamSpec};
 use crate::{error, now_ms, render, Reply, Req, Shared};
+
+/// Ends a handler with the reply carried by an `Err` (an input or access check that failed),
+/// keeping `?` for storage failures.
+macro_rules! tri {
+    ($e:expr) => {
+        match $e {
+            Ok(v) => v,
+            Err(reply) => return Ok(reply),
+        }
+    };
+}
+
+mod commissions;
+mod input;
+mod jobs;
+mod ops;
+mod pages;
+mod streams;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Access {
@@ -18,6 +36,25 @@ pub enum Access {
     Admin,
 }
 
+/// What a handler is given: the request, its path's `{...}` parameters in order, the caller
+/// (always there on `User` and `Admin` routes, but for `/metrics` made public) and the server.
+pub(crate) struct Call<'a> {
+    pub req: &'a Req,
+    pub params: &'a [&'a str],
+    pub who: Option<&'a Identity>,
+    pub shared: &'a Arc<Shared>,
+}
+
+impl Call<'_> {
+    /// The caller of a route that needs a token.
+    pub fn me(&self) -> &Identity {
+        self.who.expect("invariant: authenticated routes have an identity")
+    }
+}
+
+/// A route's handler. `Err` is a storage failure (503); every other outcome is a reply.
+pub(crate) type Handler = fn(&Call<'_>) -> Result<Reply, StorageError>;
+
 #[derive(Clone, Copy, Debug)]
 pub struct Route {
     pub method: &'static str,
@@ -25,6 +62,7 @@ pub struct Route {
     pub name: &'static str,
     pub access: Access,
     pub summary: &'static str,
+    pub(crate) handler: Handler,
 }
 
 const fn r(
@@ -33,8 +71,9 @@ const fn r(
     name: &'static str,
     access: Access,
     summary: &'static str,
+    handler: Handler,
 ) -> Route {
-    Route { method, path, name, access, summary }
+    Route { method, path, name, access, summary, handler }
 }
 
 pub const ROUTES: &[Route] = &[
@@ -44,24 +83,55 @@ pub const ROUTES: &[Route] = &[
         "create_commission",
         Access::User,
         "Create a commission (201; 200 with the first one for a repeated idempotency_key)",
+        commissions::create,
     ),
-    r("GET", "/api/commissions/{id}", "get_commission", Access::User, "A commission's snapshot"),
-    r("GET", "/api/progress/{id}/status", "get_status", Access::User, "A commission's snapshot (alias)"),
-    r("POST", "/api/commissions/{id}/cancel", "cancel", Access::User, "Cancel (409 if terminal)"),
+    r(
+        "GET",
+        "/api/commissions/{id}",
+        "get_commission",
+        Access::User,
+        "A commission's snapshot",
+        commissions::get,
+    ),
+    r(
+        "GET",
+        "/api/progress/{id}/status",
+        "get_status",
+        Access::User,
+        "A commission's snapshot (alias)",
+        commissions::get,
+    ),
+    r(
+        "POST",
+        "/api/commissions/{id}/cancel",
+        "cancel",
+        Access::User,
+        "Cancel (409 if terminal)",
+        commissions::cancel,
+    ),
     r(
         "POST",
         "/api/commissions/{id}/retry",
         "retry",
         Access::User,
         "Retry a failed commission (409 unless failed)",
+        commissions::retry,
     ),
-    r("GET", "/api/commissions/{id}/jobs", "commission_jobs", Access::User, "A commission's job records"),
+    r(
+        "GET",
+        "/api/commissions/{id}/jobs",
+        "commission_jobs",
+        Access::User,
+        "A commission's job records",
+        commissions::jobs,
+    ),
     r(
         "GET",
         "/api/commissions/user/{user}",
         "list_user",
         Access::User,
         "A user's commissions, newest first: ?limit= (max 200), ?cursor=, ?state=",
+        commissions::list_user,
     ),
     r(
         "GET",
@@ -69,6 +139,7 @@ pub const ROUTES: &[Route] = &[
         "stream_commission",
         Access::User,
         "SSE of one commission's events; ends after a terminal event",
+        streams::commission,
     ),
     r(
         "GET",
@@ -76,43 +147,57 @@ pub const ROUTES: &[Route] = &[
         "stream_user",
         Access::User,
         "SSE of all a user's commissions",
+        streams::user,
     ),
-    r("GET", "/api/events/stream", "stream_all", Access::Admin, "SSE of every event (admin)"),
+    r("GET", "/api/events/stream", "stream_all", Access::Admin, "SSE of every event (admin)", streams::all),
     r(
         "POST",
         "/api/jobs/create",
         "create_job",
         Access::Admin,
         "Queue a job for a commission now: a queued one, one waiting on its backoff, or a failed one (admin)",
+        jobs::create,
     ),
-    r("GET", "/api/jobs/{id}/status", "job_status", Access::User, "A job record"),
-    r("GET", "/api/jobs/{id}/logs", "job_logs", Access::User, "A job's captured stdout and stderr"),
-    r("GET", "/api/me", "me", Access::User, "Who the token belongs to"),
-    r("GET", "/healthz", "healthz", Access::Public, "The process is up"),
-    r("GET", "/readyz", "readyz", Access::Public, "The store is open and the job controller running"),
+    r("GET", "/api/jobs/{id}/status", "job_status", Access::User, "A job record", jobs::status),
+    r(
+        "GET",
+        "/api/jobs/{id}/logs",
+        "job_logs",
+        Access::User,
+        "A job's captured stdout and stderr",
+        jobs::logs,
+    ),
+    r("GET", "/api/me", "me", Access::User, "Who the token belongs to", ops::me),
+    r("GET", "/healthz", "healthz", Access::Public, "The process is up", ops::healthz),
+    r(
+        "GET",
+        "/readyz",
+        "readyz",
+        Access::Public,
+        "The store is open and the job controller running",
+        ops::readyz,
+    ),
     r(
         "GET",
         "/metrics",
         "metrics",
         Access::Admin,
         "Prometheus metrics (public with ATELIER_METRICS_PUBLIC=1)",
+        ops::metrics,
     ),
-    r("GET", "/api/openapi.json", "openapi", Access::Public, "This API as OpenAPI 3.1"),
-    r("GET", "/", "page_index", Access::Public, "The status page (?token= signs in)"),
-    r("GET", "/commissions/{id}", "page_commission", Access::Public, "The progress view"),
-    r("GET", "/assets/{file}", "asset", Access::Public, "Page assets"),
-    r("GET", "/artifacts/{file}", "artifact", Access::Public, "Content-addressed artifacts (PNG)"),
+    r("GET", "/api/openapi.json", "openapi", Access::Public, "This API as OpenAPI 3.1", ops::openapi),
+    r("GET", "/", "page_index", Access::Public, "The status page (?token= signs in)", pages::index),
+    r("GET", "/commissions/{id}", "page_commission", Access::Public, "The progress view", pages::commission),
+    r("GET", "/assets/{file}", "asset", Access::Public, "Page assets", pages::asset),
+    r(
+        "GET",
+        "/artifacts/{file}",
+        "artifact",
+        Access::Public,
+        "Content-addressed artifacts (PNG)",
+        pages::artifact,
+    ),
 ];
-
-/// Whether a job's logs are past the keep time, so the job-dir sweep has removed them.
-/// Decided by time, not by the dir: a job that never wrote anything never had a dir (it is
-/// made on first use), and its logs are empty, not gone.
-fn logs_swept(completed_at: Option<time::Millis>, keep_ms: Option<u64>, now: time::Millis) -> bool {
-    match (completed_at, keep_ms) {
-        (Some(ended), Some(keep)) => ended.saturating_add(i64::try_from(keep).unwrap_or(i64::MAX)) <= now,
-        _ => false,
-    }
-}
 
 /// Matches a path against a pattern, returning its `{...}` parameters.
 fn matches<'a>(pattern: &str, path: &'a str) -> Option<Vec<&'a str>> {
@@ -158,6 +243,8 @@ pub(crate) fn find<'a>(
     Err(allowed)
 }
 
+/// Routes a request: 404 or 405 without a route, then the route's access check, then its
+/// handler. Answers the route's name too, the label of its metrics.
 pub(crate) fn dispatch(req: &Req, shared: &Arc<Shared>) -> (&'static str, Reply) {
     let (route, params) = match find(&req.method, &req.path) {
         Ok(found) => found,
@@ -176,24 +263,20 @@ pub(crate) fn dispatch(req: &Req, shared: &Arc<Shared>) -> (&'static str, Reply)
             return ("method", Reply::Bytes(405, "application/json", bytes, vec![("Allow", allow)]));
         }
     };
+    let open_by_config = route.name == "metrics" && shared.config.metrics_public;
     let who = match route.access {
         Access::Public => authenticate(req, shared).ok(),
         Access::User | Access::Admin => match authenticate(req, shared) {
             Ok(id) => Some(id),
-            Err(reply) if route.name == "metrics" && shared.config.metrics_public => {
-                drop(reply);
-                None
-            }
+            Err(_) if open_by_config => None,
             Err(reply) => return (route.name, reply),
         },
     };
-    if route.access == Access::Admin
-        && !who.as_ref().is_some_and(Identity::is_admin)
-        && !(route.name == "metrics" && shared.config.metrics_public)
-    {
+    if route.access == Access::Admin && !who.as_ref().is_some_and(Identity::is_admin) && !open_by_config {
         return (route.name, error(403, "forbidden", "this needs an admin token"));
     }
-    let reply = match handle(route, &params, who.as_ref(), req, shared) {
+    let call = Call { req, params: &params, who: who.as_ref(), shared };
+    let reply = match (route.handler)(&call) {
         Ok(reply) => reply,
         Err(e) => {
             tracing::error!(error = %e, route = route.name, "storage failure");
@@ -233,422 +316,14 @@ fn authenticate(req: &Req, shared: &Shared) -> Result<Identity, Reply> {
         .map_err(|e: TokenError| error(401, "unauthorized", e.to_string()))
 }
 
-fn ctx() -> Ctx {
-    let now = now_ms();
-    Ctx { now, jitter_seed: now as u64, retry: RetryPolicy::default() }
-}
-
-fn parse_id(s: &str, what: &str) -> Result<u64, Reply> {
-    s.parse::<u64>()
-        .map_err(|_| error(400, "bad_id", format!("{what} must be a positive integer, got '{s}'")))
-}
-
-fn rejection(r: Rejection) -> Reply {
-    match r {
-        Rejection::NotFound => error(404, "not_found", "no such commission"),
-        Rejection::Invalid { field, reason } => error(400, "invalid_field", format!("{field}: {reason}")),
-        other => error(409, other.code(), other.to_string()),
-    }
-}
-
-/// Loads a commission the caller may see; another user's is 404, as if it did not exist.
-fn visible(shared: &Shared, who: &Identity, id: u64) -> Result<Result<Commission, Reply>, StorageError> {
-    Ok(match shared.store.commission(id)? {
-        Some(c) if who.may_access(&c.user_id) => Ok(c),
-        _ => Err(error(404, "not_found", format!("no commission {id}"))),
-    })
-}
-
-macro_rules! tri {
-    ($e:expr) => {
-        match $e {
-            Ok(v) => v,
-            Err(reply) => return Ok(reply),
-        }
-    };
-}
-
-fn handle(
-    route: &Route,
-    params: &[&str],
-    who: Option<&Identity>,
-    req: &Req,
-    shared: &Arc<Shared>,
-) -> Result<Reply, StorageError> {
-    let me = || who.expect("invariant: authenticated routes have an identity");
-    Ok(match route.name {
-        "healthz" => Reply::Json(200, json!({"status": "ok"})),
-        "readyz" => {
-            let controller = shared.executors.as_ref().is_some_and(|e| e.is_running());
-            let body = json!({"store": "open", "executors": controller, "head_seq": shared.store.head_seq()});
-            Reply::Json(if controller { 200 } else { 503 }, body)
-        }
-        "metrics" => {
-            let mut extra = String::new();
-            extra.push_str("# TYPE atelier_commissions gauge\n");
-            for (state, n) in shared.store.state_counts()? {
-                extra.push_str(&format!("atelier_commissions{{state=\"{}\"}} {n}\n", state.as_str()));
-            }
-            extra.push_str(&format!(
-                "# TYPE atelier_log_head_seq gauge\natelier_log_head_seq {}\n",
-                shared.store.head_seq()
-            ));
-            // Their ratio is the mean group: how many appends shared one fsync.
-            let (commits, requests) = shared.store.group_commit_totals();
-            extra.push_str(&format!(
-                "# TYPE atelier_log_group_commits_total counter\natelier_log_group_commits_total {commits}\n\
-                 # TYPE atelier_log_group_commit_appends_total counter\natelier_log_group_commit_appends_total {requests}\n"
-            ));
-            extra.push_str(&format!(
-                "# TYPE atelier_http_accept_errors_total counter\natelier_http_accept_errors_total {}\n",
-                shared.accept_errors.load(std::sync::atomic::Ordering::Relaxed)
-            ));
-            if let Some(e) = &shared.executors {
-                extra.push_str(&e.metrics_text());
-            }
-            Reply::Bytes(
-                200,
-                "text/plain; version=0.0.4",
-                shared.metrics.render(&extra, shared.store.dropped_slow_total()).into_bytes(),
-                vec![],
-            )
-        }
-        "openapi" => Reply::Json(200, crate::openapi()),
-        "me" => Reply::Json(200, json!({"user_id": me().user_id, "role": me().role.as_str()})),
-        "create_commission" => create_commission(req, me(), shared)?,
-        "get_commission" | "get_status" => {
-            let id = tri!(parse_id(params[0], "task id"));
-            Reply::Json(200, render::snapshot(&tri!(visible(shared, me(), id)?)))
-        }
-        "cancel" | "retry" => {
-            let id = tri!(parse_id(params[0], "task id"));
-            tri!(visible(shared, me(), id)?);
-            let cmd = if route.name == "cancel" { Command::RequestCancel } else { Command::ManualRetry };
-            let started = std::time::Instant::now();
-            match execute(&*shared.store, id, cmd, &ctx())? {
-                Ok(c) => {
-                    crate::metrics::APPEND_DURATION.observe(started.elapsed().as_secs_f64());
-                    Reply::Json(200, render::snapshot(&c))
-                }
-                Err(r) => rejection(r),
-            }
-        }
-        "commission_jobs" => {
-            let id = tri!(parse_id(params[0], "task id"));
-            tri!(visible(shared, me(), id)?);
-            let jobs: Vec<Value> = shared.store.jobs_of(id)?.iter().map(render::job).collect();
-            Reply::Json(200, json!({"items": jobs}))
-        }
-        "job_status" | "job_logs" => {
-            let id = tri!(parse_id(params[0], "job id"));
-            let job = match shared.store.job(id)? {
-                Some(j) => j,
-                None => return Ok(error(404, "not_found", format!("no job {id}"))),
-            };
-            tri!(visible(shared, me(), job.commission_id)?);
-            if route.name == "job_status" {
-                Reply::Json(200, render::job(&job))
-            } else {
-                let Some(ex) = &shared.executors else {
-                    return Ok(error(404, "not_found", "no executor keeps logs here"));
-                };
-                let (out, err) = ex.job_log_paths(id);
-                if logs_swept(job.completed_at, ex.job_dirs_keep_ms(), now_ms()) {
-                    return Ok(error(410, "gone", format!("no logs are kept for job {id}: its working dir is gone (a finished job's dir is removed ATELIER_JOB_DIRS_KEEP_DAYS after it ended)")));
-                }
-                let read = |p: &std::path::Path| {
-                    std::fs::read(p).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default()
-                };
-                Reply::Json(200, json!({"job_id": id, "stdout": read(&out), "stderr": read(&err)}))
-            }
-        }
-        "list_user" => {
-            let user = crate::percent_decode(params[0]);
-            if !me().may_access(&user) {
-                // Another user's list is as empty as an unknown user's.
-                return Ok(Reply::Json(200, json!({"items": [], "next_cursor": null})));
-            }
-            let limit = match req.query("limit") {
-                None => LIST_LIMIT_DEFAULT,
-                Some(l) => match l.parse::<usize>() {
-                    Ok(n) if (1..=LIST_LIMIT_MAX).contains(&n) => n,
-                    _ => {
-                        return Ok(error(
-                            400,
-                            "invalid_field",
-                            format!("limit: must be 1..={LIST_LIMIT_MAX}"),
-                        ))
-                    }
-                },
-            };
-            let cursor = match req.query("cursor") {
-                None | Some("") => None,
-                Some(c) => Some(tri!(parse_id(c, "cursor"))),
-            };
-            let state = match req.query("state") {
-                None | Some("") => None,
-                Some(s) => match State::parse(s) {
-                    Some(s) => Some(s),
-                    None => return Ok(error(400, "invalid_field", format!("state: unknown state '{s}'"))),
-                },
-            };
-            let page = shared.store.list_user(&user, &ListQuery { limit, cursor, state })?;
-            Reply::Json(
-                200,
-                json!({
-                    "items": page.items.iter().map(render::snapshot).collect::<Vec<_>>(),
-                    "next_cursor": page.next_cursor.map(|c| c.to_string()),
-                }),
-            )
-        }
-        "stream_commission" | "stream_user" | "stream_all" => {
-            let after = tri!(last_event_id(req));
-            let (filter, end_on_terminal) = match route.name {
-                "stream_commission" => {
-                    let id = tri!(parse_id(params[0], "task id"));
-                    let c = tri!(visible(shared, me(), id)?);
-                    if c.state.is_terminal() && after.is_some_and(|a| a >= c.last_seq) {
-                        return Ok(Reply::Empty(204));
-                    }
-                    (Filter::Commission(id), true)
-                }
-                "stream_user" => {
-                    let user = crate::percent_decode(params[0]);
-                    if !me().may_access(&user) {
-                        return Ok(error(404, "not_found", format!("no user {user}")));
-                    }
-                    (Filter::User(user), false)
-                }
-                _ => (Filter::All, false),
-            };
-            // Subscribed, with its first history read, here on the handler thread (see `sse::open`).
-            sse::open(StreamSpec { filter, after: after.unwrap_or(0), end_on_terminal }, shared)
-        }
-        "create_job" => {
-            let body: Value = tri!(json_body(req));
-            let Some(id) = body.get("task_id").and_then(Value::as_u64) else {
-                return Ok(error(400, "invalid_field", "task_id: required, a positive integer"));
-            };
-            let c = tri!(visible(shared, me(), id)?);
-            match c.state {
-                State::Created => Reply::Json(
-                    201,
-                    json!({"job_id": null, "task_id": id, "status": "pending", "executor": null}),
-                ),
-                // Failed: a manual retry. Waiting on its backoff: run it now, not at `next_retry_at`.
-                State::Failed | State::Retrying => {
-                    let cmd = if c.state == State::Failed { Command::ManualRetry } else { Command::RetryNow };
-                    match execute(&*shared.store, id, cmd, &ctx())? {
-                        Ok(_) => Reply::Json(
-                            201,
-                            json!({"job_id": null, "task_id": id, "status": "pending", "executor": null}),
-                        ),
-                        Err(r) => rejection(r),
-                    }
-                }
-                s => match c.active_job.map(|j| shared.store.job(j)).transpose()?.flatten() {
-                    Some(job) => {
-                        error(409, "job_active", format!("job {} is already running it ({s})", job.job_id))
-                    }
-                    None => error(
-                        409,
-                        "not_runnable",
-                        format!("the commission is {s}; it is not waiting for a job"),
-                    ),
-                },
-            }
-        }
-        "page_index" => {
-            if let Some(token) = req.query("token") {
-                // Sign in once from the URL, then keep the token in an HttpOnly cookie.
-                if shared.keys.verify(token, now_ms() / 1000).is_err() {
-                    return Ok(page(
-                        crate::assets::INDEX,
-                        vec![(
-                            "Set-Cookie",
-                            "atelier_token=; Path=/; Max-Age=0; HttpOnly; SameSite=Strict".into(),
-                        )],
-                    ));
-                }
-                let cookie = format!("atelier_token={token}; Path=/; HttpOnly; SameSite=Strict");
-                return Ok(Reply::Bytes(
-                    303,
-                    "text/plain",
-                    Vec::new(),
-                    vec![("Set-Cookie", cookie), ("Location", "/".into())],
-                ));
-            }
-            page(crate::assets::INDEX, vec![])
-        }
-        "page_commission" => page(crate::assets::COMMISSION, vec![]),
-        "asset" => match params[0] {
-            "app.js" => Reply::Bytes(
-                200,
-                "text/javascript; charset=utf-8",
-                crate::assets::APP_JS.as_bytes().to_vec(),
-                vec![],
-            ),
-            "style.css" => Reply::Bytes(
-                200,
-                "text/css; charset=utf-8",
-                crate::assets::STYLE_CSS.as_bytes().to_vec(),
-                vec![],
-            ),
-            other => error(404, "not_found", format!("no asset {other}")),
-        },
-        "artifact" => {
-            let name = params[0];
-            let hash = name.strip_suffix(".png").unwrap_or("");
-            if hash.len() != 64 || !hash.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()) {
-                return Ok(error(
-                    404,
-                    "not_found",
-                    "artifacts are named by their sha-256, e.g. /artifacts/<64 hex>.png",
-                ));
-            }
-            match std::fs::read(shared.config.data_dir.join("artifacts").join(name)) {
-                Ok(bytes) => Reply::Bytes(
-                    200,
-                    "image/png",
-                    bytes,
-                    vec![("Cache-Control", "public, max-age=31536000, immutable".into())],
-                ),
-                Err(_) => error(404, "not_found", format!("no artifact {name}")),
-            }
-        }
-        other => unreachable!("invariant: every route has a handler ({other})"),
-    })
-}
-
-fn page(html: &'static str, extra: Vec<(&'static str, String)>) -> Reply {
-    Reply::Bytes(200, "text/html; charset=utf-8", html.as_bytes().to_vec(), extra)
-}
-
-fn last_event_id(req: &Req) -> Result<Option<u64>, Reply> {
-    let raw = req.header("last-event-id").or_else(|| req.query("last_event_id"));
-    match raw.map(str::trim) {
-        None | Some("") => Ok(None),
-        Some(v) => v.parse::<u64>().map(Some).map_err(|_| {
-            error(400, "invalid_field", format!("Last-Event-ID: must be an event id (an integer), got '{v}'"))
-        }),
-    }
-}
-
-fn json_body(req: &Req) -> Result<Value, Reply> {
-    if req.body.is_empty() {
-        return Err(error(400, "bad_json", "a JSON body is required"));
-    }
-    serde_json::from_slice(&req.body)
-        .map_err(|e| error(400, "bad_json", format!("the body is not valid JSON: {e}")))
-}
-
-/// Page size of a listing without `?limit=`; the largest allowed is storage's.
-const LIST_LIMIT_DEFAULT: usize = 20;
-use atelier_storage::LIST_LIMIT_MAX;
-
-const CREATE_FIELDS: &[&str] =
-    &["context", "pipeline", "priority", "scheduled_for", "max_attempts", "idempotency_key", "user_id"];
-
-fn create_commission(req: &Req, who: &Identity, shared: &Shared) -> Result<Reply, StorageError> {
-    let body = tri!(json_body(req));
-    let Value::Object(fields) = &body else {
-        return Ok(error(400, "bad_json", "the body must be a JSON object"));
-    };
-    if let Some(unknown) = fields.keys().find(|k| !CREATE_FIELDS.contains(&k.as_str())) {
-        return Ok(error(
-            400,
-            "invalid_field",
-            format!("{unknown}: unknown field (expected one of {})", CREATE_FIELDS.join(", ")),
-        ));
-    }
-    let context = match fields.get("context") {
-        Some(v @ Value::Object(_)) => v.to_string(),
-        Some(_) => return Ok(error(400, "invalid_field", "context: must be a JSON object")),
-        None => return Ok(error(400, "invalid_field", "context: required (a JSON object)")),
-    };
-    let str_field = |name: &str| -> Result<Option<String>, Reply> {
-        match fields.get(name) {
-            None | Some(Value::Null) => Ok(None),
-            Some(Value::String(s)) => Ok(Some(s.clone())),
-            Some(_) => Err(error(400, "invalid_field", format!("{name}: must be a string"))),
-        }
-    };
-    let pipeline = tri!(str_field("pipeline")).unwrap_or_else(|| shared.config.default_pipeline.clone());
-    if let Some(ex) = &shared.executors {
-        if !ex.pipeline_exists(&pipeline) {
-            return Ok(error(400, "invalid_field", format!("pipeline: no pipeline named '{pipeline}'")));
-        }
-    }
-    let priority = match fields.get("priority") {
-        None | Some(Value::Null) => 0,
-        Some(v) => match v.as_i64().and_then(|p| i32::try_from(p).ok()) {
-            Some(p) => p,
-            None => {
-                return Ok(error(400, "invalid_field", "priority: must be an integer (higher runs first)"))
-            }
-        },
-    };
-    let max_attempts = match fields.get("max_attempts") {
-        None | Some(Value::Null) => atelier_engine::limits::ATTEMPTS_DEFAULT,
-        Some(v) => match v.as_u64().and_then(|p| u32::try_from(p).ok()) {
-            Some(p) => p,
-            None => return Ok(error(400, "invalid_field", "max_attempts: must be a positive integer")),
-        },
-    };
-    let scheduled_for = match tri!(str_field("scheduled_for")) {
-        None => None,
-        Some(s) => match time::parse_rfc3339(&s) {
-            Some(t) => Some(t),
-            None => {
-                return Ok(error(
-                    400,
-                    "invalid_field",
-                    format!("scheduled_for: '{s}' is not an RFC 3339 time"),
-                ))
-            }
-        },
-    };
-    let user_id = match tri!(str_field("user_id")) {
-        Some(u) if u != who.user_id && !who.is_admin() => {
-            return Ok(error(
-                403,
-                "forbidden",
-                "user_id: only an admin may create commissions for another user",
-            ));
-        }
-        Some(u) => u,
-        None => who.user_id.clone(),
-    };
-    let new = NewCommission {
-        user_id,
-        pipeline,
-        priority,
-        scheduled_for,
-        context,
-        idempotency_key: tri!(str_field("idempotency_key")),
-        max_attempts,
-    };
-    let started = std::time::Instant::now();
-    let out = create(&*shared.store, new, &ctx())?;
-    crate::metrics::APPEND_DURATION.observe(started.elapsed().as_secs_f64());
-    Ok(match out {
-        Ok(Created::New(c)) => {
-            shared.metrics.events_appended.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            Reply::Json(201, render::snapshot(&c))
-        }
-        Ok(Created::Existing(c)) => Reply::Json(200, render::snapshot(&c)),
-        Err(r) => rejection(r),
-    })
-}
-
 /// Runs the pure input checks of the handlers (no store needed) for the fuzz target.
 pub(crate) fn fuzz_inputs(req: &Req) {
-    let _ = last_event_id(req);
-    let _ = json_body(req);
+    let _ = input::last_event_id(req);
+    let _ = input::json_body(req);
     let _ = token_of(req, true);
     if let Ok((_, params)) = find(&req.method, &req.path) {
         for p in params {
-            let _ = parse_id(p, "id");
+            let _ = input::parse_id(p, "id");
             let _ = crate::percent_decode(p);
         }
     }
@@ -691,17 +366,6 @@ pub fn openapi() -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_jobs_logs_are_gone_only_past_the_keep_time() {
-        let day: u64 = 86_400_000;
-        let later = |ms: u64| 1_000 + i64::try_from(ms).unwrap();
-        assert!(!logs_swept(None, Some(day), i64::MAX), "a running job's logs are never gone");
-        assert!(!logs_swept(Some(1_000), None, i64::MAX), "keep for good");
-        assert!(!logs_swept(Some(1_000), Some(day), later(day) - 1));
-        assert!(logs_swept(Some(1_000), Some(day), later(day)));
-        assert!(!logs_swept(Some(1_000), Some(u64::MAX), i64::MAX - 1), "no overflow");
-    }
 
     #[test]
     fn router_prefers_literal_segments_and_reports_allowed_methods() {

@@ -78,9 +78,9 @@ impl Opened {
 /// (chunked framing): the connection can take another request.
 pub(crate) fn serve(stream: &TcpStream, opened: Opened, framing: Framing, shared: &Arc<Shared>) -> bool {
     shared.streams.fetch_add(1, Ordering::SeqCst);
-    shared.metrics.sse_connections.fetch_add(1, Ordering::Relaxed);
+    shared.metrics.sse_connections.inc();
     let completed = run(stream, opened, framing, shared);
-    shared.metrics.sse_connections.fetch_sub(1, Ordering::Relaxed);
+    shared.metrics.sse_connections.dec();
     shared.streams.fetch_sub(1, Ordering::SeqCst);
     completed && framing == Framing::Chunked
 }
@@ -227,7 +227,7 @@ fn run(stream: &TcpStream, opened: Opened, framing: Framing, shared: &Arc<Shared
 /// Renders one event onto `out`; true if the stream ends with it.
 fn add(out: &mut String, d: &Delivery, end_on_terminal: bool, shared: &Shared) -> bool {
     render::push_sse_message(out, &d.env, &d.view);
-    shared.metrics.sse_events_sent.fetch_add(1, Ordering::Relaxed);
+    shared.metrics.sse_events_sent.inc();
     end_on_terminal && d.env.event.kind().is_terminal()
 }
 

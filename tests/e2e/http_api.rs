@@ -95,6 +95,10 @@ fn auth_matrix() {
         atelier_http::Keys::new(b"not the secret").issue("alice", atelier_http::Role::Admin, now_s() + 60);
     assert_eq!(s.get(&path, Some(&forged)).status, 401);
     assert_eq!(s.get(&path, Some("garbage")).status, 401);
+    // A real token's claims under a header naming no algorithm (`{"alg":"none"}`), unsigned.
+    let claims = alice.split('.').nth(1).unwrap();
+    let unsigned = s.get(&path, Some(&format!("eyJhbGciOiJub25lIn0.{claims}.")));
+    assert_eq!((unsigned.status, unsigned.code().as_str()), (401, "unauthorized"));
     // The cookie works too.
     let by_cookie =
         request(s.addr, "GET", &path, None, &[("Cookie", &format!("atelier_token={alice}"))], None);

@@ -1,0 +1,41 @@
+//! The Server-Sent Events routes: one commission's events, a user's, or every event (admin).
+//! Each resumes after Last-Event-ID; `sse` runs the stream once it is open.
+
+use atelier_storage::{Filter, StorageError};
+
+use super::commissions::visible;
+use super::input::{last_event_id, parse_id};
+use super::Call;
+use crate::sse::{self, StreamSpec};
+use crate::{error, Reply};
+
+/// One commission's events; the stream ends after its terminal event, and a client that has
+/// seen that event already is answered 204 so it stops reconnecting.
+pub(super) fn commission(call: &Call<'_>) -> Result<Reply, StorageError> {
+    let after = tri!(last_event_id(call.req));
+    let id = tri!(parse_id(call.params[0], "task id"));
+    let c = tri!(visible(call.shared, call.me(), id)?);
+    if c.state.is_terminal() && after.is_some_and(|a| a >= c.last_seq) {
+        return Ok(Reply::Empty(204));
+    }
+    Ok(open(call, Filter::Commission(id), after, true))
+}
+
+pub(super) fn user(call: &Call<'_>) -> Result<Reply, StorageError> {
+    let after = tri!(last_event_id(call.req));
+    let user = crate::percent_decode(call.params[0]);
+    if !call.me().may_access(&user) {
+        return Ok(error(404, "not_found", format!("no user {user}")));
+    }
+    Ok(open(call, Filter::User(user), after, false))
+}
+
+pub(super) fn all(call: &Call<'_>) -> Result<Reply, StorageError> {
+    let after = tri!(last_event_id(call.req));
+    Ok(open(call, Filter::All, after, false))
+}
+
+/// Subscribed, with its first history read, here on the handler thread (see `sse::open`).
+fn open(call: &Call<'_>, filter: Filter, after: Option<u64>, end_on_terminal: bool) -> Reply {
+    sse::open(StreamSpec { filter, after: after.unwrap_or(0), end_on_terminal }, call.shared)
+}
