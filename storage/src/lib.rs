@@ -11,6 +11,7 @@ mod error;
 pub mod layout;
 mod log;
 mod reply;
+mod retention;
 mod service;
 mod sled_store;
 mod subscribe;
@@ -19,6 +20,7 @@ use atelier_engine::time::Millis;
 use atelier_engine::{Commission, Envelope, Event, Job, Rejection, State};
 
 pub use error::StorageError;
+pub use retention::{Retention, RETENTION_CHECK_INTERVAL};
 pub use service::{create, execute, Created};
 pub use sled_store::{
     Durability, SledStore, StoreConfig, CACHE_CAPACITY_BYTES_DEFAULT, LIST_LIMIT_MAX, SCHEMA_VERSION,
