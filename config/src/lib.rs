@@ -127,13 +127,11 @@ impl Found<'_> {
 
 /// The config file and the environment.
 pub struct Sources<'e> {
-    file: Option<ConfigFile>,
-    env: EnvLookup<'e>,
-}
-
-struct ConfigFile {
-    text: String,
+    /// The config file's text, for the lines of errors; none without a file.
+    text: Option<String>,
+    /// The file parsed (empty without a file).
     table: toml::Table,
+    env: EnvLookup<'e>,
 }
 
 impl<'e> Sources<'e> {
@@ -157,19 +155,16 @@ impl<'e> Sources<'e> {
 
     /// The environment alone: for commands that do not read the config file.
     pub fn env_only(env: EnvLookup<'e>) -> Sources<'e> {
-        Sources { file: None, env }
+        Sources { text: None, table: toml::Table::new(), env }
     }
 
     /// `text`: the config file's contents, if there is one.
     pub fn from_text(text: Option<&str>, env: EnvLookup<'e>) -> Result<Sources<'e>, ConfigError> {
-        let file = match text {
-            None => None,
-            Some(text) => Some(ConfigFile {
-                text: text.to_string(),
-                table: text.parse().map_err(|source| ConfigError::Syntax { path: None, source })?,
-            }),
+        let table = match text {
+            None => toml::Table::new(),
+            Some(text) => text.parse().map_err(|source| ConfigError::Syntax { path: None, source })?,
         };
-        Ok(Sources { file, env })
+        Ok(Sources { text: text.map(str::to_string), table, env })
     }
 
     /// The first of `env_names` set to a non-empty value, else the file's dotted `key`.
@@ -201,8 +196,7 @@ impl<'e> Sources<'e> {
 
     /// The file's top-level table (empty without a file).
     pub fn top_level(&self) -> &toml::Table {
-        static EMPTY: std::sync::OnceLock<toml::Table> = std::sync::OnceLock::new();
-        self.file.as_ref().map_or_else(|| EMPTY.get_or_init(toml::Table::new), |f| &f.table)
+        &self.table
     }
 
     /// Checks that the file's top level has only `known` keys.
@@ -222,7 +216,7 @@ impl<'e> Sources<'e> {
             ConfigError::UnknownKey { key, .. } | ConfigError::Invalid { key, .. } => key,
             _ => return error,
         };
-        match self.file.as_ref().and_then(|f| line_of(&f.text, key)) {
+        match self.text.as_deref().and_then(|text| line_of(text, key)) {
             Some(line) => ConfigError::AtLine { line, error: Box::new(error) },
             None => error,
         }
