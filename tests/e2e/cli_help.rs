@@ -67,5 +67,16 @@ fn runtime_errors_print_their_causes() {
     let text = run(&["replay", "--check", "--config", missing.to_str().unwrap()]);
     assert!(text.starts_with("exit: Some(2)"), "{text}");
     assert!(text.contains(&format!("atelier: cannot read {}\n  caused by: ", missing.display())), "{text}");
+    // A bad value names the variable it came from, whichever command reads it.
+    let out = Command::new(exe())
+        .args(["export", "--data-dir", dir.join("data").to_str().unwrap()])
+        .env("ATELIER_DURABILITY", "often")
+        .output()
+        .expect("run atelier");
+    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        "atelier: setting 'ATELIER_DURABILITY': 'often' is not sync or periodic\n"
+    );
     std::fs::remove_dir_all(&dir).unwrap();
 }
