@@ -160,9 +160,29 @@ pub struct ClientArgs {
 
 #[cfg(test)]
 mod tests {
+    use clap::CommandFactory;
+
     #[test]
     fn the_command_line_is_consistent() {
-        use clap::CommandFactory;
         super::Cli::command().debug_assert();
+    }
+
+    /// The flags' help repeats the settings' defaults in prose; it must say what the settings
+    /// module does.
+    #[test]
+    fn flag_help_states_the_defaults_the_settings_use() {
+        use crate::settings::{DATA_DIR_DEFAULT, LISTEN_DEFAULT, URL_DEFAULT};
+        let cmd = super::Cli::command();
+        let help = |sub: &str, arg: &str| -> String {
+            let sub = cmd.find_subcommand(sub).expect("subcommand");
+            let arg = sub.get_arguments().find(|a| a.get_id() == arg).expect("argument");
+            arg.get_help().expect("help").to_string()
+        };
+        assert!(help("serve", "listen").contains(&format!("[default: {LISTEN_DEFAULT}]")));
+        assert!(help("serve", "data_dir").contains(&format!("[default: ./{DATA_DIR_DEFAULT}]")));
+        assert!(help("watch", "url").contains(&format!("[default: {URL_DEFAULT}]")));
+        assert!(super::SETTINGS_HELP.contains(&format!(
+            "ATELIER_LISTEN            listen address                    {LISTEN_DEFAULT}"
+        )));
     }
 }

@@ -41,6 +41,20 @@ fn top_level_help() {
     assert!(help.contains("ATELIER_LISTEN"), "the settings are listed: {help}");
 }
 
+/// README's settings table lists every variable `atelier help` does.
+#[test]
+fn readme_lists_every_setting_of_the_help() {
+    let help = run(&["help"]);
+    let readme = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md")).unwrap();
+    // The table's rows: indented, a variable first.
+    let settings = help.lines().filter_map(|l| l.strip_prefix("    ")?.split_whitespace().next());
+    let names: Vec<&str> = settings.filter(|w| w.starts_with("ATELIER_")).collect();
+    assert!(names.len() >= 15, "the help's settings table: {names:?}");
+    for name in names {
+        assert!(readme.contains(&format!("`{name}`")), "README's settings table lacks {name}");
+    }
+}
+
 #[test]
 fn every_subcommand_has_its_own_help() {
     for sub in SUBCOMMANDS {
