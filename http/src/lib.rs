@@ -11,6 +11,7 @@ mod conn;
 mod metrics;
 pub mod render;
 mod routes;
+pub mod secret;
 mod sse;
 
 use std::net::SocketAddr;

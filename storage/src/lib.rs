@@ -12,12 +12,14 @@ mod event_store;
 pub mod layout;
 mod log;
 mod reply;
+mod retention;
 mod service;
 mod sled_store;
 mod subscribe;
 
 pub use error::StorageError;
 pub use event_store::{AppendOutcome, AppendRequest, AppendTarget, EventStore, ListQuery, Page};
+pub use retention::{Retention, RETENTION_CHECK_INTERVAL};
 pub use service::{create, execute, Created};
 pub use sled_store::{
     Durability, SledStore, StoreConfig, CACHE_CAPACITY_BYTES_DEFAULT, LIST_LIMIT_MAX, SCHEMA_VERSION,

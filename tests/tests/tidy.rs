@@ -42,7 +42,7 @@ fn ci_runs_the_readme_test_command() {
 #[test]
 fn every_module_says_why_it_exists_and_no_debug_leftovers() {
     let mut files = Vec::new();
-    for dir in ["engine", "storage", "http", "workers", "src", "tests", "fuzz/fuzz_targets"] {
+    for dir in ["config", "engine", "storage", "http", "workers", "src", "tests", "fuzz/fuzz_targets"] {
         rust_files(&root().join(dir), &mut files);
     }
     let mut problems = Vec::new();

@@ -1,5 +1,6 @@
-//! Executor settings and pipeline definitions, read once at start from `atelier.toml`
-//! (`[workers]` and `[pipelines.NAME]`) and the environment, which wins over the file.
+//! Executor settings and pipeline definitions, validated once at start from the raw settings
+//! layer (`atelier_config::Sources`: the `[workers]` and `[pipelines.NAME]` tables of
+//! `atelier.toml` and the environment, which wins over the file).
 //!
 //! Every key is checked: an unknown key, a wrong type or a value out of range is a
 //! [`ConfigError`] that names the key, so a typo fails the start instead of silently running
@@ -7,6 +8,8 @@
 
 use std::collections::BTreeMap;
 
+pub use atelier_config::ConfigError;
+use atelier_config::{Raw, Sources};
 use atelier_engine::{RetryPolicy, Stage};
 use serde::{Deserialize, Serialize};
 
@@ -253,57 +256,8 @@ impl Default for WorkersConfig {
     }
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum ConfigError {
-    /// The file is not valid TOML.
-    Syntax(String),
-    UnknownKey {
-        key: String,
-    },
-    /// `key` has the wrong type or an unusable value.
-    Invalid {
-        key: String,
-        reason: String,
-    },
-    /// One of the above, for a key set on this line (1-based) of the config file.
-    AtLine {
-        line: usize,
-        error: Box<ConfigError>,
-    },
-}
-
-impl std::fmt::Display for ConfigError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            ConfigError::Syntax(e) => write!(f, "atelier.toml is not valid TOML: {e}"),
-            ConfigError::UnknownKey { key } => write!(f, "unknown setting '{key}'"),
-            ConfigError::Invalid { key, reason } => write!(f, "setting '{key}': {reason}"),
-            ConfigError::AtLine { line, error } => write!(f, "config file line {line}: {error}"),
-        }
-    }
-}
-
-impl std::error::Error for ConfigError {}
-
-/// The line (1-based) of `text` where the dotted `key` (`pipelines.a.memory_mb`) is set, or
-/// for a key of the environment (`MAX_CONCURRENT_JOBS`) or one not in the text, none.
-fn line_of(text: &str, key: &str) -> Option<usize> {
-    let doc = toml_edit::ImDocument::parse(text).ok()?;
-    let mut table: &dyn toml_edit::TableLike = doc.as_table();
-    let mut segments = key.split('.').peekable();
-    while let Some(segment) = segments.next() {
-        let (k, item) = table.get_key_value(segment)?;
-        if segments.peek().is_none() {
-            let start = k.span().or_else(|| item.span())?.start;
-            return Some(text.get(..start)?.matches('\n').count() + 1);
-        }
-        table = item.as_table_like()?;
-    }
-    None
-}
-
 fn invalid(key: &str, reason: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid { key: key.to_string(), reason: reason.into() }
+    ConfigError::invalid(key, reason)
 }
 
 /// The `[workers]` settings: TOML key, environment name (also looked up with an `ATELIER_`
@@ -330,53 +284,6 @@ const SETTINGS: &[(&str, &str)] = &[
     ("retry_cap_ms", "RETRY_CAP_MS"),
 ];
 
-/// One setting's raw value, from the file or the environment.
-enum Raw<'a> {
-    Toml(&'a toml::Value),
-    Env(String),
-}
-
-impl Raw<'_> {
-    fn bool(&self, key: &str) -> Result<bool, ConfigError> {
-        match self {
-            Raw::Toml(toml::Value::Boolean(b)) => Ok(*b),
-            Raw::Env(s) => match s.trim().to_ascii_lowercase().as_str() {
-                "1" | "true" | "yes" | "on" => Ok(true),
-                "0" | "false" | "no" | "off" => Ok(false),
-                other => Err(invalid(key, format!("'{other}' is not a boolean"))),
-            },
-            Raw::Toml(v) => Err(invalid(key, format!("expected a boolean, got {}", v.type_str()))),
-        }
-    }
-
-    fn int(&self, key: &str, min: i64, max: i64) -> Result<i64, ConfigError> {
-        let v = match self {
-            Raw::Toml(toml::Value::Integer(i)) => *i,
-            Raw::Env(s) => s.trim().parse::<i64>().map_err(|e| invalid(key, format!("'{s}': {e}")))?,
-            Raw::Toml(v) => return Err(invalid(key, format!("expected an integer, got {}", v.type_str()))),
-        };
-        if v < min || v > max {
-            return Err(invalid(key, format!("{v} is outside {min}..={max}")));
-        }
-        Ok(v)
-    }
-
-    /// Seconds (integer or decimal) as milliseconds.
-    fn seconds_ms(&self, key: &str, max_seconds: u64) -> Result<u64, ConfigError> {
-        let secs = match self {
-            Raw::Toml(toml::Value::Integer(i)) => *i as f64,
-            Raw::Toml(toml::Value::Float(f)) => *f,
-            Raw::Env(s) => s.trim().parse::<f64>().map_err(|e| invalid(key, format!("'{s}': {e}")))?,
-            Raw::Toml(v) => return Err(invalid(key, format!("expected seconds, got {}", v.type_str()))),
-        };
-        if !secs.is_finite() || secs < 0.0 || secs > max_seconds as f64 {
-            return Err(invalid(key, format!("{secs} is outside 0..={max_seconds} seconds")));
-        }
-        // In range above, so the cast cannot overflow.
-        Ok((secs * 1000.0).round() as u64)
-    }
-}
-
 fn to_u64(v: i64) -> u64 {
     u64::try_from(v).expect("invariant: range-checked to be non-negative")
 }
@@ -396,26 +303,17 @@ impl WorkersConfig {
         toml_text: Option<&str>,
         env: &dyn Fn(&str) -> Option<String>,
     ) -> Result<WorkersConfig, ConfigError> {
-        WorkersConfig::load_unlocated(toml_text, env).map_err(|error| {
-            let key = match &error {
-                ConfigError::UnknownKey { key } | ConfigError::Invalid { key, .. } => key,
-                ConfigError::Syntax(_) | ConfigError::AtLine { .. } => return error,
-            };
-            match toml_text.and_then(|text| line_of(text, key)) {
-                Some(line) => ConfigError::AtLine { line, error: Box::new(error) },
-                None => error,
-            }
-        })
+        WorkersConfig::from_sources(&Sources::from_text(toml_text, env)?)
     }
 
-    fn load_unlocated(
-        toml_text: Option<&str>,
-        env: &dyn Fn(&str) -> Option<String>,
-    ) -> Result<WorkersConfig, ConfigError> {
-        let doc: toml::Table = match toml_text {
-            Some(text) => text.parse().map_err(|e: toml::de::Error| ConfigError::Syntax(e.to_string()))?,
-            None => toml::Table::new(),
-        };
+    /// The executors' settings from the raw settings layer; an error names the key and, for a
+    /// key of the file, its line.
+    pub fn from_sources(sources: &Sources<'_>) -> Result<WorkersConfig, ConfigError> {
+        WorkersConfig::from_sources_unlocated(sources).map_err(|e| sources.locate(e))
+    }
+
+    fn from_sources_unlocated(sources: &Sources<'_>) -> Result<WorkersConfig, ConfigError> {
+        let doc = sources.top_level();
         let empty = toml::Table::new();
         let workers = match doc.get("workers") {
             None => &empty,
@@ -424,22 +322,16 @@ impl WorkersConfig {
         };
         for key in workers.keys() {
             if !SETTINGS.iter().any(|(k, _)| k == key) {
-                return Err(ConfigError::UnknownKey { key: format!("workers.{key}") });
+                return Err(ConfigError::unknown(format!("workers.{key}")));
             }
         }
         let mut cfg = WorkersConfig::default();
         for (key, env_name) in SETTINGS {
-            let from_env = env(&format!("ATELIER_{env_name}")).or_else(|| env(env_name));
-            let raw = match (&from_env, workers.get(*key)) {
-                (Some(s), _) => Raw::Env(s.clone()),
-                (None, Some(v)) => Raw::Toml(v),
-                (None, None) => continue,
+            let prefixed = format!("ATELIER_{env_name}");
+            let Some(found) = sources.get(&format!("workers.{key}"), &[&prefixed, env_name]) else {
+                continue;
             };
-            let name = match from_env {
-                Some(_) => env_name.to_string(),
-                None => format!("workers.{key}"),
-            };
-            cfg.set(key, &raw, &name)?;
+            cfg.set(key, &found.raw, found.origin.name())?;
         }
         if !cfg.use_job_controller && !cfg.keep_task_runner {
             return Err(invalid(
@@ -563,7 +455,7 @@ fn parse_pipeline(name: &str, value: &toml::Value) -> Result<PipelineConfig, Con
     };
     for key in t.keys() {
         if !PIPELINE_KEYS.contains(&key.as_str()) {
-            return Err(ConfigError::UnknownKey { key: format!("{prefix}.{key}") });
+            return Err(ConfigError::unknown(format!("{prefix}.{key}")));
         }
     }
     // A configured pipeline starts from the built-in one of the same name, if any, else from
@@ -643,8 +535,7 @@ fn parse_pipeline(name: &str, value: &toml::Value) -> Result<PipelineConfig, Con
         };
         for (stage_name, spec) in stages {
             let skey = format!("{key}.{stage_name}");
-            let stage =
-                Stage::parse(stage_name).ok_or_else(|| ConfigError::UnknownKey { key: skey.clone() })?;
+            let stage = Stage::parse(stage_name).ok_or_else(|| ConfigError::unknown(skey.clone()))?;
             p.stages[stage.index()] = parse_stage(&skey, spec)?;
         }
     }
@@ -657,7 +548,7 @@ fn parse_stage(key: &str, v: &toml::Value) -> Result<StageSpec, ConfigError> {
     };
     for k in t.keys() {
         if k != "command" && k != "builtin" {
-            return Err(ConfigError::UnknownKey { key: format!("{key}.{k}") });
+            return Err(ConfigError::unknown(format!("{key}.{k}")));
         }
     }
     match (t.get("command"), t.get("builtin")) {

@@ -1,5 +1,8 @@
 //! A small blocking client for Atelier's own API: JSON requests and SSE streams over plain
-//! HTTP/1.1. Used by the `atelier submit | watch | status | list` commands.
+//! HTTP/1.1. Used by the `atelier submit | watch | status | list` commands; [`watch`] is the
+//! terminal view that follows one commission over it.
+
+pub mod watch;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
@@ -9,14 +12,21 @@ use serde_json::Value;
 
 /// How long a request may take before the client gives up on it.
 pub const REQUEST_TIMEOUT_MS: u64 = 30_000;
+/// How long connecting may take before the client gives up.
+pub const CONNECT_TIMEOUT_MS: u64 = 5_000;
 /// Longest response the client accepts.
 pub const RESPONSE_BYTES_MAX: u64 = 16 * 1024 * 1024;
 
 #[derive(Debug)]
 pub enum ClientError {
     BadUrl(String),
-    Connect(String),
-    Io(String),
+    /// No connection to `host`.
+    Connect {
+        host: String,
+        source: std::io::Error,
+    },
+    /// The connection broke or timed out.
+    Io(std::io::Error),
     Protocol(String),
     /// The server answered with an error body.
     Api {
@@ -30,15 +40,22 @@ impl std::fmt::Display for ClientError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             ClientError::BadUrl(u) => write!(f, "'{u}' is not a server URL like http://127.0.0.1:8080"),
-            ClientError::Connect(e) => write!(f, "cannot reach the server: {e}"),
-            ClientError::Io(e) => write!(f, "connection failed: {e}"),
+            ClientError::Connect { host, .. } => write!(f, "cannot reach the server at {host}"),
+            ClientError::Io(_) => write!(f, "the connection to the server failed"),
             ClientError::Protocol(e) => write!(f, "unexpected answer: {e}"),
             ClientError::Api { status, code, message } => write!(f, "{message} ({status} {code})"),
         }
     }
 }
 
-impl std::error::Error for ClientError {}
+impl std::error::Error for ClientError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            ClientError::Connect { source, .. } | ClientError::Io(source) => Some(source),
+            ClientError::BadUrl(_) | ClientError::Protocol(_) | ClientError::Api { .. } => None,
+        }
+    }
+}
 
 pub struct Client {
     host: String,
@@ -64,18 +81,19 @@ impl Client {
     }
 
     fn connect(&self) -> Result<TcpStream, ClientError> {
-        let addr = self
-            .host
-            .to_socket_addrs()
-            .map_err(|e| ClientError::Connect(format!("{}: {e}", self.host)))?
-            .next()
-            .ok_or_else(|| ClientError::Connect(self.host.clone()))?;
-        let s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
-            .map_err(|e| ClientError::Connect(format!("{}: {e}", self.host)))?;
-        s.set_read_timeout(Some(Duration::from_millis(REQUEST_TIMEOUT_MS)))
-            .map_err(|e| ClientError::Io(e.to_string()))?;
+        let addr =
+            self.host.to_socket_addrs().map_err(|source| self.connect_error(source))?.next().ok_or_else(
+                || self.connect_error(std::io::Error::new(std::io::ErrorKind::NotFound, "no address")),
+            )?;
+        let s = TcpStream::connect_timeout(&addr, Duration::from_millis(CONNECT_TIMEOUT_MS))
+            .map_err(|source| self.connect_error(source))?;
+        s.set_read_timeout(Some(Duration::from_millis(REQUEST_TIMEOUT_MS))).map_err(ClientError::Io)?;
         let _ = s.set_nodelay(true);
         Ok(s)
+    }
+
+    fn connect_error(&self, source: std::io::Error) -> ClientError {
+        ClientError::Connect { host: self.host.clone(), source }
     }
 
     fn send(
@@ -98,7 +116,7 @@ impl Client {
             head.push_str(&format!("{k}: {v}\r\n"));
         }
         head.push_str(&format!("Content-Length: {}\r\n\r\n{body}", body.len()));
-        s.write_all(head.as_bytes()).map_err(|e| ClientError::Io(e.to_string()))?;
+        s.write_all(head.as_bytes()).map_err(ClientError::Io)?;
         Ok(s)
     }
 
@@ -106,7 +124,7 @@ impl Client {
     pub fn json(&self, method: &str, path: &str, body: Option<&Value>) -> Result<(u16, Value), ClientError> {
         let s = self.send(method, path, body, &[])?;
         let mut raw = Vec::new();
-        s.take(RESPONSE_BYTES_MAX).read_to_end(&mut raw).map_err(|e| ClientError::Io(e.to_string()))?;
+        s.take(RESPONSE_BYTES_MAX).read_to_end(&mut raw).map_err(ClientError::Io)?;
         let split = raw
             .windows(4)
             .position(|w| w == b"\r\n\r\n")
@@ -146,7 +164,7 @@ impl Client {
         let s = self.send("GET", path, None, &extra)?;
         let mut reader = BufReader::new(s);
         let mut line = String::new();
-        reader.read_line(&mut line).map_err(|e| ClientError::Io(e.to_string()))?;
+        reader.read_line(&mut line).map_err(ClientError::Io)?;
         let status: u16 = line
             .split_whitespace()
             .nth(1)
@@ -154,8 +172,7 @@ impl Client {
             .ok_or_else(|| ClientError::Protocol(format!("bad status line {line:?}")))?;
         loop {
             line.clear();
-            if reader.read_line(&mut line).map_err(|e| ClientError::Io(e.to_string()))? == 0 || line == "\r\n"
-            {
+            if reader.read_line(&mut line).map_err(ClientError::Io)? == 0 || line == "\r\n" {
                 break;
             }
         }
@@ -214,7 +231,7 @@ impl EventStream {
         let mut line = String::new();
         loop {
             line.clear();
-            let n = self.reader.read_line(&mut line).map_err(|e| ClientError::Io(e.to_string()))?;
+            let n = self.reader.read_line(&mut line).map_err(ClientError::Io)?;
             if n == 0 {
                 return Ok(None);
             }

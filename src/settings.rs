@@ -1,0 +1,204 @@
+//! The validated settings layer: turns the raw values of `atelier_config::Sources` (the config
+//! file and the environment) and the command line's overrides into the typed settings each
+//! command runs with. The precedence is one rule, flag > environment > file > default; the
+//! last three are the raw layer's, a flag is applied here. The executors' settings are
+//! validated by their owner, `WorkersConfig::from_sources`, from the same sources.
+
+use std::path::PathBuf;
+
+use atelier_config::{ConfigError, Found, Sources};
+use atelier_storage::{Durability, StoreConfig};
+
+/// The keys atelier.toml may have at its top level: the server's settings and the executors'
+/// tables.
+const TOP_LEVEL_KEYS: &[&str] = &[
+    "listen",
+    "data_dir",
+    "durability",
+    "durability_interval_ms",
+    "cache_capacity_bytes",
+    "retention_days",
+    "heartbeat_ms",
+    "max_connections",
+    "metrics_public",
+    "header_timeout_ms",
+    "worker_program",
+    "workers",
+    "pipelines",
+];
+
+pub const LISTEN_DEFAULT: &str = "127.0.0.1:8080";
+pub const DATA_DIR_DEFAULT: &str = "atelier-data";
+pub const URL_DEFAULT: &str = "http://127.0.0.1:8080";
+/// How often `ATELIER_DURABILITY=periodic` makes the log durable.
+const DURABILITY_INTERVAL_MS_DEFAULT: u64 = 100;
+
+/// The server's settings, and the store's (which `token`, `replay`, `export` and `import` use
+/// too).
+pub struct ServerSettings {
+    pub listen: String,
+    pub data_dir: PathBuf,
+    pub durability: Durability,
+    pub cache_bytes: u64,
+    pub retention_days: Option<u64>,
+    pub heartbeat_ms: u64,
+    pub max_connections: usize,
+    pub metrics_public: bool,
+    pub header_timeout_ms: u64,
+    /// The program each job runs; None: `atelier-worker` next to this binary, else this binary.
+    pub worker_program: Option<PathBuf>,
+    /// `ATELIER_SECRET`, if set: the token secret (else one kept in the data dir).
+    pub secret: Option<String>,
+}
+
+/// What the command line may override.
+#[derive(Default)]
+pub struct Overrides {
+    pub listen: Option<String>,
+    pub data_dir: Option<PathBuf>,
+}
+
+impl ServerSettings {
+    /// Validates every server setting of `sources` (so a bad one fails whichever command reads
+    /// them), with `flags` on top.
+    pub fn load(sources: &Sources<'_>, flags: Overrides) -> Result<ServerSettings, ConfigError> {
+        sources.expect_top_level_keys(TOP_LEVEL_KEYS)?;
+        ServerSettings::load_unlocated(sources, flags).map_err(|e| sources.locate(e))
+    }
+
+    fn load_unlocated(s: &Sources<'_>, flags: Overrides) -> Result<ServerSettings, ConfigError> {
+        let text = |key: &str, env: &str| s.get(key, &[env]).map(|f| f.raw.text());
+        let num = |key: &str, env: &str, default: u64| -> Result<u64, ConfigError> {
+            s.get(key, &[env]).map_or(Ok(default), |f| number(&f, "is not a number"))
+        };
+        let durability = match s.get("durability", &["ATELIER_DURABILITY"]) {
+            None => Durability::Sync,
+            Some(found) => match found.raw.text().as_str() {
+                "sync" => Durability::Sync,
+                "periodic" => Durability::Periodic {
+                    interval_ms: num(
+                        "durability_interval_ms",
+                        "ATELIER_DURABILITY_INTERVAL_MS",
+                        DURABILITY_INTERVAL_MS_DEFAULT,
+                    )?,
+                },
+                other => return Err(found.invalid(format!("'{other}' is not sync or periodic"))),
+            },
+        };
+        let connections_max_default =
+            u64::try_from(atelier_http::CONNECTIONS_MAX_DEFAULT).expect("invariant: a small constant");
+        Ok(ServerSettings {
+            listen: flags
+                .listen
+                .or_else(|| text("listen", "ATELIER_LISTEN"))
+                .unwrap_or_else(|| LISTEN_DEFAULT.into()),
+            data_dir: flags
+                .data_dir
+                .or_else(|| text("data_dir", "ATELIER_DATA_DIR").map(PathBuf::from))
+                .unwrap_or_else(|| PathBuf::from(DATA_DIR_DEFAULT)),
+            durability,
+            cache_bytes: num(
+                "cache_capacity_bytes",
+                "ATELIER_CACHE_BYTES",
+                atelier_storage::CACHE_CAPACITY_BYTES_DEFAULT,
+            )?,
+            retention_days: s
+                .get("retention_days", &["ATELIER_RETENTION_DAYS"])
+                .map(|f| number(&f, "is not a number of days"))
+                .transpose()?,
+            heartbeat_ms: num("heartbeat_ms", "ATELIER_HEARTBEAT_MS", atelier_http::HEARTBEAT_MS_DEFAULT)?,
+            max_connections: usize::try_from(num(
+                "max_connections",
+                "ATELIER_MAX_CONNECTIONS",
+                connections_max_default,
+            )?)
+            .unwrap_or(usize::MAX),
+            metrics_public: text("metrics_public", "ATELIER_METRICS_PUBLIC")
+                .is_some_and(|v| v == "1" || v == "true"),
+            header_timeout_ms: num(
+                "header_timeout_ms",
+                "ATELIER_HEADER_TIMEOUT_MS",
+                atelier_http::HEADER_TIMEOUT_MS_DEFAULT,
+            )?,
+            worker_program: text("worker_program", "ATELIER_WORKER_PROGRAM").map(PathBuf::from),
+            secret: s.env("ATELIER_SECRET"),
+        })
+    }
+
+    pub fn store_config(&self) -> StoreConfig {
+        let mut config = StoreConfig::new(&self.data_dir);
+        config.cache_capacity_bytes = self.cache_bytes;
+        config.durability = self.durability;
+        config
+    }
+}
+
+/// A whole number, from the environment or the file (where `"500"` and `500` both do).
+fn number(found: &Found<'_>, what: &str) -> Result<u64, ConfigError> {
+    let text = found.raw.text();
+    text.parse().map_err(|_| found.invalid(format!("'{text}' {what}")))
+}
+
+/// Which server the client commands talk to, and as whom.
+pub struct ClientSettings {
+    pub url: String,
+    pub token: String,
+}
+
+/// Why the client commands cannot run.
+#[derive(Debug)]
+pub struct NoToken;
+
+impl std::fmt::Display for NoToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "no token: pass --token or set ATELIER_TOKEN (see `atelier token`)")
+    }
+}
+
+impl std::error::Error for NoToken {}
+
+impl ClientSettings {
+    /// The client commands read the environment only: a server's atelier.toml in the working
+    /// dir is no business of theirs.
+    pub fn load(
+        sources: &Sources<'_>,
+        url: Option<String>,
+        token: Option<String>,
+    ) -> Result<ClientSettings, NoToken> {
+        Ok(ClientSettings {
+            url: url.or_else(|| sources.env("ATELIER_URL")).unwrap_or_else(|| URL_DEFAULT.into()),
+            token: token.or_else(|| sources.env("ATELIER_TOKEN")).ok_or(NoToken)?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(text: &str, env: &'static [(&'static str, &'static str)]) -> Result<ServerSettings, ConfigError> {
+        let lookup = move |k: &str| env.iter().find(|(n, _)| *n == k).map(|(_, v)| (*v).to_string());
+        let sources = Sources::from_text(Some(text), &lookup)?;
+        ServerSettings::load(&sources, Overrides::default())
+    }
+
+    #[test]
+    fn environment_over_file_over_default() {
+        let s =
+            load("listen = \"1.2.3.4:5\"\nheartbeat_ms = 500\n", &[("ATELIER_HEARTBEAT_MS", "700")]).unwrap();
+        assert_eq!((s.listen.as_str(), s.heartbeat_ms), ("1.2.3.4:5", 700));
+        assert_eq!(s.header_timeout_ms, atelier_http::HEADER_TIMEOUT_MS_DEFAULT);
+        let s = load("", &[("ATELIER_LISTEN", "")]).unwrap();
+        assert_eq!(s.listen, LISTEN_DEFAULT, "an empty variable counts as unset");
+    }
+
+    #[test]
+    fn errors_name_the_variable_or_the_key_and_line() {
+        let err = load("", &[("ATELIER_DURABILITY", "often")]).err().expect("bad value");
+        assert_eq!(err.to_string(), "setting 'ATELIER_DURABILITY': 'often' is not sync or periodic");
+        let err = load("listen = \"x\"\nheartbeat_ms = \"soon\"\n", &[]).err().expect("bad value");
+        assert_eq!(err.to_string(), "config file line 2: setting 'heartbeat_ms': 'soon' is not a number");
+        let err = load("max_conections = 5\n", &[]).err().expect("unknown key");
+        assert!(err.to_string().starts_with("config file line 1: unknown setting 'max_conections' (known: "));
+    }
+}
