@@ -19,9 +19,19 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::Receiver;
+use crate::dispatch::handle;
+use crate::pool::Job;
+use crate::render;
+use crate::reply::Reply;
+use crate::request::{percent_decode, Req};
+use crate::sse::{self, Framing};
+use crate::state::Shared;
 
-use crate::{percent_decode, render, Reply, Req, Shared};
+/// Request bodies above this are refused with 413.
+pub const BODY_BYTES_MAX: usize = 1024 * 1024;
+/// A write that cannot proceed for this long (a client that stopped reading) fails, which
+/// ends that stream only; the client can resume from its last event id.
+pub const SEND_TIMEOUT_MS: u64 = 10_000;
 
 /// Stack of a connection thread: it parses heads, writes replies and runs the SSE loop; the
 /// JSON and storage work of a request runs on the handler pool.
@@ -34,9 +44,6 @@ const READ_BUFFER_BYTES: usize = 4096;
 const OVER_CAPACITY_SEND_TIMEOUT: Duration = Duration::from_millis(100);
 /// Pause after an accept error (out of descriptors, say) before accepting again.
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
-
-/// Work for the handler pool: a request to route, or a stream's history read.
-pub(crate) type Job = Box<dyn FnOnce() + Send>;
 
 /// Accepts until shutdown; a failed accept (EMFILE, ENFILE, ENOBUFS) pauses and retries, so
 /// running out of descriptors never stops the server.
@@ -173,7 +180,7 @@ impl Head {
 /// takes the connection over.
 fn serve(stream: TcpStream, shared: &Arc<Shared>) {
     let _ = stream.set_nodelay(true);
-    let _ = stream.set_write_timeout(Some(Duration::from_millis(crate::SEND_TIMEOUT_MS)));
+    let _ = stream.set_write_timeout(Some(Duration::from_millis(SEND_TIMEOUT_MS)));
     let timeout = Duration::from_millis(shared.config.header_timeout_ms.max(1));
     let mut reader = BufReader::with_capacity(
         READ_BUFFER_BYTES,
@@ -204,7 +211,7 @@ fn serve(stream: TcpStream, shared: &Arc<Shared>) {
         let req = to_req(head, body);
         let (shared2, reply) = (shared.clone(), reply_tx.clone());
         let job: Job = Box::new(move || {
-            let _ = reply.send(crate::handle(&req, started, &shared2));
+            let _ = reply.send(handle(&req, started, &shared2));
         });
         if shared.jobs.send(job).is_err() {
             return;
@@ -218,15 +225,11 @@ fn serve(stream: TcpStream, shared: &Arc<Shared>) {
                 // asked with HEAD (it expects no body, so the connection cannot go on).
                 let reusable =
                     keep_alive == Close::No && head_only == Body::Send && reader.buffer().is_empty();
-                let framing = if opened.ends() && reusable {
-                    crate::sse::Framing::Chunked
-                } else {
-                    crate::sse::Framing::UntilClose
-                };
+                let framing = if opened.ends() && reusable { Framing::Chunked } else { Framing::UntilClose };
                 // A stream does not read while it runs: give its read buffer back (40 MiB at
                 // 10,000 streams), and take a new one if the connection goes on.
                 drop(reader);
-                if !crate::sse::serve(&stream, *opened, framing, shared) {
+                if !sse::serve(&stream, *opened, framing, shared) {
                     return;
                 }
                 reader = BufReader::with_capacity(
@@ -361,7 +364,7 @@ fn read_line(reader: &mut impl BufRead, budget: &mut usize) -> Result<Option<Str
 }
 
 fn too_large() -> ReadError {
-    ReadError::Refuse(413, "body_too_large", format!("the body is over {} bytes", crate::BODY_BYTES_MAX))
+    ReadError::Refuse(413, "body_too_large", format!("the body is over {} bytes", BODY_BYTES_MAX))
 }
 
 /// `continue_to` gets the interim `100 Continue` a client may wait for before its body.
@@ -387,7 +390,7 @@ fn read_body(
             ReadError::Refuse(400, "bad_request", format!("Content-Length '{v}' is not a number"))
         })?),
     };
-    if length.is_some_and(|n| n > crate::BODY_BYTES_MAX) {
+    if length.is_some_and(|n| n > BODY_BYTES_MAX) {
         return Err(too_large());
     }
     if !chunked && length.unwrap_or(0) == 0 {
@@ -413,7 +416,7 @@ fn read_body(
                 while read_line(reader, &mut budget)?.is_some_and(|l| !l.is_empty()) {}
                 break;
             }
-            if body.len() + size > crate::BODY_BYTES_MAX {
+            if body.len() + size > BODY_BYTES_MAX {
                 return Err(too_large());
             }
             let start = body.len();
@@ -496,17 +499,6 @@ pub(crate) fn write_response(
     }
     let mut w = stream;
     w.write_all(&out)
-}
-
-/// Handler threads: take jobs until shutdown.
-pub(crate) fn handler_loop(jobs: &Receiver<Job>, shared: &Shared) {
-    while !shared.shutting_down.load(Ordering::SeqCst) {
-        match jobs.recv_timeout(Duration::from_millis(500)) {
-            Ok(job) => job(),
-            Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
-            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return,
-        }
-    }
 }
 
 /// The request fuzz target's parser half: arbitrary bytes as a connection's input go through

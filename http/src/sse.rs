@@ -7,9 +7,11 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use atelier_storage::{Delivery, Filter, Subscription, SubscriptionEnd};
+use atelier_storage::{Delivery, Filter, StorageError, Subscription, SubscriptionEnd};
 
-use crate::{render, Reply, Shared};
+use crate::pool::Job;
+use crate::render;
+use crate::state::Shared;
 
 /// The `retry:` hint sent first: how long a browser waits before reconnecting.
 pub const RETRY_HINT_MS: u64 = 2_000;
@@ -35,21 +37,27 @@ pub(crate) struct Opened {
     end_on_terminal: bool,
 }
 
+/// Why a stream could not be opened; the route answers it (500 and 503).
+#[derive(Debug)]
+pub(crate) enum OpenError {
+    /// Subscribing or reading the first history failed.
+    Storage(StorageError),
+    /// The subscription closed before its first read: the server is stopping.
+    ShuttingDown,
+}
+
 /// Subscribes and reads the first chunk of history, on the handler thread that routed the
 /// request: most streams start with a short history (a commission just created), and reading
 /// it here spares the stream's thread a round trip to the pool before its first write.
-pub(crate) fn open(spec: StreamSpec, shared: &Arc<Shared>) -> Reply {
-    let mut sub = match shared.store.subscribe(spec.after, spec.filter) {
-        Ok(s) => s,
-        Err(e) => return crate::error(500, "storage", e.to_string()),
-    };
+pub(crate) fn open(spec: StreamSpec, shared: &Arc<Shared>) -> Result<Opened, OpenError> {
+    let mut sub = shared.store.subscribe(spec.after, spec.filter).map_err(OpenError::Storage)?;
     match sub.read_history() {
-        Ok(()) => Reply::Stream(Box::new(Opened { sub, end_on_terminal: spec.end_on_terminal })),
+        Ok(()) => Ok(Opened { sub, end_on_terminal: spec.end_on_terminal }),
         Err(SubscriptionEnd::Failed(e)) => {
             tracing::error!(error = %e, "a stream failed reading the log");
-            crate::error(500, "storage", e.to_string())
+            Err(OpenError::Storage(e))
         }
-        Err(_) => crate::error(503, "shutting_down", "the server is stopping"),
+        Err(_) => Err(OpenError::ShuttingDown),
     }
 }
 
@@ -240,7 +248,7 @@ fn add(out: &mut String, d: &Delivery, end_on_terminal: bool, shared: &Shared) -
 /// the 8 handler threads are members anyway.
 fn on_pool(shared: &Arc<Shared>, mut sub: Subscription) -> Option<Subscription> {
     let (tx, rx) = crossbeam_channel::bounded(1);
-    let job: crate::conn::Job = Box::new(move || {
+    let job: Job = Box::new(move || {
         let read = sub.read_history();
         let _ = tx.send((sub, read));
     });

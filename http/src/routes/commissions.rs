@@ -5,10 +5,14 @@ use atelier_engine::{time, Command, Commission, Ctx, NewCommission, Rejection, R
 use atelier_storage::{execute, Created, ListQuery, StorageError, LIST_LIMIT_MAX};
 use serde_json::{json, Value};
 
+use super::call::{tri, Call};
 use super::input::{json_body, parse_id};
-use super::Call;
 use crate::auth::Identity;
-use crate::{error, now_ms, render, Reply, Shared};
+use crate::clock::now_ms;
+use crate::render;
+use crate::reply::{error, Reply};
+use crate::request::percent_decode;
+use crate::state::Shared;
 
 /// Page size of a listing without `?limit=`; the largest allowed is storage's.
 const LIST_LIMIT_DEFAULT: usize = 20;
@@ -153,7 +157,7 @@ pub(super) fn jobs(call: &Call<'_>) -> Result<Reply, StorageError> {
 
 /// A user's commissions, newest first, a page at a time.
 pub(super) fn list_user(call: &Call<'_>) -> Result<Reply, StorageError> {
-    let user = crate::percent_decode(call.params[0]);
+    let user = percent_decode(call.params[0]);
     if !call.me().may_access(&user) {
         // Another user's list is as empty as an unknown user's.
         return Ok(Reply::Json(200, json!({"items": [], "next_cursor": null})));

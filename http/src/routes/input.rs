@@ -3,14 +3,15 @@
 
 use serde_json::Value;
 
-use crate::{error, Reply, Req};
+use crate::reply::{error, Reply};
+use crate::request::Req;
 
-pub(super) fn parse_id(s: &str, what: &str) -> Result<u64, Reply> {
+pub(crate) fn parse_id(s: &str, what: &str) -> Result<u64, Reply> {
     s.parse::<u64>()
         .map_err(|_| error(400, "bad_id", format!("{what} must be a positive integer, got '{s}'")))
 }
 
-pub(super) fn last_event_id(req: &Req) -> Result<Option<u64>, Reply> {
+pub(crate) fn last_event_id(req: &Req) -> Result<Option<u64>, Reply> {
     let raw = req.header("last-event-id").or_else(|| req.query("last_event_id"));
     match raw.map(str::trim) {
         None | Some("") => Ok(None),
@@ -20,7 +21,7 @@ pub(super) fn last_event_id(req: &Req) -> Result<Option<u64>, Reply> {
     }
 }
 
-pub(super) fn json_body(req: &Req) -> Result<Value, Reply> {
+pub(crate) fn json_body(req: &Req) -> Result<Value, Reply> {
     if req.body.is_empty() {
         return Err(error(400, "bad_json", "a JSON body is required"));
     }

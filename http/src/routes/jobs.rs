@@ -4,10 +4,12 @@ use atelier_engine::{time, Command, Job, State};
 use atelier_storage::{execute, StorageError};
 use serde_json::{json, Value};
 
+use super::call::{tri, Call};
 use super::commissions::{ctx, rejection, visible};
 use super::input::{json_body, parse_id};
-use super::Call;
-use crate::{error, now_ms, render, Reply};
+use crate::clock::now_ms;
+use crate::render;
+use crate::reply::{error, Reply};
 
 /// Makes a commission runnable now: a queued one is already, a failed one is retried by hand,
 /// one waiting on its backoff is run now rather than at `next_retry_at`.

@@ -1,13 +1,13 @@
-//! The operator's routes: liveness, readiness, Prometheus metrics, the OpenAPI document, and
-//! who a token belongs to.
+//! The operator's routes: liveness, readiness, Prometheus metrics, and who a token belongs
+//! to. (The OpenAPI document is served beside the table it describes, in `routes`.)
 
 use std::sync::atomic::Ordering;
 
 use atelier_storage::StorageError;
 use serde_json::json;
 
-use super::Call;
-use crate::Reply;
+use super::call::Call;
+use crate::reply::Reply;
 
 pub(super) fn healthz(_: &Call<'_>) -> Result<Reply, StorageError> {
     Ok(Reply::Json(200, json!({"status": "ok"})))
@@ -50,10 +50,6 @@ pub(super) fn metrics(call: &Call<'_>) -> Result<Reply, StorageError> {
         shared.metrics.render(&extra, shared.store.dropped_slow_total()).into_bytes(),
         vec![],
     ))
-}
-
-pub(super) fn openapi(_: &Call<'_>) -> Result<Reply, StorageError> {
-    Ok(Reply::Json(200, super::openapi()))
 }
 
 pub(super) fn me(call: &Call<'_>) -> Result<Reply, StorageError> {

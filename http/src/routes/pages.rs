@@ -2,8 +2,10 @@
 
 use atelier_storage::StorageError;
 
-use super::Call;
-use crate::{assets, error, now_ms, Reply};
+use super::call::Call;
+use crate::assets;
+use crate::clock::now_ms;
+use crate::reply::{error, Reply};
 
 /// The status page. `?token=` signs in once from the URL: a valid token goes into an
 /// HttpOnly cookie and the browser is sent back to `/` without it; an invalid one clears it.

@@ -3,11 +3,12 @@
 
 use atelier_storage::{Filter, StorageError};
 
+use super::call::{tri, Call};
 use super::commissions::visible;
 use super::input::{last_event_id, parse_id};
-use super::Call;
-use crate::sse::{self, StreamSpec};
-use crate::{error, Reply};
+use crate::reply::{error, Reply};
+use crate::request::percent_decode;
+use crate::sse::{self, OpenError, StreamSpec};
 
 /// One commission's events; the stream ends after its terminal event, and a client that has
 /// seen that event already is answered 204 so it stops reconnecting.
@@ -23,7 +24,7 @@ pub(super) fn commission(call: &Call<'_>) -> Result<Reply, StorageError> {
 
 pub(super) fn user(call: &Call<'_>) -> Result<Reply, StorageError> {
     let after = tri!(last_event_id(call.req));
-    let user = crate::percent_decode(call.params[0]);
+    let user = percent_decode(call.params[0]);
     if !call.me().may_access(&user) {
         return Ok(error(404, "not_found", format!("no user {user}")));
     }
@@ -37,5 +38,9 @@ pub(super) fn all(call: &Call<'_>) -> Result<Reply, StorageError> {
 
 /// Subscribed, with its first history read, here on the handler thread (see `sse::open`).
 fn open(call: &Call<'_>, filter: Filter, after: Option<u64>, end_on_terminal: bool) -> Reply {
-    sse::open(StreamSpec { filter, after: after.unwrap_or(0), end_on_terminal }, call.shared)
+    match sse::open(StreamSpec { filter, after: after.unwrap_or(0), end_on_terminal }, call.shared) {
+        Ok(opened) => Reply::Stream(Box::new(opened)),
+        Err(OpenError::Storage(e)) => error(500, "storage", e.to_string()),
+        Err(OpenError::ShuttingDown) => error(503, "shutting_down", "the server is stopping"),
+    }
 }

@@ -1,0 +1,36 @@
+//! The server's settings, and the defaults a caller that sets nothing gets: the binary fills
+//! an [`HttpConfig`] from its own configuration and hands it to `Server::start`.
+
+use std::path::PathBuf;
+
+/// Default cap on open connections (streams included); more are answered 503 and closed.
+pub const CONNECTIONS_MAX_DEFAULT: usize = 10_000;
+pub const HEARTBEAT_MS_DEFAULT: u64 = 15_000;
+/// A connection whose request (headers and body) does not arrive in this time is closed; an
+/// idle keep-alive connection too.
+pub const HEADER_TIMEOUT_MS_DEFAULT: u64 = 10_000;
+
+#[derive(Clone, Debug)]
+pub struct HttpConfig {
+    pub listen: String,
+    pub data_dir: PathBuf,
+    pub connections_max: usize,
+    pub heartbeat_ms: u64,
+    pub metrics_public: bool,
+    pub default_pipeline: String,
+    pub header_timeout_ms: u64,
+}
+
+impl HttpConfig {
+    pub fn new(listen: impl Into<String>, data_dir: impl Into<PathBuf>) -> HttpConfig {
+        HttpConfig {
+            listen: listen.into(),
+            data_dir: data_dir.into(),
+            connections_max: CONNECTIONS_MAX_DEFAULT,
+            heartbeat_ms: HEARTBEAT_MS_DEFAULT,
+            metrics_public: false,
+            default_pipeline: "commission".into(),
+            header_timeout_ms: HEADER_TIMEOUT_MS_DEFAULT,
+        }
+    }
+}

@@ -1,0 +1,29 @@
+//! What every thread of a running server shares: the store, the keys, the settings, the
+//! metrics, the counters the accept loop and the streams keep, and the handler pool's queue.
+
+use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::Arc;
+
+use atelier_storage::EventStore;
+
+use crate::auth::Keys;
+use crate::config::HttpConfig;
+use crate::executors::Executors;
+use crate::metrics::Metrics;
+use crate::pool::Job;
+
+pub(crate) struct Shared {
+    pub(crate) store: Arc<dyn EventStore>,
+    pub(crate) keys: Keys,
+    pub(crate) config: HttpConfig,
+    pub(crate) executors: Option<Arc<dyn Executors>>,
+    pub(crate) metrics: Metrics,
+    pub(crate) shutting_down: AtomicBool,
+    pub(crate) streams: AtomicU64,
+    /// Open connections, counted by the accept loop against `connections_max`.
+    pub(crate) connections: AtomicU64,
+    /// Accept errors the accept loop recovered from (out of descriptors, say).
+    pub(crate) accept_errors: AtomicU64,
+    /// The handler pool's queue.
+    pub(crate) jobs: crossbeam_channel::Sender<Job>,
+}
