@@ -10,7 +10,7 @@ use std::time::Duration;
 use atelier_http::client::{Client, ClientError};
 use atelier_http::{Executors, HttpConfig, Keys, Role, Server};
 use atelier_storage::{check, Durability, EventStore, SledStore, StoreConfig};
-use atelier_workers::{Controller, ProgramSource, WorkersConfig};
+use atelier_workers::{ProgramSource, WorkersConfig};
 
 const HELP: &str = "\
 atelier — runs commissions (long background jobs) and shows their progress live
@@ -132,8 +132,7 @@ fn exit_code(code: i32) -> ExitCode {
 
 /// The executors as the HTTP side sees them.
 struct Workers {
-    controller: Controller,
-    data_dir: PathBuf,
+    controller: atelier_workers::Workers,
     pipelines: Vec<String>,
     job_dirs_keep: Option<Duration>,
 }
@@ -148,7 +147,11 @@ impl Executors for Workers {
     }
 
     fn job_log_paths(&self, job_id: u64) -> (PathBuf, PathBuf) {
-        atelier_workers::job_log_paths(&self.data_dir, job_id)
+        self.controller.data_dir().job_logs(job_id)
+    }
+
+    fn artifacts_dir(&self) -> PathBuf {
+        self.controller.data_dir().artifacts()
     }
 
     fn job_dirs_keep_ms(&self) -> Option<u64> {
@@ -388,8 +391,8 @@ fn serve(args: &[String]) -> Result<ExitCode, CliError> {
     }
     let exe = program.path;
     let data_dir = std::fs::canonicalize(&s.data_dir).unwrap_or_else(|_| s.data_dir.clone());
-    let controller = Controller::start(dyn_store.clone(), workers_config, data_dir.clone(), exe)?;
-    let workers = Arc::new(Workers { controller, data_dir, pipelines, job_dirs_keep });
+    let controller = atelier_workers::Workers::start(dyn_store.clone(), workers_config, data_dir, exe)?;
+    let workers = Arc::new(Workers { controller, pipelines, job_dirs_keep });
     let executors: Arc<dyn Executors> = workers.clone();
     let server = Server::start(http_config, dyn_store, keys.clone(), Some(executors))?;
     // SAFETY: the handler only stores to an atomic, which is async-signal-safe.

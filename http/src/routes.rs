@@ -506,14 +506,16 @@ fn handle(
                     "artifacts are named by their sha-256, e.g. /artifacts/<64 hex>.png",
                 ));
             }
-            match std::fs::read(shared.config.data_dir.join("artifacts").join(name)) {
-                Ok(bytes) => Reply::Bytes(
+            // Without executors nothing makes artifacts: there is none to serve.
+            let stored = shared.executors.as_ref().map(|e| e.artifacts_dir().join(name));
+            match stored.map(std::fs::read) {
+                Some(Ok(bytes)) => Reply::Bytes(
                     200,
                     "image/png",
                     bytes,
                     vec![("Cache-Control", "public, max-age=31536000, immutable".into())],
                 ),
-                Err(_) => error(404, "not_found", format!("no artifact {name}")),
+                _ => error(404, "not_found", format!("no artifact {name}")),
             }
         }
         other => unreachable!("invariant: every route has a handler ({other})"),

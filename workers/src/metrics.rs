@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use atelier_engine::Executor;
 
-use crate::controller::RollbackReason;
+use crate::router::{idx, RollbackReason};
 
 const DURATION_BUCKETS_SECONDS: [f64; 10] = [0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0];
 const SPAWN_BUCKETS_SECONDS: [f64; 9] = [0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5];
@@ -89,14 +89,6 @@ pub(crate) struct Metrics {
     pub(crate) escapees_ended: AtomicU64,
     /// Rollbacks to the task runner, by reason (`RollbackReason::ALL` order).
     rollbacks: [AtomicU64; 3],
-}
-
-/// An executor's slot in the per-executor arrays (here and in the router).
-pub(crate) fn idx(e: Executor) -> usize {
-    match e {
-        Executor::JobController => 0,
-        Executor::TaskRunner => 1,
-    }
 }
 
 impl Metrics {

@@ -15,9 +15,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// The interface stamp (workers/build.rs): equal stamps, same trampoline arguments, job
-/// input, pipeline file and line protocol.
-pub const INTERFACE: &str = env!("ATELIER_WORKER_INTERFACE");
+pub use crate::inside::INTERFACE;
 
 /// The file name of the worker program next to the server binary.
 pub(crate) const WORKER_PROGRAM_NAME: &str = "atelier-worker";

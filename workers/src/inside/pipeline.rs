@@ -17,7 +17,7 @@ use serde_json::{json, Map, Value};
 use sha2::{Digest, Sha256};
 
 use crate::config::{Builtin, PipelineConfig, StageSpec};
-use crate::protocol::Message;
+use crate::inside::protocol::Message;
 
 /// A test delay in the context (`delay_ms`) is cut to this, per stage.
 pub const DELAY_MS_MAX: u64 = 60_000;
@@ -269,7 +269,7 @@ fn run_builtin(
                     Ok(())
                 }
             })?;
-            let png = crate::png::encode_rgb(side, side, &rgb);
+            let png = crate::inside::png::encode_rgb(side, side, &rgb);
             let path = env.make_job_dir().map_err(|e| fail(e, true))?.join("image.png");
             write_atomic(&path, &png)
                 .map_err(|e| fail(format!("cannot write {}: {e}", path.display()), true))?;
@@ -484,7 +484,7 @@ fn run_command(
     });
     let (tx, rx) = crossbeam_channel::bounded(64);
     std::thread::spawn(move || {
-        let mut lines = crate::protocol::LineBuffer::default();
+        let mut lines = crate::inside::protocol::LineBuffer::default();
         let mut buf = vec![0u8; 64 * 1024];
         loop {
             let n = match stdout.read(&mut buf) {
@@ -494,7 +494,7 @@ fn run_command(
             match lines.push(&buf[..n]) {
                 Ok(complete) => {
                     for l in complete {
-                        if tx.send(FromCommand::Line(crate::protocol::parse_line(&l))).is_err() {
+                        if tx.send(FromCommand::Line(crate::inside::protocol::parse_line(&l))).is_err() {
                             return;
                         }
                     }
@@ -689,7 +689,7 @@ mod tests {
         };
         let mut c = Collect(Vec::new());
         run(&PipelineConfig::commission(), &input, &env, &mut c).expect("runs");
-        let mut checker = crate::protocol::Checker::default();
+        let mut checker = crate::inside::protocol::Checker::default();
         for m in &c.0 {
             checker.check(m).expect("the built-in pipeline follows the protocol");
         }

@@ -13,22 +13,19 @@
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Stdio};
-use std::sync::atomic::{AtomicU8, Ordering};
-use std::sync::Mutex;
+use std::path::PathBuf;
+use std::process::Child;
 use std::time::{Duration, Instant};
 
-use atelier_engine::{JobEnd, JobStatus};
-use crossbeam_channel::{Receiver, Sender};
-use nix::fcntl::{fcntl, FcntlArg, FdFlag, OFlag};
+use nix::fcntl::{fcntl, FcntlArg, OFlag};
 use nix::poll::{PollFd, PollFlags, PollTimeout};
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
 
-use crate::contain::Known;
-use crate::protocol::{parse_line, LineBuffer};
-use crate::session::{job_end, Finish, Halt, Session};
+use super::classify::{classify, Applied, Ended, ExitInfo, KillReason, Reported};
+use crate::executor::signal::{JobSignal, Request};
+use crate::inside::protocol::{parse_line, LineBuffer};
+use crate::session::{Halt, Session};
 
 /// Bytes of a worker's stderr kept in memory to explain how it ended.
 pub const STDERR_TAIL_BYTES: usize = 2048;
@@ -37,110 +34,12 @@ const READ_CHUNK_BYTES: usize = 64 * 1024;
 /// After exit, at most this much buffered output is still read from each pipe.
 const DRAIN_BYTES_MAX: usize = 4 * 1024 * 1024;
 /// A failed memory limit's error text starts with this; the next attempt's memory is
-/// doubled once per such failure in a row.
-pub const MEMORY_ERROR_PREFIX: &str = "memory limit exceeded";
 /// A worker sending more protocol lines than this in one second is flooding and is cut off.
 pub const PROTOCOL_LINES_PER_SECOND_MAX: u32 = 10_000;
 /// Reports are held this long after the first of a batch before they are appended, so that a
 /// burst of lines, or a short job's whole life, is one append (one fsync) rather than one per
 /// poll wakeup; far below what anyone watching progress can notice.
 const BATCH_WINDOW: Duration = Duration::from_millis(2);
-/// Exit codes of the trampoline (see `trampoline.rs`).
-const TRAMPOLINE_EXIT_CODES: std::ops::RangeInclusive<i32> = 124..=127;
-
-/// What a running job is asked to do from outside.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[repr(u8)]
-pub(crate) enum Request {
-    None = 0,
-    Cancel = 1,
-    Shutdown = 2,
-}
-
-/// A request slot plus a pipe that wakes the job's poll. The first request wins.
-pub(crate) struct JobSignal {
-    state: AtomicU8,
-    wake_w: Mutex<Option<OwnedFd>>,
-    pub(crate) wake_r: Option<OwnedFd>,
-}
-
-impl JobSignal {
-    /// With a wake pipe (for process jobs).
-    pub(crate) fn with_pipe() -> io::Result<JobSignal> {
-        let (r, w) = nix::unistd::pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK).map_err(io::Error::from)?;
-        Ok(JobSignal { state: AtomicU8::new(0), wake_w: Mutex::new(Some(w)), wake_r: Some(r) })
-    }
-
-    /// Without one (for in-process jobs, which check the slot themselves).
-    pub(crate) fn plain() -> JobSignal {
-        JobSignal { state: AtomicU8::new(0), wake_w: Mutex::new(None), wake_r: None }
-    }
-
-    pub(crate) fn raise(&self, r: Request) {
-        let _ = self.state.compare_exchange(0, r as u8, Ordering::AcqRel, Ordering::Acquire);
-        let guard = self.wake_w.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(w) = guard.as_ref() {
-            let _ = nix::unistd::write(w, &[1]);
-        }
-    }
-
-    pub(crate) fn get(&self) -> Request {
-        match self.state.load(Ordering::Acquire) {
-            1 => Request::Cancel,
-            2 => Request::Shutdown,
-            _ => Request::None,
-        }
-    }
-}
-
-/// Handed to the spawner thread.
-pub(crate) struct SpawnRequest {
-    pub(crate) args: Vec<String>,
-    pub(crate) env: Vec<(String, String)>,
-    pub(crate) cwd: PathBuf,
-    pub(crate) stdin: File,
-    pub(crate) stdout: OwnedFd,
-    pub(crate) stderr: OwnedFd,
-    /// The protocol pipe's write end; inherited by the child only (see `spawn_one`).
-    pub(crate) proto_w: OwnedFd,
-    pub(crate) reply: Sender<io::Result<(Child, Known)>>,
-}
-
-/// The one long-lived thread that spawns workers. PR_SET_PDEATHSIG fires when the thread
-/// that spawned a process exits, not the process, so spawning from short-lived job threads
-/// would kill workers when their job thread ends.
-pub(crate) fn spawner_loop(exe: PathBuf, rx: Receiver<SpawnRequest>) {
-    for req in rx {
-        let reply = req.reply.clone();
-        let _ = reply.send(spawn_one(&exe, req));
-    }
-}
-
-fn spawn_one(exe: &Path, req: SpawnRequest) -> io::Result<(Child, Known)> {
-    // The protocol pipe is created close-on-exec so no other child inherits it; it is made
-    // inheritable only here, on the one spawning thread, for exactly this spawn.
-    fcntl(req.proto_w.as_raw_fd(), FcntlArg::F_SETFD(FdFlag::empty())).map_err(io::Error::from)?;
-    // No pre_exec: std then uses posix_spawn (vfork-like, ~1 ms whatever the server's RSS).
-    // process_group(0) is done by posix_spawn itself, so the group exists before we return
-    // and a kill of the group can never miss the worker.
-    let result = crate::contain::spawn(std::os::unix::process::CommandExt::process_group(
-        std::process::Command::new(exe)
-            .args(&req.args)
-            .env_clear()
-            .envs(req.env.iter().map(|(k, v)| (k, v)))
-            .current_dir(&req.cwd)
-            .stdin(Stdio::from(req.stdin))
-            .stdout(Stdio::from(req.stdout))
-            .stderr(Stdio::from(req.stderr)),
-        0,
-    ));
-    drop(req.proto_w);
-    result
-}
-
-pub(crate) fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
-    nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(io::Error::from)
-}
 
 fn set_nonblocking(fd: &OwnedFd) -> io::Result<()> {
     let flags = fcntl(fd.as_raw_fd(), FcntlArg::F_GETFL).map_err(io::Error::from)?;
@@ -160,7 +59,7 @@ fn pidfd_open(pid: i32) -> Option<OwnedFd> {
 /// A capped output file: bytes past `max` are dropped, with one note saying so. The file is
 /// created at the first byte: most workers print nothing, and a file created per job and
 /// stream was a good share of a short job's cost (inode allocation); a missing log reads as
-/// empty (`job_log_paths`).
+/// empty (`DataDir::job_logs`).
 struct LogSink {
     path: PathBuf,
     file: Option<File>,
@@ -202,52 +101,16 @@ impl LogSink {
 }
 
 /// Why the controller ended (or is ending) a worker.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub(crate) enum KillReason {
-    Cancel,
-    Shutdown,
-    Timeout { seconds: u64 },
-    Stalled { ms: u64 },
-    Protocol(String),
-    Stale(String),
-    Storage(String),
-}
-
-/// How the kernel says the worker ended.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub(crate) struct ExitInfo {
-    pub(crate) code: Option<i32>,
-    pub(crate) signal: Option<i32>,
-    pub(crate) max_rss_bytes: u64,
-    pub(crate) cpu_ms: u64,
-}
-
-/// The limits this attempt ran under.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub(crate) struct Applied {
-    pub(crate) memory_mb: u64,
-    pub(crate) memory_max_mb: u64,
-    pub(crate) cpu_seconds: u64,
-    pub(crate) timeout_seconds: u64,
-    pub(crate) heartbeat_ms: u64,
-}
-
 /// What a job's poll loop watches.
 pub(crate) struct Watched {
     pub(crate) child: Child,
     pub(crate) proto_r: OwnedFd,
     pub(crate) out_r: OwnedFd,
     pub(crate) err_r: OwnedFd,
-    pub(crate) job_dir: PathBuf,
+    /// Where the worker's stdout and stderr are captured (`DataDir::job_logs`).
+    pub(crate) logs: (PathBuf, PathBuf),
     pub(crate) log_bytes_max: u64,
     pub(crate) kill_grace: Duration,
-}
-
-/// The result of watching: how it ended, and whether the failure was the controller's
-/// machinery (as opposed to the job's own doing), which feeds the rollback rate.
-pub(crate) struct Ended {
-    pub(crate) finish: Finish,
-    pub(crate) infra_failure: bool,
 }
 
 fn kill_group(pgid: i32, sig: Signal) {
@@ -268,8 +131,9 @@ pub(crate) fn watch(w: Watched, session: &mut Session, signal: &JobSignal, appli
     for fd in [&w.proto_r, &w.out_r, &w.err_r] {
         let _ = set_nonblocking(fd);
     }
-    let mut out_log = LogSink::new(w.job_dir.join("stdout.log"), w.log_bytes_max);
-    let mut err_log = LogSink::new(w.job_dir.join("stderr.log"), w.log_bytes_max);
+    let (out_path, err_path) = w.logs;
+    let mut out_log = LogSink::new(out_path, w.log_bytes_max);
+    let mut err_log = LogSink::new(err_path, w.log_bytes_max);
     let mut tail: Vec<u8> = Vec::new();
     let mut lines = LineBuffer::default();
     let mut flood = FloodGuard::new();
@@ -463,14 +327,6 @@ pub(crate) fn watch(w: Watched, session: &mut Session, signal: &JobSignal, appli
     classify(&reported, &exit, kill.as_ref(), &tail, applied)
 }
 
-/// What the worker said before it ended.
-#[derive(Clone, Debug, Default)]
-pub(crate) struct Reported {
-    pub(crate) job_id: u64,
-    pub(crate) result: Option<String>,
-    pub(crate) worker_error: Option<(String, bool)>,
-}
-
 struct Ender {
     pid: i32,
     grace: Duration,
@@ -615,281 +471,5 @@ fn reap(pid: i32) -> ExitInfo {
         // ru_maxrss is in KiB on Linux.
         max_rss_bytes: u64::try_from(usage.ru_maxrss).unwrap_or(0) * 1024,
         cpu_ms: cpu(usage.ru_utime) + cpu(usage.ru_stime),
-    }
-}
-
-pub(crate) fn signal_name(sig: i32) -> String {
-    Signal::try_from(sig).map(|s| s.as_str().to_string()).unwrap_or_else(|_| format!("signal {sig}"))
-}
-
-/// Whether stderr shows the process ran out of memory under its address-space limit.
-fn looks_like_oom(stderr_tail: &str) -> bool {
-    const MARKERS: [&str; 6] = [
-        "memory allocation of",
-        "MemoryError",
-        "Cannot allocate memory",
-        "out of memory",
-        "bad_alloc",
-        "failed to allocate",
-    ];
-    MARKERS.iter().any(|m| stderr_tail.contains(m))
-}
-
-fn last_line(tail: &str) -> Option<&str> {
-    tail.lines().map(str::trim).rfind(|l| !l.is_empty())
-}
-
-/// The one outcome of a finished worker. Pure, so the whole fault matrix is a table test.
-pub(crate) fn classify(
-    session: &Reported,
-    exit: &ExitInfo,
-    kill: Option<&KillReason>,
-    stderr_tail: &str,
-    applied: &Applied,
-) -> Ended {
-    let job_id = session.job_id;
-    let end = |status: JobStatus, error: Option<String>| JobEnd {
-        exit_code: exit.code,
-        signal: exit.signal,
-        max_rss_bytes: exit.max_rss_bytes,
-        cpu_ms: exit.cpu_ms,
-        ..job_end(job_id, status, error)
-    };
-    let fail = |error: String, retryable: bool, status: JobStatus, infra: bool| Ended {
-        finish: Finish::Fail { error: error.clone(), retryable, end: end(status, Some(error)) },
-        infra_failure: infra,
-    };
-    let with_stderr = |msg: String| match last_line(stderr_tail) {
-        Some(l) => format!("{msg}; stderr: {}", l.chars().take(300).collect::<String>()),
-        None => msg,
-    };
-    match kill {
-        Some(KillReason::Cancel) => {
-            return Ended {
-                finish: Finish::Cancelled { end: end(JobStatus::Killed, Some("cancelled".into())) },
-                infra_failure: false,
-            }
-        }
-        Some(KillReason::Shutdown) => return fail("server shut down".into(), true, JobStatus::Killed, false),
-        Some(KillReason::Timeout { seconds }) => {
-            return fail(
-                format!("timed out after {seconds} s (wall-clock limit)"),
-                true,
-                JobStatus::TimedOut,
-                false,
-            )
-        }
-        Some(KillReason::Stalled { ms }) => {
-            return fail(format!("stalled: no protocol line for {ms} ms"), true, JobStatus::TimedOut, true)
-        }
-        Some(KillReason::Protocol(e)) => {
-            return fail(format!("protocol error: {e}"), false, JobStatus::Failed, true)
-        }
-        Some(KillReason::Stale(e)) => {
-            tracing::warn!(job = job_id, reason = %e, "job is stale; nothing to record");
-            return Ended { finish: Finish::Nothing, infra_failure: false };
-        }
-        Some(KillReason::Storage(e)) => {
-            return fail(format!("controller error: {e}"), true, JobStatus::Killed, true)
-        }
-        None => {}
-    }
-    if let (Some(0), Some(result)) = (exit.code, &session.result) {
-        return Ended {
-            finish: Finish::Complete { result: result.clone(), end: end(JobStatus::Succeeded, None) },
-            infra_failure: false,
-        };
-    }
-    if let Some((error, retryable)) = &session.worker_error {
-        return fail(error.clone(), *retryable, JobStatus::Failed, false);
-    }
-    let crashed = exit.signal.is_some() || exit.code.is_some_and(|c| c != 0);
-    if crashed && looks_like_oom(stderr_tail) {
-        let mb = applied.memory_mb;
-        return if mb < applied.memory_max_mb {
-            let next = (mb * 2).min(applied.memory_max_mb);
-            fail(
-                format!("{MEMORY_ERROR_PREFIX} ({mb} MiB); the next attempt gets {next} MiB"),
-                true,
-                JobStatus::Killed,
-                false,
-            )
-        } else {
-            fail(format!("{MEMORY_ERROR_PREFIX} ({mb} MiB, the cap)"), false, JobStatus::Killed, false)
-        };
-    }
-    let cpu_limit_ms = applied.cpu_seconds.saturating_mul(1000);
-    match exit.signal {
-        Some(libc::SIGXCPU) => {
-            return fail(
-                format!("CPU limit exceeded ({} s), killed by SIGXCPU", applied.cpu_seconds),
-                false,
-                JobStatus::Killed,
-                false,
-            )
-        }
-        Some(libc::SIGKILL) if exit.cpu_ms >= cpu_limit_ms => {
-            return fail(
-                format!("CPU limit exceeded ({} s), killed by SIGKILL", applied.cpu_seconds),
-                false,
-                JobStatus::Killed,
-                false,
-            )
-        }
-        Some(libc::SIGXFSZ) => {
-            return fail(
-                "file size limit exceeded, killed by SIGXFSZ".into(),
-                false,
-                JobStatus::Killed,
-                false,
-            )
-        }
-        Some(sig) => {
-            return fail(
-                with_stderr(format!("killed by {}", signal_name(sig))),
-                true,
-                JobStatus::Killed,
-                true,
-            )
-        }
-        None => {}
-    }
-    match exit.code {
-        Some(0) => fail("the worker exited 0 without a result".into(), false, JobStatus::Failed, true),
-        Some(127) => fail(
-            with_stderr("could not start the worker program (exit 127)".into()),
-            false,
-            JobStatus::Failed,
-            true,
-        ),
-        Some(c) if TRAMPOLINE_EXIT_CODES.contains(&c) => fail(
-            with_stderr(format!("could not set up the worker (exit {c})")),
-            true,
-            JobStatus::Failed,
-            true,
-        ),
-        Some(c) => {
-            fail(with_stderr(format!("the worker exited with code {c}")), true, JobStatus::Failed, true)
-        }
-        None => fail("the worker ended in an unknown way".into(), true, JobStatus::Failed, true),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn oom_markers() {
-        assert!(looks_like_oom("memory allocation of 16777216 bytes failed\n"));
-        assert!(looks_like_oom("Traceback...\nMemoryError\n"));
-        assert!(!looks_like_oom("all fine"));
-    }
-
-    fn applied() -> Applied {
-        Applied { memory_mb: 128, memory_max_mb: 256, cpu_seconds: 2, timeout_seconds: 5, heartbeat_ms: 400 }
-    }
-
-    fn exit(code: Option<i32>, signal: Option<i32>) -> ExitInfo {
-        ExitInfo { code, signal, max_rss_bytes: 0, cpu_ms: 0 }
-    }
-
-    /// (what the worker said, how it exited, why we killed it, stderr) -> (outcome label,
-    /// retryable, error text contains, counted against the controller)
-    #[test]
-    fn every_ending_has_one_outcome() {
-        let ok = Reported { job_id: 1, result: Some("{}".into()), worker_error: None };
-        let none = Reported { job_id: 1, ..Reported::default() };
-        let err = Reported { job_id: 1, result: None, worker_error: Some(("boom".into(), true)) };
-        type Case<'a> =
-            (&'a Reported, ExitInfo, Option<KillReason>, &'a str, &'a str, Option<bool>, &'a str, bool);
-        let cases: Vec<Case> = vec![
-            (&ok, exit(Some(0), None), None, "", "succeeded", None, "", false),
-            (&ok, exit(Some(3), None), None, "", "failed", Some(true), "exited with code 3", true),
-            (&none, exit(Some(0), None), None, "", "failed", Some(false), "without a result", true),
-            (&err, exit(Some(0), None), None, "", "failed", Some(true), "boom", false),
-            (&none, exit(None, Some(9)), None, "", "killed", Some(true), "killed by SIGKILL", true),
-            (
-                &none,
-                exit(None, Some(6)),
-                None,
-                "memory allocation of 1 bytes failed",
-                "killed",
-                Some(true),
-                "the next attempt gets 256 MiB",
-                false,
-            ),
-            (&none, exit(None, Some(24)), None, "", "killed", Some(false), "CPU limit exceeded (2 s)", false),
-            (
-                &none,
-                exit(None, Some(9)),
-                Some(KillReason::Timeout { seconds: 5 }),
-                "",
-                "timed_out",
-                Some(true),
-                "timed out after 5 s",
-                false,
-            ),
-            (
-                &none,
-                exit(None, Some(9)),
-                Some(KillReason::Stalled { ms: 400 }),
-                "",
-                "timed_out",
-                Some(true),
-                "stalled",
-                true,
-            ),
-            (
-                &ok,
-                exit(None, Some(9)),
-                Some(KillReason::Protocol("x".into())),
-                "",
-                "failed",
-                Some(false),
-                "protocol error: x",
-                true,
-            ),
-            (&none, exit(None, Some(15)), Some(KillReason::Cancel), "", "cancelled", None, "", false),
-            (
-                &none,
-                exit(None, Some(15)),
-                Some(KillReason::Shutdown),
-                "",
-                "killed",
-                Some(true),
-                "server shut down",
-                false,
-            ),
-            (
-                &none,
-                exit(Some(127), None),
-                None,
-                "cannot run",
-                "failed",
-                Some(false),
-                "could not start the worker program",
-                true,
-            ),
-        ];
-        for (i, (said, ex, kill, tail, outcome, retryable, text, infra)) in cases.into_iter().enumerate() {
-            let e = classify(said, &ex, kill.as_ref(), tail, &applied());
-            assert_eq!(e.finish.outcome(), outcome, "case {i}: {:?}", e.finish);
-            assert_eq!(e.infra_failure, infra, "case {i}: {:?}", e.finish);
-            match &e.finish {
-                Finish::Fail { error, retryable: r, end } => {
-                    assert_eq!(Some(*r), retryable, "case {i}");
-                    assert!(error.contains(text), "case {i}: {error:?} lacks {text:?}");
-                    assert_eq!((end.exit_code, end.signal), (ex.code, ex.signal), "case {i}");
-                }
-                other => assert_eq!(retryable, None, "case {i}: {other:?}"),
-            }
-        }
-    }
-
-    #[test]
-    fn signal_names() {
-        assert_eq!(signal_name(9), "SIGKILL");
-        assert_eq!(signal_name(24), "SIGXCPU");
     }
 }
