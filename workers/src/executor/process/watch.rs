@@ -1,5 +1,6 @@
-//! The job controller's side of one worker process: spawn it, watch it, end it, and turn
-//! however it ended into exactly one outcome.
+//! The job controller's watch over one running worker process: feed what it says to the
+//! job's session, capture its output, end it when it must end, and reap it; `classify.rs`
+//! then turns however it ended into exactly one outcome.
 //!
 //! One thread per job waits in `poll` on everything that can happen to the job at once: the
 //! protocol pipe, stdout and stderr, a pidfd that becomes readable when the process exits,
@@ -33,7 +34,6 @@ pub const STDERR_TAIL_BYTES: usize = 2048;
 const READ_CHUNK_BYTES: usize = 64 * 1024;
 /// After exit, at most this much buffered output is still read from each pipe.
 const DRAIN_BYTES_MAX: usize = 4 * 1024 * 1024;
-/// A failed memory limit's error text starts with this; the next attempt's memory is
 /// A worker sending more protocol lines than this in one second is flooding and is cut off.
 pub const PROTOCOL_LINES_PER_SECOND_MAX: u32 = 10_000;
 /// Reports are held this long after the first of a batch before they are appended, so that a
@@ -123,208 +123,280 @@ fn kill_group(pgid: i32, sig: Signal) {
 
 /// Watches a started worker to its end and says how it ended.
 pub(crate) fn watch(w: Watched, session: &mut Session, signal: &JobSignal, applied: &Applied) -> Ended {
-    let pid = i32::try_from(w.child.id()).expect("invariant: pids fit i32");
-    let started = Instant::now();
-    let wall_deadline = started + Duration::from_secs(applied.timeout_seconds);
-    let stall_after = Duration::from_millis(applied.heartbeat_ms);
-    let pidfd = pidfd_open(pid);
-    for fd in [&w.proto_r, &w.out_r, &w.err_r] {
+    let Watched { child, proto_r, out_r, err_r, logs, log_bytes_max, kill_grace } = w;
+    let pid = i32::try_from(child.id()).expect("invariant: pids fit i32");
+    let pipes = [proto_r, out_r, err_r];
+    for fd in &pipes {
         let _ = set_nonblocking(fd);
     }
-    let (out_path, err_path) = w.logs;
-    let mut out_log = LogSink::new(out_path, w.log_bytes_max);
-    let mut err_log = LogSink::new(err_path, w.log_bytes_max);
-    let mut tail: Vec<u8> = Vec::new();
-    let mut lines = LineBuffer::default();
-    let mut flood = FloodGuard::new();
-    let mut open = [true, true, true];
-    let mut last_line = Instant::now();
-    let mut kill: Option<KillReason> = None;
-    let mut sigkill_at: Option<Instant> = None;
-    // When the queued reports are appended (see BATCH_WINDOW).
-    let mut commit_at: Option<Instant> = None;
-
-    let ender =
-        Ender { pid, grace: w.kill_grace, commission_id: session.commission_id, job_id: session.job_id };
-    let end_worker = |kill: &mut Option<KillReason>, sigkill_at: &mut Option<Instant>, reason: KillReason| {
-        ender.end(kill, sigkill_at, reason)
+    let started = Instant::now();
+    let mut job = Job {
+        ender: Ender { pid, grace: kill_grace, commission_id: session.commission_id, job_id: session.job_id },
+        session,
+        signal,
+        applied,
+        pidfd: pidfd_open(pid),
+        pipes,
+        open: [true, true, true],
+        out_log: LogSink::new(logs.0, log_bytes_max),
+        err_log: LogSink::new(logs.1, log_bytes_max),
+        tail: Vec::new(),
+        lines: LineBuffer::default(),
+        flood: FloodGuard::new(),
+        wall_deadline: started + Duration::from_secs(applied.timeout_seconds),
+        stall_after: Duration::from_millis(applied.heartbeat_ms),
+        last_line: Instant::now(),
+        kill: None,
+        sigkill_at: None,
+        commit_at: None,
     };
-
     let exit = loop {
-        let now = Instant::now();
+        let ready = job.wait();
+        let exited = job.take(ready);
+        if let Some(exit) = job.after_wakeup(exited) {
+            break exit;
+        }
+    };
+    let ended = job.finish(&exit);
+    // std's Child would otherwise never learn it was reaped; dropping it does not wait.
+    drop(child);
+    ended
+}
+
+/// Where the protocol pipe, stdout and stderr sit in `Job::pipes` (their poll slots are
+/// 2, 3 and 4, after the pidfd's 0 and the wake pipe's 1).
+const PROTO: usize = 0;
+const OUT: usize = 1;
+const ERR: usize = 2;
+
+/// One watched worker, between wakeups of its poll.
+struct Job<'a> {
+    ender: Ender,
+    session: &'a mut Session,
+    signal: &'a JobSignal,
+    applied: &'a Applied,
+    pidfd: Option<OwnedFd>,
+    pipes: [OwnedFd; 3],
+    /// Which of `pipes` has not reached EOF.
+    open: [bool; 3],
+    out_log: LogSink,
+    err_log: LogSink,
+    tail: Vec<u8>,
+    lines: LineBuffer,
+    flood: FloodGuard,
+    wall_deadline: Instant,
+    stall_after: Duration,
+    last_line: Instant,
+    kill: Option<KillReason>,
+    sigkill_at: Option<Instant>,
+    /// When the queued reports are appended (see BATCH_WINDOW).
+    commit_at: Option<Instant>,
+}
+
+impl Job<'_> {
+    fn end(&mut self, reason: KillReason) {
+        self.ender.end(&mut self.kill, &mut self.sigkill_at, reason);
+    }
+
+    /// The earliest deadline as a poll timeout: rounded up, so the poll does not wake just
+    /// before the deadline and spin.
+    fn timeout(&self, now: Instant) -> PollTimeout {
         let mut deadline: Option<Instant> = None;
         let mut consider = |t: Option<Instant>| {
             if let Some(t) = t {
                 deadline = Some(deadline.map_or(t, |d: Instant| d.min(t)));
             }
         };
-        if kill.is_none() {
-            consider(Some(wall_deadline));
-            consider(Some(last_line + stall_after));
-            consider(session.next_flush_at());
+        if self.kill.is_none() {
+            consider(Some(self.wall_deadline));
+            consider(Some(self.last_line + self.stall_after));
+            consider(self.session.next_flush_at());
         }
-        consider(sigkill_at);
-        consider(commit_at);
-        if pidfd.is_none() {
+        consider(self.sigkill_at);
+        consider(self.commit_at);
+        if self.pidfd.is_none() {
             // Old kernel without pidfd: look at the child every 50 ms.
             consider(Some(now + Duration::from_millis(50)));
         }
-        let timeout = match deadline {
+        match deadline {
             None => PollTimeout::NONE,
             Some(d) => {
                 let ms = d.saturating_duration_since(now).as_millis().min(60_000);
-                // Round up so we do not wake just before the deadline and spin.
                 PollTimeout::try_from(u32::try_from(ms).unwrap_or(60_000) + 1).unwrap_or(PollTimeout::MAX)
             }
-        };
+        }
+    }
+
+    /// Waits for the next thing to happen; returns the poll slots that are ready.
+    fn wait(&mut self) -> Vec<u8> {
+        let timeout = self.timeout(Instant::now());
         let mut fds: Vec<PollFd> = Vec::with_capacity(5);
         let mut slots: Vec<u8> = Vec::with_capacity(5);
-        if let Some(p) = pidfd.as_ref() {
+        if let Some(p) = self.pidfd.as_ref() {
             fds.push(PollFd::new(p.as_fd(), PollFlags::POLLIN));
             slots.push(0);
         }
-        if let Some(wr) = signal.wake_r.as_ref() {
+        if let Some(wr) = self.signal.wake_r.as_ref() {
             fds.push(PollFd::new(wr.as_fd(), PollFlags::POLLIN));
             slots.push(1);
         }
-        for (i, fd) in [&w.proto_r, &w.out_r, &w.err_r].into_iter().enumerate() {
-            if open[i] {
+        for (i, fd) in self.pipes.iter().enumerate() {
+            if self.open[i] {
                 fds.push(PollFd::new(fd.as_fd(), PollFlags::POLLIN));
                 slots.push(2 + u8::try_from(i).expect("invariant: three pipes"));
             }
         }
-        let ready: Vec<u8> = match nix::poll::poll(&mut fds, timeout) {
-            Ok(_) => fds
-                .iter()
+        let polled = nix::poll::poll(&mut fds, timeout).map(|_| {
+            fds.iter()
                 .zip(&slots)
                 .filter(|(f, _)| f.revents().is_some_and(|r| !r.is_empty()))
                 .map(|(_, s)| *s)
-                .collect(),
+                .collect::<Vec<u8>>()
+        });
+        drop(fds);
+        match polled {
+            Ok(ready) => ready,
             Err(nix::errno::Errno::EINTR) => Vec::new(),
             Err(e) => {
                 tracing::error!(error = %e, "poll failed; killing the job");
-                end_worker(&mut kill, &mut sigkill_at, KillReason::Storage(format!("poll: {e}")));
+                self.end(KillReason::Storage(format!("poll: {e}")));
                 std::thread::sleep(Duration::from_millis(10));
                 Vec::new()
             }
-        };
-        drop(fds);
+        }
+    }
+
+    /// Takes what the ready slots have; returns whether the worker has exited.
+    fn take(&mut self, ready: Vec<u8>) -> bool {
         let mut exited = false;
         for slot in ready {
             match slot {
                 0 => exited = true,
-                1 => {
-                    if let Some(wr) = signal.wake_r.as_ref() {
-                        let mut buf = [0u8; 64];
-                        while matches!(nix::unistd::read(wr.as_raw_fd(), &mut buf), Ok(n) if n > 0) {}
-                    }
-                    match signal.get() {
-                        Request::Cancel => end_worker(&mut kill, &mut sigkill_at, KillReason::Cancel),
-                        Request::Shutdown => end_worker(&mut kill, &mut sigkill_at, KillReason::Shutdown),
-                        Request::None => {}
-                    }
-                }
+                1 => self.take_request(),
                 2 => {
-                    let (data, eof) = read_some(&w.proto_r, READ_CHUNK_BYTES);
-                    open[0] = !eof;
+                    let (data, eof) = read_some(&self.pipes[PROTO], READ_CHUNK_BYTES);
+                    self.open[PROTO] = !eof;
                     if !data.is_empty() {
-                        last_line = Instant::now();
+                        self.last_line = Instant::now();
                     }
-                    if kill.is_none() {
-                        if let Err(reason) = feed(&mut lines, &data, session, &mut flood) {
-                            end_worker(&mut kill, &mut sigkill_at, reason);
+                    if self.kill.is_none() {
+                        if let Err(reason) = feed(&mut self.lines, &data, self.session, &mut self.flood) {
+                            self.end(reason);
                         }
                     }
                 }
                 3 => {
-                    let (data, eof) = read_some(&w.out_r, READ_CHUNK_BYTES);
-                    open[1] = !eof;
-                    out_log.write(&data);
+                    let (data, eof) = read_some(&self.pipes[OUT], READ_CHUNK_BYTES);
+                    self.open[OUT] = !eof;
+                    self.out_log.write(&data);
                 }
                 _ => {
-                    let (data, eof) = read_some(&w.err_r, READ_CHUNK_BYTES);
-                    open[2] = !eof;
-                    err_log.write(&data);
-                    keep_tail(&mut tail, &data);
+                    let (data, eof) = read_some(&self.pipes[ERR], READ_CHUNK_BYTES);
+                    self.open[ERR] = !eof;
+                    self.err_log.write(&data);
+                    keep_tail(&mut self.tail, &data);
                 }
             }
         }
-        if pidfd.is_none() {
-            exited = child_exited(pid);
+        if self.pidfd.is_none() {
+            exited = child_exited(self.ender.pid);
         }
-        if kill.is_none() {
-            if let Err(h) = session.flush_due() {
-                end_worker(&mut kill, &mut sigkill_at, halt_reason(h));
+        exited
+    }
+
+    /// The wake pipe fired: a cancel or shutdown is asked for.
+    fn take_request(&mut self) {
+        if let Some(wr) = self.signal.wake_r.as_ref() {
+            let mut buf = [0u8; 64];
+            while matches!(nix::unistd::read(wr.as_raw_fd(), &mut buf), Ok(n) if n > 0) {}
+        }
+        match self.signal.get() {
+            Request::Cancel => self.end(KillReason::Cancel),
+            Request::Shutdown => self.end(KillReason::Shutdown),
+            Request::None => {}
+        }
+    }
+
+    /// Flushes and commits what is due, enforces the deadlines, and reaps the worker once it
+    /// has exited (then returns how it exited).
+    fn after_wakeup(&mut self, exited: bool) -> Option<ExitInfo> {
+        if self.kill.is_none() {
+            if let Err(h) = self.session.flush_due() {
+                self.end(halt_reason(h));
             }
         }
         // What the worker says within BATCH_WINDOW goes to the log in one append; once the
         // worker has exited, the last batch waits to go with the job's end (`record_finish`).
-        if session.has_batch() {
-            let at = *commit_at.get_or_insert_with(|| Instant::now() + BATCH_WINDOW);
-            if !exited && (kill.is_some() || Instant::now() >= at) {
-                commit_at = None;
-                if let Err(h) = session.commit() {
-                    end_worker(&mut kill, &mut sigkill_at, halt_reason(h));
+        if self.session.has_batch() {
+            let at = *self.commit_at.get_or_insert_with(|| Instant::now() + BATCH_WINDOW);
+            if !exited && (self.kill.is_some() || Instant::now() >= at) {
+                self.commit_at = None;
+                if let Err(h) = self.session.commit() {
+                    self.end(halt_reason(h));
                 }
             }
         } else {
-            commit_at = None;
+            self.commit_at = None;
         }
         let now = Instant::now();
-        if kill.is_none() && now >= wall_deadline {
-            end_worker(&mut kill, &mut sigkill_at, KillReason::Timeout { seconds: applied.timeout_seconds });
+        if self.kill.is_none() && now >= self.wall_deadline {
+            self.end(KillReason::Timeout { seconds: self.applied.timeout_seconds });
         }
-        if kill.is_none() && now >= last_line + stall_after {
-            end_worker(&mut kill, &mut sigkill_at, KillReason::Stalled { ms: applied.heartbeat_ms });
+        if self.kill.is_none() && now >= self.last_line + self.stall_after {
+            self.end(KillReason::Stalled { ms: self.applied.heartbeat_ms });
         }
-        if sigkill_at.is_some_and(|t| now >= t) {
-            kill_group(pid, Signal::SIGKILL);
-            sigkill_at = None;
+        if self.sigkill_at.is_some_and(|t| now >= t) {
+            kill_group(self.ender.pid, Signal::SIGKILL);
+            self.sigkill_at = None;
         }
-        if exited {
-            // The worker is a zombie until reaped, so its pid (our group id) is still ours:
-            // kill whatever it left behind in its group, then reap it.
-            kill_group(pid, Signal::SIGKILL);
-            break reap(pid);
+        if !exited {
+            return None;
         }
-    };
-    // Output written before the exit is still in the pipes.
-    let (data, _) = read_some(&w.proto_r, DRAIN_BYTES_MAX);
-    if kill.is_none() {
-        if let Err(reason) = feed(&mut lines, &data, session, &mut flood) {
-            kill = Some(reason);
-        }
+        // The worker is a zombie until reaped, so its pid (our group id) is still ours: kill
+        // whatever it left behind in its group, then reap it.
+        kill_group(self.ender.pid, Signal::SIGKILL);
+        Some(reap(self.ender.pid))
     }
-    if kill.is_none()
-        && !lines.leftover().is_empty()
-        && session.result.is_none()
-        && session.worker_error.is_none()
-    {
-        kill = Some(KillReason::Protocol("the worker exited in the middle of a line (no newline)".into()));
+
+    /// After the exit: reads what is still in the pipes, settles the last batch, and
+    /// classifies the ending.
+    fn finish(mut self, exit: &ExitInfo) -> Ended {
+        let (data, _) = read_some(&self.pipes[PROTO], DRAIN_BYTES_MAX);
+        if self.kill.is_none() {
+            if let Err(reason) = feed(&mut self.lines, &data, self.session, &mut self.flood) {
+                self.kill = Some(reason);
+            }
+        }
+        if self.kill.is_none()
+            && !self.lines.leftover().is_empty()
+            && self.session.result.is_none()
+            && self.session.worker_error.is_none()
+        {
+            let reason = "the worker exited in the middle of a line (no newline)";
+            self.kill = Some(KillReason::Protocol(reason.into()));
+        }
+        // The reports still queued are recorded with the job's end if the engine takes them
+        // all; learn now whether it does, since a refusal changes how the job ended.
+        let checked = match self.kill {
+            None => self.session.check_batch(),
+            // Stopped for another reason: what came before the stop is recorded, as it was said.
+            Some(_) => self.session.commit(),
+        };
+        if let (None, Err(h)) = (&self.kill, checked) {
+            self.kill = Some(halt_reason(h));
+        }
+        self.out_log.write(&read_some(&self.pipes[OUT], DRAIN_BYTES_MAX).0);
+        let err_rest = read_some(&self.pipes[ERR], DRAIN_BYTES_MAX).0;
+        self.err_log.write(&err_rest);
+        keep_tail(&mut self.tail, &err_rest);
+        let tail = String::from_utf8_lossy(&self.tail).into_owned();
+        let reported = Reported {
+            job_id: self.session.job_id,
+            result: self.session.result.clone(),
+            worker_error: self.session.worker_error.clone(),
+        };
+        classify(&reported, exit, self.kill.as_ref(), &tail, self.applied)
     }
-    // The reports still queued are recorded with the job's end if the engine takes them all;
-    // learn now whether it does, since a refusal changes how the job ended.
-    let checked = match kill {
-        None => session.check_batch(),
-        // Stopped for another reason: what came before the stop is recorded, as it was said.
-        Some(_) => session.commit(),
-    };
-    if let (None, Err(h)) = (&kill, checked) {
-        kill = Some(halt_reason(h));
-    }
-    out_log.write(&read_some(&w.out_r, DRAIN_BYTES_MAX).0);
-    let err_rest = read_some(&w.err_r, DRAIN_BYTES_MAX).0;
-    err_log.write(&err_rest);
-    keep_tail(&mut tail, &err_rest);
-    // std's Child would otherwise never learn it was reaped; dropping it does not wait.
-    drop(w.child);
-    let tail = String::from_utf8_lossy(&tail).into_owned();
-    let reported = Reported {
-        job_id: session.job_id,
-        result: session.result.clone(),
-        worker_error: session.worker_error.clone(),
-    };
-    classify(&reported, &exit, kill.as_ref(), &tail, applied)
 }
 
 struct Ender {
