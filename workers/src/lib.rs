@@ -141,9 +141,7 @@ impl Workers {
             let (stop_tx, stop_rx) = crossbeam_channel::bounded::<()>(0);
             let metrics = shared.metrics.clone();
             let handle = spawn_thread("atelier-reaper", move || {
-                contain::sweep_loop(&stop_rx, &|n| {
-                    metrics.escapees_ended.fetch_add(n as u64, Ordering::Relaxed);
-                });
+                contain::sweep_loop(&stop_rx, &|n| metrics.escapees_ended(n))
             })?;
             Some((stop_tx, handle))
         } else {

@@ -3,7 +3,7 @@
 //! allocating its id, reading its input, failing an attempt that never started.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -32,7 +32,7 @@ impl Shared {
         let mut r = self.router.lock().unwrap_or_else(|p| p.into_inner());
         let out = f(&mut r, &self.config);
         let active = r.in_cooldown(Instant::now());
-        self.metrics.rollback_active.store(active && self.config.auto_rollback, Ordering::Relaxed);
+        self.metrics.set_rollback_active(active && self.config.auto_rollback);
         out
     }
 
