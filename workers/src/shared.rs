@@ -103,9 +103,9 @@ impl Shared {
         );
     }
 
-    /// The job's dir (not created here: see `RunEnv::make_job_dir`) and what the job runs on. The
-    /// input is not written to a file: workers get it on stdin (see `input_memfd`); on this VM's
-    /// disk every file or directory created costs an inode allocation, ~0.2 ms of CPU.
+    /// The job's dir (not created here: see `RunEnv::make_job_dir`) and what the job runs on.
+    /// The input is not written to a file: workers get it on stdin (see `input_memfd`), since
+    /// every file created costs an inode allocation, a visible share of a short job's cost.
     pub(crate) fn job_input(&self, c: &Commission, job_id: u64) -> Result<(PathBuf, JobInput), String> {
         let dir = self.data_dir.job(job_id);
         let context = serde_json::from_str(&c.context).map_err(|e| format!("bad context: {e}"))?;
