@@ -6,18 +6,17 @@
 //! Nothing here imports the server's side of the crate (the scheduler, the executors);
 //! the server's side imports what it hands to workers from here.
 
-/// The interface stamp (`build.rs`): equal stamps, same trampoline arguments, job input,
-/// pipeline file and line protocol.
-pub const INTERFACE: &str = env!("ATELIER_WORKER_INTERFACE");
-
 #[cfg(feature = "test-faults")]
 mod faults;
+pub(crate) mod interface;
 pub(crate) mod pipe;
 pub(crate) mod pipeline;
 mod png;
 pub mod protocol;
 pub(crate) mod trampoline;
 pub(crate) mod worker;
+
+pub use interface::INTERFACE;
 
 /// Runs a hidden mode (`__trampoline`, `__worker`, `__interface`) if `args` (without the
 /// program name) name one, and returns its exit code; `None` for anything else. Every binary
