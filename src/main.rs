@@ -17,7 +17,7 @@ use atelier_http::client::{Client, ClientError};
 use atelier_http::secret::SecretError;
 use atelier_http::{Executors, HttpConfig, HttpError, Keys, Role, Server};
 use atelier_storage::{check, EventStore, Retention, SledStore, StorageError};
-use atelier_workers::{Controller, ProgramError, ProgramSource, WorkersConfig, WorkersError};
+use atelier_workers::{ProgramError, ProgramSource, Workers, WorkersConfig, WorkersError};
 use clap::{CommandFactory, Parser};
 
 use cli::{ClientArgs, Command, StoreArgs};
@@ -224,24 +224,27 @@ fn init_logging() {
 }
 
 /// The executors as the HTTP side sees them.
-struct Workers {
-    controller: Controller,
-    data_dir: PathBuf,
+struct ServedExecutors {
+    workers: Workers,
     pipelines: Vec<String>,
     job_dirs_keep: Option<Duration>,
 }
 
-impl Executors for Workers {
+impl Executors for ServedExecutors {
     fn is_running(&self) -> bool {
-        self.controller.is_running()
+        self.workers.is_running()
     }
 
     fn metrics_text(&self) -> String {
-        self.controller.metrics_text()
+        self.workers.metrics_text()
     }
 
     fn job_log_paths(&self, job_id: u64) -> (PathBuf, PathBuf) {
-        atelier_workers::job_log_paths(&self.data_dir, job_id)
+        self.workers.data_dir().job_logs(job_id)
+    }
+
+    fn artifacts_dir(&self) -> PathBuf {
+        self.workers.data_dir().artifacts()
     }
 
     fn job_dirs_keep_ms(&self) -> Option<u64> {
@@ -259,7 +262,7 @@ fn start_workers(
     s: &ServerSettings,
     sources: &Sources<'_>,
     store: Arc<dyn EventStore>,
-) -> Result<Arc<Workers>, CliError> {
+) -> Result<Arc<ServedExecutors>, CliError> {
     let mut workers_config = WorkersConfig::from_sources(sources)?;
     // The server owns its process: it may end whatever a job leaves behind outside its group.
     workers_config.contain_descendants = true;
@@ -278,8 +281,8 @@ fn start_workers(
         source => tracing::info!(program = %program.path.display(), ?source, "worker program"),
     }
     let data_dir = std::fs::canonicalize(&s.data_dir).unwrap_or_else(|_| s.data_dir.clone());
-    let controller = Controller::start(store, workers_config, data_dir.clone(), program.path)?;
-    Ok(Arc::new(Workers { controller, data_dir, pipelines, job_dirs_keep }))
+    let workers = Workers::start(store, workers_config, data_dir, program.path)?;
+    Ok(Arc::new(ServedExecutors { workers, pipelines, job_dirs_keep }))
 }
 
 fn serve(listen: Option<String>, store_args: StoreArgs) -> Result<ExitCode, CliError> {
@@ -293,9 +296,8 @@ fn serve(listen: Option<String>, store_args: StoreArgs) -> Result<ExitCode, CliE
     http_config.metrics_public = s.metrics_public;
     http_config.header_timeout_ms = s.header_timeout_ms;
     let dyn_store: Arc<dyn EventStore> = store.clone();
-    let workers = start_workers(&s, &sources, dyn_store.clone())?;
-    let executors: Arc<dyn Executors> = workers.clone();
-    let server = Server::start(http_config, dyn_store, keys.clone(), Some(executors))?;
+    let executors = start_workers(&s, &sources, dyn_store.clone())?;
+    let server = Server::start(http_config, dyn_store, keys.clone(), Some(executors.clone()))?;
     // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
     unsafe {
         libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
@@ -315,7 +317,7 @@ fn serve(listen: Option<String>, store_args: StoreArgs) -> Result<ExitCode, CliE
     }
     tracing::info!("shutting down: no new connections, ending streams, finishing appends");
     server.shutdown();
-    workers.controller.shutdown();
+    executors.workers.shutdown();
     store.close();
     tracing::info!("stopped");
     Ok(ExitCode::SUCCESS)

@@ -1,16 +1,26 @@
-//! Stamps the worker interface: a hash of every source file that shapes what the server
-//! and a worker program say to each other (trampoline arguments, job input, pipeline file,
-//! line protocol, engine types). A server and a worker program built from different sources
-//! carry different stamps, and the server refuses the worker program (src/program.rs).
+//! Stamps the worker interface: a hash of every source file that runs inside a worker
+//! process or shapes what the server and a worker program say to each other (trampoline
+//! arguments, job input, pipeline file, line protocol, engine types). A server and a worker
+//! program built from different sources of these carry different stamps, and the server
+//! refuses the worker program (src/program.rs). The server's own side (scheduler, executors,
+//! facade) is left out, so changing it does not make every built worker program stale.
 
 use std::path::{Path, PathBuf};
 
 fn main() {
-    let dirs = ["src", "../engine/src"];
+    // `src/inside/`: the trampoline, the worker, the pipeline and the protocol (and the
+    // hidden-mode dispatch); `config.rs`: the pipeline spec a worker reads; `contain.rs`: how
+    // a worker spawns a stage's command; the engine: the types on the wire.
+    let dirs = ["src/inside", "src/config.rs", "src/contain.rs", "../engine/src"];
     let mut files = Vec::new();
     for dir in dirs {
         println!("cargo:rerun-if-changed={dir}");
-        collect(Path::new(dir), &mut files);
+        let path = Path::new(dir);
+        if path.is_dir() {
+            collect(path, &mut files);
+        } else {
+            files.push(path.to_path_buf());
+        }
     }
     files.sort();
     // FNV-1a, 64 bits: stable across Rust versions (std's hashers are not).

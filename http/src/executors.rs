@@ -8,6 +8,8 @@ pub trait Executors: Send + Sync {
     fn is_running(&self) -> bool;
     fn metrics_text(&self) -> String;
     fn job_log_paths(&self, job_id: u64) -> (PathBuf, PathBuf);
+    /// Where the content-addressed artifacts are stored.
+    fn artifacts_dir(&self) -> PathBuf;
     /// How long a finished job's dir (and its logs) is kept, in ms; `None`: for good.
     fn job_dirs_keep_ms(&self) -> Option<u64>;
     fn pipeline_exists(&self, name: &str) -> bool;

@@ -131,3 +131,18 @@ pub fn sweep() -> Vec<u32> {
     }
     escaped
 }
+
+/// Ends escaped processes every [`SWEEP_INTERVAL`], and once more when `stop` disconnects;
+/// `ended` hears how many each sweep ended.
+pub(crate) fn sweep_loop(stop: &crossbeam_channel::Receiver<()>, ended: &dyn Fn(usize)) {
+    loop {
+        let stopped = matches!(
+            stop.recv_timeout(SWEEP_INTERVAL),
+            Err(crossbeam_channel::RecvTimeoutError::Disconnected)
+        );
+        ended(sweep().len());
+        if stopped {
+            return;
+        }
+    }
+}

@@ -7,11 +7,14 @@
 //! `job_dirs_keep_days` ago, or once its job record is gone (retention pruned the commission)
 //! and the directory has not changed for [`ORPHAN_DIR_GRACE`].
 
-use std::path::Path;
 use std::time::{Duration, SystemTime};
 
 use atelier_engine::time::Millis;
 use atelier_storage::EventStore;
+use crossbeam_channel::{Receiver, RecvTimeoutError};
+
+use crate::paths::DataDir;
+use crate::session::now_ms;
 
 /// How often the sweep runs.
 pub const SWEEP_INTERVAL: Duration = Duration::from_secs(3600);
@@ -26,12 +29,17 @@ pub struct Swept {
     pub kept: u64,
 }
 
-/// Removes the job directories under `data_dir/jobs` that are due (see the module docs).
+/// Removes the job directories under `data_dir.jobs()` that are due (see the module docs).
 /// `keep` is how long a finished job's directory stays; `now` is wall-clock milliseconds.
 /// Entries that are not job directories (named by a job id) are left alone.
-pub fn sweep(store: &dyn EventStore, data_dir: &Path, keep: Duration, now: Millis) -> std::io::Result<Swept> {
+pub fn sweep(
+    store: &dyn EventStore,
+    data_dir: &DataDir,
+    keep: Duration,
+    now: Millis,
+) -> std::io::Result<Swept> {
     let mut swept = Swept::default();
-    let jobs = crate::controller::jobs_dir(data_dir);
+    let jobs = data_dir.jobs();
     let entries = match std::fs::read_dir(&jobs) {
         Ok(e) => e,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(swept),
@@ -40,7 +48,7 @@ pub fn sweep(store: &dyn EventStore, data_dir: &Path, keep: Duration, now: Milli
     let keep_ms = Millis::try_from(keep.as_millis()).unwrap_or(Millis::MAX);
     for entry in entries {
         let entry = entry?;
-        let Some(job_id) = entry.file_name().to_str().and_then(|n| n.parse::<u64>().ok()) else { continue };
+        let Some(job_id) = DataDir::job_id_of(&entry.file_name()) else { continue };
         if !entry.file_type()?.is_dir() {
             continue;
         }
@@ -65,4 +73,22 @@ pub fn sweep(store: &dyn EventStore, data_dir: &Path, keep: Duration, now: Milli
         }
     }
     Ok(swept)
+}
+
+/// Sweeps finished jobs' dirs now and then every [`SWEEP_INTERVAL`] until `stop` disconnects.
+pub(crate) fn sweep_loop(store: &dyn EventStore, data_dir: &DataDir, keep: Duration, stop: &Receiver<()>) {
+    loop {
+        match sweep(store, data_dir, keep, now_ms()) {
+            Ok(s) if s.removed > 0 => tracing::info!(
+                removed = s.removed,
+                kept = s.kept,
+                "removed the dirs of jobs that ended long ago"
+            ),
+            Ok(_) => {}
+            Err(e) => tracing::error!(error = %e, "job dir sweep failed; trying again later"),
+        }
+        if let Err(RecvTimeoutError::Disconnected) = stop.recv_timeout(SWEEP_INTERVAL) {
+            return;
+        }
+    }
 }

@@ -1,16 +1,16 @@
-//! Counters and histograms of both executors, rendered as Prometheus text.
-//!
-//! One mutex guards them all: they change a few times per job, far from contention.
+//! Counters and histograms of both executors, in a `prometheus` registry of their own and
+//! rendered as Prometheus text. The series names, labels and bucket bounds are an interface
+//! (dashboards and alerts read them): the snapshot test at the end pins all of them.
 
-use std::collections::BTreeMap;
-use std::fmt::Write;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Mutex;
 use std::time::Duration;
 
 use atelier_engine::Executor;
+use prometheus::{
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
+};
 
-use crate::controller::RollbackReason;
+use crate::router::RollbackReason;
 
 const DURATION_BUCKETS_SECONDS: [f64; 10] = [0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0];
 const SPAWN_BUCKETS_SECONDS: [f64; 9] = [0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5];
@@ -33,92 +33,138 @@ const MAX_RSS_BUCKETS_BYTES: [f64; 11] = [
 ];
 const EXECUTORS: [Executor; 2] = [Executor::JobController, Executor::TaskRunner];
 
-#[derive(Clone, Debug, Default)]
-struct Histogram {
-    /// Cumulative counts per bucket bound.
-    counts: Vec<u64>,
-    sum: f64,
-    count: u64,
-}
-
-impl Histogram {
-    fn observe(&mut self, bounds: &[f64], v: f64) {
-        if self.counts.len() != bounds.len() {
-            self.counts = vec![0; bounds.len()];
-        }
-        for (i, b) in bounds.iter().enumerate() {
-            if v <= *b {
-                self.counts[i] += 1;
-            }
-        }
-        self.sum += v;
-        self.count += 1;
-    }
-
-    fn render(&self, out: &mut String, name: &str, labels: &str, bounds: &[f64]) {
-        let sep = if labels.is_empty() { "" } else { "," };
-        for (i, b) in bounds.iter().enumerate() {
-            let c = self.counts.get(i).copied().unwrap_or(0);
-            let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"{b}\"}} {c}");
-        }
-        let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {}", self.count);
-        let braces = if labels.is_empty() { String::new() } else { format!("{{{labels}}}") };
-        let _ = writeln!(out, "{name}_sum{braces} {}", self.sum);
-        let _ = writeln!(out, "{name}_count{braces} {}", self.count);
-    }
-}
-
-#[derive(Default)]
-struct Inner {
-    started: [u64; 2],
-    finished: BTreeMap<(usize, &'static str), u64>,
-    duration: [Histogram; 2],
-    running: [i64; 2],
-    spawn: Histogram,
-    pickup: Histogram,
-    max_rss: Histogram,
-    routing: [u64; 2],
-}
-
-#[derive(Default)]
+/// The metrics of both executors. The series that are always shown (per executor, per
+/// rollback reason) are created at zero up front; `atelier_jobs_finished_total` shows only
+/// the outcomes that happened.
 pub(crate) struct Metrics {
-    inner: Mutex<Inner>,
-    coalesced: AtomicU64,
-    pub(crate) rollback_active: AtomicBool,
+    registry: Registry,
+    started: IntCounterVec,
+    finished: IntCounterVec,
+    duration: HistogramVec,
+    running: IntGaugeVec,
+    spawn: Histogram,
+    max_rss: Histogram,
+    pickup: Histogram,
+    coalesced: IntCounter,
     /// Processes ended because they had left their job's process group (`contain`).
-    pub(crate) escapees_ended: AtomicU64,
-    /// Rollbacks to the task runner, by reason (`RollbackReason::ALL` order).
-    rollbacks: [AtomicU64; 3],
+    escapees: IntCounter,
+    routing: IntCounterVec,
+    rollback_active: IntGauge,
+    rollbacks: IntCounterVec,
 }
 
-/// An executor's slot in the per-executor arrays (here and in the router).
-pub(crate) fn idx(e: Executor) -> usize {
-    match e {
-        Executor::JobController => 0,
-        Executor::TaskRunner => 1,
+impl Default for Metrics {
+    fn default() -> Metrics {
+        let counters = |name: &str, help: &str, labels: &[&str]| {
+            IntCounterVec::new(Opts::new(name, help), labels)
+                .expect("invariant: a valid metric name and labels")
+        };
+        let histogram = |name: &str, help: &str, buckets: &[f64]| {
+            Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets.to_vec()))
+                .expect("invariant: a valid metric name and buckets")
+        };
+        let m = Metrics {
+            registry: Registry::new(),
+            started: counters("atelier_jobs_started_total", "Jobs started, by executor.", &["executor"]),
+            finished: counters(
+                "atelier_jobs_finished_total",
+                "Jobs finished, by executor and outcome.",
+                &["executor", "outcome"],
+            ),
+            duration: HistogramVec::new(
+                HistogramOpts::new("atelier_job_duration_seconds", "Wall time of finished jobs.")
+                    .buckets(DURATION_BUCKETS_SECONDS.to_vec()),
+                &["executor"],
+            )
+            .expect("invariant: a valid metric name and buckets"),
+            running: IntGaugeVec::new(Opts::new("atelier_jobs_running", "Jobs running now."), &["executor"])
+                .expect("invariant: a valid metric name and labels"),
+            spawn: histogram(
+                "atelier_job_spawn_seconds",
+                "Time to spawn a worker process.",
+                &SPAWN_BUCKETS_SECONDS,
+            ),
+            max_rss: histogram(
+                "atelier_job_max_rss_bytes",
+                "Peak RSS of worker processes (kernel rusage).",
+                &MAX_RSS_BUCKETS_BYTES,
+            ),
+            pickup: histogram(
+                "atelier_job_pickup_seconds",
+                "From a free slot to a running worker (job controller).",
+                &PICKUP_BUCKETS_SECONDS,
+            ),
+            coalesced: IntCounter::new(
+                "atelier_progress_events_coalesced_total",
+                "Progress reports dropped for a newer one.",
+            )
+            .expect("invariant: a valid metric name"),
+            escapees: IntCounter::new(
+                "atelier_job_escapees_killed_total",
+                "Processes ended because they outlived their job outside its process group.",
+            )
+            .expect("invariant: a valid metric name"),
+            routing: counters(
+                "atelier_executor_routing",
+                "Commissions routed to each executor.",
+                &["executor"],
+            ),
+            rollback_active: IntGauge::new(
+                "atelier_rollback_active",
+                "1 while jobs are rolled back to the task runner.",
+            )
+            .expect("invariant: a valid metric name"),
+            rollbacks: counters(
+                "atelier_rollbacks_total",
+                "Rollbacks to the task runner, by reason.",
+                &["reason"],
+            ),
+        };
+        m.register_all();
+        m
     }
 }
 
 impl Metrics {
-    fn with(&self, f: impl FnOnce(&mut Inner)) {
-        // A poisoned lock only means a panic elsewhere mid-update; the counters are still usable.
-        let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        f(&mut g);
+    fn register_all(&self) {
+        let all: [Box<dyn prometheus::core::Collector>; 12] = [
+            Box::new(self.started.clone()),
+            Box::new(self.finished.clone()),
+            Box::new(self.duration.clone()),
+            Box::new(self.running.clone()),
+            Box::new(self.spawn.clone()),
+            Box::new(self.max_rss.clone()),
+            Box::new(self.pickup.clone()),
+            Box::new(self.coalesced.clone()),
+            Box::new(self.escapees.clone()),
+            Box::new(self.routing.clone()),
+            Box::new(self.rollback_active.clone()),
+            Box::new(self.rollbacks.clone()),
+        ];
+        for c in all {
+            self.registry.register(c).expect("invariant: each metric is registered once");
+        }
+        for e in EXECUTORS {
+            let l = [e.as_str()];
+            self.started.with_label_values(&l);
+            self.duration.with_label_values(&l);
+            self.running.with_label_values(&l);
+            self.routing.with_label_values(&l);
+        }
+        for reason in RollbackReason::ALL {
+            self.rollbacks.with_label_values(&[reason.as_str()]);
+        }
     }
 
     pub(crate) fn job_started(&self, e: Executor) {
-        self.with(|m| {
-            m.started[idx(e)] += 1;
-            m.running[idx(e)] += 1;
-        });
+        self.started.with_label_values(&[e.as_str()]).inc();
+        self.running.with_label_values(&[e.as_str()]).inc();
     }
 
     pub(crate) fn job_finished(&self, e: Executor, outcome: &'static str, took: Duration) {
-        self.with(|m| {
-            *m.finished.entry((idx(e), outcome)).or_default() += 1;
-            m.duration[idx(e)].observe(&DURATION_BUCKETS_SECONDS, took.as_secs_f64());
-            m.running[idx(e)] -= 1;
-        });
+        self.finished.with_label_values(&[e.as_str(), outcome]).inc();
+        self.duration.with_label_values(&[e.as_str()]).observe(took.as_secs_f64());
+        self.running.with_label_values(&[e.as_str()]).dec();
     }
 
     /// A worker process was reaped with this peak RSS (kernel rusage).
@@ -126,96 +172,179 @@ impl Metrics {
         // Exact to the byte up to 2^53 (8 PiB): far past any memory limit.
         #[allow(clippy::cast_precision_loss)]
         let bytes = bytes as f64;
-        self.with(|m| m.max_rss.observe(&MAX_RSS_BUCKETS_BYTES, bytes));
+        self.max_rss.observe(bytes);
     }
 
     pub(crate) fn spawned(&self, took: Duration) {
-        self.with(|m| m.spawn.observe(&SPAWN_BUCKETS_SECONDS, took.as_secs_f64()));
+        self.spawn.observe(took.as_secs_f64());
     }
 
     /// A job-controller job's worker is running: `took` is from the scheduler handing it a
     /// free slot to the spawn's return (job id, job dir, spawn; not the start's append).
     pub(crate) fn picked_up(&self, took: Duration) {
-        self.with(|m| m.pickup.observe(&PICKUP_BUCKETS_SECONDS, took.as_secs_f64()));
+        self.pickup.observe(took.as_secs_f64());
     }
 
     pub(crate) fn rolled_back(&self, reason: RollbackReason) {
-        self.rollbacks[reason as usize].fetch_add(1, Ordering::Relaxed);
+        self.rollbacks.with_label_values(&[reason.as_str()]).inc();
     }
 
-    pub(crate) fn rollbacks(&self) -> [u64; 3] {
-        std::array::from_fn(|i| self.rollbacks[i].load(Ordering::Relaxed))
+    pub(crate) fn set_rollback_active(&self, active: bool) {
+        self.rollback_active.set(i64::from(active));
+    }
+
+    /// A sweep ended `n` processes that had left their job's process group.
+    pub(crate) fn escapees_ended(&self, n: usize) {
+        self.escapees.inc_by(u64::try_from(n).unwrap_or(u64::MAX));
     }
 
     pub(crate) fn routed(&self, e: Executor) {
-        self.with(|m| m.routing[idx(e)] += 1);
+        self.routing.with_label_values(&[e.as_str()]).inc();
     }
 
     pub(crate) fn progress_coalesced(&self) {
-        self.coalesced.fetch_add(1, Ordering::Relaxed);
-    }
-
-    pub(crate) fn coalesced_total(&self) -> u64 {
-        self.coalesced.load(Ordering::Relaxed)
+        self.coalesced.inc();
     }
 
     pub(crate) fn render(&self) -> String {
-        let g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        let mut out = String::new();
-        let l = |e: Executor| format!("executor=\"{}\"", e.as_str());
-        out.push_str("# HELP atelier_jobs_started_total Jobs started, by executor.\n# TYPE atelier_jobs_started_total counter\n");
-        for e in EXECUTORS {
-            let _ = writeln!(out, "atelier_jobs_started_total{{{}}} {}", l(e), g.started[idx(e)]);
-        }
-        out.push_str("# HELP atelier_jobs_finished_total Jobs finished, by executor and outcome.\n# TYPE atelier_jobs_finished_total counter\n");
-        for ((i, outcome), n) in &g.finished {
-            let _ = writeln!(
-                out,
-                "atelier_jobs_finished_total{{{},outcome=\"{outcome}\"}} {n}",
-                l(EXECUTORS[*i])
-            );
-        }
-        out.push_str("# HELP atelier_job_duration_seconds Wall time of finished jobs.\n# TYPE atelier_job_duration_seconds histogram\n");
-        for e in EXECUTORS {
-            g.duration[idx(e)].render(
-                &mut out,
-                "atelier_job_duration_seconds",
-                &l(e),
-                &DURATION_BUCKETS_SECONDS,
-            );
-        }
-        out.push_str("# HELP atelier_jobs_running Jobs running now.\n# TYPE atelier_jobs_running gauge\n");
-        for e in EXECUTORS {
-            let _ = writeln!(out, "atelier_jobs_running{{{}}} {}", l(e), g.running[idx(e)]);
-        }
-        out.push_str("# HELP atelier_job_spawn_seconds Time to spawn a worker process.\n# TYPE atelier_job_spawn_seconds histogram\n");
-        g.spawn.render(&mut out, "atelier_job_spawn_seconds", "", &SPAWN_BUCKETS_SECONDS);
-        out.push_str("# HELP atelier_job_max_rss_bytes Peak RSS of worker processes (kernel rusage).\n# TYPE atelier_job_max_rss_bytes histogram\n");
-        g.max_rss.render(&mut out, "atelier_job_max_rss_bytes", "", &MAX_RSS_BUCKETS_BYTES);
-        out.push_str("# HELP atelier_job_pickup_seconds From a free slot to a running worker (job controller).\n# TYPE atelier_job_pickup_seconds histogram\n");
-        g.pickup.render(&mut out, "atelier_job_pickup_seconds", "", &PICKUP_BUCKETS_SECONDS);
-        out.push_str("# HELP atelier_progress_events_coalesced_total Progress reports dropped for a newer one.\n# TYPE atelier_progress_events_coalesced_total counter\n");
-        let _ = writeln!(out, "atelier_progress_events_coalesced_total {}", self.coalesced_total());
-        out.push_str("# HELP atelier_job_escapees_killed_total Processes ended because they outlived their job outside its process group.\n# TYPE atelier_job_escapees_killed_total counter\n");
-        let _ = writeln!(
-            out,
-            "atelier_job_escapees_killed_total {}",
-            self.escapees_ended.load(Ordering::Relaxed)
-        );
-        out.push_str("# HELP atelier_executor_routing Commissions routed to each executor.\n# TYPE atelier_executor_routing counter\n");
-        for e in EXECUTORS {
-            let _ = writeln!(out, "atelier_executor_routing{{{}}} {}", l(e), g.routing[idx(e)]);
-        }
-        out.push_str("# HELP atelier_rollback_active 1 while jobs are rolled back to the task runner.\n# TYPE atelier_rollback_active gauge\n");
-        let _ = writeln!(
-            out,
-            "atelier_rollback_active {}",
-            u8::from(self.rollback_active.load(Ordering::Relaxed))
-        );
-        out.push_str("# HELP atelier_rollbacks_total Rollbacks to the task runner, by reason.\n# TYPE atelier_rollbacks_total counter\n");
-        for (reason, n) in RollbackReason::ALL.iter().zip(self.rollbacks()) {
-            let _ = writeln!(out, "atelier_rollbacks_total{{reason=\"{}\"}} {n}", reason.as_str());
-        }
-        out
+        TextEncoder::new()
+            .encode_to_string(&self.registry.gather())
+            .expect("invariant: the text encoding of valid metrics succeeds")
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every series name, label and bucket bound, with values after a known sequence: a change
+    /// to any of them shows here first.
+    #[test]
+    fn the_series_are_stable() {
+        let m = Metrics::default();
+        m.job_started(Executor::JobController);
+        m.job_finished(Executor::JobController, "succeeded", Duration::from_millis(1500));
+        m.job_started(Executor::TaskRunner);
+        m.job_finished(Executor::TaskRunner, "failed", Duration::from_millis(200));
+        m.job_started(Executor::TaskRunner);
+        m.worker_max_rss(10 << 20);
+        m.spawned(Duration::from_millis(3));
+        m.picked_up(Duration::from_millis(4));
+        m.rolled_back(RollbackReason::Slow);
+        m.routed(Executor::JobController);
+        m.routed(Executor::JobController);
+        m.routed(Executor::TaskRunner);
+        m.progress_coalesced();
+        m.escapees_ended(2);
+        m.set_rollback_active(true);
+        assert_eq!(m.render(), EXPECTED);
+    }
+
+    const EXPECTED: &str = r#"# HELP atelier_executor_routing Commissions routed to each executor.
+# TYPE atelier_executor_routing counter
+atelier_executor_routing{executor="job_controller"} 2
+atelier_executor_routing{executor="task_runner"} 1
+# HELP atelier_job_duration_seconds Wall time of finished jobs.
+# TYPE atelier_job_duration_seconds histogram
+atelier_job_duration_seconds_bucket{executor="job_controller",le="0.1"} 0
+atelier_job_duration_seconds_bucket{executor="job_controller",le="0.25"} 0
+atelier_job_duration_seconds_bucket{executor="job_controller",le="0.5"} 0
+atelier_job_duration_seconds_bucket{executor="job_controller",le="1"} 0
+atelier_job_duration_seconds_bucket{executor="job_controller",le="2.5"} 1
+atelier_job_duration_seconds_bucket{executor="job_controller",le="5"} 1
+atelier_job_duration_seconds_bucket{executor="job_controller",le="10"} 1
+atelier_job_duration_seconds_bucket{executor="job_controller",le="30"} 1
+atelier_job_duration_seconds_bucket{executor="job_controller",le="60"} 1
+atelier_job_duration_seconds_bucket{executor="job_controller",le="300"} 1
+atelier_job_duration_seconds_bucket{executor="job_controller",le="+Inf"} 1
+atelier_job_duration_seconds_sum{executor="job_controller"} 1.5
+atelier_job_duration_seconds_count{executor="job_controller"} 1
+atelier_job_duration_seconds_bucket{executor="task_runner",le="0.1"} 0
+atelier_job_duration_seconds_bucket{executor="task_runner",le="0.25"} 1
+atelier_job_duration_seconds_bucket{executor="task_runner",le="0.5"} 1
+atelier_job_duration_seconds_bucket{executor="task_runner",le="1"} 1
+atelier_job_duration_seconds_bucket{executor="task_runner",le="2.5"} 1
+atelier_job_duration_seconds_bucket{executor="task_runner",le="5"} 1
+atelier_job_duration_seconds_bucket{executor="task_runner",le="10"} 1
+atelier_job_duration_seconds_bucket{executor="task_runner",le="30"} 1
+atelier_job_duration_seconds_bucket{executor="task_runner",le="60"} 1
+atelier_job_duration_seconds_bucket{executor="task_runner",le="300"} 1
+atelier_job_duration_seconds_bucket{executor="task_runner",le="+Inf"} 1
+atelier_job_duration_seconds_sum{executor="task_runner"} 0.2
+atelier_job_duration_seconds_count{executor="task_runner"} 1
+# HELP atelier_job_escapees_killed_total Processes ended because they outlived their job outside its process group.
+# TYPE atelier_job_escapees_killed_total counter
+atelier_job_escapees_killed_total 2
+# HELP atelier_job_max_rss_bytes Peak RSS of worker processes (kernel rusage).
+# TYPE atelier_job_max_rss_bytes histogram
+atelier_job_max_rss_bytes_bucket{le="4194304"} 0
+atelier_job_max_rss_bytes_bucket{le="8388608"} 0
+atelier_job_max_rss_bytes_bucket{le="16777216"} 1
+atelier_job_max_rss_bytes_bucket{le="33554432"} 1
+atelier_job_max_rss_bytes_bucket{le="67108864"} 1
+atelier_job_max_rss_bytes_bucket{le="134217728"} 1
+atelier_job_max_rss_bytes_bucket{le="268435456"} 1
+atelier_job_max_rss_bytes_bucket{le="536870912"} 1
+atelier_job_max_rss_bytes_bucket{le="1073741824"} 1
+atelier_job_max_rss_bytes_bucket{le="2147483648"} 1
+atelier_job_max_rss_bytes_bucket{le="4294967296"} 1
+atelier_job_max_rss_bytes_bucket{le="+Inf"} 1
+atelier_job_max_rss_bytes_sum 10485760
+atelier_job_max_rss_bytes_count 1
+# HELP atelier_job_pickup_seconds From a free slot to a running worker (job controller).
+# TYPE atelier_job_pickup_seconds histogram
+atelier_job_pickup_seconds_bucket{le="0.0005"} 0
+atelier_job_pickup_seconds_bucket{le="0.001"} 0
+atelier_job_pickup_seconds_bucket{le="0.0015"} 0
+atelier_job_pickup_seconds_bucket{le="0.002"} 0
+atelier_job_pickup_seconds_bucket{le="0.003"} 0
+atelier_job_pickup_seconds_bucket{le="0.004"} 1
+atelier_job_pickup_seconds_bucket{le="0.005"} 1
+atelier_job_pickup_seconds_bucket{le="0.0075"} 1
+atelier_job_pickup_seconds_bucket{le="0.01"} 1
+atelier_job_pickup_seconds_bucket{le="0.025"} 1
+atelier_job_pickup_seconds_bucket{le="0.05"} 1
+atelier_job_pickup_seconds_bucket{le="0.1"} 1
+atelier_job_pickup_seconds_bucket{le="0.5"} 1
+atelier_job_pickup_seconds_bucket{le="+Inf"} 1
+atelier_job_pickup_seconds_sum 0.004
+atelier_job_pickup_seconds_count 1
+# HELP atelier_job_spawn_seconds Time to spawn a worker process.
+# TYPE atelier_job_spawn_seconds histogram
+atelier_job_spawn_seconds_bucket{le="0.0005"} 0
+atelier_job_spawn_seconds_bucket{le="0.001"} 0
+atelier_job_spawn_seconds_bucket{le="0.002"} 0
+atelier_job_spawn_seconds_bucket{le="0.005"} 1
+atelier_job_spawn_seconds_bucket{le="0.01"} 1
+atelier_job_spawn_seconds_bucket{le="0.025"} 1
+atelier_job_spawn_seconds_bucket{le="0.05"} 1
+atelier_job_spawn_seconds_bucket{le="0.1"} 1
+atelier_job_spawn_seconds_bucket{le="0.5"} 1
+atelier_job_spawn_seconds_bucket{le="+Inf"} 1
+atelier_job_spawn_seconds_sum 0.003
+atelier_job_spawn_seconds_count 1
+# HELP atelier_jobs_finished_total Jobs finished, by executor and outcome.
+# TYPE atelier_jobs_finished_total counter
+atelier_jobs_finished_total{executor="job_controller",outcome="succeeded"} 1
+atelier_jobs_finished_total{executor="task_runner",outcome="failed"} 1
+# HELP atelier_jobs_running Jobs running now.
+# TYPE atelier_jobs_running gauge
+atelier_jobs_running{executor="job_controller"} 0
+atelier_jobs_running{executor="task_runner"} 1
+# HELP atelier_jobs_started_total Jobs started, by executor.
+# TYPE atelier_jobs_started_total counter
+atelier_jobs_started_total{executor="job_controller"} 1
+atelier_jobs_started_total{executor="task_runner"} 2
+# HELP atelier_progress_events_coalesced_total Progress reports dropped for a newer one.
+# TYPE atelier_progress_events_coalesced_total counter
+atelier_progress_events_coalesced_total 1
+# HELP atelier_rollback_active 1 while jobs are rolled back to the task runner.
+# TYPE atelier_rollback_active gauge
+atelier_rollback_active 1
+# HELP atelier_rollbacks_total Rollbacks to the task runner, by reason.
+# TYPE atelier_rollbacks_total counter
+atelier_rollbacks_total{reason="failure_rate"} 0
+atelier_rollbacks_total{reason="slow"} 1
+atelier_rollbacks_total{reason="spawn_failed"} 0
+"#;
 }

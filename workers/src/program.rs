@@ -13,11 +13,10 @@ use std::fmt;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// The interface stamp (workers/build.rs): equal stamps, same trampoline arguments, job
-/// input, pipeline file and line protocol.
-pub const INTERFACE: &str = env!("ATELIER_WORKER_INTERFACE");
+pub use crate::inside::interface::INTERFACE;
 
 /// The file name of the worker program next to the server binary.
 pub(crate) const WORKER_PROGRAM_NAME: &str = "atelier-worker";
@@ -47,10 +46,13 @@ pub enum ProgramSource {
     ServerInsteadOf { refused: PathBuf, why: ProgramError },
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub enum ProgramError {
-    /// It could not be started, or did not exit cleanly.
-    CannotRun { path: PathBuf, error: String },
+    /// It could not be started (or waited for): `doing` says which, `source` why. Shared, so
+    /// the error stays cloneable for the `ProgramSource` that reports it.
+    CannotRun { path: PathBuf, doing: &'static str, source: Arc<std::io::Error> },
+    /// `__interface` did not exit cleanly.
+    Failed { path: PathBuf, status: std::process::ExitStatus },
     /// It did not answer within [`INTERFACE_CHECK_TIMEOUT`] (it was killed).
     TimedOut { path: PathBuf },
     /// It was built from other sources than this server.
@@ -60,7 +62,12 @@ pub enum ProgramError {
 impl fmt::Display for ProgramError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            ProgramError::CannotRun { path, error } => write!(f, "worker program {}: {error}", path.display()),
+            ProgramError::CannotRun { path, doing, source } => {
+                write!(f, "worker program {}: {doing}: {source}", path.display())
+            }
+            ProgramError::Failed { path, status } => {
+                write!(f, "worker program {}: `__interface` ended with {status}", path.display())
+            }
             ProgramError::TimedOut { path } => write!(
                 f,
                 "worker program {}: no answer to `__interface` within {} s",
@@ -76,7 +83,36 @@ impl fmt::Display for ProgramError {
     }
 }
 
-impl std::error::Error for ProgramError {}
+/// Equal when they say the same: an I/O cause compares by its kind and message.
+impl PartialEq for ProgramError {
+    fn eq(&self, other: &ProgramError) -> bool {
+        use ProgramError::*;
+        match (self, other) {
+            (
+                CannotRun { path: p1, doing: d1, source: s1 },
+                CannotRun { path: p2, doing: d2, source: s2 },
+            ) => (p1, d1, s1.kind(), s1.to_string()) == (p2, d2, s2.kind(), s2.to_string()),
+            (Failed { path: p1, status: s1 }, Failed { path: p2, status: s2 }) => (p1, s1) == (p2, s2),
+            (TimedOut { path: p1 }, TimedOut { path: p2 }) => p1 == p2,
+            (
+                Mismatch { path: p1, found: f1, expected: e1 },
+                Mismatch { path: p2, found: f2, expected: e2 },
+            ) => (p1, f1, e1) == (p2, f2, e2),
+            _ => false,
+        }
+    }
+}
+
+impl Eq for ProgramError {}
+
+impl std::error::Error for ProgramError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            ProgramError::CannotRun { source, .. } => Some(&**source),
+            _ => None,
+        }
+    }
+}
 
 /// Picks the worker program for a server running as `server_exe`. A configured program must
 /// pass the interface check (an error otherwise: the operator asked for it); a sibling that
@@ -89,7 +125,8 @@ pub fn choose_worker_program(
         // Absolute: a job's trampoline runs in another working directory.
         let path = std::fs::canonicalize(&path).map_err(|e| ProgramError::CannotRun {
             path: path.clone(),
-            error: format!("cannot start it: {e}"),
+            doing: "cannot start it",
+            source: Arc::new(e),
         })?;
         check_interface(&path)?;
         return Ok(WorkerProgram { path, source: ProgramSource::Configured });
@@ -112,7 +149,13 @@ pub fn choose_worker_program(
 
 /// Runs `path __interface` and compares its answer with [`INTERFACE`].
 pub(crate) fn check_interface(path: &Path) -> Result<(), ProgramError> {
-    let cannot = |error: String| ProgramError::CannotRun { path: path.to_path_buf(), error };
+    let cannot = |doing: &'static str| {
+        move |e: std::io::Error| ProgramError::CannotRun {
+            path: path.to_path_buf(),
+            doing,
+            source: Arc::new(e),
+        }
+    };
     let mut child = Command::new(path)
         .arg("__interface")
         .stdin(Stdio::null())
@@ -120,7 +163,7 @@ pub(crate) fn check_interface(path: &Path) -> Result<(), ProgramError> {
         .stderr(Stdio::null())
         .env_clear()
         .spawn()
-        .map_err(|e| cannot(format!("cannot start it: {e}")))?;
+        .map_err(cannot("cannot start it"))?;
     let started = Instant::now();
     let status = loop {
         match child.try_wait() {
@@ -133,7 +176,7 @@ pub(crate) fn check_interface(path: &Path) -> Result<(), ProgramError> {
                 let _ = child.wait();
                 return Err(ProgramError::TimedOut { path: path.to_path_buf() });
             }
-            Err(e) => return Err(cannot(format!("cannot wait for it: {e}"))),
+            Err(e) => return Err(cannot("cannot wait for it")(e)),
         }
     };
     let mut answer = String::new();
@@ -142,7 +185,7 @@ pub(crate) fn check_interface(path: &Path) -> Result<(), ProgramError> {
         let _ = out.take(INTERFACE_BYTES_MAX).read_to_string(&mut answer);
     }
     if !status.success() {
-        return Err(cannot(format!("`__interface` ended with {status}")));
+        return Err(ProgramError::Failed { path: path.to_path_buf(), status });
     }
     let found = answer.trim();
     if found != INTERFACE {
@@ -215,10 +258,13 @@ mod tests {
         let d = dir("fails");
         script(&d.join(WORKER_PROGRAM_NAME), "exit 3");
         let chosen = choose_worker_program(&d.join("atelier"), None).unwrap();
-        assert!(
-            matches!(&chosen.source, ProgramSource::ServerInsteadOf { why: ProgramError::CannotRun { error, .. }, .. } if error.contains("exit status: 3")),
-            "{chosen:?}"
-        );
+        match &chosen.source {
+            ProgramSource::ServerInsteadOf { why: why @ ProgramError::Failed { status, .. }, .. } => {
+                assert_eq!(status.code(), Some(3), "{chosen:?}");
+                assert!(why.to_string().contains("exit status: 3"), "{why}");
+            }
+            other => panic!("expected a failed check, got {other:?}"),
+        }
     }
 
     #[test]

@@ -11,7 +11,7 @@ use atelier_engine::{
     Command, Commission, Ctx, Event, Executor, Job, JobStatus, NewCommission, RetryPolicy, State,
 };
 use atelier_storage::{create, execute, Created, EventStore, SledStore, StoreConfig};
-use atelier_workers::{Controller, WorkersConfig};
+use atelier_workers::{DataDir, Workers, WorkersConfig};
 
 const EXE: &str = env!("CARGO_BIN_EXE_atelier-workerd");
 
@@ -40,7 +40,7 @@ impl Drop for TempDir {
 
 struct Harness {
     store: Arc<dyn EventStore>,
-    controller: Option<Controller>,
+    controller: Option<Workers>,
     dir: TempDir,
 }
 
@@ -88,6 +88,10 @@ impl Harness {
         self.dir.0.join("data")
     }
 
+    fn layout(&self) -> DataDir {
+        DataDir::new(self.data_dir())
+    }
+
     /// Jobs run `atelier-workerd`, or the worker program named by ATELIER_WORKER_PROGRAM (CI
     /// runs this fault matrix again with the statically linked `atelier-worker`).
     fn start(&mut self, cfg: WorkersConfig) {
@@ -97,12 +101,12 @@ impl Harness {
     }
 
     fn start_with_exe(&mut self, cfg: WorkersConfig, exe: PathBuf) {
-        let c = Controller::start(self.store.clone(), cfg, self.data_dir(), exe).expect("controller starts");
+        let c = Workers::start(self.store.clone(), cfg, self.data_dir(), exe).expect("the workers start");
         assert!(c.is_running());
         self.controller = Some(c);
     }
 
-    fn controller(&self) -> &Controller {
+    fn controller(&self) -> &Workers {
         self.controller.as_ref().expect("started")
     }
 
@@ -239,8 +243,7 @@ fn builtin_pipelines_complete_and_the_task_runner_agrees() {
     let url = r["product"]["image_url"].as_str().expect("image url");
     let hash =
         url.strip_prefix("/artifacts/").and_then(|s| s.strip_suffix(".png")).expect("content-addressed url");
-    let png =
-        std::fs::read(h.data_dir().join("artifacts").join(format!("{hash}.png"))).expect("artifact stored");
+    let png = std::fs::read(h.layout().artifacts().join(format!("{hash}.png"))).expect("artifact stored");
     assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
     assert!(r["product"]["price_cents"].as_u64().is_some_and(|p| p > 0));
     assert_eq!(c.artifacts.len(), 1);
@@ -256,7 +259,7 @@ fn builtin_pipelines_complete_and_the_task_runner_agrees() {
         assert!(j.process_id.is_some() && j.cpu_ms < 10_000 && j.max_rss_bytes > 0, "{j:?}");
         assert_clean(j);
         // The built-in worker prints nothing, and logs are created at their first byte.
-        let (out, err) = atelier_workers::job_log_paths(&h.data_dir(), j.job_id);
+        let (out, err) = h.layout().job_logs(j.job_id);
         assert!(!out.exists() && !err.exists(), "no empty log files");
         // A job's dir is made when something goes in it: the rendered image, not a noop.
         assert_eq!(out.parent().is_some_and(Path::is_dir), id == comm, "job dir of commission {id}");
@@ -270,8 +273,7 @@ fn builtin_pipelines_complete_and_the_task_runner_agrees() {
     assert_eq!(tc.state, State::Completed, "{tc:#?}");
     assert_eq!(tc.result, c.result);
     assert_eq!(t.jobs(id)[0].executor, Executor::TaskRunner);
-    let png2 =
-        std::fs::read(t.data_dir().join("artifacts").join(format!("{hash}.png"))).expect("same artifact");
+    let png2 = std::fs::read(t.layout().artifacts().join(format!("{hash}.png"))).expect("same artifact");
     assert_eq!(png, png2);
 
     let m = h.controller().metrics_text();
@@ -476,7 +478,7 @@ fn fault_matrix() {
     }
     // What a worker prints is kept in its job's logs.
     let sh = ids[cases.iter().position(|c| c.0 == "f-sh").expect("f-sh case")];
-    let (_, err) = atelier_workers::job_log_paths(&h.data_dir(), h.jobs(sh)[0].job_id);
+    let (_, err) = h.layout().job_logs(h.jobs(sh)[0].job_id);
     assert_eq!(std::fs::read_to_string(err).expect("stderr.log"), "oops\n");
     // An external job program gets its job id and the pipeline's environment.
     let ext = ids[cases.iter().position(|c| c.0 == "ext").expect("ext case")];
@@ -525,7 +527,7 @@ command = ["sh", "-c", '''cat >/dev/null; head -c 5000 /dev/zero | tr '\0' x; fo
     h.start(config(chatty, &[("log_bytes_max", "100000")]));
     let id = h.create("chatty", serde_json::json!({}), 1);
     assert_eq!(h.wait_terminal(id, LONG).state, State::Completed);
-    let (out, _) = atelier_workers::job_log_paths(&h.data_dir(), h.jobs(id)[0].job_id);
+    let (out, _) = h.layout().job_logs(h.jobs(id)[0].job_id);
     let log = std::fs::read_to_string(out).expect("stdout.log");
     assert_eq!(log, format!("{}\n[atelier: output cut at 1000 bytes]\n", "x".repeat(1000)));
 }
@@ -865,7 +867,7 @@ fn finished_jobs_dirs_are_swept_after_the_keep_time() {
     h.wait_until(done, Duration::from_secs(20), "completed", |c| c.state == State::Completed);
     let job = h.jobs(done)[0].clone();
     h.controller().shutdown();
-    let jobs_dir = h.data_dir().join("jobs");
+    let jobs_dir = h.layout().jobs();
     let finished_dir = jobs_dir.join(job.job_id.to_string());
     assert!(finished_dir.is_dir(), "a finished job keeps its dir until it is due");
     // A dir whose job is not in the log: fresh (a job about to start) and stale (its
@@ -882,11 +884,11 @@ fn finished_jobs_dirs_are_swept_after_the_keep_time() {
     let ended = job.completed_at.expect("the job ended");
 
     // Not yet due: everything stays, except the stale orphan.
-    let s = atelier_workers::janitor::sweep(&*h.store, &h.data_dir(), keep, ended + 3_600_000).unwrap();
+    let s = atelier_workers::janitor::sweep(&*h.store, &h.layout(), keep, ended + 3_600_000).unwrap();
     assert_eq!((s.removed, s.kept), (1, 2), "{s:?}");
     assert!(finished_dir.exists() && fresh.exists() && !stale.exists());
     // A day and a bit after the end the finished job's dir goes; the fresh orphan stays.
-    let s = atelier_workers::janitor::sweep(&*h.store, &h.data_dir(), keep, ended + 86_400_000 + 1).unwrap();
+    let s = atelier_workers::janitor::sweep(&*h.store, &h.layout(), keep, ended + 86_400_000 + 1).unwrap();
     assert_eq!((s.removed, s.kept), (1, 1), "{s:?}");
     assert!(!finished_dir.exists() && fresh.exists());
     assert!(jobs_dir.join("notes").exists(), "what is not a job's dir is not the sweep's");

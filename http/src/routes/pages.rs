@@ -50,14 +50,16 @@ pub(super) fn artifact(call: &Call<'_>) -> Result<Reply, StorageError> {
             "artifacts are named by their sha-256, e.g. /artifacts/<64 hex>.png",
         ));
     }
-    Ok(match std::fs::read(call.shared.config.data_dir.join("artifacts").join(name)) {
-        Ok(bytes) => Reply::Bytes(
+    // Without executors nothing makes artifacts: there is none to serve.
+    let stored = call.shared.executors.as_ref().map(|e| e.artifacts_dir().join(name));
+    Ok(match stored.map(std::fs::read) {
+        Some(Ok(bytes)) => Reply::Bytes(
             200,
             "image/png",
             bytes,
             vec![("Cache-Control", "public, max-age=31536000, immutable".into())],
         ),
-        Err(_) => error(404, "not_found", format!("no artifact {name}")),
+        _ => error(404, "not_found", format!("no artifact {name}")),
     })
 }
 

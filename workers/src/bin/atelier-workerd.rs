@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use atelier_engine::{Ctx, NewCommission, RetryPolicy};
 use atelier_storage::{EventStore, SledStore, StoreConfig};
-use atelier_workers::{Controller, WorkersConfig};
+use atelier_workers::{Workers, WorkersConfig};
 
 const CRASH_CONFIG: &str = r#"
 [workers]
@@ -43,8 +43,8 @@ fn crash_test_server(dir: &str) -> i32 {
         let store: std::sync::Arc<dyn EventStore> = store;
         let cfg = WorkersConfig::load(Some(CRASH_CONFIG), &|_| None).map_err(|e| e.to_string())?;
         let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-        let _controller =
-            Controller::start(store.clone(), cfg, dir.join("data"), exe).map_err(|e| e.to_string())?;
+        let _workers =
+            Workers::start(store.clone(), cfg, dir.join("data"), exe).map_err(|e| e.to_string())?;
         let now = SystemTime::now().duration_since(UNIX_EPOCH).map_err(|e| e.to_string())?.as_millis();
         let ctx = Ctx {
             now: i64::try_from(now).map_err(|e| e.to_string())?,

@@ -11,11 +11,11 @@ use atelier_engine::{Command, Commission, Executor, JobStatus};
 use atelier_storage::execute;
 use crossbeam_channel::Sender;
 
-use crate::controller::{artifacts_dir, job_input, Shared};
-use crate::pipeline::{self, Reporter, RunEnv, Stop};
-use crate::process::{JobSignal, Request};
-use crate::protocol::Message;
+use crate::executor::signal::{JobSignal, Request};
+use crate::inside::pipeline::{self, Reporter, RunEnv, Stop};
+use crate::inside::protocol::Message;
 use crate::session::{ctx, job_end, record_finish, Finish, Halt, Session};
+use crate::shared::{commission_span, job_span, Shared};
 
 /// How often an in-process job checks for cancel while it waits.
 const TICK_MS_MAX: u64 = 200;
@@ -134,10 +134,10 @@ fn thread_cpu_ms() -> u64 {
 
 fn run_task(shared: &Shared, c: Commission, signal: &JobSignal) {
     let executor = Executor::TaskRunner;
-    let _commission = crate::controller::commission_span(&c).entered();
+    let _commission = commission_span(&c).entered();
     let Some((job_id, p)) = shared.begin_job(&c, executor) else { return };
-    let _job = crate::controller::job_span(job_id, executor).entered();
-    let (dir, input) = match job_input(shared, &c, job_id) {
+    let _job = job_span(job_id, executor).entered();
+    let (dir, input) = match shared.job_input(&c, job_id) {
         Ok(v) => v,
         Err(e) => {
             shared.fail_unstarted(&c, job_id, executor, format!("could not prepare the job: {e}"), true);
@@ -163,7 +163,7 @@ fn run_task(shared: &Shared, c: Commission, signal: &JobSignal) {
     let heartbeat_ms = shared.config.heartbeat_timeout_ms_for(&p);
     let env = RunEnv {
         job_dir: dir,
-        artifacts_dir: artifacts_dir(&shared.data_dir),
+        artifacts_dir: shared.data_dir.artifacts(),
         tick: Duration::from_millis((heartbeat_ms / 4).clamp(10, TICK_MS_MAX)),
     };
     let session = Session::new(
@@ -225,7 +225,7 @@ fn run_task(shared: &Shared, c: Commission, signal: &JobSignal) {
     let took = started.elapsed();
     if matches!(finish, Finish::Complete { .. }) {
         // The rollback compares the controller's job times with these.
-        shared.with_router(|r, cfg| r.record_took(cfg, executor, took, Instant::now()));
+        shared.judge(|r, cfg| r.record_took(cfg, executor, took, Instant::now()));
     }
     shared.metrics.job_finished(executor, finish.outcome(), took);
     record_finish(&*shared.store, shared.config.retry, c.id, executor, rep.session.take_batch(), finish);

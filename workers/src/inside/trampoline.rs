@@ -34,7 +34,7 @@ pub struct TrampolineArgs {
     pub nofile_max: u64,
     pub nproc_max: u64,
     pub fsize_bytes: u64,
-    /// The server's [`crate::INTERFACE`]: a trampoline built from other sources (a worker
+    /// The server's [`crate::inside::interface::INTERFACE`]: a trampoline built from other sources (a worker
     /// program replaced on disk while the server runs) refuses to run the job.
     pub interface: String,
     pub argv: Vec<String>,
@@ -121,10 +121,10 @@ pub fn trampoline_main(args: &[String]) -> i32 {
     };
     // First, before it changes anything about this process: the server checked its worker
     // program at start, but the file may have been replaced since (a rebuild, a deploy).
-    if t.interface != crate::INTERFACE {
+    if t.interface != crate::inside::interface::INTERFACE {
         eprintln!(
             "atelier __trampoline: this worker program was built from other sources than the server (interface {}, the server's {}); rebuild it or restart the server",
-            crate::INTERFACE,
+            crate::inside::interface::INTERFACE,
             t.interface
         );
         return EXIT_SETUP_FAILED;
@@ -176,7 +176,7 @@ pub fn trampoline_main(args: &[String]) -> i32 {
         close_fds_slowly();
     }
     if t.argv.get(1).map(String::as_str) == Some("__worker") && is_this_program(&t.argv[0]) {
-        return crate::worker::worker_main(&t.argv[1..]);
+        return crate::inside::worker::worker_main(&t.argv[1..]);
     }
     let argv: Result<Vec<CString>, _> = t.argv.iter().map(|a| CString::new(a.as_bytes())).collect();
     let Ok(argv) = argv else {
@@ -225,7 +225,7 @@ mod tests {
             nofile_max: 256,
             nproc_max: 64,
             fsize_bytes: 1 << 20,
-            interface: crate::INTERFACE.into(),
+            interface: crate::inside::interface::INTERFACE.into(),
             argv: vec!["/bin/x".into(), "--a".into(), "--".into()],
         }
     }

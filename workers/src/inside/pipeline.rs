@@ -17,7 +17,7 @@ use serde_json::{json, Map, Value};
 use sha2::{Digest, Sha256};
 
 use crate::config::{Builtin, PipelineConfig, StageSpec};
-use crate::protocol::Message;
+use crate::inside::protocol::Message;
 
 /// A test delay in the context (`delay_ms`) is cut to this, per stage.
 pub const DELAY_MS_MAX: u64 = 60_000;
@@ -219,6 +219,8 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// Runs one built-in stage. Over 100 lines on purpose: one arm per built-in, each short, so
+/// the built-ins are read as one list.
 fn run_builtin(
     b: Builtin,
     stage: Stage,
@@ -269,7 +271,7 @@ fn run_builtin(
                     Ok(())
                 }
             })?;
-            let png = crate::png::encode_rgb(side, side, &rgb);
+            let png = crate::inside::png::encode_rgb(side, side, &rgb);
             let path = env.make_job_dir().map_err(|e| fail(e, true))?.join("image.png");
             write_atomic(&path, &png)
                 .map_err(|e| fail(format!("cannot write {}: {e}", path.display()), true))?;
@@ -445,6 +447,9 @@ enum FromCommand {
 /// then one `result` line whose value, a JSON object, is merged into the pipeline state, or
 /// an `error` line. It gets the stage input as JSON on stdin; its stderr is the job's stderr.
 /// Anything else it prints fails the stage.
+///
+/// Over 100 lines on purpose: the spawn, the relay of its lines and the wait with its
+/// deadline share the child and the channel, and read as one sequence.
 fn run_command(
     argv: &[String],
     stage: Stage,
@@ -484,7 +489,7 @@ fn run_command(
     });
     let (tx, rx) = crossbeam_channel::bounded(64);
     std::thread::spawn(move || {
-        let mut lines = crate::protocol::LineBuffer::default();
+        let mut lines = crate::inside::protocol::LineBuffer::default();
         let mut buf = vec![0u8; 64 * 1024];
         loop {
             let n = match stdout.read(&mut buf) {
@@ -494,7 +499,7 @@ fn run_command(
             match lines.push(&buf[..n]) {
                 Ok(complete) => {
                     for l in complete {
-                        if tx.send(FromCommand::Line(crate::protocol::parse_line(&l))).is_err() {
+                        if tx.send(FromCommand::Line(crate::inside::protocol::parse_line(&l))).is_err() {
                             return;
                         }
                     }
@@ -689,7 +694,7 @@ mod tests {
         };
         let mut c = Collect(Vec::new());
         run(&PipelineConfig::commission(), &input, &env, &mut c).expect("runs");
-        let mut checker = crate::protocol::Checker::default();
+        let mut checker = crate::inside::protocol::Checker::default();
         for m in &c.0 {
             checker.check(m).expect("the built-in pipeline follows the protocol");
         }

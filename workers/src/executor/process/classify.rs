@@ -1,0 +1,341 @@
+//! How a finished worker ended, as exactly one outcome: what it said, how the kernel says it
+//! exited, why the controller ended it and the tail of its stderr go in; a recorded `Finish`
+//! and whether the controller's own machinery is to blame come out. Pure, so the whole fault
+//! matrix is a table test.
+
+use atelier_engine::{JobEnd, JobStatus};
+use nix::sys::signal::Signal;
+
+use crate::session::{job_end, Finish};
+
+/// A failed memory limit's error text starts with this; the next attempt's memory is
+/// doubled once per such failure in a row.
+pub const MEMORY_ERROR_PREFIX: &str = "memory limit exceeded";
+/// Exit codes of the trampoline (see `inside/trampoline.rs`).
+const TRAMPOLINE_EXIT_CODES: std::ops::RangeInclusive<i32> = 124..=127;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum KillReason {
+    Cancel,
+    Shutdown,
+    Timeout { seconds: u64 },
+    Stalled { ms: u64 },
+    Protocol(String),
+    Stale(String),
+    Storage(String),
+}
+
+/// How the kernel says the worker ended.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(crate) struct ExitInfo {
+    pub(crate) code: Option<i32>,
+    pub(crate) signal: Option<i32>,
+    pub(crate) max_rss_bytes: u64,
+    pub(crate) cpu_ms: u64,
+}
+
+/// The limits this attempt ran under.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Applied {
+    pub(crate) memory_mb: u64,
+    pub(crate) memory_max_mb: u64,
+    pub(crate) cpu_seconds: u64,
+    pub(crate) timeout_seconds: u64,
+    pub(crate) heartbeat_ms: u64,
+}
+
+/// The result of watching: how it ended, and whether the failure was the controller's
+/// machinery (as opposed to the job's own doing), which feeds the rollback rate.
+pub(crate) struct Ended {
+    pub(crate) finish: Finish,
+    pub(crate) infra_failure: bool,
+}
+
+/// What the worker said before it ended.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Reported {
+    pub(crate) job_id: u64,
+    pub(crate) result: Option<String>,
+    pub(crate) worker_error: Option<(String, bool)>,
+}
+
+pub(crate) fn signal_name(sig: i32) -> String {
+    Signal::try_from(sig).map(|s| s.as_str().to_string()).unwrap_or_else(|_| format!("signal {sig}"))
+}
+
+/// Whether stderr shows the process ran out of memory under its address-space limit.
+fn looks_like_oom(stderr_tail: &str) -> bool {
+    const MARKERS: [&str; 6] = [
+        "memory allocation of",
+        "MemoryError",
+        "Cannot allocate memory",
+        "out of memory",
+        "bad_alloc",
+        "failed to allocate",
+    ];
+    MARKERS.iter().any(|m| stderr_tail.contains(m))
+}
+
+fn last_line(tail: &str) -> Option<&str> {
+    tail.lines().map(str::trim).rfind(|l| !l.is_empty())
+}
+
+/// The one outcome of a finished worker. Pure, so the whole fault matrix is a table test.
+///
+/// One function over 100 lines on purpose: its `return`s are a precedence order (our own
+/// kill reason, then what the worker reported, then memory, CPU and file-size limits, then
+/// signals, then exit codes), read top to bottom; split into helpers, that order would be
+/// spread over several places.
+pub(crate) fn classify(
+    session: &Reported,
+    exit: &ExitInfo,
+    kill: Option<&KillReason>,
+    stderr_tail: &str,
+    applied: &Applied,
+) -> Ended {
+    let job_id = session.job_id;
+    let end = |status: JobStatus, error: Option<String>| JobEnd {
+        exit_code: exit.code,
+        signal: exit.signal,
+        max_rss_bytes: exit.max_rss_bytes,
+        cpu_ms: exit.cpu_ms,
+        ..job_end(job_id, status, error)
+    };
+    let fail = |error: String, retryable: bool, status: JobStatus, infra: bool| Ended {
+        finish: Finish::Fail { error: error.clone(), retryable, end: end(status, Some(error)) },
+        infra_failure: infra,
+    };
+    let with_stderr = |msg: String| match last_line(stderr_tail) {
+        Some(l) => format!("{msg}; stderr: {}", l.chars().take(300).collect::<String>()),
+        None => msg,
+    };
+    match kill {
+        Some(KillReason::Cancel) => {
+            return Ended {
+                finish: Finish::Cancelled { end: end(JobStatus::Killed, Some("cancelled".into())) },
+                infra_failure: false,
+            }
+        }
+        Some(KillReason::Shutdown) => return fail("server shut down".into(), true, JobStatus::Killed, false),
+        Some(KillReason::Timeout { seconds }) => {
+            return fail(
+                format!("timed out after {seconds} s (wall-clock limit)"),
+                true,
+                JobStatus::TimedOut,
+                false,
+            )
+        }
+        Some(KillReason::Stalled { ms }) => {
+            return fail(format!("stalled: no protocol line for {ms} ms"), true, JobStatus::TimedOut, true)
+        }
+        Some(KillReason::Protocol(e)) => {
+            return fail(format!("protocol error: {e}"), false, JobStatus::Failed, true)
+        }
+        Some(KillReason::Stale(e)) => {
+            tracing::warn!(job = job_id, reason = %e, "job is stale; nothing to record");
+            return Ended { finish: Finish::Nothing, infra_failure: false };
+        }
+        Some(KillReason::Storage(e)) => {
+            return fail(format!("controller error: {e}"), true, JobStatus::Killed, true)
+        }
+        None => {}
+    }
+    if let (Some(0), Some(result)) = (exit.code, &session.result) {
+        return Ended {
+            finish: Finish::Complete { result: result.clone(), end: end(JobStatus::Succeeded, None) },
+            infra_failure: false,
+        };
+    }
+    if let Some((error, retryable)) = &session.worker_error {
+        return fail(error.clone(), *retryable, JobStatus::Failed, false);
+    }
+    let crashed = exit.signal.is_some() || exit.code.is_some_and(|c| c != 0);
+    if crashed && looks_like_oom(stderr_tail) {
+        let mb = applied.memory_mb;
+        return if mb < applied.memory_max_mb {
+            let next = (mb * 2).min(applied.memory_max_mb);
+            fail(
+                format!("{MEMORY_ERROR_PREFIX} ({mb} MiB); the next attempt gets {next} MiB"),
+                true,
+                JobStatus::Killed,
+                false,
+            )
+        } else {
+            fail(format!("{MEMORY_ERROR_PREFIX} ({mb} MiB, the cap)"), false, JobStatus::Killed, false)
+        };
+    }
+    let cpu_limit_ms = applied.cpu_seconds.saturating_mul(1000);
+    match exit.signal {
+        Some(libc::SIGXCPU) => {
+            return fail(
+                format!("CPU limit exceeded ({} s), killed by SIGXCPU", applied.cpu_seconds),
+                false,
+                JobStatus::Killed,
+                false,
+            )
+        }
+        Some(libc::SIGKILL) if exit.cpu_ms >= cpu_limit_ms => {
+            return fail(
+                format!("CPU limit exceeded ({} s), killed by SIGKILL", applied.cpu_seconds),
+                false,
+                JobStatus::Killed,
+                false,
+            )
+        }
+        Some(libc::SIGXFSZ) => {
+            return fail(
+                "file size limit exceeded, killed by SIGXFSZ".into(),
+                false,
+                JobStatus::Killed,
+                false,
+            )
+        }
+        Some(sig) => {
+            return fail(
+                with_stderr(format!("killed by {}", signal_name(sig))),
+                true,
+                JobStatus::Killed,
+                true,
+            )
+        }
+        None => {}
+    }
+    match exit.code {
+        Some(0) => fail("the worker exited 0 without a result".into(), false, JobStatus::Failed, true),
+        Some(127) => fail(
+            with_stderr("could not start the worker program (exit 127)".into()),
+            false,
+            JobStatus::Failed,
+            true,
+        ),
+        Some(c) if TRAMPOLINE_EXIT_CODES.contains(&c) => fail(
+            with_stderr(format!("could not set up the worker (exit {c})")),
+            true,
+            JobStatus::Failed,
+            true,
+        ),
+        Some(c) => {
+            fail(with_stderr(format!("the worker exited with code {c}")), true, JobStatus::Failed, true)
+        }
+        None => fail("the worker ended in an unknown way".into(), true, JobStatus::Failed, true),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn oom_markers() {
+        assert!(looks_like_oom("memory allocation of 16777216 bytes failed\n"));
+        assert!(looks_like_oom("Traceback...\nMemoryError\n"));
+        assert!(!looks_like_oom("all fine"));
+    }
+
+    fn applied() -> Applied {
+        Applied { memory_mb: 128, memory_max_mb: 256, cpu_seconds: 2, timeout_seconds: 5, heartbeat_ms: 400 }
+    }
+
+    fn exit(code: Option<i32>, signal: Option<i32>) -> ExitInfo {
+        ExitInfo { code, signal, max_rss_bytes: 0, cpu_ms: 0 }
+    }
+
+    /// (what the worker said, how it exited, why we killed it, stderr) -> (outcome label,
+    /// retryable, error text contains, counted against the controller)
+    #[test]
+    fn every_ending_has_one_outcome() {
+        let ok = Reported { job_id: 1, result: Some("{}".into()), worker_error: None };
+        let none = Reported { job_id: 1, ..Reported::default() };
+        let err = Reported { job_id: 1, result: None, worker_error: Some(("boom".into(), true)) };
+        type Case<'a> =
+            (&'a Reported, ExitInfo, Option<KillReason>, &'a str, &'a str, Option<bool>, &'a str, bool);
+        let cases: Vec<Case> = vec![
+            (&ok, exit(Some(0), None), None, "", "succeeded", None, "", false),
+            (&ok, exit(Some(3), None), None, "", "failed", Some(true), "exited with code 3", true),
+            (&none, exit(Some(0), None), None, "", "failed", Some(false), "without a result", true),
+            (&err, exit(Some(0), None), None, "", "failed", Some(true), "boom", false),
+            (&none, exit(None, Some(9)), None, "", "killed", Some(true), "killed by SIGKILL", true),
+            (
+                &none,
+                exit(None, Some(6)),
+                None,
+                "memory allocation of 1 bytes failed",
+                "killed",
+                Some(true),
+                "the next attempt gets 256 MiB",
+                false,
+            ),
+            (&none, exit(None, Some(24)), None, "", "killed", Some(false), "CPU limit exceeded (2 s)", false),
+            (
+                &none,
+                exit(None, Some(9)),
+                Some(KillReason::Timeout { seconds: 5 }),
+                "",
+                "timed_out",
+                Some(true),
+                "timed out after 5 s",
+                false,
+            ),
+            (
+                &none,
+                exit(None, Some(9)),
+                Some(KillReason::Stalled { ms: 400 }),
+                "",
+                "timed_out",
+                Some(true),
+                "stalled",
+                true,
+            ),
+            (
+                &ok,
+                exit(None, Some(9)),
+                Some(KillReason::Protocol("x".into())),
+                "",
+                "failed",
+                Some(false),
+                "protocol error: x",
+                true,
+            ),
+            (&none, exit(None, Some(15)), Some(KillReason::Cancel), "", "cancelled", None, "", false),
+            (
+                &none,
+                exit(None, Some(15)),
+                Some(KillReason::Shutdown),
+                "",
+                "killed",
+                Some(true),
+                "server shut down",
+                false,
+            ),
+            (
+                &none,
+                exit(Some(127), None),
+                None,
+                "cannot run",
+                "failed",
+                Some(false),
+                "could not start the worker program",
+                true,
+            ),
+        ];
+        for (i, (said, ex, kill, tail, outcome, retryable, text, infra)) in cases.into_iter().enumerate() {
+            let e = classify(said, &ex, kill.as_ref(), tail, &applied());
+            assert_eq!(e.finish.outcome(), outcome, "case {i}: {:?}", e.finish);
+            assert_eq!(e.infra_failure, infra, "case {i}: {:?}", e.finish);
+            match &e.finish {
+                Finish::Fail { error, retryable: r, end } => {
+                    assert_eq!(Some(*r), retryable, "case {i}");
+                    assert!(error.contains(text), "case {i}: {error:?} lacks {text:?}");
+                    assert_eq!((end.exit_code, end.signal), (ex.code, ex.signal), "case {i}");
+                }
+                other => assert_eq!(retryable, None, "case {i}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn signal_names() {
+        assert_eq!(signal_name(9), "SIGKILL");
+        assert_eq!(signal_name(24), "SIGXCPU");
+    }
+}

@@ -1,0 +1,110 @@
+//! The layout of the server's data dir, in one place: where jobs work, where their logs and
+//! artifacts go, where pipeline specs are written for workers. Everything that names a path
+//! under the data dir (the executors, the janitor, the server's log and artifact routes) asks
+//! a [`DataDir`], so changing the layout is a change to this file alone.
+//!
+//! ```text
+//! data_dir/
+//!   jobs/{job_id}/stdout.log, stderr.log, ...   one dir per job that put something there
+//!   jobs/pipelines/{name}-{hash}.json           the pipeline specs workers read
+//!   artifacts/{sha256hex}.png                   content-addressed outputs
+//! ```
+
+use std::path::{Path, PathBuf};
+
+const JOBS_DIR: &str = "jobs";
+/// Under the jobs dir: not a job id, so the janitor leaves it alone.
+const PIPELINES_DIR: &str = "pipelines";
+const ARTIFACTS_DIR: &str = "artifacts";
+const STDOUT_LOG: &str = "stdout.log";
+const STDERR_LOG: &str = "stderr.log";
+
+/// The server's data dir, as the workers lay it out (see the module docs).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DataDir {
+    root: PathBuf,
+}
+
+impl DataDir {
+    /// The layout under `root`, taken as given: workers run in their job dir, so a server
+    /// that hands these paths to workers makes `root` absolute first ([`DataDir::absolute`]).
+    pub fn new(root: impl Into<PathBuf>) -> DataDir {
+        DataDir { root: root.into() }
+    }
+
+    /// The layout under `root` made absolute (against the current dir), so that the paths
+    /// handed to workers do not depend on the server's cwd.
+    pub fn absolute(root: &Path) -> std::io::Result<DataDir> {
+        Ok(DataDir { root: std::path::absolute(root)? })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Where every job's working dir lives (and the pipeline specs).
+    pub fn jobs(&self) -> PathBuf {
+        self.root.join(JOBS_DIR)
+    }
+
+    /// A job's working dir; made only once something goes in it.
+    pub fn job(&self, job_id: u64) -> PathBuf {
+        self.jobs().join(job_id.to_string())
+    }
+
+    /// The job whose working dir this entry of [`DataDir::jobs`] is, if it is one.
+    pub fn job_id_of(entry_name: &std::ffi::OsStr) -> Option<u64> {
+        entry_name.to_str().and_then(|n| n.parse::<u64>().ok())
+    }
+
+    /// Paths of a job's captured stdout and stderr. A missing file reads as empty: it is
+    /// created at the first byte.
+    pub fn job_logs(&self, job_id: u64) -> (PathBuf, PathBuf) {
+        let dir = self.job(job_id);
+        (dir.join(STDOUT_LOG), dir.join(STDERR_LOG))
+    }
+
+    /// The content-addressed artifacts, `{sha256hex}.png`.
+    pub fn artifacts(&self) -> PathBuf {
+        self.root.join(ARTIFACTS_DIR)
+    }
+
+    /// Where the pipeline specs workers read are written.
+    pub fn pipeline_specs(&self) -> PathBuf {
+        self.jobs().join(PIPELINES_DIR)
+    }
+
+    /// The spec of pipeline `name` whose content hashes to `hash`: named by content, so a
+    /// changed spec never reuses a stale file.
+    pub fn pipeline_spec(&self, name: &str, hash: &str) -> PathBuf {
+        self.pipeline_specs().join(format!("{name}-{hash}.json"))
+    }
+
+    /// Where a spec is written before it is renamed into place (`job_id` keeps two writers
+    /// apart), so a worker never reads half a file.
+    pub fn pipeline_spec_tmp(&self, name: &str, hash: &str, job_id: u64) -> PathBuf {
+        self.pipeline_specs().join(format!(".{name}-{hash}.{job_id}.tmp"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The layout is an on-disk format: servers of other versions and operators read it.
+    #[test]
+    fn the_layout_is_stable() {
+        let d = DataDir::new("/data");
+        assert_eq!(d.jobs(), Path::new("/data/jobs"));
+        assert_eq!(d.job(7), Path::new("/data/jobs/7"));
+        assert_eq!(
+            d.job_logs(7),
+            (PathBuf::from("/data/jobs/7/stdout.log"), PathBuf::from("/data/jobs/7/stderr.log"))
+        );
+        assert_eq!(d.artifacts(), Path::new("/data/artifacts"));
+        assert_eq!(d.pipeline_spec("p", "ab12"), Path::new("/data/jobs/pipelines/p-ab12.json"));
+        assert_eq!(d.pipeline_spec_tmp("p", "ab12", 3), Path::new("/data/jobs/pipelines/.p-ab12.3.tmp"));
+        assert_eq!(DataDir::job_id_of("7".as_ref()), Some(7));
+        assert_eq!(DataDir::job_id_of(PIPELINES_DIR.as_ref()), None);
+    }
+}

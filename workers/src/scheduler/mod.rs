@@ -1,0 +1,358 @@
+//! The scheduler: learns what is runnable from the log, decides what runs next, routes each
+//! job to an executor, and keeps the number of running jobs under `max_concurrent_jobs`.
+//!
+//! Threads, and why each exists:
+//! - feed (`feed.rs`): follows the log subscription and forwards the few events that matter;
+//! - scheduler: owns the queue, the timers (`timers.rs`) and the table of running jobs; it
+//!   sleeps until the next message or the next due timer, never on a polling interval.
+//!
+//! Jobs whose thread is gone (a previous server's, or a panicked one) are failed by
+//! `recovery.rs`, so they retry.
+
+mod feed;
+mod messages;
+pub(crate) mod recovery;
+mod timers;
+
+use std::cmp::Reverse;
+use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use atelier_engine::time::Millis;
+use atelier_engine::{Command, Commission, EventKind, Executor, Rejection, State};
+use atelier_storage::{execute, Subscription};
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+
+use self::messages::SchedMsg;
+use self::timers::{TimerKind, Timers};
+use crate::error::{io_err, WorkersError};
+use crate::executor::process::ProcessExecutor;
+use crate::executor::signal::{JobSignal, Request};
+use crate::executor::task_runner::TaskJob;
+use crate::session::{ctx, now_ms};
+use crate::shared::Shared;
+
+/// How long `shutdown` waits for jobs beyond the kill grace before giving up on them.
+const SHUTDOWN_SLACK_MS: u64 = 5_000;
+
+/// Tells the scheduler a job is over when dropped, on every path out of the job thread.
+struct DoneGuard(Sender<SchedMsg>, u64);
+
+impl Drop for DoneGuard {
+    fn drop(&mut self) {
+        let panicked = std::thread::panicking();
+        let _ = self.0.send(SchedMsg::JobDone { commission_id: self.1, panicked });
+    }
+}
+
+struct Running {
+    signal: Arc<JobSignal>,
+    thread: Option<JoinHandle<()>>,
+    /// The commission's attempt count when the job was handed out: unchanged after a panic
+    /// means the job never started.
+    attempt: u32,
+}
+
+struct Scheduler {
+    shared: Arc<Shared>,
+    rx: Receiver<SchedMsg>,
+    done_tx: Sender<SchedMsg>,
+    process: Arc<ProcessExecutor>,
+    task_tx: Sender<TaskJob>,
+    /// Runnable, not yet started: highest priority first, then lowest id.
+    queue: BTreeSet<(Reverse<i32>, u64)>,
+    queued: HashMap<u64, i32>,
+    timers: Timers,
+    running: HashMap<u64, Running>,
+}
+
+impl Scheduler {
+    fn run(mut self) {
+        loop {
+            let msg = match self.timers.next_due() {
+                None => self.rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
+                Some(due) => {
+                    let wait_ms = u64::try_from(due.saturating_sub(now_ms())).unwrap_or(0);
+                    self.rx.recv_timeout(Duration::from_millis(wait_ms))
+                }
+            };
+            match msg {
+                Ok(SchedMsg::Shutdown) | Err(RecvTimeoutError::Disconnected) => break,
+                Ok(m) => self.handle(m),
+                Err(RecvTimeoutError::Timeout) => {}
+            }
+            self.fire_timers();
+            self.dispatch();
+        }
+        self.stop_all();
+    }
+
+    fn handle(&mut self, msg: SchedMsg) {
+        match msg {
+            SchedMsg::Event { commission_id, kind, next_retry_at } => match kind {
+                EventKind::Created | EventKind::RetryDue | EventKind::RetryRequested => {
+                    self.consider(commission_id)
+                }
+                EventKind::AttemptFailed => {
+                    if let Some(t) = next_retry_at {
+                        self.add_timer((t, commission_id, TimerKind::RetryDue));
+                    }
+                }
+                EventKind::CancelRequested => {
+                    if let Some(r) = self.running.get(&commission_id) {
+                        tracing::info!(commission = commission_id, "cancel requested; stopping its job");
+                        r.signal.raise(Request::Cancel);
+                    }
+                }
+                k if k.is_terminal() => self.unqueue(commission_id),
+                _ => {}
+            },
+            SchedMsg::Rescan => match self.shared.store.live_commissions() {
+                Ok(list) => {
+                    for c in list {
+                        self.consider_snapshot(&c);
+                    }
+                }
+                Err(e) => tracing::error!(error = %e, "cannot list live commissions"),
+            },
+            SchedMsg::JobDone { commission_id, panicked } => self.job_done(commission_id, panicked),
+            SchedMsg::Shutdown => {}
+        }
+    }
+
+    fn add_timer(&mut self, t: (Millis, u64, TimerKind)) {
+        self.timers.add(t);
+    }
+
+    fn job_done(&mut self, commission_id: u64, panicked: bool) {
+        let mut attempt_at_start = None;
+        if let Some(mut r) = self.running.remove(&commission_id) {
+            if let Some(t) = r.thread.take() {
+                let _ = t.join();
+            }
+            attempt_at_start = Some(r.attempt);
+        }
+        // On shutdown the next start fails it, as for every job the stop interrupted.
+        if panicked && !self.shared.stopping.load(Ordering::Acquire) {
+            recovery::after_panic(&self.shared, commission_id, attempt_at_start);
+        }
+        // A retry that became due while the job was still winding down.
+        self.consider(commission_id);
+    }
+
+    fn unqueue(&mut self, id: u64) {
+        if let Some(p) = self.queued.remove(&id) {
+            self.queue.remove(&(Reverse(p), id));
+        }
+    }
+
+    fn consider(&mut self, id: u64) {
+        match self.shared.store.commission(id) {
+            Ok(Some(c)) => self.consider_snapshot(&c),
+            Ok(None) => {}
+            Err(e) => tracing::error!(commission = id, error = %e, "cannot read commission"),
+        }
+    }
+
+    fn consider_snapshot(&mut self, c: &Commission) {
+        if self.running.contains_key(&c.id) {
+            return;
+        }
+        match c.state {
+            State::Created => match c.scheduled_for {
+                Some(t) if t > now_ms() => self.add_timer((t, c.id, TimerKind::Scheduled)),
+                _ => {
+                    if self.queued.insert(c.id, c.priority).is_none() {
+                        self.queue.insert((Reverse(c.priority), c.id));
+                    }
+                }
+            },
+            State::Retrying => {
+                let t = c.next_retry_at.unwrap_or_else(now_ms);
+                self.add_timer((t, c.id, TimerKind::RetryDue));
+            }
+            _ => self.unqueue(c.id),
+        }
+    }
+
+    fn fire_timers(&mut self) {
+        let now = now_ms();
+        while let Some((_, id, kind)) = self.timers.pop_due(now) {
+            match kind {
+                TimerKind::Scheduled => self.consider(id),
+                TimerKind::RetryDue => {
+                    match execute(&*self.shared.store, id, Command::RetryDue, &ctx(self.shared.config.retry))
+                    {
+                        // The RetryDue event comes back through the feed and queues it.
+                        Ok(Ok(_)) => {}
+                        Ok(Err(Rejection::RetryNotDue { next_retry_at })) => {
+                            self.add_timer((next_retry_at, id, TimerKind::RetryDue));
+                        }
+                        Ok(Err(_)) => {} // cancelled or retried by hand meanwhile
+                        Err(e) => tracing::error!(commission = id, error = %e, "cannot append retry_due"),
+                    }
+                }
+            }
+        }
+    }
+
+    fn dispatch(&mut self) {
+        while self.running.len() < self.shared.config.max_concurrent_jobs
+            && !self.shared.stopping.load(Ordering::Acquire)
+        {
+            let Some((Reverse(p), id)) = self.queue.pop_first() else { break };
+            let ready = Instant::now();
+            self.queued.remove(&id);
+            let c = match self.shared.store.commission(id) {
+                Ok(Some(c)) => c,
+                Ok(None) => continue,
+                Err(e) => {
+                    tracing::error!(commission = id, error = %e, "cannot read commission");
+                    continue;
+                }
+            };
+            if !c.is_runnable(now_ms()) || c.active_job.is_some() || c.cancel_requested {
+                continue;
+            }
+            debug_assert_eq!(p, c.priority);
+            tracing::debug!(commission = id, "dispatching");
+            let executor = self.shared.with_router(|r, cfg| r.route(cfg, id, Instant::now()));
+            self.shared.metrics.routed(executor);
+            let started = self.start(c, executor, ready);
+            match started {
+                Ok(r) => {
+                    self.running.insert(id, r);
+                }
+                Err(e) => tracing::error!(commission = id, error = %e, "cannot start a job"),
+            }
+        }
+    }
+
+    /// Starts `c`'s job; `ready` is when it got its slot (for the pickup metric).
+    fn start(&self, c: Commission, executor: Executor, ready: Instant) -> Result<Running, WorkersError> {
+        let (id, attempt) = (c.id, c.attempt);
+        match executor {
+            Executor::JobController => {
+                let signal = Arc::new(JobSignal::with_pipe().map_err(io_err("wake pipe"))?);
+                let (shared, sig, done) = (self.shared.clone(), signal.clone(), self.done_tx.clone());
+                let process = self.process.clone();
+                let thread = std::thread::Builder::new()
+                    .name(format!("atelier-job-{id}"))
+                    .spawn(move || {
+                        // Even if the job code panics (a bug), the slot must be freed.
+                        let _done = DoneGuard(done, id);
+                        process.run_job(&shared, c, &sig, ready);
+                    })
+                    .map_err(io_err("job thread"))?;
+                Ok(Running { signal, thread: Some(thread), attempt })
+            }
+            Executor::TaskRunner => {
+                let signal = Arc::new(JobSignal::plain());
+                let done = self.done_tx.clone();
+                let job = TaskJob {
+                    commission: c,
+                    signal: signal.clone(),
+                    done: Box::new(move |panicked| {
+                        let _ = done.send(SchedMsg::JobDone { commission_id: id, panicked });
+                    }),
+                };
+                self.task_tx.send(job).map_err(|_| WorkersError::Io {
+                    context: "task runner".into(),
+                    source: std::io::Error::other("the task runner is gone"),
+                })?;
+                Ok(Running { signal, thread: None, attempt })
+            }
+        }
+    }
+
+    /// Asks every running job to stop and waits for them (bounded).
+    fn stop_all(&mut self) {
+        for r in self.running.values() {
+            r.signal.raise(Request::Shutdown);
+        }
+        let deadline =
+            Instant::now() + Duration::from_millis(self.shared.config.kill_grace_ms + SHUTDOWN_SLACK_MS);
+        while !self.running.is_empty() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.rx.recv_timeout(left) {
+                Ok(SchedMsg::JobDone { commission_id, .. }) => {
+                    if let Some(mut r) = self.running.remove(&commission_id) {
+                        if let Some(t) = r.thread.take() {
+                            let _ = t.join();
+                        }
+                    }
+                }
+                Ok(_) => {}
+                Err(_) => {
+                    tracing::warn!(left = self.running.len(), "jobs did not stop in time");
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// The scheduler and its feed, running.
+pub(crate) struct SchedulerThreads {
+    tx: Sender<SchedMsg>,
+    scheduler: Option<JoinHandle<()>>,
+    feed: Option<JoinHandle<()>>,
+}
+
+impl SchedulerThreads {
+    /// Starts the scheduler (which rescans every live commission first) and its feed on
+    /// `sub`, a subscription taken before the live set was read.
+    pub(crate) fn start(
+        shared: Arc<Shared>,
+        process: Arc<ProcessExecutor>,
+        task_tx: Sender<TaskJob>,
+        sub: Subscription,
+    ) -> Result<SchedulerThreads, WorkersError> {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let scheduler = Scheduler {
+            shared: shared.clone(),
+            rx,
+            done_tx: tx.clone(),
+            process,
+            task_tx,
+            queue: BTreeSet::new(),
+            queued: HashMap::new(),
+            timers: Timers::default(),
+            running: HashMap::new(),
+        };
+        let _ = tx.send(SchedMsg::Rescan);
+        let scheduler = std::thread::Builder::new()
+            .name("atelier-scheduler".into())
+            .spawn(move || scheduler.run())
+            .map_err(io_err("start thread atelier-scheduler"))?;
+        let feed_tx = tx.clone();
+        let feed = std::thread::Builder::new()
+            .name("atelier-feed".into())
+            .spawn(move || feed::feed_loop(shared, sub, feed_tx))
+            .map_err(io_err("start thread atelier-feed"))?;
+        Ok(SchedulerThreads { tx, scheduler: Some(scheduler), feed: Some(feed) })
+    }
+
+    pub(crate) fn is_running(&self) -> bool {
+        [&self.scheduler, &self.feed].iter().all(|h| h.as_ref().is_some_and(|h| !h.is_finished()))
+    }
+
+    /// Stops the scheduler, which stops its jobs before it returns; then nothing is
+    /// dispatched any more. The feed is joined by [`SchedulerThreads::join_feed`], after the
+    /// executors (it ends once it sees `stopping`).
+    pub(crate) fn stop(&mut self) {
+        let _ = self.tx.send(SchedMsg::Shutdown);
+        if let Some(t) = self.scheduler.take() {
+            let _ = t.join();
+        }
+    }
+
+    pub(crate) fn join_feed(&mut self) {
+        if let Some(t) = self.feed.take() {
+            let _ = t.join();
+        }
+    }
+}
