@@ -29,7 +29,7 @@ pub(super) fn sleep_forever() -> ! {
 
 /// Test modes. Returns an exit code to stop with, or `None` to go on with the pipeline.
 ///
-/// Over 100 lines on purpose: one short arm per mode, so the list of modes is one `match`
+/// Long because it has one short arm per mode, so the list of modes is one `match`
 /// that the README's list can be checked against.
 pub(super) fn misbehave(mode: &str, rep: &mut PipeReporter, env: &RunEnv) -> Option<i32> {
     let first = Message::Stage { stage: Stage::FIRST };

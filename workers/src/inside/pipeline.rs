@@ -219,8 +219,8 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// Runs one built-in stage. Over 100 lines on purpose: one arm per built-in, each short, so
-/// the built-ins are read as one list.
+/// Runs one built-in stage. Long because it has one arm per built-in, each short, so the
+/// built-ins are read as one list.
 fn run_builtin(
     b: Builtin,
     stage: Stage,
@@ -448,7 +448,7 @@ enum FromCommand {
 /// an `error` line. It gets the stage input as JSON on stdin; its stderr is the job's stderr.
 /// Anything else it prints fails the stage.
 ///
-/// Over 100 lines on purpose: the spawn, the relay of its lines and the wait with its
+/// Long because the spawn, the relay of its lines and the wait with its
 /// deadline share the child and the channel, and read as one sequence.
 fn run_command(
     argv: &[String],

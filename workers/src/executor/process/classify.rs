@@ -82,7 +82,7 @@ fn last_line(tail: &str) -> Option<&str> {
 
 /// The one outcome of a finished worker. Pure, so the whole fault matrix is a table test.
 ///
-/// One function over 100 lines on purpose: its `return`s are a precedence order (our own
+/// Long because its `return`s are a precedence order (our own
 /// kill reason, then what the worker reported, then memory, CPU and file-size limits, then
 /// signals, then exit codes), read top to bottom; split into helpers, that order would be
 /// spread over several places.
