@@ -166,7 +166,8 @@ fn long_functions(path: &Path, text: &str) -> Vec<String> {
         let open = at + k;
         let close = matching_brace(bytes, open);
         let (first, last) = (line_of(&code, at), line_of(&code, close));
-        if last - first + 1 <= FUNCTION_LINES_MAX {
+        let length = last - first + 1;
+        if length <= FUNCTION_LINES_MAX {
             continue;
         }
         // The comment block and attributes right above the signature.
@@ -182,7 +183,7 @@ fn long_functions(path: &Path, text: &str) -> Vec<String> {
             found.push(format!(
                 "{}:{first}: fn {name} is {} lines; split it, or say why above it (`// Long because …`)",
                 path.display(),
-                last - first + 1
+                length
             ));
         }
     }
