@@ -1,4 +1,4 @@
-//! HTTP/1.1 connections on our own threads (this replaced tiny_http).
+//! HTTP/1.1 connections on our own threads.
 //!
 //! An accept loop gives each connection a thread of its own. That thread reads a request
 //! (head and body under one deadline, so a stalled or dribbling client is closed), hands it
@@ -8,8 +8,8 @@
 //! descriptor.
 //!
 //! Why not tiny_http: its task pool counts a thread as idle until that thread has woken up,
-//! so a burst of new connections queues behind threads that streams then hold for good. In
-//! bench-sse, 17 of 20 simultaneous stream opens waited until the header timeout closed them.
+//! so a burst of new connections queues behind threads that streams then hold for good
+//! (BENCHMARKS.md, "HTTP and SSE").
 //! Its accept thread also stopped for good on the first accept error, and it had no hook to
 //! time out a connection, which took a janitor scanning /proc/self/fd.
 

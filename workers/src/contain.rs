@@ -2,8 +2,8 @@
 //!
 //! A job ends by a kill of its process group, which reaches every process a worker started
 //! unless one of them left the group: `setsid()` (a daemon's double fork, the `setsid`
-//! tool) or `setpgid()`. Such a process used to be re-parented to init and outlive its job
-//! for good. With containment on, the server is a child subreaper (`PR_SET_CHILD_SUBREAPER`):
+//! tool) or `setpgid()`. Left alone, such a process is re-parented to init and outlives its
+//! job for good. With containment on, the server is a child subreaper (`PR_SET_CHILD_SUBREAPER`):
 //! whatever a worker leaves behind is re-parented to the server instead, and a sweep (every
 //! [`SWEEP_INTERVAL`]) kills and reaps every child of the server that is not a process the
 //! server started itself and still waits for.

@@ -52,8 +52,8 @@ pub struct RunEnv {
 impl RunEnv {
     /// The job's directory, made if it is not there yet. A job's directory is made when
     /// something goes in it (a rendered image, a stage command's working directory, a log):
-    /// on this machine's ext4 a `mkdir` costs ~0.2 ms of CPU, a twentieth of a short job's
-    /// whole cost, and most `noop` jobs never put anything there.
+    /// a `mkdir` is a measurable share of a short job's whole CPU cost (BENCHMARKS.md, "Job
+    /// controller"), and most `noop` jobs never put anything there.
     pub fn make_job_dir(&self) -> Result<&Path, String> {
         std::fs::create_dir_all(&self.job_dir)
             .map_err(|e| format!("cannot create {}: {e}", self.job_dir.display()))?;
