@@ -8,8 +8,9 @@
 # (/work/shared/bench/bench.py e2e, from where it lives) under `flock /tmp/atelier-bench.lock`
 # so it never overlaps another benchmark, prints one summary line, and stops that server by pid.
 # The server's settings come from the environment (MAX_CONCURRENT_JOBS, USE_JOB_CONTROLLER,
-# ATELIER_BALLAST_MB, ...). Defaults: 3 runs of --n 600 --concurrency 20. DATA_ROOT=DIR keeps
-# the data dirs there for the caller to delete after a series (see the comment at the end).
+# ATELIER_BALLAST_MB, which needs a server built with `--features test-faults`, ...).
+# Defaults: 3 runs of --n 600 --concurrency 20. DATA_ROOT=DIR keeps the data dirs there for
+# the caller to delete after a series (see the comment at the end).
 # PIN=1 gives the system under test (with everything it starts) CPU 1 and the harness CPU 0,
 # so neither takes the other's core: it measures what the system does on one core, where an
 # unpinned run also measures how the scheduler happens to place the single-threaded harness.
