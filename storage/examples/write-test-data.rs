@@ -8,7 +8,7 @@ mod common;
 
 use atelier_engine::{Envelope, Executor, JobEnd, JobStatus, Stage};
 use atelier_storage::{check, codec, SledStore, StoreConfig};
-use common::{one_of_each, TempDir};
+use common::{one_of_each, temp_dir};
 
 fn fixture_path() -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/history-v1.jsonl")
@@ -47,8 +47,8 @@ fn write_corpus_seeds() {
 fn write_fixture() {
     use atelier_engine::Command;
     use atelier_storage::{create, execute, Created};
-    let dir = TempDir::new("mkfixture");
-    let store = SledStore::open(StoreConfig::new(&dir.0)).unwrap();
+    let dir = temp_dir("mkfixture");
+    let store = SledStore::open(StoreConfig::new(dir.path())).unwrap();
     let ctx = |now: i64| atelier_engine::Ctx { now, jitter_seed: 99, retry: Default::default() };
     let mut ids = Vec::new();
     for (i, key) in [Some("first"), None, None].into_iter().enumerate() {

@@ -88,13 +88,13 @@ fn acknowledged_events_survive_sigkill() {
     if std::env::var(CHILD_ENV).is_ok() {
         return;
     }
-    let dir = TempDir::new("crash");
+    let dir = temp_dir("crash");
     let exe = std::env::current_exe().unwrap();
     let mut acked = BTreeSet::new();
     for round in 0..ROUNDS {
         let mut child = Proc::new(&exe)
             .args(["--exact", "crash_child", "--nocapture", "--test-threads=1"])
-            .env(CHILD_ENV, &dir.0)
+            .env(CHILD_ENV, dir.path())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
@@ -121,7 +121,7 @@ fn acknowledged_events_survive_sigkill() {
         child.wait().unwrap();
         acked.extend(reader.join().unwrap());
 
-        let store = SledStore::open(StoreConfig::new(&dir.0)).expect("reopen after SIGKILL");
+        let store = SledStore::open(StoreConfig::new(dir.path())).expect("reopen after SIGKILL");
         let head = store.head_seq();
         let missing: Vec<_> = acked.iter().filter(|s| **s > head).collect();
         assert!(missing.is_empty(), "round {round}: acknowledged beyond head {head}: {missing:?}");

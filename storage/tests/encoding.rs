@@ -6,7 +6,7 @@ mod common;
 
 use atelier_engine::{Envelope, Event, EventKind};
 use atelier_storage::{check, codec, EventStore, SledStore, StoreConfig};
-use common::{one_of_each, TempDir};
+use common::{one_of_each, temp_dir};
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
@@ -71,8 +71,8 @@ fn fixture_path() -> std::path::PathBuf {
 #[test]
 fn recorded_history_replays_to_the_same_snapshots() {
     let text = std::fs::read_to_string(fixture_path()).expect("tests/fixtures/history-v1.jsonl");
-    let dir = TempDir::new("fixture");
-    let store = SledStore::open(StoreConfig::new(&dir.0)).unwrap();
+    let dir = temp_dir("fixture");
+    let store = SledStore::open(StoreConfig::new(dir.path())).unwrap();
     let n = check::import(&store, &mut text.as_bytes()).unwrap();
     assert!(n >= 20, "the fixture covers a full run, a retry and a cancel");
     let report = check::replay_check(&store).unwrap();

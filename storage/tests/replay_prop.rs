@@ -68,8 +68,8 @@ proptest! {
 
     #[test]
     fn live_state_equals_replay_across_restarts(ops in proptest::collection::vec(op(), 1..60)) {
-        let dir = TempDir::new("prop");
-        let mut store: Arc<SledStore> = SledStore::open(StoreConfig::new(&dir.0)).unwrap();
+        let dir = temp_dir("prop");
+        let mut store: Arc<SledStore> = SledStore::open(StoreConfig::new(dir.path())).unwrap();
         let mut ids: Vec<u64> = Vec::new();
         let mut now = 1_000i64;
         let mut job_of: std::collections::HashMap<u64, u64> = Default::default();
@@ -122,7 +122,7 @@ proptest! {
                 Op::Restart => {
                     store.close();
                     drop(store);
-                    store = SledStore::open(StoreConfig::new(&dir.0)).unwrap();
+                    store = SledStore::open(StoreConfig::new(dir.path())).unwrap();
                     assert_replays(&store, &ids)?;
                 }
             }

@@ -15,13 +15,13 @@ use atelier_storage::{
 use common::*;
 
 fn open(dir: &TempDir) -> Arc<SledStore> {
-    SledStore::open(StoreConfig::new(&dir.0)).expect("open store")
+    SledStore::open(StoreConfig::new(dir.path())).expect("open store")
 }
 
 /// A fresh store with one of alice's commissions, a job id for it and the commands of that
 /// job's whole run.
 fn alice_and_a_full_run(name: &str) -> (TempDir, Arc<SledStore>, u64, u64, Vec<Command>) {
-    let dir = TempDir::new(name);
+    let dir = temp_dir(name);
     let store = open(&dir);
     let id = created(&store, "alice");
     let job = store.allocate_job_id().unwrap();
@@ -37,7 +37,7 @@ fn created(store: &SledStore, user: &str) -> u64 {
 
 #[test]
 fn full_run_is_projected_and_replays() {
-    let dir = TempDir::new("full");
+    let dir = temp_dir("full");
     let store = open(&dir);
     let id = created(&store, "alice");
     for (i, cmd) in full_run(store.allocate_job_id().unwrap()).into_iter().enumerate() {
@@ -57,7 +57,7 @@ fn full_run_is_projected_and_replays() {
 
 #[test]
 fn version_conflict_is_an_outcome_and_appends_nothing() {
-    let dir = TempDir::new("conflict");
+    let dir = temp_dir("conflict");
     let store = open(&dir);
     let id = created(&store, "alice");
     let head = store.head_seq();
@@ -75,7 +75,7 @@ fn version_conflict_is_an_outcome_and_appends_nothing() {
 
 #[test]
 fn a_refused_event_in_a_batch_appends_none_of_it() {
-    let dir = TempDir::new("atomic");
+    let dir = temp_dir("atomic");
     let store = open(&dir);
     let id = created(&store, "alice");
     let head = store.head_seq();
@@ -95,7 +95,7 @@ fn a_refused_event_in_a_batch_appends_none_of_it() {
 
 #[test]
 fn idempotent_create_returns_the_first_commission_even_when_racing() {
-    let dir = TempDir::new("idem");
+    let dir = temp_dir("idem");
     let store = open(&dir);
     let handles: Vec<_> = (0..8)
         .map(|_| {
@@ -236,7 +236,7 @@ fn try_next_takes_only_what_is_ready() {
 /// every one of the user's events comes once, in order, with the view folded up to it.
 #[test]
 fn a_users_history_across_chunks_is_exact() {
-    let dir = TempDir::new("user-history");
+    let dir = temp_dir("user-history");
     let store = open(&dir);
     // Commissions started in a round robin, so that their events interleave in the log.
     let ids: Vec<u64> = (0..90).map(|i| created(&store, if i % 7 == 0 { "bob" } else { "alice" })).collect();
@@ -272,7 +272,7 @@ fn a_users_history_across_chunks_is_exact() {
 
 #[test]
 fn a_slow_subscriber_is_cut_off_and_never_blocks_the_writer() {
-    let dir = TempDir::new("slow");
+    let dir = temp_dir("slow");
     let store = open(&dir);
     let mut slow = store.subscribe(store.head_seq(), Filter::All).unwrap();
     // Register it (history is empty, so this returns on timeout after registering).
@@ -297,7 +297,7 @@ fn a_slow_subscriber_is_cut_off_and_never_blocks_the_writer() {
 
 #[test]
 fn listing_pages_newest_first_and_filters_by_state() {
-    let dir = TempDir::new("list");
+    let dir = temp_dir("list");
     let store = open(&dir);
     let ids: Vec<u64> = (0..5).map(|_| created(&store, "alice")).collect();
     created(&store, "bob");
@@ -320,10 +320,10 @@ fn listing_pages_newest_first_and_filters_by_state() {
 
 #[test]
 fn reopen_keeps_everything_and_a_second_opener_is_refused_by_name() {
-    let dir = TempDir::new("reopen");
+    let dir = temp_dir("reopen");
     let store = open(&dir);
     let id = created(&store, "alice");
-    match SledStore::open(StoreConfig::new(&dir.0)) {
+    match SledStore::open(StoreConfig::new(dir.path())) {
         Err(StorageError::Locked { holder, .. }) => {
             assert!(holder.contains(&format!("pid {}", std::process::id())), "{holder}")
         }
@@ -341,23 +341,23 @@ fn reopen_keeps_everything_and_a_second_opener_is_refused_by_name() {
 
 #[test]
 fn newer_schema_is_refused_with_a_clear_message() {
-    let dir = TempDir::new("schema");
+    let dir = temp_dir("schema");
     {
-        let db = sled::open(dir.0.join("sled")).unwrap();
+        let db = sled::open(dir.path().join("sled")).unwrap();
         db.open_tree(layout::PROJECTIONS_TREE)
             .unwrap()
             .insert(Projection::Meta.key(layout::META_SCHEMA), &99u64.to_be_bytes())
             .unwrap();
         db.flush().unwrap();
     }
-    let err = SledStore::open(StoreConfig::new(&dir.0)).map(|_| ()).unwrap_err();
+    let err = SledStore::open(StoreConfig::new(dir.path())).map(|_| ()).unwrap_err();
     assert!(matches!(err, StorageError::NewerSchema { found: 99, .. }), "{err}");
     assert!(err.to_string().contains("newer than this build supports"));
 }
 
 #[test]
 fn flipped_bytes_are_reported_as_corruption_with_the_seq() {
-    let dir = TempDir::new("corrupt");
+    let dir = temp_dir("corrupt");
     let store = open(&dir);
     let id = created(&store, "alice");
     execute(&*store, id, Command::RequestCancel, &ctx(2)).unwrap().unwrap();
@@ -380,7 +380,7 @@ fn flipped_bytes_are_reported_as_corruption_with_the_seq() {
 /// Changes the stored bytes of the record `seq` through sled itself: `f` gets the whole log
 /// value (a record or a block) and where the record lies in it.
 fn damage_record(dir: &TempDir, seq: u64, f: impl FnOnce(&mut Vec<u8>, std::ops::Range<usize>)) {
-    let db = sled::open(dir.0.join("sled")).unwrap();
+    let db = sled::open(dir.path().join("sled")).unwrap();
     let log = db.open_tree(layout::LOG_TREE).unwrap();
     let (k, v) = log.range(..=seq.to_be_bytes()).next_back().unwrap().unwrap();
     let first = u64::from_be_bytes(k.as_ref().try_into().unwrap());
@@ -393,7 +393,7 @@ fn damage_record(dir: &TempDir, seq: u64, f: impl FnOnce(&mut Vec<u8>, std::ops:
 
 /// Keys and first bytes of every log value.
 fn log_values(dir: &TempDir) -> Vec<(u64, u8)> {
-    let db = sled::open(dir.0.join("sled")).unwrap();
+    let db = sled::open(dir.path().join("sled")).unwrap();
     let log = db.open_tree(layout::LOG_TREE).unwrap();
     log.iter()
         .map(|i| i.unwrap())
@@ -403,7 +403,7 @@ fn log_values(dir: &TempDir) -> Vec<(u64, u8)> {
 
 #[test]
 fn concurrent_appends_share_log_blocks_and_read_back_exactly() {
-    let dir = TempDir::new("blocks");
+    let dir = temp_dir("blocks");
     let store = open(&dir);
     let threads: Vec<_> = (0..16)
         .map(|t| {
@@ -477,7 +477,7 @@ fn concurrent_appends_share_log_blocks_and_read_back_exactly() {
 
 #[test]
 fn a_hole_between_log_blocks_is_corruption_with_the_missing_seq() {
-    let dir = TempDir::new("hole");
+    let dir = temp_dir("hole");
     let store = open(&dir);
     for _ in 0..3 {
         created(&store, "alice");
@@ -485,7 +485,7 @@ fn a_hole_between_log_blocks_is_corruption_with_the_missing_seq() {
     store.close();
     drop(store);
     {
-        let db = sled::open(dir.0.join("sled")).unwrap();
+        let db = sled::open(dir.path().join("sled")).unwrap();
         db.open_tree(layout::LOG_TREE)
             .unwrap()
             .remove(2u64.to_be_bytes())
@@ -506,7 +506,7 @@ fn a_hole_between_log_blocks_is_corruption_with_the_missing_seq() {
 
 #[test]
 fn a_schema_1_data_dir_is_migrated_and_reads_the_same() {
-    let dir = TempDir::new("schema1");
+    let dir = temp_dir("schema1");
     let store = open(&dir);
     let id = created(&store, "alice");
     let job = store.allocate_job_id().unwrap();
@@ -528,7 +528,7 @@ fn a_schema_1_data_dir_is_migrated_and_reads_the_same() {
     // One appender, one event per append: every value is a bare record, as schema 1 wrote them.
     assert!(log_values(&dir).iter().all(|(_, v)| *v == atelier_storage::codec::FORMAT_VERSION));
     {
-        let db = sled::open(dir.0.join("sled")).unwrap();
+        let db = sled::open(dir.path().join("sled")).unwrap();
         let proj = db.open_tree(layout::PROJECTIONS_TREE).unwrap();
         proj.insert(Projection::Meta.key(layout::META_SCHEMA), &1u64.to_be_bytes()).unwrap();
         db.flush().unwrap();
@@ -538,7 +538,7 @@ fn a_schema_1_data_dir_is_migrated_and_reads_the_same() {
     assert!(check::replay_check(&store).unwrap().diff.is_empty());
     store.close();
     drop(store);
-    let db = sled::open(dir.0.join("sled")).unwrap();
+    let db = sled::open(dir.path().join("sled")).unwrap();
     let proj = db.open_tree(layout::PROJECTIONS_TREE).unwrap();
     let schema = proj.get(Projection::Meta.key(layout::META_SCHEMA)).unwrap().unwrap();
     assert_eq!(
@@ -549,20 +549,20 @@ fn a_schema_1_data_dir_is_migrated_and_reads_the_same() {
 
 #[test]
 fn a_truncated_tail_record_fails_open_with_its_seq() {
-    let dir = TempDir::new("trunc");
+    let dir = temp_dir("trunc");
     let store = open(&dir);
     created(&store, "alice");
     created(&store, "alice");
     store.close();
     drop(store);
     {
-        let db = sled::open(dir.0.join("sled")).unwrap();
+        let db = sled::open(dir.path().join("sled")).unwrap();
         let log = db.open_tree(layout::LOG_TREE).unwrap();
         let rec = log.get(2u64.to_be_bytes()).unwrap().unwrap().to_vec();
         log.insert(2u64.to_be_bytes(), &rec[..rec.len() / 2]).unwrap();
         db.flush().unwrap();
     }
-    match SledStore::open(StoreConfig::new(&dir.0)) {
+    match SledStore::open(StoreConfig::new(dir.path())) {
         Err(StorageError::Corruption { seq: 2, .. }) => {}
         other => panic!("expected corruption at 2, got {:?}", other.map(|_| ())),
     }
@@ -570,13 +570,13 @@ fn a_truncated_tail_record_fails_open_with_its_seq() {
 
 #[test]
 fn replay_check_reports_a_doctored_projection() {
-    let dir = TempDir::new("doctor");
+    let dir = temp_dir("doctor");
     let store = open(&dir);
     let id = created(&store, "alice");
     store.close();
     drop(store);
     {
-        let db = sled::open(dir.0.join("sled")).unwrap();
+        let db = sled::open(dir.path().join("sled")).unwrap();
         let removed =
             db.open_tree(layout::PROJECTIONS_TREE).unwrap().remove(Projection::Live.key_u64(id)).unwrap();
         assert!(removed.is_some(), "the live entry was where the layout says");
@@ -589,7 +589,7 @@ fn replay_check_reports_a_doctored_projection() {
 
 #[test]
 fn export_then_import_rebuilds_the_same_projections() {
-    let a = TempDir::new("export");
+    let a = temp_dir("export");
     let store = open(&a);
     let id = created(&store, "alice");
     for cmd in full_run(store.allocate_job_id().unwrap()) {
@@ -598,7 +598,7 @@ fn export_then_import_rebuilds_the_same_projections() {
     created(&store, "bob");
     let mut buf = Vec::new();
     let n = check::export(&store, &mut buf).unwrap();
-    let b = TempDir::new("import");
+    let b = temp_dir("import");
     let copy = open(&b);
     assert_eq!(check::import(&copy, &mut &buf[..]).unwrap(), n);
     assert_eq!(copy.commission(id).unwrap(), store.commission(id).unwrap());
@@ -606,7 +606,7 @@ fn export_then_import_rebuilds_the_same_projections() {
     // A second import into a non-empty dir is refused.
     assert!(matches!(check::import(&copy, &mut &buf[..]), Err(StorageError::Import { line: 0, .. })));
     // A damaged line is refused with its line number.
-    let c = TempDir::new("import-bad");
+    let c = temp_dir("import-bad");
     let fresh = open(&c);
     let text = String::from_utf8(buf).unwrap().replacen("\"version\":2", "\"version\":5", 1);
     match check::import(&fresh, &mut text.as_bytes()) {
@@ -619,7 +619,7 @@ fn export_then_import_rebuilds_the_same_projections() {
 /// in one atomic sled batch, and reads back like any other.
 #[test]
 fn a_group_commit_larger_than_a_block_spans_blocks() {
-    let a = TempDir::new("big-src");
+    let a = temp_dir("big-src");
     let store = open(&a);
     let mut ids = Vec::new();
     for i in 0..60 {
@@ -632,7 +632,7 @@ fn a_group_commit_larger_than_a_block_spans_blocks() {
     let mut buf = Vec::new();
     let n = check::export(&store, &mut buf).unwrap();
     assert!(n > atelier_storage::codec::BLOCK_RECORDS_MAX as u64, "{n} events");
-    let b = TempDir::new("big-dst");
+    let b = temp_dir("big-dst");
     let copy = open(&b);
     assert_eq!(check::import(&copy, &mut &buf[..]).unwrap(), n);
     copy.close();
@@ -650,7 +650,7 @@ fn a_group_commit_larger_than_a_block_spans_blocks() {
 
 #[test]
 fn retention_prunes_old_terminal_commissions_and_keeps_the_chain() {
-    let dir = TempDir::new("prune");
+    let dir = temp_dir("prune");
     let store = open(&dir);
     let old = created(&store, "alice");
     execute(&*store, old, Command::RequestCancel, &ctx(10)).unwrap().unwrap();
@@ -695,7 +695,7 @@ fn reads_span_written_and_write_back_projections() {
     // Snapshots and the by-commission index are written back: part of a commission's events
     // are in the projection tree, part only in memory. Reads must see one gap-free history,
     // and runs longer than INDEX_RUN_SEQS_MAX must split and read back in order.
-    let dir = TempDir::new("writeback");
+    let dir = temp_dir("writeback");
     let store = open(&dir);
     let id = created(&store, "alice");
     let job = store.allocate_job_id().unwrap();

@@ -27,8 +27,8 @@ fn percent(b: &Browser, css: &str) -> u64 {
 
 #[test]
 fn the_page_in_a_real_browser() {
-    let dir = TempDir::new("browser");
-    let mut s = Server::start(exe(), &dir.0, &[]);
+    let dir = temp_dir("browser");
+    let mut s = Server::start(exe(), dir.path(), &[]);
     let alice = token("alice", false);
     let base = format!("http://{}", s.addr);
     let b = Browser::start();
@@ -87,7 +87,7 @@ fn the_page_in_a_real_browser() {
         b.text("#connection-status").is_some_and(|t| t.contains("reconnecting"))
     });
     shot(&b, "04-reconnecting");
-    s = Server::start_on(exe(), &dir.0, &[], &addr);
+    s = Server::start_on(exe(), dir.path(), &[], &addr);
     b.wait_until("caught up and completed after the restart", Duration::from_secs(60), |b| {
         b.attr("#state", "data-state").as_deref() == Some("completed")
     });

@@ -75,15 +75,14 @@ fn usage_errors_suggest_and_exit_2() {
 
 #[test]
 fn runtime_errors_print_their_causes() {
-    let dir = std::env::temp_dir().join(format!("atelier-cli-help-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let missing = dir.join("missing.toml");
+    let dir = atelier_tests::temp_dir("cli-help");
+    let missing = dir.path().join("missing.toml");
     let text = run(&["replay", "--check", "--config", missing.to_str().unwrap()]);
     assert!(text.starts_with("exit: Some(2)"), "{text}");
     assert!(text.contains(&format!("atelier: cannot read {}\n  caused by: ", missing.display())), "{text}");
     // A bad value names the variable it came from, whichever command reads it.
     let out = Command::new(exe())
-        .args(["export", "--data-dir", dir.join("data").to_str().unwrap()])
+        .args(["export", "--data-dir", dir.path().join("data").to_str().unwrap()])
         .env("ATELIER_DURABILITY", "often")
         .output()
         .expect("run atelier");
@@ -92,5 +91,4 @@ fn runtime_errors_print_their_causes() {
         String::from_utf8_lossy(&out.stderr),
         "atelier: setting 'ATELIER_DURABILITY': 'often' is not sync or periodic\n"
     );
-    std::fs::remove_dir_all(&dir).unwrap();
 }

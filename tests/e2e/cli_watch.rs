@@ -22,8 +22,8 @@ fn cli(s_addr: std::net::SocketAddr, token: &str, args: &[&str]) -> std::process
 
 #[test]
 fn submit_watch_status_list_and_exit_codes() {
-    let dir = TempDir::new("cli-watch");
-    let s = Server::start(exe(), &dir.0, &[]);
+    let dir = temp_dir("cli-watch");
+    let s = Server::start(exe(), dir.path(), &[]);
     let alice = token("alice", false);
     let out = cli(s.addr, &alice, &["submit", "--context", r#"{"title":"Cats","text":"meow"}"#]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -81,8 +81,8 @@ fn submit_watch_status_list_and_exit_codes() {
 
 #[test]
 fn watch_reconnects_across_a_server_restart() {
-    let dir = TempDir::new("cli-restart");
-    let s = Server::start(exe(), &dir.0, &[]);
+    let dir = temp_dir("cli-restart");
+    let s = Server::start(exe(), dir.path(), &[]);
     let alice = token("alice", false);
     // Scheduled two seconds ahead: it is still queued while the server restarts.
     let at = atelier_engine::time::format_rfc3339_ms((now_s() + 3) * 1000);
@@ -101,7 +101,7 @@ fn watch_reconnects_across_a_server_restart() {
     let addr = s.addr.to_string();
     s.kill();
     std::thread::sleep(Duration::from_millis(700));
-    let s = Server::start_on(exe(), &dir.0, &[], &addr);
+    let s = Server::start_on(exe(), dir.path(), &[], &addr);
     let out = child.wait_with_output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(0), "{text}");

@@ -10,7 +10,7 @@ fn exe() -> &'static Path {
 }
 
 fn server(dir: &TempDir) -> Server {
-    Server::start(exe(), &dir.0, &[])
+    Server::start(exe(), dir.path(), &[])
 }
 
 /// A commission that stays queued: scheduled far in the future, so no executor takes it.
@@ -20,7 +20,7 @@ fn noop(title: &str) -> Value {
 
 #[test]
 fn create_get_list_cancel_retry() {
-    let dir = TempDir::new("api");
+    let dir = temp_dir("api");
     let s = server(&dir);
     let alice = token("alice", false);
     let created = s.create(&alice, json!({"context": {"title": "A mug"}, "pipeline": "noop", "priority": 3, "max_attempts": 2, "scheduled_for": "2099-01-01T00:00:00Z"}));
@@ -71,7 +71,7 @@ fn create_get_list_cancel_retry() {
 
 #[test]
 fn auth_matrix() {
-    let dir = TempDir::new("auth");
+    let dir = temp_dir("auth");
     let s = server(&dir);
     let (alice, bob, admin) = (token("alice", false), token("bob", false), token("root", true));
     let id = s.create(&alice, noop("mine"))["task_id"].as_u64().unwrap();
@@ -126,7 +126,7 @@ fn auth_matrix() {
 
 #[test]
 fn bad_input_gets_a_clear_error_and_appends_nothing() {
-    let dir = TempDir::new("errors");
+    let dir = temp_dir("errors");
     let s = server(&dir);
     let alice = token("alice", false);
     let admin = token("root", true);
@@ -219,7 +219,7 @@ fn bad_input_gets_a_clear_error_and_appends_nothing() {
 
 #[test]
 fn health_metrics_and_openapi() {
-    let dir = TempDir::new("ops");
+    let dir = temp_dir("ops");
     let s = server(&dir);
     assert_eq!(s.get("/healthz", None).json(), json!({"status": "ok"}));
     let admin = token("root", true);
@@ -258,7 +258,7 @@ fn health_metrics_and_openapi() {
 
 #[test]
 fn page_sign_in_sets_an_httponly_cookie() {
-    let dir = TempDir::new("page");
+    let dir = temp_dir("page");
     let s = server(&dir);
     let alice = token("alice", false);
     let r = s.get(&format!("/?token={alice}"), None);
@@ -278,11 +278,11 @@ fn page_sign_in_sets_an_httponly_cookie() {
 
 #[test]
 fn second_server_on_the_same_data_dir_is_refused_by_name() {
-    let dir = TempDir::new("lock");
+    let dir = temp_dir("lock");
     let s = server(&dir);
     let out = std::process::Command::new(exe())
         .args(["serve"])
-        .env("ATELIER_DATA_DIR", &dir.0)
+        .env("ATELIER_DATA_DIR", dir.path())
         .env("ATELIER_LISTEN", "127.0.0.1:0")
         .output()
         .unwrap();
@@ -293,7 +293,7 @@ fn second_server_on_the_same_data_dir_is_refused_by_name() {
 
 #[test]
 fn cli_replay_check_export_import_and_bad_flags() {
-    let dir = TempDir::new("cli");
+    let dir = temp_dir("cli");
     {
         let s = server(&dir);
         let alice = token("alice", false);
@@ -302,7 +302,7 @@ fn cli_replay_check_export_import_and_bad_flags() {
         assert!(s.stop().success(), "graceful stop exits 0");
     }
     let run = |args: &[&str]| {
-        std::process::Command::new(exe()).args(args).env("ATELIER_DATA_DIR", &dir.0).output().unwrap()
+        std::process::Command::new(exe()).args(args).env("ATELIER_DATA_DIR", dir.path()).output().unwrap()
     };
     let check = run(&["replay", "--check"]);
     assert!(check.status.success(), "{}", String::from_utf8_lossy(&check.stdout));
@@ -310,10 +310,10 @@ fn cli_replay_check_export_import_and_bad_flags() {
     let export = run(&["export"]);
     assert!(export.status.success());
     assert_eq!(String::from_utf8_lossy(&export.stdout).lines().count(), 3);
-    let copy = TempDir::new("cli-import");
-    let file = copy.0.join("log.jsonl");
+    let copy = temp_dir("cli-import");
+    let file = copy.path().join("log.jsonl");
     std::fs::write(&file, &export.stdout).unwrap();
-    let target = copy.0.join("data");
+    let target = copy.path().join("data");
     let import = std::process::Command::new(exe())
         .args(["import", file.to_str().unwrap()])
         .env("ATELIER_DATA_DIR", &target)
@@ -330,8 +330,8 @@ fn cli_replay_check_export_import_and_bad_flags() {
 
 #[test]
 fn a_request_whose_headers_never_finish_is_closed() {
-    let dir = TempDir::new("slowloris");
-    let s = Server::start(exe(), &dir.0, &[("ATELIER_HEADER_TIMEOUT_MS", "400")]);
+    let dir = temp_dir("slowloris");
+    let s = Server::start(exe(), dir.path(), &[("ATELIER_HEADER_TIMEOUT_MS", "400")]);
     let mut c = std::net::TcpStream::connect(s.addr).unwrap();
     use std::io::{Read, Write};
     c.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n").unwrap();
@@ -355,8 +355,8 @@ fn a_request_whose_headers_never_finish_is_closed() {
 #[test]
 fn a_low_descriptor_limit_caps_connections_and_the_server_keeps_serving() {
     use std::io::Read;
-    let dir = TempDir::new("emfile");
-    let s = Server::start_with_fd_limit(exe(), &dir.0, &[("ATELIER_HEADER_TIMEOUT_MS", "1000")], 96);
+    let dir = temp_dir("emfile");
+    let s = Server::start_with_fd_limit(exe(), dir.path(), &[("ATELIER_HEADER_TIMEOUT_MS", "1000")], 96);
     let admin = token("root", true);
     // Hold many idle connections: far more than the descriptors allow.
     let held: Vec<std::net::TcpStream> =
@@ -381,8 +381,8 @@ fn a_low_descriptor_limit_caps_connections_and_the_server_keeps_serving() {
 
 #[test]
 fn a_misspelt_setting_stops_the_start_with_its_name() {
-    let dir = TempDir::new("http-bad-config");
-    let config = dir.0.join("atelier.toml");
+    let dir = temp_dir("http-bad-config");
+    let config = dir.path().join("atelier.toml");
     let serve_with = |text: &str| -> String {
         std::fs::write(&config, text).unwrap();
         let out = std::process::Command::new(exe())
@@ -391,7 +391,7 @@ fn a_misspelt_setting_stops_the_start_with_its_name() {
                 "--config",
                 config.to_str().unwrap(),
                 "--data-dir",
-                dir.0.join("data").to_str().unwrap(),
+                dir.path().join("data").to_str().unwrap(),
             ])
             .output()
             .unwrap();

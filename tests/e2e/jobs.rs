@@ -20,8 +20,8 @@ fn alive(pid: u64) -> bool {
 
 #[test]
 fn sigkill_the_server_with_jobs_running() {
-    let dir = TempDir::new("jobs-crash");
-    let s = Server::start(exe(), &dir.0, &[("MAX_CONCURRENT_JOBS", "3")]);
+    let dir = temp_dir("jobs-crash");
+    let s = Server::start(exe(), dir.path(), &[("MAX_CONCURRENT_JOBS", "3")]);
     let alice = token("alice", false);
     let ids: Vec<u64> = (0..5)
         .map(|i| {
@@ -63,7 +63,7 @@ fn sigkill_the_server_with_jobs_running() {
     let gone = wait_for(Duration::from_secs(5), || pids.iter().all(|p| !alive(*p)).then_some(()));
     assert!(gone.is_some(), "no worker outlives the server (PDEATHSIG): {pids:?}");
 
-    let s = Server::start_on(exe(), &dir.0, &[("MAX_CONCURRENT_JOBS", "3")], &addr);
+    let s = Server::start_on(exe(), dir.path(), &[("MAX_CONCURRENT_JOBS", "3")], &addr);
     let done = wait_for(Duration::from_secs(60), || {
         let states: Vec<String> = ids
             .iter()
@@ -90,7 +90,7 @@ fn sigkill_the_server_with_jobs_running() {
     assert_eq!(restarted, 3, "the three interrupted jobs are recorded as such");
     let check = std::process::Command::new(exe())
         .args(["replay", "--check"])
-        .env("ATELIER_DATA_DIR", &dir.0)
+        .env("ATELIER_DATA_DIR", dir.path())
         .output()
         .unwrap();
     assert_eq!(check.status.code(), Some(2), "the running server holds the data dir lock");
@@ -99,7 +99,7 @@ fn sigkill_the_server_with_jobs_running() {
     assert!(stopped.success());
     let check = std::process::Command::new(exe())
         .args(["replay", "--check"])
-        .env("ATELIER_DATA_DIR", &dir.0)
+        .env("ATELIER_DATA_DIR", dir.path())
         .output()
         .unwrap();
     assert!(check.status.success(), "{}", String::from_utf8_lossy(&check.stdout));
@@ -107,10 +107,11 @@ fn sigkill_the_server_with_jobs_running() {
 
 #[test]
 fn the_worker_program_is_checked_before_it_runs_jobs() {
-    let dir = TempDir::new("jobs-worker-program");
+    let dir = temp_dir("jobs-worker-program");
     let alice = token("alice", false);
     // The server binary's own worker mode, named explicitly: jobs run and complete.
-    let s = Server::start(exe(), &dir.0.join("own"), &[("ATELIER_WORKER_PROGRAM", exe().to_str().unwrap())]);
+    let s =
+        Server::start(exe(), &dir.path().join("own"), &[("ATELIER_WORKER_PROGRAM", exe().to_str().unwrap())]);
     let id = s.create(&alice, json!({"context": {"title": "own"}, "pipeline": "commission"}))["task_id"]
         .as_u64()
         .unwrap();
@@ -125,12 +126,12 @@ fn the_worker_program_is_checked_before_it_runs_jobs() {
     assert!(s.stop().success());
 
     // A worker program built from other sources is refused at start, with the reason.
-    let stale = dir.0.join("atelier-worker");
+    let stale = dir.path().join("atelier-worker");
     std::fs::write(&stale, "#!/bin/sh\necho 0.0.0+0000000000000000\n").unwrap();
     std::fs::set_permissions(&stale, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     let out = std::process::Command::new(exe())
         .arg("serve")
-        .env("ATELIER_DATA_DIR", dir.0.join("stale"))
+        .env("ATELIER_DATA_DIR", dir.path().join("stale"))
         .env("ATELIER_LISTEN", "127.0.0.1:0")
         .env("ATELIER_WORKER_PROGRAM", &stale)
         .output()
@@ -145,13 +146,13 @@ fn the_worker_program_is_checked_before_it_runs_jobs() {
 
 #[test]
 fn every_line_about_a_job_carries_its_commission_and_job() {
-    let dir = TempDir::new("jobs-spans");
+    let dir = temp_dir("jobs-spans");
     let alice = token("alice", false);
     for (executor, use_controller) in [("job_controller", "true"), ("task_runner", "false")] {
-        let log = dir.0.join(format!("{executor}.log"));
+        let log = dir.path().join(format!("{executor}.log"));
         let env =
             [("RUST_LOG", "info"), ("ATELIER_LOG_FORMAT", "json"), ("USE_JOB_CONTROLLER", use_controller)];
-        let s = Server::start_logging_to(exe(), &dir.0.join(executor), &env, &log);
+        let s = Server::start_logging_to(exe(), &dir.path().join(executor), &env, &log);
         let id = s.create(&alice, json!({"context": {"title": "spans"}, "pipeline": "commission"}))
             ["task_id"]
             .as_u64()
@@ -206,12 +207,12 @@ command = ["/nonexistent/worker"]
 
 #[test]
 fn workers_that_end_badly_leave_no_descriptor_in_the_server() {
-    let dir = TempDir::new("jobs-fds");
-    let config = dir.0.join("atelier.toml");
+    let dir = temp_dir("jobs-fds");
+    let config = dir.path().join("atelier.toml");
     std::fs::write(&config, FAULTY).unwrap();
     let s = Server::start(
         exe(),
-        &dir.0.join("data"),
+        &dir.path().join("data"),
         &[("ATELIER_CONFIG", config.to_str().unwrap()), ("MAX_CONCURRENT_JOBS", "4")],
     );
     let alice = token("alice", false);
@@ -269,8 +270,8 @@ fn workers_that_end_badly_leave_no_descriptor_in_the_server() {
 
 #[test]
 fn job_records_and_logs_over_http() {
-    let dir = TempDir::new("jobs-http");
-    let s = Server::start(exe(), &dir.0, &[]);
+    let dir = temp_dir("jobs-http");
+    let s = Server::start(exe(), dir.path(), &[]);
     let alice = token("alice", false);
     let id = s.create(&alice, json!({"context": {"title": "t"}, "pipeline": "commission"}))["task_id"]
         .as_u64()
@@ -309,7 +310,7 @@ fn job_records_and_logs_over_http() {
     assert!(logs.json().get("stderr").is_some());
     assert_eq!(s.get(&format!("/api/jobs/{jid}/status"), Some(&token("bob", false))).status, 404);
     assert!(
-        dir.0.join("jobs").join(jid.to_string()).join("image.png").is_file(),
+        dir.path().join("jobs").join(jid.to_string()).join("image.png").is_file(),
         "the rendered image is in the job's dir"
     );
     // A job that puts nothing in its dir never gets one, and its logs are empty, not gone
@@ -321,7 +322,7 @@ fn job_records_and_logs_over_http() {
         (j["status"] == "succeeded").then(|| j["job_id"].as_u64().unwrap())
     })
     .expect("the noop job succeeds");
-    assert!(!dir.0.join("jobs").join(qjob.to_string()).exists(), "no dir for a job that wrote nothing");
+    assert!(!dir.path().join("jobs").join(qjob.to_string()).exists(), "no dir for a job that wrote nothing");
     let logs = s.get(&format!("/api/jobs/{qjob}/logs"), Some(&alice));
     assert_eq!(
         (logs.status, logs.json()["stdout"].as_str(), logs.json()["stderr"].as_str()),
@@ -340,9 +341,9 @@ fn job_records_and_logs_over_http() {
 /// `POST /api/jobs/create` on a commission waiting on its backoff runs it now.
 #[test]
 fn creating_a_job_for_a_commission_in_backoff_runs_it_now() {
-    let dir = TempDir::new("jobs-now");
+    let dir = temp_dir("jobs-now");
     // A day of backoff: without the request, the second attempt would not start in this test.
-    let s = Server::start(exe(), &dir.0, &[("RETRY_BASE_MS", "86400000"), ("RETRY_CAP_MS", "86400000")]);
+    let s = Server::start(exe(), dir.path(), &[("RETRY_BASE_MS", "86400000"), ("RETRY_CAP_MS", "86400000")]);
     let admin = token("root", true);
     let alice = token("alice", false);
     let id = s
@@ -375,11 +376,11 @@ fn creating_a_job_for_a_commission_in_backoff_runs_it_now() {
 /// reaps it once the job is over.
 #[test]
 fn a_process_that_leaves_its_jobs_group_is_ended_after_the_job() {
-    let dir = TempDir::new("jobs-escape");
+    let dir = temp_dir("jobs-escape");
     // The worker starts a process that calls setsid() and then sleeps for five minutes; the
     // worker waits until it has left the group (it writes its pid only then), reports its
     // stages and a result, and exits 0.
-    let config = dir.0.join("atelier.toml");
+    let config = dir.path().join("atelier.toml");
     std::fs::write(
         &config,
         r#"
@@ -390,7 +391,7 @@ env = { PATH = "/usr/bin:/bin" }
     )
     .unwrap();
     let config = config.display().to_string();
-    let s = Server::start(exe(), &dir.0, &[("ATELIER_CONFIG", &config)]);
+    let s = Server::start(exe(), dir.path(), &[("ATELIER_CONFIG", &config)]);
     let alice = token("alice", false);
     let id = s.create(&alice, json!({"context": {}, "pipeline": "escape"}))["task_id"].as_u64().unwrap();
     let jid = wait_for(Duration::from_secs(20), || {
@@ -399,7 +400,7 @@ env = { PATH = "/usr/bin:/bin" }
         (j["status"] == "succeeded").then_some(j["job_id"].as_u64().unwrap())
     })
     .expect("the job succeeds");
-    let pid: u64 = std::fs::read_to_string(dir.0.join("jobs").join(jid.to_string()).join("escapee.pid"))
+    let pid: u64 = std::fs::read_to_string(dir.path().join("jobs").join(jid.to_string()).join("escapee.pid"))
         .unwrap()
         .trim()
         .parse()

@@ -22,8 +22,8 @@ fn queued() -> Value {
 
 /// A fresh server, alice's token, and one queued commission of hers (the tests end it).
 fn alice_with_a_queued_commission(name: &str) -> (TempDir, Server, String, u64) {
-    let dir = TempDir::new(name);
-    let s = Server::start(exe(), &dir.0, &[]);
+    let dir = temp_dir(name);
+    let s = Server::start(exe(), dir.path(), &[]);
     let alice = token("alice", false);
     let id = s.create(&alice, queued())["task_id"].as_u64().unwrap();
     (dir, s, alice, id)
@@ -116,10 +116,10 @@ fn a_keep_alive_client_gets_a_chunked_stream_and_keeps_its_connection() {
 /// checks the ids against the log: strictly increasing, nothing missing, nothing twice.
 #[test]
 fn resume_across_disconnect_and_restart_without_gap_or_duplicate() {
-    let dir = TempDir::new("sse-resume");
+    let dir = temp_dir("sse-resume");
     let alice = token("alice", false);
     let admin = token("root", true);
-    let mut s = Server::start(exe(), &dir.0, &[]);
+    let mut s = Server::start(exe(), dir.path(), &[]);
     for _ in 0..10 {
         s.create(&alice, noop());
     }
@@ -140,7 +140,7 @@ fn resume_across_disconnect_and_restart_without_gap_or_duplicate() {
     // Crash the server, restart it on the same data, and resume again.
     let addr = s.addr.to_string();
     s.kill();
-    s = Server::start_on(exe(), &dir.0, &[], &addr);
+    s = Server::start_on(exe(), dir.path(), &[], &addr);
     for _ in 0..3 {
         s.create(&alice, noop());
     }
@@ -166,8 +166,8 @@ fn resume_across_disconnect_and_restart_without_gap_or_duplicate() {
 
 #[test]
 fn a_client_that_never_reads_is_dropped_and_others_keep_receiving() {
-    let dir = TempDir::new("sse-slow");
-    let s = Server::start(exe(), &dir.0, &[]);
+    let dir = temp_dir("sse-slow");
+    let s = Server::start(exe(), dir.path(), &[]);
     let admin = token("root", true);
     // A client that opens the firehose and never reads.
     let stalled = Sse::open(s.addr, "/api/events/stream", &admin, None);
@@ -203,9 +203,12 @@ fn a_client_that_never_reads_is_dropped_and_others_keep_receiving() {
 
 #[test]
 fn heartbeats_cap_and_graceful_shutdown() {
-    let dir = TempDir::new("sse-ops");
-    let s =
-        Server::start(exe(), &dir.0, &[("ATELIER_HEARTBEAT_MS", "200"), ("ATELIER_MAX_CONNECTIONS", "2")]);
+    let dir = temp_dir("sse-ops");
+    let s = Server::start(
+        exe(),
+        dir.path(),
+        &[("ATELIER_HEARTBEAT_MS", "200"), ("ATELIER_MAX_CONNECTIONS", "2")],
+    );
     let admin = token("root", true);
     // A raw read of an idle stream: heartbeat comments keep it alive.
     let mut raw = std::net::TcpStream::connect(s.addr).unwrap();
@@ -240,8 +243,8 @@ fn heartbeats_cap_and_graceful_shutdown() {
 /// streams opened at once on a fresh server, 17 waited until the header timeout closed them.
 #[test]
 fn many_streams_opened_at_once_are_all_served() {
-    let dir = TempDir::new("sse-open-burst");
-    let s = Server::start(exe(), &dir.0, &[]);
+    let dir = temp_dir("sse-open-burst");
+    let s = Server::start(exe(), dir.path(), &[]);
     let requests: Vec<(String, String)> = (0..40)
         .map(|i| (format!("/api/commissions/user/u{i}/stream"), token(&format!("u{i}"), false)))
         .collect();

@@ -17,6 +17,8 @@ pub struct Browser {
     driver: Child,
     addr: SocketAddr,
     session: String,
+    /// Chromium's profile; dropped after the session and the driver have ended.
+    _profile: crate::TempDir,
 }
 
 fn free_port() -> u16 {
@@ -39,7 +41,7 @@ impl Browser {
             (r.status == 200).then_some(())
         });
         assert!(ready.is_some(), "chromedriver did not start");
-        let profile = std::env::temp_dir().join(format!("atelier-chromium-{}-{port}", std::process::id()));
+        let profile = crate::temp_dir("chromium");
         let caps = json!({"capabilities": {"alwaysMatch": {
             "browserName": "chrome",
             "goog:loggingPrefs": {"browser": "ALL"},
@@ -48,10 +50,10 @@ impl Browser {
                 "args": ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                          "--disable-background-networking", "--disable-component-update", "--disable-sync",
                          "--disable-dev-shm-usage", "--window-size=1280,900",
-                         format!("--user-data-dir={}", profile.display())],
+                         format!("--user-data-dir={}", profile.path().display())],
             },
         }}});
-        let mut b = Browser { driver, addr, session: String::new() };
+        let mut b = Browser { driver, addr, session: String::new(), _profile: profile };
         let v = b.call("POST", "/session", Some(caps));
         b.session = v["sessionId"].as_str().unwrap_or_else(|| panic!("no session: {v}")).to_string();
         b

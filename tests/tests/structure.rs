@@ -359,23 +359,23 @@ fn the_checks_see_what_they_look_for() {
     let short = "fn small() { let c = '{'; let r = r#\"{{\"#; }\n// fn not_code() {\n";
     assert!(long_functions(Path::new("x.rs"), short).is_empty());
 
-    let dir = std::env::temp_dir().join(format!("atelier-tidy-{}", std::process::id()));
+    let scratch = atelier_tests::temp_dir("tidy");
+    let dir = scratch.path();
     std::fs::create_dir_all(dir.join("a")).unwrap();
     std::fs::write(dir.join("lib.rs"), "//! x\nmod a;\nmod b;\n").unwrap();
     std::fs::write(dir.join("a/mod.rs"), "//! x\nmod c;\nuse crate::{b::B, a::c::C};\n").unwrap();
     std::fs::write(dir.join("a/c.rs"), "//! x\npub struct C;\n").unwrap();
     std::fs::write(dir.join("b.rs"), "//! x\npub struct B;\nfn f() { crate::a::thing(); }\n").unwrap();
-    let rings = import_rings(&dir);
+    let rings = import_rings(dir);
     assert_eq!(rings.len(), 1, "{rings:?}");
     assert!(rings[0].contains("a/mod.rs") && rings[0].contains("b.rs"), "{rings:?}");
     std::fs::write(dir.join("b.rs"), "//! x\npub struct B;\n#[cfg(test)]\nmod t { use crate::a::X; }\n")
         .unwrap();
-    assert!(import_rings(&dir).is_empty(), "test modules do not count");
+    assert!(import_rings(dir).is_empty(), "test modules do not count");
     std::fs::write(dir.join("a/c.rs"), "//! x\nuse super::D;\n").unwrap();
-    let rings = import_rings(&dir);
+    let rings = import_rings(dir);
     assert!(
         rings.len() == 1 && rings[0].contains("c.rs"),
         "a child using its parent that uses it: {rings:?}"
     );
-    std::fs::remove_dir_all(&dir).unwrap();
 }

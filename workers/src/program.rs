@@ -203,11 +203,9 @@ mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;
 
-    fn dir(name: &str) -> PathBuf {
-        let d = std::env::temp_dir().join(format!("atelier-program-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(&d).unwrap();
-        d
+    /// A fresh dir to stand in for the server's own, removed when the guard drops.
+    fn dir(name: &str) -> tempfile::TempDir {
+        tempfile::Builder::new().prefix(&format!("atelier-program-{name}-")).tempdir().unwrap()
     }
 
     fn script(path: &Path, body: &str) {
@@ -218,7 +216,7 @@ mod tests {
     #[test]
     fn no_sibling_means_the_server_itself() {
         let d = dir("none");
-        let server = d.join("atelier");
+        let server = d.path().join("atelier");
         let chosen = choose_worker_program(&server, None).unwrap();
         assert_eq!(chosen, WorkerProgram { path: server, source: ProgramSource::Server });
     }
@@ -226,18 +224,18 @@ mod tests {
     #[test]
     fn a_sibling_with_the_same_interface_is_used() {
         let d = dir("same");
-        let sibling = d.join(WORKER_PROGRAM_NAME);
+        let sibling = d.path().join(WORKER_PROGRAM_NAME);
         script(&sibling, &format!("[ \"$1\" = __interface ] && echo '{INTERFACE}'"));
-        let chosen = choose_worker_program(&d.join("atelier"), None).unwrap();
+        let chosen = choose_worker_program(&d.path().join("atelier"), None).unwrap();
         assert_eq!(chosen, WorkerProgram { path: sibling, source: ProgramSource::Sibling });
     }
 
     #[test]
     fn a_stale_sibling_is_set_aside_with_the_reason() {
         let d = dir("stale");
-        let sibling = d.join(WORKER_PROGRAM_NAME);
+        let sibling = d.path().join(WORKER_PROGRAM_NAME);
         script(&sibling, "echo 0.0.1+0000000000000000");
-        let server = d.join("atelier");
+        let server = d.path().join("atelier");
         let chosen = choose_worker_program(&server, None).unwrap();
         assert_eq!(chosen.path, server);
         match chosen.source {
@@ -256,8 +254,8 @@ mod tests {
     #[test]
     fn a_sibling_that_fails_is_set_aside() {
         let d = dir("fails");
-        script(&d.join(WORKER_PROGRAM_NAME), "exit 3");
-        let chosen = choose_worker_program(&d.join("atelier"), None).unwrap();
+        script(&d.path().join(WORKER_PROGRAM_NAME), "exit 3");
+        let chosen = choose_worker_program(&d.path().join("atelier"), None).unwrap();
         match &chosen.source {
             ProgramSource::ServerInsteadOf { why: why @ ProgramError::Failed { status, .. }, .. } => {
                 assert_eq!(status.code(), Some(3), "{chosen:?}");
@@ -270,19 +268,19 @@ mod tests {
     #[test]
     fn a_configured_program_must_pass_the_check() {
         let d = dir("configured");
-        let good = d.join("good");
+        let good = d.path().join("good");
         script(&good, &format!("echo '{INTERFACE}'"));
-        let chosen = choose_worker_program(&d.join("atelier"), Some(good.clone())).unwrap();
+        let chosen = choose_worker_program(&d.path().join("atelier"), Some(good.clone())).unwrap();
         assert_eq!(chosen, WorkerProgram { path: good, source: ProgramSource::Configured });
 
-        let missing = d.join("missing");
-        let err = choose_worker_program(&d.join("atelier"), Some(missing)).unwrap_err();
+        let missing = d.path().join("missing");
+        let err = choose_worker_program(&d.path().join("atelier"), Some(missing)).unwrap_err();
         assert!(matches!(err, ProgramError::CannotRun { .. }), "{err:?}");
         assert!(err.to_string().contains("cannot start it"), "{err}");
 
-        let old = d.join("old");
+        let old = d.path().join("old");
         script(&old, "echo nope");
-        let err = choose_worker_program(&d.join("atelier"), Some(old)).unwrap_err();
+        let err = choose_worker_program(&d.path().join("atelier"), Some(old)).unwrap_err();
         assert!(err.to_string().contains("built from other sources"), "{err}");
     }
 

@@ -3,7 +3,6 @@
 //! concurrency, restart reconciliation, coalescing and rollback.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -12,30 +11,13 @@ use atelier_engine::{
 };
 use atelier_storage::{create, execute, Created, EventStore, SledStore, StoreConfig};
 use atelier_workers::{DataDir, Workers, WorkersConfig};
+use tempfile::TempDir;
 
 const EXE: &str = env!("CARGO_BIN_EXE_atelier-workerd");
 
-/// A directory under the system temp dir, removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> TempDir {
-        static N: AtomicU64 = AtomicU64::new(0);
-        let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
-        let dir = std::env::temp_dir().join(format!(
-            "atelier-workers-{name}-{}-{nanos}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::create_dir_all(&dir).expect("create temp dir");
-        TempDir(dir)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
+/// A fresh dir under the system temp dir, removed when the guard drops.
+fn temp_dir(name: &str) -> TempDir {
+    tempfile::Builder::new().prefix(&format!("atelier-workers-{name}-")).tempdir().expect("create temp dir")
 }
 
 struct Harness {
@@ -79,13 +61,13 @@ fn config(pipelines: &str, workers: &[(&str, &str)]) -> WorkersConfig {
 
 impl Harness {
     fn new(name: &str) -> Harness {
-        let dir = TempDir::new(name);
-        let store = SledStore::open(StoreConfig::new(dir.0.join("store"))).expect("open store");
+        let dir = temp_dir(name);
+        let store = SledStore::open(StoreConfig::new(dir.path().join("store"))).expect("open store");
         Harness { store, controller: None, dir }
     }
 
     fn data_dir(&self) -> PathBuf {
-        self.dir.0.join("data")
+        self.dir.path().join("data")
     }
 
     fn layout(&self) -> DataDir {
@@ -824,9 +806,9 @@ fn spawn_cost_does_not_grow_with_server_memory() {
 #[test]
 fn server_crash_kills_workers_and_restart_recovers() {
     use std::io::BufRead;
-    let dir = TempDir::new("crash");
+    let dir = temp_dir("crash");
     let mut server = std::process::Command::new(EXE)
-        .args(["__crash-test-server", &dir.0.display().to_string()])
+        .args(["__crash-test-server", &dir.path().display().to_string()])
         .stdout(std::process::Stdio::piped())
         .spawn()
         .expect("start the crash test server");
@@ -847,7 +829,7 @@ fn server_crash_kills_workers_and_restart_recovers() {
         std::thread::sleep(Duration::from_millis(20));
     }
     // Restart on the same data with a pipeline of the same name that does not hang.
-    let store = SledStore::open(StoreConfig::new(dir.0.join("store"))).expect("reopen store");
+    let store = SledStore::open(StoreConfig::new(dir.path().join("store"))).expect("reopen store");
     let mut h = Harness { store, controller: None, dir };
     let stages = "[pipelines.crashy]\nstages.generating_ideas = { builtin = \"noop\" }\nstages.creating_images = { builtin = \"noop\" }\nstages.uploading = { builtin = \"noop\" }\nstages.creating_products = { builtin = \"noop\" }\n";
     h.start(config(stages, &[]));

@@ -32,10 +32,9 @@ fn main() {
         .split(',')
         .map(|n| n.trim().parse().expect("--appenders: comma-separated counts"))
         .collect();
-    let base = std::path::PathBuf::from(arg(
-        "--dir",
-        &std::env::temp_dir().join("atelier-bench-log").display().to_string(),
-    ));
+    // Without --dir the run works in a fresh dir of its own, removed when `scratch` drops.
+    let scratch = tempfile::Builder::new().prefix("atelier-bench-log-").tempdir().expect("temp dir");
+    let base = std::path::PathBuf::from(arg("--dir", &scratch.path().display().to_string()));
     let _ = std::fs::remove_dir_all(&base);
 
     let raw = raw_sled_rate(&base.join("raw"), seconds);

@@ -27,7 +27,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use atelier_tests::{token, Server, TempDir};
+use atelier_tests::{temp_dir, token, Server, TempDir};
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
@@ -95,9 +95,9 @@ fn raise_fd_limit() -> u64 {
 }
 
 fn start_server(args: &Args) -> (Server, TempDir) {
-    let dir = TempDir::new("bench-sse");
+    let dir = temp_dir("bench-sse");
     let server =
-        Server::start(&args.exe, &dir.0, &[("ATELIER_MAX_CONNECTIONS", "20000"), ("RUST_LOG", "warn")]);
+        Server::start(&args.exe, dir.path(), &[("ATELIER_MAX_CONNECTIONS", "20000"), ("RUST_LOG", "warn")]);
     (server, dir)
 }
 

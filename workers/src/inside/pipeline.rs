@@ -605,6 +605,11 @@ fn relay(
 mod tests {
     use super::*;
 
+    /// A fresh dir for one run's job and artifacts, removed when the guard drops.
+    fn temp_dir(what: &str) -> tempfile::TempDir {
+        tempfile::Builder::new().prefix(&format!("atelier-{what}-")).tempdir().expect("temp dir")
+    }
+
     struct Collect(Vec<Message>);
     impl Reporter for Collect {
         fn send(&mut self, msg: Message) -> Result<(), Stop> {
@@ -632,9 +637,10 @@ mod tests {
 
     #[test]
     fn an_instant_run_reports_in_one_go_and_any_other_as_it_goes() {
+        let dir = temp_dir("pipeline-calls");
         let env = RunEnv {
-            job_dir: std::env::temp_dir(),
-            artifacts_dir: std::env::temp_dir(),
+            job_dir: dir.path().to_path_buf(),
+            artifacts_dir: dir.path().to_path_buf(),
             tick: Duration::from_millis(10),
         };
         let input = |context: Value| JobInput {
@@ -658,13 +664,10 @@ mod tests {
         run(&noop, &input(json!({"delay_ms": 20})), &env, &mut calls).expect("runs");
         assert!(calls.batches.is_empty() && calls.sends >= 5 + 4, "{:?} {}", calls.batches, calls.sends);
         // Nor is a pipeline with real steps.
-        let dir = std::env::temp_dir().join(format!("atelier-pipeline-calls-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("temp dir");
-        let env = RunEnv { job_dir: dir.clone(), artifacts_dir: dir.join("artifacts"), ..env };
+        let env = RunEnv { artifacts_dir: dir.path().join("artifacts"), ..env };
         let mut calls = Calls::default();
         run(&PipelineConfig::commission(), &input(json!({"title": "Fox"})), &env, &mut calls).expect("runs");
         assert!(calls.batches.is_empty() && calls.sends > 5);
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
@@ -678,11 +681,10 @@ mod tests {
 
     #[test]
     fn commission_pipeline_in_process() {
-        let dir = std::env::temp_dir().join(format!("atelier-pipeline-test-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("temp dir");
+        let dir = temp_dir("pipeline-test");
         let env = RunEnv {
-            job_dir: dir.clone(),
-            artifacts_dir: dir.join("artifacts"),
+            job_dir: dir.path().to_path_buf(),
+            artifacts_dir: dir.path().join("artifacts"),
             tick: Duration::from_millis(50),
         };
         let input = JobInput {
@@ -700,9 +702,8 @@ mod tests {
         }
         let Some(Message::Result { result }) = c.0.last() else { panic!("ends with a result") };
         let url = result["product"]["image_url"].as_str().expect("image url");
-        let file = dir.join("artifacts").join(url.trim_start_matches("/artifacts/"));
+        let file = dir.path().join("artifacts").join(url.trim_start_matches("/artifacts/"));
         let png = std::fs::read(&file).expect("artifact stored");
         assert_eq!(format!("/artifacts/{}.png", hex(&Sha256::digest(&png))), url);
-        let _ = std::fs::remove_dir_all(&dir);
     }
 }
