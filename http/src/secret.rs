@@ -76,8 +76,8 @@ mod tests {
 
     #[test]
     fn the_environment_wins_else_one_secret_is_made_and_kept_private() {
-        let dir = std::env::temp_dir().join(format!("atelier-secret-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
+        let scratch = tempfile::Builder::new().prefix("atelier-secret-").tempdir().unwrap();
+        let dir = scratch.path().join("data");
         assert_eq!(load_or_create(Some("s3cret"), &dir).unwrap(), b"s3cret");
         assert!(!dir.exists(), "a secret from the environment writes nothing");
         let made = load_or_create(Some(""), &dir).unwrap();
@@ -85,6 +85,5 @@ mod tests {
         assert_eq!(load_or_create(None, &dir).unwrap(), made, "kept across starts");
         let mode = std::fs::metadata(dir.join(SECRET_FILE)).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
