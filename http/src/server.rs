@@ -15,6 +15,7 @@ use crate::conn;
 use crate::executors::Executors;
 use crate::metrics::Metrics;
 use crate::pool::{self, Job, HANDLER_THREADS};
+use crate::slot::Slots;
 use crate::state::Shared;
 
 /// Listen backlog: Rust's default of 128 stalls reconnect storms for seconds.
@@ -88,7 +89,7 @@ impl Server {
             metrics: Metrics::default(),
             shutting_down: AtomicBool::new(false),
             streams: AtomicU64::new(0),
-            connections: AtomicU64::new(0),
+            slots: Slots::default(),
             accept_errors: AtomicU64::new(0),
             jobs: jobs_tx,
         });
