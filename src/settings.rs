@@ -113,7 +113,6 @@ impl ServerSettings {
             heartbeat_ms: num("heartbeat_ms", "ATELIER_HEARTBEAT_MS", atelier_http::HEARTBEAT_MS_DEFAULT)?,
             max_connections: usize::try_from(num(
                 "max_connections",
-                "max_connections_per_ip",
                 "ATELIER_MAX_CONNECTIONS",
                 connections_max_default,
             )?)
