@@ -65,7 +65,7 @@ pub(crate) fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
                 if shared.shutting_down.load(Ordering::SeqCst) {
                     return;
                 }
-                let slot = match Slot::take(&shared, peer.ip().to_canonical()) {
+                let slot = match Slot::take(&shared.slots, peer.ip().to_canonical()) {
                     Ok(slot) => slot,
                     Err(full) => {
                         refuse_over_capacity(&stream, full);
@@ -74,10 +74,14 @@ pub(crate) fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
                 };
                 // The slot moves into the thread and is given back when it is dropped: when
                 // `serve` returns or panics, or here with the closure if the thread never starts.
+                let conn_shared = shared.clone();
                 let spawned = std::thread::Builder::new()
                     .name("atelier-conn".into())
                     .stack_size(CONNECTION_STACK_BYTES)
-                    .spawn(move || serve(stream, &slot));
+                    .spawn(move || {
+                        let _slot = slot;
+                        serve(stream, &conn_shared);
+                    });
                 if let Err(e) = spawned {
                     tracing::warn!(error = %e, "could not start a connection thread; closed the connection");
                 }
@@ -185,8 +189,7 @@ impl Head {
 
 /// One connection: requests until the client closes, asks to close, stalls, or a stream
 /// takes the connection over.
-fn serve(stream: TcpStream, slot: &Slot) {
-    let shared = slot.shared();
+fn serve(stream: TcpStream, shared: &Arc<Shared>) {
     let _ = stream.set_nodelay(true);
     let _ = stream.set_write_timeout(Some(Duration::from_millis(SEND_TIMEOUT_MS)));
     let timeout = Duration::from_millis(shared.config.header_timeout_ms.max(1));

@@ -81,6 +81,7 @@ impl Server {
             listen(addr).map_err(|source| HttpError::Bind { addr: config.listen.clone(), source })?;
         let addr = listener.local_addr().map_err(HttpError::Start)?;
         let (jobs_tx, jobs_rx) = crossbeam_channel::unbounded::<Job>();
+        let slots = Arc::new(Slots::new(config.connections_max, config.connections_per_ip_max));
         let shared = Arc::new(Shared {
             store,
             keys,
@@ -89,7 +90,7 @@ impl Server {
             metrics: Metrics::default(),
             shutting_down: AtomicBool::new(false),
             streams: AtomicU64::new(0),
-            slots: Slots::default(),
+            slots,
             accept_errors: AtomicU64::new(0),
             jobs: jobs_tx,
         });

@@ -22,7 +22,7 @@ pub(crate) struct Shared {
     pub(crate) shutting_down: AtomicBool,
     pub(crate) streams: AtomicU64,
     /// Open connections, in total and per client address, taken by the accept loop.
-    pub(crate) slots: Slots,
+    pub(crate) slots: Arc<Slots>,
     /// Accept errors the accept loop recovered from (out of descriptors, say).
     pub(crate) accept_errors: AtomicU64,
     /// The handler pool's queue.

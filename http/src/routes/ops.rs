@@ -48,7 +48,7 @@ pub(super) fn metrics(call: &Call<'_>) -> Result<Reply, StorageError> {
     // baseline once clients are gone.
     extra.push_str(&format!(
         "# TYPE atelier_http_connections gauge\natelier_http_connections {}\n",
-        shared.slots.open.load(Ordering::SeqCst)
+        shared.slots.open()
     ));
     extra.push_str(&format!(
         "# TYPE atelier_http_accept_errors_total counter\natelier_http_accept_errors_total {}\n",
