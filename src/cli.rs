@@ -29,6 +29,7 @@ defaults):
     ATELIER_JOB_DIRS_KEEP_DAYS  remove finished jobs' dirs (and logs) after   7 (0 = keep)
     ATELIER_HEARTBEAT_MS      SSE heartbeat interval            15000
     ATELIER_MAX_CONNECTIONS   open connections, streams included 10000
+    ATELIER_MAX_CONNECTIONS_PER_IP  open connections from one address   256
     ATELIER_METRICS_PUBLIC    1 = /metrics without a token      0
     ATELIER_HEADER_TIMEOUT_MS close connections whose headers do not arrive in time   10000
     ATELIER_WORKER_PROGRAM    the program each job runs         atelier-worker next to this binary

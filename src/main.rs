@@ -293,6 +293,7 @@ fn serve(listen: Option<String>, store_args: StoreArgs) -> Result<ExitCode, CliE
     let mut http_config = HttpConfig::new(s.listen.clone(), s.data_dir.clone());
     http_config.heartbeat_ms = s.heartbeat_ms;
     http_config.connections_max = s.max_connections;
+    http_config.connections_per_ip_max = s.max_connections_per_ip;
     http_config.metrics_public = s.metrics_public;
     http_config.header_timeout_ms = s.header_timeout_ms;
     let dyn_store: Arc<dyn EventStore> = store.clone();

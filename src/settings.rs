@@ -20,6 +20,7 @@ const TOP_LEVEL_KEYS: &[&str] = &[
     "retention_days",
     "heartbeat_ms",
     "max_connections",
+    "max_connections_per_ip",
     "metrics_public",
     "header_timeout_ms",
     "worker_program",
@@ -43,6 +44,7 @@ pub struct ServerSettings {
     pub retention_days: Option<u64>,
     pub heartbeat_ms: u64,
     pub max_connections: usize,
+    pub max_connections_per_ip: usize,
     pub metrics_public: bool,
     pub header_timeout_ms: u64,
     /// The program each job runs; None: `atelier-worker` next to this binary, else this binary.
@@ -87,6 +89,8 @@ impl ServerSettings {
         };
         let connections_max_default =
             u64::try_from(atelier_http::CONNECTIONS_MAX_DEFAULT).expect("invariant: a small constant");
+        let connections_per_ip_max_default =
+            u64::try_from(atelier_http::CONNECTIONS_PER_IP_MAX_DEFAULT).expect("invariant: a small constant");
         Ok(ServerSettings {
             listen: flags
                 .listen
@@ -111,6 +115,12 @@ impl ServerSettings {
                 "max_connections",
                 "ATELIER_MAX_CONNECTIONS",
                 connections_max_default,
+            )?)
+            .unwrap_or(usize::MAX),
+            max_connections_per_ip: usize::try_from(num(
+                "max_connections_per_ip",
+                "ATELIER_MAX_CONNECTIONS_PER_IP",
+                connections_per_ip_max_default,
             )?)
             .unwrap_or(usize::MAX),
             metrics_public: text("metrics_public", "ATELIER_METRICS_PUBLIC")
@@ -188,6 +198,9 @@ mod tests {
             load("listen = \"1.2.3.4:5\"\nheartbeat_ms = 500\n", &[("ATELIER_HEARTBEAT_MS", "700")]).unwrap();
         assert_eq!((s.listen.as_str(), s.heartbeat_ms), ("1.2.3.4:5", 700));
         assert_eq!(s.header_timeout_ms, atelier_http::HEADER_TIMEOUT_MS_DEFAULT);
+        assert_eq!(s.max_connections_per_ip, atelier_http::CONNECTIONS_PER_IP_MAX_DEFAULT);
+        let s = load("max_connections_per_ip = 3\n", &[("ATELIER_MAX_CONNECTIONS_PER_IP", "9")]).unwrap();
+        assert_eq!(s.max_connections_per_ip, 9);
         let s = load("", &[("ATELIER_LISTEN", "")]).unwrap();
         assert_eq!(s.listen, LISTEN_DEFAULT, "an empty variable counts as unset");
     }

@@ -5,6 +5,12 @@ use std::path::PathBuf;
 
 /// Default cap on open connections (streams included); more are answered 503 and closed.
 pub const CONNECTIONS_MAX_DEFAULT: usize = 10_000;
+/// Default cap on open connections from one client address. A browser opens at most six
+/// connections to a host and a dashboard a few streams, so 256 serves dozens of users behind
+/// one NAT or proxy, while one address can hold at most a fortieth of the default total: a
+/// single misbehaving host cannot take every slot. Loopback gets no exemption (a local
+/// process can misbehave too); a server behind a local reverse proxy should raise it.
+pub const CONNECTIONS_PER_IP_MAX_DEFAULT: usize = 256;
 pub const HEARTBEAT_MS_DEFAULT: u64 = 15_000;
 /// A connection whose request (headers and body) does not arrive in this time is closed; an
 /// idle keep-alive connection too.
@@ -15,6 +21,7 @@ pub struct HttpConfig {
     pub listen: String,
     pub data_dir: PathBuf,
     pub connections_max: usize,
+    pub connections_per_ip_max: usize,
     pub heartbeat_ms: u64,
     pub metrics_public: bool,
     pub default_pipeline: String,
@@ -27,6 +34,7 @@ impl HttpConfig {
             listen: listen.into(),
             data_dir: data_dir.into(),
             connections_max: CONNECTIONS_MAX_DEFAULT,
+            connections_per_ip_max: CONNECTIONS_PER_IP_MAX_DEFAULT,
             heartbeat_ms: HEARTBEAT_MS_DEFAULT,
             metrics_public: false,
             default_pipeline: "commission".into(),

@@ -20,10 +20,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::dispatch::handle;
+use crate::framing::{self, BodyFraming, Refusal};
 use crate::pool::Job;
 use crate::render;
 use crate::reply::Reply;
 use crate::request::{percent_decode, Req};
+use crate::slot::{Full, Slot};
 use crate::sse::{self, Framing};
 use crate::state::Shared;
 
@@ -38,6 +40,12 @@ pub const SEND_TIMEOUT_MS: u64 = 10_000;
 pub const CONNECTION_STACK_BYTES: usize = 128 * 1024;
 /// Request line and headers together; more is answered 431.
 pub const HEAD_BYTES_MAX: usize = 16 * 1024;
+/// A chunk-size line (size and extensions); longer is refused with 400.
+const CHUNK_LINE_BYTES_MAX: usize = 1024;
+/// After a refusal, how long and how much of the rest of the request is read and dropped
+/// before the connection closes (see `linger_close`).
+const LINGER: Duration = Duration::from_millis(500);
+const LINGER_BYTES_MAX: usize = 256 * 1024;
 /// Read buffer per connection.
 const READ_BUFFER_BYTES: usize = 4096;
 /// Send timeout for the 503 answered to a connection beyond the cap (on the accept thread).
@@ -52,29 +60,29 @@ pub(crate) fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
     let mut failing = false;
     while !shared.shutting_down.load(Ordering::SeqCst) {
         match listener.accept() {
-            Ok((stream, _)) => {
+            Ok((stream, peer)) => {
                 failing = false;
                 if shared.shutting_down.load(Ordering::SeqCst) {
                     return;
                 }
-                let capacity = shared.config.connections_max as u64;
-                if shared.connections.fetch_add(1, Ordering::SeqCst) >= capacity {
-                    shared.connections.fetch_sub(1, Ordering::SeqCst);
-                    refuse_over_capacity(&stream, capacity);
-                    continue;
-                }
+                let slot = match Slot::take(&shared.slots, peer.ip().to_canonical()) {
+                    Ok(slot) => slot,
+                    Err(full) => {
+                        refuse_over_capacity(&stream, full);
+                        continue;
+                    }
+                };
+                // The slot moves into the thread and is given back when it is dropped: when
+                // `serve` returns or panics, or here with the closure if the thread never starts.
                 let conn_shared = shared.clone();
                 let spawned = std::thread::Builder::new()
                     .name("atelier-conn".into())
                     .stack_size(CONNECTION_STACK_BYTES)
                     .spawn(move || {
+                        let _slot = slot;
                         serve(stream, &conn_shared);
-                        conn_shared.connections.fetch_sub(1, Ordering::SeqCst);
                     });
                 if let Err(e) = spawned {
-                    // The socket was moved into the closure and is closed with it; the closure
-                    // never ran, so its slot is given back here.
-                    shared.connections.fetch_sub(1, Ordering::SeqCst);
                     tracing::warn!(error = %e, "could not start a connection thread; closed the connection");
                 }
             }
@@ -93,12 +101,15 @@ pub(crate) fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
     }
 }
 
-/// Answers a connection beyond the cap with 503 and closes it, without a thread: the write
+/// Answers a connection beyond a cap with 503 and closes it, without a thread: the write
 /// fits a fresh socket's buffer, and a short send timeout keeps the accept loop moving anyway.
-fn refuse_over_capacity(stream: &TcpStream, capacity: u64) {
+fn refuse_over_capacity(stream: &TcpStream, full: Full) {
     let _ = stream.set_write_timeout(Some(OVER_CAPACITY_SEND_TIMEOUT));
-    let body = render::error("over_capacity", &format!("{capacity} connections are open; try again shortly"))
-        .to_string();
+    let message = match full {
+        Full::Total(n) => format!("{n} connections are open; try again shortly"),
+        Full::PerIp(n) => format!("{n} connections are open from your address; try again shortly"),
+    };
+    let body = render::error("over_capacity", &message).to_string();
     let _ = write_response(
         stream,
         503,
@@ -203,6 +214,7 @@ fn serve(stream: TcpStream, shared: &Arc<Shared>) {
                     serde_json::to_vec(&render::error(code, &message)).expect("invariant: JSON serializes");
                 let _ =
                     write_response(&stream, status, "application/json", &body, &[], Close::Yes, Body::Send);
+                linger_close(&stream);
                 return;
             }
         };
@@ -274,7 +286,9 @@ fn to_req(head: Head, body: Vec<u8>) -> Req {
     }
 }
 
-/// Reads one request; `Ok(None)` when the client closed between requests.
+/// Reads one request; `Ok(None)` when the client closed between requests. The body's
+/// framing is decided from the head before any byte of it is read, and before any route or
+/// auth runs.
 fn read_request(reader: &mut impl BufRead, stream: impl Write) -> Result<Option<(Head, Vec<u8>)>, ReadError> {
     let mut budget = HEAD_BYTES_MAX;
     // A client may send blank lines before a request line (RFC 9112 §2.2).
@@ -285,15 +299,13 @@ fn read_request(reader: &mut impl BufRead, stream: impl Write) -> Result<Option<
             Some(l) => break l,
         }
     };
+    let not_a_request_line =
+        || ReadError::Refuse(400, "bad_request", "the request line is not METHOD TARGET HTTP/1.1".into());
     let mut parts = line.split(' ');
     let (Some(method), Some(target), Some(version), None) =
         (parts.next(), parts.next(), parts.next(), parts.next())
     else {
-        return Err(ReadError::Refuse(
-            400,
-            "bad_request",
-            "the request line is not METHOD TARGET HTTP/1.1".into(),
-        ));
+        return Err(not_a_request_line());
     };
     let http10 = match version {
         "HTTP/1.1" => false,
@@ -301,20 +313,16 @@ fn read_request(reader: &mut impl BufRead, stream: impl Write) -> Result<Option<
         v if v.starts_with("HTTP/") => {
             return Err(ReadError::Refuse(505, "http_version", format!("{v} is not served; use HTTP/1.1")))
         }
-        _ => {
-            return Err(ReadError::Refuse(
-                400,
-                "bad_request",
-                "the request line is not METHOD TARGET HTTP/1.1".into(),
-            ))
-        }
+        _ => return Err(not_a_request_line()),
     };
-    if method.is_empty() || !method.bytes().all(|b| b.is_ascii_alphabetic()) || !target.starts_with('/') {
-        return Err(ReadError::Refuse(
-            400,
-            "bad_request",
-            "the request line is not METHOD TARGET HTTP/1.1".into(),
-        ));
+    // Origin-form targets only, without control bytes (a NUL or a DEL in a path means
+    // something different to every layer that reads it).
+    if method.is_empty()
+        || !method.bytes().all(|b| b.is_ascii_alphabetic())
+        || !target.starts_with('/')
+        || target.bytes().any(|b| b.is_ascii_control())
+    {
+        return Err(not_a_request_line());
     }
     let mut headers = Vec::new();
     loop {
@@ -322,18 +330,43 @@ fn read_request(reader: &mut impl BufRead, stream: impl Write) -> Result<Option<
         if l.is_empty() {
             break;
         }
-        let Some((k, v)) = l.split_once(':') else {
-            return Err(ReadError::Refuse(
-                400,
-                "bad_request",
-                format!("a header line without a colon: '{}'", l.chars().take(80).collect::<String>()),
-            ));
-        };
-        headers.push((k.trim().to_string(), v.trim().to_string()));
+        headers.push(header_line(&l)?);
     }
+    let framing = framing::body_framing(&headers, BODY_BYTES_MAX)?;
     let head = Head { method: method.to_string(), target: target.to_string(), http10, headers };
-    let body = read_body(reader, stream, &head)?;
+    let body = read_body(reader, stream, &head, framing)?;
     Ok(Some((head, body)))
+}
+
+/// One header line as (name, value). The name must be a token right up to its colon (a space
+/// before the colon, or a line folded onto the previous one, reads differently in other
+/// parsers), and the value must hold no control bytes but tabs.
+fn header_line(l: &str) -> Result<(String, String), ReadError> {
+    let shown = || l.chars().take(80).filter(|c| !c.is_control()).collect::<String>();
+    let Some((k, v)) = l.split_once(':') else {
+        return Err(ReadError::Refuse(
+            400,
+            "bad_request",
+            format!("a header line without a colon: '{}'", shown()),
+        ));
+    };
+    if !framing::is_token(k) {
+        return Err(ReadError::Refuse(
+            400,
+            "bad_request",
+            format!("a header name that is not a token: '{}'", shown()),
+        ));
+    }
+    if v.bytes().any(|b| b.is_ascii_control() && b != b'\t') {
+        return Err(ReadError::Refuse(400, "bad_request", format!("a control byte in header '{k}'")));
+    }
+    Ok((k.to_string(), v.trim().to_string()))
+}
+
+impl From<Refusal> for ReadError {
+    fn from(r: Refusal) -> ReadError {
+        ReadError::Refuse(r.status, r.code, r.message)
+    }
 }
 
 /// One line without its CR LF; `None` at end of stream before any byte. Counts against the
@@ -363,70 +396,116 @@ fn read_line(reader: &mut impl BufRead, budget: &mut usize) -> Result<Option<Str
         .map_err(|_| ReadError::Refuse(400, "bad_request", "the request head is not UTF-8".into()))
 }
 
-fn too_large() -> ReadError {
-    ReadError::Refuse(413, "body_too_large", format!("the body is over {} bytes", BODY_BYTES_MAX))
-}
-
-/// `continue_to` gets the interim `100 Continue` a client may wait for before its body.
+/// `continue_to` gets the interim `100 Continue` a client may wait for before its body; it is
+/// sent only once the framing was accepted, so a refused body is never asked for.
 fn read_body(
     reader: &mut impl BufRead,
     mut continue_to: impl Write,
     head: &Head,
+    framing: BodyFraming,
 ) -> Result<Vec<u8>, ReadError> {
-    let chunked = match head.header("transfer-encoding") {
-        None => false,
-        Some(te) if te.to_ascii_lowercase().trim_end().ends_with("chunked") => true,
-        Some(te) => {
-            return Err(ReadError::Refuse(
-                400,
-                "bad_request",
-                format!("Transfer-Encoding '{te}' is not supported"),
-            ))
-        }
-    };
-    let length = match (chunked, head.header("content-length")) {
-        (true, _) | (false, None) => None,
-        (false, Some(v)) => Some(v.parse::<usize>().map_err(|_| {
-            ReadError::Refuse(400, "bad_request", format!("Content-Length '{v}' is not a number"))
-        })?),
-    };
-    if length.is_some_and(|n| n > BODY_BYTES_MAX) {
-        return Err(too_large());
-    }
-    if !chunked && length.unwrap_or(0) == 0 {
+    if framing == BodyFraming::None {
         return Ok(Vec::new());
     }
     if head.header("expect").is_some_and(|e| e.eq_ignore_ascii_case("100-continue")) {
         continue_to.write_all(b"HTTP/1.1 100 Continue\r\n\r\n")?;
     }
     let mut body = Vec::new();
-    match length {
-        Some(n) => {
-            body.resize(n, 0);
-            reader.read_exact(&mut body)?;
-        }
-        None => loop {
-            let mut budget = HEAD_BYTES_MAX;
-            let Some(size_line) = read_line(reader, &mut budget)? else { return Err(ReadError::Gone) };
-            let size_hex = size_line.split(';').next().unwrap_or("").trim();
-            let size = usize::from_str_radix(size_hex, 16)
-                .map_err(|_| ReadError::Refuse(400, "bad_request", "a bad chunk size".into()))?;
+    match framing {
+        BodyFraming::None => {}
+        BodyFraming::Length(n) => read_exactly(reader, &mut body, n)?,
+        BodyFraming::Chunked => loop {
+            let line = read_chunk_line(reader)?;
+            let size = framing::chunk_size(&line, body.len(), BODY_BYTES_MAX)?;
             if size == 0 {
-                // Trailers up to the blank line.
-                while read_line(reader, &mut budget)?.is_some_and(|l| !l.is_empty()) {}
+                read_trailers(reader)?;
                 break;
             }
-            if body.len() + size > BODY_BYTES_MAX {
-                return Err(too_large());
-            }
-            let start = body.len();
-            body.resize(start + size, 0);
-            reader.read_exact(&mut body[start..])?;
+            read_exactly(reader, &mut body, size)?;
             let mut crlf = [0u8; 2];
             reader.read_exact(&mut crlf)?;
+            if &crlf != b"\r\n" {
+                return Err(ReadError::Refuse(400, "bad_request", "a chunk is not followed by CR LF".into()));
+            }
         },
     }
     Ok(body)
+}
+
+/// Appends `n` bytes to `body`, growing it only by the bytes that have arrived: a declared
+/// length reserves nothing ahead of them.
+fn read_exactly(reader: &mut impl BufRead, body: &mut Vec<u8>, n: usize) -> Result<(), ReadError> {
+    let mut left = n;
+    while left > 0 {
+        let available = reader.fill_buf()?;
+        if available.is_empty() {
+            return Err(ReadError::Gone);
+        }
+        let take = available.len().min(left);
+        body.extend_from_slice(&available[..take]);
+        reader.consume(take);
+        left -= take;
+    }
+    Ok(())
+}
+
+/// A chunk-size or trailer line, without its CR LF, which must be there: a bare LF is read
+/// differently by other parsers.
+fn read_chunk_line(reader: &mut impl BufRead) -> Result<Vec<u8>, ReadError> {
+    let mut line = Vec::new();
+    reader.by_ref().take(CHUNK_LINE_BYTES_MAX as u64 + 2).read_until(b'\n', &mut line)?;
+    if !line.ends_with(b"\n") {
+        if line.len() > CHUNK_LINE_BYTES_MAX {
+            return Err(ReadError::Refuse(400, "bad_request", "a chunk line is too long".into()));
+        }
+        return Err(ReadError::Gone); // closed mid-line
+    }
+    if !line.ends_with(b"\r\n") {
+        return Err(ReadError::Refuse(400, "bad_request", "a chunk line does not end in CR LF".into()));
+    }
+    line.truncate(line.len() - 2);
+    Ok(line)
+}
+
+/// Reads and drops the trailer fields after the last chunk, up to the blank line, within the
+/// head's byte budget.
+fn read_trailers(reader: &mut impl BufRead) -> Result<(), ReadError> {
+    let mut budget = HEAD_BYTES_MAX;
+    loop {
+        let line = read_chunk_line(reader)?;
+        if line.is_empty() {
+            return Ok(());
+        }
+        budget = budget.checked_sub(line.len() + 2).ok_or_else(|| {
+            ReadError::Refuse(
+                431,
+                "headers_too_large",
+                format!("the trailers are over {HEAD_BYTES_MAX} bytes"),
+            )
+        })?;
+    }
+}
+
+/// Closes a connection after a refusal without resetting it: the client may still be sending
+/// the request we refused, and closing with unread bytes would send a reset that can destroy
+/// the answer before the client reads it. So stop writing, then read and drop what comes for
+/// a short, bounded while.
+fn linger_close(stream: &TcpStream) {
+    let _ = stream.shutdown(std::net::Shutdown::Write);
+    let deadline = Instant::now() + LINGER;
+    let mut drained = 0usize;
+    let mut buf = [0u8; 4096];
+    while drained < LINGER_BYTES_MAX {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() || stream.set_read_timeout(Some(left)).is_err() {
+            return;
+        }
+        let mut s = stream;
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => drained += n,
+        }
+    }
 }
 
 /// Whether the connection closes after this response.

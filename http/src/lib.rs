@@ -16,6 +16,7 @@ mod config;
 mod conn;
 mod dispatch;
 mod executors;
+mod framing;
 mod fuzz;
 mod metrics;
 mod pool;
@@ -25,11 +26,15 @@ mod request;
 mod routes;
 pub mod secret;
 mod server;
+mod slot;
 mod sse;
 mod state;
 
 pub use auth::{Identity, Keys, Role};
-pub use config::{HttpConfig, CONNECTIONS_MAX_DEFAULT, HEADER_TIMEOUT_MS_DEFAULT, HEARTBEAT_MS_DEFAULT};
+pub use config::{
+    HttpConfig, CONNECTIONS_MAX_DEFAULT, CONNECTIONS_PER_IP_MAX_DEFAULT, HEADER_TIMEOUT_MS_DEFAULT,
+    HEARTBEAT_MS_DEFAULT,
+};
 pub use conn::{BODY_BYTES_MAX, SEND_TIMEOUT_MS};
 pub use executors::Executors;
 #[doc(hidden)]

@@ -15,6 +15,7 @@ use crate::conn;
 use crate::executors::Executors;
 use crate::metrics::Metrics;
 use crate::pool::{self, Job, HANDLER_THREADS};
+use crate::slot::Slots;
 use crate::state::Shared;
 
 /// Listen backlog: Rust's default of 128 stalls reconnect storms for seconds.
@@ -80,6 +81,7 @@ impl Server {
             listen(addr).map_err(|source| HttpError::Bind { addr: config.listen.clone(), source })?;
         let addr = listener.local_addr().map_err(HttpError::Start)?;
         let (jobs_tx, jobs_rx) = crossbeam_channel::unbounded::<Job>();
+        let slots = Arc::new(Slots::new(config.connections_max, config.connections_per_ip_max));
         let shared = Arc::new(Shared {
             store,
             keys,
@@ -88,7 +90,7 @@ impl Server {
             metrics: Metrics::default(),
             shutting_down: AtomicBool::new(false),
             streams: AtomicU64::new(0),
-            connections: AtomicU64::new(0),
+            slots,
             accept_errors: AtomicU64::new(0),
             jobs: jobs_tx,
         });

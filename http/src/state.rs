@@ -11,6 +11,7 @@ use crate::config::HttpConfig;
 use crate::executors::Executors;
 use crate::metrics::Metrics;
 use crate::pool::Job;
+use crate::slot::Slots;
 
 pub(crate) struct Shared {
     pub(crate) store: Arc<dyn EventStore>,
@@ -20,8 +21,8 @@ pub(crate) struct Shared {
     pub(crate) metrics: Metrics,
     pub(crate) shutting_down: AtomicBool,
     pub(crate) streams: AtomicU64,
-    /// Open connections, counted by the accept loop against `connections_max`.
-    pub(crate) connections: AtomicU64,
+    /// Open connections, in total and per client address, taken by the accept loop.
+    pub(crate) slots: Arc<Slots>,
     /// Accept errors the accept loop recovered from (out of descriptors, say).
     pub(crate) accept_errors: AtomicU64,
     /// The handler pool's queue.

@@ -84,6 +84,11 @@ pub trait EventStore: Send + Sync + 'static {
     fn head_seq(&self) -> u64;
     /// Number of commissions in each state.
     fn state_counts(&self) -> Result<Vec<(State, u64)>, StorageError>;
+    /// Whether the store takes writes: `Err` says why not (a failed commit poisoned it, or it
+    /// was closed). A backend that cannot fail this way is always healthy.
+    fn health(&self) -> Result<(), StorageError> {
+        Ok(())
+    }
     /// Subscribers cut off for being too slow, since the store opened.
     fn dropped_slow_total(&self) -> u64 {
         0

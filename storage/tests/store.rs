@@ -728,3 +728,13 @@ fn reads_span_written_and_write_back_projections() {
     let store = open(&dir);
     assert_eq!(check(&store), version, "the same after reopening");
 }
+
+/// Readiness asks the store whether it takes writes; a closed store must say it does not.
+#[test]
+fn health_reports_whether_the_store_takes_writes() {
+    let dir = TempDir::new("health");
+    let store = open(&dir);
+    assert!(store.health().is_ok());
+    store.close();
+    assert!(matches!(store.health(), Err(StorageError::Closed)), "{:?}", store.health());
+}

@@ -7,14 +7,21 @@ use atelier_storage::StorageError;
 use serde_json::json;
 
 use super::call::Call;
+use crate::render;
 use crate::reply::Reply;
 
 pub(super) fn healthz(_: &Call<'_>) -> Result<Reply, StorageError> {
     Ok(Reply::Json(200, json!({"status": "ok"})))
 }
 
+/// Not ready while the store refuses writes (a failed commit stops the writer for good, and
+/// only a restart recovers): a balancer should send traffic elsewhere. Otherwise ready once
+/// the executors run.
 pub(super) fn readyz(call: &Call<'_>) -> Result<Reply, StorageError> {
     let shared = call.shared;
+    if let Err(why) = shared.store.health() {
+        return Ok(Reply::Json(503, render::error("not_ready", &format!("the store refuses writes: {why}"))));
+    }
     let controller = shared.executors.as_ref().is_some_and(|e| e.is_running());
     let body = json!({"store": "open", "executors": controller, "head_seq": shared.store.head_seq()});
     Ok(Reply::Json(if controller { 200 } else { 503 }, body))
@@ -37,6 +44,12 @@ pub(super) fn metrics(call: &Call<'_>) -> Result<Reply, StorageError> {
         "# TYPE atelier_log_group_commits_total counter\natelier_log_group_commits_total {commits}\n\
          # TYPE atelier_log_group_commit_appends_total counter\natelier_log_group_commit_appends_total {requests}\n"
     ));
+    // Slots are given back when a connection ends however it ends, so this returns to its
+    // baseline once clients are gone.
+    extra.push_str(&format!(
+        "# TYPE atelier_http_connections gauge\natelier_http_connections {}\n",
+        shared.slots.open()
+    ));
     extra.push_str(&format!(
         "# TYPE atelier_http_accept_errors_total counter\natelier_http_accept_errors_total {}\n",
         shared.accept_errors.load(Ordering::Relaxed)
@@ -55,4 +68,50 @@ pub(super) fn metrics(call: &Call<'_>) -> Result<Reply, StorageError> {
 pub(super) fn me(call: &Call<'_>) -> Result<Reply, StorageError> {
     let me = call.me();
     Ok(Reply::Json(200, json!({"user_id": me.user_id, "role": me.role.as_str()})))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Write};
+    use std::net::{SocketAddr, TcpStream};
+    use std::time::Duration;
+
+    use atelier_storage::{SledStore, StoreConfig};
+    use serde_json::Value;
+
+    use crate::auth::Keys;
+    use crate::config::HttpConfig;
+    use crate::server::Server;
+
+    fn get(addr: SocketAddr, path: &str) -> (u16, Value) {
+        let mut s = TcpStream::connect(addr).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(10))).expect("a timeout");
+        write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").expect("send");
+        let mut raw = String::new();
+        s.read_to_string(&mut raw).expect("read");
+        let status = raw.get(9..12).and_then(|s| s.parse().ok()).unwrap_or(0);
+        let body = raw.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+        (status, serde_json::from_str(body).unwrap_or(Value::Null))
+    }
+
+    #[test]
+    fn readyz_is_503_with_the_reason_while_the_store_refuses_writes() {
+        let dir = std::env::temp_dir().join(format!("atelier-readyz-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let store = SledStore::open(StoreConfig::new(&dir)).expect("open a store");
+        let server =
+            Server::start(HttpConfig::new("127.0.0.1:0", &dir), store.clone(), Keys::new(b"k"), None)
+                .expect("start");
+        // Without executors the server is not ready either, but the store is open.
+        let (status, body) = get(server.local_addr(), "/readyz");
+        assert_eq!((status, &body["store"]), (503, &Value::from("open")), "{body}");
+        store.close();
+        let (status, body) = get(server.local_addr(), "/readyz");
+        assert_eq!(status, 503);
+        assert_eq!(body["error"]["code"], "not_ready", "{body}");
+        let message = body["error"]["message"].as_str().unwrap_or_default();
+        assert!(message.starts_with("the store refuses writes: "), "{message}");
+        server.shutdown();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

@@ -148,6 +148,16 @@ impl Drop for SledStore {
 }
 
 impl EventStore for SledStore {
+    fn health(&self) -> Result<(), StorageError> {
+        if let Some(why) = self.inner.poisoned.lock().unwrap_or_else(|p| p.into_inner()).clone() {
+            return Err(StorageError::Poisoned(why));
+        }
+        match self.tx.lock() {
+            Ok(tx) if tx.is_some() => Ok(()),
+            _ => Err(StorageError::Closed),
+        }
+    }
+
     fn append(&self, req: AppendRequest) -> Result<AppendOutcome, StorageError> {
         let (ack, rx) = reply(&self.inner.bell);
         self.send(Request::Append(req, ack))?;

@@ -59,6 +59,7 @@ pub(super) fn open(config: &StoreConfig) -> Result<(Arc<Inner>, Writer), Storage
         group_committed: AtomicU64::new(0),
         unflushed: RwLock::new(Unflushed::default()),
         counts: Mutex::new([0; 10]),
+        poisoned: Mutex::new(None),
         _lock: lock,
     });
     let mut writer = Writer::new(inner.clone(), head, chain)?;

@@ -57,6 +57,8 @@ pub(crate) struct Inner {
     pub(super) unflushed: RwLock<Unflushed>,
     /// Commissions per state, as of the durable head.
     pub(super) counts: Mutex<[u64; 10]>,
+    /// Why the writer refuses every write since a failed commit, once it does.
+    pub(super) poisoned: Mutex<Option<Arc<StorageError>>>,
     pub(super) _lock: LockFile,
 }
 

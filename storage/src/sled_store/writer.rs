@@ -145,6 +145,12 @@ impl Writer {
         Ok(())
     }
 
+    /// Publishes why the writer stopped writing, for `EventStore::health`, and returns it.
+    fn poison(&self, why: Arc<StorageError>) -> Arc<StorageError> {
+        *self.inner.poisoned.lock().unwrap_or_else(|p| p.into_inner()) = Some(why.clone());
+        why
+    }
+
     pub(super) fn run(mut self, rx: Receiver<Request>, durability: Durability) {
         let mut poisoned: Option<Arc<StorageError>> = None;
         let sync_every = match durability {
@@ -162,13 +168,13 @@ impl Writer {
                     if poisoned.is_none() {
                         if let Err(e) = self.flush_projections() {
                             tracing::error!(error = %e, "projection flush failed; the store refuses further writes");
-                            poisoned = Some(Arc::new(e));
+                            poisoned = Some(self.poison(Arc::new(e)));
                         }
                     }
                     if dirty && poisoned.is_none() && last_sync.elapsed() >= sync_every {
                         if let Err(e) = self.sync() {
                             tracing::error!(error = %e, "periodic sync failed; the store refuses further writes");
-                            poisoned = Some(Arc::new(e));
+                            poisoned = Some(self.poison(Arc::new(e)));
                         }
                         dirty = false;
                         last_sync = Instant::now();
@@ -193,11 +199,11 @@ impl Writer {
             if let Err(e) = self.commit(batch, durability) {
                 let cause = cause_of(e);
                 tracing::error!(error = %cause, "log commit failed; the store refuses further writes");
-                poisoned = Some(cause);
+                poisoned = Some(self.poison(cause));
             } else if self.projection_flush_due() {
                 if let Err(e) = self.flush_projections() {
                     tracing::error!(error = %e, "projection flush failed; the store refuses further writes");
-                    poisoned = Some(Arc::new(e));
+                    poisoned = Some(self.poison(Arc::new(e)));
                 }
             }
             if let Durability::Periodic { .. } = durability {
@@ -205,7 +211,7 @@ impl Writer {
                 if last_sync.elapsed() >= sync_every {
                     if let Err(e) = self.sync() {
                         tracing::error!(error = %e, "periodic sync failed; the store refuses further writes");
-                        poisoned = Some(Arc::new(e));
+                        poisoned = Some(self.poison(Arc::new(e)));
                     }
                     dirty = false;
                     last_sync = Instant::now();
