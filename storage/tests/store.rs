@@ -732,7 +732,7 @@ fn reads_span_written_and_write_back_projections() {
 /// Readiness asks the store whether it takes writes; a closed store must say it does not.
 #[test]
 fn health_reports_whether_the_store_takes_writes() {
-    let dir = TempDir::new("health");
+    let dir = temp_dir("health");
     let store = open(&dir);
     assert!(store.health().is_ok());
     store.close();

@@ -201,8 +201,8 @@ fn is_vanishing(name: &str) -> bool {
 
 #[test]
 fn framing_and_parsing_attacks_are_refused_before_any_route_runs() {
-    let dir = TempDir::new("hostile-framing");
-    let s = Server::start(exe(), &dir.0, &[]);
+    let dir = temp_dir("hostile-framing");
+    let s = Server::start(exe(), dir.path(), &[]);
     let baseline = gauge_and_head(&s);
     let cases = framing_cases();
     assert!(cases.len() >= 30, "{} cases", cases.len());
@@ -223,8 +223,8 @@ fn framing_and_parsing_attacks_are_refused_before_any_route_runs() {
 
 #[test]
 fn pipelined_and_well_framed_requests_are_all_answered_in_order() {
-    let dir = TempDir::new("hostile-pipeline");
-    let s = Server::start(exe(), &dir.0, &[]);
+    let dir = temp_dir("hostile-pipeline");
+    let s = Server::start(exe(), dir.path(), &[]);
     let baseline = gauge_and_head(&s);
     // Three requests in one write: a chunked POST without a token (its body is read whole,
     // then auth refuses it), then two GETs, the last asking to close.
@@ -251,8 +251,8 @@ fn pipelined_and_well_framed_requests_are_all_answered_in_order() {
 
 #[test]
 fn a_client_that_vanishes_mid_response_costs_nothing() {
-    let dir = TempDir::new("hostile-vanish");
-    let s = Server::start(exe(), &dir.0, &[]);
+    let dir = temp_dir("hostile-vanish");
+    let s = Server::start(exe(), dir.path(), &[]);
     let baseline = gauge_and_head(&s);
     let admin = token("root", true);
     for _ in 0..20 {
@@ -271,8 +271,8 @@ fn a_client_that_vanishes_mid_response_costs_nothing() {
 /// request deadline passes, without an answer and without holding their slot.
 #[test]
 fn slow_heads_and_dribbled_bodies_are_cut_off_at_the_deadline() {
-    let dir = TempDir::new("hostile-slow");
-    let s = Server::start(exe(), &dir.0, &[("ATELIER_HEADER_TIMEOUT_MS", "1500")]);
+    let dir = temp_dir("hostile-slow");
+    let s = Server::start(exe(), dir.path(), &[("ATELIER_HEADER_TIMEOUT_MS", "1500")]);
     let baseline = gauge_and_head(&s);
     let dribble = |name: &str, bytes: Vec<u8>, gap: Duration| {
         let mut c = TcpStream::connect(s.addr).expect("connect");
@@ -318,8 +318,8 @@ fn slow_heads_and_dribbled_bodies_are_cut_off_at_the_deadline() {
 /// such requests (no token needed) left the server answering 503 to everyone.
 #[test]
 fn chunk_overflow_requests_never_use_up_the_connection_slots() {
-    let dir = TempDir::new("hostile-slots");
-    let s = Server::start(exe(), &dir.0, &[("ATELIER_MAX_CONNECTIONS", "5")]);
+    let dir = temp_dir("hostile-slots");
+    let s = Server::start(exe(), dir.path(), &[("ATELIER_MAX_CONNECTIONS", "5")]);
     let baseline = gauge_and_head(&s);
     for i in 0..8 {
         let raw =
@@ -332,8 +332,8 @@ fn chunk_overflow_requests_never_use_up_the_connection_slots() {
 
 #[test]
 fn one_address_beyond_its_cap_gets_503_and_retry_after() {
-    let dir = TempDir::new("hostile-per-ip");
-    let s = Server::start(exe(), &dir.0, &[("ATELIER_MAX_CONNECTIONS_PER_IP", "4")]);
+    let dir = temp_dir("hostile-per-ip");
+    let s = Server::start(exe(), dir.path(), &[("ATELIER_MAX_CONNECTIONS_PER_IP", "4")]);
     let baseline = gauge_and_head(&s);
     let held: Vec<TcpStream> = (0..4).map(|_| TcpStream::connect(s.addr).expect("connect")).collect();
     wait_for(Duration::from_secs(5), || {
@@ -361,8 +361,8 @@ fn a_burst_of_connection_attempts_leaves_the_server_serving() {
     const ATTEMPTS: usize = 20_000;
     const THREADS: usize = 4;
     const BURST_TIME_MAX: Duration = Duration::from_secs(20);
-    let dir = TempDir::new("hostile-burst");
-    let s = Server::start(exe(), &dir.0, &[]);
+    let dir = temp_dir("hostile-burst");
+    let s = Server::start(exe(), dir.path(), &[]);
     let baseline = gauge_and_head(&s);
     let addr = s.addr;
     let started = Instant::now();
