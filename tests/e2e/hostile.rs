@@ -80,11 +80,21 @@ fn gauge_and_head(s: &Server) -> (u64, u64) {
     (value("atelier_http_connections "), value("atelier_log_head_seq "))
 }
 
-/// After a case: `/healthz` answers, the log has no new event, and the gauge returns to the
-/// baseline (with a grace period: a refused connection lingers briefly before it closes).
+/// How long the server may take to drain what a case left queued (a burst's connections still
+/// in the accept queue count against the caps until their threads see the reset).
+const SETTLE_TIME: Duration = Duration::from_secs(10);
+
+/// After a case: `/healthz` answers 200 (within [`SETTLE_TIME`]), the log has no new event,
+/// and the gauge returns to the baseline (a refused connection lingers briefly before it
+/// closes).
 fn assert_unharmed(s: &Server, name: &str, baseline: (u64, u64)) {
-    assert_eq!(s.get("/healthz", None).status, 200, "{name}: /healthz after the case");
-    let settled = wait_for(Duration::from_secs(5), || {
+    let mut last = 0;
+    let healthy = wait_for(SETTLE_TIME, || {
+        last = s.get("/healthz", None).status;
+        (last == 200).then_some(())
+    });
+    assert!(healthy.is_some(), "{name}: /healthz after the case answers {last}, not 200");
+    let settled = wait_for(SETTLE_TIME, || {
         let now = gauge_and_head(s);
         (now.0 == baseline.0).then_some(now)
     });
