@@ -2,7 +2,7 @@
 //! snapshot tests pin every body the API sends.
 
 use atelier_engine::time::format_rfc3339_ms;
-use atelier_engine::{Commission, Envelope, Event, EventKind, Job, Stage, State};
+use atelier_engine::{Commission, Envelope, Event, EventKind, Executor, Job, JobStatus, Stage, State};
 use atelier_storage::ViewAfter;
 use schemars::{json_schema, JsonSchema, Schema, SchemaGenerator};
 use serde::{Deserialize, Serialize};
@@ -182,10 +182,12 @@ pub struct CreateCommission {
     /// Attempts allowed in total; 3 if absent.
     #[schemars(range(min = 1, max = 100))]
     pub max_attempts: Option<u32>,
-    /// A repeated key answers with the commission the first request made (200).
+    /// A repeated key answers with the commission the first request made (200). At most 128
+    /// bytes as UTF-8.
     #[schemars(length(min = 1, max = 128))]
     pub idempotency_key: Option<String>,
-    /// Whose commission it is: the caller if absent; only an admin may name another user.
+    /// Whose commission it is: the caller if absent; only an admin may name another user. At
+    /// most 128 bytes as UTF-8.
     #[schemars(length(min = 1, max = 128), regex(pattern = r"^[^/\u0000-\u001f\u007f-\u009f]+$"))]
     pub user_id: Option<String>,
 }
@@ -249,12 +251,25 @@ fn event_kind_schema(_: &mut SchemaGenerator) -> Schema {
     json_schema!({"type": "string", "enum": one_of_names(EventKind::ALL.map(EventKind::as_str))})
 }
 
+/// Every executor, for the schema (the engine keeps no list; a test keeps this one whole).
+const EXECUTORS: [Executor; 2] = [Executor::JobController, Executor::TaskRunner];
+
+/// Every job status, as [`EXECUTORS`].
+const JOB_STATUSES: [JobStatus; 6] = [
+    JobStatus::Pending,
+    JobStatus::Running,
+    JobStatus::Succeeded,
+    JobStatus::Failed,
+    JobStatus::Killed,
+    JobStatus::TimedOut,
+];
+
 fn executor_schema(_: &mut SchemaGenerator) -> Schema {
-    json_schema!({"type": "string", "enum": ["job_controller", "task_runner"]})
+    json_schema!({"type": "string", "enum": one_of_names(EXECUTORS.map(Executor::as_str))})
 }
 
 fn job_status_schema(_: &mut SchemaGenerator) -> Schema {
-    json_schema!({"type": "string", "description": "pending, running, succeeded, failed, killed, timed_out, ..."})
+    json_schema!({"type": "string", "enum": one_of_names(JOB_STATUSES.map(JobStatus::as_str))})
 }
 
 fn pending_schema(_: &mut SchemaGenerator) -> Schema {
@@ -478,5 +493,27 @@ mod tests {
                 assert!(data.get(field).is_some(), "{kind}: no {field} in {data}");
             }
         }
+    }
+
+    /// The lists the schemas name hold every variant: a new one stops this match compiling.
+    #[test]
+    fn the_schemas_list_every_executor_and_job_status() {
+        for e in EXECUTORS {
+            match e {
+                Executor::JobController | Executor::TaskRunner => {}
+            }
+        }
+        assert_eq!(EXECUTORS.len(), 2);
+        for s in JOB_STATUSES {
+            match s {
+                JobStatus::Pending
+                | JobStatus::Running
+                | JobStatus::Succeeded
+                | JobStatus::Failed
+                | JobStatus::Killed
+                | JobStatus::TimedOut => {}
+            }
+        }
+        assert_eq!(JOB_STATUSES.len(), 6);
     }
 }

@@ -491,8 +491,10 @@ fn schema_of(body: Body, generator: &mut SchemaGenerator) -> Value {
 fn serve_openapi(call: &Call<'_>) -> Result<Reply, StorageError> {
     let mut doc = openapi();
     if let Some(ex) = &call.shared.executors {
-        doc["components"]["schemas"]["CreateCommission"]["properties"]["pipeline"]["enum"] =
-            json!(ex.pipeline_names());
+        // `null`, like no pipeline at all, names the default one.
+        let mut names: Vec<Value> = ex.pipeline_names().into_iter().map(Value::from).collect();
+        names.push(Value::Null);
+        doc["components"]["schemas"]["CreateCommission"]["properties"]["pipeline"]["enum"] = json!(names);
     }
     Ok(Reply::Json(200, doc))
 }
