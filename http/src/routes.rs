@@ -1,5 +1,7 @@
-//! The route table. The table is data: each entry names its handler, and the router (in
-//! `dispatch`), the OpenAPI document and its test all read it. The handlers live in the folder
+//! The route table. The table is data: each entry names its handler and says what the route
+//! reads and answers (query parameters, body, a response per status), and the router (in
+//! `dispatch`), the OpenAPI document and its tests all read it. The document's schemas are
+//! derived from the types `render` builds every body from, so the two cannot drift. The handlers live in the folder
 //! beside this file, one file per area of the API; what they share with the table (the call a
 //! handler is given, its signature) lives in `call`, so that they never import from this file,
 //! which knows them only through the table. The route serving the OpenAPI document is here,
