@@ -18,7 +18,7 @@ REQUEST_TIMEOUT_S=5
 READY_WAIT_S=30
 
 atelier=${1:-target/debug/atelier}
-venv=target/schemathesis-venv
+venv="$PWD/target/schemathesis-venv"
 if [ "$("$venv/bin/st" --version 2>/dev/null)" != "st, version $SCHEMATHESIS_VERSION" ]; then
   echo "schemathesis: installing schemathesis==$SCHEMATHESIS_VERSION into $venv"
   python3 -m venv "$venv"
@@ -26,6 +26,8 @@ if [ "$("$venv/bin/st" --version 2>/dev/null)" != "st, version $SCHEMATHESIS_VER
 fi
 
 data_dir=$(mktemp -d)
+# Schemathesis keeps state in its working dir (.schemathesis/): one out of the tree.
+st_dir=$(mktemp -d)
 port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 base="http://127.0.0.1:$port"
 export ATELIER_DATA_DIR="$data_dir" ATELIER_LISTEN="127.0.0.1:$port"
@@ -37,7 +39,7 @@ server_pid=$!
 stop_server() {
   kill "$server_pid" 2>/dev/null || true
   wait "$server_pid" 2>/dev/null || true
-  rm -rf "$data_dir"
+  rm -rf "$data_dir" "$st_dir"
 }
 trap stop_server EXIT
 
@@ -62,7 +64,7 @@ admin_token=$("$atelier" token --user schemathesis-admin --admin)
 run() {
   local who=$1 token=$2
   echo "schemathesis: as the $who"
-  "$venv/bin/st" run "$base/api/openapi.json" \
+  (cd "$st_dir" && "$venv/bin/st" run "$base/api/openapi.json" \
     --header "Authorization: Bearer $token" \
     --exclude-path-regex '/stream$' \
     --max-examples "$MAX_EXAMPLES" \
@@ -72,7 +74,7 @@ run() {
     --seed 1 \
     --generation-database none \
     --generation-codec ascii \
-    --no-color
+    --no-color)
 }
 status=0
 run user "$user_token" || status=1
