@@ -254,6 +254,10 @@ impl Executors for ServedExecutors {
     fn pipeline_exists(&self, name: &str) -> bool {
         self.pipelines.iter().any(|p| p == name)
     }
+
+    fn pipeline_names(&self) -> Vec<String> {
+        self.pipelines.clone()
+    }
 }
 
 /// Starts the executors on `store`, with the worker program the settings name (or the one

@@ -13,4 +13,6 @@ pub trait Executors: Send + Sync {
     /// How long a finished job's dir (and its logs) is kept, in ms; `None`: for good.
     fn job_dirs_keep_ms(&self) -> Option<u64>;
     fn pipeline_exists(&self, name: &str) -> bool;
+    /// The pipelines it runs, for the OpenAPI document.
+    fn pipeline_names(&self) -> Vec<String>;
 }

@@ -3,10 +3,10 @@
 
 use atelier_engine::{time, Command, Commission, Ctx, NewCommission, Rejection, RetryPolicy, State};
 use atelier_storage::{execute, Created, ListQuery, StorageError, LIST_LIMIT_MAX};
-use serde_json::{json, Value};
+use serde_json::Value;
 
 use super::call::{tri, Call};
-use super::input::{json_body, parse_id};
+use super::input::{json_body, json_int, json_uint, parse_id};
 use crate::auth::Identity;
 use crate::clock::now_ms;
 use crate::render;
@@ -71,7 +71,7 @@ fn new_commission(body: &Value, who: &Identity, shared: &Shared) -> Result<NewCo
     }
     let priority = match fields.get("priority") {
         None | Some(Value::Null) => 0,
-        Some(v) => match v.as_i64().and_then(|p| i32::try_from(p).ok()) {
+        Some(v) => match json_int(v).and_then(|p| i32::try_from(p).ok()) {
             Some(p) => p,
             None => {
                 return Err(error(400, "invalid_field", "priority: must be an integer (higher runs first)"))
@@ -80,7 +80,7 @@ fn new_commission(body: &Value, who: &Identity, shared: &Shared) -> Result<NewCo
     };
     let max_attempts = match fields.get("max_attempts") {
         None | Some(Value::Null) => atelier_engine::limits::ATTEMPTS_DEFAULT,
-        Some(v) => match v.as_u64().and_then(|p| u32::try_from(p).ok()) {
+        Some(v) => match json_uint(v).and_then(|p| u32::try_from(p).ok()) {
             Some(p) => p,
             None => return Err(error(400, "invalid_field", "max_attempts: must be a positive integer")),
         },
@@ -151,17 +151,12 @@ fn command(call: &Call<'_>, cmd: Command) -> Result<Reply, StorageError> {
 pub(super) fn jobs(call: &Call<'_>) -> Result<Reply, StorageError> {
     let id = tri!(parse_id(call.params[0], "task id"));
     tri!(visible(call.shared, call.me(), id)?);
-    let jobs: Vec<Value> = call.shared.store.jobs_of(id)?.iter().map(render::job).collect();
-    Ok(Reply::Json(200, json!({"items": jobs})))
+    Ok(Reply::Json(200, render::jobs(&call.shared.store.jobs_of(id)?)))
 }
 
 /// A user's commissions, newest first, a page at a time.
 pub(super) fn list_user(call: &Call<'_>) -> Result<Reply, StorageError> {
     let user = percent_decode(call.params[0]);
-    if !call.me().may_access(&user) {
-        // Another user's list is as empty as an unknown user's.
-        return Ok(Reply::Json(200, json!({"items": [], "next_cursor": null})));
-    }
     let limit = match call.req.query("limit") {
         None => LIST_LIMIT_DEFAULT,
         Some(l) => match l.parse::<usize>() {
@@ -180,14 +175,13 @@ pub(super) fn list_user(call: &Call<'_>) -> Result<Reply, StorageError> {
             None => return Ok(error(400, "invalid_field", format!("state: unknown state '{s}'"))),
         },
     };
+    // The query is checked first, so that a bad one is refused whoever's list it asks for.
+    if !call.me().may_access(&user) {
+        // Another user's list is as empty as an unknown user's.
+        return Ok(Reply::Json(200, render::list_page(&[], None)));
+    }
     let page = call.shared.store.list_user(&user, &ListQuery { limit, cursor, state })?;
-    Ok(Reply::Json(
-        200,
-        json!({
-            "items": page.items.iter().map(render::snapshot).collect::<Vec<_>>(),
-            "next_cursor": page.next_cursor.map(|c| c.to_string()),
-        }),
-    ))
+    Ok(Reply::Json(200, render::list_page(&page.items, page.next_cursor)))
 }
 
 /// The engine's context for a command decided now.
@@ -215,4 +209,22 @@ pub(super) fn visible(
         Some(c) if who.may_access(&c.user_id) => Ok(c),
         _ => Err(error(404, "not_found", format!("no commission {id}"))),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::CREATE_FIELDS;
+
+    /// The handler checks the create body by hand, to name the field that is wrong; the
+    /// document describes it from `render::CreateCommission`. Both know the same fields.
+    #[test]
+    fn create_reads_the_fields_the_document_describes() {
+        let schema = schemars::schema_for!(crate::render::CreateCommission);
+        let mut documented: Vec<&str> =
+            schema.as_value()["properties"].as_object().unwrap().keys().map(String::as_str).collect();
+        let mut read = CREATE_FIELDS.to_vec();
+        documented.sort_unstable();
+        read.sort_unstable();
+        assert_eq!(documented, read);
+    }
 }

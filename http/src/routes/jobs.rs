@@ -2,11 +2,11 @@
 
 use atelier_engine::{time, Command, Job, State};
 use atelier_storage::{execute, StorageError};
-use serde_json::{json, Value};
+use serde_json::Value;
 
 use super::call::{tri, Call};
 use super::commissions::{ctx, rejection, visible};
-use super::input::{json_body, parse_id};
+use super::input::{json_body, json_uint, parse_id};
 use crate::clock::now_ms;
 use crate::render;
 use crate::reply::{error, Reply};
@@ -15,13 +15,12 @@ use crate::reply::{error, Reply};
 /// one waiting on its backoff is run now rather than at `next_retry_at`.
 pub(super) fn create(call: &Call<'_>) -> Result<Reply, StorageError> {
     let body: Value = tri!(json_body(call.req));
-    let Some(id) = body.get("task_id").and_then(Value::as_u64) else {
+    let Some(id) = body.get("task_id").and_then(json_uint) else {
         return Ok(error(400, "invalid_field", "task_id: required, a positive integer"));
     };
     let shared = call.shared;
     let c = tri!(visible(shared, call.me(), id)?);
-    let pending =
-        || Reply::Json(201, json!({"job_id": null, "task_id": id, "status": "pending", "executor": null}));
+    let pending = || Reply::Json(201, render::job_queued(id));
     Ok(match c.state {
         State::Created => pending(),
         State::Failed | State::Retrying => {
@@ -55,7 +54,7 @@ pub(super) fn logs(call: &Call<'_>) -> Result<Reply, StorageError> {
     let read = |p: &std::path::Path| {
         std::fs::read(p).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default()
     };
-    Ok(Reply::Json(200, json!({"job_id": id, "stdout": read(&out), "stderr": read(&err)})))
+    Ok(Reply::Json(200, render::job_logs(id, read(&out), read(&err))))
 }
 
 /// The job named by the path and its id, if its commission is one the caller may see (404
