@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use atelier_config::{ConfigError, Sources};
+use atelier_http::client::printable::printable_json;
 use atelier_http::client::watch::{self, Outcome, WatchError};
 use atelier_http::client::{Client, ClientError};
 use atelier_http::secret::SecretError;
@@ -419,6 +420,8 @@ fn submit(
 
 fn status(id: u64, args: ClientArgs) -> Result<ExitCode, CliError> {
     let (_, snap) = client(args)?.json("GET", &format!("/api/commissions/{id}"), None)?;
+    // Workers wrote some of it: JSON escapes C0 controls but not DEL or C1 ones.
+    let snap = printable_json(&snap);
     println!("{}", serde_json::to_string_pretty(&snap).unwrap_or_default());
     Ok(ExitCode::SUCCESS)
 }
@@ -431,7 +434,7 @@ fn list(state: Option<String>, limit: u64, args: ClientArgs) -> Result<ExitCode,
     if let Some(s) = state {
         path.push_str(&format!("&state={s}"));
     }
-    let (_, page) = c.json("GET", &path, None)?;
+    let page = printable_json(&c.json("GET", &path, None)?.1);
     for item in page["items"].as_array().into_iter().flatten() {
         println!(
             "{:>8}  {:<18} {:<18} {:>3}%  {}",
