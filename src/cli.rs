@@ -21,7 +21,8 @@ defaults):
     ATELIER_LISTEN            listen address                    127.0.0.1:8080
     ATELIER_DATA_DIR          data directory                    ./atelier-data
     ATELIER_CONFIG            config file                       ./atelier.toml if present
-    ATELIER_SECRET            token signing secret              a random secret in DATA_DIR/secret
+    ATELIER_SECRET            token signing secret, 32 bytes or more   a random secret in DATA_DIR/secret
+    ATELIER_TOKEN_TTL_MAX     longest a token may live (s, m, h or d)   30d
     ATELIER_DURABILITY        sync | periodic                   sync (acknowledge only after fsync)
     ATELIER_DURABILITY_INTERVAL_MS  periodic: sync this often (a crash loses up to this)  100
     ATELIER_CACHE_BYTES       sled page cache                   67108864

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use atelier_config::{ConfigError, Sources};
+use atelier_http::client::printable::printable_json;
 use atelier_http::client::watch::{self, Outcome, WatchError};
 use atelier_http::client::{Client, ClientError};
 use atelier_http::secret::SecretError;
@@ -187,8 +188,21 @@ fn open_store(s: &ServerSettings) -> Result<Arc<SledStore>, CliError> {
     Ok(SledStore::open(s.store_config())?)
 }
 
+/// The token keys: refuses a short or exposed secret before anything is written.
 fn keys(s: &ServerSettings) -> Result<Keys, CliError> {
-    Ok(Keys::new(&atelier_http::secret::load_or_create(s.secret.as_deref(), &s.data_dir)?))
+    let secret = atelier_http::secret::load_or_create(s.secret.as_deref(), &s.data_dir)?;
+    Ok(Keys::new(&secret).with_ttl_max_s(s.token_ttl_max_s))
+}
+
+/// Makes every file and dir this process (and the workers it starts) creates private to its
+/// owner: the data dir holds the log, the secret, users' job logs and artifacts, and an export
+/// holds every user's data. sled creates its files itself, so the umask is the one place that
+/// reaches them.
+fn private_files() {
+    // SAFETY: umask only sets the process's file mode mask; it cannot fail.
+    unsafe {
+        libc::umask(0o077);
+    }
 }
 
 fn now_s() -> i64 {
@@ -196,20 +210,6 @@ fn now_s() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
         .unwrap_or(0)
-}
-
-fn parse_ttl(s: &str) -> Result<i64, CliError> {
-    let (n, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
-    let n: i64 =
-        n.parse().map_err(|_| CliError::Usage(format!("--ttl: '{s}' is not like 30m, 24h or 7d")))?;
-    let mult = match unit {
-        "s" | "" => 1,
-        "m" => 60,
-        "h" => 3600,
-        "d" => 86_400,
-        _ => return Err(CliError::Usage(format!("--ttl: unknown unit in '{s}' (use s, m, h or d)"))),
-    };
-    Ok(n * mult)
 }
 
 fn init_logging() {
@@ -291,9 +291,11 @@ fn start_workers(
 
 fn serve(listen: Option<String>, store_args: StoreArgs) -> Result<ExitCode, CliError> {
     init_logging();
+    private_files();
     let (s, sources) = server_settings(store_args, listen)?;
-    let store = open_store(&s)?;
+    // The secret first: a refused one leaves the data dir untouched.
     let keys = keys(&s)?;
+    let store = open_store(&s)?;
     let mut http_config = HttpConfig::new(s.listen.clone(), s.data_dir.clone());
     http_config.heartbeat_ms = s.heartbeat_ms;
     http_config.connections_max = s.max_connections;
@@ -309,7 +311,9 @@ fn serve(listen: Option<String>, store_args: StoreArgs) -> Result<ExitCode, CliE
         libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
     }
     let addr = server.local_addr();
-    let admin = keys.issue("admin", Role::Admin, now_s() + STATUS_PAGE_TOKEN_TTL_S);
+    let admin = keys
+        .issue("admin", Role::Admin, now_s(), STATUS_PAGE_TOKEN_TTL_S.min(keys.ttl_max_s()))
+        .expect("invariant: the lifetime is within the maximum");
     tracing::info!(%addr, data_dir = %s.data_dir.display(), "atelier is serving");
     println!("atelier listening on http://{addr}");
     println!("open the status page as a local admin: http://{addr}/?token={admin}");
@@ -332,14 +336,21 @@ fn token(user: &str, admin: bool, ttl: &str, store: StoreArgs) -> Result<ExitCod
     if user.is_empty() || user.contains('/') || user.chars().any(char::is_control) {
         return Err(CliError::Usage("--user: a non-empty name without '/' or control characters".into()));
     }
-    let ttl = parse_ttl(ttl)?;
+    let ttl = settings::parse_ttl(ttl).map_err(|e| CliError::Usage(format!("--ttl: {e}")))?;
     let role = if admin { Role::Admin } else { Role::User };
+    private_files();
     let (s, _) = server_settings(store, None)?;
-    println!("{}", keys(&s)?.issue(user, role, now_s() + ttl));
+    let token = keys(&s)?.issue(user, role, now_s(), ttl).map_err(|e| {
+        CliError::Usage(format!(
+            "--ttl: {e}; pass a shorter --ttl or raise token_ttl_max (ATELIER_TOKEN_TTL_MAX)"
+        ))
+    })?;
+    println!("{token}");
     Ok(ExitCode::SUCCESS)
 }
 
 fn replay(store: StoreArgs) -> Result<ExitCode, CliError> {
+    private_files();
     let (s, _) = server_settings(store, None)?;
     let store = open_store(&s)?;
     let report = check::replay_check(&store)?;
@@ -360,6 +371,7 @@ fn replay(store: StoreArgs) -> Result<ExitCode, CliError> {
 }
 
 fn export(out: Option<PathBuf>, store: StoreArgs) -> Result<ExitCode, CliError> {
+    private_files();
     let (s, _) = server_settings(store, None)?;
     let store = open_store(&s)?;
     let n = match out {
@@ -376,6 +388,7 @@ fn export(out: Option<PathBuf>, store: StoreArgs) -> Result<ExitCode, CliError> 
 
 fn import(file: PathBuf, store: StoreArgs) -> Result<ExitCode, CliError> {
     let f = std::fs::File::open(&file).map_err(io_error(format!("cannot open {}", file.display())))?;
+    private_files();
     let (s, _) = server_settings(store, None)?;
     let store = open_store(&s)?;
     let n = check::import(&store, &mut std::io::BufReader::new(f))?;
@@ -411,6 +424,8 @@ fn submit(
 
 fn status(id: u64, args: ClientArgs) -> Result<ExitCode, CliError> {
     let (_, snap) = client(args)?.json("GET", &format!("/api/commissions/{id}"), None)?;
+    // Workers wrote some of it: JSON escapes C0 controls but not DEL or C1 ones.
+    let snap = printable_json(&snap);
     println!("{}", serde_json::to_string_pretty(&snap).unwrap_or_default());
     Ok(ExitCode::SUCCESS)
 }
@@ -423,7 +438,7 @@ fn list(state: Option<String>, limit: u64, args: ClientArgs) -> Result<ExitCode,
     if let Some(s) = state {
         path.push_str(&format!("&state={s}"));
     }
-    let (_, page) = c.json("GET", &path, None)?;
+    let page = printable_json(&c.json("GET", &path, None)?.1);
     for item in page["items"].as_array().into_iter().flatten() {
         println!(
             "{:>8}  {:<18} {:<18} {:>3}%  {}",

@@ -23,6 +23,7 @@ const TOP_LEVEL_KEYS: &[&str] = &[
     "max_connections_per_ip",
     "metrics_public",
     "header_timeout_ms",
+    "token_ttl_max",
     "worker_program",
     "workers",
     "pipelines",
@@ -51,6 +52,8 @@ pub struct ServerSettings {
     pub worker_program: Option<PathBuf>,
     /// `ATELIER_SECRET`, if set: the token secret (else one kept in the data dir).
     pub secret: Option<String>,
+    /// The longest a token may live, issued or accepted.
+    pub token_ttl_max_s: i64,
 }
 
 /// What the command line may override.
@@ -132,6 +135,14 @@ impl ServerSettings {
             )?,
             worker_program: text("worker_program", "ATELIER_WORKER_PROGRAM").map(PathBuf::from),
             secret: s.env("ATELIER_SECRET"),
+            token_ttl_max_s: match s.get("token_ttl_max", &["ATELIER_TOKEN_TTL_MAX"]) {
+                None => atelier_http::auth::TOKEN_TTL_MAX_S_DEFAULT,
+                Some(found) => match parse_ttl(&found.raw.text()) {
+                    Ok(0) => return Err(found.invalid("a token must be allowed to live at least 1s")),
+                    Ok(s) => s,
+                    Err(e) => return Err(found.invalid(e)),
+                },
+            },
         })
     }
 
@@ -147,6 +158,20 @@ impl ServerSettings {
 fn number(found: &Found<'_>, what: &str) -> Result<u64, ConfigError> {
     let text = found.raw.text();
     text.parse().map_err(|_| found.invalid(format!("'{text}' {what}")))
+}
+
+/// Seconds in a lifetime written like 90, 90s, 30m, 24h or 7d; the error says why not.
+pub fn parse_ttl(s: &str) -> Result<i64, String> {
+    let (n, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: i64 = n.parse().map_err(|_| format!("'{s}' is not like 30m, 24h or 7d"))?;
+    let mult = match unit {
+        "s" | "" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return Err(format!("unknown unit in '{s}' (use s, m, h or d)")),
+    };
+    n.checked_mul(mult).ok_or_else(|| format!("'{s}' is too long"))
 }
 
 /// Which server the client commands talk to, and as whom.
@@ -201,6 +226,11 @@ mod tests {
         assert_eq!(s.max_connections_per_ip, atelier_http::CONNECTIONS_PER_IP_MAX_DEFAULT);
         let s = load("max_connections_per_ip = 3\n", &[("ATELIER_MAX_CONNECTIONS_PER_IP", "9")]).unwrap();
         assert_eq!(s.max_connections_per_ip, 9);
+        assert_eq!(s.token_ttl_max_s, atelier_http::auth::TOKEN_TTL_MAX_S_DEFAULT);
+        let s = load("token_ttl_max = \"7d\"\n", &[]).unwrap();
+        assert_eq!(s.token_ttl_max_s, 7 * 86_400);
+        let s = load("token_ttl_max = 60\n", &[("ATELIER_TOKEN_TTL_MAX", "2h")]).unwrap();
+        assert_eq!(s.token_ttl_max_s, 7_200);
         let s = load("", &[("ATELIER_LISTEN", "")]).unwrap();
         assert_eq!(s.listen, LISTEN_DEFAULT, "an empty variable counts as unset");
     }
@@ -211,6 +241,11 @@ mod tests {
         assert_eq!(err.to_string(), "setting 'ATELIER_DURABILITY': 'often' is not sync or periodic");
         let err = load("listen = \"x\"\nheartbeat_ms = \"soon\"\n", &[]).err().expect("bad value");
         assert_eq!(err.to_string(), "config file line 2: setting 'heartbeat_ms': 'soon' is not a number");
+        let err = load("", &[("ATELIER_TOKEN_TTL_MAX", "1w")]).err().expect("bad value");
+        assert_eq!(
+            err.to_string(),
+            "setting 'ATELIER_TOKEN_TTL_MAX': unknown unit in '1w' (use s, m, h or d)"
+        );
         let err = load("max_conections = 5\n", &[]).err().expect("unknown key");
         assert!(err.to_string().starts_with("config file line 1: unknown setting 'max_conections' (known: "));
     }

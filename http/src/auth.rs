@@ -1,17 +1,27 @@
-//! Bearer tokens: standard HS256 JWTs (`sub`, `role`, `exp`), so other identity systems can
-//! mint tokens Atelier accepts. `jsonwebtoken` does the framing and the HMAC (a constant-time
-//! comparison); this module says which tokens are acceptable: HS256 only, `exp` required and
-//! compared with the caller's clock, no leeway, and a size cap checked before any parsing.
+//! Bearer tokens: standard HS256 JWTs (`sub`, `role`, `exp`, `iat`), so other identity systems
+//! can mint tokens Atelier accepts. `jsonwebtoken` does the framing and the HMAC (a
+//! constant-time comparison); this module says which tokens are acceptable: HS256 only, `exp`
+//! required, `iat` and `nbf` honoured when present, all compared with the caller's clock with
+//! no leeway, a token lifetime no longer than the configured maximum, and a size cap checked
+//! before any parsing.
 
 use jsonwebtoken::errors::{Error as JwtError, ErrorKind as JwtErrorKind};
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
+
+use crate::secret::Secret;
 
 /// Bytes a token may have; longer ones are refused before any parsing.
 pub const TOKEN_BYTES_MAX: usize = 4096;
 
 /// The only algorithm signed or accepted: a shared secret, no key confusion.
 const ALGORITHM: Algorithm = Algorithm::HS256;
+
+/// The longest a token may live, `exp` − `iat` (or `exp` − now for a token without `iat`),
+/// unless the server is configured otherwise. A token cannot be revoked but by rotating the
+/// secret, so a leaked one is dangerous for its whole life: 30 days covers a monthly
+/// automation token while keeping that window bounded.
+pub const TOKEN_TTL_MAX_S_DEFAULT: i64 = 30 * 86_400;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -47,10 +57,15 @@ impl Identity {
 }
 
 /// The claims issued and read, fields in the order the issued JSON has always had them
-/// (sorted). `role` may be absent (or null) in tokens other systems mint: a user.
+/// (sorted). `role` may be absent (or null) in tokens other systems mint: a user. `iat` is
+/// absent from tokens issued before it was, and `nbf` is never issued but honoured.
 #[derive(Serialize, Deserialize)]
 struct Claims {
     exp: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    iat: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    nbf: Option<i64>,
     #[serde(default)]
     role: Option<Role>,
     sub: String,
@@ -65,6 +80,13 @@ pub enum TokenError {
     },
     BadSignature,
     Expired,
+    /// `nbf` or `iat` is later than now.
+    NotYetValid,
+    /// The token lives longer than the server allows (`exp` − `iat`, or `exp` − now).
+    TtlTooLong {
+        ttl_s: i64,
+        max_s: i64,
+    },
     UnsupportedAlgorithm,
 }
 
@@ -80,6 +102,13 @@ impl std::fmt::Display for TokenError {
             TokenError::Malformed { .. } => "the token is not a well-formed JWT",
             TokenError::BadSignature => "the token's signature does not match",
             TokenError::Expired => "the token has expired",
+            TokenError::NotYetValid => "the token is not yet valid",
+            TokenError::TtlTooLong { ttl_s, max_s } => {
+                return write!(
+                    f,
+                    "the token lives {ttl_s}s, longer than the {max_s}s this server allows (token_ttl_max)"
+                )
+            }
             TokenError::UnsupportedAlgorithm => "only HS256 tokens are accepted",
         })
     }
@@ -99,36 +128,57 @@ pub struct Keys {
     encoding: EncodingKey,
     decoding: DecodingKey,
     validation: Validation,
+    ttl_max_s: i64,
 }
 
 impl Keys {
-    pub fn new(secret: &[u8]) -> Keys {
-        // HMAC pads its key with zero bytes to the block size (RFC 2104), so an empty secret
-        // signs exactly as the one-byte secret [0]. `jsonwebtoken` refuses an empty slice;
-        // this keeps an empty secret file working as it always has.
-        let secret = if secret.is_empty() { &[0u8][..] } else { secret };
-        let encoding = EncodingKey::from_secret(secret).expect("invariant: the secret is not empty");
-        let decoding = DecodingKey::from_secret(secret).expect("invariant: the secret is not empty");
+    /// Keys for `secret`, which is long enough by construction, accepting tokens that live up
+    /// to [`TOKEN_TTL_MAX_S_DEFAULT`].
+    pub fn new(secret: &Secret) -> Keys {
+        let secret = secret.as_bytes();
+        let encoding = EncodingKey::from_secret(secret).expect("invariant: a Secret is not empty");
+        let decoding = DecodingKey::from_secret(secret).expect("invariant: a Secret is not empty");
         let mut validation = Validation::new(ALGORITHM);
         validation.algorithms = vec![ALGORITHM];
         validation.set_required_spec_claims(&["exp"]);
-        // Expiry is compared in `verify` with the caller's `now`, with no leeway: a token is
-        // dead at its `exp` second.
+        // Expiry and `nbf` are compared in `verify` with the caller's `now`, with no leeway: a
+        // token is dead at its `exp` second and alive from its `nbf` second.
         validation.validate_exp = false;
+        validation.validate_nbf = false;
         validation.leeway = 0;
         // Atelier has one audience; an `aud` minted by another system is not its concern.
         validation.validate_aud = false;
-        Keys { encoding, decoding, validation }
+        Keys { encoding, decoding, validation, ttl_max_s: TOKEN_TTL_MAX_S_DEFAULT }
     }
 
-    /// Signs a token for `user` valid until `exp` (seconds since the epoch).
-    pub fn issue(&self, user: &str, role: Role, exp: i64) -> String {
-        let claims = Claims { exp, role: Some(role), sub: user.to_string() };
-        jsonwebtoken::encode(&Header::new(ALGORITHM), &claims, &self.encoding)
-            .expect("invariant: an HS256 key signs any claims that serialize")
+    /// These keys, accepting (and issuing) tokens that live up to `ttl_max_s` seconds.
+    pub fn with_ttl_max_s(self, ttl_max_s: i64) -> Keys {
+        Keys { ttl_max_s, ..self }
     }
 
-    /// Checks size, algorithm, signature and expiry (`now` in seconds since the epoch).
+    pub fn ttl_max_s(&self) -> i64 {
+        self.ttl_max_s
+    }
+
+    /// Signs a token for `user` issued at `iat` and valid for `ttl_s` seconds after it
+    /// (seconds since the epoch); a `ttl_s` beyond the maximum is refused, as `verify` would.
+    pub fn issue(&self, user: &str, role: Role, iat: i64, ttl_s: i64) -> Result<String, TokenError> {
+        if ttl_s > self.ttl_max_s {
+            return Err(TokenError::TtlTooLong { ttl_s, max_s: self.ttl_max_s });
+        }
+        let claims = Claims {
+            exp: iat.saturating_add(ttl_s),
+            iat: Some(iat),
+            nbf: None,
+            role: Some(role),
+            sub: user.to_string(),
+        };
+        Ok(jsonwebtoken::encode(&Header::new(ALGORITHM), &claims, &self.encoding)
+            .expect("invariant: an HS256 key signs any claims that serialize"))
+    }
+
+    /// Checks size, algorithm, signature, expiry, `nbf`, `iat` and lifetime (`now` in seconds
+    /// since the epoch).
     pub fn verify(&self, token: &str, now: i64) -> Result<Identity, TokenError> {
         if token.len() > TOKEN_BYTES_MAX || token.split('.').count() != 3 {
             return Err(TokenError::Malformed { source: None });
@@ -150,6 +200,15 @@ impl Keys {
             .claims;
         if claims.exp <= now {
             return Err(TokenError::Expired);
+        }
+        if claims.nbf.is_some_and(|nbf| nbf > now) || claims.iat.is_some_and(|iat| iat > now) {
+            return Err(TokenError::NotYetValid);
+        }
+        // A token without `iat` (minted before it was issued, or by another system) is judged
+        // by what is left of its life, so it keeps working within the maximum.
+        let ttl_s = claims.exp.saturating_sub(claims.iat.unwrap_or(now));
+        if ttl_s > self.ttl_max_s {
+            return Err(TokenError::TtlTooLong { ttl_s, max_s: self.ttl_max_s });
         }
         if claims.sub.is_empty() {
             return Err(TokenError::Malformed { source: None });
@@ -174,24 +233,42 @@ mod tests {
 
     use super::*;
 
+    /// The unit tests' secret, and another of the same length.
+    const SECRET: &[u8] = b"secret-for-the-auth-unit-tests!!";
+    const OTHER: &[u8] = b"other-secret-for-the-auth-tests!";
+
+    /// Keys for `secret` with no lifetime limit, for the tests of everything else.
+    fn keys_for(secret: &[u8]) -> Keys {
+        Keys::new(&Secret::new(secret).unwrap()).with_ttl_max_s(i64::MAX)
+    }
+
+    fn keys() -> Keys {
+        keys_for(SECRET)
+    }
+
+    /// A token issued at 0 that expires at `exp`.
+    fn issue(k: &Keys, user: &str, role: Role, exp: i64) -> String {
+        k.issue(user, role, 0, exp).unwrap()
+    }
+
     fn malformed() -> Result<Identity, TokenError> {
         Err(TokenError::Malformed { source: None })
     }
 
     /// A token with `header` and `payload` (JSON) and the signature of `signed_by`.
     fn forge(header: &str, payload: &str, signed_by: &Keys) -> String {
-        let real = signed_by.issue("x", Role::User, 1);
+        let real = issue(signed_by, "x", Role::User, 1);
         let sig = real.rsplit('.').next().unwrap();
         format!("{}.{}.{sig}", B64.encode(header), B64.encode(payload))
     }
 
     #[test]
     fn issue_verify_round_trip_and_failures() {
-        let k = Keys::new(b"secret");
-        let t = k.issue("alice", Role::Admin, 2_000);
+        let k = keys();
+        let t = issue(&k, "alice", Role::Admin, 2_000);
         assert_eq!(k.verify(&t, 1_000), Ok(Identity { user_id: "alice".into(), role: Role::Admin }));
         assert_eq!(k.verify(&t, 2_000), Err(TokenError::Expired));
-        assert_eq!(Keys::new(b"other").verify(&t, 1_000), Err(TokenError::BadSignature));
+        assert_eq!(keys_for(OTHER).verify(&t, 1_000), Err(TokenError::BadSignature));
         assert_eq!(k.verify("a.b", 0), malformed());
         // Swap the payload for one claiming admin: the signature no longer matches.
         let forged_payload = B64.encode(r#"{"sub":"mallory","role":"admin","exp":9999999999}"#);
@@ -204,25 +281,62 @@ mod tests {
     }
 
     /// Tokens minted before `jsonwebtoken` signed them (header `{"alg":"HS256","typ":"JWT"}`,
-    /// claims `{"exp","role","sub"}`) keep verifying, an empty secret's too.
+    /// claims `{"exp","role","sub"}`, no `iat`) keep verifying within the maximum lifetime.
+    /// The signature was computed apart from this crate (HMAC-SHA256 of the first two parts).
     #[test]
     fn tokens_in_the_earlier_layout_still_verify() {
         let alice = Ok(Identity { user_id: "alice".into(), role: Role::Admin });
         let signed = "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.\
             eyJleHAiOjQwMDAwMDAwMDAsInJvbGUiOiJhZG1pbiIsInN1YiI6ImFsaWNlIn0.";
-        let by_secret = format!("{signed}84UqI5taZjFJNMd0-DY_3yA1CZJt_6c98rvP8Rm7r5k");
-        let by_empty = format!("{signed}6Cvz813wN0Ls1H8F4TVSFbxp2IM3w65kT9hEOjaZ-Bs");
-        assert_eq!(Keys::new(b"secret").verify(&by_secret, 1_000), alice);
-        assert_eq!(Keys::new(b"").verify(&by_empty, 1_000), alice);
-        // And the claims issued today are the same JSON.
-        let t = Keys::new(b"secret").issue("alice", Role::Admin, 4_000_000_000);
+        let by_secret = format!("{signed}TSHdrDJkpmFz1DUaF6w0LENyyjB3fzhGvErBO4uzZCI");
+        let k = Keys::new(&Secret::new(SECRET).unwrap());
+        let within_ttl = 4_000_000_000 - TOKEN_TTL_MAX_S_DEFAULT;
+        assert_eq!(k.verify(&by_secret, within_ttl), alice);
+        let too_early = within_ttl - 1;
+        assert_eq!(
+            k.verify(&by_secret, too_early),
+            Err(TokenError::TtlTooLong {
+                ttl_s: TOKEN_TTL_MAX_S_DEFAULT + 1,
+                max_s: TOKEN_TTL_MAX_S_DEFAULT
+            })
+        );
+        // The claims issued today are the same JSON with `iat` in its sorted place.
+        let t = k.issue("alice", Role::Admin, 3_999_999_000, 1_000).unwrap();
         let payload = B64.decode(t.split('.').nth(1).unwrap()).unwrap();
-        assert_eq!(payload, br#"{"exp":4000000000,"role":"admin","sub":"alice"}"#);
+        assert_eq!(payload, br#"{"exp":4000000000,"iat":3999999000,"role":"admin","sub":"alice"}"#);
+    }
+
+    #[test]
+    fn iat_nbf_and_the_maximum_lifetime_are_checked() {
+        let k = Keys::new(&Secret::new(SECRET).unwrap()).with_ttl_max_s(3_600);
+        let sign = |claims: serde_json::Value| {
+            jsonwebtoken::encode(&Header::new(ALGORITHM), &claims, &EncodingKey::from_secret(SECRET).unwrap())
+                .unwrap()
+        };
+        let bob = Ok(Identity { user_id: "bob".into(), role: Role::User });
+        let t = k.issue("bob", Role::User, 1_000, 3_600).unwrap();
+        assert_eq!(k.verify(&t, 1_000), bob);
+        assert_eq!(k.verify(&t, 999), Err(TokenError::NotYetValid), "issued in the future");
+        assert_eq!(k.verify(&t, 4_600), Err(TokenError::Expired));
+        assert_eq!(
+            k.issue("bob", Role::User, 1_000, 3_601),
+            Err(TokenError::TtlTooLong { ttl_s: 3_601, max_s: 3_600 })
+        );
+        let nbf = sign(serde_json::json!({"sub": "bob", "nbf": 2_000, "exp": 3_000}));
+        assert_eq!(k.verify(&nbf, 1_999), Err(TokenError::NotYetValid));
+        assert_eq!(k.verify(&nbf, 2_000), bob);
+        let long = sign(serde_json::json!({"sub": "bob", "iat": 1_000, "exp": 4_601}));
+        assert_eq!(k.verify(&long, 4_000), Err(TokenError::TtlTooLong { ttl_s: 3_601, max_s: 3_600 }));
+        assert!(k.verify(&long, 4_000).unwrap_err().to_string().contains("longer than"));
+        // Without `iat`, what is left of the token's life counts.
+        let no_iat = sign(serde_json::json!({"sub": "bob", "exp": 4_601}));
+        assert!(matches!(k.verify(&no_iat, 1_000), Err(TokenError::TtlTooLong { .. })));
+        assert_eq!(k.verify(&no_iat, 1_001), bob);
     }
 
     #[test]
     fn only_hs256_is_accepted() {
-        let k = Keys::new(b"secret");
+        let k = keys();
         let claims = r#"{"sub":"mallory","role":"admin","exp":9999999999}"#;
         for header in [
             r#"{"alg":"none","typ":"JWT"}"#,
@@ -241,8 +355,14 @@ mod tests {
         // An HS512 token correctly signed with the same secret is refused too.
         let hs512 = jsonwebtoken::encode(
             &Header::new(Algorithm::HS512),
-            &Claims { exp: 9_999_999_999, role: Some(Role::Admin), sub: "mallory".into() },
-            &EncodingKey::from_secret(b"secret").unwrap(),
+            &Claims {
+                exp: 9_999_999_999,
+                iat: None,
+                nbf: None,
+                role: Some(Role::Admin),
+                sub: "mallory".into(),
+            },
+            &EncodingKey::from_secret(SECRET).unwrap(),
         )
         .unwrap();
         assert_eq!(k.verify(&hs512, 1_000), Err(TokenError::UnsupportedAlgorithm));
@@ -250,11 +370,11 @@ mod tests {
 
     #[test]
     fn a_token_without_exp_is_refused() {
-        let k = Keys::new(b"secret");
+        let k = keys();
         let no_exp = jsonwebtoken::encode(
             &Header::new(ALGORITHM),
             &serde_json::json!({"sub": "alice", "role": "admin"}),
-            &EncodingKey::from_secret(b"secret").unwrap(),
+            &EncodingKey::from_secret(SECRET).unwrap(),
         )
         .unwrap();
         let err = k.verify(&no_exp, 1_000).unwrap_err();
@@ -266,19 +386,19 @@ mod tests {
 
     #[test]
     fn an_oversized_token_is_refused_before_parsing() {
-        let k = Keys::new(b"secret");
+        let k = keys();
         // Correctly signed, so only its size can refuse it; no parser error is the source.
-        let big = k.issue(&"a".repeat(TOKEN_BYTES_MAX), Role::User, 9_999_999_999);
+        let big = issue(&k, &"a".repeat(TOKEN_BYTES_MAX), Role::User, 9_999_999_999);
         assert!(big.len() > TOKEN_BYTES_MAX);
         assert_eq!(k.verify(&big, 1_000), malformed());
-        let fits = k.issue(&"a".repeat(TOKEN_BYTES_MAX / 2), Role::User, 9_999_999_999);
+        let fits = issue(&k, &"a".repeat(TOKEN_BYTES_MAX / 2), Role::User, 9_999_999_999);
         assert!(k.verify(&fits, 1_000).is_ok());
     }
 
     #[test]
     fn a_tampered_signature_is_refused() {
-        let k = Keys::new(b"secret");
-        let t = k.issue("alice", Role::User, 9_999_999_999);
+        let k = keys();
+        let t = issue(&k, "alice", Role::User, 9_999_999_999);
         let (signed, sig) = t.rsplit_once('.').unwrap();
         let mut bytes = B64.decode(sig).unwrap();
         bytes[0] ^= 1;
@@ -291,14 +411,10 @@ mod tests {
 
     #[test]
     fn claims_of_the_wrong_shape_are_malformed() {
-        let k = Keys::new(b"secret");
+        let k = keys();
         let sign = |claims: serde_json::Value| {
-            jsonwebtoken::encode(
-                &Header::new(ALGORITHM),
-                &claims,
-                &EncodingKey::from_secret(b"secret").unwrap(),
-            )
-            .unwrap()
+            jsonwebtoken::encode(&Header::new(ALGORITHM), &claims, &EncodingKey::from_secret(SECRET).unwrap())
+                .unwrap()
         };
         let user = Ok(Identity { user_id: "bob".into(), role: Role::User });
         assert_eq!(k.verify(&sign(serde_json::json!({"sub": "bob", "exp": 9_999_999_999_i64})), 1_000), user);

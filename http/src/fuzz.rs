@@ -50,7 +50,8 @@ fn fuzz_request_lines(data: &[u8]) {
 fn check_request(req: &Req) {
     let _ = find(&req.method, &req.path);
     let _ = req.cookie("atelier_token");
-    let keys = Keys::new(b"fuzz");
+    let secret = crate::secret::Secret::new(*b"fuzz-secret-of-thirty-two-bytes!");
+    let keys = Keys::new(&secret.expect("invariant: 32 bytes"));
     if let Some(t) = req.header("authorization") {
         let _ = keys.verify(t.trim_start_matches("Bearer "), 0);
     }

@@ -91,8 +91,9 @@ fn auth_matrix() {
     let none = s.get(&path, None);
     assert_eq!((none.status, none.code().as_str()), (401, "unauthorized"));
     assert_eq!(s.get(&path, Some(&expired_token("alice"))).status, 401);
-    let forged =
-        atelier_http::Keys::new(b"not the secret").issue("alice", atelier_http::Role::Admin, now_s() + 60);
+    let forged = keys_for("not the secret, but just as long")
+        .issue("alice", atelier_http::Role::Admin, now_s(), 60)
+        .unwrap();
     assert_eq!(s.get(&path, Some(&forged)).status, 401);
     assert_eq!(s.get(&path, Some("garbage")).status, 401);
     // A real token's claims under a header naming no algorithm (`{"alg":"none"}`), unsigned.

@@ -24,13 +24,20 @@ pub fn now_s() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64
 }
 
+/// The keys of a server whose secret is `secret` (at least 32 bytes).
+pub fn keys_for(secret: &str) -> atelier_http::Keys {
+    atelier_http::Keys::new(&atelier_http::secret::Secret::new(secret).expect("a long enough test secret"))
+}
+
 pub fn token(user: &str, admin: bool) -> String {
     let role = if admin { atelier_http::Role::Admin } else { atelier_http::Role::User };
-    atelier_http::Keys::new(SECRET.as_bytes()).issue(user, role, now_s() + 3600)
+    keys_for(SECRET).issue(user, role, now_s(), 3600).expect("within the maximum lifetime")
 }
 
 pub fn expired_token(user: &str) -> String {
-    atelier_http::Keys::new(SECRET.as_bytes()).issue(user, atelier_http::Role::User, now_s() - 10)
+    keys_for(SECRET)
+        .issue(user, atelier_http::Role::User, now_s() - 3600, 3590)
+        .expect("within the maximum lifetime")
 }
 
 /// A running `atelier serve`, killed (SIGKILL) on drop unless stopped first.

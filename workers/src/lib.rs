@@ -96,8 +96,8 @@ impl Workers {
         // Workers run in their job dir: every path handed to them must not depend on our cwd.
         let data_dir = DataDir::absolute(&data_dir).map_err(io_err("resolve the data dir"))?;
         let exe = std::path::absolute(&exe).map_err(io_err("resolve the executable path"))?;
-        std::fs::create_dir_all(data_dir.jobs()).map_err(io_err("create the jobs dir"))?;
-        std::fs::create_dir_all(data_dir.artifacts()).map_err(io_err("create the artifacts dir"))?;
+        inside::private::create_dir_all(&data_dir.jobs()).map_err(io_err("create the jobs dir"))?;
+        inside::private::create_dir_all(&data_dir.artifacts()).map_err(io_err("create the artifacts dir"))?;
         let metrics = Arc::new(Metrics::default());
         let shared = Arc::new(Shared {
             store,

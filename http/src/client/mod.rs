@@ -2,6 +2,7 @@
 //! HTTP/1.1. Used by the `atelier submit | watch | status | list` commands; [`watch`] is the
 //! terminal view that follows one commission over it.
 
+pub mod printable;
 pub mod watch;
 
 use std::io::{BufRead, BufReader, Read, Write};

@@ -1,12 +1,14 @@
 //! `atelier watch`: follows one commission over the client's SSE stream and draws per-stage
 //! progress bars (plain lines when stdout is not a terminal), reconnecting from the last event
 //! it saw when the connection breaks. It sits beside the client it drives; the binary only
-//! turns the [`Outcome`] into an exit code.
+//! turns the [`Outcome`] into an exit code. What the server sends is made printable as it
+//! arrives (workers write the messages), so nothing below prints raw text.
 
 use std::time::Duration;
 
 use serde_json::Value;
 
+use super::printable::{printable, printable_json};
 use super::{Client, ClientError, StreamEvent};
 
 /// How often `watch` tries to reconnect before giving up.
@@ -67,10 +69,15 @@ fn state_of(v: &Value) -> String {
     v["state"].as_str().unwrap_or("").to_string()
 }
 
+/// The commission's snapshot, made printable.
+fn snapshot(c: &Client, path: &str) -> Result<Value, ClientError> {
+    Ok(printable_json(&c.json("GET", path, None)?.1))
+}
+
 /// Follows commission `id` until it ends, drawing its progress on stdout.
 pub fn watch(c: &Client, id: u64) -> Result<Outcome, WatchError> {
     let snapshot_path = format!("/api/commissions/{id}");
-    let (_, snap) = c.json("GET", &snapshot_path, None)?;
+    let snap = snapshot(c, &snapshot_path)?;
     let bars = Bars::new(&snap);
     let mut last = snap["last_event_id"].as_u64();
     let mut state = state_of(&snap);
@@ -86,13 +93,14 @@ pub fn watch(c: &Client, id: u64) -> Result<Outcome, WatchError> {
                     if e.id.is_some() {
                         last = e.id;
                     }
+                    let e = StreamEvent { event: printable(&e.event), data: printable_json(&e.data), ..e };
                     state = state_of(&e.data);
                     bars.apply(&e);
                 }
             }
             Ok(None) => {
                 // 204: finished, nothing newer than what we saw.
-                state = state_of(&c.json("GET", &snapshot_path, None)?.1);
+                state = state_of(&snapshot(c, &snapshot_path)?);
             }
             Err(e @ ClientError::Api { status, .. }) if status < 500 => return Err(WatchError::Refused(e)),
             Err(e) => tracing::debug!(error = %e, "watch: connection failed"),
@@ -110,7 +118,7 @@ pub fn watch(c: &Client, id: u64) -> Result<Outcome, WatchError> {
         }
         std::thread::sleep(WATCH_RECONNECT_DELAY);
     }
-    let (_, snap) = c.json("GET", &snapshot_path, None)?;
+    let snap = snapshot(c, &snapshot_path)?;
     Ok(bars.finish(&state, &snap))
 }
 

@@ -99,9 +99,13 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("atelier-readyz-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let store = SledStore::open(StoreConfig::new(&dir)).expect("open a store");
-        let server =
-            Server::start(HttpConfig::new("127.0.0.1:0", &dir), store.clone(), Keys::new(b"k"), None)
-                .expect("start");
+        let server = Server::start(
+            HttpConfig::new("127.0.0.1:0", &dir),
+            store.clone(),
+            Keys::new(&crate::secret::Secret::new([7; 32]).unwrap()),
+            None,
+        )
+        .expect("start");
         // Without executors the server is not ready either, but the store is open.
         let (status, body) = get(server.local_addr(), "/readyz");
         assert_eq!((status, &body["store"]), (503, &Value::from("open")), "{body}");

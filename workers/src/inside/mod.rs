@@ -12,6 +12,7 @@ pub(crate) mod interface;
 pub(crate) mod pipe;
 pub(crate) mod pipeline;
 mod png;
+pub(crate) mod private;
 pub mod protocol;
 pub(crate) mod trampoline;
 pub(crate) mod worker;

@@ -17,6 +17,7 @@ use serde_json::{json, Map, Value};
 use sha2::{Digest, Sha256};
 
 use crate::config::{Builtin, PipelineConfig, StageSpec};
+use crate::inside::private;
 use crate::inside::protocol::Message;
 
 /// A test delay in the context (`delay_ms`) is cut to this, per stage.
@@ -55,7 +56,7 @@ impl RunEnv {
     /// a `mkdir` is a measurable share of a short job's whole CPU cost (BENCHMARKS.md, "Job
     /// controller"), and most `noop` jobs never put anything there.
     pub fn make_job_dir(&self) -> Result<&Path, String> {
-        std::fs::create_dir_all(&self.job_dir)
+        private::create_dir_all(&self.job_dir)
             .map_err(|e| format!("cannot create {}: {e}", self.job_dir.display()))?;
         Ok(&self.job_dir)
     }
@@ -288,7 +289,7 @@ fn run_builtin(
             let digest = hex(&Sha256::digest(&bytes));
             let dest = env.artifacts_dir.join(format!("{digest}.png"));
             if !dest.exists() {
-                std::fs::create_dir_all(&env.artifacts_dir)
+                private::create_dir_all(&env.artifacts_dir)
                     .map_err(|e| fail(format!("cannot create {}: {e}", env.artifacts_dir.display()), true))?;
                 write_atomic(&dest, &bytes)
                     .map_err(|e| fail(format!("cannot store {}: {e}", dest.display()), true))?;
@@ -425,7 +426,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let tmp = dir.join(format!(".{name}.{}.{:?}.tmp", std::process::id(), std::thread::current().id()));
     let result = (|| {
-        let mut f = std::fs::File::create(&tmp)?;
+        let mut f = private::create_file(&tmp)?;
         f.write_all(bytes)?;
         f.sync_all()?;
         std::fs::rename(&tmp, path)

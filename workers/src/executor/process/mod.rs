@@ -168,10 +168,13 @@ fn pipeline_file(shared: &Shared, p: &PipelineConfig, job_id: u64) -> Result<Pat
     if path.exists() {
         return Ok(path);
     }
-    std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    crate::inside::private::create_dir_all(&dir)
+        .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
     // Written aside and renamed, so a worker never reads half a file.
     let tmp = shared.data_dir.pipeline_spec_tmp(&p.name, &hash, job_id);
-    std::fs::write(&tmp, spec).map_err(|e| format!("cannot write {}: {e}", tmp.display()))?;
+    crate::inside::private::create_file(&tmp)
+        .and_then(|mut f| std::io::Write::write_all(&mut f, &spec))
+        .map_err(|e| format!("cannot write {}: {e}", tmp.display()))?;
     std::fs::rename(&tmp, &path).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
     Ok(path)
 }

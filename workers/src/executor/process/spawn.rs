@@ -124,7 +124,7 @@ impl Spawner {
         // (`RunEnv::make_job_dir`); it runs in the jobs dir meanwhile.
         let (worker_argv, cwd) = match &p.command {
             Some(cmd) => {
-                std::fs::create_dir_all(dir)?;
+                crate::inside::private::create_dir_all(dir)?;
                 (cmd.clone(), dir.to_path_buf())
             }
             None => {

@@ -82,9 +82,9 @@ impl LogSink {
         if self.file.is_none() {
             // The job's directory too: it is made when something first goes in it.
             if let Some(dir) = self.path.parent() {
-                let _ = std::fs::create_dir_all(dir);
+                let _ = crate::inside::private::create_dir_all(dir);
             }
-            self.file = File::create(&self.path).ok();
+            self.file = crate::inside::private::create_file(&self.path).ok();
             self.failed = self.file.is_none();
         }
         let Some(f) = self.file.as_mut() else { return };
