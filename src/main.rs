@@ -28,8 +28,9 @@ use settings::{ClientSettings, NoToken, Overrides, ServerSettings};
 const EXIT_ERROR: u8 = 2;
 /// How often the server's main loop looks at the stop flag and retention.
 const SERVE_TICK: Duration = Duration::from_millis(100);
-/// How long the token the server prints for its status page is valid.
-const STATUS_PAGE_TOKEN_TTL_S: i64 = 24 * 3600;
+/// How long the sign-in link the server prints is valid: it lands in the service's log
+/// (journald), so it must be short-lived; a lasting token comes from `atelier token`.
+const SIGN_IN_LINK_TTL_S: i64 = 15 * 60;
 
 static STOP: AtomicBool = AtomicBool::new(false);
 
@@ -311,12 +312,17 @@ fn serve(listen: Option<String>, store_args: StoreArgs) -> Result<ExitCode, CliE
         libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
     }
     let addr = server.local_addr();
+    let link_ttl_s = SIGN_IN_LINK_TTL_S.min(keys.ttl_max_s());
     let admin = keys
-        .issue("admin", Role::Admin, now_s(), STATUS_PAGE_TOKEN_TTL_S.min(keys.ttl_max_s()))
+        .issue("admin", Role::Admin, now_s(), link_ttl_s)
         .expect("invariant: the lifetime is within the maximum");
     tracing::info!(%addr, data_dir = %s.data_dir.display(), "atelier is serving");
     println!("atelier listening on http://{addr}");
-    println!("open the status page as a local admin: http://{addr}/?token={admin}");
+    let lifetime = match link_ttl_s % 60 {
+        0 => format!("{} minutes", link_ttl_s / 60),
+        _ => format!("{link_ttl_s} seconds"),
+    };
+    println!("open the status page as a local admin (this link works for {lifetime}): http://{addr}/?token={admin}");
     let mut retention = s.retention_days.map(Retention::days);
     while !STOP.load(Ordering::SeqCst) {
         std::thread::sleep(SERVE_TICK);

@@ -118,6 +118,21 @@ fn expired_not_yet_valid_and_over_long_tokens_get_401_with_the_reason() {
     assert_eq!(s.get("/api/me", Some(&month)).status, 200);
 }
 
+/// The sign-in link `serve` prints lands in the service's log: it lives 15 minutes, says so,
+/// and signs in as admin.
+#[test]
+fn the_printed_sign_in_link_lives_fifteen_minutes_and_says_so() {
+    let dir = temp_dir("secrets-link");
+    let s = Server::start(exe(), dir.path(), &[]);
+    assert!(s.sign_in_line.contains("works for 15 minutes"), "{}", s.sign_in_line);
+    let token = s.sign_in_line.rsplit("?token=").next().expect("a token in the link").to_string();
+    let claims = jwt_claims(&token);
+    let (iat, exp) = (claims["iat"].as_i64().unwrap(), claims["exp"].as_i64().unwrap());
+    assert_eq!(exp - iat, 15 * 60, "{claims}");
+    let me = s.get("/api/me", Some(&token));
+    assert_eq!((me.status, me.json()["role"].as_str()), (200, Some("admin")), "{}", me.text());
+}
+
 #[test]
 fn atelier_token_refuses_a_ttl_beyond_the_maximum() {
     let dir = temp_dir("secrets-token-ttl");

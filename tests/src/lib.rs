@@ -47,6 +47,8 @@ pub struct Server {
     pub data_dir: PathBuf,
     pub exe: PathBuf,
     pub env: Vec<(String, String)>,
+    /// The line after the listen address: the admin sign-in link the server prints.
+    pub sign_in_line: String,
 }
 
 impl Server {
@@ -113,6 +115,8 @@ impl Server {
                 break rest.parse().expect("listen address");
             }
         };
+        let mut sign_in_line = String::new();
+        let _ = out.read_line(&mut sign_in_line);
         // Keep draining stdout so the server never blocks on a full pipe.
         std::thread::spawn(move || {
             let mut sink = String::new();
@@ -126,6 +130,7 @@ impl Server {
             data_dir: data_dir.to_path_buf(),
             exe: exe.to_path_buf(),
             env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            sign_in_line: sign_in_line.trim().to_string(),
         }
     }
 
@@ -434,4 +439,13 @@ pub fn artifacts_dir() -> PathBuf {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/test-artifacts");
     let _ = std::fs::create_dir_all(&dir);
     dir
+}
+
+/// The claims of a JWT, read without checking its signature (tests look at what a server
+/// issued).
+pub fn jwt_claims(token: &str) -> Value {
+    use base64::Engine as _;
+    let claims = token.split('.').nth(1).expect("a JWT has three parts");
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(claims).expect("base64url claims");
+    serde_json::from_slice(&bytes).expect("JSON claims")
 }
