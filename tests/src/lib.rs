@@ -449,3 +449,23 @@ pub fn jwt_claims(token: &str) -> Value {
     let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(claims).expect("base64url claims");
     serde_json::from_slice(&bytes).expect("JSON claims")
 }
+
+/// The workspace's root folder (tests run from their own crate's folder).
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ is inside the workspace").to_path_buf()
+}
+
+/// Every `.rs` file under `dir`, build output, snapshots and vendored crates left out (vendored
+/// crates keep their authors' style: storage/vendor/README.md).
+pub fn rust_sources(dir: &Path, out: &mut Vec<PathBuf>) {
+    for entry in std::fs::read_dir(dir).expect("a readable source dir") {
+        let p = entry.expect("a readable dir entry").path();
+        if p.is_dir() {
+            if !p.ends_with("target") && !p.ends_with("snapshots") && !p.ends_with("vendor") {
+                rust_sources(&p, out);
+            }
+        } else if p.extension().is_some_and(|e| e == "rs") {
+            out.push(p);
+        }
+    }
+}

@@ -12,20 +12,11 @@ const FUNCTION_LINES_MAX: usize = 100;
 const CRATE_SOURCES: &[&str] = &["engine/src", "config/src", "storage/src", "http/src", "workers/src", "src"];
 
 fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+    atelier_tests::workspace_root()
 }
 
 fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
-    for entry in std::fs::read_dir(dir).unwrap() {
-        let p = entry.unwrap().path();
-        if p.is_dir() {
-            if !p.ends_with("snapshots") && !p.ends_with("vendor") {
-                rust_files(&p, out);
-            }
-        } else if p.extension().is_some_and(|e| e == "rs") {
-            out.push(p);
-        }
-    }
+    atelier_tests::rust_sources(dir, out)
 }
 
 /// Source with comments, string and char literals blanked out (same length, same line breaks),

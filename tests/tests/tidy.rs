@@ -3,21 +3,11 @@
 use std::path::{Path, PathBuf};
 
 fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+    atelier_tests::workspace_root()
 }
 
 fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
-    for entry in std::fs::read_dir(dir).unwrap() {
-        let p = entry.unwrap().path();
-        if p.is_dir() {
-            // Vendored crates keep their authors' style (storage/vendor/README.md).
-            if !p.ends_with("target") && !p.ends_with("snapshots") && !p.ends_with("vendor") {
-                rust_files(&p, out);
-            }
-        } else if p.extension().is_some_and(|e| e == "rs") {
-            out.push(p);
-        }
-    }
+    atelier_tests::rust_sources(dir, out)
 }
 
 #[test]
