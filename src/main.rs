@@ -224,11 +224,9 @@ fn init_logging() {
     }
 }
 
-/// The executors as the HTTP side sees them.
+/// The executors as the HTTP side sees them: every answer comes from the running `Workers`.
 struct ServedExecutors {
     workers: Workers,
-    pipelines: Vec<String>,
-    job_dirs_keep: Option<Duration>,
 }
 
 impl Executors for ServedExecutors {
@@ -249,15 +247,15 @@ impl Executors for ServedExecutors {
     }
 
     fn job_dirs_keep_ms(&self) -> Option<u64> {
-        self.job_dirs_keep.map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        self.workers.job_dirs_keep().map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
     }
 
     fn pipeline_exists(&self, name: &str) -> bool {
-        self.pipelines.iter().any(|p| p == name)
+        self.workers.has_pipeline(name)
     }
 
     fn pipeline_names(&self) -> Vec<String> {
-        self.pipelines.clone()
+        self.workers.pipeline_names()
     }
 }
 
@@ -271,8 +269,6 @@ fn start_workers(
     let mut workers_config = WorkersConfig::from_sources(sources)?;
     // The server owns its process: it may end whatever a job leaves behind outside its group.
     workers_config.contain_descendants = true;
-    let pipelines = workers_config.pipelines.keys().cloned().collect();
-    let job_dirs_keep = workers_config.job_dirs_keep();
     let server_exe = std::env::current_exe().map_err(io_error("cannot find the atelier binary".into()))?;
     let program = atelier_workers::choose_worker_program(&server_exe, s.worker_program.clone())?;
     match &program.source {
@@ -287,7 +283,7 @@ fn start_workers(
     }
     let data_dir = std::fs::canonicalize(&s.data_dir).unwrap_or_else(|_| s.data_dir.clone());
     let workers = Workers::start(store, workers_config, data_dir, program.path)?;
-    Ok(Arc::new(ServedExecutors { workers, pipelines, job_dirs_keep }))
+    Ok(Arc::new(ServedExecutors { workers }))
 }
 
 fn serve(listen: Option<String>, store_args: StoreArgs) -> Result<ExitCode, CliError> {

@@ -171,6 +171,15 @@ impl Workers {
         self.shared.config.pipelines.keys().cloned().collect()
     }
 
+    pub fn has_pipeline(&self, name: &str) -> bool {
+        self.shared.config.pipelines.contains_key(name)
+    }
+
+    /// How long a finished job's dir (and its logs) is kept; `None`: for good.
+    pub fn job_dirs_keep(&self) -> Option<std::time::Duration> {
+        self.shared.config.job_dirs_keep()
+    }
+
     /// Where everything lies under the data dir.
     pub fn data_dir(&self) -> &DataDir {
         &self.shared.data_dir

@@ -15,7 +15,7 @@ use crate::inside::pipeline::JobInput;
 use crate::metrics::Metrics;
 use crate::paths::DataDir;
 use crate::router::{RollbackReason, Router};
-use crate::session::{ctx, job_end, record_finish, Finish};
+use crate::session::{ctx, job_end, record_finish, Finish, Session};
 
 /// What every thread of the workers shares.
 pub(crate) struct Shared {
@@ -43,8 +43,16 @@ impl Shared {
         }
     }
 
-    pub(crate) fn progress_interval(&self) -> Duration {
-        Duration::from_millis(self.config.progress_update_interval_ms)
+    /// A job's conversation with the log, set up alike for both executors.
+    pub(crate) fn session(&self, commission_id: u64, job_id: u64) -> Session {
+        Session::new(
+            self.store.clone(),
+            commission_id,
+            job_id,
+            self.config.retry,
+            Duration::from_millis(self.config.progress_update_interval_ms),
+            self.metrics.clone(),
+        )
     }
 
     /// The pipeline a commission names, if configured.

@@ -166,14 +166,7 @@ fn run_task(shared: &Shared, c: Commission, signal: &JobSignal) {
         artifacts_dir: shared.data_dir.artifacts(),
         tick: Duration::from_millis((heartbeat_ms / 4).clamp(10, TICK_MS_MAX)),
     };
-    let session = Session::new(
-        shared.store.clone(),
-        c.id,
-        job_id,
-        shared.config.retry,
-        shared.progress_interval(),
-        shared.metrics.clone(),
-    );
+    let session = shared.session(c.id, job_id);
     let mut rep = InProcess {
         session,
         signal,

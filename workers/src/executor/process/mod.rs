@@ -21,7 +21,7 @@ use self::spawn::Spawner;
 use self::watch::Watched;
 use crate::config::PipelineConfig;
 use crate::executor::signal::JobSignal;
-use crate::session::{ctx, record_finish, Finish, Session};
+use crate::session::{ctx, record_finish, Finish};
 use crate::shared::{commission_span, job_span, Shared};
 
 /// The job controller's executor: its spawner, shared by the job threads.
@@ -106,14 +106,7 @@ impl ProcessExecutor {
         tracing::info!(commission = c.id, job = job_id, pid, pipeline = %p.name, memory_mb, "job started");
         shared.metrics.job_started(executor);
         let started = Instant::now();
-        let mut session = Session::new(
-            shared.store.clone(),
-            c.id,
-            job_id,
-            shared.config.retry,
-            shared.progress_interval(),
-            shared.metrics.clone(),
-        );
+        let mut session = shared.session(c.id, job_id);
         let watched = Watched {
             child,
             proto_r,
