@@ -6,8 +6,11 @@ use std::io::{BufReader, BufWriter, ErrorKind, Read};
 
 use std::net::SocketAddr;
 use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
 
 use crate::common::{HTTPVersion, Method};
+use crate::util::Deadline;
 use crate::util::RefinedTcpStream;
 use crate::util::{SequentialReader, SequentialReaderBuilder, SequentialWriterBuilder};
 use crate::Request;
@@ -34,6 +37,22 @@ pub struct ClientConnection {
 
     // true if the connection goes through SSL
     secure: bool,
+
+    // PATCH(atelier 4, 5): the connection's limits, its read deadline and what is left of the
+    // current head's byte budget.
+    limits: Arc<Limits>,
+    deadline: Arc<Deadline>,
+    head_budget: usize,
+}
+
+/// PATCH(atelier 4, 5, 6, 7): the limits of `Options` that each connection applies.
+#[derive(Default)]
+pub(crate) struct Limits {
+    pub head_timeout: Option<Duration>,
+    pub body_timeout: Option<Duration>,
+    pub head_bytes_max: usize,
+    pub body_bytes_max: usize,
+    pub refusal_body: Option<fn(u16, &str) -> (&'static str, Vec<u8>)>,
 }
 
 /// Error that can happen when reading a request.
@@ -44,6 +63,8 @@ enum ReadError {
     /// the client sent an unrecognized `Expect` header
     ExpectationFailed(HTTPVersion),
     ReadIoError(IoError),
+    // PATCH(atelier 5): the head is over `head_bytes_max`.
+    HeadTooLarge,
 }
 
 impl ClientConnection {
@@ -51,9 +72,11 @@ impl ClientConnection {
     pub fn new(
         write_socket: RefinedTcpStream,
         mut read_socket: RefinedTcpStream,
+        limits: Arc<Limits>,
     ) -> ClientConnection {
         let remote_addr = read_socket.peer_addr();
         let secure = read_socket.secure();
+        let deadline = read_socket.deadline();
 
         let mut source = SequentialReaderBuilder::new(BufReader::with_capacity(1024, read_socket));
         let first_header = source.next().unwrap();
@@ -65,6 +88,9 @@ impl ClientConnection {
             next_header_source: first_header,
             no_more_requests: false,
             secure,
+            limits,
+            deadline,
+            head_budget: 0,
         }
     }
 
@@ -89,6 +115,15 @@ impl ClientConnection {
                 None => return Err(IoError::new(ErrorKind::ConnectionAborted, "Unexpected EOF")),
             };
 
+            // PATCH(atelier 5, head limits): every byte of a head counts against its budget;
+            // without one, a client that never ends a line grows this buffer for good.
+            if self.limits.head_bytes_max != 0 {
+                if self.head_budget == 0 {
+                    return Err(IoError::new(ErrorKind::Other, HeadTooLarge));
+                }
+                self.head_budget -= 1;
+            }
+
             if byte == b'\n' && prev_byte_was_cr {
                 buf.pop(); // removing the '\r'
                 return AsciiString::from_ascii(buf)
@@ -103,11 +138,31 @@ impl ClientConnection {
 
     /// Reads a request from the stream.
     /// Blocks until the header has been read.
+    // PATCH(atelier 5): a line's read error, with a head over its budget and bytes that are
+    // not ASCII told apart from the connection's own errors.
+    fn line_error(e: IoError, version: Option<HTTPVersion>) -> ReadError {
+        if e.get_ref().map_or(false, |inner| inner.is::<HeadTooLarge>()) {
+            ReadError::HeadTooLarge
+        } else if e.kind() == ErrorKind::InvalidInput {
+            match version {
+                Some(version) => ReadError::WrongHeader(version),
+                None => ReadError::WrongRequestLine,
+            }
+        } else {
+            ReadError::ReadIoError(e)
+        }
+    }
+
     fn read(&mut self) -> Result<Request, ReadError> {
+        // PATCH(atelier 4, 5): a new head: its deadline and its byte budget start now.
+        self.deadline.set(self.limits.head_timeout);
+        self.head_budget = self.limits.head_bytes_max;
         let (method, path, version, headers) = {
             // reading the request line
             let (method, path, version) = {
-                let line = self.read_next_line().map_err(ReadError::ReadIoError)?;
+                let line = self
+                    .read_next_line()
+                    .map_err(|e| Self::line_error(e, None))?;
 
                 parse_request_line(
                     line.as_str().trim(), // TODO: remove this conversion
@@ -118,11 +173,19 @@ impl ClientConnection {
             let headers = {
                 let mut headers = Vec::new();
                 loop {
-                    let line = self.read_next_line().map_err(ReadError::ReadIoError)?;
+                    let line = self
+                        .read_next_line()
+                        .map_err(|e| Self::line_error(e, Some(version.clone())))?;
 
                     if line.is_empty() {
                         break;
                     };
+                    // PATCH(atelier 5): a line that starts with a space or tab continues
+                    // the previous header (obsolete line folding) for some parsers and is a
+                    // header of its own for others; RFC 9112 §5.2 lets a server refuse it.
+                    if line.as_bytes()[0] == b' ' || line.as_bytes()[0] == b'\t' {
+                        return Err(ReadError::WrongHeader(version));
+                    }
                     headers.push(match FromStr::from_str(line.as_str().trim()) {
                         // TODO: remove this conversion
                         Ok(h) => h,
@@ -135,6 +198,10 @@ impl ClientConnection {
 
             (method, path, version, headers)
         };
+
+        // PATCH(atelier 4): the body (read here if small, or by whoever reads the request)
+        // has a deadline of its own, from the end of the head.
+        self.deadline.set(self.limits.body_timeout);
 
         // building the writer for the request
         let writer = self.sink.next().unwrap();
@@ -153,6 +220,7 @@ impl ClientConnection {
             *self.remote_addr.as_ref().unwrap(),
             data_source,
             writer,
+            self.limits.body_bytes_max,
         )
         .map_err(|e| {
             use crate::request;
@@ -175,7 +243,6 @@ impl Iterator for ClientConnection {
     /// Blocks until the next Request is available.
     /// Returns None when no new Requests will come from the client.
     fn next(&mut self) -> Option<Request> {
-        use crate::{Response, StatusCode};
 
         // the client sent a "connection: close" header in this previous request
         //  or is using HTTP 1.0, meaning that no new request will come
@@ -187,7 +254,7 @@ impl Iterator for ClientConnection {
             let rq = match self.read() {
                 Err(ReadError::WrongRequestLine) => {
                     let writer = self.sink.next().unwrap();
-                    let response = Response::new_empty(StatusCode(400));
+                    let response = self.refusal(400, "the request line is not METHOD TARGET HTTP/1.1");
                     response
                         .raw_print(writer, HTTPVersion(1, 1), &[], false, None)
                         .ok();
@@ -197,7 +264,7 @@ impl Iterator for ClientConnection {
 
                 Err(ReadError::WrongHeader(ver)) => {
                     let writer = self.sink.next().unwrap();
-                    let response = Response::new_empty(StatusCode(400));
+                    let response = self.refusal(400, "a header line is malformed");
                     response.raw_print(writer, ver, &[], false, None).ok();
                     return None; // we don't know where the next request would start,
                                  // se we have to close
@@ -206,7 +273,7 @@ impl Iterator for ClientConnection {
                 Err(ReadError::ReadIoError(ref err)) if err.kind() == ErrorKind::TimedOut => {
                     // request timeout
                     let writer = self.sink.next().unwrap();
-                    let response = Response::new_empty(StatusCode(408));
+                    let response = self.refusal(408, "the request did not arrive in time");
                     response
                         .raw_print(writer, HTTPVersion(1, 1), &[], false, None)
                         .ok();
@@ -215,9 +282,19 @@ impl Iterator for ClientConnection {
 
                 Err(ReadError::ExpectationFailed(ver)) => {
                     let writer = self.sink.next().unwrap();
-                    let response = Response::new_empty(StatusCode(417));
-                    response.raw_print(writer, ver, &[], true, None).ok();
+                    let response = self.refusal(417, "the only expectation served is 100-continue");
+                    response.raw_print(writer, ver, &[], false, None).ok();
                     return None; // TODO: should be recoverable, but needs handling in case of body
+                }
+
+                // PATCH(atelier 5)
+                Err(ReadError::HeadTooLarge) => {
+                    let writer = self.sink.next().unwrap();
+                    let response = self.refusal(431, "the request head is too large");
+                    response
+                        .raw_print(writer, HTTPVersion(1, 1), &[], false, None)
+                        .ok();
+                    return None;
                 }
 
                 Err(ReadError::ReadIoError(_)) => return None,
@@ -228,14 +305,13 @@ impl Iterator for ClientConnection {
             // checking HTTP version
             if *rq.http_version() > (1, 1) {
                 let writer = self.sink.next().unwrap();
-                let response = Response::from_string(
-                    "This server only supports HTTP versions 1.0 and 1.1".to_owned(),
-                )
-                .with_status_code(StatusCode(505));
+                let response = self.refusal(505, "This server only supports HTTP versions 1.0 and 1.1");
                 response
                     .raw_print(writer, HTTPVersion(1, 1), &[], false, None)
                     .ok();
-                continue;
+                // PATCH(atelier 6): what follows is not HTTP/1 (an HTTP/2 preface, say), so
+                // there is no next request to find in it.
+                return None;
             }
 
             // updating the status of the connection
@@ -261,6 +337,38 @@ impl Iterator for ClientConnection {
 
             // returning the request
             return Some(rq);
+        }
+    }
+}
+
+/// PATCH(atelier 5): the inner error of a head over `head_bytes_max`.
+#[derive(Debug)]
+struct HeadTooLarge;
+
+impl std::fmt::Display for HeadTooLarge {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the request head is too large")
+    }
+}
+
+impl std::error::Error for HeadTooLarge {}
+
+impl ClientConnection {
+    /// PATCH(atelier 6, refusal bodies): an answer tiny_http gives itself, with the body the
+    /// options ask for (and none otherwise, as before).
+    fn refusal(&self, status: u16, message: &str) -> crate::ResponseBox {
+        match self.limits.refusal_body {
+            Some(body) => {
+                let (content_type, bytes) = body(status, message);
+                crate::Response::from_data(bytes)
+                    .with_status_code(crate::StatusCode(status))
+                    .with_header(
+                        crate::Header::from_bytes(&b"Content-Type"[..], content_type.as_bytes())
+                            .expect("invariant: a content type is a header value"),
+                    )
+                    .boxed()
+            }
+            None => crate::Response::empty(status).boxed(),
         }
     }
 }

@@ -98,7 +98,8 @@ use std::error::Error;
 use std::io::Error as IoError;
 use std::io::ErrorKind as IoErrorKind;
 use std::io::Result as IoResult;
-use std::net::{Shutdown, TcpStream, ToSocketAddrs};
+use std::any::Any;
+use std::net::{Shutdown, SocketAddr, TcpStream, ToSocketAddrs};
 use std::sync::atomic::AtomicBool;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::mpsc;
@@ -188,6 +189,59 @@ pub struct SslConfig {
     pub private_key: Vec<u8>,
 }
 
+/// PATCH(atelier 2): the pause after a failed accept before the next one.
+const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
+
+/// PATCH(atelier 3): what a connection may do, and hooks into its life.
+///
+/// The defaults keep tiny_http's behaviour: every connection is accepted, requests go to
+/// [`Server::recv`], nothing is timed and heads are unbounded.
+#[derive(Default)]
+pub struct Options {
+    /// Called on the accept thread with each TCP connection before anything is read from it.
+    /// `None` closes the connection (the hook may write an answer first). `Some(context)`
+    /// keeps it: the context lives as long as the connection's thread, so a guard in it is
+    /// dropped when the connection ends, panics included.
+    pub admit: Option<AdmitHook>,
+    /// Runs every request on its connection's thread, with the connection's context, instead
+    /// of handing it to [`Server::recv`]. The next request is read once it returns.
+    pub handler: Option<Handler>,
+    /// Called on the accept thread with each accept error (instead of handing it to
+    /// [`Server::recv`]).
+    pub on_accept_error: Option<Box<dyn Fn(&IoError) + Send + Sync>>,
+    /// PATCH(atelier 4, deadlines): from when a connection waits for a request until the end
+    /// of its head; past it the connection is answered 408 and closed.
+    pub head_timeout: Option<Duration>,
+    /// PATCH(atelier 4): from the end of a head until the end of its body; reading the body
+    /// past it fails with `TimedOut`.
+    pub body_timeout: Option<Duration>,
+    /// PATCH(atelier 5, head limits): the bytes of a request line and its headers together;
+    /// more is answered 431 and the connection closed. 0 means no limit.
+    pub head_bytes_max: usize,
+    /// PATCH(atelier 7, strict chunks): a chunked body's bytes; a chunk that goes past fails
+    /// reading with an error whose inner error is [`BodyTooLarge`]. 0 means no limit.
+    pub body_bytes_max: usize,
+    /// PATCH(atelier 6, refusal bodies): the content type and body of the answers tiny_http
+    /// gives itself (400, 408, 417, 431, 505), from the status and a message.
+    pub refusal_body: Option<fn(u16, &str) -> (&'static str, Vec<u8>)>,
+}
+
+/// PATCH(atelier 3): see [`Options::admit`].
+pub type AdmitHook = Box<dyn Fn(&TcpStream, SocketAddr) -> Option<Box<dyn Any + Send>> + Send + Sync>;
+/// PATCH(atelier 3): see [`Options::handler`].
+pub type Handler = Arc<dyn Fn(&mut (dyn Any + Send), Request) -> Next + Send + Sync>;
+
+/// PATCH(atelier 3): what a connection does after a handler returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Next {
+    /// Read the next request (unless the client asked to close).
+    ReadNext,
+    /// Close the connection.
+    Close,
+}
+
+pub use util::BodyTooLarge;
+
 impl Server {
     /// Shortcut for a simple server on a specific address.
     #[inline]
@@ -243,6 +297,16 @@ impl Server {
         listener: L,
         ssl_config: Option<SslConfig>,
     ) -> Result<Server, Box<dyn Error + Send + Sync + 'static>> {
+        Self::from_listener_with(listener, ssl_config, Options::default())
+    }
+
+    /// PATCH(atelier 3): builds a server from a listener, with hooks and limits for each
+    /// connection (see [`Options`]).
+    pub fn from_listener_with<L: Into<Listener>>(
+        listener: L,
+        ssl_config: Option<SslConfig>,
+        options: Options,
+    ) -> Result<Server, Box<dyn Error + Send + Sync + 'static>> {
         let listener = listener.into();
         // building the "close" variable
         let close_trigger = Arc::new(AtomicBool::new(false));
@@ -283,6 +347,25 @@ impl Server {
         // and ClientConnection objects are pushed in the messages queue
         let messages = MessagesQueue::with_capacity(8);
 
+        // PATCH(atelier 3, connection hooks): what the options ask of each connection.
+        let Options {
+            admit,
+            handler,
+            on_accept_error,
+            head_timeout,
+            body_timeout,
+            head_bytes_max,
+            body_bytes_max,
+            refusal_body,
+        } = options;
+        let limits = Arc::new(client::Limits {
+            head_timeout,
+            body_timeout,
+            head_bytes_max,
+            body_bytes_max,
+            refusal_body,
+        });
+
         let inside_close_trigger = close_trigger.clone();
         let inside_messages = messages.clone();
         thread::spawn(move || {
@@ -292,7 +375,18 @@ impl Server {
             log::debug!("Running accept thread");
             while !inside_close_trigger.load(Relaxed) {
                 let new_client = match server.accept() {
-                    Ok((sock, _)) => {
+                    Ok((sock, addr)) => {
+                        // PATCH(atelier 3): the admission hook sees the socket first; a
+                        // connection it refuses is closed here (the hook may answer it).
+                        let context: Box<dyn Any + Send> = match (&admit, &sock, addr) {
+                            (Some(admit), Connection::Tcp(tcp), Some(addr)) => {
+                                match admit(tcp, addr) {
+                                    Some(context) => context,
+                                    None => continue,
+                                }
+                            }
+                            _ => Box::new(()),
+                        };
                         use util::RefinedTcpStream;
                         let (read_closable, write_closable) = match ssl {
                             None => RefinedTcpStream::new(sock),
@@ -311,17 +405,32 @@ impl Server {
                             Some(ref _ssl) => unreachable!(),
                         };
 
-                        Ok(ClientConnection::new(write_closable, read_closable))
+                        Ok((
+                            ClientConnection::new(write_closable, read_closable, limits.clone()),
+                            context,
+                        ))
                     }
                     Err(e) => Err(e),
                 };
 
                 match new_client {
-                    Ok(client) => {
+                    Ok((client, context)) => {
                         let messages = inside_messages.clone();
-                        let mut client = Some(client);
+                        let handler = handler.clone();
+                        let mut client = Some((client, context));
                         tasks_pool.spawn(Box::new(move || {
-                            if let Some(client) = client.take() {
+                            if let Some((client, mut context)) = client.take() {
+                                // PATCH(atelier 3): with a handler, each request runs on
+                                // this, its connection's thread, and the next request is
+                                // read only once the handler is done with this one.
+                                if let Some(handler) = &handler {
+                                    for rq in client {
+                                        if let Next::Close = handler(&mut *context, rq) {
+                                            break;
+                                        }
+                                    }
+                                    return;
+                                }
                                 // Synchronization is needed for HTTPS requests to avoid a deadlock
                                 if client.secure() {
                                     let (sender, receiver) = mpsc::channel();
@@ -338,10 +447,17 @@ impl Server {
                         }));
                     }
 
+                    // PATCH(atelier 2, accept errors): an accept error (EMFILE, ENFILE,
+                    // ENOBUFS, ECONNABORTED) ended this loop, and the server never accepted
+                    // again. Report it, pause so a lack of descriptors is not a busy loop,
+                    // and go on accepting.
                     Err(e) => {
                         log::error!("Error accepting new client: {}", e);
-                        inside_messages.push(e.into());
-                        break;
+                        match &on_accept_error {
+                            Some(report) => report(&e),
+                            None => inside_messages.push(e.into()),
+                        }
+                        thread::sleep(ACCEPT_ERROR_PAUSE);
                     }
                 }
             }

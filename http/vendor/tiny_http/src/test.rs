@@ -73,6 +73,7 @@ impl From<TestRequest> for Request {
             Some(mock.remote_addr),
             mock.body.as_bytes(),
             std::io::sink(),
+            0, // PATCH(atelier 7): no limit on a test request's chunked body
         )
         .unwrap()
     }

@@ -1,33 +1,37 @@
+//! PATCH(atelier 8, rustls 0.23): TLS on rustls 0.23 (see Cargo.toml for why), with the
+//! same shape as the 0.20 module it replaces: one `StreamOwned` behind a mutex, shared by a
+//! connection's read and write halves. The handshake runs on the connection's first read,
+//! on its own thread, never on the accept thread.
 use crate::connection::Connection;
 use crate::util::refined_tcp_stream::Stream as RefinedStream;
 use std::error::Error;
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 use zeroize::Zeroizing;
 
-/// A wrapper around an owned Rustls connection and corresponding stream.
-///
-/// Uses an internal Mutex to permit disparate reader & writer threads to access the stream independently.
+/// A TLS session and the socket under it, shared by the read and the write half.
 pub(crate) struct RustlsStream(
     Arc<Mutex<rustls::StreamOwned<rustls::ServerConnection, Connection>>>,
 );
 
 impl RustlsStream {
+    fn lock(&self) -> std::sync::MutexGuard<'_, rustls::StreamOwned<rustls::ServerConnection, Connection>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     pub(crate) fn peer_addr(&mut self) -> std::io::Result<Option<SocketAddr>> {
-        self.0
-            .lock()
-            .expect("Failed to lock SSL stream mutex")
-            .sock
-            .peer_addr()
+        self.lock().sock.peer_addr()
     }
 
     pub(crate) fn shutdown(&mut self, how: Shutdown) -> std::io::Result<()> {
-        self.0
-            .lock()
-            .expect("Failed to lock SSL stream mutex")
-            .sock
-            .shutdown(how)
+        self.lock().sock.shutdown(how)
+    }
+
+    // PATCH(atelier 4): the deadline's reads set the socket's timeout.
+    pub(crate) fn set_read_timeout(&self, timeout: Option<Duration>) -> std::io::Result<()> {
+        self.lock().sock.set_read_timeout(timeout)
     }
 }
 
@@ -39,26 +43,17 @@ impl Clone for RustlsStream {
 
 impl Read for RustlsStream {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        self.0
-            .lock()
-            .expect("Failed to lock SSL stream mutex")
-            .read(buf)
+        self.lock().read(buf)
     }
 }
 
 impl Write for RustlsStream {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0
-            .lock()
-            .expect("Failed to lock SSL stream mutex")
-            .write(buf)
+        self.lock().write(buf)
     }
 
     fn flush(&mut self) -> std::io::Result<()> {
-        self.0
-            .lock()
-            .expect("Failed to lock SSL stream mutex")
-            .flush()
+        self.lock().flush()
     }
 }
 
@@ -69,36 +64,18 @@ impl RustlsContext {
         certificates: Vec<u8>,
         private_key: Zeroizing<Vec<u8>>,
     ) -> Result<Self, Box<dyn Error + Send + Sync>> {
-        let certificate_chain: Vec<rustls::Certificate> =
-            rustls_pemfile::certs(&mut certificates.as_slice())?
-                .into_iter()
-                .map(|bytes| rustls::Certificate(bytes))
-                .collect();
-
+        let certificate_chain = rustls_pemfile::certs(&mut certificates.as_slice())
+            .collect::<Result<Vec<_>, _>>()?;
         if certificate_chain.is_empty() {
-            return Err("Couldn't extract certificate chain from config.".into());
+            return Err("no certificate found in the certificate PEM".into());
         }
-
-        let private_key = rustls::PrivateKey({
-            let pkcs8_keys = rustls_pemfile::pkcs8_private_keys(
-                &mut private_key.clone().as_slice(),
-            )
-            .expect("file contains invalid pkcs8 private key (encrypted keys are not supported)");
-
-            if let Some(pkcs8_key) = pkcs8_keys.first() {
-                pkcs8_key.clone()
-            } else {
-                let rsa_keys = rustls_pemfile::rsa_private_keys(&mut private_key.as_slice())
-                    .expect("file contains invalid rsa private key");
-                rsa_keys[0].clone()
-            }
-        });
-
-        let tls_conf = rustls::ServerConfig::builder()
-            .with_safe_defaults()
+        let private_key = rustls_pemfile::private_key(&mut private_key.as_slice())?
+            .ok_or("no private key (PKCS#8, PKCS#1 or SEC1) found in the key PEM")?;
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let tls_conf = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()?
             .with_no_client_auth()
             .with_single_cert(certificate_chain, private_key)?;
-
         Ok(Self(Arc::new(tls_conf)))
     }
 

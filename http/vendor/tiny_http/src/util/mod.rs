@@ -6,10 +6,15 @@ pub use self::refined_tcp_stream::RefinedTcpStream;
 pub use self::sequential::{SequentialReader, SequentialReaderBuilder};
 pub use self::sequential::{SequentialWriter, SequentialWriterBuilder};
 pub use self::task_pool::TaskPool;
+// PATCH(atelier 4, 7)
+pub use self::deadline::Deadline;
+pub use self::strict_chunked::{BodyTooLarge, StrictChunked};
 
 use std::str::FromStr;
 
 mod custom_stream;
+pub(crate) mod deadline;
+mod strict_chunked;
 mod equal_reader;
 mod fused_reader;
 mod messages_queue;

@@ -1,6 +1,10 @@
 use std::io::Result as IoResult;
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::util::deadline::{map_timeout, Deadline};
 
 use crate::connection::Connection;
 #[cfg(any(feature = "ssl-openssl", feature = "ssl-rustls"))]
@@ -45,6 +49,15 @@ impl Stream {
         }
     }
 
+    // PATCH(atelier 4): the deadline's reads set the socket's timeout.
+    fn set_read_timeout(&self, timeout: Option<Duration>) -> IoResult<()> {
+        match self {
+            Stream::Http(tcp_stream) => tcp_stream.set_read_timeout(timeout),
+            #[cfg(any(feature = "ssl-openssl", feature = "ssl-rustls"))]
+            Stream::Https(ssl_stream) => ssl_stream.set_read_timeout(timeout),
+        }
+    }
+
     fn shutdown(&mut self, how: Shutdown) -> IoResult<()> {
         match self {
             Stream::Http(tcp_stream) => tcp_stream.shutdown(how),
@@ -86,6 +99,10 @@ pub struct RefinedTcpStream {
     stream: Stream,
     close_read: bool,
     close_write: bool,
+    // PATCH(atelier 4): bounds the reads of the read half; shared by both halves.
+    deadline: Arc<Deadline>,
+    // PATCH(atelier 4): whether the socket has a read timeout set by the deadline.
+    armed: bool,
 }
 
 impl RefinedTcpStream {
@@ -96,17 +113,22 @@ impl RefinedTcpStream {
         let stream: Stream = stream.into();
 
         let (read, write) = (stream.clone(), stream);
+        let deadline = Arc::new(Deadline::default());
 
         let read = RefinedTcpStream {
             stream: read,
             close_read: true,
             close_write: false,
+            deadline: deadline.clone(),
+            armed: false,
         };
 
         let write = RefinedTcpStream {
             stream: write,
             close_read: false,
             close_write: true,
+            deadline,
+            armed: false,
         };
 
         (read, write)
@@ -120,6 +142,11 @@ impl RefinedTcpStream {
 
     pub(crate) fn peer_addr(&mut self) -> IoResult<Option<SocketAddr>> {
         self.stream.peer_addr()
+    }
+
+    /// PATCH(atelier 4): the deadline of this connection's reads.
+    pub(crate) fn deadline(&self) -> Arc<Deadline> {
+        self.deadline.clone()
     }
 }
 
@@ -137,7 +164,13 @@ impl Drop for RefinedTcpStream {
 
 impl Read for RefinedTcpStream {
     fn read(&mut self, buf: &mut [u8]) -> IoResult<usize> {
-        self.stream.read(buf)
+        // PATCH(atelier 4): each read gets the time left to the deadline, if one is set.
+        let left = self.deadline.left()?;
+        if left.is_some() || self.armed {
+            self.stream.set_read_timeout(left)?;
+            self.armed = left.is_some();
+        }
+        self.stream.read(buf).map_err(map_timeout)
     }
 }
 

@@ -69,7 +69,12 @@ impl TaskPool {
     pub fn spawn(&self, code: Box<dyn FnMut() + Send>) {
         let mut queue = self.sharing.todo.lock().unwrap();
 
-        if self.sharing.waiting_tasks.load(Ordering::Acquire) == 0 {
+        // PATCH(atelier 1, task pool race): a waiting thread stays counted in
+        // `waiting_tasks` until it has woken up and taken a task, so comparing that count
+        // with zero queued a second task behind a thread already promised to the first.
+        // With long-lived tasks (one per connection) the second never ran. Both values are
+        // read under the queue's lock, so each queued task has a waiting thread of its own.
+        if self.sharing.waiting_tasks.load(Ordering::Acquire) <= queue.len() {
             self.add_thread(Some(code));
         } else {
             queue.push_back(code);
@@ -124,6 +129,40 @@ impl TaskPool {
                 task();
             }
         });
+    }
+}
+
+// PATCH(atelier 1): the regression test of the task pool race.
+#[cfg(test)]
+mod tests {
+    use super::TaskPool;
+    use std::sync::mpsc;
+    use std::time::Duration;
+
+    /// Tasks that never end (a connection held open) each get a thread: a burst of them,
+    /// spawned while the pool's threads are waiting, all start.
+    #[test]
+    fn every_long_task_of_a_burst_starts() {
+        let pool = TaskPool::new();
+        let (started_tx, started_rx) = mpsc::channel();
+        let (_hold_tx, hold_rx) = mpsc::channel::<()>();
+        let hold = std::sync::Arc::new(std::sync::Mutex::new(hold_rx));
+        std::thread::sleep(Duration::from_millis(50)); // the minimum threads are waiting
+        for round in 0..20 {
+            for _ in 0..10 {
+                let (started, hold) = (started_tx.clone(), hold.clone());
+                pool.spawn(Box::new(move || {
+                    started.send(()).unwrap();
+                    // Held until the test ends (the sender is never used).
+                    let _ = hold.lock().map(|rx| rx.recv_timeout(Duration::from_secs(30)));
+                }));
+            }
+            for n in 0..10 {
+                started_rx
+                    .recv_timeout(Duration::from_secs(5))
+                    .unwrap_or_else(|_| panic!("round {}: task {} of 10 never started", round, n));
+            }
+        }
     }
 }
 
