@@ -2,7 +2,7 @@ use ascii::AsciiString;
 
 use std::io::Error as IoError;
 use std::io::Result as IoResult;
-use std::io::{BufReader, BufWriter, ErrorKind, Read};
+use std::io::{BufReader, BufWriter, ErrorKind, Read, Write};
 
 use std::net::SocketAddr;
 use std::str::FromStr;
@@ -217,7 +217,13 @@ impl ClientConnection {
             path,
             version.clone(),
             headers,
-            *self.remote_addr.as_ref().unwrap(),
+            // PATCH(atelier 9, gone clients): the peer's address is read when the
+            // connection is accepted; a client that is gone by then (ENOTCONN) panicked
+            // this thread here. It is a connection error like any other.
+            match self.remote_addr.as_ref() {
+                Ok(addr) => *addr,
+                Err(e) => return Err(ReadError::ReadIoError(IoError::new(e.kind(), e.to_string()))),
+            },
             data_source,
             writer,
             self.limits.body_bytes_max,
@@ -304,11 +310,15 @@ impl Iterator for ClientConnection {
 
             // checking HTTP version
             if *rq.http_version() > (1, 1) {
-                let writer = self.sink.next().unwrap();
+                // PATCH(atelier 6): answered through the request's own writer. A writer
+                // taken from the sink waits for this request's to finish, so the answer
+                // never went out and the connection's thread waited for good.
                 let response = self.refusal(505, "This server only supports HTTP versions 1.0 and 1.1");
+                let mut writer = rq.into_writer();
                 response
-                    .raw_print(writer, HTTPVersion(1, 1), &[], false, None)
+                    .raw_print(&mut writer, HTTPVersion(1, 1), &[], false, None)
                     .ok();
+                writer.flush().ok();
                 // PATCH(atelier 6): what follows is not HTTP/1 (an HTTP/2 preface, say), so
                 // there is no next request to find in it.
                 return None;

@@ -361,6 +361,13 @@ where
             );
         }
 
+        // PATCH(atelier 10, 1xx and 204 framing): a 1xx or 204 answer has no body, and
+        // RFC 9110 §8.6 forbids a Content-Length (or Transfer-Encoding) on it; the interim
+        // `100 Continue` went out with `Content-Length: 0`.
+        if let 100..=199 | 204 = self.status_code.0 {
+            transfer_encoding = None;
+        }
+
         // handling upgrade
         if let Some(upgrade) = upgrade {
             self.headers.insert(

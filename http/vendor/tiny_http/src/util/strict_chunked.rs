@@ -97,15 +97,23 @@ impl<R: Read> StrictChunked<R> {
             Some(i) => &line[..i],
             None => &line[..],
         };
-        if digits.is_empty() || digits.len() > SIZE_DIGITS_MAX || !digits.iter().all(u8::is_ascii_hexdigit) {
+        if digits.is_empty() || !digits.iter().all(u8::is_ascii_hexdigit) {
             return Err(invalid("a chunk size that is not hex digits"));
         }
+        // A size that does not fit is over any limit: with one, it is refused as too large.
+        let overflow = || match self.limit {
+            0 => invalid("a chunk size that overflows"),
+            limit => io::Error::new(io::ErrorKind::InvalidData, BodyTooLarge { limit }),
+        };
+        if digits.len() > SIZE_DIGITS_MAX {
+            return Err(overflow());
+        }
         let text = std::str::from_utf8(digits).map_err(|_| invalid("a chunk size that is not hex digits"))?;
-        let size = u64::from_str_radix(text, 16).map_err(|_| invalid("a chunk size that overflows"))?;
-        let size = usize::try_from(size).map_err(|_| invalid("a chunk size that overflows"))?;
-        let total = self.total.checked_add(size).ok_or_else(|| invalid("a chunk size that overflows"))?;
+        let size = u64::from_str_radix(text, 16).map_err(|_| overflow())?;
+        let size = usize::try_from(size).map_err(|_| overflow())?;
+        let total = self.total.checked_add(size).ok_or_else(overflow)?;
         if self.limit != 0 && total > self.limit {
-            return Err(io::Error::new(io::ErrorKind::InvalidData, BodyTooLarge { limit: self.limit }));
+            return Err(overflow());
         }
         Ok(size)
     }
@@ -184,6 +192,7 @@ mod tests {
             b"5\rhello\r\n0\r\n\r\n",
             b"FFFFFFFFFFFFFFFFF\r\n",
             b"1\r\na\r\nFFFFFFFFFFFFFFFF\r\n",
+            b"1\r\na\r\n1 ;x\r\nb\r\n0\r\n\r\n",
         ] {
             let e = decode(bad, 0).expect_err(&String::from_utf8_lossy(bad));
             assert!(matches!(e.kind(), io::ErrorKind::InvalidData), "{:?}: {}", String::from_utf8_lossy(bad), e);
@@ -196,5 +205,10 @@ mod tests {
         assert!(e.get_ref().map_or(false, |inner| inner.is::<BodyTooLarge>()));
         let e = decode(b"3\r\nabc\r\n3\r\n", 4).unwrap_err();
         assert!(e.get_ref().map_or(false, |inner| inner.is::<BodyTooLarge>()));
+        // A size that wraps the total, or does not fit 64 bits, is over the limit too.
+        for wraps in [&b"1\r\na\r\nFFFFFFFFFFFFFFFF\r\n"[..], b"FFFFFFFFFFFFFFFFFFFFFFFF\r\n"] {
+            let e = decode(wraps, 4).unwrap_err();
+            assert!(e.get_ref().map_or(false, |inner| inner.is::<BodyTooLarge>()));
+        }
     }
 }
