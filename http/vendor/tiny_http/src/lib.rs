@@ -390,7 +390,7 @@ impl Server {
                             _ => Box::new(()),
                         };
                         use util::RefinedTcpStream;
-                        let (read_closable, write_closable) = match ssl {
+                        let halves = match ssl {
                             None => RefinedTcpStream::new(sock),
                             #[cfg(any(feature = "ssl-openssl", feature = "ssl-rustls"))]
                             Some(ref ssl) => {
@@ -405,6 +405,19 @@ impl Server {
                             }
                             #[cfg(not(any(feature = "ssl-openssl", feature = "ssl-rustls")))]
                             Some(ref _ssl) => unreachable!(),
+                        };
+                        // PATCH(atelier 2): a socket that cannot be split (no descriptor
+                        // left) is closed and reported like a failed accept.
+                        let (read_closable, write_closable) = match halves {
+                            Ok(halves) => halves,
+                            Err(e) => {
+                                match &on_accept_error {
+                                    Some(report) => report(&e),
+                                    None => log::error!("Error accepting new client: {}", e),
+                                }
+                                thread::sleep(ACCEPT_ERROR_PAUSE);
+                                continue;
+                            }
                         };
 
                         Ok((
