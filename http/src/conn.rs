@@ -17,7 +17,9 @@
 
 use std::any::Any;
 use std::io::{self, Read, Write};
+use std::mem::ManuallyDrop;
 use std::net::{SocketAddr, TcpStream};
+use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -49,12 +51,24 @@ const LINGER_BYTES_MAX: usize = 256 * 1024;
 const OVER_CAPACITY_SEND_TIMEOUT: Duration = Duration::from_millis(100);
 
 /// What a connection keeps for its life: its slot (given back when the connection's thread
-/// ends, panics included) and its socket, for lingering after a refusal.
+/// ends, panics included) and its socket's descriptor, for lingering after a refusal.
 struct Connection {
     _slot: Slot,
-    socket: TcpStream,
+    /// Not a `dup`: a connection costs one descriptor (10,000 streams must fit the limit).
+    fd: RawFd,
     /// Whether the connection speaks TLS: a refusal is then never answered in plain text.
     tls: bool,
+}
+
+impl Connection {
+    /// Runs `f` with the connection's socket, borrowed from tiny_http.
+    fn with_socket<R>(&self, f: impl FnOnce(&TcpStream) -> R) -> R {
+        // SAFETY: tiny_http owns the socket and closes it only after the connection's thread
+        // is done with it, so it is open while a handler runs, which is the only time this
+        // is called; `ManuallyDrop` keeps this borrowed handle from closing it.
+        let socket = ManuallyDrop::new(unsafe { TcpStream::from_raw_fd(self.fd) });
+        f(&socket)
+    }
 }
 
 /// The admission hook: a slot for the connection, or a 503 and a close beyond a cap.
@@ -75,8 +89,7 @@ pub(crate) fn admit(shared: Arc<Shared>) -> tiny_http::AdmitHook {
         };
         let _ = stream.set_nodelay(true);
         let _ = stream.set_write_timeout(Some(Duration::from_millis(SEND_TIMEOUT_MS)));
-        let socket = stream.try_clone().ok()?;
-        Some(Box::new(Connection { _slot: slot, socket, tls }) as Box<dyn Any + Send>)
+        Some(Box::new(Connection { _slot: slot, fd: stream.as_raw_fd(), tls }) as Box<dyn Any + Send>)
     })
 }
 
@@ -198,7 +211,7 @@ fn serve_request(conn: &Connection, mut rq: tiny_http::Request, shared: &Arc<Sha
         Err(BodyError::Gone) => {
             // Nothing to answer to a client that is gone; tiny_http would answer a request
             // dropped unanswered with a 500, so its writer is taken and dropped unused.
-            let _ = conn.socket.shutdown(std::net::Shutdown::Both);
+            conn.with_socket(|s| s.shutdown(std::net::Shutdown::Both)).ok();
             drop(rq.into_writer());
             return Next::Close;
         }
@@ -253,16 +266,17 @@ fn refuse(conn: &Connection, rq: tiny_http::Request, r: Refusal, started: Instan
     let body = serde_json::to_vec(&render::error(r.code, &r.message)).expect("invariant: JSON serializes");
     if conn.tls {
         // The answer goes through the TLS session; there is no lingering in plain bytes.
-        let _ = conn.socket.shutdown(std::net::Shutdown::Read);
+        conn.with_socket(|s| s.shutdown(std::net::Shutdown::Read)).ok();
         let mut w = rq.into_writer();
         let _ = write_response(&mut w, r.status, "application/json", &body, &[], Close::Yes, Body::Send);
     } else {
         // Straight on the socket: the request's writer is tiny_http's, and taking it drops
         // the request.
-        let mut s = &conn.socket;
-        let _ = write_response(&mut s, r.status, "application/json", &body, &[], Close::Yes, Body::Send);
-        linger_close(&conn.socket);
-        let _ = conn.socket.shutdown(std::net::Shutdown::Read);
+        conn.with_socket(|mut s| {
+            let _ = write_response(&mut s, r.status, "application/json", &body, &[], Close::Yes, Body::Send);
+            linger_close(s);
+            let _ = s.shutdown(std::net::Shutdown::Read);
+        });
         drop(rq);
     }
     Next::Close
