@@ -282,3 +282,33 @@ fn the_interim_answer_has_no_content_length() {
     assert!(interim.starts_with("http/1.1 100"), "{}", interim);
     assert!(!interim.contains("content-length"), "{}", interim);
 }
+
+/// PATCH 11: a connection costs one descriptor (its halves share the socket; each was a
+/// `dup` before, two descriptors per connection).
+#[test]
+fn a_connection_costs_one_descriptor() {
+    fn open_fds() -> usize {
+        std::fs::read_dir("/proc/self/fd").map(|d| d.count()).unwrap_or(0)
+    }
+    let admitted = Arc::new(AtomicUsize::new(0));
+    let counted = admitted.clone();
+    let (_server, addr) = server_with(Options {
+        admit: Some(Box::new(move |_: &TcpStream, _| {
+            counted.fetch_add(1, Ordering::SeqCst);
+            Some(Box::new(()) as Box<dyn Any + Send>)
+        })),
+        ..Options::default()
+    });
+    std::thread::sleep(Duration::from_millis(100));
+    let before = open_fds();
+    let clients: Vec<TcpStream> = (0..50).map(|_| TcpStream::connect(addr).unwrap()).collect();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while admitted.load(Ordering::SeqCst) < 50 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    // The client's socket and the server's, in this one process.
+    let grown = open_fds() - before;
+    assert!(grown <= 2 * 50 + 5, "50 connections took {} descriptors here", grown);
+    drop(clients);
+}
