@@ -24,6 +24,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crossbeam_channel::{Receiver, Sender};
 use tiny_http::Next;
 
 use crate::dispatch::handle;
@@ -58,6 +59,11 @@ struct Connection {
     fd: RawFd,
     /// Whether the connection speaks TLS: a refusal is then never answered in plain text.
     tls: bool,
+    /// Whether the socket's send timeout is set: on the connection's first request, on its
+    /// own thread, so the accept thread (one for all connections) makes no system call for it.
+    configured: bool,
+    /// Where the handler pool sends this connection's replies, made once per connection.
+    replies: (Sender<Reply>, Receiver<Reply>),
 }
 
 impl Connection {
@@ -87,17 +93,25 @@ pub(crate) fn admit(shared: Arc<Shared>) -> tiny_http::AdmitHook {
                 return None;
             }
         };
-        let _ = stream.set_nodelay(true);
-        let _ = stream.set_write_timeout(Some(Duration::from_millis(SEND_TIMEOUT_MS)));
-        Some(Box::new(Connection { _slot: slot, fd: stream.as_raw_fd(), tls }) as Box<dyn Any + Send>)
+        // TCP_NODELAY comes from the listener (accepted sockets inherit it).
+        let fd = stream.as_raw_fd();
+        let replies = crossbeam_channel::bounded(1);
+        Some(Box::new(Connection { _slot: slot, fd, tls, configured: false, replies }) as Box<dyn Any + Send>)
     })
 }
 
 /// The handler tiny_http runs on each connection's thread for each of its requests.
 pub(crate) fn handler(shared: Arc<Shared>) -> tiny_http::Handler {
     Arc::new(move |context: &mut (dyn Any + Send), rq: tiny_http::Request| {
-        match context.downcast_ref::<Connection>() {
-            Some(conn) => serve_request(conn, rq, &shared),
+        match context.downcast_mut::<Connection>() {
+            Some(conn) => {
+                if !conn.configured {
+                    let timeout = Some(Duration::from_millis(SEND_TIMEOUT_MS));
+                    let _ = conn.with_socket(|s| s.set_write_timeout(timeout));
+                    conn.configured = true;
+                }
+                serve_request(conn, rq, &shared)
+            }
             None => Next::Close,
         }
     })
@@ -220,7 +234,7 @@ fn serve_request(conn: &Connection, mut rq: tiny_http::Request, shared: &Arc<Sha
     let close = if head.keep_alive { Close::No } else { Close::Yes };
     let head_only = if head.method.eq_ignore_ascii_case("HEAD") { Body::Omit } else { Body::Send };
     let req = to_req(head, body);
-    let (reply_tx, reply_rx) = crossbeam_channel::bounded(1);
+    let (reply_tx, reply_rx) = (conn.replies.0.clone(), &conn.replies.1);
     let job_shared = shared.clone();
     let job: Job = Box::new(move || {
         let _ = reply_tx.send(handle(&req, started, &job_shared));

@@ -38,7 +38,7 @@ pub use config::{
 pub use conn::{BODY_BYTES_MAX, SEND_TIMEOUT_MS};
 pub use executors::Executors;
 #[doc(hidden)]
-pub use fuzz::fuzz_request;
+pub use fuzz::{fuzz_exchange, fuzz_request, fuzz_scratch_dir};
 pub use pool::HANDLER_THREADS;
 pub use routes::{openapi, Route, ROUTES};
 pub use server::{HttpError, Server, LISTEN_BACKLOG, RESERVED_FDS};

@@ -96,13 +96,16 @@ fn raise_fd_limit() -> u64 {
 
 fn start_server(args: &Args) -> (Server, TempDir) {
     let dir = temp_dir("bench-sse");
-    let server =
-        Server::start(&args.exe, dir.path(), &[
+    let server = Server::start(
+        &args.exe,
+        dir.path(),
+        &[
             ("ATELIER_MAX_CONNECTIONS", "20000"),
             // Every stream comes from this one address.
             ("ATELIER_MAX_CONNECTIONS_PER_IP", "20000"),
             ("RUST_LOG", "warn"),
-        ]);
+        ],
+    );
     (server, dir)
 }
 
