@@ -14,6 +14,9 @@ pub const SECRET: &str = "test-secret-for-end-to-end-tests";
 
 pub use tempfile::TempDir;
 
+/// For tests that damage a stopped data dir's projections ([`with_projections`]).
+pub use sled;
+
 /// A fresh, empty dir under the system temp dir, removed when the guard drops: hold it for as
 /// long as any server or child process works in it.
 pub fn temp_dir(name: &str) -> TempDir {
@@ -468,4 +471,32 @@ pub fn rust_sources(dir: &Path, out: &mut Vec<PathBuf>) {
             out.push(p);
         }
     }
+}
+
+/// Opens the projection tree of a stopped server's data dir with sled itself, for a test to
+/// damage it the way a bug or a bad disk would (`atelier replay --check` must then find it).
+/// sled's own files are flushed before it returns.
+pub fn with_projections<T>(data_dir: &Path, f: impl FnOnce(&sled::Tree) -> T) -> T {
+    let db = sled::open(data_dir.join("sled")).expect("open the stopped data dir's sled");
+    let tree = db.open_tree(atelier_storage::layout::PROJECTIONS_TREE).expect("the projection tree");
+    let out = f(&tree);
+    db.flush().expect("flush the damaged tree");
+    out
+}
+
+/// Builds a shared library from one C file in tests/fixtures with gcc, into `out_dir`, for a
+/// test to LD_PRELOAD into the server (a failing disk, say). gcc is part of what the tests
+/// need (README, "Set-up").
+pub fn build_preload(fixture: &str, out_dir: &Path) -> PathBuf {
+    let source = workspace_root().join("tests/fixtures").join(fixture);
+    let lib = out_dir.join(Path::new(fixture).with_extension("so").file_name().expect("a file name"));
+    let out = Command::new("gcc")
+        .args(["-shared", "-fPIC", "-O1", "-Wall", "-Werror", "-o"])
+        .arg(&lib)
+        .arg(&source)
+        .arg("-ldl")
+        .output()
+        .unwrap_or_else(|e| panic!("run gcc to build {fixture} (the tests need gcc): {e}"));
+    assert!(out.status.success(), "gcc {fixture}: {}", String::from_utf8_lossy(&out.stderr));
+    lib
 }
