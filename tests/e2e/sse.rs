@@ -44,7 +44,10 @@ fn stream_format_and_terminal_end_and_204() {
     let at = first.data["at"].as_str().unwrap();
     assert!(at.ends_with('Z') && at.len() == 24, "RFC 3339 UTC with milliseconds: {at}");
     s.post(&format!("/api/commissions/{id}/cancel"), Some(&alice), &json!({}));
-    let kinds: Vec<String> = std::iter::from_fn(|| sse.next()).map(|e| e.event).collect();
+    // The server closes the stream after the terminal event; a stream left open would fail
+    // the read after this timeout instead.
+    sse.set_timeout(Duration::from_secs(5));
+    let kinds: Vec<String> = sse.events_until_closed().into_iter().map(|e| e.event).collect();
     assert_eq!(kinds, vec!["cancel_requested", "cancelled"], "the stream ends after the terminal event");
     let last =
         s.get(&format!("/api/commissions/{id}"), Some(&alice)).json()["last_event_id"].as_u64().unwrap();
@@ -198,7 +201,12 @@ fn a_client_that_never_reads_is_dropped_and_others_keep_receiving() {
         (v >= 1).then_some(v)
     });
     assert_eq!(dropped, Some(1), "exactly the stalled client was cut off");
-    drop(stalled);
+    // Cut off means closed: what the socket still holds drains to the server's close, not
+    // to a read timeout on a connection the server keeps.
+    let mut stalled = stalled;
+    stalled.set_timeout(Duration::from_secs(5));
+    let drained = stalled.drain_until_closed();
+    assert!(drained.is_ok(), "the stalled client's connection stays open: {drained:?}");
 }
 
 #[test]
@@ -226,7 +234,8 @@ fn heartbeats_cap_and_graceful_shutdown() {
     assert!(text.starts_with("HTTP/1.1 200") && text.contains("text/event-stream"), "{text}");
     assert!(text.contains(": heartbeat"), "{text}");
     // The cap: a second stream fits, a third is 503 with a JSON error.
-    let _second = Sse::open(s.addr, "/api/events/stream", &admin, None);
+    let mut second = Sse::open(s.addr, "/api/events/stream", &admin, None);
+    assert_eq!(second.status, 200, "the second stream fits under the cap of 2");
     std::thread::sleep(Duration::from_millis(100));
     let third = request(s.addr, "GET", "/api/events/stream", Some(&admin), &[], None);
     assert_eq!((third.status, third.code().as_str()), (503, "over_capacity"));
@@ -234,8 +243,13 @@ fn heartbeats_cap_and_graceful_shutdown() {
     let started = std::time::Instant::now();
     assert!(s.stop().success());
     assert!(started.elapsed() < Duration::from_secs(5), "graceful stop took {:?}", started.elapsed());
+    // Both streams were closed by the server, not left to their read timeouts (the
+    // firehose's body always runs to the close).
     let mut rest = Vec::new();
-    let _ = raw.read_to_end(&mut rest);
+    let ended = raw.read_to_end(&mut rest);
+    assert!(ended.is_ok(), "the raw stream was not closed: {ended:?}");
+    second.set_timeout(Duration::from_secs(3));
+    second.events_until_closed();
 }
 
 /// Postmortem: tiny_http's task pool counted a thread as idle before it had woken up, so a
