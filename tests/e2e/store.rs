@@ -259,6 +259,17 @@ fn replay_check_names_each_damaged_projection() {
             value: Some(Vec::new()),
         }),
         Box::new(damaged_job),
+        Box::new(move |t| Damage {
+            names: "jobs_by_commission",
+            key: t
+                .scan_prefix(Projection::JobsByCommission.key_u64(done))
+                .next()
+                .expect("the finished commission's job")
+                .unwrap()
+                .0
+                .to_vec(),
+            value: None,
+        }),
         Box::new(damaged_counts),
     ];
     for damage in damages {
