@@ -206,7 +206,7 @@ impl Model {
     fn advance(&mut self, id: u64, choice: u8) -> Command {
         let c = &self.commissions[&id];
         let job_id = c.active_job.unwrap_or(0);
-        if c.cancel_requested && choice % 2 == 0 {
+        if c.cancel_requested && choice.is_multiple_of(2) {
             return Command::ConfirmCancelled { job: None };
         }
         match (c.state, c.state.stage()) {
@@ -310,7 +310,7 @@ fn append(
 fn decided(m: &Model, id: u64, cmd: Command, now: i64) -> Result<Option<AppendRequest>, Rejection> {
     let current = &m.commissions[&id];
     let events = decide(Some(current), cmd, &ctx(now))?;
-    Ok((!events.is_empty()).then(|| AppendRequest {
+    Ok((!events.is_empty()).then_some(AppendRequest {
         target: AppendTarget::Existing(id),
         expected_version: current.version,
         events,

@@ -192,6 +192,9 @@ struct Damage {
     value: Option<Vec<u8>>,
 }
 
+/// Picks an entry of the projection tree and says how to damage it.
+type Doctor = dyn Fn(&sled::Tree) -> Damage;
+
 fn damaged_snapshot(tree: &sled::Tree, id: u64) -> Damage {
     let key = Projection::Commissions.key_u64(id).to_vec();
     let mut c: Commission = codec::decode(&tree.get(&key).unwrap().unwrap()).unwrap();
@@ -236,7 +239,7 @@ fn replay_check_names_each_damaged_projection() {
     let clean = replay_check(dir.path());
     assert_eq!(clean.status.code(), Some(0), "{}", String::from_utf8_lossy(&clean.stdout));
 
-    let damages: Vec<Box<dyn Fn(&sled::Tree) -> Damage>> = vec![
+    let damages: Vec<Box<Doctor>> = vec![
         Box::new(move |t| damaged_snapshot(t, queued_id)),
         Box::new(move |_| Damage {
             names: "by_commission",
