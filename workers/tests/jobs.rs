@@ -606,11 +606,6 @@ fn rlimits_end_jobs_as_the_table_says() {
     let jobs = h.jobs(core);
     assert_eq!((c.state, jobs.len()), (State::Failed, 2), "retryable: {jobs:#?}");
     for j in &jobs {
-        assert_eq!((j.status, j.signal), (JobStatus::Killed, Some(libc::SIGSEGV)), "{jobs:#?}");
-        assert_eq!(j.error_message.as_deref(), Some("killed by SIGSEGV; stderr: core limit (0, 0)"));
-        let (_, err) = h.layout().job_logs(j.job_id);
-        let err = std::fs::read_to_string(err).expect("stderr.log");
-        assert_eq!(err.lines().next(), Some("core limit (0, 0)"), "{err}");
         let dir = h.layout().job(j.job_id);
         let cores: Vec<_> = std::fs::read_dir(&dir)
             .expect("the job dir")
@@ -618,6 +613,11 @@ fn rlimits_end_jobs_as_the_table_says() {
             .filter(|n| n.starts_with("core"))
             .collect();
         assert!(cores.is_empty(), "core files in {}: {cores:?}", dir.display());
+        assert_eq!((j.status, j.signal), (JobStatus::Killed, Some(libc::SIGSEGV)), "{jobs:#?}");
+        assert_eq!(j.error_message.as_deref(), Some("killed by SIGSEGV; stderr: core limit (0, 0)"));
+        let (_, err) = h.layout().job_logs(j.job_id);
+        let err = std::fs::read_to_string(err).expect("stderr.log");
+        assert_eq!(err.lines().next(), Some("core limit (0, 0)"), "{err}");
     }
     for id in [nofile, fsize, core] {
         for j in &h.jobs(id) {
