@@ -480,7 +480,8 @@ fn fault_matrix() {
     assert_eq!(h.jobs(ids[0])[0].signal, Some(9));
     // A fork bomb: RLIMIT_NPROC (64) stops it; root is not bound by that limit, so there the
     // worker's own bound (256 children) does and the wall timeout ends the job. Either way
-    // the whole group is gone afterwards.
+    // the whole group is gone afterwards. (`the_process_limit_stops_a_forking_worker` shows
+    // the limit binding, also when the tests run as root.)
     let c = h.wait_terminal(bomb, LONG);
     let jobs = h.jobs(bomb);
     let last = jobs.last().expect("the bomb ran");
@@ -488,10 +489,6 @@ fn fault_matrix() {
     assert_eq!(c.state, State::Failed, "{c:#?}");
     // SAFETY: geteuid(2) cannot fail and touches no memory.
     if unsafe { libc::geteuid() } == 0 {
-        eprintln!(
-            "fault_matrix: running as root, which RLIMIT_NPROC does not bind: the fork bomb \
-             checks the wall timeout and the group kill, not the process limit"
-        );
         assert_eq!((last.status, msg.contains("timed out after 3 s")), (JobStatus::TimedOut, true), "{msg}");
     } else {
         assert_eq!((last.status, msg.contains("fork failed after")), (JobStatus::Failed, true), "{msg}");
@@ -624,6 +621,41 @@ fn rlimits_end_jobs_as_the_table_says() {
             assert_clean(j);
         }
     }
+}
+
+/// A worker that forks until it cannot (at most 200 children, each sleeping in its group).
+const FORKER: &str = "import os, sys, time\nn = 0\ntry:\n    for _ in range(200):\n        if os.fork() == 0:\n            time.sleep(30)\n            os._exit(0)\n        n += 1\nexcept OSError as e:\n    sys.stderr.write('fork failed after %d: %s\\n' % (n, e))\n    sys.exit(3)\nsys.stderr.write('forked %d\\n' % n)\nsys.exit(4)";
+
+/// RLIMIT_NPROC binds: a worker forking 200 children stops at `nproc_max`. The limit counts
+/// the processes of the worker's user and does not bind root, so as root the worker first
+/// becomes `nobody` (setpriv, which keeps the limits the trampoline set).
+#[test]
+fn the_process_limit_stops_a_forking_worker() {
+    // SAFETY: geteuid(2) cannot fail and touches no memory.
+    let root = unsafe { libc::geteuid() } == 0;
+    let mut command = vec!["python3", "-c", FORKER];
+    if root {
+        command.splice(0..0, ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]);
+    }
+    // A JSON array of strings is a TOML array too.
+    let command = serde_json::to_string(&command).expect("strings serialize");
+    let pipeline = format!(
+        "[pipelines.forker]\nnproc_max = 16\nenv = {{ PATH = \"/usr/bin:/bin\" }}\ncommand = {command}\n"
+    );
+    let mut h = Harness::new("nproc");
+    h.start(config(&pipeline, &[]));
+    let id = h.create("forker", serde_json::json!({}), 1);
+    let c = h.wait_terminal(id, LONG);
+    let jobs = h.jobs(id);
+    let msg = jobs[0].error_message.clone().unwrap_or_default();
+    assert_eq!((c.state, jobs[0].status), (State::Failed, JobStatus::Failed), "{jobs:#?}");
+    let forked: u32 = msg
+        .strip_prefix("the worker exited with code 3; stderr: fork failed after ")
+        .and_then(|rest| rest.split(':').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("the worker did not run into the limit: {msg}"));
+    assert!(forked < 16, "{forked} children under nproc_max = 16: {msg}");
+    assert!(msg.contains("Resource temporarily unavailable"), "{msg}");
+    assert_clean(&jobs[0]);
 }
 
 /// Whether a process is still there, other than as a zombie waiting to be reaped.
