@@ -252,6 +252,34 @@ fn heartbeats_cap_and_graceful_shutdown() {
     second.events_until_closed();
 }
 
+/// SIGTERM ends a keep-alive client's chunked stream with its last chunk: the client reads a
+/// complete response and resumes elsewhere, instead of a body cut off by the process's exit.
+#[test]
+fn a_graceful_stop_ends_a_chunked_stream_with_its_last_chunk() {
+    use std::io::{Read, Write};
+    let (_dir, s, alice, id) = alice_with_a_queued_commission("sse-stop-chunked");
+    let mut conn = std::net::TcpStream::connect(s.addr).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    write!(
+        conn,
+        "GET /api/progress/{id}/stream HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {alice}\r\n\r\n"
+    )
+    .unwrap();
+    let mut raw = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&raw).contains("event: created") {
+        let n = conn.read(&mut buf).expect("the stream's first event");
+        assert!(n > 0, "closed early: {}", String::from_utf8_lossy(&raw));
+        raw.extend_from_slice(&buf[..n]);
+    }
+    assert!(s.stop().success());
+    let ended = conn.read_to_end(&mut raw);
+    let text = String::from_utf8_lossy(&raw);
+    assert!(ended.is_ok(), "the stream was not closed: {ended:?}");
+    assert!(text.contains("Transfer-Encoding: chunked"), "{text}");
+    assert!(text.ends_with("\r\n0\r\n\r\n"), "the body ends with its last chunk: {text:?}");
+}
+
 /// Postmortem: tiny_http's task pool counted a thread as idle before it had woken up, so a
 /// burst of new connections queued behind threads that streams then held for good: of 20
 /// streams opened at once on a fresh server, 17 waited until the header timeout closed them.
