@@ -71,30 +71,40 @@ fn stream_format_and_terminal_end_and_204() {
     assert_eq!(q.status, 204, "?last_event_id= and ?access_token= work too");
 }
 
+/// A commission's stream opened the way a keep-alive client does (no `Connection: close`),
+/// read raw.
+fn keep_alive_stream(s: &Server, token: &str, id: u64, timeout: Duration) -> std::net::TcpStream {
+    use std::io::Write;
+    let mut conn = std::net::TcpStream::connect(s.addr).unwrap();
+    conn.set_read_timeout(Some(timeout)).unwrap();
+    write!(
+        conn,
+        "GET /api/progress/{id}/stream HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\r\n"
+    )
+    .unwrap();
+    conn
+}
+
+/// Reads until `done` holds for what has arrived (or the read times out, or the peer closes).
+fn read_until(mut conn: &std::net::TcpStream, raw: &mut Vec<u8>, done: &dyn Fn(&[u8]) -> bool) {
+    use std::io::Read;
+    let mut buf = [0u8; 4096];
+    while !done(raw) {
+        match conn.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => raw.extend_from_slice(&buf[..n]),
+        }
+    }
+}
+
 /// A keep-alive client (a browser, aiohttp) gets a commission's stream chunked: the terminal
 /// event and the end of the body arrive together, and the same connection then serves the
 /// next request. Without this, every commission followed costs a new connection.
 #[test]
 fn a_keep_alive_client_gets_a_chunked_stream_and_keeps_its_connection() {
-    use std::io::{Read, Write};
+    use std::io::Write;
     let (_dir, s, alice, id) = alice_with_a_queued_commission("sse-keep-alive");
-    let mut conn = std::net::TcpStream::connect(s.addr).unwrap();
-    conn.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(
-        conn,
-        "GET /api/progress/{id}/stream HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {alice}\r\n\r\n"
-    )
-    .unwrap();
-    // Reads until `done` holds for what has arrived (or the read times out).
-    let read_until = |mut conn: &std::net::TcpStream, raw: &mut Vec<u8>, done: &dyn Fn(&[u8]) -> bool| {
-        let mut buf = [0u8; 4096];
-        while !done(raw) {
-            match conn.read(&mut buf) {
-                Ok(0) | Err(_) => break,
-                Ok(n) => raw.extend_from_slice(&buf[..n]),
-            }
-        }
-    };
+    let mut conn = keep_alive_stream(&s, &alice, id, Duration::from_secs(10));
     let mut raw = Vec::new();
     read_until(&conn, &mut raw, &|b| String::from_utf8_lossy(b).contains("event: created"));
     s.post(&format!("/api/commissions/{id}/cancel"), Some(&alice), &json!({}));
@@ -256,22 +266,12 @@ fn heartbeats_cap_and_graceful_shutdown() {
 /// complete response and resumes elsewhere, instead of a body cut off by the process's exit.
 #[test]
 fn a_graceful_stop_ends_a_chunked_stream_with_its_last_chunk() {
-    use std::io::{Read, Write};
+    use std::io::Read;
     let (_dir, s, alice, id) = alice_with_a_queued_commission("sse-stop-chunked");
-    let mut conn = std::net::TcpStream::connect(s.addr).unwrap();
-    conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    write!(
-        conn,
-        "GET /api/progress/{id}/stream HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {alice}\r\n\r\n"
-    )
-    .unwrap();
+    let mut conn = keep_alive_stream(&s, &alice, id, Duration::from_secs(5));
     let mut raw = Vec::new();
-    let mut buf = [0u8; 4096];
-    while !String::from_utf8_lossy(&raw).contains("event: created") {
-        let n = conn.read(&mut buf).expect("the stream's first event");
-        assert!(n > 0, "closed early: {}", String::from_utf8_lossy(&raw));
-        raw.extend_from_slice(&buf[..n]);
-    }
+    read_until(&conn, &mut raw, &|b| String::from_utf8_lossy(b).contains("event: created"));
+    assert!(String::from_utf8_lossy(&raw).contains("event: created"), "{}", String::from_utf8_lossy(&raw));
     assert!(s.stop().success());
     let ended = conn.read_to_end(&mut raw);
     let text = String::from_utf8_lossy(&raw);
