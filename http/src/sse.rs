@@ -169,7 +169,7 @@ fn run(w: &mut dyn Write, opened: Opened, framing: Framing, shared: &Arc<Shared>
         if shared.shutting_down.load(Ordering::SeqCst) {
             // A chunked body gets its last chunk, so the client reads a complete response
             // (and resumes with Last-Event-ID) rather than a cut one.
-            let _ = out.write(&mut w, true);
+            let _ = out.write(w, true);
             return false;
         }
         // History is read on the handler pool, never on this thread (see `on_pool`).
