@@ -25,6 +25,7 @@
 //! a log key, and how a log value becomes records, is `crate::log`'s alone.
 
 mod config;
+mod disk;
 mod lock;
 mod open;
 mod read;
@@ -43,6 +44,7 @@ use crate::event_store::{AppendOutcome, AppendRequest, EventStore, ListQuery, Pa
 use crate::reply::reply;
 use crate::subscribe::{Filter, Subscription};
 pub use config::{Durability, StoreConfig, CACHE_CAPACITY_BYTES_DEFAULT};
+pub use disk::{DISK_FREE_BYTES_MIN, DISK_RESERVE_BYTES_DEFAULT, DISK_RESERVE_FILE};
 pub use open::SCHEMA_VERSION;
 pub use read::LIST_LIMIT_MAX;
 pub(crate) use state::{Inner, Trees};
@@ -151,6 +153,9 @@ impl EventStore for SledStore {
     fn health(&self) -> Result<(), StorageError> {
         if let Some(why) = self.inner.poisoned.lock().unwrap_or_else(|p| p.into_inner()).clone() {
             return Err(StorageError::Poisoned(why));
+        }
+        if let Some((free, needed)) = *self.inner.disk_full.lock().unwrap_or_else(|p| p.into_inner()) {
+            return Err(StorageError::DiskFull { free, needed });
         }
         match self.tx.lock() {
             Ok(tx) if tx.is_some() => Ok(()),
