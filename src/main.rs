@@ -372,6 +372,9 @@ fn replay(store: StoreArgs) -> Result<ExitCode, CliError> {
     private_files();
     let (s, _) = server_settings(store, None)?;
     let store = open_store(&s)?;
+    if let Some(why) = store.rebuilt_at_open() {
+        println!("the projections disagreed with the log at open ({why}); they were rebuilt from the log");
+    }
     let report = check::replay_check(&store)?;
     println!(
         "replayed {} events ({} pruned) into {} commissions and {} jobs in {:.2?}",

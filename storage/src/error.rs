@@ -121,7 +121,7 @@ impl std::fmt::Display for StorageError {
                 write!(f, "corrupted log record at seq {seq}: {detail}")
             }
             StorageError::BadProjection { tree, detail, .. } => {
-                write!(f, "bad record in projection '{tree}': {detail} (rebuild with `atelier replay --rebuild`)")
+                write!(f, "bad record in projection '{tree}': {detail}")
             }
             StorageError::NewerSchema { found, supported } => write!(
                 f,

@@ -114,6 +114,12 @@ impl SledStore {
         rx.recv()
     }
 
+    /// Why the open found the projections disagreeing with the log and rebuilt them from it,
+    /// if it did (the log was whole; only the caches were not).
+    pub fn rebuilt_at_open(&self) -> Option<&str> {
+        self.inner.rebuilt_at_open.get().map(String::as_str)
+    }
+
     /// Subscribers cut off for being too slow, since open.
     pub fn dropped_slow_total(&self) -> u64 {
         self.inner.dropped_slow.load(Ordering::Relaxed)

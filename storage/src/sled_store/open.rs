@@ -62,6 +62,7 @@ pub(super) fn open(config: &StoreConfig) -> Result<(Arc<Inner>, Writer), Storage
         counts: Mutex::new([0; 10]),
         poisoned: Mutex::new(None),
         disk_full: Mutex::new(None),
+        rebuilt_at_open: std::sync::OnceLock::new(),
         _lock: lock,
     });
     let disk = Disk::open(&config.dir, config.disk_reserve_bytes);

@@ -148,6 +148,7 @@ impl Writer {
             Err(e @ StorageError::BadProjection { .. }) => {
                 tracing::warn!(error = %e, "the projections disagree with the log; rebuilding them from the log");
                 self.rebuild_projections()?;
+                let _ = self.inner.rebuilt_at_open.set(e.to_string());
             }
             Err(e) => return Err(e),
         }
