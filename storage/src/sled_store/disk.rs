@@ -146,7 +146,7 @@ pub(super) fn free_bytes(dir: &Path) -> Result<u64, StorageError> {
     if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
         return Err(io(format!("statvfs {}", dir.display()))(std::io::Error::last_os_error()));
     }
-    Ok(u64::from(st.f_bavail).saturating_mul(u64::from(st.f_frsize)))
+    Ok(st.f_bavail.saturating_mul(st.f_frsize))
 }
 
 /// Whether a failure is the disk running out of space, however deep it is wrapped.
