@@ -10,7 +10,6 @@
 //! Mounting needs root (or CAP_SYS_ADMIN); where it is refused the tmpfs test says so and
 //! passes without running.
 
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
@@ -19,7 +18,7 @@ use atelier_tests::*;
 
 /// Rounds of the procedure: each starts from an empty tmpfs.
 const ROUNDS: usize = 8;
-const TMPFS_SIZE: &str = "size=48m";
+const TMPFS_SIZE: &str = "48m";
 /// What the ballast leaves free, as in the issue.
 const BALLAST_LEAVES_BYTES: u64 = 6 * 1024 * 1024;
 const CONTEXT_BYTES: usize = 30 * 1000;
@@ -30,60 +29,6 @@ const RESUME_WITHIN: Duration = Duration::from_secs(10);
 
 fn exe() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_atelier"))
-}
-
-/// A tmpfs mounted on a temp dir, unmounted on drop (also when the test panics). Declare it
-/// before any server that uses it, so that the server is dropped (killed) first.
-struct Tmpfs {
-    dir: TempDir,
-}
-
-impl Tmpfs {
-    fn mount() -> Result<Tmpfs, String> {
-        let dir = temp_dir("tmpfs");
-        let out = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", TMPFS_SIZE, "tmpfs"])
-            .arg(dir.path())
-            .output()
-            .map_err(|e| format!("cannot run mount: {e}"))?;
-        if !out.status.success() {
-            return Err(String::from_utf8_lossy(&out.stderr).trim().to_string());
-        }
-        Ok(Tmpfs { dir })
-    }
-
-    fn path(&self) -> &Path {
-        self.dir.path()
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let plain = Command::new("umount").arg(self.dir.path()).status();
-        if !plain.is_ok_and(|s| s.success()) {
-            // Something still holds it (a child the test lost): detach it so the temp dir goes.
-            let _ = Command::new("umount").arg("-l").arg(self.dir.path()).status();
-        }
-    }
-}
-
-fn free_bytes(dir: &Path) -> u64 {
-    use std::os::unix::ffi::OsStrExt;
-    let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).unwrap();
-    // SAFETY: statvfs fills the zeroed struct we own; the path is NUL-terminated.
-    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-    assert_eq!(unsafe { libc::statvfs(c.as_ptr(), &mut st) }, 0, "statvfs {}", dir.display());
-    st.f_bavail * st.f_frsize
-}
-
-/// Takes all but `leave` bytes of the file system's free space, really (tmpfs allocates on
-/// fallocate; a sparse file would take nothing).
-fn ballast(path: &Path, leave: u64) {
-    let take = free_bytes(path.parent().unwrap()).saturating_sub(leave);
-    let f = std::fs::File::create(path).unwrap();
-    // SAFETY: posix_fallocate on a valid, owned fd.
-    let rc = unsafe { libc::posix_fallocate(f.as_raw_fd(), 0, take as libc::off_t) };
-    assert_eq!(rc, 0, "fallocate the ballast");
 }
 
 fn cli(args: &[&str], data_dir: &Path) -> Output {
@@ -128,7 +73,7 @@ fn readyz_becomes(server: &Server, status: u16, within: Duration) -> Response {
 /// One round of the procedure on a fresh tmpfs; returns how many creates were acknowledged.
 // Long because it is the operator's procedure step by step, each step checked where it happens.
 fn one_round(round: usize, logs: &Path) -> usize {
-    let mnt = match Tmpfs::mount() {
+    let mnt = match Tmpfs::mount(TMPFS_SIZE) {
         Ok(m) => m,
         Err(why) => panic!("round {round}: the tmpfs mounted before, not now: {why}"),
     };
@@ -142,7 +87,7 @@ fn one_round(round: usize, logs: &Path) -> usize {
         Some(atelier_storage::DISK_RESERVE_BYTES_DEFAULT),
         "round {round}: the reserve is made at start"
     );
-    ballast(&mnt.path().join("ballast"), BALLAST_LEAVES_BYTES);
+    let ballast = mnt.ballast("ballast", BALLAST_LEAVES_BYTES);
 
     let token = token("filler", false);
     let context = json!({"pad": "x".repeat(CONTEXT_BYTES)});
@@ -172,7 +117,7 @@ fn one_round(round: usize, logs: &Path) -> usize {
     assert!(!reserve.exists(), "round {round}: the reserve is given back when the disk fills");
 
     // Space returns: the store takes appends again by itself, reserve first.
-    std::fs::remove_file(mnt.path().join("ballast")).unwrap();
+    std::fs::remove_file(&ballast).unwrap();
     let ready = readyz_becomes(&server, 200, RESUME_WITHIN);
     assert_eq!(ready.status, 200, "round {round}: no resume without a restart: {}", ready.text());
     assert_eq!(
@@ -203,7 +148,7 @@ fn one_round(round: usize, logs: &Path) -> usize {
 
 #[test]
 fn a_full_disk_refuses_appends_cleanly_and_the_data_dir_always_opens() {
-    match Tmpfs::mount() {
+    match Tmpfs::mount(TMPFS_SIZE) {
         Ok(_probe) => {}
         Err(why) => {
             println!("SKIPPED: cannot mount a tmpfs here (needs root or CAP_SYS_ADMIN): {why}");
