@@ -26,9 +26,32 @@ const CONTEXT_BYTES: usize = 30 * 1000;
 const CREATES_MAX: usize = 400;
 /// How long the server may take to notice that space returned (it looks every 500 ms).
 const RESUME_WITHIN: Duration = Duration::from_secs(10);
+/// Commissions scheduled to become due while the disk is full, how long after the round
+/// starts (the disk fills well within it), and how long the test then keeps the disk full.
+const DUE_WHILE_FULL: usize = 3;
+const DUE_AFTER_MS: i64 = 3_500;
+/// A job dispatched just before the disk filled may still be spawning its worker (which then
+/// cannot record its start): the spawn count is read once that has settled.
+const SETTLE_MS: u64 = 1_000;
+const DUE_GRACE_MS: u64 = 1_000;
+/// How long the `noop` jobs of one round may take, all of them, once space returned.
+const ALL_DONE_WITHIN: Duration = Duration::from_secs(60);
 
 fn exe() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_atelier"))
+}
+
+fn now_ms() -> i64 {
+    let since = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap();
+    i64::try_from(since.as_millis()).unwrap()
+}
+
+/// Worker processes spawned since the server started (`/metrics`).
+fn spawned(server: &Server) -> u64 {
+    let text = server.get("/metrics", Some(&token("admin", true))).text();
+    let line = text.lines().find(|l| l.starts_with("atelier_job_spawn_seconds_count"));
+    line.and_then(|l| l.split_whitespace().last()?.parse().ok())
+        .unwrap_or_else(|| panic!("no spawn count in {text}"))
 }
 
 fn cli(args: &[&str], data_dir: &Path) -> Output {
@@ -92,6 +115,16 @@ fn one_round(round: usize, logs: &Path) -> usize {
     let token = token("filler", false);
     let context = json!({"pad": "x".repeat(CONTEXT_BYTES)});
     let mut acked = Vec::new();
+    // Commissions that become due while the disk is full: the scheduler must hold them (a
+    // job could not record its start) and run them once space returns.
+    let due_at_ms = now_ms() + DUE_AFTER_MS;
+    let at = atelier_engine::time::format_rfc3339_ms(due_at_ms);
+    for _ in 0..DUE_WHILE_FULL {
+        let body = json!({"pipeline": "noop", "context": {"title": "due while full"}, "scheduled_for": at});
+        let r = server.post("/api/commissions", Some(&token), &body);
+        assert_eq!(r.status, 201, "round {round}: {}", r.text());
+        acked.push(r.json()["task_id"].as_u64().expect("an id"));
+    }
     let full = loop {
         assert!(acked.len() < CREATES_MAX, "round {round}: {CREATES_MAX} creates and the disk never filled");
         let r = create(&server, &token, &context);
@@ -116,6 +149,14 @@ fn one_round(round: usize, logs: &Path) -> usize {
     assert!(ready.text().contains("the disk is full"), "round {round}: {}", ready.text());
     assert!(!reserve.exists(), "round {round}: the reserve is given back when the disk fills");
 
+    std::thread::sleep(Duration::from_millis(SETTLE_MS));
+    let spawned_before = spawned(&server);
+    let now = now_ms();
+    assert!(now < due_at_ms, "round {round}: the disk filled only after the scheduled commissions were due");
+    std::thread::sleep(Duration::from_millis(u64::try_from(due_at_ms - now).unwrap() + DUE_GRACE_MS));
+    assert_eq!(server.get("/readyz", None).status, 503, "round {round}: still full");
+    assert_eq!(spawned(&server), spawned_before, "round {round}: a job was spawned while the disk was full");
+
     // Space returns: the store takes appends again by itself, reserve first.
     std::fs::remove_file(&ballast).unwrap();
     let ready = readyz_becomes(&server, 200, RESUME_WITHIN);
@@ -128,6 +169,16 @@ fn one_round(round: usize, logs: &Path) -> usize {
     let r = create(&server, &token, &context);
     assert_eq!(r.status, 201, "round {round}: a create once space returned: {}", r.text());
     acked.push(r.json()["task_id"].as_u64().unwrap());
+
+    // The executors took no work while the disk was full and take it again now: every
+    // commission acknowledged before the disk filled runs to its end.
+    for id in &acked {
+        let state = wait_for(ALL_DONE_WITHIN, || {
+            let c = server.get(&format!("/api/commissions/{id}"), Some(&token)).json();
+            (c["state"] == "completed").then_some(c)
+        });
+        assert!(state.is_some(), "round {round}: commission {id} did not complete once space returned");
+    }
 
     let status = server.stop();
     assert!(status.success(), "round {round}: the stop: {status:?}\n{}", server_log());
