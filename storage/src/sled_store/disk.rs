@@ -170,3 +170,44 @@ pub(super) fn is_disk_full(e: &(dyn std::error::Error + 'static)) -> bool {
     }
     false
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+
+    const RESERVE: u64 = 1024 * 1024;
+
+    #[test]
+    fn the_reserve_is_made_given_back_and_made_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(DISK_RESERVE_FILE);
+        let mut disk = Disk::open(dir.path(), RESERVE);
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), RESERVE);
+        disk.release();
+        assert!(!path.exists());
+        // A temp dir's disk has room: the check makes it again before letting writes through.
+        disk.check().unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), RESERVE);
+        assert!(!dir.path().join(format!("{DISK_RESERVE_FILE}.tmp")).exists());
+        // A reopen keeps it; a reserve of 0 removes it.
+        drop(Disk::open(dir.path(), RESERVE));
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), RESERVE);
+        drop(Disk::open(dir.path(), 0));
+        assert!(!path.exists());
+    }
+
+    #[test]
+    fn a_full_disk_is_told_apart_however_deep_it_is_wrapped() {
+        let enospc = || std::io::Error::from_raw_os_error(libc::ENOSPC);
+        let through_sled = StorageError::Sled(sled::Error::Io(enospc()));
+        assert!(is_disk_full(&through_sled));
+        assert!(is_disk_full(&StorageError::Poisoned(Arc::new(through_sled))));
+        assert!(is_disk_full(&io("fdatasync")(enospc())));
+        assert!(is_disk_full(&StorageError::DiskFull { free: 1, needed: 2 }));
+        let eio = StorageError::Sled(sled::Error::Io(std::io::Error::from_raw_os_error(libc::EIO)));
+        assert!(!is_disk_full(&StorageError::Poisoned(Arc::new(eio))));
+        assert!(!is_disk_full(&StorageError::Closed));
+    }
+}
