@@ -247,3 +247,33 @@ fn the_data_dir_a_full_disk_left_behind_opens_with_its_whole_log() {
     assert_eq!(listed["items"].as_array().map(Vec::len), Some(62), "{listed}");
     assert!(server.stop().success());
 }
+
+#[test]
+fn a_log_that_fails_its_own_checks_stops_the_open_with_its_seq_and_what_to_do() {
+    let scratch = temp_dir("enospc-fixture-gap");
+    let fixture = workspace_root().join("tests/fixtures/enospc-datadir.tgz");
+    let untar = Command::new("tar").arg("xzf").arg(&fixture).arg("-C").arg(scratch.path()).status();
+    assert!(untar.is_ok_and(|s| s.success()), "unpack {}", fixture.display());
+    let data = scratch.path().join("data");
+    {
+        // The group commit of seqs 150..=155 goes missing from the log: a gap, which no
+        // rebuild of the projections can make good.
+        let db = sled::open(data.join("sled")).unwrap();
+        let log = db.open_tree(atelier_storage::layout::LOG_TREE).unwrap();
+        assert!(log.remove(150u64.to_be_bytes()).unwrap().is_some(), "a log value starts at seq 150");
+        db.flush().unwrap();
+    }
+    for args in [&["replay", "--check"][..], &["export"][..]] {
+        let out = cli(args, &data);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains("corrupted log record at seq 150: the record is missing"),
+            "{args:?}: {stderr}"
+        );
+        assert!(
+            stderr.contains("what to do: the log itself fails its checks at seq 150"),
+            "{args:?}: {stderr}"
+        );
+    }
+}
