@@ -226,7 +226,8 @@ impl Writer {
         let head = self.head;
         self.projected = 0;
         self.counts = [0; 10];
-        self.next_cid = 1;
+        // `next_cid` is kept, not reset: a pruned commission's records no longer name it, so
+        // the log alone could hand its id out again. The fold only raises it.
         let mut chain = 0u32;
         let mut staged = Staged::default();
         let mut expected = 1u64;
