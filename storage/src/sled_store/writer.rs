@@ -772,9 +772,10 @@ impl Writer {
 }
 
 impl Request {
-    /// Whether the request may append to the log (and so needs room on the disk).
+    /// Whether the request may write to the log (and so needs room on the disk): appends,
+    /// and retention's rewrite of log blocks.
     fn writes_log(&self) -> bool {
-        matches!(self, Request::Append(..) | Request::Import(..))
+        matches!(self, Request::Append(..) | Request::Import(..) | Request::Prune(..))
     }
 }
 
