@@ -26,6 +26,7 @@ defaults):
     ATELIER_DURABILITY        sync | periodic                   sync (acknowledge only after fsync)
     ATELIER_DURABILITY_INTERVAL_MS  periodic: sync this often (a crash loses up to this)  100
     ATELIER_CACHE_BYTES       sled page cache                   67108864
+    ATELIER_DISK_RESERVE_BYTES  ballast file in DATA_DIR, given back when the disk fills   16777216 (0 = none)
     ATELIER_RETENTION_DAYS    prune terminal commissions older than this   off
     ATELIER_JOB_DIRS_KEEP_DAYS  remove finished jobs' dirs (and logs) after   7 (0 = keep)
     ATELIER_HEARTBEAT_MS      SSE heartbeat interval            15000

@@ -155,7 +155,24 @@ fn report(e: &CliError) -> ExitCode {
         eprintln!("  caused by: {s}");
         source = s.source();
     }
+    if let Some(what_to_do) = what_to_do(e) {
+        eprintln!("  what to do: {what_to_do}");
+    }
     ExitCode::from(EXIT_ERROR)
+}
+
+/// The operator's next step, where the error alone does not say it.
+fn what_to_do(e: &CliError) -> Option<String> {
+    match e {
+        // Projections are rebuilt at open; only the log itself failing its checks gets here.
+        CliError::Storage(StorageError::Corruption { seq, .. }) => Some(format!(
+            "the log itself fails its checks at seq {seq}, and Atelier does not guess past a bad \
+             record. Stop every atelier on this data dir, keep a copy of it as it is, then restore \
+             the data dir from a backup (`atelier import` of an export taken before); the records \
+             before seq {seq} are what the copy can still give."
+        )),
+        _ => None,
+    }
 }
 
 fn run(command: Command) -> Result<ExitCode, CliError> {
@@ -358,6 +375,9 @@ fn replay(store: StoreArgs) -> Result<ExitCode, CliError> {
     private_files();
     let (s, _) = server_settings(store, None)?;
     let store = open_store(&s)?;
+    if let Some(why) = store.rebuilt_at_open() {
+        println!("the projections disagreed with the log at open ({why}); they were rebuilt from the log");
+    }
     let report = check::replay_check(&store)?;
     println!(
         "replayed {} events ({} pruned) into {} commissions and {} jobs in {:.2?}",

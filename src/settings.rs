@@ -17,6 +17,7 @@ const TOP_LEVEL_KEYS: &[&str] = &[
     "durability",
     "durability_interval_ms",
     "cache_capacity_bytes",
+    "disk_reserve_bytes",
     "retention_days",
     "heartbeat_ms",
     "max_connections",
@@ -45,6 +46,8 @@ pub struct ServerSettings {
     pub data_dir: PathBuf,
     pub durability: Durability,
     pub cache_bytes: u64,
+    /// The disk reserve's size in bytes (0: none).
+    pub disk_reserve_bytes: u64,
     pub retention_days: Option<u64>,
     pub heartbeat_ms: u64,
     pub max_connections: usize,
@@ -115,6 +118,11 @@ impl ServerSettings {
                 "ATELIER_CACHE_BYTES",
                 atelier_storage::CACHE_CAPACITY_BYTES_DEFAULT,
             )?,
+            disk_reserve_bytes: num(
+                "disk_reserve_bytes",
+                "ATELIER_DISK_RESERVE_BYTES",
+                atelier_storage::DISK_RESERVE_BYTES_DEFAULT,
+            )?,
             retention_days: s
                 .get("retention_days", &["ATELIER_RETENTION_DAYS"])
                 .map(|f| number(&f, "is not a number of days"))
@@ -170,6 +178,7 @@ impl ServerSettings {
         let mut config = StoreConfig::new(&self.data_dir);
         config.cache_capacity_bytes = self.cache_bytes;
         config.durability = self.durability;
+        config.disk_reserve_bytes = self.disk_reserve_bytes;
         config
     }
 }

@@ -45,6 +45,12 @@ pub enum StorageError {
     /// The store stopped accepting writes after a failed commit (the failure, shared by
     /// every request refused since); restart to recover.
     Poisoned(Arc<StorageError>),
+    /// The data dir's disk has less free space than a group commit may need: the append was
+    /// refused with nothing written, and appends resume once space returns.
+    DiskFull {
+        free: u64,
+        needed: u64,
+    },
     /// The store is shut down.
     Closed,
     /// A command lost the version race too many times in a row.
@@ -115,7 +121,7 @@ impl std::fmt::Display for StorageError {
                 write!(f, "corrupted log record at seq {seq}: {detail}")
             }
             StorageError::BadProjection { tree, detail, .. } => {
-                write!(f, "bad record in projection '{tree}': {detail} (rebuild with `atelier replay --rebuild`)")
+                write!(f, "bad record in projection '{tree}': {detail}")
             }
             StorageError::NewerSchema { found, supported } => write!(
                 f,
@@ -125,6 +131,10 @@ impl std::fmt::Display for StorageError {
                 write!(f, "the data dir {} is in use by {holder}", path.display())
             }
             StorageError::Poisoned(e) => write!(f, "the store stopped after a failed commit: {e}"),
+            StorageError::DiskFull { free, needed } => write!(
+                f,
+                "the disk is full: {free} bytes free, appends need {needed}; free some space on the data dir's disk (appends resume by themselves)"
+            ),
             StorageError::Closed => write!(f, "the store is closed"),
             StorageError::Contention { commission } => {
                 write!(f, "commission {commission} is changing too fast to apply the command; try again")
@@ -147,6 +157,7 @@ impl std::error::Error for StorageError {
             StorageError::NewerSchema { .. }
             | StorageError::Locked { .. }
             | StorageError::Closed
+            | StorageError::DiskFull { .. }
             | StorageError::Contention { .. } => None,
         }
     }

@@ -22,7 +22,8 @@ pub use event_store::{AppendOutcome, AppendRequest, AppendTarget, EventStore, Li
 pub use retention::{Retention, RETENTION_CHECK_INTERVAL};
 pub use service::{create, execute, Created};
 pub use sled_store::{
-    Durability, SledStore, StoreConfig, CACHE_CAPACITY_BYTES_DEFAULT, LIST_LIMIT_MAX, SCHEMA_VERSION,
+    Durability, SledStore, StoreConfig, CACHE_CAPACITY_BYTES_DEFAULT, DISK_FREE_BYTES_MIN,
+    DISK_RESERVE_BYTES_DEFAULT, DISK_RESERVE_FILE, LIST_LIMIT_MAX, SCHEMA_VERSION,
 };
 pub use subscribe::{
     Delivery, Filter, Subscription, SubscriptionEnd, ViewAfter, REPLAY_CHUNK_EVENTS,

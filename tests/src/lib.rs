@@ -544,3 +544,62 @@ pub fn build_preload(fixture: &str, out_dir: &Path) -> PathBuf {
     assert!(out.status.success(), "gcc {fixture}: {}", String::from_utf8_lossy(&out.stderr));
     lib
 }
+
+/// A tmpfs of `size` (as mount's `-o size=` takes it) mounted on a temp dir, for the full-disk
+/// tests; unmounted on drop, also when a test panics (lazily, if something still holds it).
+/// Declare it before any server that uses it, so that the server is dropped (killed) first.
+pub struct Tmpfs {
+    dir: TempDir,
+}
+
+impl Tmpfs {
+    /// `Err` says why mount refused (it needs root or CAP_SYS_ADMIN).
+    pub fn mount(size: &str) -> Result<Tmpfs, String> {
+        let dir = temp_dir("tmpfs");
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .output()
+            .map_err(|e| format!("cannot run mount: {e}"))?;
+        if !out.status.success() {
+            return Err(String::from_utf8_lossy(&out.stderr).trim().to_string());
+        }
+        Ok(Tmpfs { dir })
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Takes all but `leave` bytes of its free space with a file at `name`, really (tmpfs
+    /// allocates on fallocate; a sparse file would take nothing). Returns the file's path.
+    pub fn ballast(&self, name: &str, leave: u64) -> PathBuf {
+        use std::os::fd::AsRawFd;
+        let path = self.path().join(name);
+        let take = free_bytes(self.path()).saturating_sub(leave);
+        let f = std::fs::File::create(&path).expect("create the ballast");
+        let len = libc::off_t::try_from(take).expect("a tmpfs-sized length");
+        // SAFETY: posix_fallocate on a valid, owned fd; no memory is involved.
+        let rc = unsafe { libc::posix_fallocate(f.as_raw_fd(), 0, len) };
+        assert_eq!(rc, 0, "fallocate the ballast");
+        path
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        if !Command::new("umount").arg(self.dir.path()).status().is_ok_and(|s| s.success()) {
+            let _ = Command::new("umount").arg("-l").arg(self.dir.path()).status();
+        }
+    }
+}
+
+/// Free bytes for an unprivileged writer on the file system that holds `dir`.
+pub fn free_bytes(dir: &Path) -> u64 {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).expect("a path without NUL");
+    // SAFETY: statvfs fills the zeroed struct we own; the path is NUL-terminated.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    assert_eq!(unsafe { libc::statvfs(c.as_ptr(), &mut st) }, 0, "statvfs {}", dir.display());
+    st.f_bavail * st.f_frsize
+}

@@ -369,6 +369,9 @@ pub(crate) fn execute_all(
 /// commission running with no process until the next restart.
 const RECORD_TRIES_MAX: u32 = 5;
 const RECORD_RETRY_MS: u64 = 200;
+/// A full disk is waited out, not counted as a try: the store takes appends again by itself
+/// once there is room (a stop ends the wait: the closed store answers `Closed`).
+const RECORD_DISK_FULL_RETRY_MS: u64 = 500;
 
 fn execute_persistently(
     store: &dyn EventStore,
@@ -377,8 +380,16 @@ fn execute_persistently(
     retry: RetryPolicy,
 ) -> Result<Batched, StorageError> {
     let mut tries = 1;
+    let mut waiting_for_space = false;
     loop {
         match execute_all(store, commission_id, cmds, &ctx(retry)) {
+            Err(e @ StorageError::DiskFull { .. }) => {
+                if !waiting_for_space {
+                    tracing::warn!(commission = commission_id, error = %e, "the disk is full; the job end waits for space");
+                    waiting_for_space = true;
+                }
+                std::thread::sleep(Duration::from_millis(RECORD_DISK_FULL_RETRY_MS));
+            }
             Err(e) if tries < RECORD_TRIES_MAX && !matches!(e, StorageError::Closed) => {
                 tracing::warn!(commission = commission_id, error = %e, tries, "recording the job end failed; retrying");
                 tries += 1;

@@ -14,8 +14,8 @@ pub(super) fn healthz(_: &Call<'_>) -> Result<Reply, StorageError> {
     Ok(Reply::Json(200, json!({"status": "ok"})))
 }
 
-/// Not ready while the store refuses writes (a failed commit stops the writer for good, and
-/// only a restart recovers): a balancer should send traffic elsewhere. Otherwise ready once
+/// Not ready while the store refuses writes (a full disk, until space returns; a failed
+/// commit, until a restart): a balancer should send traffic elsewhere. Otherwise ready once
 /// the executors run.
 pub(super) fn readyz(call: &Call<'_>) -> Result<Reply, StorageError> {
     let shared = call.shared;

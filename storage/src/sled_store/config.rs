@@ -21,6 +21,8 @@ pub struct StoreConfig {
     pub dir: PathBuf,
     pub cache_capacity_bytes: u64,
     pub durability: Durability,
+    /// The disk reserve's size (0: none); see [`super::disk`].
+    pub disk_reserve_bytes: u64,
 }
 
 impl StoreConfig {
@@ -29,6 +31,7 @@ impl StoreConfig {
             dir: dir.into(),
             cache_capacity_bytes: CACHE_CAPACITY_BYTES_DEFAULT,
             durability: Durability::Sync,
+            disk_reserve_bytes: super::disk::DISK_RESERVE_BYTES_DEFAULT,
         }
     }
 }

@@ -25,6 +25,7 @@
 //! a log key, and how a log value becomes records, is `crate::log`'s alone.
 
 mod config;
+mod disk;
 mod lock;
 mod open;
 mod read;
@@ -43,6 +44,7 @@ use crate::event_store::{AppendOutcome, AppendRequest, EventStore, ListQuery, Pa
 use crate::reply::reply;
 use crate::subscribe::{Filter, Subscription};
 pub use config::{Durability, StoreConfig, CACHE_CAPACITY_BYTES_DEFAULT};
+pub use disk::{DISK_FREE_BYTES_MIN, DISK_RESERVE_BYTES_DEFAULT, DISK_RESERVE_FILE};
 pub use open::SCHEMA_VERSION;
 pub use read::LIST_LIMIT_MAX;
 pub(crate) use state::{Inner, Trees};
@@ -112,6 +114,12 @@ impl SledStore {
         rx.recv()
     }
 
+    /// Why the open found the projections disagreeing with the log and rebuilt them from it,
+    /// if it did (the log was whole; only the caches were not).
+    pub fn rebuilt_at_open(&self) -> Option<&str> {
+        self.inner.rebuilt_at_open.get().map(String::as_str)
+    }
+
     /// Subscribers cut off for being too slow, since open.
     pub fn dropped_slow_total(&self) -> u64 {
         self.inner.dropped_slow.load(Ordering::Relaxed)
@@ -151,6 +159,9 @@ impl EventStore for SledStore {
     fn health(&self) -> Result<(), StorageError> {
         if let Some(why) = self.inner.poisoned.lock().unwrap_or_else(|p| p.into_inner()).clone() {
             return Err(StorageError::Poisoned(why));
+        }
+        if let Some((free, needed)) = *self.inner.disk_full.lock().unwrap_or_else(|p| p.into_inner()) {
+            return Err(StorageError::DiskFull { free, needed });
         }
         match self.tx.lock() {
             Ok(tx) if tx.is_some() => Ok(()),

@@ -7,6 +7,7 @@ use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, RwLock};
 
 use super::config::{Durability, StoreConfig};
+use super::disk::Disk;
 use super::lock::LockFile;
 use super::state::{Inner, Trees, Unflushed};
 use super::writer::Writer;
@@ -60,9 +61,12 @@ pub(super) fn open(config: &StoreConfig) -> Result<(Arc<Inner>, Writer), Storage
         unflushed: RwLock::new(Unflushed::default()),
         counts: Mutex::new([0; 10]),
         poisoned: Mutex::new(None),
+        disk_full: Mutex::new(None),
+        rebuilt_at_open: std::sync::OnceLock::new(),
         _lock: lock,
     });
-    let mut writer = Writer::new(inner.clone(), head, chain)?;
+    let disk = Disk::open(&config.dir, config.disk_reserve_bytes);
+    let mut writer = Writer::new(inner.clone(), head, chain, disk)?;
     writer.catch_up()?;
     Ok((inner, writer))
 }

@@ -59,6 +59,10 @@ pub(crate) struct Inner {
     pub(super) counts: Mutex<[u64; 10]>,
     /// Why the writer refuses every write since a failed commit, once it does.
     pub(super) poisoned: Mutex<Option<Arc<StorageError>>>,
+    /// Why the open rebuilt the projections from the log, if it did.
+    pub(super) rebuilt_at_open: std::sync::OnceLock<String>,
+    /// `(free, needed)` bytes while the writer refuses appends for want of disk space.
+    pub(super) disk_full: Mutex<Option<(u64, u64)>>,
     pub(super) _lock: LockFile,
 }
 

@@ -14,6 +14,7 @@ use atelier_engine::{apply, apply_job, Commission, Envelope, Event, Job, Rejecti
 use crossbeam_channel::Receiver;
 
 use super::config::Durability;
+use super::disk::{is_disk_full, Disk};
 use super::state::{bad, bad_run, fdatasync, Inner, Trees};
 use crate::codec;
 use crate::error::StorageError;
@@ -37,6 +38,9 @@ pub const PROJECTION_FLUSH_EVENTS_MAX: u64 = 16 * 1024;
 /// ... or once the waiting snapshots hold about this many bytes (a snapshot can reach a few
 /// hundred KiB: context, result and artifacts).
 pub const PROJECTION_UNFLUSHED_BYTES_MAX: usize = 16 * 1024 * 1024;
+/// While appends are refused for want of disk space, how often the writer looks again on its
+/// own (no append may come: `/readyz` sends traffic elsewhere and the executors wait).
+pub const DISK_RECHECK_INTERVAL_MS: u64 = 500;
 
 pub(super) enum Request {
     Append(AppendRequest, ReplyTx<AppendOutcome>),
@@ -98,10 +102,11 @@ pub(super) struct Writer {
     projected: u64,
     counts: [u64; 10],
     last_projection_flush: Instant,
+    disk: Disk,
 }
 
 impl Writer {
-    pub(super) fn new(inner: Arc<Inner>, head: u64, chain: u32) -> Result<Writer, StorageError> {
+    pub(super) fn new(inner: Arc<Inner>, head: u64, chain: u32, disk: Disk) -> Result<Writer, StorageError> {
         let t = &inner.trees;
         let projected = t.meta(META_PROJECTED)?.and_then(|v| layout::decode_u64(&v)).unwrap_or(0);
         let mut next_cid = t.meta(META_NEXT_CID)?.and_then(|v| layout::decode_u64(&v)).unwrap_or(1);
@@ -109,34 +114,43 @@ impl Writer {
             next_cid = next_cid.max(layout::decode_u64(&item?.0).unwrap_or(0) + 1);
         }
         let counts = load_counts(t)?;
-        Ok(Writer { inner, head, chain, next_cid, projected, counts, last_projection_flush: Instant::now() })
+        Ok(Writer {
+            inner,
+            head,
+            chain,
+            next_cid,
+            projected,
+            counts,
+            last_projection_flush: Instant::now(),
+            disk,
+        })
     }
 
-    /// Applies log records that the projections have not seen: those acknowledged since the
-    /// last projection flush before a crash (write-back), at most
-    /// [`PROJECTION_FLUSH_EVENTS_MAX`] of them.
+    /// Brings the projections up to the log's head before the writer takes requests: applies
+    /// the log records after `projected_seq` (those acknowledged since the last projection
+    /// flush before a crash, at most [`PROJECTION_FLUSH_EVENTS_MAX`] of them).
+    ///
+    /// Projections are caches: when they disagree with the log (they claim events the log does
+    /// not hold, or a logged event does not follow the stored snapshot, or a value does not
+    /// decode), they are rebuilt from the log with a warning. Only the log failing its own
+    /// checks (checksum, chain, a gap) stops the open.
     pub(super) fn catch_up(&mut self) -> Result<(), StorageError> {
-        if self.projected < self.head {
-            tracing::info!(from = self.projected + 1, to = self.head, "catching projections up with the log");
-            let mut staged = Staged::default();
-            for item in crate::log::records(&self.inner.trees.log, self.projected + 1, u64::MAX) {
-                let (seq, record) = item?;
-                let (env, _) = decode_record(seq, &record, None)?;
-                let Some(env) = env else { continue };
-                if env.commission_id >= self.next_cid {
-                    self.next_cid = env.commission_id + 1;
-                }
-                let before = self.snapshot(&staged, env.commission_id)?;
-                let before_state = before.as_ref().map(|c| c.state);
-                let after = apply(before, &env).map_err(|r| {
-                    StorageError::corruption_from(seq, format!("the state machine refuses it: {r}"), r)
-                })?;
-                let step = Step { before: before_state, after: after.state, view: ViewAfter::of(&after) };
-                self.project(&mut staged, env, step)?;
-                staged.snapshots.insert(after.id, after);
+        let caught_up = if self.projected > self.head {
+            Err(StorageError::bad_projection(
+                Projection::Meta.name(),
+                format!("projected up to seq {} but the log ends at {}", self.projected, self.head),
+            ))
+        } else {
+            self.catch_up_from_projected()
+        };
+        match caught_up {
+            Ok(()) => {}
+            Err(e @ StorageError::BadProjection { .. }) => {
+                tracing::warn!(error = %e, "the projections disagree with the log; rebuilding them from the log");
+                self.rebuild_projections()?;
+                let _ = self.inner.rebuilt_at_open.set(e.to_string());
             }
-            staged.deliveries.clear();
-            self.publish_projections(staged)?;
+            Err(e) => return Err(e),
         }
         *self.inner.counts.lock().unwrap_or_else(|p| p.into_inner()) = self.counts;
         self.flush_projections()?;
@@ -145,8 +159,124 @@ impl Writer {
         Ok(())
     }
 
+    fn catch_up_from_projected(&mut self) -> Result<(), StorageError> {
+        if self.projected == self.head {
+            return Ok(());
+        }
+        tracing::info!(from = self.projected + 1, to = self.head, "catching projections up with the log");
+        let mut staged = Staged::default();
+        for item in crate::log::records(&self.inner.trees.log, self.projected + 1, u64::MAX) {
+            let (seq, record) = item?;
+            let (env, _) = decode_record(seq, &record, None)?;
+            let Some(env) = env else { continue };
+            self.fold_logged(&mut staged, env).map_err(|r| {
+                StorageError::bad_projection(
+                    Projection::Commissions.name(),
+                    format!("logged seq {seq} does not follow the stored snapshot: {r}"),
+                )
+            })??;
+        }
+        staged.deliveries.clear();
+        self.publish_projections(staged)
+    }
+
+    /// Folds one logged event into the staged projections. `Err(rejection)` when the state
+    /// machine refuses it on top of what the projections hold.
+    fn fold_logged(
+        &mut self,
+        staged: &mut Staged,
+        env: Envelope,
+    ) -> Result<Result<(), StorageError>, Rejection> {
+        if env.commission_id >= self.next_cid {
+            self.next_cid = env.commission_id + 1;
+        }
+        let before = match self.snapshot(staged, env.commission_id) {
+            Ok(before) => before,
+            Err(e) => return Ok(Err(e)),
+        };
+        let before_state = before.as_ref().map(|c| c.state);
+        let after = apply(before, &env)?;
+        let step = Step { before: before_state, after: after.state, view: ViewAfter::of(&after) };
+        if let Err(e) = self.project(staged, env, step) {
+            return Ok(Err(e));
+        }
+        staged.snapshots.insert(after.id, after);
+        Ok(Ok(()))
+    }
+
+    /// Throws every projection away and folds the whole log again, checking it as
+    /// `replay --check` does (gap-free, checksums, hash chain). Written back every
+    /// [`PROJECTION_FLUSH_EVENTS_MAX`] events with the seq reached, so that a crash midway
+    /// resumes from there. A record the state machine refuses on an empty start is the log's
+    /// own fault: that stops the open.
+    fn rebuild_projections(&mut self) -> Result<(), StorageError> {
+        let started = Instant::now();
+        let proj = &self.inner.trees.proj;
+        let mut clear = sled::Batch::default();
+        for p in Projection::ALL.into_iter().filter(|p| *p != Projection::Meta) {
+            for key in proj.scan_prefix([p.prefix()]).keys() {
+                clear.remove(key?);
+            }
+        }
+        for name in [META_PROJECTED, META_NEXT_CID, META_COUNTS] {
+            clear.remove(Projection::Meta.key(name));
+        }
+        proj.apply_batch(clear)?;
+        self.inner.unflushed.write().unwrap_or_else(|p| p.into_inner()).clear();
+        let head = self.head;
+        self.projected = 0;
+        self.counts = [0; 10];
+        // `next_cid` is kept, not reset: a pruned commission's records no longer name it, so
+        // the log alone could hand its id out again. The fold only raises it.
+        let mut chain = 0u32;
+        let mut staged = Staged::default();
+        let mut expected = 1u64;
+        for item in crate::log::records(&self.inner.trees.log, 1, head) {
+            let (seq, record) = item?;
+            if seq != expected {
+                return Err(StorageError::corruption(expected, "the record is missing from the log"));
+            }
+            let (env, next_chain) = decode_record(seq, &record, Some(chain))?;
+            chain = next_chain;
+            expected = seq + 1;
+            if let Some(env) = env {
+                self.fold_logged(&mut staged, env).map_err(|r| {
+                    StorageError::corruption_from(seq, format!("the state machine refuses it: {r}"), r)
+                })??;
+            }
+            if staged.versions.len() as u64 >= PROJECTION_FLUSH_EVENTS_MAX {
+                self.write_back_rebuilt(std::mem::take(&mut staged), seq)?;
+            }
+        }
+        if expected != head + 1 {
+            return Err(StorageError::corruption(expected, "the record is missing from the log"));
+        }
+        self.write_back_rebuilt(staged, head)?;
+        tracing::warn!(
+            events = head,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "the projections are rebuilt from the log"
+        );
+        Ok(())
+    }
+
+    /// Writes what a rebuild has folded up to `seq` to the projection tree.
+    fn write_back_rebuilt(&mut self, mut staged: Staged, seq: u64) -> Result<(), StorageError> {
+        staged.deliveries.clear();
+        self.publish_projections(staged)?;
+        let head = std::mem::replace(&mut self.head, seq);
+        let flushed = self.flush_projections();
+        self.head = head;
+        flushed
+    }
+
     /// Publishes why the writer stopped writing, for `EventStore::health`, and returns it.
-    fn poison(&self, why: Arc<StorageError>) -> Arc<StorageError> {
+    /// When the disk filled under sled, the reserve is given back for the shutdown and the
+    /// next open.
+    fn poison(&mut self, why: Arc<StorageError>) -> Arc<StorageError> {
+        if is_disk_full(&*why) {
+            self.disk.release();
+        }
         *self.inner.poisoned.lock().unwrap_or_else(|p| p.into_inner()) = Some(why.clone());
         why
     }
@@ -160,11 +290,20 @@ impl Writer {
         let flush_every = Duration::from_millis(PROJECTION_FLUSH_INTERVAL_MS);
         let mut last_sync = Instant::now();
         let mut dirty = false;
+        let recheck_every = Duration::from_millis(DISK_RECHECK_INTERVAL_MS);
+        let mut disk_full = false;
         loop {
-            let timeout = if self.projected < self.head { flush_every.min(sync_every) } else { sync_every };
+            let mut timeout =
+                if self.projected < self.head { flush_every.min(sync_every) } else { sync_every };
+            if disk_full {
+                timeout = timeout.min(recheck_every);
+            }
             let first = match rx.recv_timeout(timeout) {
                 Ok(r) => r,
                 Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
+                    if disk_full && poisoned.is_none() {
+                        disk_full = self.disk_gate().is_err();
+                    }
                     if poisoned.is_none() {
                         if let Err(e) = self.flush_projections() {
                             tracing::error!(error = %e, "projection flush failed; the store refuses further writes");
@@ -196,6 +335,16 @@ impl Writer {
                 }
                 continue;
             }
+            if batch.iter().any(Request::writes_log) {
+                if let Err((free, needed)) = self.disk_gate() {
+                    disk_full = true;
+                    for r in batch {
+                        fail(r, || StorageError::DiskFull { free, needed });
+                    }
+                    continue;
+                }
+                disk_full = false;
+            }
             if let Err(e) = self.commit(batch, durability) {
                 let cause = cause_of(e);
                 tracing::error!(error = %cause, "log commit failed; the store refuses further writes");
@@ -223,6 +372,30 @@ impl Writer {
                 tracing::error!(error = %e, "projection flush at shutdown failed; the next open catches up from the log");
             }
         }
+    }
+
+    /// Asks the disk whether a group commit may write, and publishes the answer for
+    /// `EventStore::health`: `Err((free, needed))` while it may not. A file system that
+    /// cannot say how full it is does not stop writes (sled's own error still would).
+    fn disk_gate(&mut self) -> Result<(), (u64, u64)> {
+        let full = match self.disk.check() {
+            Ok(()) => None,
+            Err(StorageError::DiskFull { free, needed }) => Some((free, needed)),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot tell how full the disk is");
+                None
+            }
+        };
+        let mut published = self.inner.disk_full.lock().unwrap_or_else(|p| p.into_inner());
+        match (published.is_some(), full) {
+            (false, Some((free, needed))) => {
+                tracing::error!(free, needed, "the disk is full: appends are refused until space returns")
+            }
+            (true, None) => tracing::warn!("the disk has room again: appends resume"),
+            _ => {}
+        }
+        *published = full;
+        full.map_or(Ok(()), Err)
     }
 
     fn sync(&self) -> Result<(), StorageError> {
@@ -597,6 +770,14 @@ impl Writer {
         self.inner.unflushed.write().unwrap_or_else(|p| p.into_inner()).clear();
         self.projected = self.head;
         Ok(())
+    }
+}
+
+impl Request {
+    /// Whether the request may write to the log (and so needs room on the disk): appends,
+    /// and retention's rewrite of log blocks.
+    fn writes_log(&self) -> bool {
+        matches!(self, Request::Append(..) | Request::Import(..) | Request::Prune(..))
     }
 }
 

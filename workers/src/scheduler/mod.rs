@@ -4,7 +4,8 @@
 //! Threads, and why each exists:
 //! - feed (`feed.rs`): follows the log subscription and forwards the few events that matter;
 //! - scheduler: owns the queue, the timers (`timers.rs`) and the table of running jobs; it
-//!   sleeps until the next message or the next due timer, never on a polling interval.
+//!   sleeps until the next message or the next due timer, and polls (every
+//!   [`STORE_RECHECK_INTERVAL_MS`]) only while the store refuses writes and work waits.
 //!
 //! Jobs whose thread is gone (a previous server's, or a panicked one) are failed by
 //! `recovery.rs`, so they retry.
@@ -37,6 +38,10 @@ use crate::shared::Shared;
 
 /// How long `shutdown` waits for jobs beyond the kill grace before giving up on them.
 const SHUTDOWN_SLACK_MS: u64 = 5_000;
+/// While the store refuses writes (a full disk), no job starts: a job could not record its
+/// start or its end. The queue is looked at again this often, as nothing else says when the
+/// store takes writes again.
+pub const STORE_RECHECK_INTERVAL_MS: u64 = 500;
 
 /// Tells the scheduler a job is over when dropped, on every path out of the job thread.
 struct DoneGuard(Sender<SchedMsg>, u64);
@@ -72,12 +77,16 @@ struct Scheduler {
 impl Scheduler {
     fn run(mut self) {
         loop {
-            let msg = match self.timers.next_due() {
+            let held = !self.queue.is_empty() && self.shared.store.health().is_err();
+            let due =
+                self.timers.next_due().map(|due| u64::try_from(due.saturating_sub(now_ms())).unwrap_or(0));
+            let wait_ms = match (due, held) {
+                (due, true) => Some(due.unwrap_or(u64::MAX).min(STORE_RECHECK_INTERVAL_MS)),
+                (due, false) => due,
+            };
+            let msg = match wait_ms {
                 None => self.rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
-                Some(due) => {
-                    let wait_ms = u64::try_from(due.saturating_sub(now_ms())).unwrap_or(0);
-                    self.rx.recv_timeout(Duration::from_millis(wait_ms))
-                }
+                Some(wait_ms) => self.rx.recv_timeout(Duration::from_millis(wait_ms)),
             };
             match msg {
                 Ok(SchedMsg::Shutdown) | Err(RecvTimeoutError::Disconnected) => break,
@@ -200,6 +209,12 @@ impl Scheduler {
     }
 
     fn dispatch(&mut self) {
+        if let Err(why) = self.shared.store.health() {
+            if !self.queue.is_empty() {
+                tracing::debug!(error = %why, "the store refuses writes; no job starts");
+            }
+            return;
+        }
         while self.running.len() < self.shared.config.max_concurrent_jobs
             && !self.shared.stopping.load(Ordering::Acquire)
         {

@@ -361,14 +361,12 @@ impl Log {
             let blob_id =
                 if over_blob_threshold { Some(reservation_lsn) } else { None };
 
-            self.iobufs.encapsulate(
+            let encapsulated = self.iobufs.encapsulate(
                 item,
                 message_header,
                 destination,
                 blob_id,
-            )?;
-
-            M.log_reservation_success();
+            );
 
             let pointer = if let Some(blob_id) = blob_id {
                 DiskPtr::new_blob(reservation_lid, blob_id)
@@ -378,7 +376,7 @@ impl Log {
                 DiskPtr::new_inline(reservation_lid)
             };
 
-            return Ok(Reservation {
+            let reservation = Reservation {
                 iobuf,
                 log: self,
                 buf: destination,
@@ -388,7 +386,32 @@ impl Log {
                 is_blob_rewrite: blob_rewrite.is_some(),
                 header_len: usize::try_from(message_header.serialized_size())
                     .unwrap(),
-            });
+            };
+
+            // Atelier: a failed encapsulation (the blob file's write, e.g.
+            // ENOSPC) used to return here with the IO buffer's writer slot
+            // claimed above and never given back: the buffer was then never
+            // written, and every later flush waited forever on a stable LSN
+            // that could not advance. Now the slot is given back as a
+            // cancelled message (what an aborted reservation leaves), the
+            // half-written blob goes, and the error is made global and
+            // announced: what the log holds after a failed write is unknown,
+            // so nothing more is written until the database is reopened.
+            if let Err(e) = encapsulated {
+                self.config.set_global_error(e.clone());
+                drop(reservation);
+                if let Some(blob_id) = blob_id {
+                    let _ = super::remove_blob(blob_id, &self.config);
+                }
+                let intervals = self.iobufs.intervals.lock();
+                drop(intervals);
+                let _notified = self.iobufs.interval_updated.notify_all();
+                return Err(e);
+            }
+
+            M.log_reservation_success();
+
+            return Ok(reservation);
         }
     }
 
