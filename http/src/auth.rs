@@ -180,6 +180,11 @@ impl Keys {
     /// Checks size, algorithm, signature, expiry, `nbf`, `iat` and lifetime (`now` in seconds
     /// since the epoch).
     pub fn verify(&self, token: &str, now: i64) -> Result<Identity, TokenError> {
+        self.verify_until(token, now).map(|(who, _)| who)
+    }
+
+    /// [`Keys::verify`], and the token's `exp`: a cookie holding the token expires with it.
+    pub fn verify_until(&self, token: &str, now: i64) -> Result<(Identity, i64), TokenError> {
         if token.len() > TOKEN_BYTES_MAX || token.split('.').count() != 3 {
             return Err(TokenError::Malformed { source: None });
         }
@@ -213,7 +218,7 @@ impl Keys {
         if claims.sub.is_empty() {
             return Err(TokenError::Malformed { source: None });
         }
-        Ok(Identity { user_id: claims.sub, role: claims.role.unwrap_or(Role::User) })
+        Ok((Identity { user_id: claims.sub, role: claims.role.unwrap_or(Role::User) }, claims.exp))
     }
 }
 

@@ -16,6 +16,23 @@ pub const HEARTBEAT_MS_DEFAULT: u64 = 15_000;
 /// idle keep-alive connection too.
 pub const HEADER_TIMEOUT_MS_DEFAULT: u64 = 10_000;
 
+/// How clients reach the server: over HTTPS the sign-in cookie is `Secure`, and a page's
+/// `Origin` names `https`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scheme {
+    Http,
+    Https,
+}
+
+impl Scheme {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scheme::Http => "http",
+            Scheme::Https => "https",
+        }
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct HttpConfig {
     pub listen: String,
@@ -26,6 +43,8 @@ pub struct HttpConfig {
     pub metrics_public: bool,
     pub default_pipeline: String,
     pub header_timeout_ms: u64,
+    /// The scheme the server is reached by (plain HTTP unless it serves TLS).
+    pub scheme: Scheme,
 }
 
 impl HttpConfig {
@@ -39,6 +58,7 @@ impl HttpConfig {
             metrics_public: false,
             default_pipeline: "commission".into(),
             header_timeout_ms: HEADER_TIMEOUT_MS_DEFAULT,
+            scheme: Scheme::Http,
         }
     }
 }

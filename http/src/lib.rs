@@ -14,6 +14,7 @@ pub mod client;
 mod clock;
 mod config;
 mod conn;
+pub mod cookie;
 mod dispatch;
 mod executors;
 mod framing;
@@ -32,7 +33,7 @@ mod state;
 
 pub use auth::{Identity, Keys, Role};
 pub use config::{
-    HttpConfig, CONNECTIONS_MAX_DEFAULT, CONNECTIONS_PER_IP_MAX_DEFAULT, HEADER_TIMEOUT_MS_DEFAULT,
+    HttpConfig, Scheme, CONNECTIONS_MAX_DEFAULT, CONNECTIONS_PER_IP_MAX_DEFAULT, HEADER_TIMEOUT_MS_DEFAULT,
     HEARTBEAT_MS_DEFAULT,
 };
 pub use conn::{BODY_BYTES_MAX, SEND_TIMEOUT_MS};

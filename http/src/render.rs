@@ -192,6 +192,15 @@ pub struct CreateCommission {
     pub user_id: Option<String>,
 }
 
+/// The body of `POST /api/session`: the token the browser signs in with.
+#[derive(Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SignIn {
+    /// A token this server accepts; it goes into the HttpOnly cookie.
+    #[schemars(length(min = 1, max = 4096))]
+    pub token: String,
+}
+
 /// The body of `POST /api/jobs/create`.
 #[derive(Deserialize, JsonSchema)]
 pub struct QueueJob {

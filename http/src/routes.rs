@@ -46,6 +46,7 @@ pub enum Body {
     Error,
     CreateCommission,
     QueueJob,
+    SignIn,
     /// `{"status":"ok"}`.
     Health,
     /// The store, the job controller and the log's head.
@@ -276,12 +277,37 @@ pub const ROUTES: &[Route] = &[
     .answers(&[(200, Body::Metrics)]),
     r("GET", "/api/openapi.json", "openapi", Access::Public, "This API as OpenAPI 3.1", serve_openapi)
         .answers(&[(200, Body::OpenApi)]),
-    r("GET", "/", "page_index", Access::Public, "The status page (?token= signs in)", pages::index)
-        .reads(&[Query::Token])
-        .answers(&[(200, Body::Html), (303, Body::Empty)]),
-    r("GET", "/commissions/{id}", "page_commission", Access::Public, "The progress view", pages::commission)
-        .untyped_path()
-        .answers(&[(200, Body::Html)]),
+    r(
+        "POST",
+        "/api/session",
+        "sign_in",
+        Access::Public,
+        "Signs this browser in with a token (from the server's own page only: Origin and X-Atelier-Request)",
+        pages::sign_in,
+    )
+    .takes(Body::SignIn)
+    .answers(&[(204, Body::Empty), (401, Body::Error), (403, Body::Error)]),
+    r(
+        "GET",
+        "/",
+        "page_index",
+        Access::Public,
+        "The status page (?token= signs in; another user's asks first)",
+        pages::index,
+    )
+    .reads(&[Query::Token])
+    .answers(&[(200, Body::Html), (303, Body::Empty)]),
+    r(
+        "GET",
+        "/commissions/{id}",
+        "page_commission",
+        Access::Public,
+        "The progress view (?token= signs in; another user's asks first)",
+        pages::commission,
+    )
+    .untyped_path()
+    .reads(&[Query::Token])
+    .answers(&[(200, Body::Html), (303, Body::Empty)]),
     r("GET", "/assets/{file}", "asset", Access::Public, "Page assets", pages::asset)
         .answers(&[(200, Body::Asset), (404, Body::Error)]),
     r(
@@ -417,7 +443,11 @@ fn query_params(q: Query) -> Vec<Value> {
                 one("last_event_id", id, "Resume after this event id, for clients that cannot send headers"),
             ]
         }
-        Query::Token => vec![one("token", json!({"type": "string"}), "Signs in: set as an HttpOnly cookie")],
+        Query::Token => vec![one(
+            "token",
+            json!({"type": "string"}),
+            "Signs in: set as an HttpOnly cookie, and the page is loaded again without it",
+        )],
     }
 }
 
@@ -471,6 +501,7 @@ fn schema_of(body: Body, generator: &mut SchemaGenerator) -> Value {
         Body::Error => generator.subschema_for::<render::ErrorBody>(),
         Body::CreateCommission => generator.subschema_for::<render::CreateCommission>(),
         Body::QueueJob => generator.subschema_for::<render::QueueJob>(),
+        Body::SignIn => generator.subschema_for::<render::SignIn>(),
         Body::Health => {
             return json!({"type": "object", "properties": {"status": {"const": "ok"}}, "required": ["status"]})
         }
