@@ -31,6 +31,11 @@ defaults):
     ATELIER_HEARTBEAT_MS      SSE heartbeat interval            15000
     ATELIER_MAX_CONNECTIONS   open connections, streams included 10000
     ATELIER_MAX_CONNECTIONS_PER_IP  open connections from one address   256
+    ATELIER_USER_PRIORITY_MAX a user's priorities: -N..=N (admins any)   10
+    ATELIER_USER_ACTIVE_MAX   active commissions per user (0 = no limit)   1000
+    ATELIER_USER_STREAMS_MAX  open streams per user (0 = no limit)   32
+    ATELIER_USER_RATE         requests a second per user (0 = no limit)   50
+    ATELIER_USER_BURST        requests a user may make at once before the rate applies   200
     ATELIER_METRICS_PUBLIC    1 = /metrics without a token      0
     ATELIER_HEADER_TIMEOUT_MS close connections whose headers do not arrive in time   10000
     ATELIER_WORKER_PROGRAM    the program each job runs         atelier-worker next to this binary

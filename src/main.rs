@@ -299,6 +299,7 @@ fn serve(listen: Option<String>, store_args: StoreArgs) -> Result<ExitCode, CliE
     http_config.connections_per_ip_max = s.max_connections_per_ip;
     http_config.metrics_public = s.metrics_public;
     http_config.header_timeout_ms = s.header_timeout_ms;
+    let http_config = http_config.with_share_limits(s.share_limits);
     let dyn_store: Arc<dyn EventStore> = store.clone();
     let executors = start_workers(&s, &sources, dyn_store.clone())?;
     let server = Server::start(http_config, dyn_store, keys.clone(), Some(executors.clone()))?;

@@ -2,6 +2,9 @@
 //! an [`HttpConfig`] from its own configuration and hands it to `Server::start`.
 
 use std::path::PathBuf;
+use std::sync::Arc;
+
+use crate::shares::{ShareLimits, Shares};
 
 /// Default cap on open connections (streams included); more are answered 503 and closed.
 pub const CONNECTIONS_MAX_DEFAULT: usize = 10_000;
@@ -45,6 +48,9 @@ pub struct HttpConfig {
     pub header_timeout_ms: u64,
     /// The scheme the server is reached by (plain HTTP unless it serves TLS).
     pub scheme: Scheme,
+    /// The fair-share limits and each user's holdings of them. It travels with the settings
+    /// into the server's shared state; set through [`HttpConfig::with_share_limits`].
+    pub(crate) shares: Arc<Shares>,
 }
 
 impl HttpConfig {
@@ -59,6 +65,16 @@ impl HttpConfig {
             default_pipeline: "commission".into(),
             header_timeout_ms: HEADER_TIMEOUT_MS_DEFAULT,
             scheme: Scheme::Http,
+            shares: Arc::new(Shares::new(ShareLimits::default())),
         }
+    }
+
+    /// These settings with `limits` on what one user may take.
+    pub fn with_share_limits(self, limits: ShareLimits) -> HttpConfig {
+        HttpConfig { shares: Arc::new(Shares::new(limits)), ..self }
+    }
+
+    pub fn share_limits(&self) -> ShareLimits {
+        self.shares.limits()
     }
 }

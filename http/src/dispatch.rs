@@ -138,6 +138,13 @@ pub(crate) fn dispatch(req: &Req, shared: &Arc<Shared>) -> (&'static str, Reply)
     if route.access == Access::Admin && !who.as_ref().is_some_and(Identity::is_admin) && !open_by_config {
         return (route.name, error(403, "forbidden", "this needs an admin token"));
     }
+    // Fair shares: a user's requests come out of their bucket (admins are exempt), checked
+    // before the handler runs, so a refused request changes nothing.
+    if let Some(id) = who.as_ref().filter(|id| route.access != Access::Public && !id.is_admin()) {
+        if let Err(beyond) = shared.config.shares.take_request(&id.user_id, Instant::now()) {
+            return (route.name, beyond.reply());
+        }
+    }
     let call = Call { req, params: &params, who: who.as_ref(), shared };
     let reply = match (route.handler)(&call) {
         Ok(reply) => reply,

@@ -27,6 +27,7 @@ mod request;
 mod routes;
 pub mod secret;
 mod server;
+pub mod shares;
 mod slot;
 mod sse;
 mod state;

@@ -172,7 +172,8 @@ pub struct CreateCommission {
     /// One of the server's pipelines; its default one if absent.
     #[schemars(length(min = 1, max = 64), regex(pattern = r"^[a-z0-9_-]+$"))]
     pub pipeline: Option<String>,
-    /// Higher runs first; 0 if absent.
+    /// Higher runs first; 0 if absent. A user's must be within ±ATELIER_USER_PRIORITY_MAX (10
+    /// unless configured); an admin's may be any.
     #[schemars(range(min = i32::MIN, max = i32::MAX))]
     pub priority: Option<i32>,
     /// Not to start before this time (RFC 3339).

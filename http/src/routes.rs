@@ -380,6 +380,10 @@ fn operation(route: &Route, generator: &mut SchemaGenerator) -> Value {
     if route.access == Access::Admin {
         answer(403, Body::Error, generator);
     }
+    // A user's fair share of requests (and of streams and active commissions).
+    if route.access != Access::Public {
+        answer(429, Body::Error, generator);
+    }
     if route.body.is_some() {
         answer(400, Body::Error, generator);
         answer(413, Body::Error, generator);
@@ -465,6 +469,7 @@ fn response(status: u16, body: Body, generator: &mut SchemaGenerator) -> Value {
         410 => "Gone",
         413 => "The body is too large",
         415 => "The body is not JSON",
+        429 => "Beyond a user's fair share (requests, streams or active commissions); see Retry-After",
         500 => "The stream could not be opened",
         503 => "Storage is failing, the server is stopping, or too many connections are open",
         _ => "",

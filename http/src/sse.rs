@@ -11,6 +11,7 @@ use atelier_storage::{Delivery, Filter, StorageError, Subscription, Subscription
 
 use crate::pool::Job;
 use crate::render;
+use crate::shares::StreamTicket;
 use crate::state::Shared;
 
 /// The `retry:` hint sent first: how long a browser waits before reconnecting.
@@ -29,12 +30,16 @@ pub(crate) struct StreamSpec {
     pub after: u64,
     /// A per-commission stream ends after a terminal event.
     pub end_on_terminal: bool,
+    /// The stream's place in its user's share, held until the stream ends.
+    pub ticket: Option<StreamTicket>,
 }
 
 /// A stream ready to run: subscribed, its first chunk of history read.
 pub(crate) struct Opened {
     sub: Subscription,
     end_on_terminal: bool,
+    /// Given back when the stream ends, with this value.
+    _ticket: Option<StreamTicket>,
 }
 
 /// Why a stream could not be opened; the route answers it (500 and 503).
@@ -52,7 +57,7 @@ pub(crate) enum OpenError {
 pub(crate) fn open(spec: StreamSpec, shared: &Arc<Shared>) -> Result<Opened, OpenError> {
     let mut sub = shared.store.subscribe(spec.after, spec.filter).map_err(OpenError::Storage)?;
     match sub.read_history() {
-        Ok(()) => Ok(Opened { sub, end_on_terminal: spec.end_on_terminal }),
+        Ok(()) => Ok(Opened { sub, end_on_terminal: spec.end_on_terminal, _ticket: spec.ticket }),
         Err(SubscriptionEnd::Failed(e)) => {
             tracing::error!(error = %e, "a stream failed reading the log");
             Err(OpenError::Storage(e))
@@ -145,7 +150,7 @@ impl Out {
 
 /// True when the stream ended at its terminal event and every byte of it was written.
 fn run(stream: &TcpStream, opened: Opened, framing: Framing, shared: &Arc<Shared>) -> bool {
-    let Opened { mut sub, end_on_terminal } = opened;
+    let Opened { mut sub, end_on_terminal, _ticket } = opened;
     let mut w = stream;
     let length = match framing {
         Framing::UntilClose => "Connection: close",

@@ -12,11 +12,6 @@ fn exe() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_atelier"))
 }
 
-/// The log's head: a refused request must leave it where it was.
-fn head(s: &Server) -> u64 {
-    s.get("/readyz", None).json()["head_seq"].as_u64().expect("head_seq")
-}
-
 /// A POST with the cookie `token` and `headers`, a JSON body.
 fn cookie_post(s: &Server, path: &str, token: &str, headers: &[(&str, &str)], body: &Value) -> Response {
     let cookie = format!("atelier_token={token}");
@@ -62,7 +57,7 @@ fn a_cookie_changes_nothing_without_the_own_origin_and_the_page_header() {
     ];
     for (path, body) in &bodies {
         for headers in refused {
-            let before = head(&s);
+            let before = s.head_seq();
             let r = cookie_post(&s, path, &alice, headers, body);
             assert_eq!(
                 (r.status, r.code().as_str()),
@@ -70,15 +65,15 @@ fn a_cookie_changes_nothing_without_the_own_origin_and_the_page_header() {
                 "{path} {headers:?}: {}",
                 r.text()
             );
-            assert_eq!(head(&s), before, "{path} {headers:?}: nothing appended");
+            assert_eq!(s.head_seq(), before, "{path} {headers:?}: nothing appended");
         }
     }
     // An empty body is no way around it (it skips the JSON content-type check).
-    let before = head(&s);
+    let before = s.head_seq();
     let empty =
         request(s.addr, "POST", &cancel, None, &[("Cookie", &format!("atelier_token={alice}"))], None);
     assert_eq!(empty.status, 403);
-    assert_eq!(head(&s), before);
+    assert_eq!(s.head_seq(), before);
     let state = s.get(&format!("/api/commissions/{queued_id}"), Some(&alice)).json()["state"].clone();
     assert_eq!(state, "created", "still queued");
 

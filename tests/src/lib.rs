@@ -40,6 +40,11 @@ pub fn expired_token(user: &str) -> String {
         .expect("within the maximum lifetime")
 }
 
+/// Settings that lift every fair-share limit of non-admin users, for benchmarks that play one
+/// user holding thousands of streams or commissions.
+pub const NO_SHARE_LIMITS: [(&str, &str); 3] =
+    [("ATELIER_USER_ACTIVE_MAX", "0"), ("ATELIER_USER_STREAMS_MAX", "0"), ("ATELIER_USER_RATE", "0")];
+
 /// A running `atelier serve`, killed (SIGKILL) on drop unless stopped first.
 pub struct Server {
     pub child: Child,
@@ -167,6 +172,11 @@ impl Server {
             &[("Content-Type", "application/json")],
             Some(body.to_string().as_bytes()),
         )
+    }
+
+    /// The log's head as `/readyz` reports it: a refused request must leave it where it was.
+    pub fn head_seq(&self) -> u64 {
+        self.get("/readyz", None).json()["head_seq"].as_u64().expect("readyz reports head_seq")
     }
 
     /// Creates a commission and returns its snapshot.
