@@ -101,6 +101,9 @@ impl Server {
             .env("ATELIER_DATA_DIR", data_dir)
             .env("ATELIER_SECRET", SECRET)
             .env("RUST_LOG", "warn")
+            // Tests poll far faster than any real client (every 20 ms, a request per commission
+            // watched); tests/e2e/shares.rs sets the rate it tests.
+            .env("ATELIER_USER_RATE", "0")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(stderr);
