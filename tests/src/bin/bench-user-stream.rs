@@ -1,11 +1,12 @@
 //! A big user's history against everyone else: one user ("big") has `--commissions` (20,000)
 //! commissions; `--streams` (8) of their streams open from the start at once and read the whole
-//! history, while another user makes one request after another (GET of their own commission).
-//! Reports that other user's latency (p50, p99, max) while the streams replay, beside the same
-//! with no streams open, and how long the streams took.
+//! history, `--rounds` (5) times one after another, while another user makes one request after
+//! another (GET of their own commission). Reports that other user's latency (p50, p99, max)
+//! while the streams replay, beside the same with no streams open, and how long a round of
+//! streams took (the median round).
 //!
 //! Usage: bench-user-stream [--exe target/release/atelier] [--commissions 20000] [--streams 8]
-//!        [--runs 3]
+//!        [--rounds 5] [--runs 3]
 //!
 //! Prints one line per run and the medians over runs, then one JSON line (the last line).
 
@@ -27,6 +28,7 @@ struct Args {
     exe: PathBuf,
     commissions: usize,
     streams: usize,
+    rounds: usize,
     runs: usize,
 }
 
@@ -43,6 +45,7 @@ fn parse_args() -> Args {
         exe,
         commissions: num("--commissions", 20_000),
         streams: num("--streams", 8),
+        rounds: num("--rounds", 5),
         runs: num("--runs", 3),
     }
 }
@@ -143,31 +146,35 @@ fn run(args: &Args) -> Run {
     idle.sort();
 
     let big = token("big", false);
-    let done = Arc::new(AtomicBool::new(false));
-    let t0 = Instant::now();
     let mut busy = Vec::new();
-    std::thread::scope(|scope| {
-        let readers: Vec<_> = (0..args.streams)
-            .map(|_| {
-                let big = big.clone();
-                scope.spawn(move || read_history(s.addr, "big", &big, args.commissions))
-            })
-            .collect();
-        let watcher = {
-            let done = done.clone();
-            scope.spawn(move || {
-                for r in readers {
-                    r.join().expect("a stream reader");
-                }
-                done.store(true, Ordering::SeqCst);
-            })
-        };
-        while !done.load(Ordering::SeqCst) {
-            busy.push(one_request(s.addr, &path, &other));
-        }
-        watcher.join().unwrap();
-    });
-    let streams_s = t0.elapsed().as_secs_f64();
+    let mut rounds = Vec::new();
+    for _ in 0..args.rounds {
+        let done = Arc::new(AtomicBool::new(false));
+        let t0 = Instant::now();
+        std::thread::scope(|scope| {
+            let readers: Vec<_> = (0..args.streams)
+                .map(|_| {
+                    let big = big.clone();
+                    scope.spawn(move || read_history(s.addr, "big", &big, args.commissions))
+                })
+                .collect();
+            let watcher = {
+                let done = done.clone();
+                scope.spawn(move || {
+                    for r in readers {
+                        r.join().expect("a stream reader");
+                    }
+                    done.store(true, Ordering::SeqCst);
+                })
+            };
+            while !done.load(Ordering::SeqCst) {
+                busy.push(one_request(s.addr, &path, &other));
+            }
+            watcher.join().unwrap();
+        });
+        rounds.push(t0.elapsed().as_secs_f64());
+    }
+    let streams_s = median(rounds);
     busy.sort();
     s.stop();
     Run {
