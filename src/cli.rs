@@ -79,6 +79,11 @@ pub enum Command {
         #[command(flatten)]
         store: StoreArgs,
     },
+    /// Manage the token signing secret kept in the data dir
+    Secret {
+        #[command(subcommand)]
+        action: SecretAction,
+    },
     /// Rebuild every projection from the log and compare (exit 1 when they differ)
     Replay {
         /// Compare the rebuilt projections with the stored ones (required)
@@ -140,6 +145,16 @@ pub enum Command {
         limit: u64,
         #[command(flatten)]
         client: ClientArgs,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SecretAction {
+    /// Write a new secret: every token signed so far stops working (a running server picks it
+    /// up within a second; streams resume with a new token and Last-Event-ID)
+    Rotate {
+        #[command(flatten)]
+        store: StoreArgs,
     },
 }
 

@@ -38,6 +38,9 @@ pub(crate) struct StreamSpec {
 pub(crate) struct Opened {
     sub: Subscription,
     end_on_terminal: bool,
+    /// The secret's generation its token was checked under: a rotation ends the stream (its
+    /// client resumes with a new token and Last-Event-ID), so a revoked token keeps nothing.
+    generation: u64,
     /// Given back when the stream ends, with this value.
     _ticket: Option<StreamTicket>,
 }
@@ -55,9 +58,10 @@ pub(crate) enum OpenError {
 /// request: most streams start with a short history (a commission just created), and reading
 /// it here spares the stream's thread a round trip to the pool before its first write.
 pub(crate) fn open(spec: StreamSpec, shared: &Arc<Shared>) -> Result<Opened, OpenError> {
+    let generation = shared.keys.generation();
     let mut sub = shared.store.subscribe(spec.after, spec.filter).map_err(OpenError::Storage)?;
     match sub.read_history() {
-        Ok(()) => Ok(Opened { sub, end_on_terminal: spec.end_on_terminal, _ticket: spec.ticket }),
+        Ok(()) => Ok(Opened { sub, end_on_terminal: spec.end_on_terminal, generation, _ticket: spec.ticket }),
         Err(SubscriptionEnd::Failed(e)) => {
             tracing::error!(error = %e, "a stream failed reading the log");
             Err(OpenError::Storage(e))
@@ -150,7 +154,7 @@ impl Out {
 
 /// True when the stream ended at its terminal event and every byte of it was written.
 fn run(stream: &TcpStream, opened: Opened, framing: Framing, shared: &Arc<Shared>) -> bool {
-    let Opened { mut sub, end_on_terminal, _ticket } = opened;
+    let Opened { mut sub, end_on_terminal, generation, _ticket } = opened;
     let mut w = stream;
     let length = match framing {
         Framing::UntilClose => "Connection: close",
@@ -171,7 +175,7 @@ fn run(stream: &TcpStream, opened: Opened, framing: Framing, shared: &Arc<Shared
     let heartbeat = Duration::from_millis(shared.config.heartbeat_ms.max(1));
     let mut last_write = Instant::now();
     loop {
-        if shared.shutting_down.load(Ordering::SeqCst) {
+        if shared.shutting_down.load(Ordering::SeqCst) || shared.keys.generation() != generation {
             return false;
         }
         // History is read on the handler pool, never on this thread (see `on_pool`).
