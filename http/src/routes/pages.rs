@@ -63,9 +63,12 @@ fn describe(who: &Identity) -> String {
     }
 }
 
-/// Text for an HTML text node or a quoted attribute.
+/// Text for an HTML text node or a quoted attribute. Braces too, so that no filled-in text
+/// can spell a placeholder that a later substitution would fill.
 fn escape(s: &str) -> String {
     s.replace('&', "&amp;")
+        .replace('{', "&#123;")
+        .replace('}', "&#125;")
         .replace('<', "&lt;")
         .replace('>', "&gt;")
         .replace('"', "&quot;")
