@@ -525,7 +525,8 @@ fn schema_of(body: Body, generator: &mut SchemaGenerator) -> Value {
     schema.to_value()
 }
 
-/// The document as this server answers it: a pipeline name must be one it runs.
+/// The document as this server answers it to this caller: a pipeline name must be one it
+/// runs, and a user's priority within the users' range.
 fn serve_openapi(call: &Call<'_>) -> Result<Reply, StorageError> {
     let mut doc = openapi();
     if let Some(ex) = &call.shared.executors {
@@ -533,6 +534,14 @@ fn serve_openapi(call: &Call<'_>) -> Result<Reply, StorageError> {
         let mut names: Vec<Value> = ex.pipeline_names().into_iter().map(Value::from).collect();
         names.push(Value::Null);
         doc["components"]["schemas"]["CreateCommission"]["properties"]["pipeline"]["enum"] = json!(names);
+    }
+    // A caller who is not an admin (or not signed in) gets the users' priority range; an
+    // admin may use any.
+    if !call.who.is_some_and(|who| who.is_admin()) {
+        let max = call.shared.config.share_limits().priority_max;
+        let priority = &mut doc["components"]["schemas"]["CreateCommission"]["properties"]["priority"];
+        priority["minimum"] = json!(-max);
+        priority["maximum"] = json!(max);
     }
     Ok(Reply::Json(200, doc))
 }

@@ -47,6 +47,15 @@ fn a_users_priority_stays_in_the_range_and_an_admins_does_not() {
     body["priority"] = json!(1_000_000);
     body["user_id"] = json!("alice");
     assert_eq!(s.create(&admin, body)["priority"], 1_000_000);
+    // The document this server serves states the users' range, to all but an admin.
+    let range = |token: Option<&str>| {
+        let doc = s.get("/api/openapi.json", token).json();
+        let priority = &doc["components"]["schemas"]["CreateCommission"]["properties"]["priority"];
+        (priority["minimum"].clone(), priority["maximum"].clone())
+    };
+    assert_eq!(range(None), (json!(-5), json!(5)));
+    assert_eq!(range(Some(&alice)), (json!(-5), json!(5)));
+    assert_eq!(range(Some(&admin)), (json!(i32::MIN), json!(i32::MAX)));
 }
 
 #[test]
