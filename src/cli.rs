@@ -37,7 +37,10 @@ defaults):
     ATELIER_USER_RATE         requests a second per user (0 = no limit)   50
     ATELIER_USER_BURST        requests a user may make at once before the rate applies   200
     ATELIER_METRICS_PUBLIC    1 = /metrics without a token      0
-    ATELIER_HEADER_TIMEOUT_MS close connections whose headers do not arrive in time   10000
+    ATELIER_HEADER_TIMEOUT_MS answer 408 and close when a request head does not arrive in time   10000
+    ATELIER_BODY_TIMEOUT_MS   answer 408 and close when a request body does not arrive in time   30000
+    ATELIER_TLS_CERT          HTTPS: the certificate chain (PEM), with ATELIER_TLS_KEY   off (HTTP)
+    ATELIER_TLS_KEY           HTTPS: the private key (PEM), with ATELIER_TLS_CERT   off (HTTP)
     ATELIER_WORKER_PROGRAM    the program each job runs         atelier-worker next to this binary
                               (`cargo build-worker` makes it), else this binary
     ATELIER_LOG_FORMAT        json for JSON lines               human-readable

@@ -16,7 +16,7 @@ use atelier_http::client::printable::printable_json;
 use atelier_http::client::watch::{self, Outcome, WatchError};
 use atelier_http::client::{Client, ClientError};
 use atelier_http::secret::{SecretError, Stamp};
-use atelier_http::{Executors, HttpConfig, HttpError, Keys, Role, Server};
+use atelier_http::{Executors, HttpConfig, HttpError, Keys, Role, Server, TlsFiles};
 use atelier_storage::{check, EventStore, Retention, SledStore, StorageError};
 use atelier_workers::{ProgramError, ProgramSource, Workers, WorkersConfig, WorkersError};
 use clap::{CommandFactory, Parser};
@@ -302,6 +302,8 @@ fn serve(listen: Option<String>, store_args: StoreArgs) -> Result<ExitCode, CliE
     http_config.connections_per_ip_max = s.max_connections_per_ip;
     http_config.metrics_public = s.metrics_public;
     http_config.header_timeout_ms = s.header_timeout_ms;
+    http_config.body_timeout_ms = s.body_timeout_ms;
+    http_config.tls = s.tls.clone().map(|(cert, key)| TlsFiles { cert, key });
     let http_config = http_config.with_share_limits(s.share_limits);
     let dyn_store: Arc<dyn EventStore> = store.clone();
     let executors = start_workers(&s, &sources, dyn_store.clone())?;
@@ -317,12 +319,13 @@ fn serve(listen: Option<String>, store_args: StoreArgs) -> Result<ExitCode, CliE
         .issue("admin", Role::Admin, now_s(), link_ttl_s)
         .expect("invariant: the lifetime is within the maximum");
     tracing::info!(%addr, data_dir = %s.data_dir.display(), "atelier is serving");
-    println!("atelier listening on http://{addr}");
+    let scheme = if s.tls.is_some() { "https" } else { "http" };
+    println!("atelier listening on {scheme}://{addr}");
     let lifetime = match link_ttl_s % 60 {
         0 => format!("{} minutes", link_ttl_s / 60),
         _ => format!("{link_ttl_s} seconds"),
     };
-    println!("open the status page as a local admin (this link works for {lifetime}): http://{addr}/?token={admin}");
+    println!("open the status page as a local admin (this link works for {lifetime}): {scheme}://{addr}/?token={admin}");
     let mut retention = s.retention_days.map(Retention::days);
     let mut secret_watch = SecretWatch::new(&s);
     while !STOP.load(Ordering::SeqCst) {

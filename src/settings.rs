@@ -24,6 +24,9 @@ const TOP_LEVEL_KEYS: &[&str] = &[
     "max_connections_per_ip",
     "metrics_public",
     "header_timeout_ms",
+    "body_timeout_ms",
+    "tls_cert",
+    "tls_key",
     "token_ttl_max",
     "user_priority_max",
     "user_active_max",
@@ -54,6 +57,9 @@ pub struct ServerSettings {
     pub max_connections_per_ip: usize,
     pub metrics_public: bool,
     pub header_timeout_ms: u64,
+    pub body_timeout_ms: u64,
+    /// HTTPS: the certificate chain and the private key (PEM files), both or neither.
+    pub tls: Option<(PathBuf, PathBuf)>,
     /// The program each job runs; None: `atelier-worker` next to this binary, else this binary.
     pub worker_program: Option<PathBuf>,
     /// `ATELIER_SECRET`, if set: the token secret (else one kept in the data dir).
@@ -143,6 +149,20 @@ impl ServerSettings {
                 "ATELIER_HEADER_TIMEOUT_MS",
                 atelier_http::HEADER_TIMEOUT_MS_DEFAULT,
             )?,
+            body_timeout_ms: num(
+                "body_timeout_ms",
+                "ATELIER_BODY_TIMEOUT_MS",
+                atelier_http::BODY_TIMEOUT_MS_DEFAULT,
+            )?,
+            tls: match (s.get("tls_cert", &["ATELIER_TLS_CERT"]), s.get("tls_key", &["ATELIER_TLS_KEY"])) {
+                (None, None) => None,
+                (Some(cert), Some(key)) => {
+                    Some((PathBuf::from(cert.raw.text()), PathBuf::from(key.raw.text())))
+                }
+                (Some(one), None) | (None, Some(one)) => {
+                    return Err(one.invalid("HTTPS needs both ATELIER_TLS_CERT and ATELIER_TLS_KEY"))
+                }
+            },
             worker_program: text("worker_program", "ATELIER_WORKER_PROGRAM").map(PathBuf::from),
             secret: s.env("ATELIER_SECRET"),
             token_ttl_max_s: match s.get("token_ttl_max", &["ATELIER_TOKEN_TTL_MAX"]) {

@@ -86,10 +86,10 @@ for run in $(seq "$RUNS"); do
   PORT="$(free_port)"
   if [ "$KIND" = atelier ]; then
     DATA="$(mktemp -d "${DATA_ROOT:-/tmp}/atelier-jc-bench.XXXXXX")"
-    ATELIER_SECRET=s ATELIER_DATA_DIR="$DATA" ATELIER_LISTEN="127.0.0.1:$PORT" RUST_LOG="${RUST_LOG:-warn}" \
+    ATELIER_SECRET=bench-secret-of-at-least-thirty-two-bytes ATELIER_DATA_DIR="$DATA" ATELIER_LISTEN="127.0.0.1:$PORT" RUST_LOG="${RUST_LOG:-warn}" \
       "${SYSTEM_CPU[@]}" "$BIN" serve >"$DATA.log" 2>&1 &
     PID=$!
-    TOKEN="$(ATELIER_SECRET=s "$BIN" token --user bench --admin)"
+    TOKEN="$(ATELIER_SECRET=bench-secret-of-at-least-thirty-two-bytes "$BIN" token --user bench --admin)"
   else
     PIDFILE="$(mktemp)"
     PIDFILE="$PIDFILE" "${SYSTEM_CPU[@]}" /work/shared/peers/bullmq/run.sh "$PORT" 2>/dev/null &

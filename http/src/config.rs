@@ -15,9 +15,19 @@ pub const CONNECTIONS_MAX_DEFAULT: usize = 10_000;
 /// process can misbehave too); a server behind a local reverse proxy should raise it.
 pub const CONNECTIONS_PER_IP_MAX_DEFAULT: usize = 256;
 pub const HEARTBEAT_MS_DEFAULT: u64 = 15_000;
-/// A connection whose request (headers and body) does not arrive in this time is closed; an
-/// idle keep-alive connection too.
+/// A connection whose request head does not arrive in this time is answered 408 and closed;
+/// an idle keep-alive connection too (the time counts from the end of the previous answer).
 pub const HEADER_TIMEOUT_MS_DEFAULT: u64 = 10_000;
+/// A request body that does not arrive whole in this time (from the end of its head) is
+/// answered 408 and its connection closed: the largest body (1 MiB) at 35 KB/s.
+pub const BODY_TIMEOUT_MS_DEFAULT: u64 = 30_000;
+
+/// The certificate chain and private key (PEM files) of a server that speaks HTTPS.
+#[derive(Clone, Debug)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
 
 /// How clients reach the server: over HTTPS the sign-in cookie is `Secure`, and a page's
 /// `Origin` names `https`.
@@ -46,8 +56,9 @@ pub struct HttpConfig {
     pub metrics_public: bool,
     pub default_pipeline: String,
     pub header_timeout_ms: u64,
-    /// The scheme the server is reached by (plain HTTP unless it serves TLS).
-    pub scheme: Scheme,
+    pub body_timeout_ms: u64,
+    /// HTTPS instead of HTTP on the listen address.
+    pub tls: Option<TlsFiles>,
     /// The fair-share limits and each user's holdings of them. It travels with the settings
     /// into the server's shared state; set through [`HttpConfig::with_share_limits`].
     pub(crate) shares: Arc<Shares>,
@@ -64,8 +75,17 @@ impl HttpConfig {
             metrics_public: false,
             default_pipeline: "commission".into(),
             header_timeout_ms: HEADER_TIMEOUT_MS_DEFAULT,
-            scheme: Scheme::Http,
+            body_timeout_ms: BODY_TIMEOUT_MS_DEFAULT,
+            tls: None,
             shares: Arc::new(Shares::new(ShareLimits::default())),
+        }
+    }
+
+    /// How clients reach this server: HTTPS when it serves TLS.
+    pub fn scheme(&self) -> Scheme {
+        match self.tls {
+            Some(_) => Scheme::Https,
+            None => Scheme::Http,
         }
     }
 

@@ -193,7 +193,7 @@ fn authenticate(req: &Req, shared: &Shared) -> Result<Identity, Reply> {
         .verify(&token, now_ms() / 1000)
         .map_err(|e: TokenError| error(401, "unauthorized", e.to_string()))?;
     if carrier == Carrier::Cookie && !cookie::reads_only(&req.method) {
-        cookie::check_own_page(req, shared.config.scheme)?;
+        cookie::check_own_page(req, shared.config.scheme())?;
     }
     Ok(who)
 }

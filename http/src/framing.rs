@@ -1,5 +1,6 @@
 //! How a request's body is framed, decided from its head alone before any route or auth
-//! runs, and the chunk-size lines of a chunked body.
+//! runs. (A chunked body's chunk-size lines are read by the vendored tiny_http's strict
+//! decoder, bounded by the same body limit.)
 //!
 //! Pure functions over headers and bytes, so that whichever layer reads the socket calls the
 //! same checks. They are strict on purpose: a proxy in front of the server and the server
@@ -91,37 +92,6 @@ fn content_length(v: &str, body_bytes_max: usize) -> Result<usize, Refusal> {
     Ok(n)
 }
 
-/// The size announced by a chunk-size line (without its CR LF): hex digits, then optional
-/// whitespace and `;extensions`, which are ignored. `received` is the body so far; a chunk
-/// that would take it past `body_bytes_max` (or past what a `usize` holds) is refused with
-/// 413 before any of its bytes are read.
-pub(crate) fn chunk_size(line: &[u8], received: usize, body_bytes_max: usize) -> Result<usize, Refusal> {
-    let size_part = line.split(|b| *b == b';').next().unwrap_or_default();
-    let digits = trim_trailing_whitespace(size_part);
-    if digits.is_empty() || !digits.iter().all(u8::is_ascii_hexdigit) {
-        return Err(Refusal::bad("a chunk size is not a hexadecimal number"));
-    }
-    let mut size: usize = 0;
-    for d in digits {
-        let v = char::from(*d).to_digit(16).expect("invariant: checked to be a hex digit");
-        size = size
-            .checked_mul(16)
-            .and_then(|s| s.checked_add(usize::try_from(v).expect("invariant: a hex digit fits")))
-            .ok_or_else(|| Refusal::too_large(body_bytes_max))?;
-    }
-    match received.checked_add(size) {
-        Some(total) if total <= body_bytes_max => Ok(size),
-        _ => Err(Refusal::too_large(body_bytes_max)),
-    }
-}
-
-fn trim_trailing_whitespace(mut b: &[u8]) -> &[u8] {
-    while let [rest @ .., b' ' | b'\t'] = b {
-        b = rest;
-    }
-    b
-}
-
 /// Whether a header name is an RFC 9110 token: visible ASCII without delimiters.
 pub(crate) fn is_token(name: &str) -> bool {
     !name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
@@ -175,24 +145,6 @@ mod tests {
         }
     }
 
-    #[test]
-    fn chunk_size_lines() {
-        let size =
-            |line: &str, received: usize| chunk_size(line.as_bytes(), received, MAX).map_err(|r| r.status);
-        assert_eq!(size("0", 0), Ok(0));
-        assert_eq!(size("1a", 0), Ok(26));
-        assert_eq!(size("1A ; name=value", 0), Ok(26));
-        assert_eq!(size("400", 0), Ok(1024));
-        assert_eq!(size("400", 1), Err(413));
-        assert_eq!(size("1", MAX), Err(413));
-        assert_eq!(size("1", usize::MAX), Err(413), "no wrap of received + size");
-        assert_eq!(size("FFFFFFFFFFFFFFFF", 1), Err(413));
-        assert_eq!(size("FFFFFFFFFFFFFFFFFFFFFFFF", 0), Err(413));
-        for bad in ["", " 1", "+1", "-1", "0x1", "g", ";ext", "1 2"] {
-            assert_eq!(size(bad, 0), Err(400), "{bad:?}");
-        }
-    }
-
     proptest! {
         #[test]
         fn content_length_is_accepted_exactly_when_it_is_a_small_number(v in "[0-9+ ,a-f-]{0,24}") {
@@ -208,21 +160,6 @@ mod tests {
                 Ok(BodyFraming::Chunked) => prop_assert!(false, "no Transfer-Encoding was given"),
                 Err(r) if r.status == 413 => prop_assert!(digits),
                 Err(r) => prop_assert!(r.status == 400 && !digits),
-            }
-        }
-
-        #[test]
-        fn chunk_sizes_never_exceed_the_cap(size in any::<u128>(), received in 0usize..=2 * MAX, ext in ";[a-z=]{0,8}|") {
-            let line = format!("{size:x}{ext}");
-            match chunk_size(line.as_bytes(), received, MAX) {
-                Ok(n) => {
-                    prop_assert_eq!(n as u128, size);
-                    prop_assert!(received + n <= MAX);
-                }
-                Err(r) => {
-                    prop_assert_eq!(r.status, 413);
-                    prop_assert!(size + received as u128 > MAX as u128);
-                }
             }
         }
     }

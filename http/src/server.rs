@@ -1,5 +1,6 @@
-//! Starting and stopping a server: the listener, the handler pool's threads and the accept
-//! loop, the descriptor budget that caps connections, and the error a start can end in.
+//! Starting and stopping a server: the listener, tiny_http over it (accept loop and
+//! connection threads, TLS), the handler pool's threads, the descriptor budget that caps
+//! connections, and the error a start can end in.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -10,7 +11,7 @@ use std::time::{Duration, Instant};
 use atelier_storage::EventStore;
 
 use crate::auth::Keys;
-use crate::config::HttpConfig;
+use crate::config::{HttpConfig, TlsFiles};
 use crate::conn;
 use crate::executors::Executors;
 use crate::metrics::Metrics;
@@ -35,6 +36,13 @@ pub enum HttpError {
     },
     /// The listener's address or a server thread could not be had.
     Start(std::io::Error),
+    /// A TLS certificate or key file could not be read.
+    TlsFile {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    /// The TLS certificate or key was refused (not PEM, no key, a key that does not fit).
+    Tls(Box<dyn std::error::Error + Send + Sync>),
 }
 
 impl std::fmt::Display for HttpError {
@@ -45,6 +53,8 @@ impl std::fmt::Display for HttpError {
                 write!(f, "'{addr}' is not an address to listen on (e.g. 127.0.0.1:8080)")
             }
             HttpError::Start(e) => write!(f, "cannot start the HTTP server: {e}"),
+            HttpError::TlsFile { path, .. } => write!(f, "cannot read the TLS file {}", path.display()),
+            HttpError::Tls(e) => write!(f, "the TLS certificate or key cannot be used: {e}"),
         }
     }
 }
@@ -54,11 +64,15 @@ impl std::error::Error for HttpError {
         match self {
             HttpError::Bind { source, .. } | HttpError::Start(source) => Some(source),
             HttpError::BadAddress { source, .. } => Some(source),
+            HttpError::TlsFile { source, .. } => Some(source),
+            HttpError::Tls(e) => Some(&**e),
         }
     }
 }
 
 pub struct Server {
+    /// Dropped at shutdown: that stops its accept loop.
+    front: Option<tiny_http::Server>,
     shared: Arc<Shared>,
     threads: Vec<JoinHandle<()>>,
     addr: SocketAddr,
@@ -77,6 +91,7 @@ impl Server {
             .map_err(|source| HttpError::BadAddress { addr: config.listen.clone(), source })?;
         let mut config = config;
         config.connections_max = fit_connections_to_fd_limit(config.connections_max);
+        let tls = config.tls.as_ref().map(read_tls_files).transpose()?;
         let listener =
             listen(addr).map_err(|source| HttpError::Bind { addr: config.listen.clone(), source })?;
         let addr = listener.local_addr().map_err(HttpError::Start)?;
@@ -103,16 +118,25 @@ impl Server {
                     .map_err(HttpError::Start)
             })
             .collect::<Result<Vec<_>, _>>()?;
-        // Not joined at shutdown: if the wake-up connect cannot get through, a stop must not
-        // hang on a thread blocked in accept(); it ends with the process.
-        {
-            let shared = shared.clone();
-            std::thread::Builder::new()
-                .name("atelier-accept".into())
-                .spawn(move || conn::accept_loop(listener, shared))
-                .map_err(HttpError::Start)?;
-        }
-        Ok(Server { shared, threads, addr })
+        let errors = shared.clone();
+        let options = tiny_http::Options {
+            admit: Some(conn::admit(shared.clone())),
+            handler: Some(conn::handler(shared.clone())),
+            on_accept_error: Some(Box::new(move |e| {
+                errors.accept_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(error = %e, "accepting a connection failed; accepting again shortly");
+            })),
+            head_timeout: Some(Duration::from_millis(shared.config.header_timeout_ms.max(1))),
+            body_timeout: Some(Duration::from_millis(shared.config.body_timeout_ms.max(1))),
+            head_bytes_max: conn::HEAD_BYTES_MAX,
+            body_bytes_max: conn::BODY_BYTES_MAX,
+            refusal_body: Some(conn::refusal_body),
+        };
+        // Its accept thread is not joined at shutdown: if the wake-up connect cannot get
+        // through, a stop must not hang on a thread blocked in accept(); it ends with the
+        // process.
+        let front = tiny_http::Server::from_listener_with(listener, tls, options).map_err(HttpError::Tls)?;
+        Ok(Server { front: Some(front), shared, threads, addr })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -123,8 +147,8 @@ impl Server {
     /// handler threads. Appends already handed to the store finish there.
     pub fn shutdown(mut self) {
         self.shared.shutting_down.store(true, Ordering::SeqCst);
-        // Wake the accept loop out of accept().
-        let _ = std::net::TcpStream::connect_timeout(&conn::wake_address(self.addr), Duration::from_secs(1));
+        // Stops the accept loop (it wakes it out of accept() with a connection of its own).
+        drop(self.front.take());
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
@@ -133,6 +157,14 @@ impl Server {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
+}
+
+/// The certificate chain and key, as tiny_http takes them.
+fn read_tls_files(files: &TlsFiles) -> Result<tiny_http::SslConfig, HttpError> {
+    let read = |path: &std::path::PathBuf| {
+        std::fs::read(path).map_err(|source| HttpError::TlsFile { path: path.clone(), source })
+    };
+    Ok(tiny_http::SslConfig { certificate: read(&files.cert)?, private_key: read(&files.key)? })
 }
 
 /// Raises the soft descriptor limit to the hard one, and keeps the stream cap below what it

@@ -2,7 +2,6 @@
 //! ready together in one write. A stream resumes strictly after Last-Event-ID (the global seq).
 
 use std::io::Write;
-use std::net::TcpStream;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -93,10 +92,10 @@ impl Opened {
 /// Runs a stream on its connection's thread until the client goes, the stream ends or the
 /// server shuts down. True when the stream ended at its terminal event with its body complete
 /// (chunked framing): the connection can take another request.
-pub(crate) fn serve(stream: &TcpStream, opened: Opened, framing: Framing, shared: &Arc<Shared>) -> bool {
+pub(crate) fn serve(w: &mut dyn Write, opened: Opened, framing: Framing, shared: &Arc<Shared>) -> bool {
     shared.streams.fetch_add(1, Ordering::SeqCst);
     shared.metrics.sse_connections.inc();
-    let completed = run(stream, opened, framing, shared);
+    let completed = run(w, opened, framing, shared);
     shared.metrics.sse_connections.dec();
     shared.streams.fetch_sub(1, Ordering::SeqCst);
     completed && framing == Framing::Chunked
@@ -116,7 +115,7 @@ impl Out {
     /// Writes the head (if not yet sent) and the pending body in one write; `last` ends a
     /// chunked body in the same write, so the client sees the terminal event and the end
     /// of the response together.
-    fn write(&mut self, w: &mut &TcpStream, last: bool) -> std::io::Result<()> {
+    fn write(&mut self, w: &mut dyn Write, last: bool) -> std::io::Result<()> {
         self.wire.clear();
         if let Some(head) = self.head.take() {
             self.wire.extend_from_slice(head.as_bytes());
@@ -136,6 +135,8 @@ impl Out {
             }
         }
         w.write_all(&self.wire)?;
+        // The connection's writer buffers small writes; an event must not wait there.
+        w.flush()?;
         self.body.clear();
         // A long history's buffers are not kept by an idle stream (10,000 may be open).
         if self.body.capacity() > SSE_IDLE_BUFFER_BYTES_MAX {
@@ -153,9 +154,8 @@ impl Out {
 }
 
 /// True when the stream ended at its terminal event and every byte of it was written.
-fn run(stream: &TcpStream, opened: Opened, framing: Framing, shared: &Arc<Shared>) -> bool {
+fn run(w: &mut dyn Write, opened: Opened, framing: Framing, shared: &Arc<Shared>) -> bool {
     let Opened { mut sub, end_on_terminal, generation, _ticket } = opened;
-    let mut w = stream;
     let length = match framing {
         Framing::UntilClose => "Connection: close",
         Framing::Chunked => "Transfer-Encoding: chunked",
@@ -198,7 +198,7 @@ fn run(stream: &TcpStream, opened: Opened, framing: Framing, shared: &Arc<Shared
             }
         }
         if out.pending() || ended {
-            if out.write(&mut w, ended).is_err() {
+            if out.write(w, ended).is_err() {
                 return false;
             }
             last_write = Instant::now();
@@ -216,13 +216,13 @@ fn run(stream: &TcpStream, opened: Opened, framing: Framing, shared: &Arc<Shared
             // Written at the top of the loop, with whatever else is ready by then.
             Ok(Some(d)) => {
                 if add(&mut out.body, &d, end_on_terminal, shared) {
-                    return out.write(&mut w, true).is_ok();
+                    return out.write(w, true).is_ok();
                 }
             }
             Ok(None) => {
                 if last_write.elapsed() >= heartbeat {
                     out.body.push_str(": heartbeat\n\n");
-                    if out.write(&mut w, false).is_err() {
+                    if out.write(w, false).is_err() {
                         return false;
                     }
                     last_write = Instant::now();

@@ -9,4 +9,11 @@ fn request_corpus_replays_without_panic() {
         n += 1;
     }
     assert!(n >= 4, "the corpus has its seeds");
+    // The target reaches the routes behind auth and the store: a seed creates a commission.
+    let create = std::fs::read(dir.join("raw-create")).expect("the raw-create seed");
+    let answer = atelier_http::fuzz_exchange(&create);
+    assert!(answer.starts_with(b"HTTP/1.1 201 "), "{:?}", String::from_utf8_lossy(&answer));
+    if let Some(dir) = atelier_http::fuzz_scratch_dir() {
+        let _ = std::fs::remove_dir_all(dir);
+    }
 }

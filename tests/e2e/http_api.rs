@@ -330,7 +330,7 @@ fn cli_replay_check_export_import_and_bad_flags() {
 }
 
 #[test]
-fn a_request_whose_headers_never_finish_is_closed() {
+fn a_request_whose_headers_never_finish_is_answered_408_and_closed() {
     let dir = temp_dir("slowloris");
     let s = Server::start(exe(), dir.path(), &[("ATELIER_HEADER_TIMEOUT_MS", "400")]);
     let mut c = std::net::TcpStream::connect(s.addr).unwrap();
@@ -338,9 +338,11 @@ fn a_request_whose_headers_never_finish_is_closed() {
     c.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n").unwrap();
     c.set_read_timeout(Some(std::time::Duration::from_secs(5))).unwrap();
     let started = std::time::Instant::now();
-    let mut buf = [0u8; 64];
-    let n = c.read(&mut buf).unwrap_or(0);
-    assert_eq!(n, 0, "closed without an answer");
+    let mut raw = Vec::new();
+    let _ = c.read_to_end(&mut raw);
+    let raw = String::from_utf8_lossy(&raw);
+    assert!(raw.starts_with("HTTP/1.1 408 "), "answered 408, then closed: {raw:?}");
+    assert!(raw.contains(r#"{"error":{"code":"request_timeout","#), "a JSON error: {raw:?}");
     assert!(
         started.elapsed() < std::time::Duration::from_secs(3),
         "closed by the header timeout: {:?}",

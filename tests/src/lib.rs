@@ -119,7 +119,11 @@ impl Server {
             if out.read_line(&mut line).unwrap_or(0) == 0 || Instant::now() > deadline {
                 panic!("atelier serve did not start (last line: {line:?})");
             }
-            if let Some(rest) = line.trim().strip_prefix("atelier listening on http://") {
+            let line = line.trim();
+            let rest = line
+                .strip_prefix("atelier listening on http://")
+                .or(line.strip_prefix("atelier listening on https://"));
+            if let Some(rest) = rest {
                 break rest.parse().expect("listen address");
             }
         };

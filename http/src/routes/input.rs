@@ -63,4 +63,15 @@ mod tests {
         assert_eq!(json_uint(&json!(-1.0)), None);
         assert_eq!(json_uint(&json!(1e20)), None);
     }
+
+    /// serde_json's default float parsing can land an ULP off: `3944749944345138.0` read as
+    /// `…137.5`, which is no integer, and a schema-valid id was refused. The workspace turns on
+    /// `float_roundtrip`.
+    #[test]
+    fn integral_floats_are_read_exactly() {
+        let v: Value = serde_json::from_str("3944749944345138.0").unwrap();
+        assert_eq!(json_uint(&v), Some(3_944_749_944_345_138));
+        let v: Value = serde_json::from_str("9007199254740992.0").unwrap();
+        assert_eq!(json_int(&v), Some(9_007_199_254_740_992));
+    }
 }

@@ -31,7 +31,7 @@ fn signing_in(call: &Call<'_>, html: &'static str) -> Reply {
     let Some(token) = call.req.query("token") else {
         return page(html, vec![]);
     };
-    let (now, scheme) = (now_ms() / 1000, call.shared.config.scheme);
+    let (now, scheme) = (now_ms() / 1000, call.shared.config.scheme());
     let keys = &call.shared.keys;
     let Ok((who, exp)) = keys.verify_until(token, now) else {
         return page(html, vec![("Set-Cookie", cookie::clear(scheme))]);
@@ -79,7 +79,7 @@ fn escape(s: &str) -> String {
 /// may (its origin and the page's header, as for any cookie-borne change): a cross-site page
 /// must not be able to sign a browser into an account of its choosing.
 pub(super) fn sign_in(call: &Call<'_>) -> Result<Reply, StorageError> {
-    let scheme = call.shared.config.scheme;
+    let scheme = call.shared.config.scheme();
     tri!(cookie::check_own_page(call.req, scheme));
     let body = tri!(json_body(call.req));
     let Some(token) = body.get("token").and_then(Value::as_str) else {

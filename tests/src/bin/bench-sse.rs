@@ -96,7 +96,12 @@ fn raise_fd_limit() -> u64 {
 
 fn start_server(args: &Args) -> (Server, TempDir) {
     let dir = temp_dir("bench-sse");
-    let mut env = vec![("ATELIER_MAX_CONNECTIONS", "20000"), ("RUST_LOG", "warn")];
+    let mut env = vec![
+        ("ATELIER_MAX_CONNECTIONS", "20000"),
+        // Every stream comes from this one address.
+        ("ATELIER_MAX_CONNECTIONS_PER_IP", "20000"),
+        ("RUST_LOG", "warn"),
+    ];
     // One user holds every stream here: the benchmark measures the server, not the shares.
     env.extend(NO_SHARE_LIMITS);
     let server = Server::start(&args.exe, dir.path(), &env);
