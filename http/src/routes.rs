@@ -377,7 +377,8 @@ fn operation(route: &Route, generator: &mut SchemaGenerator) -> Value {
     if route.access != Access::Public {
         answer(401, Body::Error, generator);
     }
-    if route.access == Access::Admin {
+    // An admin route to a user; a change signed in by the cookie from another origin.
+    if route.access == Access::Admin || (route.access != Access::Public && route.method != "GET") {
         answer(403, Body::Error, generator);
     }
     // A user's fair share of requests (and of streams and active commissions).
