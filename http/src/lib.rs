@@ -11,6 +11,7 @@
 mod assets;
 pub mod auth;
 pub mod client;
+pub mod client_addr;
 mod clock;
 mod config;
 mod conn;
