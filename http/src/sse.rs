@@ -176,6 +176,10 @@ fn run(w: &mut dyn Write, opened: Opened, framing: Framing, shared: &Arc<Shared>
     let mut last_write = Instant::now();
     loop {
         if shared.shutting_down.load(Ordering::SeqCst) || shared.keys.generation() != generation {
+            // A chunked body gets its last chunk, so the client reads a complete response
+            // (and resumes with Last-Event-ID, after a rotation with a new token) rather than
+            // a cut one.
+            let _ = out.write(w, true);
             return false;
         }
         // History is read on the handler pool, never on this thread (see `on_pool`).

@@ -243,7 +243,7 @@ fn diff_indexes(t: &Trees, expected: &Expected, diff: &mut Vec<String>) -> Resul
     Ok(())
 }
 
-/// Stored job records against rebuilt ones.
+/// Stored job records, and the jobs-by-commission index, against rebuilt ones.
 fn diff_jobs(t: &Trees, rebuilt: &Rebuilt, diff: &mut Vec<String>) -> Result<(), StorageError> {
     let mut lines = Vec::new();
     let mut stored_jobs = 0usize;
@@ -262,6 +262,14 @@ fn diff_jobs(t: &Trees, rebuilt: &Rebuilt, diff: &mut Vec<String>) -> Result<(),
         lines.push(format!("jobs: {} records missing", rebuilt.jobs.len() - stored_jobs));
     }
     push_limited(diff, lines);
+
+    let expected: BTreeSet<(u64, u64)> = rebuilt.jobs.values().map(|j| (j.commission_id, j.job_id)).collect();
+    let mut stored = BTreeSet::new();
+    for item in t.scan(Projection::JobsByCommission) {
+        let (k, _) = item?;
+        stored.insert((layout::decode_u64(&k).unwrap_or(0), layout::decode_u64(&k[8..]).unwrap_or(0)));
+    }
+    compare_sets(diff, Projection::JobsByCommission.name(), &expected, &stored);
 
     Ok(())
 }

@@ -2,14 +2,17 @@
 //! seq; the parent SIGKILLs it at a random moment, reopens the store and checks that every
 //! acknowledged event is there, the log is gap-free with its chain intact, and a full replay
 //! matches the stored projections. The child is this same test binary, re-run in child mode.
+//! Every round must crash a child that was appending: the kill waits for its first
+//! acknowledgement, and the child must die of the SIGKILL with nothing on stderr.
 
 mod common;
 
 use std::collections::BTreeSet;
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::process::ExitStatusExt;
 use std::process::{Command as Proc, Stdio};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use atelier_engine::{Command, Executor, Stage};
 use atelier_storage::{
@@ -83,6 +86,9 @@ fn print_acks(out: &Mutex<std::io::Stdout>, first: u64, last: u64) {
     o.flush().unwrap();
 }
 
+/// How long a child may take to open the store and acknowledge its first append.
+const FIRST_ACK_TIMEOUT: Duration = Duration::from_secs(30);
+
 #[test]
 fn acknowledged_events_survive_sigkill() {
     if std::env::var(CHILD_ENV).is_ok() {
@@ -96,30 +102,49 @@ fn acknowledged_events_survive_sigkill() {
             .args(["--exact", "crash_child", "--nocapture", "--test-threads=1"])
             .env(CHILD_ENV, dir.path())
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stderr(Stdio::piped())
             .spawn()
             .unwrap();
         let stdout = child.stdout.take().unwrap();
-        let reader = std::thread::spawn(move || {
-            let mut seqs = Vec::new();
+        let mut stderr = child.stderr.take().unwrap();
+        let errors = std::thread::spawn(move || {
+            let mut text = String::new();
+            let _ = stderr.read_to_string(&mut text);
+            text
+        });
+        // Every acknowledged seq as it is printed: the kill waits for the first one, so that a
+        // round always crashes a child that was appending (a child that cannot open the store
+        // ends the channel without one and fails the round below).
+        let (acks_tx, acks) = mpsc::channel::<u64>();
+        std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines() {
                 let Ok(line) = line else { break };
                 if let Some(n) = line.strip_prefix("ACK ") {
-                    seqs.push(n.trim().parse::<u64>().unwrap());
+                    if acks_tx.send(n.trim().parse::<u64>().unwrap()).is_err() {
+                        break;
+                    }
                 }
             }
-            seqs
         });
-        let nanos = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().subsec_nanos();
-        let wait = Duration::from_millis(100 + u64::from(nanos % 400));
-        let started = Instant::now();
-        while started.elapsed() < wait {
-            std::thread::sleep(Duration::from_millis(5));
+        let first = acks.recv_timeout(FIRST_ACK_TIMEOUT);
+        if let Ok(seq) = first {
+            acked.insert(seq);
+            let nanos = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().subsec_nanos();
+            std::thread::sleep(Duration::from_millis(u64::from(nanos % 400)));
         }
         // SAFETY: signalling our own child by pid.
         unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
-        child.wait().unwrap();
-        acked.extend(reader.join().unwrap());
+        let status = child.wait().unwrap();
+        let errors = errors.join().unwrap();
+        let round_acks: Vec<u64> = first.into_iter().chain(acks.iter()).collect();
+        assert_eq!(
+            status.signal(),
+            Some(libc::SIGKILL),
+            "round {round}: the child ended before the kill ({status}); its stderr:\n{errors}"
+        );
+        assert!(errors.is_empty(), "round {round}: the child wrote to stderr:\n{errors}");
+        assert!(!round_acks.is_empty(), "round {round}: the child acknowledged nothing before the kill");
+        acked.extend(round_acks);
 
         let store = SledStore::open(StoreConfig::new(dir.path())).expect("reopen after SIGKILL");
         let head = store.head_seq();

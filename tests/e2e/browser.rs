@@ -135,7 +135,10 @@ fn the_page_in_a_real_browser() {
     shot(&b, "09-switch-account");
     b.click("#switch-button");
     b.wait_until("signed in as bob", WAIT, |b| b.text("#signed-in-user").is_some_and(|t| t.contains("bob")));
-    std::thread::sleep(Duration::from_millis(500));
+    // The empty state shows once bob's list has loaded and holds nothing.
+    b.wait_until("bob's empty list", WAIT, |b| {
+        b.js("return !document.querySelector('#empty-state').hidden") == json!(true)
+    });
     assert!(!b.exists(".commission[data-task-id]"), "bob sees none of alice's commissions");
     b.goto(&format!("{base}/commissions/{id}"));
     b.wait_until("not found for bob", WAIT, |b| b.text("#notice").is_some_and(|t| !t.is_empty()));

@@ -44,7 +44,10 @@ fn stream_format_and_terminal_end_and_204() {
     let at = first.data["at"].as_str().unwrap();
     assert!(at.ends_with('Z') && at.len() == 24, "RFC 3339 UTC with milliseconds: {at}");
     s.post(&format!("/api/commissions/{id}/cancel"), Some(&alice), &json!({}));
-    let kinds: Vec<String> = std::iter::from_fn(|| sse.next()).map(|e| e.event).collect();
+    // The server closes the stream after the terminal event; a stream left open would fail
+    // the read after this timeout instead.
+    sse.set_timeout(Duration::from_secs(5));
+    let kinds: Vec<String> = sse.events_until_closed().into_iter().map(|e| e.event).collect();
     assert_eq!(kinds, vec!["cancel_requested", "cancelled"], "the stream ends after the terminal event");
     let last =
         s.get(&format!("/api/commissions/{id}"), Some(&alice)).json()["last_event_id"].as_u64().unwrap();
@@ -68,30 +71,40 @@ fn stream_format_and_terminal_end_and_204() {
     assert_eq!(q.status, 204, "?last_event_id= and ?access_token= work too");
 }
 
+/// A commission's stream opened the way a keep-alive client does (no `Connection: close`),
+/// read raw.
+fn keep_alive_stream(s: &Server, token: &str, id: u64, timeout: Duration) -> std::net::TcpStream {
+    use std::io::Write;
+    let mut conn = std::net::TcpStream::connect(s.addr).unwrap();
+    conn.set_read_timeout(Some(timeout)).unwrap();
+    write!(
+        conn,
+        "GET /api/progress/{id}/stream HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\r\n"
+    )
+    .unwrap();
+    conn
+}
+
+/// Reads until `done` holds for what has arrived (or the read times out, or the peer closes).
+fn read_until(mut conn: &std::net::TcpStream, raw: &mut Vec<u8>, done: &dyn Fn(&[u8]) -> bool) {
+    use std::io::Read;
+    let mut buf = [0u8; 4096];
+    while !done(raw) {
+        match conn.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => raw.extend_from_slice(&buf[..n]),
+        }
+    }
+}
+
 /// A keep-alive client (a browser, aiohttp) gets a commission's stream chunked: the terminal
 /// event and the end of the body arrive together, and the same connection then serves the
 /// next request. Without this, every commission followed costs a new connection.
 #[test]
 fn a_keep_alive_client_gets_a_chunked_stream_and_keeps_its_connection() {
-    use std::io::{Read, Write};
+    use std::io::Write;
     let (_dir, s, alice, id) = alice_with_a_queued_commission("sse-keep-alive");
-    let mut conn = std::net::TcpStream::connect(s.addr).unwrap();
-    conn.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(
-        conn,
-        "GET /api/progress/{id}/stream HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {alice}\r\n\r\n"
-    )
-    .unwrap();
-    // Reads until `done` holds for what has arrived (or the read times out).
-    let read_until = |mut conn: &std::net::TcpStream, raw: &mut Vec<u8>, done: &dyn Fn(&[u8]) -> bool| {
-        let mut buf = [0u8; 4096];
-        while !done(raw) {
-            match conn.read(&mut buf) {
-                Ok(0) | Err(_) => break,
-                Ok(n) => raw.extend_from_slice(&buf[..n]),
-            }
-        }
-    };
+    let mut conn = keep_alive_stream(&s, &alice, id, Duration::from_secs(10));
     let mut raw = Vec::new();
     read_until(&conn, &mut raw, &|b| String::from_utf8_lossy(b).contains("event: created"));
     s.post(&format!("/api/commissions/{id}/cancel"), Some(&alice), &json!({}));
@@ -198,7 +211,12 @@ fn a_client_that_never_reads_is_dropped_and_others_keep_receiving() {
         (v >= 1).then_some(v)
     });
     assert_eq!(dropped, Some(1), "exactly the stalled client was cut off");
-    drop(stalled);
+    // Cut off means closed: what the socket still holds drains to the server's close, not
+    // to a read timeout on a connection the server keeps.
+    let mut stalled = stalled;
+    stalled.set_timeout(Duration::from_secs(5));
+    let drained = stalled.drain_until_closed();
+    assert!(drained.is_ok(), "the stalled client's connection stays open: {drained:?}");
 }
 
 #[test]
@@ -226,7 +244,8 @@ fn heartbeats_cap_and_graceful_shutdown() {
     assert!(text.starts_with("HTTP/1.1 200") && text.contains("text/event-stream"), "{text}");
     assert!(text.contains(": heartbeat"), "{text}");
     // The cap: a second stream fits, a third is 503 with a JSON error.
-    let _second = Sse::open(s.addr, "/api/events/stream", &admin, None);
+    let mut second = Sse::open(s.addr, "/api/events/stream", &admin, None);
+    assert_eq!(second.status, 200, "the second stream fits under the cap of 2");
     std::thread::sleep(Duration::from_millis(100));
     let third = request(s.addr, "GET", "/api/events/stream", Some(&admin), &[], None);
     assert_eq!((third.status, third.code().as_str()), (503, "over_capacity"));
@@ -234,8 +253,31 @@ fn heartbeats_cap_and_graceful_shutdown() {
     let started = std::time::Instant::now();
     assert!(s.stop().success());
     assert!(started.elapsed() < Duration::from_secs(5), "graceful stop took {:?}", started.elapsed());
+    // Both streams were closed by the server, not left to their read timeouts (the
+    // firehose's body always runs to the close).
     let mut rest = Vec::new();
-    let _ = raw.read_to_end(&mut rest);
+    let ended = raw.read_to_end(&mut rest);
+    assert!(ended.is_ok(), "the raw stream was not closed: {ended:?}");
+    second.set_timeout(Duration::from_secs(3));
+    second.events_until_closed();
+}
+
+/// SIGTERM ends a keep-alive client's chunked stream with its last chunk: the client reads a
+/// complete response and resumes elsewhere, instead of a body cut off by the process's exit.
+#[test]
+fn a_graceful_stop_ends_a_chunked_stream_with_its_last_chunk() {
+    use std::io::Read;
+    let (_dir, s, alice, id) = alice_with_a_queued_commission("sse-stop-chunked");
+    let mut conn = keep_alive_stream(&s, &alice, id, Duration::from_secs(5));
+    let mut raw = Vec::new();
+    read_until(&conn, &mut raw, &|b| String::from_utf8_lossy(b).contains("event: created"));
+    assert!(String::from_utf8_lossy(&raw).contains("event: created"), "{}", String::from_utf8_lossy(&raw));
+    assert!(s.stop().success());
+    let ended = conn.read_to_end(&mut raw);
+    let text = String::from_utf8_lossy(&raw);
+    assert!(ended.is_ok(), "the stream was not closed: {ended:?}");
+    assert!(text.contains("Transfer-Encoding: chunked"), "{text}");
+    assert!(text.ends_with("\r\n0\r\n\r\n"), "the body ends with its last chunk: {text:?}");
 }
 
 /// Postmortem: tiny_http's task pool counted a thread as idle before it had woken up, so a

@@ -14,6 +14,9 @@ pub const SECRET: &str = "test-secret-for-end-to-end-tests";
 
 pub use tempfile::TempDir;
 
+/// For tests that damage a stopped data dir's projections ([`with_projections`]).
+pub use sled;
+
 /// A fresh, empty dir under the system temp dir, removed when the guard drops: hold it for as
 /// long as any server or child process works in it.
 pub fn temp_dir(name: &str) -> TempDir {
@@ -302,6 +305,16 @@ pub struct SseEvent {
     pub data: Value,
 }
 
+/// How reading a stream went.
+#[derive(Debug)]
+pub enum Next {
+    Event(SseEvent),
+    /// The server closed the stream.
+    End,
+    /// The read failed: a timeout (the stream stayed open and silent) or a reset.
+    Failed(std::io::Error),
+}
+
 /// A live SSE connection.
 pub struct Sse {
     pub status: u16,
@@ -338,24 +351,35 @@ impl Sse {
         self.reader.get_ref().set_read_timeout(Some(t)).unwrap();
     }
 
-    /// The next event; `None` when the stream ends (or times out). Comments are skipped.
+    /// The next event; `None` when the stream ends (or times out, or fails). Comments are
+    /// skipped. Tests that must tell an end from a stall use [`Sse::read_next`].
     // Like `EventStream::next`: reads the socket, so not an `Iterator` (tests call it with
     // a timeout set and treat `None` as the end or a stall).
     #[allow(clippy::should_implement_trait)]
     pub fn next(&mut self) -> Option<SseEvent> {
+        match self.read_next() {
+            Next::Event(e) => Some(e),
+            Next::End | Next::Failed(_) => None,
+        }
+    }
+
+    /// The next event, or how the stream stopped: closed by the server, or a read that failed
+    /// (a timeout when the server neither sends nor closes). Comments are skipped.
+    pub fn read_next(&mut self) -> Next {
         let (mut id, mut event, mut data) = (None, String::new(), String::new());
         let mut line = String::new();
         loop {
             line.clear();
             match self.reader.read_line(&mut line) {
-                Ok(0) | Err(_) => return None,
+                Ok(0) => return Next::End,
+                Err(e) => return Next::Failed(e),
                 Ok(_) => {}
             }
             let l = line.trim_end_matches(['\r', '\n']);
             if l.is_empty() {
                 if !data.is_empty() {
                     let data = serde_json::from_str(&data).expect("SSE data is JSON");
-                    return Some(SseEvent { id, event, data });
+                    return Next::Event(SseEvent { id, event, data });
                 }
                 continue;
             }
@@ -369,6 +393,25 @@ impl Sse {
                 self.retry_hint = v.parse().ok();
             }
         }
+    }
+
+    /// Every event up to the server's close of the stream; panics if a read fails first (the
+    /// server kept the stream open past the read timeout).
+    pub fn events_until_closed(&mut self) -> Vec<SseEvent> {
+        let mut events = Vec::new();
+        loop {
+            match self.read_next() {
+                Next::Event(e) => events.push(e),
+                Next::End => return events,
+                Next::Failed(e) => panic!("the stream was not closed after {} events: {e}", events.len()),
+            }
+        }
+    }
+
+    /// Reads and discards everything up to the server's close: the bytes read, or the error
+    /// of the read that failed first (a timeout while the server keeps the stream open).
+    pub fn drain_until_closed(&mut self) -> std::io::Result<u64> {
+        std::io::copy(&mut self.reader, &mut std::io::sink())
     }
 
     pub fn shutdown(self) {
@@ -485,4 +528,32 @@ pub fn rust_sources(dir: &Path, out: &mut Vec<PathBuf>) {
             out.push(p);
         }
     }
+}
+
+/// Opens the projection tree of a stopped server's data dir with sled itself, for a test to
+/// damage it the way a bug or a bad disk would (`atelier replay --check` must then find it).
+/// sled's own files are flushed before it returns.
+pub fn with_projections<T>(data_dir: &Path, f: impl FnOnce(&sled::Tree) -> T) -> T {
+    let db = sled::open(data_dir.join("sled")).expect("open the stopped data dir's sled");
+    let tree = db.open_tree(atelier_storage::layout::PROJECTIONS_TREE).expect("the projection tree");
+    let out = f(&tree);
+    db.flush().expect("flush the damaged tree");
+    out
+}
+
+/// Builds a shared library from one C file in tests/fixtures with gcc, into `out_dir`, for a
+/// test to LD_PRELOAD into the server (a failing disk, say). gcc is part of what the tests
+/// need (README, "Set-up").
+pub fn build_preload(fixture: &str, out_dir: &Path) -> PathBuf {
+    let source = workspace_root().join("tests/fixtures").join(fixture);
+    let lib = out_dir.join(Path::new(fixture).with_extension("so").file_name().expect("a file name"));
+    let out = Command::new("gcc")
+        .args(["-shared", "-fPIC", "-O1", "-Wall", "-Werror", "-o"])
+        .arg(&lib)
+        .arg(&source)
+        .arg("-ldl")
+        .output()
+        .unwrap_or_else(|e| panic!("run gcc to build {fixture} (the tests need gcc): {e}"));
+    assert!(out.status.success(), "gcc {fixture}: {}", String::from_utf8_lossy(&out.stderr));
+    lib
 }

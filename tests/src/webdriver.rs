@@ -155,7 +155,9 @@ impl Browser {
         }
     }
 
-    /// Console messages at level SEVERE since the last call.
+    /// Console messages at level SEVERE since the last call. Panics when the driver does not
+    /// answer the log request with a list (an unsupported endpoint would otherwise read as a
+    /// clean console).
     pub fn console_errors(&self) -> Vec<String> {
         let r = request(
             self.addr,
@@ -166,10 +168,12 @@ impl Browser {
             Some(br#"{"type":"browser"}"#),
         );
         let v: Value = serde_json::from_slice(&r.body).unwrap_or(Value::Null);
-        v["value"]
-            .as_array()
-            .into_iter()
-            .flatten()
+        let entries = match (r.status, v["value"].as_array()) {
+            (200, Some(entries)) => entries,
+            _ => panic!("the driver's browser log answered {}: {}", r.status, r.text()),
+        };
+        entries
+            .iter()
             .filter(|e| e["level"] == "SEVERE")
             .filter_map(|e| e["message"].as_str().map(str::to_string))
             .collect()

@@ -480,7 +480,8 @@ fn fault_matrix() {
     assert_eq!(h.jobs(ids[0])[0].signal, Some(9));
     // A fork bomb: RLIMIT_NPROC (64) stops it; root is not bound by that limit, so there the
     // worker's own bound (256 children) does and the wall timeout ends the job. Either way
-    // the whole group is gone afterwards.
+    // the whole group is gone afterwards. (`the_process_limit_stops_a_forking_worker` shows
+    // the limit binding, also when the tests run as root.)
     let c = h.wait_terminal(bomb, LONG);
     let jobs = h.jobs(bomb);
     let last = jobs.last().expect("the bomb ran");
@@ -539,6 +540,175 @@ fn cancel_while_running() {
     // The stubborn one ignored SIGTERM and needed the SIGKILL.
     assert_eq!(h.jobs(stubborn)[0].signal, Some(9));
     assert_eq!(h.jobs(slow)[0].signal, Some(15));
+}
+
+/// Pipelines whose worker runs into one rlimit each (python3 and sh, on the PATH they are
+/// given).
+const LIMITS: &str = r#"
+[pipelines.l-nofile]
+nofile_max = 16
+env = { PATH = "/usr/bin:/bin" }
+command = ["python3", "-c", "import os\nfds = [os.open('/dev/null', os.O_RDONLY) for _ in range(64)]"]
+[pipelines.l-fsize]
+fsize_mb = 1
+env = { PATH = "/usr/bin:/bin" }
+command = ["sh", "-c", "exec head -c 2000000 /dev/zero > big"]
+[pipelines.l-core]
+env = { PATH = "/usr/bin:/bin" }
+command = ["python3", "-c", "import ctypes, resource, sys\nsys.stderr.write('core limit %r\\n' % (resource.getrlimit(resource.RLIMIT_CORE),))\nsys.stderr.flush()\nctypes.string_at(0)"]
+"#;
+
+/// RLIMIT_NOFILE, RLIMIT_FSIZE and RLIMIT_CORE, each run into by a worker, end the job as
+/// workers/README.md's table says: too many open files is the worker's own non-zero exit
+/// (retryable, its last stderr line kept), SIGXFSZ is "file size limit exceeded" (not
+/// retryable), and a crash leaves no core file behind (the worker sees a core limit of 0 it
+/// cannot raise) and counts as a signal (retryable).
+#[test]
+fn rlimits_end_jobs_as_the_table_says() {
+    // A core dump would land in the crashing worker's working dir (its job dir) when the
+    // kernel writes plain `core` files; let the test process allow them, so that only the
+    // worker's own limit can prevent one.
+    // SAFETY: getrlimit/setrlimit on this process's own limits, with a valid struct.
+    unsafe {
+        let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+        assert_eq!(libc::getrlimit(libc::RLIMIT_CORE, &mut lim), 0);
+        lim.rlim_cur = lim.rlim_max;
+        assert_eq!(libc::setrlimit(libc::RLIMIT_CORE, &lim), 0);
+    }
+    let mut h = Harness::new("limits");
+    h.start(config(LIMITS, &[("max_concurrent_jobs", "3")]));
+    let nofile = h.create("l-nofile", serde_json::json!({}), 2);
+    let fsize = h.create("l-fsize", serde_json::json!({}), 2);
+    let core = h.create("l-core", serde_json::json!({}), 2);
+
+    let c = h.wait_terminal(nofile, LONG);
+    let jobs = h.jobs(nofile);
+    assert_eq!((c.state, jobs.len()), (State::Failed, 2), "retryable: {jobs:#?}");
+    let msg = jobs[1].error_message.clone().unwrap_or_default();
+    assert_eq!(jobs[1].status, JobStatus::Failed, "{jobs:#?}");
+    assert!(
+        msg.starts_with("the worker exited with code 1; stderr: OSError: [Errno 24] Too many open files"),
+        "{msg}"
+    );
+
+    let c = h.wait_terminal(fsize, LONG);
+    let jobs = h.jobs(fsize);
+    assert_eq!((c.state, jobs.len()), (State::Failed, 1), "not retryable: {jobs:#?}");
+    assert_eq!((jobs[0].status, jobs[0].signal), (JobStatus::Killed, Some(libc::SIGXFSZ)), "{jobs:#?}");
+    assert_eq!(jobs[0].error_message.as_deref(), Some("file size limit exceeded, killed by SIGXFSZ"));
+    let big = h.layout().job(jobs[0].job_id).join("big");
+    assert_eq!(std::fs::metadata(&big).expect("the file it wrote").len(), 1024 * 1024);
+
+    let c = h.wait_terminal(core, LONG);
+    let jobs = h.jobs(core);
+    assert_eq!((c.state, jobs.len()), (State::Failed, 2), "retryable: {jobs:#?}");
+    for j in &jobs {
+        let dir = h.layout().job(j.job_id);
+        let cores: Vec<_> = std::fs::read_dir(&dir)
+            .expect("the job dir")
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .filter(|n| n.starts_with("core"))
+            .collect();
+        assert!(cores.is_empty(), "core files in {}: {cores:?}", dir.display());
+        assert_eq!((j.status, j.signal), (JobStatus::Killed, Some(libc::SIGSEGV)), "{jobs:#?}");
+        assert_eq!(j.error_message.as_deref(), Some("killed by SIGSEGV; stderr: core limit (0, 0)"));
+        let (_, err) = h.layout().job_logs(j.job_id);
+        let err = std::fs::read_to_string(err).expect("stderr.log");
+        assert_eq!(err.lines().next(), Some("core limit (0, 0)"), "{err}");
+    }
+    for id in [nofile, fsize, core] {
+        for j in &h.jobs(id) {
+            assert_clean(j);
+        }
+    }
+}
+
+/// A worker that forks until it cannot (at most 200 children, each sleeping in its group).
+const FORKER: &str = "import os, sys, time\nn = 0\ntry:\n    for _ in range(200):\n        if os.fork() == 0:\n            time.sleep(30)\n            os._exit(0)\n        n += 1\nexcept OSError as e:\n    sys.stderr.write('fork failed after %d: %s\\n' % (n, e))\n    sys.exit(3)\nsys.stderr.write('forked %d\\n' % n)\nsys.exit(4)";
+
+/// RLIMIT_NPROC binds: a worker forking 200 children stops at `nproc_max`. The limit counts
+/// the processes of the worker's user and does not bind root, so as root the worker first
+/// becomes `nobody` (setpriv, which keeps the limits the trampoline set).
+#[test]
+fn the_process_limit_stops_a_forking_worker() {
+    // SAFETY: geteuid(2) cannot fail and touches no memory.
+    let root = unsafe { libc::geteuid() } == 0;
+    let mut command = vec!["python3", "-c", FORKER];
+    if root {
+        command.splice(0..0, ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]);
+    }
+    // A JSON array of strings is a TOML array too.
+    let command = serde_json::to_string(&command).expect("strings serialize");
+    let pipeline = format!(
+        "[pipelines.forker]\nnproc_max = 16\nenv = {{ PATH = \"/usr/bin:/bin\" }}\ncommand = {command}\n"
+    );
+    let mut h = Harness::new("nproc");
+    h.start(config(&pipeline, &[]));
+    let id = h.create("forker", serde_json::json!({}), 1);
+    let c = h.wait_terminal(id, LONG);
+    let jobs = h.jobs(id);
+    let msg = jobs[0].error_message.clone().unwrap_or_default();
+    assert_eq!((c.state, jobs[0].status), (State::Failed, JobStatus::Failed), "{jobs:#?}");
+    let forked: u32 = msg
+        .strip_prefix("the worker exited with code 3; stderr: fork failed after ")
+        .and_then(|rest| rest.split(':').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("the worker did not run into the limit: {msg}"));
+    assert!(forked < 16, "{forked} children under nproc_max = 16: {msg}");
+    assert!(msg.contains("Resource temporarily unavailable"), "{msg}");
+    assert_clean(&jobs[0]);
+}
+
+/// Whether a process is still there, other than as a zombie waiting to be reaped.
+fn alive(pid: u32) -> bool {
+    proc_stat(pid).is_some_and(|(state, _)| state != 'Z')
+}
+
+/// Cancel ends the worker's whole process group: a child and a grandchild it started (which
+/// do not answer for themselves) are gone with it.
+#[test]
+fn cancel_kills_the_workers_children_and_grandchildren() {
+    let family = r#"
+[pipelines.family]
+env = { PATH = "/usr/bin:/bin" }
+command = ["sh", "-c", '''printf '{"type":"stage","stage":"generating_ideas"}\n' >&3; sleep 300 & echo "child $!" >&2; sh -c 'sleep 300 & echo "grandchild $!" >&2; wait' & echo "child $!" >&2; wait''']
+"#;
+    let mut h = Harness::new("cancel-family");
+    h.start(config(family, &[("kill_grace_ms", "300")]));
+    let id = h.create("family", serde_json::json!({}), 1);
+    h.wait_until(id, LONG, "in a stage", |c| c.state.stage().is_some());
+    let job = h.jobs(id)[0].clone();
+    let (_, err) = h.layout().job_logs(job.job_id);
+    let pids: Vec<u32> = wait_for_lines(&err, 3)
+        .iter()
+        .map(|l| l.rsplit(' ').next().and_then(|p| p.parse().ok()).unwrap_or_else(|| panic!("{l:?}")))
+        .collect();
+    let worker = job.process_id.expect("the worker's pid");
+    for pid in pids.iter().copied().chain([worker]) {
+        assert!(alive(pid), "{pid} runs before the cancel");
+    }
+    execute(&*h.store, id, Command::RequestCancel, &ctx()).expect("store works").expect("cancel accepted");
+    assert_eq!(h.wait_terminal(id, Duration::from_secs(5)).state, State::Cancelled);
+    let end = Instant::now() + Duration::from_secs(3);
+    while pids.iter().any(|p| alive(*p)) && Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let left: Vec<u32> = pids.iter().copied().filter(|p| alive(*p)).collect();
+    assert!(left.is_empty(), "left running after the cancel: {left:?} (of {pids:?})");
+    assert_clean(&h.jobs(id)[0]);
+}
+
+/// The first `n` lines of a file another process is writing, once they are there.
+fn wait_for_lines(path: &Path, n: usize) -> Vec<String> {
+    let end = Instant::now() + LONG;
+    loop {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        let lines: Vec<String> = text.lines().map(str::to_string).collect();
+        if lines.len() >= n {
+            return lines;
+        }
+        assert!(Instant::now() < end, "{} has {} of {n} lines: {text:?}", path.display(), lines.len());
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 #[test]

@@ -263,7 +263,9 @@ impl Writer {
                 Ok(())
             })();
             if let Err(e) = written {
-                let cause = Arc::new(e);
+                // Poisoned before any appender hears of the failure, so that whoever saw an
+                // append refused also sees the store refuse (`health`, `/readyz`).
+                let cause = self.poison(Arc::new(e));
                 for (req, _) in acks {
                     fail(req, || StorageError::Poisoned(cause.clone()));
                 }
