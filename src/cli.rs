@@ -32,6 +32,11 @@ defaults):
     ATELIER_HEARTBEAT_MS      SSE heartbeat interval            15000
     ATELIER_MAX_CONNECTIONS   open connections, streams included 10000
     ATELIER_MAX_CONNECTIONS_PER_IP  open connections from one address   256
+    ATELIER_USER_PRIORITY_MAX a user's priorities: -N..=N (admins any)   10
+    ATELIER_USER_ACTIVE_MAX   active commissions per user (0 = no limit)   1000
+    ATELIER_USER_STREAMS_MAX  open streams per user (0 = no limit)   32
+    ATELIER_USER_RATE         requests a second per user (0 = no limit)   50
+    ATELIER_USER_BURST        requests a user may make at once before the rate applies   200
     ATELIER_METRICS_PUBLIC    1 = /metrics without a token      0
     ATELIER_HEADER_TIMEOUT_MS answer 408 and close when a request head does not arrive in time   10000
     ATELIER_BODY_TIMEOUT_MS   answer 408 and close when a request body does not arrive in time   30000
@@ -77,6 +82,11 @@ pub enum Command {
         ttl: String,
         #[command(flatten)]
         store: StoreArgs,
+    },
+    /// Manage the token signing secret kept in the data dir
+    Secret {
+        #[command(subcommand)]
+        action: SecretAction,
     },
     /// Rebuild every projection from the log and compare (exit 1 when they differ)
     Replay {
@@ -139,6 +149,16 @@ pub enum Command {
         limit: u64,
         #[command(flatten)]
         client: ClientArgs,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SecretAction {
+    /// Write a new secret: every token signed so far stops working (a running server picks it
+    /// up within a second; streams resume with a new token and Last-Event-ID)
+    Rotate {
+        #[command(flatten)]
+        store: StoreArgs,
     },
 }
 

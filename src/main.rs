@@ -9,19 +9,19 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use atelier_config::{ConfigError, Sources};
 use atelier_http::client::printable::printable_json;
 use atelier_http::client::watch::{self, Outcome, WatchError};
 use atelier_http::client::{Client, ClientError};
-use atelier_http::secret::SecretError;
+use atelier_http::secret::{SecretError, Stamp};
 use atelier_http::{Executors, HttpConfig, HttpError, Keys, Role, Server, TlsFiles};
 use atelier_storage::{check, EventStore, Retention, SledStore, StorageError};
 use atelier_workers::{ProgramError, ProgramSource, Workers, WorkersConfig, WorkersError};
 use clap::{CommandFactory, Parser};
 
-use cli::{ClientArgs, Command, StoreArgs};
+use cli::{ClientArgs, Command, SecretAction, StoreArgs};
 use settings::{ClientSettings, NoToken, Overrides, ServerSettings};
 
 /// The exit code of every runtime error (usage errors are clap's, also 2).
@@ -31,6 +31,8 @@ const SERVE_TICK: Duration = Duration::from_millis(100);
 /// How long the sign-in link the server prints is valid: it lands in the service's log
 /// (journald), so it must be short-lived; a lasting token comes from `atelier token`.
 const SIGN_IN_LINK_TTL_S: i64 = 15 * 60;
+/// How often a running server looks at the secret file for a rotation.
+const SECRET_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 
 static STOP: AtomicBool = AtomicBool::new(false);
 
@@ -179,6 +181,7 @@ fn run(command: Command) -> Result<ExitCode, CliError> {
     match command {
         Command::Serve { listen, store } => serve(listen, store),
         Command::Token { user, admin, ttl, store } => token(&user, admin, &ttl, store),
+        Command::Secret { action: SecretAction::Rotate { store } } => rotate_secret(store),
         Command::Replay { check: _, store } => replay(store),
         Command::Export { out, store } => export(out, store),
         Command::Import { file, store } => import(file, store),
@@ -318,6 +321,7 @@ fn serve(listen: Option<String>, store_args: StoreArgs) -> Result<ExitCode, CliE
     http_config.header_timeout_ms = s.header_timeout_ms;
     http_config.body_timeout_ms = s.body_timeout_ms;
     http_config.tls = s.tls.clone().map(|(cert, key)| TlsFiles { cert, key });
+    let http_config = http_config.with_share_limits(s.share_limits);
     let dyn_store: Arc<dyn EventStore> = store.clone();
     let executors = start_workers(&s, &sources, dyn_store.clone())?;
     let server = Server::start(http_config, dyn_store, keys.clone(), Some(executors.clone()))?;
@@ -340,8 +344,12 @@ fn serve(listen: Option<String>, store_args: StoreArgs) -> Result<ExitCode, CliE
     };
     println!("open the status page as a local admin (this link works for {lifetime}): {scheme}://{addr}/?token={admin}");
     let mut retention = s.retention_days.map(Retention::days);
+    let mut secret_watch = SecretWatch::new(&s);
     while !STOP.load(Ordering::SeqCst) {
         std::thread::sleep(SERVE_TICK);
+        if let Some(w) = &mut secret_watch {
+            w.tick(&keys);
+        }
         if let Some(r) = &mut retention {
             r.tick(&store, now_s().saturating_mul(1000));
         }
@@ -369,6 +377,68 @@ fn token(user: &str, admin: bool, ttl: &str, store: StoreArgs) -> Result<ExitCod
     })?;
     println!("{token}");
     Ok(ExitCode::SUCCESS)
+}
+
+/// `atelier secret rotate`: a new secret in the data dir, written like the first one.
+fn rotate_secret(store: StoreArgs) -> Result<ExitCode, CliError> {
+    private_files();
+    let (s, _) = server_settings(store, None)?;
+    atelier_http::secret::rotate(s.secret.as_deref(), &s.data_dir)?;
+    println!(
+        "wrote a new token secret to {}: tokens signed before no longer work (a running server \
+         picks it up within a second); make new ones with `atelier token`",
+        s.data_dir.join(atelier_http::secret::SECRET_FILE).display()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Notices `atelier secret rotate` from the running server: the secret file's stamp (its
+/// inode and mtime; a rotation renames a new file into place) is compared at most every
+/// [`SECRET_CHECK_INTERVAL`]. Polling rather than a signal: the rotating command need not
+/// know the server's pid nor may signal it (another account, another container on the same
+/// volume), and one stat a second costs nothing. Absent when `ATELIER_SECRET` names the
+/// secret: there is no file to watch.
+struct SecretWatch {
+    data_dir: PathBuf,
+    stamp: Option<Stamp>,
+    checked: Instant,
+}
+
+impl SecretWatch {
+    fn new(s: &ServerSettings) -> Option<SecretWatch> {
+        if s.secret.as_deref().is_some_and(|v| !v.is_empty()) {
+            return None;
+        }
+        Some(SecretWatch {
+            data_dir: s.data_dir.clone(),
+            stamp: Stamp::of(&s.data_dir),
+            checked: Instant::now(),
+        })
+    }
+
+    /// Rotates `keys` when the file changed. A new file that cannot be used (too short, open
+    /// to others) is logged once and the current secret kept: a bad rotation must not lock
+    /// every user out, nor let in tokens of a weak key.
+    fn tick(&mut self, keys: &Keys) {
+        if self.checked.elapsed() < SECRET_CHECK_INTERVAL {
+            return;
+        }
+        self.checked = Instant::now();
+        let stamp = Stamp::of(&self.data_dir);
+        if stamp.is_none() || stamp == self.stamp {
+            return;
+        }
+        self.stamp = stamp;
+        match atelier_http::secret::load_or_create(None, &self.data_dir) {
+            Ok(secret) => {
+                keys.rotate(&secret);
+                tracing::info!("the token secret changed: tokens signed with the earlier one no longer work");
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "the token secret file changed but cannot be used; keeping the current secret")
+            }
+        }
+    }
 }
 
 fn replay(store: StoreArgs) -> Result<ExitCode, CliError> {

@@ -7,6 +7,7 @@
 use std::path::PathBuf;
 
 use atelier_config::{ConfigError, Found, Sources};
+use atelier_http::shares::ShareLimits;
 use atelier_storage::{Durability, StoreConfig};
 
 /// The keys atelier.toml may have at its top level: the server's settings and the executors'
@@ -28,6 +29,11 @@ const TOP_LEVEL_KEYS: &[&str] = &[
     "tls_cert",
     "tls_key",
     "token_ttl_max",
+    "user_priority_max",
+    "user_active_max",
+    "user_streams_max",
+    "user_rate",
+    "user_burst",
     "worker_program",
     "workers",
     "pipelines",
@@ -63,6 +69,8 @@ pub struct ServerSettings {
     pub secret: Option<String>,
     /// The longest a token may live, issued or accepted.
     pub token_ttl_max_s: i64,
+    /// What one (non-admin) user may take of the server.
+    pub share_limits: ShareLimits,
 }
 
 /// What the command line may override.
@@ -103,7 +111,9 @@ impl ServerSettings {
             u64::try_from(atelier_http::CONNECTIONS_MAX_DEFAULT).expect("invariant: a small constant");
         let connections_per_ip_max_default =
             u64::try_from(atelier_http::CONNECTIONS_PER_IP_MAX_DEFAULT).expect("invariant: a small constant");
+        let share_limits = share_limits(s)?;
         Ok(ServerSettings {
+            share_limits,
             listen: flags
                 .listen
                 .or_else(|| text("listen", "ATELIER_LISTEN"))
@@ -183,6 +193,40 @@ impl ServerSettings {
     }
 }
 
+/// The fair-share limits; each defaults to `atelier_http::shares`' constant, and a 0 turns a
+/// limit off (but the priority range, where 0 allows only 0).
+fn share_limits(s: &Sources<'_>) -> Result<ShareLimits, ConfigError> {
+    let d = ShareLimits::default();
+    let bounded = |key: &str, env: &str, default: u64, max: u64| -> Result<u64, ConfigError> {
+        match s.get(key, &[env]) {
+            None => Ok(default),
+            Some(found) => {
+                let n = number(&found, "is not a whole number")?;
+                if n > max {
+                    return Err(found.invalid(format!("{n} is more than {max}")));
+                }
+                Ok(n)
+            }
+        }
+    };
+    let max_i32 = u64::from(i32::MAX.unsigned_abs());
+    let max_u32 = u64::from(u32::MAX);
+    let to_u32 = |n: u64| u32::try_from(n).expect("invariant: bounded above");
+    Ok(ShareLimits {
+        priority_max: i32::try_from(bounded(
+            "user_priority_max",
+            "ATELIER_USER_PRIORITY_MAX",
+            u64::from(d.priority_max.unsigned_abs()),
+            max_i32,
+        )?)
+        .expect("invariant: bounded above"),
+        active_max: bounded("user_active_max", "ATELIER_USER_ACTIVE_MAX", d.active_max, u64::MAX)?,
+        streams_max: bounded("user_streams_max", "ATELIER_USER_STREAMS_MAX", d.streams_max, u64::MAX)?,
+        rate_per_s: to_u32(bounded("user_rate", "ATELIER_USER_RATE", u64::from(d.rate_per_s), max_u32)?),
+        burst: to_u32(bounded("user_burst", "ATELIER_USER_BURST", u64::from(d.burst), max_u32)?),
+    })
+}
+
 /// A whole number, from the environment or the file (where `"500"` and `500` both do).
 fn number(found: &Found<'_>, what: &str) -> Result<u64, ConfigError> {
     let text = found.raw.text();
@@ -260,6 +304,10 @@ mod tests {
         assert_eq!(s.token_ttl_max_s, 7 * 86_400);
         let s = load("token_ttl_max = 60\n", &[("ATELIER_TOKEN_TTL_MAX", "2h")]).unwrap();
         assert_eq!(s.token_ttl_max_s, 7_200);
+        assert_eq!(s.share_limits, ShareLimits::default());
+        let s = load("user_rate = 5\nuser_streams_max = 0\n", &[("ATELIER_USER_PRIORITY_MAX", "3")]).unwrap();
+        assert_eq!((s.share_limits.rate_per_s, s.share_limits.streams_max), (5, 0));
+        assert_eq!(s.share_limits.priority_max, 3);
         let s = load("", &[("ATELIER_LISTEN", "")]).unwrap();
         assert_eq!(s.listen, LISTEN_DEFAULT, "an empty variable counts as unset");
     }
@@ -275,6 +323,13 @@ mod tests {
             err.to_string(),
             "setting 'ATELIER_TOKEN_TTL_MAX': unknown unit in '1w' (use s, m, h or d)"
         );
+        let err = load("", &[("ATELIER_USER_PRIORITY_MAX", "3000000000")]).err().expect("bad value");
+        assert_eq!(
+            err.to_string(),
+            "setting 'ATELIER_USER_PRIORITY_MAX': 3000000000 is more than 2147483647"
+        );
+        let err = load("user_burst = -1\n", &[]).err().expect("bad value");
+        assert_eq!(err.to_string(), "config file line 1: setting 'user_burst': '-1' is not a whole number");
         let err = load("max_conections = 5\n", &[]).err().expect("unknown key");
         assert!(err.to_string().starts_with("config file line 1: unknown setting 'max_conections' (known: "));
     }

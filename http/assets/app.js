@@ -4,6 +4,7 @@
  * One script for both pages:
  *   - the status list at "/"                   (<body data-page="list">)
  *   - the progress view at "/commissions/{id}" (<body data-page="commission">)
+ *   - the account-switch question a sign-in link may lead to (<body data-page="switch">)
  *
  * Plain ES2020, no modules, no dependencies. All server-provided text goes
  * into the DOM through textContent / setAttribute, never innerHTML.
@@ -472,7 +473,9 @@
     const options = {
       method,
       credentials: 'same-origin',
-      headers: { Accept: 'application/json' },
+      // The server takes a change signed in by the cookie only with this header, which a
+      // page of another origin cannot send without a preflight the server never grants.
+      headers: { Accept: 'application/json', 'X-Atelier-Request': '1' },
       cache: 'no-store',
     };
     if (body !== undefined) {
@@ -750,7 +753,8 @@
         if (input) input.focus();
         return;
       }
-      window.location.assign('/?token=' + encodeURIComponent(token));
+      // Signs in on this very page: the server sets the cookie and loads it again.
+      window.location.assign(window.location.pathname + '?token=' + encodeURIComponent(token));
     });
   }
 
@@ -1688,6 +1692,27 @@
   }
 
   // ---------------------------------------------------------------------
+  // Switching accounts (the page the server serves when a sign-in link names another user)
+  // ---------------------------------------------------------------------
+
+  function initSwitchPage() {
+    const button = $('#switch-button');
+    const token = document.body.dataset.token || '';
+    const here = document.body.dataset.here || '/';
+    if (!button) return;
+    button.addEventListener('click', async () => {
+      button.disabled = true;
+      try {
+        await api('POST', '/api/session', { token });
+        window.location.replace(here);
+      } catch (err) {
+        button.disabled = false;
+        notice.show(err && err.message ? err.message : 'Could not switch accounts.');
+      }
+    });
+  }
+
+  // ---------------------------------------------------------------------
   // Boot
   // ---------------------------------------------------------------------
 
@@ -1698,6 +1723,7 @@
     const page = document.body ? document.body.dataset.page : '';
     if (page === 'list') initListPage();
     else if (page === 'commission') initCommissionPage();
+    else if (page === 'switch') initSwitchPage();
   }
 
   if (document.readyState === 'loading') {

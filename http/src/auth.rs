@@ -3,7 +3,10 @@
 //! constant-time comparison); this module says which tokens are acceptable: HS256 only, `exp`
 //! required, `iat` and `nbf` honoured when present, all compared with the caller's clock with
 //! no leeway, a token lifetime no longer than the configured maximum, and a size cap checked
-//! before any parsing.
+//! before any parsing. The secret can be rotated while the server runs (`Keys::rotate`):
+//! tokens signed with the earlier one stop verifying at once.
+
+use std::sync::{Arc, RwLock};
 
 use jsonwebtoken::errors::{Error as JwtError, ErrorKind as JwtErrorKind};
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
@@ -123,10 +126,28 @@ impl std::error::Error for TokenError {
     }
 }
 
-#[derive(Clone)]
-pub struct Keys {
+/// The keys of one secret.
+struct KeySet {
     encoding: EncodingKey,
     decoding: DecodingKey,
+    /// Counts rotations: a stream opened under an earlier secret ends when it changes.
+    generation: u64,
+}
+
+impl KeySet {
+    fn of(secret: &Secret, generation: u64) -> KeySet {
+        let secret = secret.as_bytes();
+        let encoding = EncodingKey::from_secret(secret).expect("invariant: a Secret is not empty");
+        let decoding = DecodingKey::from_secret(secret).expect("invariant: a Secret is not empty");
+        KeySet { encoding, decoding, generation }
+    }
+}
+
+/// The signing keys. Clones share one current secret: [`Keys::rotate`] on any of them (the
+/// binary's, when the secret file changes) switches every holder (the server's) at once.
+#[derive(Clone)]
+pub struct Keys {
+    current: Arc<RwLock<Arc<KeySet>>>,
     validation: Validation,
     ttl_max_s: i64,
 }
@@ -135,9 +156,6 @@ impl Keys {
     /// Keys for `secret`, which is long enough by construction, accepting tokens that live up
     /// to [`TOKEN_TTL_MAX_S_DEFAULT`].
     pub fn new(secret: &Secret) -> Keys {
-        let secret = secret.as_bytes();
-        let encoding = EncodingKey::from_secret(secret).expect("invariant: a Secret is not empty");
-        let decoding = DecodingKey::from_secret(secret).expect("invariant: a Secret is not empty");
         let mut validation = Validation::new(ALGORITHM);
         validation.algorithms = vec![ALGORITHM];
         validation.set_required_spec_claims(&["exp"]);
@@ -148,7 +166,28 @@ impl Keys {
         validation.leeway = 0;
         // Atelier has one audience; an `aud` minted by another system is not its concern.
         validation.validate_aud = false;
-        Keys { encoding, decoding, validation, ttl_max_s: TOKEN_TTL_MAX_S_DEFAULT }
+        Keys {
+            current: Arc::new(RwLock::new(Arc::new(KeySet::of(secret, 0)))),
+            validation,
+            ttl_max_s: TOKEN_TTL_MAX_S_DEFAULT,
+        }
+    }
+
+    fn current(&self) -> Arc<KeySet> {
+        self.current.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
+
+    /// Signs and verifies with `secret` from now on, here and in every clone: tokens signed
+    /// with the earlier secret stop verifying.
+    pub fn rotate(&self, secret: &Secret) {
+        let mut current = self.current.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let generation = current.generation + 1;
+        *current = Arc::new(KeySet::of(secret, generation));
+    }
+
+    /// How many times the secret was rotated.
+    pub fn generation(&self) -> u64 {
+        self.current().generation
     }
 
     /// These keys, accepting (and issuing) tokens that live up to `ttl_max_s` seconds.
@@ -173,13 +212,18 @@ impl Keys {
             role: Some(role),
             sub: user.to_string(),
         };
-        Ok(jsonwebtoken::encode(&Header::new(ALGORITHM), &claims, &self.encoding)
+        Ok(jsonwebtoken::encode(&Header::new(ALGORITHM), &claims, &self.current().encoding)
             .expect("invariant: an HS256 key signs any claims that serialize"))
     }
 
     /// Checks size, algorithm, signature, expiry, `nbf`, `iat` and lifetime (`now` in seconds
     /// since the epoch).
     pub fn verify(&self, token: &str, now: i64) -> Result<Identity, TokenError> {
+        self.verify_until(token, now).map(|(who, _)| who)
+    }
+
+    /// [`Keys::verify`], and the token's `exp`: a cookie holding the token expires with it.
+    pub fn verify_until(&self, token: &str, now: i64) -> Result<(Identity, i64), TokenError> {
         if token.len() > TOKEN_BYTES_MAX || token.split('.').count() != 3 {
             return Err(TokenError::Malformed { source: None });
         }
@@ -191,7 +235,7 @@ impl Keys {
             Err(e) if names_an_unknown_algorithm(&e) => return Err(TokenError::UnsupportedAlgorithm),
             Err(e) => return Err(TokenError::malformed(e)),
         }
-        let claims = jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation)
+        let claims = jsonwebtoken::decode::<Claims>(token, &self.current().decoding, &self.validation)
             .map_err(|e| match e.kind() {
                 JwtErrorKind::InvalidSignature => TokenError::BadSignature,
                 JwtErrorKind::InvalidAlgorithm => TokenError::UnsupportedAlgorithm,
@@ -213,7 +257,7 @@ impl Keys {
         if claims.sub.is_empty() {
             return Err(TokenError::Malformed { source: None });
         }
-        Ok(Identity { user_id: claims.sub, role: claims.role.unwrap_or(Role::User) })
+        Ok((Identity { user_id: claims.sub, role: claims.role.unwrap_or(Role::User) }, claims.exp))
     }
 }
 
@@ -332,6 +376,21 @@ mod tests {
         let no_iat = sign(serde_json::json!({"sub": "bob", "exp": 4_601}));
         assert!(matches!(k.verify(&no_iat, 1_000), Err(TokenError::TtlTooLong { .. })));
         assert_eq!(k.verify(&no_iat, 1_001), bob);
+    }
+
+    #[test]
+    fn a_rotation_reaches_every_clone_and_ends_earlier_tokens() {
+        let k = keys();
+        let server = k.clone();
+        let before = issue(&k, "alice", Role::User, 9_999);
+        assert!(server.verify(&before, 1_000).is_ok());
+        assert_eq!(server.generation(), 0);
+        k.rotate(&Secret::new(OTHER).unwrap());
+        assert_eq!(server.generation(), 1);
+        assert_eq!(server.verify(&before, 1_000), Err(TokenError::BadSignature));
+        let after = issue(&k, "alice", Role::User, 9_999);
+        assert!(server.verify(&after, 1_000).is_ok());
+        assert!(keys_for(OTHER).verify(&after, 1_000).is_ok(), "signed with the new secret");
     }
 
     #[test]

@@ -2,6 +2,9 @@
 //! an [`HttpConfig`] from its own configuration and hands it to `Server::start`.
 
 use std::path::PathBuf;
+use std::sync::Arc;
+
+use crate::shares::{ShareLimits, Shares};
 
 /// Default cap on open connections (streams included); more are answered 503 and closed.
 pub const CONNECTIONS_MAX_DEFAULT: usize = 10_000;
@@ -26,6 +29,23 @@ pub struct TlsFiles {
     pub key: PathBuf,
 }
 
+/// How clients reach the server: over HTTPS the sign-in cookie is `Secure`, and a page's
+/// `Origin` names `https`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scheme {
+    Http,
+    Https,
+}
+
+impl Scheme {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scheme::Http => "http",
+            Scheme::Https => "https",
+        }
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct HttpConfig {
     pub listen: String,
@@ -39,6 +59,9 @@ pub struct HttpConfig {
     pub body_timeout_ms: u64,
     /// HTTPS instead of HTTP on the listen address.
     pub tls: Option<TlsFiles>,
+    /// The fair-share limits and each user's holdings of them. It travels with the settings
+    /// into the server's shared state; set through [`HttpConfig::with_share_limits`].
+    pub(crate) shares: Arc<Shares>,
 }
 
 impl HttpConfig {
@@ -54,6 +77,24 @@ impl HttpConfig {
             header_timeout_ms: HEADER_TIMEOUT_MS_DEFAULT,
             body_timeout_ms: BODY_TIMEOUT_MS_DEFAULT,
             tls: None,
+            shares: Arc::new(Shares::new(ShareLimits::default())),
         }
+    }
+
+    /// How clients reach this server: HTTPS when it serves TLS.
+    pub fn scheme(&self) -> Scheme {
+        match self.tls {
+            Some(_) => Scheme::Https,
+            None => Scheme::Http,
+        }
+    }
+
+    /// These settings with `limits` on what one user may take.
+    pub fn with_share_limits(self, limits: ShareLimits) -> HttpConfig {
+        HttpConfig { shares: Arc::new(Shares::new(limits)), ..self }
+    }
+
+    pub fn share_limits(&self) -> ShareLimits {
+        self.shares.limits()
     }
 }

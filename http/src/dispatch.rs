@@ -7,6 +7,7 @@ use std::time::Instant;
 
 use crate::auth::{Identity, TokenError};
 use crate::clock::now_ms;
+use crate::cookie::{self, COOKIE_NAME};
 use crate::render;
 use crate::reply::{error, Reply};
 use crate::request::Req;
@@ -137,6 +138,13 @@ pub(crate) fn dispatch(req: &Req, shared: &Arc<Shared>) -> (&'static str, Reply)
     if route.access == Access::Admin && !who.as_ref().is_some_and(Identity::is_admin) && !open_by_config {
         return (route.name, error(403, "forbidden", "this needs an admin token"));
     }
+    // Fair shares: a user's requests come out of their bucket (admins are exempt), checked
+    // before the handler runs, so a refused request changes nothing.
+    if let Some(id) = who.as_ref().filter(|id| route.access != Access::Public && !id.is_admin()) {
+        if let Err(beyond) = shared.config.shares.take_request(&id.user_id, Instant::now()) {
+            return (route.name, beyond.reply());
+        }
+    }
     let call = Call { req, params: &params, who: who.as_ref(), shared };
     let reply = match (route.handler)(&call) {
         Ok(reply) => reply,
@@ -148,34 +156,46 @@ pub(crate) fn dispatch(req: &Req, shared: &Arc<Shared>) -> (&'static str, Reply)
     (route.name, reply)
 }
 
-pub(crate) fn token_of(req: &Req, allow_query: bool) -> Option<String> {
+/// How a request carried its token: the cookie alone authorizes less (see `cookie`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Carrier {
+    Bearer,
+    Cookie,
+    /// `?access_token=`, on streams only (an EventSource cannot send headers).
+    Query,
+}
+
+pub(crate) fn token_of(req: &Req, allow_query: bool) -> Option<(String, Carrier)> {
     if let Some(h) = req.header("authorization") {
-        return Some(
-            h.strip_prefix("Bearer ").or_else(|| h.strip_prefix("bearer ")).unwrap_or(h).trim().to_string(),
-        );
+        let t = h.strip_prefix("Bearer ").or_else(|| h.strip_prefix("bearer ")).unwrap_or(h).trim();
+        return Some((t.to_string(), Carrier::Bearer));
     }
-    if let Some(c) = req.cookie("atelier_token") {
-        return Some(c.to_string());
+    if let Some(c) = req.cookie(COOKIE_NAME) {
+        return Some((c.to_string(), Carrier::Cookie));
     }
     if allow_query {
-        return req.query("access_token").map(str::to_string);
+        return req.query("access_token").map(|t| (t.to_string(), Carrier::Query));
     }
     None
 }
 
 fn authenticate(req: &Req, shared: &Shared) -> Result<Identity, Reply> {
     let sse = req.path.ends_with("/stream");
-    let token = token_of(req, sse).ok_or_else(|| {
+    let (token, carrier) = token_of(req, sse).ok_or_else(|| {
         error(
             401,
             "unauthorized",
             "send a token: Authorization: Bearer T (or the atelier_token cookie; ?access_token= on streams)",
         )
     })?;
-    shared
+    let who = shared
         .keys
         .verify(&token, now_ms() / 1000)
-        .map_err(|e: TokenError| error(401, "unauthorized", e.to_string()))
+        .map_err(|e: TokenError| error(401, "unauthorized", e.to_string()))?;
+    if carrier == Carrier::Cookie && !cookie::reads_only(&req.method) {
+        cookie::check_own_page(req, shared.config.scheme())?;
+    }
+    Ok(who)
 }
 
 #[cfg(test)]

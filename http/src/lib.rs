@@ -11,9 +11,11 @@
 mod assets;
 pub mod auth;
 pub mod client;
+pub mod client_addr;
 mod clock;
 mod config;
 mod conn;
+pub mod cookie;
 mod dispatch;
 mod executors;
 mod framing;
@@ -26,14 +28,15 @@ mod request;
 mod routes;
 pub mod secret;
 mod server;
+pub mod shares;
 mod slot;
 mod sse;
 mod state;
 
 pub use auth::{Identity, Keys, Role};
 pub use config::{
-    HttpConfig, TlsFiles, BODY_TIMEOUT_MS_DEFAULT, CONNECTIONS_MAX_DEFAULT, CONNECTIONS_PER_IP_MAX_DEFAULT,
-    HEADER_TIMEOUT_MS_DEFAULT, HEARTBEAT_MS_DEFAULT,
+    HttpConfig, Scheme, TlsFiles, BODY_TIMEOUT_MS_DEFAULT, CONNECTIONS_MAX_DEFAULT,
+    CONNECTIONS_PER_IP_MAX_DEFAULT, HEADER_TIMEOUT_MS_DEFAULT, HEARTBEAT_MS_DEFAULT,
 };
 pub use conn::{BODY_BYTES_MAX, SEND_TIMEOUT_MS};
 pub use executors::Executors;

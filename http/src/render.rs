@@ -172,7 +172,8 @@ pub struct CreateCommission {
     /// One of the server's pipelines; its default one if absent.
     #[schemars(length(min = 1, max = 64), regex(pattern = r"^[a-z0-9_-]+$"))]
     pub pipeline: Option<String>,
-    /// Higher runs first; 0 if absent.
+    /// Higher runs first; 0 if absent. A user's must be within ±ATELIER_USER_PRIORITY_MAX (10
+    /// unless configured); an admin's may be any.
     #[schemars(range(min = i32::MIN, max = i32::MAX))]
     pub priority: Option<i32>,
     /// Not to start before this time (RFC 3339).
@@ -190,6 +191,15 @@ pub struct CreateCommission {
     /// most 128 bytes as UTF-8.
     #[schemars(length(min = 1, max = 128), regex(pattern = r"^[^/\u0000-\u001f\u007f-\u009f]+$"))]
     pub user_id: Option<String>,
+}
+
+/// The body of `POST /api/session`: the token the browser signs in with.
+#[derive(Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SignIn {
+    /// A token this server accepts; it goes into the HttpOnly cookie.
+    #[schemars(length(min = 1, max = 4096))]
+    pub token: String,
 }
 
 /// The body of `POST /api/jobs/create`.

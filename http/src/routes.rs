@@ -46,6 +46,7 @@ pub enum Body {
     Error,
     CreateCommission,
     QueueJob,
+    SignIn,
     /// `{"status":"ok"}`.
     Health,
     /// The store, the job controller and the log's head.
@@ -276,12 +277,37 @@ pub const ROUTES: &[Route] = &[
     .answers(&[(200, Body::Metrics)]),
     r("GET", "/api/openapi.json", "openapi", Access::Public, "This API as OpenAPI 3.1", serve_openapi)
         .answers(&[(200, Body::OpenApi)]),
-    r("GET", "/", "page_index", Access::Public, "The status page (?token= signs in)", pages::index)
-        .reads(&[Query::Token])
-        .answers(&[(200, Body::Html), (303, Body::Empty)]),
-    r("GET", "/commissions/{id}", "page_commission", Access::Public, "The progress view", pages::commission)
-        .untyped_path()
-        .answers(&[(200, Body::Html)]),
+    r(
+        "POST",
+        "/api/session",
+        "sign_in",
+        Access::Public,
+        "Signs this browser in with a token (from the server's own page only: Origin and X-Atelier-Request)",
+        pages::sign_in,
+    )
+    .takes(Body::SignIn)
+    .answers(&[(204, Body::Empty), (401, Body::Error), (403, Body::Error)]),
+    r(
+        "GET",
+        "/",
+        "page_index",
+        Access::Public,
+        "The status page (?token= signs in; another user's asks first)",
+        pages::index,
+    )
+    .reads(&[Query::Token])
+    .answers(&[(200, Body::Html), (303, Body::Empty)]),
+    r(
+        "GET",
+        "/commissions/{id}",
+        "page_commission",
+        Access::Public,
+        "The progress view (?token= signs in; another user's asks first)",
+        pages::commission,
+    )
+    .untyped_path()
+    .reads(&[Query::Token])
+    .answers(&[(200, Body::Html), (303, Body::Empty)]),
     r("GET", "/assets/{file}", "asset", Access::Public, "Page assets", pages::asset)
         .answers(&[(200, Body::Asset), (404, Body::Error)]),
     r(
@@ -351,8 +377,13 @@ fn operation(route: &Route, generator: &mut SchemaGenerator) -> Value {
     if route.access != Access::Public {
         answer(401, Body::Error, generator);
     }
-    if route.access == Access::Admin {
+    // An admin route to a user; a change signed in by the cookie from another origin.
+    if route.access == Access::Admin || (route.access != Access::Public && route.method != "GET") {
         answer(403, Body::Error, generator);
+    }
+    // A user's fair share of requests (and of streams and active commissions).
+    if route.access != Access::Public {
+        answer(429, Body::Error, generator);
     }
     if route.body.is_some() {
         answer(400, Body::Error, generator);
@@ -417,7 +448,11 @@ fn query_params(q: Query) -> Vec<Value> {
                 one("last_event_id", id, "Resume after this event id, for clients that cannot send headers"),
             ]
         }
-        Query::Token => vec![one("token", json!({"type": "string"}), "Signs in: set as an HttpOnly cookie")],
+        Query::Token => vec![one(
+            "token",
+            json!({"type": "string"}),
+            "Signs in: set as an HttpOnly cookie, and the page is loaded again without it",
+        )],
     }
 }
 
@@ -435,6 +470,7 @@ fn response(status: u16, body: Body, generator: &mut SchemaGenerator) -> Value {
         410 => "Gone",
         413 => "The body is too large",
         415 => "The body is not JSON",
+        429 => "Beyond a user's fair share (requests, streams or active commissions); see Retry-After",
         500 => "The stream could not be opened",
         503 => "Storage is failing, the server is stopping, or too many connections are open",
         _ => "",
@@ -471,6 +507,7 @@ fn schema_of(body: Body, generator: &mut SchemaGenerator) -> Value {
         Body::Error => generator.subschema_for::<render::ErrorBody>(),
         Body::CreateCommission => generator.subschema_for::<render::CreateCommission>(),
         Body::QueueJob => generator.subschema_for::<render::QueueJob>(),
+        Body::SignIn => generator.subschema_for::<render::SignIn>(),
         Body::Health => {
             return json!({"type": "object", "properties": {"status": {"const": "ok"}}, "required": ["status"]})
         }
@@ -489,7 +526,8 @@ fn schema_of(body: Body, generator: &mut SchemaGenerator) -> Value {
     schema.to_value()
 }
 
-/// The document as this server answers it: a pipeline name must be one it runs.
+/// The document as this server answers it to this caller: a pipeline name must be one it
+/// runs, and a user's priority within the users' range.
 fn serve_openapi(call: &Call<'_>) -> Result<Reply, StorageError> {
     let mut doc = openapi();
     if let Some(ex) = &call.shared.executors {
@@ -497,6 +535,14 @@ fn serve_openapi(call: &Call<'_>) -> Result<Reply, StorageError> {
         let mut names: Vec<Value> = ex.pipeline_names().into_iter().map(Value::from).collect();
         names.push(Value::Null);
         doc["components"]["schemas"]["CreateCommission"]["properties"]["pipeline"]["enum"] = json!(names);
+    }
+    // A caller who is not an admin (or not signed in) gets the users' priority range; an
+    // admin may use any.
+    if !call.who.is_some_and(|who| who.is_admin()) {
+        let max = call.shared.config.share_limits().priority_max;
+        let priority = &mut doc["components"]["schemas"]["CreateCommission"]["properties"]["priority"];
+        priority["minimum"] = json!(-max);
+        priority["maximum"] = json!(max);
     }
     Ok(Reply::Json(200, doc))
 }

@@ -79,6 +79,9 @@ pub enum SecretError {
     ShortInFile { path: PathBuf, source: ShortSecret },
     /// The kept secret may be read or written by group or others.
     OpenToOthers { path: PathBuf, mode: u32 },
+    /// A rotation was asked while `ATELIER_SECRET` names the secret: a new file would not be
+    /// used.
+    SetInEnvironment,
 }
 
 impl std::fmt::Display for SecretError {
@@ -100,6 +103,11 @@ impl std::fmt::Display for SecretError {
                  made, or write one with `(umask 077; {MAKE_ONE} > {path})`",
                 path = path.display()
             ),
+            SecretError::SetInEnvironment => write!(
+                f,
+                "ATELIER_SECRET is set, so the secret comes from the environment, not the data dir: \
+                 to rotate it, change ATELIER_SECRET (`{MAKE_ONE}`) and restart the server"
+            ),
             SecretError::OpenToOthers { path, mode } => write!(
                 f,
                 "the token secret {path} is open to group or others (mode {mode:04o}); run `chmod 600 {path}`",
@@ -119,7 +127,7 @@ impl std::error::Error for SecretError {
             SecretError::ShortInEnvironment { source } | SecretError::ShortInFile { source, .. } => {
                 Some(source)
             }
-            SecretError::OpenToOthers { .. } => None,
+            SecretError::OpenToOthers { .. } | SecretError::SetInEnvironment => None,
         }
     }
 }
@@ -144,6 +152,36 @@ pub fn load_or_create(from_env: Option<&str>, data_dir: &Path) -> Result<Secret,
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => create(data_dir, path),
         Err(source) => Err(SecretError::Read { path, source }),
+    }
+}
+
+/// Replaces the secret kept in `data_dir` with a new random one, written as safely as the
+/// first (see [`create`]); a running server picks it up (see [`Stamp`]) and every token signed
+/// with the old one stops working. Refused when `from_env` (`ATELIER_SECRET`) is set: the
+/// file is not what signs then.
+pub fn rotate(from_env: Option<&str>, data_dir: &Path) -> Result<Secret, SecretError> {
+    if from_env.is_some_and(|s| !s.is_empty()) {
+        return Err(SecretError::SetInEnvironment);
+    }
+    create(data_dir, data_dir.join(SECRET_FILE))
+}
+
+/// What identifies one version of the secret file: a rotation renames a new file into place,
+/// so its inode changes (and its mtime with it). A server compares stamps to notice one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Stamp {
+    dev: u64,
+    ino: u64,
+    mtime_ns: i128,
+}
+
+impl Stamp {
+    /// The secret file's stamp in `data_dir`, if there is one.
+    pub fn of(data_dir: &Path) -> Option<Stamp> {
+        use std::os::unix::fs::MetadataExt;
+        let meta = std::fs::metadata(data_dir.join(SECRET_FILE)).ok()?;
+        let mtime_ns = i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec());
+        Some(Stamp { dev: meta.dev(), ino: meta.ino(), mtime_ns })
     }
 }
 

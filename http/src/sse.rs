@@ -10,6 +10,7 @@ use atelier_storage::{Delivery, Filter, StorageError, Subscription, Subscription
 
 use crate::pool::Job;
 use crate::render;
+use crate::shares::StreamTicket;
 use crate::state::Shared;
 
 /// The `retry:` hint sent first: how long a browser waits before reconnecting.
@@ -28,12 +29,19 @@ pub(crate) struct StreamSpec {
     pub after: u64,
     /// A per-commission stream ends after a terminal event.
     pub end_on_terminal: bool,
+    /// The stream's place in its user's share, held until the stream ends.
+    pub ticket: Option<StreamTicket>,
 }
 
 /// A stream ready to run: subscribed, its first chunk of history read.
 pub(crate) struct Opened {
     sub: Subscription,
     end_on_terminal: bool,
+    /// The secret's generation its token was checked under: a rotation ends the stream (its
+    /// client resumes with a new token and Last-Event-ID), so a revoked token keeps nothing.
+    generation: u64,
+    /// Given back when the stream ends, with this value.
+    _ticket: Option<StreamTicket>,
 }
 
 /// Why a stream could not be opened; the route answers it (500 and 503).
@@ -49,9 +57,10 @@ pub(crate) enum OpenError {
 /// request: most streams start with a short history (a commission just created), and reading
 /// it here spares the stream's thread a round trip to the pool before its first write.
 pub(crate) fn open(spec: StreamSpec, shared: &Arc<Shared>) -> Result<Opened, OpenError> {
+    let generation = shared.keys.generation();
     let mut sub = shared.store.subscribe(spec.after, spec.filter).map_err(OpenError::Storage)?;
     match sub.read_history() {
-        Ok(()) => Ok(Opened { sub, end_on_terminal: spec.end_on_terminal }),
+        Ok(()) => Ok(Opened { sub, end_on_terminal: spec.end_on_terminal, generation, _ticket: spec.ticket }),
         Err(SubscriptionEnd::Failed(e)) => {
             tracing::error!(error = %e, "a stream failed reading the log");
             Err(OpenError::Storage(e))
@@ -146,7 +155,7 @@ impl Out {
 
 /// True when the stream ended at its terminal event and every byte of it was written.
 fn run(w: &mut dyn Write, opened: Opened, framing: Framing, shared: &Arc<Shared>) -> bool {
-    let Opened { mut sub, end_on_terminal } = opened;
+    let Opened { mut sub, end_on_terminal, generation, _ticket } = opened;
     let length = match framing {
         Framing::UntilClose => "Connection: close",
         Framing::Chunked => "Transfer-Encoding: chunked",
@@ -166,9 +175,10 @@ fn run(w: &mut dyn Write, opened: Opened, framing: Framing, shared: &Arc<Shared>
     let heartbeat = Duration::from_millis(shared.config.heartbeat_ms.max(1));
     let mut last_write = Instant::now();
     loop {
-        if shared.shutting_down.load(Ordering::SeqCst) {
+        if shared.shutting_down.load(Ordering::SeqCst) || shared.keys.generation() != generation {
             // A chunked body gets its last chunk, so the client reads a complete response
-            // (and resumes with Last-Event-ID) rather than a cut one.
+            // (and resumes with Last-Event-ID, after a rotation with a new token) rather than
+            // a cut one.
             let _ = out.write(w, true);
             return false;
         }

@@ -151,6 +151,8 @@ struct Expected {
     /// `(commission, version, seq)` of every event in the log.
     by_commission: BTreeSet<(u64, u64, u64)>,
     users: BTreeSet<(String, u64)>,
+    /// `(user, seq, commission)` of every event of a commission still in the log.
+    user_seqs: BTreeSet<(String, u64, u64)>,
     idempotency: BTreeSet<((String, String), u64)>,
     live: BTreeSet<u64>,
     counts: [u64; 10],
@@ -172,11 +174,23 @@ impl Expected {
             }
             counts[c.state as usize] += 1;
         }
-        Expected { by_commission, users, idempotency: idempotency.into_iter().collect(), live, counts }
+        let user_seqs = by_commission
+            .iter()
+            .filter_map(|&(cid, _, seq)| rebuilt.commissions.get(&cid).map(|c| (c.user_id.clone(), seq, cid)))
+            .collect();
+        Expected {
+            by_commission,
+            users,
+            user_seqs,
+            idempotency: idempotency.into_iter().collect(),
+            live,
+            counts,
+        }
     }
 }
 
-/// The stored indexes (by commission, by user, idempotency, live) against the expected ones.
+/// The stored indexes (by commission, by user, user seqs, idempotency, live) against the
+/// expected ones.
 fn diff_indexes(t: &Trees, expected: &Expected, diff: &mut Vec<String>) -> Result<(), StorageError> {
     let mut stored_idx = BTreeSet::new();
     for item in t.scan(Projection::ByCommission) {
@@ -198,6 +212,16 @@ fn diff_indexes(t: &Trees, expected: &Expected, diff: &mut Vec<String>) -> Resul
         stored_users.insert((user, layout::decode_u64(&k[split + 1..]).unwrap_or(0)));
     }
     compare_sets(diff, "by_user", &expected.users, &stored_users);
+
+    let mut stored_user_seqs = BTreeSet::new();
+    for item in t.scan(Projection::UserSeqs) {
+        let (k, v) = item?;
+        let split = k.len().saturating_sub(9);
+        let user = String::from_utf8_lossy(&k[..split]).into_owned();
+        let seq = layout::decode_u64(&k[split + 1..]).unwrap_or(0);
+        stored_user_seqs.insert((user, seq, layout::decode_u64(&v).unwrap_or(0)));
+    }
+    compare_sets(diff, "user_seqs", &expected.user_seqs, &stored_user_seqs);
 
     let mut stored_idem = BTreeMap::new();
     for item in t.scan(Projection::Idempotency) {

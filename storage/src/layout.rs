@@ -17,11 +17,16 @@
 //! | 0x06   | `jobs`               | job                          | encoded `Job`        |
 //! | 0x07   | `jobs_by_commission` | commission ++ job            | ()                   |
 //! | 0x08   | `meta`               | name ([`META_SCHEMA`], ...)  | see the name         |
+//! | 0x09   | `user_seqs`          | user ++ 0x00 ++ seq          | commission           |
 //!
 //! A by-commission run holds the seqs of `first version` and the versions after it, 8 bytes
 //! each, big-endian (a run of one is the plain `commission ++ version → seq` entry). The
 //! writer keeps recent entries in memory and writes each commission's new ones as one run,
 //! rather than one sled insert per event; runs of one commission tile its versions 1..=n.
+//!
+//! The user-seqs index lists every event of a user's commissions by its global seq, so a
+//! user's history is read by a range scan, in seq order, in proportion to that user's events.
+//! It changes with every event and is written back with the by-commission runs.
 //!
 //! Tools and tests that must touch the raw layout (to doctor a record, say) build keys with
 //! [`Projection::key`] rather than spelling bytes.
@@ -64,10 +69,11 @@ pub enum Projection {
     Jobs,
     JobsByCommission,
     Meta,
+    UserSeqs,
 }
 
 impl Projection {
-    pub const ALL: [Projection; 8] = [
+    pub const ALL: [Projection; 9] = [
         Projection::Commissions,
         Projection::ByCommission,
         Projection::ByUser,
@@ -76,6 +82,7 @@ impl Projection {
         Projection::Jobs,
         Projection::JobsByCommission,
         Projection::Meta,
+        Projection::UserSeqs,
     ];
 
     /// The key prefix. Never reuse a retired value: old data dirs may still hold it.
@@ -89,6 +96,7 @@ impl Projection {
             Projection::Jobs => 0x06,
             Projection::JobsByCommission => 0x07,
             Projection::Meta => 0x08,
+            Projection::UserSeqs => 0x09,
         }
     }
 
@@ -103,6 +111,7 @@ impl Projection {
             Projection::Jobs => "jobs",
             Projection::JobsByCommission => "jobs_by_commission",
             Projection::Meta => "meta",
+            Projection::UserSeqs => "user_seqs",
         }
     }
 

@@ -1,7 +1,8 @@
 //! The web page in a real browser (headless Chromium through chromedriver) against the real
 //! server: create from the form and watch the bars reach 100% and the preview appear; a server
 //! restart mid-commission shows "reconnecting…" and then catches up; a failure shows its error
-//! and Retry works; another user's commission stays invisible. Screenshots of each state go to
+//! and Retry works; a link for another user asks before it switches, and that user does not see
+//! the first one's commissions. Screenshots of each state go to
 //! target/test-artifacts/.
 
 use std::path::Path;
@@ -127,7 +128,12 @@ fn the_page_in_a_real_browser() {
 
     // Another user: alice's commissions are not visible.
     b.set_window(1280, 900);
+    // A link naming another user asks before it switches; the page's button switches.
     b.goto(&format!("{base}/?token={}", token("bob", false)));
+    b.wait_until("asked to switch", WAIT, |b| b.text("#switch-next").is_some_and(|t| t.contains("bob")));
+    assert_eq!(b.text("#switch-current").as_deref(), Some("alice"));
+    shot(&b, "09-switch-account");
+    b.click("#switch-button");
     b.wait_until("signed in as bob", WAIT, |b| b.text("#signed-in-user").is_some_and(|t| t.contains("bob")));
     // The empty state shows once bob's list has loaded and holds nothing.
     b.wait_until("bob's empty list", WAIT, |b| {
@@ -137,5 +143,5 @@ fn the_page_in_a_real_browser() {
     b.goto(&format!("{base}/commissions/{id}"));
     b.wait_until("not found for bob", WAIT, |b| b.text("#notice").is_some_and(|t| !t.is_empty()));
     assert_ne!(b.attr("#state", "data-state").as_deref(), Some("completed"));
-    shot(&b, "09-other-user");
+    shot(&b, "10-other-user");
 }

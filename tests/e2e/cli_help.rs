@@ -28,7 +28,7 @@ fn run(args: &[&str]) -> String {
 
 /// Every subcommand a user can name.
 const SUBCOMMANDS: &[&str] =
-    &["serve", "token", "replay", "export", "import", "submit", "watch", "status", "list"];
+    &["serve", "token", "secret", "replay", "export", "import", "submit", "watch", "status", "list"];
 
 #[test]
 fn top_level_help() {
@@ -63,6 +63,9 @@ fn every_subcommand_has_its_own_help() {
         assert_eq!(run(&["help", sub]), text, "`atelier help {sub}` is `atelier {sub} --help`");
         insta::assert_snapshot!(format!("{sub}_help"), text);
     }
+    let text = run(&["secret", "rotate", "--help"]);
+    assert!(text.starts_with("exit: Some(0)"), "{text}");
+    insta::assert_snapshot!("secret_rotate_help", text);
 }
 
 #[test]

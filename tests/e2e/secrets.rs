@@ -235,3 +235,76 @@ fn watch_and_status_print_no_escape_sequences_from_workers() {
         );
     }
 }
+
+/// `atelier secret rotate` on `data_dir` (with `env` on top); its exit code and output.
+fn rotate(data_dir: &Path, env: &[(&str, &str)]) -> (Option<i32>, String) {
+    let mut cmd = Command::new(exe());
+    cmd.args(["secret", "rotate", "--data-dir", data_dir.to_str().unwrap()]).env_remove("ATELIER_SECRET");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    (out.status.code(), text)
+}
+
+/// A rotation ends every earlier token at the running server (401), a token of the new secret
+/// works, a stream opened before ends, and a stream resumes after its Last-Event-ID: event ids
+/// are seqs of the log, not of the secret.
+#[test]
+fn a_rotated_secret_ends_earlier_tokens_and_streams_resume() {
+    let dir = temp_dir("secrets-rotate");
+    let data = dir.path().join("data");
+    // No ATELIER_SECRET: the server keeps its secret in the data dir.
+    let s = Server::start(exe(), &data, &[("ATELIER_SECRET", "")]);
+    let old = token_from_file(&data, "alice");
+    assert_eq!(s.get("/api/me", Some(&old)).status, 200);
+    let first = s.create(
+        &old,
+        json!({"context": {"title": "before"}, "pipeline": "noop", "scheduled_for": "2099-01-01T00:00:00Z"}),
+    );
+    let mut stream = Sse::open(s.addr, "/api/commissions/user/alice/stream", &old, None);
+    assert_eq!(stream.status, 200);
+    let seen = stream.next().expect("the created event").id.expect("an id");
+    let old_secret = std::fs::read(data.join("secret")).unwrap();
+
+    let (code, out) = rotate(&data, &[]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("tokens signed before no longer work"), "{out}");
+    assert_ne!(std::fs::read(data.join("secret")).unwrap(), old_secret);
+    let mode = std::fs::metadata(data.join("secret")).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+
+    let refused = wait_for(Duration::from_secs(10), || {
+        let r = s.get("/api/me", Some(&old));
+        (r.status == 401).then_some(r)
+    })
+    .expect("the old token stops working");
+    assert_eq!(refused.code(), "unauthorized");
+    // The stream opened with the old token ends.
+    stream.set_timeout(Duration::from_secs(10));
+    assert!(stream.next().is_none(), "a stream of the old secret ends");
+
+    let new = token_from_file(&data, "alice");
+    assert_eq!(s.get("/api/me", Some(&new)).status, 200);
+    let second = s.create(
+        &new,
+        json!({"context": {"title": "after"}, "pipeline": "noop", "scheduled_for": "2099-01-01T00:00:00Z"}),
+    );
+    let mut resumed = Sse::open(s.addr, "/api/commissions/user/alice/stream", &new, Some(seen));
+    assert_eq!(resumed.status, 200);
+    let next = resumed.next().expect("the event after the last seen");
+    assert_eq!(next.id, Some(seen + 1));
+    assert_eq!(next.data["task_id"], second["task_id"]);
+    assert_ne!(first["task_id"], second["task_id"]);
+}
+
+/// With ATELIER_SECRET set the file is not what signs: a rotation is refused with the fix.
+#[test]
+fn rotate_refuses_while_the_secret_comes_from_the_environment() {
+    let dir = temp_dir("secrets-rotate-env");
+    let (code, out) = rotate(dir.path(), &[("ATELIER_SECRET", SECRET)]);
+    assert_eq!(code, Some(2), "{out}");
+    assert!(out.contains("change ATELIER_SECRET"), "{out}");
+    assert!(!dir.path().join("secret").exists(), "nothing written");
+}

@@ -49,6 +49,14 @@ fn connect(addr: SocketAddr, config: &Arc<rustls::ClientConfig>) -> Tls {
 
 /// One request over a fresh TLS connection (`Connection: close`): status and body.
 fn exchange(addr: SocketAddr, config: &Arc<rustls::ClientConfig>, head: &str, body: &[u8]) -> (u16, Value) {
+    let text = exchange_raw(addr, config, head, body);
+    let status = text.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+    (status, serde_json::from_str(body).unwrap_or(Value::Null))
+}
+
+/// One request over a fresh TLS connection (`Connection: close`): the whole response.
+fn exchange_raw(addr: SocketAddr, config: &Arc<rustls::ClientConfig>, head: &str, body: &[u8]) -> String {
     let mut tls = connect(addr, config);
     let mut out =
         format!("{head}Host: 127.0.0.1\r\nConnection: close\r\nContent-Length: {}\r\n\r\n", body.len())
@@ -58,10 +66,7 @@ fn exchange(addr: SocketAddr, config: &Arc<rustls::ClientConfig>, head: &str, bo
     let mut raw = Vec::new();
     // A peer that closes without close_notify is an error to rustls; what arrived is kept.
     let _ = tls.read_to_end(&mut raw);
-    let text = String::from_utf8_lossy(&raw).into_owned();
-    let status = text.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
-    (status, serde_json::from_str(body).unwrap_or(Value::Null))
+    String::from_utf8_lossy(&raw).into_owned()
 }
 
 /// Reads SSE events (id, event name) until the stream ends or `stop` says so.
@@ -236,4 +241,38 @@ fn a_certificate_without_its_key_or_a_bad_key_stops_the_start() {
     ]);
     assert_ne!(code, Some(0));
     assert!(stderr.contains("/nonexistent/cert.pem"), "{stderr}");
+}
+
+/// Over HTTPS the sign-in cookie is `Secure`, and the page's origin is the `https` one: a
+/// cookie-borne change from `http://` of the same host is refused.
+#[test]
+fn over_https_the_cookie_is_secure_and_the_origin_is_https() {
+    let dir = temp_dir("tls-cookie");
+    let (cert, key, der) = certificate(dir.path());
+    let s = Server::start(
+        exe(),
+        &dir.path().join("data"),
+        &[("ATELIER_TLS_CERT", cert.to_str().unwrap()), ("ATELIER_TLS_KEY", key.to_str().unwrap())],
+    );
+    let config = client_config(&der);
+    let alice = token("alice", false);
+    let signed_in =
+        exchange_raw(s.addr, &config, &format!("GET /commissions/3?token={alice} HTTP/1.1\r\n"), b"");
+    let cookie = signed_in.lines().find(|l| l.starts_with("Set-Cookie: ")).expect("a cookie");
+    assert!(cookie.ends_with("; Secure"), "{cookie}");
+    assert!(signed_in.contains("Location: /commissions/3\r\n"), "{signed_in}");
+
+    let body = json!({"context": {"title": "by cookie"}, "pipeline": "noop", "scheduled_for": "2099-01-01T00:00:00Z"})
+        .to_string();
+    let post = |origin: &str| {
+        let head = format!(
+            "POST /api/commissions HTTP/1.1\r\nCookie: atelier_token={alice}\r\nOrigin: {origin}\r\n\
+             X-Atelier-Request: 1\r\nContent-Type: application/json\r\n"
+        );
+        exchange(s.addr, &config, &head, body.as_bytes())
+    };
+    let (status, refused) = post("http://127.0.0.1");
+    assert_eq!((status, refused["error"]["code"].as_str()), (403, Some("cross_origin")));
+    let (status, created) = post("https://127.0.0.1");
+    assert_eq!(status, 201, "{created}");
 }

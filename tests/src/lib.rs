@@ -43,6 +43,11 @@ pub fn expired_token(user: &str) -> String {
         .expect("within the maximum lifetime")
 }
 
+/// Settings that lift every fair-share limit of non-admin users, for benchmarks that play one
+/// user holding thousands of streams or commissions.
+pub const NO_SHARE_LIMITS: [(&str, &str); 3] =
+    [("ATELIER_USER_ACTIVE_MAX", "0"), ("ATELIER_USER_STREAMS_MAX", "0"), ("ATELIER_USER_RATE", "0")];
+
 /// A running `atelier serve`, killed (SIGKILL) on drop unless stopped first.
 pub struct Server {
     pub child: Child,
@@ -99,6 +104,9 @@ impl Server {
             .env("ATELIER_DATA_DIR", data_dir)
             .env("ATELIER_SECRET", SECRET)
             .env("RUST_LOG", "warn")
+            // Tests poll far faster than any real client (every 20 ms, a request per commission
+            // watched); tests/e2e/shares.rs sets the rate it tests.
+            .env("ATELIER_USER_RATE", "0")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(stderr);
@@ -174,6 +182,11 @@ impl Server {
             &[("Content-Type", "application/json")],
             Some(body.to_string().as_bytes()),
         )
+    }
+
+    /// The log's head as `/readyz` reports it: a refused request must leave it where it was.
+    pub fn head_seq(&self) -> u64 {
+        self.get("/readyz", None).json()["head_seq"].as_u64().expect("readyz reports head_seq")
     }
 
     /// Creates a commission and returns its snapshot.

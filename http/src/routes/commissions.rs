@@ -3,6 +3,9 @@
 
 use atelier_engine::{time, Command, Commission, Ctx, NewCommission, Rejection, RetryPolicy, State};
 use atelier_storage::{execute, Created, ListQuery, StorageError, LIST_LIMIT_MAX};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
 use serde_json::Value;
 
 use super::call::{tri, Call};
@@ -25,12 +28,14 @@ pub(super) fn create(call: &Call<'_>) -> Result<Reply, StorageError> {
     let shared = call.shared;
     let body = tri!(json_body(call.req));
     let new = tri!(new_commission(&body, call.me(), shared));
+    tri!(within_active_share(call)?);
     let started = std::time::Instant::now();
     let out = atelier_storage::create(&*shared.store, new, &ctx())?;
     shared.metrics.append_duration.observe(started.elapsed().as_secs_f64());
     Ok(match out {
         Ok(Created::New(c)) => {
             shared.metrics.events_appended.inc();
+            shared.config.shares.saw(c.id, &c.user_id, c.last_seq, c.state);
             Reply::Json(201, render::snapshot(&c))
         }
         Ok(Created::Existing(c)) => Reply::Json(200, render::snapshot(&c)),
@@ -78,6 +83,9 @@ fn new_commission(body: &Value, who: &Identity, shared: &Shared) -> Result<NewCo
             }
         },
     };
+    if !who.is_admin() {
+        shared.config.shares.check_priority(priority).map_err(|e| error(400, "invalid_field", e))?;
+    }
     let max_attempts = match fields.get("max_attempts") {
         None | Some(Value::Null) => atelier_engine::limits::ATTEMPTS_DEFAULT,
         Some(v) => match json_uint(v).and_then(|p| u32::try_from(p).ok()) {
@@ -129,8 +137,24 @@ pub(super) fn cancel(call: &Call<'_>) -> Result<Reply, StorageError> {
     command(call, Command::RequestCancel)
 }
 
+/// A retry makes a failed commission active again: it counts against the caller's share.
 pub(super) fn retry(call: &Call<'_>) -> Result<Reply, StorageError> {
+    tri!(within_active_share(call)?);
     command(call, Command::ManualRetry)
+}
+
+/// Whether the caller may have one more active commission (an admin always may); the 429
+/// otherwise.
+fn within_active_share(call: &Call<'_>) -> Result<Result<(), Reply>, StorageError> {
+    let who = call.me();
+    if who.is_admin() {
+        return Ok(Ok(()));
+    }
+    let shared = call.shared.clone();
+    let stopping: Arc<dyn Fn() -> bool + Send + Sync> =
+        Arc::new(move || shared.shutting_down.load(Ordering::SeqCst));
+    let shares = &call.shared.config.shares;
+    Ok(shares.check_active(&who.user_id, &call.shared.store, &stopping)?.map_err(|b| b.reply()))
 }
 
 /// Runs a caller's command on the commission the path names; a refusal is its rejection.
@@ -142,6 +166,7 @@ fn command(call: &Call<'_>, cmd: Command) -> Result<Reply, StorageError> {
     Ok(match execute(&*shared.store, id, cmd, &ctx())? {
         Ok(c) => {
             shared.metrics.append_duration.observe(started.elapsed().as_secs_f64());
+            shared.config.shares.saw(c.id, &c.user_id, c.last_seq, c.state);
             Reply::Json(200, render::snapshot(&c))
         }
         Err(r) => rejection(r),

@@ -36,9 +36,19 @@ pub(super) fn all(call: &Call<'_>) -> Result<Reply, StorageError> {
     Ok(open(call, Filter::All, after, false))
 }
 
-/// Subscribed, with its first history read, here on the handler thread (see `sse::open`).
+/// Subscribed, with its first history read, here on the handler thread (see `sse::open`). A
+/// user's stream holds one of their share of streams while it runs (an admin's holds none).
 fn open(call: &Call<'_>, filter: Filter, after: Option<u64>, end_on_terminal: bool) -> Reply {
-    match sse::open(StreamSpec { filter, after: after.unwrap_or(0), end_on_terminal }, call.shared) {
+    let who = call.me();
+    let ticket = match who.is_admin() {
+        true => None,
+        false => match call.shared.config.shares.take_stream(&who.user_id) {
+            Ok(ticket) => Some(ticket),
+            Err(beyond) => return beyond.reply(),
+        },
+    };
+    let spec = StreamSpec { filter, after: after.unwrap_or(0), end_on_terminal, ticket };
+    match sse::open(spec, call.shared) {
         Ok(opened) => Reply::Stream(Box::new(opened)),
         Err(OpenError::Storage(e)) => error(500, "storage", e.to_string()),
         Err(OpenError::ShuttingDown) => error(503, "shutting_down", "the server is stopping"),

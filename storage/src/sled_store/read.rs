@@ -72,6 +72,39 @@ impl Inner {
         Ok(seqs)
     }
 
+    /// A user's first `limit` events in `(after, upto]` as `(seq, commission)`, in seq order:
+    /// the write-back entries (taken first: a flush moves them to the tree before it clears
+    /// them, so between the two reads each entry is in one or the other) and the tree's.
+    fn user_seqs(
+        &self,
+        user: &str,
+        after: u64,
+        upto: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, u64)>, StorageError> {
+        let pending =
+            self.unflushed.read().unwrap_or_else(|p| p.into_inner()).user_seqs_of(user, after, upto);
+        let from = Projection::UserSeqs.key_user(user, &layout::encode_u64(after.saturating_add(1)));
+        let to = Projection::UserSeqs.key_user(user, &layout::encode_u64(upto));
+        let mut picks = Vec::new();
+        for item in self.trees.proj.range(from..=to).take(limit) {
+            let (k, v) = item?;
+            let seq = layout::decode_u64(&k[k.len() - 8..]).unwrap_or(0);
+            let id = layout::decode_u64(&v).ok_or_else(|| {
+                StorageError::bad_projection(
+                    Projection::UserSeqs.name(),
+                    format!("seq {seq}: no commission id"),
+                )
+            })?;
+            picks.push((seq, id));
+        }
+        picks.extend(pending);
+        picks.sort_unstable();
+        picks.dedup();
+        picks.truncate(limit);
+        Ok(picks)
+    }
+
     pub(super) fn events_of(&self, id: u64) -> Result<Vec<Envelope>, StorageError> {
         self.events_upto(id, u64::MAX)
     }
@@ -212,20 +245,10 @@ impl History for Inner {
                 }
             }
             Filter::User(user) => {
-                // Pick the chunk from the by-commission index alone (the user's first `limit`
-                // seqs in range), then fold only the commissions that have a pick, each only up
-                // to its last pick. Folding every commission with anything newer, for every
-                // chunk, made a from-scratch replay of a big user quadratic.
-                let mut picks: Vec<(u64, u64)> = Vec::new();
-                for item in self.trees.proj.scan_prefix(Projection::ByUser.key_user(user, &[])) {
-                    let (k, _) = item?;
-                    let id = layout::decode_u64(&k[k.len() - 8..]).unwrap_or(0);
-                    let seqs = self.seqs_of(id)?;
-                    let newer = &seqs[seqs.partition_point(|&s| s <= after)..];
-                    picks.extend(newer.iter().take_while(|&&s| s <= upto).map(|&s| (s, id)));
-                }
-                picks.sort_unstable();
-                picks.truncate(limit);
+                // The chunk's seqs come from the user-seqs index (a range scan of this user's
+                // events), then each commission with a pick is folded up to its last pick:
+                // the cost follows the user's events in the chunk, not their commissions.
+                let picks = self.user_seqs(user, after, upto, limit)?;
                 // A commission's picks are all its seqs in (after, its last pick]: any smaller
                 // seq of the same commission is smaller than that pick, so it was picked too.
                 let mut last_pick: HashMap<u64, u64> = HashMap::new();

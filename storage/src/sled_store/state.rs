@@ -80,6 +80,9 @@ pub(super) struct Dirty {
 #[derive(Default)]
 pub(super) struct Unflushed {
     pub(super) commissions: HashMap<u64, Dirty>,
+    /// `(user, seq, commission)` of every event since the last flush, in seq order: the
+    /// user-seqs entries not yet in the tree.
+    pub(super) user_seqs: Vec<(Arc<str>, u64, u64)>,
     /// Events since the last flush.
     pub(super) events: u64,
     /// About how much memory the snapshots and seqs hold.
@@ -125,8 +128,26 @@ impl Unflushed {
         self.bytes += 8;
     }
 
+    pub(super) fn push_user_seq(&mut self, user: Arc<str>, seq: u64, cid: u64) {
+        // The user's string is shared with the delivery's view; its entry costs about this.
+        self.bytes += 32;
+        self.user_seqs.push((user, seq, cid));
+    }
+
+    /// A user's events in `(after, upto]` not yet in the tree, as `(seq, commission)`.
+    pub(super) fn user_seqs_of(&self, user: &str, after: u64, upto: u64) -> Vec<(u64, u64)> {
+        let start = self.user_seqs.partition_point(|(_, seq, _)| *seq <= after);
+        self.user_seqs[start..]
+            .iter()
+            .take_while(|(_, seq, _)| *seq <= upto)
+            .filter(|(u, _, _)| &**u == user)
+            .map(|(_, seq, cid)| (*seq, *cid))
+            .collect()
+    }
+
     pub(super) fn clear(&mut self) {
         self.commissions.clear();
+        self.user_seqs.clear();
         self.events = 0;
         self.bytes = 0;
     }

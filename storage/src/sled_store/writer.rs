@@ -75,6 +75,8 @@ struct Staged {
     idempotency: HashMap<Vec<u8>, u64>,
     /// `(commission, version, seq)` of every event, for the by-commission index (write-back).
     versions: Vec<(u64, u64, u64)>,
+    /// `(user, seq, commission)` of every event, for the user-seqs index (write-back).
+    user_seqs: Vec<(Arc<str>, u64, u64)>,
     /// Index entries that change rarely (by user, idempotency, live, jobs by commission), in
     /// the order they were staged; written at once after the log is durable.
     /// `(key, Some(value))` sets, `(key, None)` removes. Written entry by entry, not as one
@@ -501,6 +503,9 @@ impl Writer {
                 seqs.extend(layout::decode_run(&v).ok_or_else(bad_run)?);
                 proj.remove(k);
             }
+            for seq in &seqs {
+                proj.remove(Projection::UserSeqs.key_user(&c.user_id, &layout::encode_u64(*seq)));
+            }
             crate::log::prune(&t.log, seqs)?;
             for item in t.proj.scan_prefix(Projection::JobsByCommission.key_u64(c.id)) {
                 let (k, _) = item?;
@@ -657,6 +662,7 @@ impl Writer {
     fn project(&mut self, staged: &mut Staged, env: Envelope, step: Step) -> Result<(), StorageError> {
         let cid = env.commission_id;
         staged.versions.push((cid, env.version, env.seq));
+        staged.user_seqs.push((step.view.user_id.clone(), env.seq, cid));
         if let Event::Created { user_id, idempotency_key, .. } = &env.event {
             staged
                 .index
@@ -727,6 +733,9 @@ impl Writer {
         for (cid, version, seq) in staged.versions {
             u.push_version(cid, version, seq);
         }
+        for (user, seq, cid) in staged.user_seqs {
+            u.push_user_seq(user, seq, cid);
+        }
         drop(u);
         *self.inner.counts.lock().unwrap_or_else(|p| p.into_inner()) = self.counts;
         Ok(())
@@ -739,7 +748,7 @@ impl Writer {
             || self.last_projection_flush.elapsed() >= Duration::from_millis(PROJECTION_FLUSH_INTERVAL_MS)
     }
 
-    /// Writes the write-back state (snapshots, by-commission runs) with the projected seq,
+    /// Writes the write-back state (snapshots, by-commission runs, user-seqs entries) with the projected seq,
     /// next commission id and counts in one sled batch (atomic, also across a crash), so that
     /// after a crash the projections are exactly those of some log prefix and the catch-up at
     /// open can start right after `projected_seq`. No fsync: the events are durable already,
@@ -760,6 +769,12 @@ impl Writer {
                     batch.insert(&Projection::ByCommission.key_pair(*cid, first), layout::encode_run(run));
                     first += run.len() as u64;
                 }
+            }
+            for (user, seq, cid) in &u.user_seqs {
+                batch.insert(
+                    Projection::UserSeqs.key_user(user, &layout::encode_u64(*seq)),
+                    &layout::encode_u64(*cid),
+                );
             }
             batch.insert(Projection::Meta.key(META_PROJECTED), &layout::encode_u64(self.head));
             batch.insert(Projection::Meta.key(META_NEXT_CID), &layout::encode_u64(self.next_cid));

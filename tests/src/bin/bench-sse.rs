@@ -27,7 +27,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use atelier_tests::{temp_dir, token, Server, TempDir};
+use atelier_tests::{temp_dir, token, Server, TempDir, NO_SHARE_LIMITS};
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
@@ -96,16 +96,15 @@ fn raise_fd_limit() -> u64 {
 
 fn start_server(args: &Args) -> (Server, TempDir) {
     let dir = temp_dir("bench-sse");
-    let server = Server::start(
-        &args.exe,
-        dir.path(),
-        &[
-            ("ATELIER_MAX_CONNECTIONS", "20000"),
-            // Every stream comes from this one address.
-            ("ATELIER_MAX_CONNECTIONS_PER_IP", "20000"),
-            ("RUST_LOG", "warn"),
-        ],
-    );
+    let mut env = vec![
+        ("ATELIER_MAX_CONNECTIONS", "20000"),
+        // Every stream comes from this one address.
+        ("ATELIER_MAX_CONNECTIONS_PER_IP", "20000"),
+        ("RUST_LOG", "warn"),
+    ];
+    // One user holds every stream here: the benchmark measures the server, not the shares.
+    env.extend(NO_SHARE_LIMITS);
+    let server = Server::start(&args.exe, dir.path(), &env);
     (server, dir)
 }
 
