@@ -42,6 +42,7 @@ defaults):
     ATELIER_BODY_TIMEOUT_MS   answer 408 and close when a request body does not arrive in time   30000
     ATELIER_TLS_CERT          HTTPS: the certificate chain (PEM), with ATELIER_TLS_KEY   off (HTTP)
     ATELIER_TLS_KEY           HTTPS: the private key (PEM), with ATELIER_TLS_CERT   off (HTTP)
+    ATELIER_TRUSTED_PROXIES   proxies (IPs, CIDRs) whose X-Forwarded-For names the client   none
     ATELIER_WORKER_PROGRAM    the program each job runs         atelier-worker next to this binary
                               (`cargo build-worker` makes it), else this binary
     ATELIER_LOG_FORMAT        json for JSON lines               human-readable

@@ -321,6 +321,7 @@ fn serve(listen: Option<String>, store_args: StoreArgs) -> Result<ExitCode, CliE
     http_config.header_timeout_ms = s.header_timeout_ms;
     http_config.body_timeout_ms = s.body_timeout_ms;
     http_config.tls = s.tls.clone().map(|(cert, key)| TlsFiles { cert, key });
+    http_config.trusted_proxies = s.trusted_proxies.clone();
     let http_config = http_config.with_share_limits(s.share_limits);
     let dyn_store: Arc<dyn EventStore> = store.clone();
     let executors = start_workers(&s, &sources, dyn_store.clone())?;

@@ -7,6 +7,7 @@
 use std::path::PathBuf;
 
 use atelier_config::{ConfigError, Found, Sources};
+use atelier_http::client_addr::TrustedProxies;
 use atelier_http::shares::ShareLimits;
 use atelier_storage::{Durability, StoreConfig};
 
@@ -28,6 +29,7 @@ const TOP_LEVEL_KEYS: &[&str] = &[
     "body_timeout_ms",
     "tls_cert",
     "tls_key",
+    "trusted_proxies",
     "token_ttl_max",
     "user_priority_max",
     "user_active_max",
@@ -63,6 +65,8 @@ pub struct ServerSettings {
     pub body_timeout_ms: u64,
     /// HTTPS: the certificate chain and the private key (PEM files), both or neither.
     pub tls: Option<(PathBuf, PathBuf)>,
+    /// Reverse proxies whose `X-Forwarded-For` names the client.
+    pub trusted_proxies: TrustedProxies,
     /// The program each job runs; None: `atelier-worker` next to this binary, else this binary.
     pub worker_program: Option<PathBuf>,
     /// `ATELIER_SECRET`, if set: the token secret (else one kept in the data dir).
@@ -169,6 +173,12 @@ impl ServerSettings {
                 }
                 (Some(one), None) | (None, Some(one)) => {
                     return Err(one.invalid("HTTPS needs both ATELIER_TLS_CERT and ATELIER_TLS_KEY"))
+                }
+            },
+            trusted_proxies: match s.get("trusted_proxies", &["ATELIER_TRUSTED_PROXIES"]) {
+                None => TrustedProxies::default(),
+                Some(found) => {
+                    TrustedProxies::parse(&found.raw.text()).map_err(|e| found.invalid(e.to_string()))?
                 }
             },
             worker_program: text("worker_program", "ATELIER_WORKER_PROGRAM").map(PathBuf::from),

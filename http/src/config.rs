@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use crate::client_addr::TrustedProxies;
 use crate::shares::{ShareLimits, Shares};
 
 /// Default cap on open connections (streams included); more are answered 503 and closed.
@@ -59,6 +60,9 @@ pub struct HttpConfig {
     pub body_timeout_ms: u64,
     /// HTTPS instead of HTTP on the listen address.
     pub tls: Option<TlsFiles>,
+    /// Peers whose `X-Forwarded-For` names the client (a reverse proxy in front): a
+    /// connection from one counts against each request's client's cap, not the proxy's.
+    pub trusted_proxies: TrustedProxies,
     /// The fair-share limits and each user's holdings of them. It travels with the settings
     /// into the server's shared state; set through [`HttpConfig::with_share_limits`].
     pub(crate) shares: Arc<Shares>,
@@ -77,6 +81,7 @@ impl HttpConfig {
             header_timeout_ms: HEADER_TIMEOUT_MS_DEFAULT,
             body_timeout_ms: BODY_TIMEOUT_MS_DEFAULT,
             tls: None,
+            trusted_proxies: TrustedProxies::default(),
             shares: Arc::new(Shares::new(ShareLimits::default())),
         }
     }

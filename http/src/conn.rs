@@ -18,7 +18,7 @@
 use std::any::Any;
 use std::io::{self, Read, Write};
 use std::mem::ManuallyDrop;
-use std::net::{SocketAddr, TcpStream};
+use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -27,6 +27,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, Sender};
 use tiny_http::Next;
 
+use crate::client_addr::client_addr;
 use crate::dispatch::handle;
 use crate::framing::{self, BodyFraming, Refusal};
 use crate::pool::Job;
@@ -54,7 +55,12 @@ const OVER_CAPACITY_SEND_TIMEOUT: Duration = Duration::from_millis(100);
 /// What a connection keeps for its life: its slot (given back when the connection's thread
 /// ends, panics included) and its socket's descriptor, for lingering after a refusal.
 struct Connection {
-    _slot: Slot,
+    slot: Slot,
+    /// The socket's peer, canonical (an IPv4-mapped address as IPv4).
+    peer: IpAddr,
+    /// Whether the peer is a trusted proxy: each request's client is then the one
+    /// `X-Forwarded-For` names, and the connection counts against that client's cap.
+    proxied: bool,
     /// Not a `dup`: a connection costs one descriptor (10,000 streams must fit the limit).
     fd: RawFd,
     /// Whether the connection speaks TLS: a refusal is then never answered in plain text.
@@ -84,7 +90,11 @@ pub(crate) fn admit(shared: Arc<Shared>) -> tiny_http::AdmitHook {
             return None;
         }
         let tls = shared.config.tls.is_some();
-        let slot = match Slot::take(&shared.slots, peer.ip().to_canonical()) {
+        let peer = peer.ip().to_canonical();
+        let proxied = shared.config.trusted_proxies.trusts(peer);
+        let taken =
+            if proxied { Slot::take_unassigned(&shared.slots) } else { Slot::take(&shared.slots, peer) };
+        let slot = match taken {
             Ok(slot) => slot,
             Err(full) => {
                 if !tls {
@@ -96,7 +106,8 @@ pub(crate) fn admit(shared: Arc<Shared>) -> tiny_http::AdmitHook {
         // TCP_NODELAY comes from the listener (accepted sockets inherit it).
         let fd = stream.as_raw_fd();
         let replies = crossbeam_channel::bounded(1);
-        Some(Box::new(Connection { _slot: slot, fd, tls, configured: false, replies }) as Box<dyn Any + Send>)
+        let conn = Connection { slot, peer, proxied, fd, tls, configured: false, replies };
+        Some(Box::new(conn) as Box<dyn Any + Send>)
     })
 }
 
@@ -135,11 +146,7 @@ pub(crate) fn refusal_body(status: u16, message: &str) -> (&'static str, Vec<u8>
 /// fits a fresh socket's buffer, and a short send timeout keeps the accept loop moving anyway.
 fn refuse_over_capacity(stream: &TcpStream, full: Full) {
     let _ = stream.set_write_timeout(Some(OVER_CAPACITY_SEND_TIMEOUT));
-    let message = match full {
-        Full::Total(n) => format!("{n} connections are open; try again shortly"),
-        Full::PerIp(n) => format!("{n} connections are open from your address; try again shortly"),
-    };
-    let body = render::error("over_capacity", &message).to_string();
+    let body = render::error("over_capacity", &over_capacity_message(full)).to_string();
     let mut w = stream;
     let _ = write_response(
         &mut w,
@@ -150,6 +157,13 @@ fn refuse_over_capacity(stream: &TcpStream, full: Full) {
         Close::Yes,
         Body::Send,
     );
+}
+
+fn over_capacity_message(full: Full) -> String {
+    match full {
+        Full::Total(n) => format!("{n} connections are open; try again shortly"),
+        Full::PerIp(n) => format!("{n} connections are open from your address; try again shortly"),
+    }
 }
 
 /// The head of a request as the checks and handlers see it.
@@ -207,7 +221,7 @@ fn head_of(rq: &tiny_http::Request) -> Result<Head, Refusal> {
 
 /// One request on its connection's thread: checked, its body read, routed on the handler
 /// pool, answered. Says whether the connection goes on.
-fn serve_request(conn: &Connection, mut rq: tiny_http::Request, shared: &Arc<Shared>) -> Next {
+fn serve_request(conn: &mut Connection, mut rq: tiny_http::Request, shared: &Arc<Shared>) -> Next {
     if shared.shutting_down.load(Ordering::SeqCst) {
         return Next::Close;
     }
@@ -218,8 +232,21 @@ fn serve_request(conn: &Connection, mut rq: tiny_http::Request, shared: &Arc<Sha
     });
     let (head, framing) = match checked {
         Ok(ok) => ok,
-        Err(r) => return refuse(conn, rq, r, started, shared),
+        Err(r) => return refuse(conn, rq, r, &[], started, shared),
     };
+    if conn.proxied {
+        let forwarded: Vec<&str> = head
+            .headers
+            .iter()
+            .filter(|(k, _)| k.eq_ignore_ascii_case("x-forwarded-for"))
+            .map(|(_, v)| v.as_str())
+            .collect();
+        let client = client_addr(conn.peer, &forwarded, &shared.config.trusted_proxies);
+        if let Err(full) = conn.slot.count_as(client) {
+            let r = Refusal { status: 503, code: "over_capacity", message: over_capacity_message(full) };
+            return refuse(conn, rq, r, &[("Retry-After", "1".into())], started, shared);
+        }
+    }
     let body = match read_body(&mut rq, framing) {
         Ok(body) => body,
         Err(BodyError::Gone) => {
@@ -229,7 +256,7 @@ fn serve_request(conn: &Connection, mut rq: tiny_http::Request, shared: &Arc<Sha
             drop(rq.into_writer());
             return Next::Close;
         }
-        Err(BodyError::Refuse(r)) => return refuse(conn, rq, r, started, shared),
+        Err(BodyError::Refuse(r)) => return refuse(conn, rq, r, &[], started, shared),
     };
     let close = if head.keep_alive { Close::No } else { Close::Yes };
     let head_only = if head.method.eq_ignore_ascii_case("HEAD") { Body::Omit } else { Body::Send };
@@ -275,19 +302,27 @@ fn serve_request(conn: &Connection, mut rq: tiny_http::Request, shared: &Arc<Sha
 ///
 /// The socket's read side is shut before the request is dropped: tiny_http drains an unread
 /// sized body when its request goes, and a refused body may never come.
-fn refuse(conn: &Connection, rq: tiny_http::Request, r: Refusal, started: Instant, shared: &Shared) -> Next {
+fn refuse(
+    conn: &Connection,
+    rq: tiny_http::Request,
+    r: Refusal,
+    extra: &[(&'static str, String)],
+    started: Instant,
+    shared: &Shared,
+) -> Next {
     shared.metrics.request("bad_request", r.status, started.elapsed().as_secs_f64());
     let body = serde_json::to_vec(&render::error(r.code, &r.message)).expect("invariant: JSON serializes");
     if conn.tls {
         // The answer goes through the TLS session; there is no lingering in plain bytes.
         conn.with_socket(|s| s.shutdown(std::net::Shutdown::Read)).ok();
         let mut w = rq.into_writer();
-        let _ = write_response(&mut w, r.status, "application/json", &body, &[], Close::Yes, Body::Send);
+        let _ = write_response(&mut w, r.status, "application/json", &body, extra, Close::Yes, Body::Send);
     } else {
         // Straight on the socket: the request's writer is tiny_http's, and taking it drops
         // the request.
         conn.with_socket(|mut s| {
-            let _ = write_response(&mut s, r.status, "application/json", &body, &[], Close::Yes, Body::Send);
+            let _ =
+                write_response(&mut s, r.status, "application/json", &body, extra, Close::Yes, Body::Send);
             linger_close(s);
             let _ = s.shutdown(std::net::Shutdown::Read);
         });

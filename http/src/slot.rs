@@ -50,46 +50,71 @@ impl Slots {
 /// One open connection's place in [`Slots`]; gives it back when dropped.
 pub(crate) struct Slot {
     slots: Arc<Slots>,
-    ip: IpAddr,
+    /// The client address the connection counts against; none for a trusted proxy's
+    /// connection until a request names its client (see [`Slot::count_as`]).
+    ip: Option<IpAddr>,
 }
 
 impl Slot {
     /// Takes a slot for a connection from `ip`, or says which cap is reached.
     pub(crate) fn take(slots: &Arc<Slots>, ip: IpAddr) -> Result<Slot, Full> {
+        let mut slot = Slot::take_unassigned(slots)?;
+        slot.count_as(ip)?;
+        Ok(slot)
+    }
+
+    /// Takes a slot that counts against the total only: a trusted proxy's connection, whose
+    /// clients are counted per request as `X-Forwarded-For` names them.
+    pub(crate) fn take_unassigned(slots: &Arc<Slots>) -> Result<Slot, Full> {
         let total_max = slots.total_max;
         if slots.open.fetch_add(1, Ordering::SeqCst) >= total_max {
             slots.open.fetch_sub(1, Ordering::SeqCst);
             return Err(Full::Total(total_max));
         }
-        let per_ip_max = slots.per_ip_max;
-        let mut per_ip = slots.per_ip.lock().unwrap_or_else(|p| p.into_inner());
+        Ok(Slot { slots: slots.clone(), ip: None })
+    }
+
+    /// Counts this connection against `ip` from now on (and no longer against the address it
+    /// counted against before), unless `ip` has its cap of connections already; then nothing
+    /// changes. A proxy's kept-alive connection serves one client after another.
+    pub(crate) fn count_as(&mut self, ip: IpAddr) -> Result<(), Full> {
+        if self.ip == Some(ip) {
+            return Ok(());
+        }
+        let per_ip_max = self.slots.per_ip_max;
+        let mut per_ip = self.slots.per_ip.lock().unwrap_or_else(|p| p.into_inner());
         let count = per_ip.entry(ip).or_insert(0);
         if *count >= per_ip_max {
             if *count == 0 {
                 per_ip.remove(&ip);
             }
-            drop(per_ip);
-            slots.open.fetch_sub(1, Ordering::SeqCst);
             return Err(Full::PerIp(per_ip_max));
         }
         *count += 1;
-        Ok(Slot { slots: slots.clone(), ip })
+        if let Some(old) = self.ip.replace(ip) {
+            uncount(&mut per_ip, old);
+        }
+        Ok(())
+    }
+}
+
+fn uncount(per_ip: &mut HashMap<IpAddr, u64>, ip: IpAddr) {
+    if let Some(count) = per_ip.get_mut(&ip) {
+        *count = count.saturating_sub(1);
+        if *count == 0 {
+            per_ip.remove(&ip);
+        }
     }
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
         let slots = &self.slots;
-        {
+        if let Some(ip) = self.ip {
             // A poisoned lock only means another thread panicked while holding it; the map
             // itself is always left consistent, so go on with it.
             let mut per_ip = slots.per_ip.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some(count) = per_ip.get_mut(&self.ip) {
-                *count = count.saturating_sub(1);
-                if *count == 0 {
-                    per_ip.remove(&self.ip);
-                }
-            }
+            uncount(&mut per_ip, ip);
         }
         slots.open.fetch_sub(1, Ordering::SeqCst);
     }
@@ -121,5 +146,24 @@ mod tests {
         drop(a2);
         assert_eq!(slots.open(), 0);
         assert!(slots.per_ip.lock().unwrap().is_empty(), "no entry is left for addresses gone");
+    }
+
+    #[test]
+    fn a_proxied_connection_counts_against_each_client_it_serves_in_turn() {
+        let slots = Arc::new(Slots::new(10, 1));
+        let (a, b): (IpAddr, IpAddr) = ("198.51.100.1".parse().unwrap(), "198.51.100.2".parse().unwrap());
+        let mut p1 = Slot::take_unassigned(&slots).unwrap();
+        let mut p2 = Slot::take_unassigned(&slots).unwrap();
+        p1.count_as(a).unwrap();
+        assert_eq!(p2.count_as(a), Err(Full::PerIp(1)), "a is at its cap");
+        p2.count_as(b).unwrap();
+        // p1's next request comes from b: refused (b is at its cap), p1 still counts as a.
+        assert_eq!(p1.count_as(b), Err(Full::PerIp(1)));
+        drop(p2);
+        p1.count_as(b).unwrap();
+        assert_eq!(slots.per_ip.lock().unwrap().get(&a), None, "a no longer counted");
+        drop(p1);
+        assert_eq!(slots.open(), 0);
+        assert!(slots.per_ip.lock().unwrap().is_empty());
     }
 }

@@ -376,6 +376,46 @@ fn one_address_beyond_its_cap_gets_503_and_retry_after() {
     assert_unharmed(&s, "per_ip_cap", baseline);
 }
 
+/// Behind a trusted reverse proxy every connection comes from the proxy's address: each one
+/// counts against the client its request's `X-Forwarded-For` names instead. From a peer that is
+/// not trusted the header is ignored (a client cannot pick the address it is counted as).
+#[test]
+fn behind_a_trusted_proxy_the_cap_is_per_forwarded_client() {
+    let open = |s: &Server, client: &str| -> (TcpStream, u16) {
+        let mut c = TcpStream::connect(s.addr).expect("connect");
+        c.set_read_timeout(Some(ANSWER_TIMEOUT)).expect("a read timeout");
+        let alice = token("alice", false);
+        let head = format!(
+            "GET /api/commissions/user/alice/stream HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {alice}\r\nX-Forwarded-For: {client}\r\n\r\n"
+        );
+        c.write_all(head.as_bytes()).expect("send");
+        let mut status = [0u8; 12];
+        let got =
+            c.read_exact(&mut status).map(|_| String::from_utf8_lossy(&status[9..12]).parse().unwrap_or(0));
+        (c, got.unwrap_or(0))
+    };
+    let dir = temp_dir("hostile-proxy");
+    let s = Server::start(
+        exe(),
+        dir.path(),
+        &[("ATELIER_MAX_CONNECTIONS_PER_IP", "2"), ("ATELIER_TRUSTED_PROXIES", "127.0.0.1, ::1")],
+    );
+    let (a1, st1) = open(&s, "198.51.100.7");
+    let (a2, st2) = open(&s, "198.51.100.7");
+    let (_a3, st3) = open(&s, "198.51.100.7");
+    assert_eq!((st1, st2, st3), (200, 200, 503), "two streams for one forwarded client, then 503");
+    let (b1, st4) = open(&s, "198.51.100.8");
+    assert_eq!(st4, 200, "another client behind the same proxy is not held back");
+    drop((a1, a2, b1));
+
+    let dir = temp_dir("hostile-untrusted");
+    let s = Server::start(exe(), dir.path(), &[("ATELIER_MAX_CONNECTIONS_PER_IP", "2")]);
+    let held: Vec<(TcpStream, u16)> = (0..2).map(|i| open(&s, &format!("198.51.100.{i}"))).collect();
+    assert!(held.iter().all(|(_, st)| *st == 200));
+    let (_c, st) = open(&s, "198.51.100.99");
+    assert_eq!(st, 503, "an untrusted peer's X-Forwarded-For does not buy it another slot");
+}
+
 /// 20,000 connection attempts as fast as four threads can make them (each reset at once, so
 /// the client side keeps no ports in TIME_WAIT), bounded in time; then the server serves
 /// and holds no slot for any of them.
