@@ -65,6 +65,7 @@ impl ProcessExecutor {
             cpu_seconds: p.limits.cpu_seconds,
             timeout_seconds: p.limits.timeout_seconds,
             heartbeat_ms: shared.config.heartbeat_timeout_ms_for(&p),
+            own_program: p.command.is_some(),
         };
         let spawn_started = Instant::now();
         let spawned = self.spawner.spawn_worker(shared, &p, &dir, &input, &spec_file, &applied);

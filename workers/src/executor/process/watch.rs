@@ -36,6 +36,10 @@ const READ_CHUNK_BYTES: usize = 64 * 1024;
 const DRAIN_BYTES_MAX: usize = 4 * 1024 * 1024;
 /// A worker sending more protocol lines than this in one second is flooding and is cut off.
 pub const PROTOCOL_LINES_PER_SECOND_MAX: u32 = 10_000;
+// A `noop` with the most progress steps a user may ask for (each stage's steps, its 100% line
+// and its stage line, plus the result) stays under the guard even all in one second.
+const _: () =
+    assert!(4 * (crate::inside::pipeline::PROGRESS_STEPS_MAX + 2) + 1 < PROTOCOL_LINES_PER_SECOND_MAX as u64);
 /// Reports are held this long after the first of a batch before they are appended, so that a
 /// burst of lines, or a short job's whole life, is one append (one fsync) rather than one per
 /// poll wakeup; far below what anyone watching progress can notice.
@@ -453,9 +457,7 @@ impl FloodGuard {
         }
         self.lines = self.lines.saturating_add(u32::try_from(n).unwrap_or(u32::MAX));
         if self.lines > PROTOCOL_LINES_PER_SECOND_MAX {
-            return Err(KillReason::Protocol(format!(
-                "flooding: over {PROTOCOL_LINES_PER_SECOND_MAX} protocol lines in one second"
-            )));
+            return Err(KillReason::Flood { lines_max: PROTOCOL_LINES_PER_SECOND_MAX });
         }
         Ok(())
     }

@@ -1,0 +1,99 @@
+//! End-to-end: what a commission's own code (or a user's context) can do to the job
+//! controller and the server, with real worker processes behind the real binary.
+
+use std::path::Path;
+use std::time::Duration;
+
+use atelier_tests::*;
+
+fn exe() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_atelier"))
+}
+
+/// How long a test waits for a commission or a process to get where it should.
+const PATIENCE: Duration = Duration::from_secs(30);
+
+/// Writes `toml` as the server's config file and returns its path.
+fn config_file(dir: &Path, toml: &str) -> String {
+    let path = dir.join("atelier.toml");
+    std::fs::write(&path, toml).unwrap();
+    path.display().to_string()
+}
+
+/// The commission's first job, once it has ended.
+fn ended_job(s: &Server, token: &str, id: u64) -> serde_json::Value {
+    wait_for(PATIENCE, || {
+        let jobs = s.get(&format!("/api/commissions/{id}/jobs"), Some(token)).json();
+        let j = jobs["items"].as_array()?.first()?.clone();
+        (j["completed_at"].is_string()).then_some(j)
+    })
+    .unwrap_or_else(|| panic!("commission {id}'s job did not end"))
+}
+
+/// Floods of protocol lines are the flooding job's own failure: twenty of them (a pipeline's
+/// own program writing heartbeats as fast as it can, and the built-in worker's flood mode)
+/// trip no rollback, and the next commission still runs on the job controller. A `noop` asking
+/// for more progress steps than the cap is refused at the door, naming the cap.
+#[test]
+fn floods_trip_no_rollback() {
+    let dir = temp_dir("iso-flood");
+    let config = config_file(
+        dir.path(),
+        r#"
+[pipelines.flood-own]
+command = ["sh", "-c", '''cat >/dev/null; printf '{"type":"stage","stage":"generating_ideas"}\n' >&3; exec yes '{"type":"heartbeat"}' >&3''']
+env = { PATH = "/usr/bin:/bin" }
+
+[pipelines.flood-builtin]
+worker_args = ["--behave", "flood"]
+"#,
+    );
+    // Five failures of the machinery in a window of twenty would trip it (over 5 %).
+    let s = Server::start(
+        exe(),
+        dir.path(),
+        &[("ATELIER_CONFIG", &config), ("ROLLBACK_MIN_JOBS", "5"), ("ROLLBACK_WINDOW_JOBS", "20")],
+    );
+    let alice = token("alice", false);
+    let too_many = s.post(
+        "/api/commissions",
+        Some(&alice),
+        &json!({"context": {"progress_steps": 2500}, "pipeline": "noop", "max_attempts": 1}),
+    );
+    assert_eq!(too_many.status, 400, "{}", too_many.text());
+    assert_eq!(
+        too_many.json()["error"]["message"],
+        "context: progress_steps must be an integer 0..=1000",
+        "{}",
+        too_many.text()
+    );
+    let ids: Vec<u64> = (0..20)
+        .map(|i| {
+            let pipeline = if i % 2 == 0 { "flood-own" } else { "flood-builtin" };
+            s.create(&alice, json!({"context": {}, "pipeline": pipeline, "max_attempts": 1}))["task_id"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    for id in ids {
+        let job = ended_job(&s, &alice, id);
+        assert_eq!(job["executor"], "job_controller", "{job}");
+        assert_eq!(job["status"], "failed", "{job}");
+        assert_eq!(
+            job["error_message"], "protocol error: flooding: over 10000 protocol lines in one second",
+            "{job}"
+        );
+    }
+    let metrics = s.get("/metrics", Some(&token("root", true))).text();
+    assert!(metrics.contains("atelier_rollback_active 0"), "{metrics}");
+    assert!(metrics.contains("atelier_rollbacks_total{reason=\"failure_rate\"} 0"), "{metrics}");
+    // The most steps allowed: no flood, and the job controller still takes the work.
+    let id = s
+        .create(&alice, json!({"context": {"progress_steps": 1000}, "pipeline": "noop", "max_attempts": 1}))
+        ["task_id"]
+        .as_u64()
+        .unwrap();
+    let job = ended_job(&s, &alice, id);
+    assert_eq!((&job["executor"], &job["status"]), (&json!("job_controller"), &json!("succeeded")), "{job}");
+    assert!(s.stop().success());
+}
