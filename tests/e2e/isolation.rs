@@ -97,3 +97,47 @@ worker_args = ["--behave", "flood"]
     assert_eq!((&job["executor"], &job["status"]), (&json!("job_controller"), &json!("succeeded")), "{job}");
     assert!(s.stop().success());
 }
+
+/// `/proc/PID/stat`'s process group, or None once the process is gone (a zombie counts as gone).
+fn process_group(pid: u64) -> Option<i64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let mut fields = stat.rsplit(')').next()?.split_whitespace();
+    let state = fields.next()?;
+    (state != "Z").then_some(())?;
+    fields.nth(1)?.parse().ok()
+}
+
+/// A worker that moves itself into the server's own process group, out of reach of a kill of
+/// its job's group, is still ended on cancel (by its pid), and its job slot is free again.
+#[test]
+fn a_worker_in_the_servers_group_is_ended_on_cancel() {
+    let dir = temp_dir("iso-pgid");
+    let config =
+        config_file(dir.path(), "[pipelines.hide]\nworker_args = [\"--behave\", \"join-server-group\"]\n");
+    let s = Server::start(
+        exe(),
+        dir.path(),
+        &[("ATELIER_CONFIG", &config), ("MAX_CONCURRENT_JOBS", "1"), ("KILL_GRACE_MS", "300")],
+    );
+    let alice = token("alice", false);
+    let id = s.create(&alice, json!({"context": {}, "pipeline": "hide", "max_attempts": 1}))["task_id"]
+        .as_u64()
+        .unwrap();
+    let server_group = process_group(u64::try_from(s.pid()).unwrap()).expect("the server runs");
+    let pid = wait_for(PATIENCE, || {
+        let jobs = s.get(&format!("/api/commissions/{id}/jobs"), Some(&alice)).json();
+        let pid = jobs["items"].as_array()?.first()?["process_id"].as_u64()?;
+        (process_group(pid) == Some(server_group)).then_some(pid)
+    })
+    .expect("the worker moved into the server's process group");
+    let c = s.post(&format!("/api/commissions/{id}/cancel"), Some(&alice), &json!({}));
+    assert_eq!(c.status, 200, "{}", c.text());
+    let job = ended_job(&s, &alice, id);
+    assert_eq!((&job["status"], &job["error_message"]), (&json!("killed"), &json!("cancelled")), "{job}");
+    let gone = wait_for(PATIENCE, || process_group(pid).is_none().then_some(()));
+    assert!(gone.is_some(), "worker {pid} outlived its cancelled job");
+    // The one job slot is free: the next commission runs to its end.
+    let next = s.create(&alice, json!({"context": {}, "pipeline": "noop"}))["task_id"].as_u64().unwrap();
+    assert_eq!(ended_job(&s, &alice, next)["status"], "succeeded");
+    assert!(s.stop().success());
+}

@@ -98,8 +98,10 @@ impl ProcessExecutor {
         if let Some(why) = rejected {
             // Cancelled (or started elsewhere) meanwhile: this process must not run.
             tracing::info!(commission = c.id, job = job_id, reason = %why, "start refused; killing the worker");
-            let pgid = nix::unistd::Pid::from_raw(i32::try_from(pid).expect("invariant: pids fit i32"));
-            let _ = nix::sys::signal::killpg(pgid, nix::sys::signal::Signal::SIGKILL);
+            watch::kill_job(
+                i32::try_from(pid).expect("invariant: pids fit i32"),
+                nix::sys::signal::Signal::SIGKILL,
+            );
             let mut child = child;
             let _ = child.wait();
             return;

@@ -117,6 +117,18 @@ pub(crate) struct Watched {
     pub(crate) kill_grace: Duration,
 }
 
+/// Signals the job's process group, and its leader by pid: a leader that moved itself into
+/// another group (`setpgid`, even into the server's own) is out of reach of the group kill.
+/// The leader is our child and not reaped yet, so its pid cannot have been reused.
+pub(super) fn kill_job(pid: i32, sig: Signal) {
+    kill_group(pid, sig);
+    if let Err(e) = nix::sys::signal::kill(Pid::from_raw(pid), sig) {
+        if e != nix::errno::Errno::ESRCH {
+            tracing::warn!(pid, signal = %sig, error = %e, "cannot signal the job's worker");
+        }
+    }
+}
+
 fn kill_group(pgid: i32, sig: Signal) {
     if let Err(e) = killpg(Pid::from_raw(pgid), sig) {
         if e != nix::errno::Errno::ESRCH {
@@ -350,7 +362,7 @@ impl Job<'_> {
             self.end(KillReason::Stalled { ms: self.applied.heartbeat_ms });
         }
         if self.sigkill_at.is_some_and(|t| now >= t) {
-            kill_group(self.ender.pid, Signal::SIGKILL);
+            kill_job(self.ender.pid, Signal::SIGKILL);
             self.sigkill_at = None;
         }
         if !exited {
@@ -421,10 +433,10 @@ impl Ender {
         let graceful = matches!(reason, KillReason::Cancel | KillReason::Shutdown);
         *kill = Some(reason);
         if graceful && !self.grace.is_zero() {
-            kill_group(self.pid, Signal::SIGTERM);
+            kill_job(self.pid, Signal::SIGTERM);
             *sigkill_at = Some(Instant::now() + self.grace);
         } else {
-            kill_group(self.pid, Signal::SIGKILL);
+            kill_job(self.pid, Signal::SIGKILL);
         }
     }
 }
