@@ -665,7 +665,7 @@ fn create(new: NewCommission) -> Result<Vec<Event>, Rejection> {
     match serde_json::from_str::<serde_json::Value>(&new.context) {
         Ok(serde_json::Value::Object(map)) => {
             if let Some(steps) = map.get("progress_steps") {
-                if !steps.as_u64().is_some_and(|n| n <= limits::PROGRESS_STEPS_MAX) {
+                if steps.as_u64().is_none_or(|n| n > limits::PROGRESS_STEPS_MAX) {
                     let max = limits::PROGRESS_STEPS_MAX;
                     return Err(invalid("context", format!("progress_steps must be an integer 0..={max}")));
                 }
