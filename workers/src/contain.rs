@@ -44,9 +44,18 @@ fn known() -> MutexGuard<'static, BTreeMap<u32, u32>> {
 
 /// Spawns `cmd` and records the child as the server's own, atomically for a sweep.
 pub(crate) fn spawn(cmd: &mut Command) -> io::Result<(Child, Known)> {
+    spawn_with(|| cmd.spawn(), Child::id)
+}
+
+/// Starts a child with `start` (whose result has the pid `pid_of` reads) and records it as
+/// the server's own, atomically for a sweep.
+pub(crate) fn spawn_with<T>(
+    start: impl FnOnce() -> io::Result<T>,
+    pid_of: impl FnOnce(&T) -> u32,
+) -> io::Result<(T, Known)> {
     let mut k = known();
-    let child = cmd.spawn()?;
-    let pid = child.id();
+    let child = start()?;
+    let pid = pid_of(&child);
     *k.entry(pid).or_insert(0) += 1;
     Ok((child, Known(pid)))
 }

@@ -15,7 +15,6 @@ use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::PathBuf;
-use std::process::Child;
 use std::time::{Duration, Instant};
 
 use nix::fcntl::{fcntl, FcntlArg, OFlag};
@@ -107,7 +106,8 @@ impl LogSink {
 /// Why the controller ended (or is ending) a worker.
 /// What a job's poll loop watches.
 pub(crate) struct Watched {
-    pub(crate) child: Child,
+    /// The worker's pid: the server's child, reaped here.
+    pub(crate) pid: u32,
     pub(crate) proto_r: OwnedFd,
     pub(crate) out_r: OwnedFd,
     pub(crate) err_r: OwnedFd,
@@ -139,8 +139,8 @@ fn kill_group(pgid: i32, sig: Signal) {
 
 /// Watches a started worker to its end and says how it ended.
 pub(crate) fn watch(w: Watched, session: &mut Session, signal: &JobSignal, applied: &Applied) -> Ended {
-    let Watched { child, proto_r, out_r, err_r, logs, log_bytes_max, kill_grace } = w;
-    let pid = i32::try_from(child.id()).expect("invariant: pids fit i32");
+    let Watched { pid, proto_r, out_r, err_r, logs, log_bytes_max, kill_grace } = w;
+    let pid = i32::try_from(pid).expect("invariant: pids fit i32");
     let pipes = [proto_r, out_r, err_r];
     for fd in &pipes {
         let _ = set_nonblocking(fd);
@@ -173,10 +173,7 @@ pub(crate) fn watch(w: Watched, session: &mut Session, signal: &JobSignal, appli
             break exit;
         }
     };
-    let ended = job.finish(&exit);
-    // std's Child would otherwise never learn it was reaped; dropping it does not wait.
-    drop(child);
-    ended
+    job.finish(&exit)
 }
 
 /// Where the protocol pipe, stdout and stderr sit in `Job::pipes` (their poll slots are
