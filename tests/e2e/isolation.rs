@@ -141,3 +141,50 @@ fn a_worker_in_the_servers_group_is_ended_on_cancel() {
     assert_eq!(ended_job(&s, &alice, next)["status"], "succeeded");
     assert!(s.stop().success());
 }
+
+/// A command stage that runs out of memory (a real python3 under `memory_mb = 128` asking for
+/// 512 MiB: `MemoryError`, exit 1) is the memory outcome, retried with double memory up to
+/// the cap, not a plain failed stage.
+#[test]
+fn a_command_stage_out_of_memory_is_retried_with_double_memory() {
+    let dir = temp_dir("iso-oom");
+    let config = config_file(
+        dir.path(),
+        r#"
+[pipelines.hungry]
+memory_mb = 128
+memory_max_mb = 256
+stages.generating_ideas = { command = ["python3", "-c", "import sys; sys.stdin.read(); bytearray(512 << 20)"] }
+"#,
+    );
+    let s = Server::start(
+        exe(),
+        dir.path(),
+        &[("ATELIER_CONFIG", &config), ("RETRY_BASE_MS", "10"), ("RETRY_CAP_MS", "20")],
+    );
+    let alice = token("alice", false);
+    let id = s.create(&alice, json!({"context": {}, "pipeline": "hungry", "max_attempts": 3}))["task_id"]
+        .as_u64()
+        .unwrap();
+    let c = wait_for(PATIENCE, || {
+        let c = s.get(&format!("/api/commissions/{id}"), Some(&alice)).json();
+        (c["state"] == "failed").then_some(c)
+    })
+    .expect("the commission fails once the memory cap is reached");
+    let jobs = s.get(&format!("/api/commissions/{id}/jobs"), Some(&alice)).json();
+    let ended: Vec<(&str, &str)> = jobs["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|j| (j["status"].as_str().unwrap(), j["error_message"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        ended,
+        [
+            ("killed", "memory limit exceeded (128 MiB); the next attempt gets 256 MiB"),
+            ("killed", "memory limit exceeded (256 MiB, the cap)"),
+        ],
+        "{c}"
+    );
+    assert!(s.stop().success());
+}

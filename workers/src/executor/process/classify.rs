@@ -174,11 +174,18 @@ pub(crate) fn classify(
             infra_failure: false,
         };
     }
-    if let Some((error, retryable)) = &session.worker_error {
+    let crashed = exit.signal.is_some() || exit.code.is_some_and(|c| c != 0);
+    // A stage command's stderr is the job's: one that ran out of memory (Python's
+    // `MemoryError`, an allocation failure) left that as the last line before the worker
+    // reported the stage's failure, which is then the memory outcome, not the error it said.
+    let out_of_memory = match &session.worker_error {
+        Some(_) => last_line(stderr_tail).is_some_and(looks_like_oom),
+        None => crashed && looks_like_oom(stderr_tail),
+    };
+    if let (Some((error, retryable)), false) = (&session.worker_error, out_of_memory) {
         return fail(error.clone(), *retryable, JobStatus::Failed, false);
     }
-    let crashed = exit.signal.is_some() || exit.code.is_some_and(|c| c != 0);
-    if crashed && looks_like_oom(stderr_tail) {
+    if out_of_memory {
         let mb = applied.memory_mb;
         return if mb < applied.memory_max_mb {
             let next = (mb * 2).min(applied.memory_max_mb);
@@ -301,6 +308,26 @@ mod tests {
                 false,
             ),
             (&none, exit(None, Some(24)), None, "", "killed", Some(false), "CPU limit exceeded (2 s)", false),
+            (
+                &err,
+                exit(Some(1), None),
+                None,
+                "Traceback (most recent call last):\n  File \"<string>\", line 1\nMemoryError\n",
+                "killed",
+                Some(true),
+                "memory limit exceeded (128 MiB); the next attempt gets 256 MiB",
+                false,
+            ),
+            (
+                &err,
+                exit(Some(1), None),
+                None,
+                "MemoryError\nbut it recovered and failed for another reason\n",
+                "failed",
+                Some(true),
+                "boom",
+                false,
+            ),
             (
                 &none,
                 exit(None, Some(9)),
