@@ -188,3 +188,53 @@ stages.generating_ideas = { command = ["python3", "-c", "import sys; sys.stdin.r
     );
     assert!(s.stop().success());
 }
+
+/// The shell lines that report all four stages and a result on fd 3.
+const REPORT_ALL_STAGES: &str = r#"for s in generating_ideas creating_images uploading creating_products; do printf '{"type":"stage","stage":"%s"}\n' $s >&3; done; printf '{"type":"result","result":{"ok":true}}\n' >&3"#;
+
+/// A job's logs are the server's to write and to serve, never through a symlink the worker
+/// planted in its dir (the server neither overwrites the link's target nor serves it), and
+/// one answer carries at most 1 MiB of each log however large the log is.
+#[test]
+fn job_logs_are_not_followed_through_links_and_are_served_capped() {
+    let dir = temp_dir("iso-logs");
+    let read_target = dir.path().join("read-target.txt");
+    let write_target = dir.path().join("write-target.txt");
+    std::fs::write(&read_target, "NOT-FOR-THE-LOGS").unwrap();
+    std::fs::write(&write_target, "MUST-STAY").unwrap();
+    let config = config_file(
+        dir.path(),
+        &format!(
+            r#"
+[pipelines.plant]
+command = ["sh", "-c", '''cat >/dev/null; ln -s "$READ_TARGET" stdout.log; ln -s "$WRITE_TARGET" stderr.log; echo through-the-link >&2; {REPORT_ALL_STAGES}''']
+env = {{ PATH = "/usr/bin:/bin", READ_TARGET = "{}", WRITE_TARGET = "{}" }}
+
+[pipelines.big]
+log_bytes_max = 4194304
+command = ["sh", "-c", '''cat >/dev/null; head -c 3145728 /dev/zero | tr '\0' x; {REPORT_ALL_STAGES}''']
+env = {{ PATH = "/usr/bin:/bin" }}
+"#,
+            read_target.display(),
+            write_target.display()
+        ),
+    );
+    let s = Server::start(exe(), dir.path(), &[("ATELIER_CONFIG", &config)]);
+    let alice = token("alice", false);
+    let logs_of = |pipeline: &str| {
+        let id = s.create(&alice, json!({"context": {}, "pipeline": pipeline}))["task_id"].as_u64().unwrap();
+        let job = ended_job(&s, &alice, id);
+        assert_eq!(job["status"], "succeeded", "{job}");
+        let r = s.get(&format!("/api/jobs/{}/logs", job["job_id"]), Some(&alice));
+        assert_eq!(r.status, 200, "{}", r.text());
+        r.json()
+    };
+    let planted = logs_of("plant");
+    assert_eq!((planted["stdout"].as_str(), planted["stderr"].as_str()), (Some(""), Some("")), "{planted}");
+    assert_eq!(std::fs::read_to_string(&write_target).unwrap(), "MUST-STAY");
+    let big = logs_of("big");
+    let stdout = big["stdout"].as_str().unwrap();
+    assert_eq!(stdout.len(), 1024 * 1024);
+    assert!(stdout.bytes().all(|b| b == b'x'));
+    assert!(s.stop().success());
+}
