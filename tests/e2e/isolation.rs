@@ -238,3 +238,24 @@ env = {{ PATH = "/usr/bin:/bin" }}
     assert!(stdout.bytes().all(|b| b == b'x'));
     assert!(s.stop().success());
 }
+
+/// The server is non-dumpable: a process of its own user cannot read its environment, where
+/// the secret is. Root reads any process's /proc files (CAP_SYS_PTRACE), so as root both the
+/// server and the reader run as `nobody`, the same user without that capability.
+#[test]
+fn a_process_of_the_servers_user_cannot_read_its_environment() {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: geteuid and getegid only return this process's ids.
+    let (euid, egid) = unsafe { (libc::geteuid(), libc::getegid()) };
+    let nobody = 65_534;
+    let (uid, gid) = if euid == 0 { (nobody, nobody) } else { (euid, egid) };
+    let dir = temp_dir("iso-dumpable");
+    std::os::unix::fs::chown(dir.path(), Some(uid), Some(gid)).unwrap();
+    let s = Server::start_as(exe(), dir.path(), &[], uid, gid);
+    let environ = format!("/proc/{}/environ", s.pid());
+    let read = std::process::Command::new("cat").arg(&environ).uid(uid).gid(gid).output().unwrap();
+    let (out, err) = (String::from_utf8_lossy(&read.stdout), String::from_utf8_lossy(&read.stderr));
+    assert!(!out.contains("ATELIER_SECRET"), "a process of uid {uid} read the server's environment");
+    assert!(!read.status.success() && err.contains("Permission denied"), "{}: {out} {err}", read.status);
+    assert!(s.stop().success());
+}
