@@ -308,6 +308,11 @@ fn start_workers(
 
 fn serve(listen: Option<String>, store_args: StoreArgs) -> Result<ExitCode, CliError> {
     init_logging();
+    // First: a worker runs as our user, and must not read our environment (the secret) or
+    // memory through /proc.
+    if let Err(e) = atelier_workers::become_undumpable() {
+        tracing::warn!(error = %e, "cannot make the server non-dumpable; a worker of its user can read /proc/<server>/environ");
+    }
     private_files();
     let (s, sources) = server_settings(store_args, listen)?;
     // The secret first: a refused one leaves the data dir untouched.

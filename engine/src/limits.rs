@@ -19,6 +19,10 @@ pub const ARTIFACTS_MAX: usize = 64;
 pub const ATTEMPTS_MAX: u32 = 100;
 pub const ATTEMPTS_DEFAULT: u32 = 3;
 pub const PERCENT_MAX: u8 = 100;
+/// The `progress_steps` context switch of the built-in `noop` step (progress reports per
+/// stage). Refused above this on create: four stages of it must stay well under the workers'
+/// flood guard (protocol lines per second), which a larger value would trip on purpose.
+pub const PROGRESS_STEPS_MAX: u64 = 1_000;
 
 /// Cuts `s` to at most `max` bytes without splitting a character.
 pub fn truncate(mut s: String, max: usize) -> String {

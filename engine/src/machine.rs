@@ -663,7 +663,14 @@ fn create(new: NewCommission) -> Result<Vec<Event>, Rejection> {
         return Err(invalid("context", format!("over {} bytes", limits::CONTEXT_BYTES_MAX)));
     }
     match serde_json::from_str::<serde_json::Value>(&new.context) {
-        Ok(serde_json::Value::Object(_)) => {}
+        Ok(serde_json::Value::Object(map)) => {
+            if let Some(steps) = map.get("progress_steps") {
+                if steps.as_u64().is_none_or(|n| n > limits::PROGRESS_STEPS_MAX) {
+                    let max = limits::PROGRESS_STEPS_MAX;
+                    return Err(invalid("context", format!("progress_steps must be an integer 0..={max}")));
+                }
+            }
+        }
         Ok(_) => return Err(invalid("context", "must be a JSON object".into())),
         Err(e) => return Err(invalid("context", format!("not valid JSON: {e}"))),
     }

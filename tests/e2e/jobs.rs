@@ -213,7 +213,12 @@ fn workers_that_end_badly_leave_no_descriptor_in_the_server() {
     let s = Server::start(
         exe(),
         &dir.path().join("data"),
-        &[("ATELIER_CONFIG", config.to_str().unwrap()), ("MAX_CONCURRENT_JOBS", "4")],
+        // Dumpable, so that this test can list the server's descriptors without being root.
+        &[
+            ("ATELIER_CONFIG", config.to_str().unwrap()),
+            ("MAX_CONCURRENT_JOBS", "4"),
+            ("ATELIER_TEST_KEEP_DUMPABLE", "1"),
+        ],
     );
     let alice = token("alice", false);
     let finish = |pipelines: &[&str]| {

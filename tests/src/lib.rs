@@ -68,6 +68,14 @@ impl Server {
         Self::start_with(Command::new(exe), exe, data_dir, env, listen, Stdio::inherit())
     }
 
+    /// Starts the server as user `uid`, group `gid` (another user's only when the caller is root).
+    pub fn start_as(exe: &Path, data_dir: &Path, env: &[(&str, &str)], uid: u32, gid: u32) -> Server {
+        use std::os::unix::process::CommandExt;
+        let mut cmd = Command::new(exe);
+        cmd.uid(uid).gid(gid);
+        Self::start_with(cmd, exe, data_dir, env, "127.0.0.1:0", Stdio::inherit())
+    }
+
     /// Starts the server with its log (stderr) going to `log`.
     pub fn start_logging_to(exe: &Path, data_dir: &Path, env: &[(&str, &str)], log: &Path) -> Server {
         let log = std::fs::File::create(log).expect("create the log file");

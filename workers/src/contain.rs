@@ -44,9 +44,18 @@ fn known() -> MutexGuard<'static, BTreeMap<u32, u32>> {
 
 /// Spawns `cmd` and records the child as the server's own, atomically for a sweep.
 pub(crate) fn spawn(cmd: &mut Command) -> io::Result<(Child, Known)> {
+    spawn_with(|| cmd.spawn(), Child::id)
+}
+
+/// Starts a child with `start` (whose result has the pid `pid_of` reads) and records it as
+/// the server's own, atomically for a sweep.
+pub(crate) fn spawn_with<T>(
+    start: impl FnOnce() -> io::Result<T>,
+    pid_of: impl FnOnce(&T) -> u32,
+) -> io::Result<(T, Known)> {
     let mut k = known();
-    let child = cmd.spawn()?;
-    let pid = child.id();
+    let child = start()?;
+    let pid = pid_of(&child);
     *k.entry(pid).or_insert(0) += 1;
     Ok((child, Known(pid)))
 }
@@ -64,6 +73,31 @@ impl Drop for Known {
                 k.remove(&self.0);
             }
         }
+    }
+}
+
+/// Test scaffolding (`test-faults` builds only): with this set the server stays dumpable, so
+/// a test running as the server's user but not as root can still list its descriptors in
+/// `/proc/<server>/fd`.
+#[cfg(feature = "test-faults")]
+const KEEP_DUMPABLE_ENV: &str = "ATELIER_TEST_KEEP_DUMPABLE";
+
+/// Makes this process non-dumpable (`PR_SET_DUMPABLE 0`): its `/proc/<pid>` files (`environ`,
+/// `mem`, `fd`, `maps`) become root's and it cannot be ptraced, so a worker running as the
+/// server's user cannot read the server's environment (`ATELIER_SECRET`) or memory. It also
+/// leaves no core dump. Root (CAP_SYS_PTRACE) still can.
+pub fn become_undumpable() -> io::Result<()> {
+    #[cfg(feature = "test-faults")]
+    if std::env::var_os(KEEP_DUMPABLE_ENV).is_some() {
+        tracing::warn!("staying dumpable ({KEEP_DUMPABLE_ENV}); for tests only");
+        return Ok(());
+    }
+    // SAFETY: prctl with PR_SET_DUMPABLE takes one integer argument.
+    let rc = unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0 as libc::c_ulong, 0, 0, 0) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
     }
 }
 

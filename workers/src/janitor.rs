@@ -27,6 +27,8 @@ pub const ORPHAN_DIR_GRACE: Duration = Duration::from_secs(3600);
 pub struct Swept {
     pub removed: u64,
     pub kept: u64,
+    /// Due but could not be removed (logged, left for the next sweep).
+    pub failed: u64,
 }
 
 /// Removes the job directories under `data_dir.jobs()` that are due (see the module docs).
@@ -46,28 +48,50 @@ pub fn sweep(
         Err(e) => return Err(e),
     };
     let keep_ms = Millis::try_from(keep.as_millis()).unwrap_or(Millis::MAX);
+    // One entry the sweep cannot read or remove (a file made immutable, a dir it may not
+    // write) is logged and skipped: it must not keep every other due dir on disk.
+    let skip = |what: &str, e: &std::io::Error| {
+        tracing::warn!(dir = %jobs.display(), error = %e, "job dir sweep: cannot {what}; skipped");
+    };
     for entry in entries {
-        let entry = entry?;
+        let entry = match entry {
+            Ok(entry) => entry,
+            Err(e) => {
+                skip("read the jobs dir", &e);
+                swept.failed += 1;
+                continue;
+            }
+        };
         let Some(job_id) = DataDir::job_id_of(&entry.file_name()) else { continue };
-        if !entry.file_type()?.is_dir() {
+        if !entry.file_type().is_ok_and(|t| t.is_dir()) {
             continue;
         }
         let due = match store.job(job_id) {
             Ok(Some(job)) => {
                 job.status.is_finished() && job.completed_at.is_some_and(|t| t.saturating_add(keep_ms) < now)
             }
-            Ok(None) => {
-                let changed = entry.metadata()?.modified()?;
-                SystemTime::now().duration_since(changed).is_ok_and(|age| age > ORPHAN_DIR_GRACE)
-            }
+            Ok(None) => match entry.metadata().and_then(|m| m.modified()) {
+                Ok(changed) => {
+                    SystemTime::now().duration_since(changed).is_ok_and(|age| age > ORPHAN_DIR_GRACE)
+                }
+                Err(e) => {
+                    skip("read a job dir's age", &e);
+                    false
+                }
+            },
             Err(e) => {
                 tracing::warn!(job = job_id, error = %e, "job dir sweep: cannot read the job record; keeping its dir");
                 false
             }
         };
         if due {
-            std::fs::remove_dir_all(entry.path())?;
-            swept.removed += 1;
+            match std::fs::remove_dir_all(entry.path()) {
+                Ok(()) => swept.removed += 1,
+                Err(e) => {
+                    tracing::warn!(job = job_id, dir = %entry.path().display(), error = %e, "job dir sweep: cannot remove a due dir; skipped");
+                    swept.failed += 1;
+                }
+            }
         } else {
             swept.kept += 1;
         }
@@ -79,9 +103,10 @@ pub fn sweep(
 pub(crate) fn sweep_loop(store: &dyn EventStore, data_dir: &DataDir, keep: Duration, stop: &Receiver<()>) {
     loop {
         match sweep(store, data_dir, keep, now_ms()) {
-            Ok(s) if s.removed > 0 => tracing::info!(
+            Ok(s) if s.removed > 0 || s.failed > 0 => tracing::info!(
                 removed = s.removed,
                 kept = s.kept,
+                failed = s.failed,
                 "removed the dirs of jobs that ended long ago"
             ),
             Ok(_) => {}
@@ -90,5 +115,58 @@ pub(crate) fn sweep_loop(store: &dyn EventStore, data_dir: &DataDir, keep: Durat
         if let Err(RecvTimeoutError::Disconnected) = stop.recv_timeout(SWEEP_INTERVAL) {
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use atelier_storage::{SledStore, StoreConfig};
+
+    /// Makes `file` impossible to remove: immutable as root (which permissions do not stop),
+    /// its dir read-only otherwise. False when this machine offers neither.
+    fn make_undeletable(file: &std::path::Path, make: bool) -> bool {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = file.parent().expect("has a dir");
+        // SAFETY: geteuid only returns this process's effective user id.
+        if unsafe { libc::geteuid() } == 0 {
+            let flag = if make { "+i" } else { "-i" };
+            std::process::Command::new("chattr").arg(flag).arg(file).status().is_ok_and(|s| s.success())
+        } else {
+            let mode = if make { 0o500 } else { 0o700 };
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode)).is_ok()
+        }
+    }
+
+    /// A due dir that cannot be removed is logged and skipped; the sweep goes on to the others.
+    #[test]
+    fn a_dir_that_cannot_be_removed_does_not_stop_the_sweep() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = SledStore::open(StoreConfig::new(tmp.path().join("store"))).unwrap();
+        let data = DataDir::new(tmp.path().join("data"));
+        // Orphans (no job record) older than the grace: all due. The first one sorts first
+        // in most directory orders, but the sweep must not depend on that.
+        let stuck = data.jobs().join("900001");
+        let file = stuck.join("held").join("log");
+        std::fs::create_dir_all(file.parent().unwrap()).unwrap();
+        std::fs::write(&file, b"x").unwrap();
+        let others = ["900002", "900003"].map(|n| data.jobs().join(n));
+        for d in &others {
+            std::fs::create_dir_all(d).unwrap();
+        }
+        let long_ago = SystemTime::now() - ORPHAN_DIR_GRACE - Duration::from_secs(60);
+        for d in others.iter().chain([&stuck]) {
+            std::fs::File::open(d).unwrap().set_modified(long_ago).unwrap();
+        }
+        if !make_undeletable(&file, true) {
+            eprintln!("skipped: cannot make a file undeletable here (chattr +i as root, or chmod)");
+            return;
+        }
+        let swept = sweep(&*store, &data, Duration::from_secs(1), now_ms());
+        make_undeletable(&file, false);
+        let swept = swept.expect("the sweep goes on past a dir it cannot remove");
+        assert_eq!(swept, Swept { removed: 2, kept: 0, failed: 1 });
+        assert!(others.iter().all(|d| !d.exists()), "the other due dirs are gone");
+        assert!(file.exists(), "the one it could not remove is left for the next sweep");
     }
 }

@@ -41,6 +41,7 @@ use atelier_storage::{EventStore, Filter};
 use crossbeam_channel::Sender;
 
 pub use config::{Builtin, ConfigError, JobLimits, PipelineConfig, StageSpec, WorkersConfig};
+pub use contain::become_undumpable;
 pub use error::WorkersError;
 pub use inside::pipeline::{derive_ideas, JobInput};
 pub use inside::trampoline::trampoline_main;

@@ -51,10 +51,29 @@ pub(super) fn logs(call: &Call<'_>) -> Result<Reply, StorageError> {
     if logs_swept(job.completed_at, ex.job_dirs_keep_ms(), now_ms()) {
         return Ok(error(410, "gone", format!("no logs are kept for job {id}: its working dir is gone (a finished job's dir is removed ATELIER_JOB_DIRS_KEEP_DAYS after it ended)")));
     }
-    let read = |p: &std::path::Path| {
-        std::fs::read(p).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default()
-    };
-    Ok(Reply::Json(200, render::job_logs(id, read(&out), read(&err))))
+    Ok(Reply::Json(200, render::job_logs(id, read_log(&out), read_log(&err))))
+}
+
+/// The most of each of a job's logs (stdout, stderr) one answer carries: a log is read up to
+/// this, never whole (a pipeline's `log_bytes_max` may be far larger).
+const JOB_LOG_SERVED_BYTES_MAX: u64 = 1024 * 1024;
+
+/// At most [`JOB_LOG_SERVED_BYTES_MAX`] of a job's log, from its start. The job's dir is the
+/// worker's to fill: the log is opened without following a symlink it may have planted there
+/// (`O_NOFOLLOW`) and without blocking on a FIFO (`O_NONBLOCK`); anything but a regular file,
+/// like a missing one, reads as empty.
+fn read_log(path: &std::path::Path) -> String {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let opened =
+        std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK).open(path);
+    let Ok(file) = opened else { return String::new() };
+    if !file.metadata().is_ok_and(|m| m.is_file()) {
+        return String::new();
+    }
+    let mut bytes = Vec::new();
+    let _ = file.take(JOB_LOG_SERVED_BYTES_MAX).read_to_end(&mut bytes);
+    String::from_utf8_lossy(&bytes).into_owned()
 }
 
 /// The job named by the path and its id, if its commission is one the caller may see (404

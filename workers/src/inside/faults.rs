@@ -43,7 +43,7 @@ pub(super) fn misbehave(mode: &str, rep: &mut PipeReporter, env: &RunEnv) -> Opt
     };
     match mode {
         "sigkill" | "abort" | "segfault" | "oom" | "spin" | "hang" | "no-heartbeat" | "ignore-term"
-        | "exit-nonzero" | "fork-bomb" => {
+        | "exit-nonzero" | "fork-bomb" | "join-server-group" => {
             let _ = rep.send(first);
         }
         _ => {}
@@ -96,6 +96,19 @@ pub(super) fn misbehave(mode: &str, rep: &mut PipeReporter, env: &RunEnv) -> Opt
             loop {
                 x = std::hint::black_box(x.wrapping_add(1));
             }
+        }
+        "join-server-group" => {
+            // Out of the job's process group and into the server's (the worker's parent, as
+            // the trampoline runs the worker in place), where a kill of the job's group
+            // cannot reach it; then it waits, beating, to be ended.
+            use nix::unistd::{getpgid, getppid, setpgid, Pid};
+            let moved = getpgid(Some(getppid())).and_then(|g| setpgid(Pid::from_raw(0), g));
+            if let Err(e) = moved {
+                let error = format!("setpgid into the server's group: {e}");
+                let _ = rep.send(Message::Error { error, retryable: false });
+                return Some(EXIT_BEHAVE);
+            }
+            forever(rep, true)
         }
         "hang" => forever(rep, true),
         "no-heartbeat" => forever(rep, false),

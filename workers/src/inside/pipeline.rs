@@ -22,8 +22,9 @@ use crate::inside::protocol::Message;
 
 /// A test delay in the context (`delay_ms`) is cut to this, per stage.
 pub const DELAY_MS_MAX: u64 = 60_000;
-/// `progress_steps` in the context is cut to this.
-pub const PROGRESS_STEPS_MAX: u64 = 10_000;
+/// `progress_steps` in the context is cut to this (refused above it on create; a commission
+/// logged before that check still has its steps cut here).
+pub use atelier_engine::limits::PROGRESS_STEPS_MAX;
 pub const IMAGE_SIDE_PX: u32 = 256;
 /// Ideas derived per commission.
 pub const IDEAS_COUNT: usize = 3;

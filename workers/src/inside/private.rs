@@ -19,8 +19,18 @@ pub fn create_dir_all(path: &Path) -> std::io::Result<()> {
 }
 
 /// `File::create` with a new file given [`FILE_MODE`].
+///
+/// Never through a symlink (`O_NOFOLLOW`): a job's dir is the worker's to fill, and a link it
+/// planted where the server writes the job's logs (`stdout.log -> ../../store/db`) would have
+/// the server truncate and overwrite its target.
 pub fn create_file(path: &Path) -> std::io::Result<File> {
-    OpenOptions::new().write(true).create(true).truncate(true).mode(FILE_MODE).open(path)
+    OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(FILE_MODE)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
 }
 
 #[cfg(test)]

@@ -18,9 +18,18 @@ const TRAMPOLINE_EXIT_CODES: std::ops::RangeInclusive<i32> = 124..=127;
 pub(crate) enum KillReason {
     Cancel,
     Shutdown,
-    Timeout { seconds: u64 },
-    Stalled { ms: u64 },
+    Timeout {
+        seconds: u64,
+    },
+    Stalled {
+        ms: u64,
+    },
     Protocol(String),
+    /// Over `lines_max` protocol lines in one second: what the job's own code wrote, so the
+    /// job's failure, never the controller's.
+    Flood {
+        lines_max: u32,
+    },
     Stale(String),
     Storage(String),
 }
@@ -42,6 +51,9 @@ pub(crate) struct Applied {
     pub(crate) cpu_seconds: u64,
     pub(crate) timeout_seconds: u64,
     pub(crate) heartbeat_ms: u64,
+    /// The whole job is the pipeline's own `command`: once it runs, how it ends (a crash, a
+    /// stall, a bad line, an exit code) is that program's doing, not the controller's.
+    pub(crate) own_program: bool,
 }
 
 /// The result of watching: how it ended, and whether the failure was the controller's
@@ -105,6 +117,9 @@ pub(crate) fn classify(
         finish: Finish::Fail { error: error.clone(), retryable, end: end(status, Some(error)) },
         infra_failure: infra,
     };
+    // Whether a failure after the worker program started is the controller's machinery (the
+    // built-in worker is ours) or the pipeline's own program.
+    let machinery = !applied.own_program;
     let with_stderr = |msg: String| match last_line(stderr_tail) {
         Some(l) => format!("{msg}; stderr: {}", l.chars().take(300).collect::<String>()),
         None => msg,
@@ -126,10 +141,23 @@ pub(crate) fn classify(
             )
         }
         Some(KillReason::Stalled { ms }) => {
-            return fail(format!("stalled: no protocol line for {ms} ms"), true, JobStatus::TimedOut, true)
+            return fail(
+                format!("stalled: no protocol line for {ms} ms"),
+                true,
+                JobStatus::TimedOut,
+                machinery,
+            )
         }
         Some(KillReason::Protocol(e)) => {
-            return fail(format!("protocol error: {e}"), false, JobStatus::Failed, true)
+            return fail(format!("protocol error: {e}"), false, JobStatus::Failed, machinery)
+        }
+        Some(KillReason::Flood { lines_max }) => {
+            return fail(
+                format!("protocol error: flooding: over {lines_max} protocol lines in one second"),
+                false,
+                JobStatus::Failed,
+                false,
+            )
         }
         Some(KillReason::Stale(e)) => {
             tracing::warn!(job = job_id, reason = %e, "job is stale; nothing to record");
@@ -146,11 +174,18 @@ pub(crate) fn classify(
             infra_failure: false,
         };
     }
-    if let Some((error, retryable)) = &session.worker_error {
+    let crashed = exit.signal.is_some() || exit.code.is_some_and(|c| c != 0);
+    // A stage command's stderr is the job's: one that ran out of memory (Python's
+    // `MemoryError`, an allocation failure) left that as the last line before the worker
+    // reported the stage's failure, which is then the memory outcome, not the error it said.
+    let out_of_memory = match &session.worker_error {
+        Some(_) => last_line(stderr_tail).is_some_and(looks_like_oom),
+        None => crashed && looks_like_oom(stderr_tail),
+    };
+    if let (Some((error, retryable)), false) = (&session.worker_error, out_of_memory) {
         return fail(error.clone(), *retryable, JobStatus::Failed, false);
     }
-    let crashed = exit.signal.is_some() || exit.code.is_some_and(|c| c != 0);
-    if crashed && looks_like_oom(stderr_tail) {
+    if out_of_memory {
         let mb = applied.memory_mb;
         return if mb < applied.memory_max_mb {
             let next = (mb * 2).min(applied.memory_max_mb);
@@ -195,18 +230,18 @@ pub(crate) fn classify(
                 with_stderr(format!("killed by {}", signal_name(sig))),
                 true,
                 JobStatus::Killed,
-                true,
+                machinery,
             )
         }
         None => {}
     }
     match exit.code {
-        Some(0) => fail("the worker exited 0 without a result".into(), false, JobStatus::Failed, true),
+        Some(0) => fail("the worker exited 0 without a result".into(), false, JobStatus::Failed, machinery),
         Some(127) => fail(
             with_stderr("could not start the worker program (exit 127)".into()),
             false,
             JobStatus::Failed,
-            true,
+            machinery,
         ),
         Some(c) if TRAMPOLINE_EXIT_CODES.contains(&c) => fail(
             with_stderr(format!("could not set up the worker (exit {c})")),
@@ -215,9 +250,9 @@ pub(crate) fn classify(
             true,
         ),
         Some(c) => {
-            fail(with_stderr(format!("the worker exited with code {c}")), true, JobStatus::Failed, true)
+            fail(with_stderr(format!("the worker exited with code {c}")), true, JobStatus::Failed, machinery)
         }
-        None => fail("the worker ended in an unknown way".into(), true, JobStatus::Failed, true),
+        None => fail("the worker ended in an unknown way".into(), true, JobStatus::Failed, machinery),
     }
 }
 
@@ -233,7 +268,14 @@ mod tests {
     }
 
     fn applied() -> Applied {
-        Applied { memory_mb: 128, memory_max_mb: 256, cpu_seconds: 2, timeout_seconds: 5, heartbeat_ms: 400 }
+        Applied {
+            memory_mb: 128,
+            memory_max_mb: 256,
+            cpu_seconds: 2,
+            timeout_seconds: 5,
+            heartbeat_ms: 400,
+            own_program: false,
+        }
     }
 
     fn exit(code: Option<i32>, signal: Option<i32>) -> ExitInfo {
@@ -267,6 +309,26 @@ mod tests {
             ),
             (&none, exit(None, Some(24)), None, "", "killed", Some(false), "CPU limit exceeded (2 s)", false),
             (
+                &err,
+                exit(Some(1), None),
+                None,
+                "Traceback (most recent call last):\n  File \"<string>\", line 1\nMemoryError\n",
+                "killed",
+                Some(true),
+                "memory limit exceeded (128 MiB); the next attempt gets 256 MiB",
+                false,
+            ),
+            (
+                &err,
+                exit(Some(1), None),
+                None,
+                "MemoryError\nbut it recovered and failed for another reason\n",
+                "failed",
+                Some(true),
+                "boom",
+                false,
+            ),
+            (
                 &none,
                 exit(None, Some(9)),
                 Some(KillReason::Timeout { seconds: 5 }),
@@ -295,6 +357,16 @@ mod tests {
                 Some(false),
                 "protocol error: x",
                 true,
+            ),
+            (
+                &none,
+                exit(None, Some(9)),
+                Some(KillReason::Flood { lines_max: 10 }),
+                "",
+                "failed",
+                Some(false),
+                "flooding: over 10 protocol lines",
+                false,
             ),
             (&none, exit(None, Some(15)), Some(KillReason::Cancel), "", "cancelled", None, "", false),
             (
@@ -331,6 +403,27 @@ mod tests {
                 other => assert_eq!(retryable, None, "case {i}: {other:?}"),
             }
         }
+    }
+
+    /// A pipeline's own program failing is its own failure: none of it feeds the rollback,
+    /// except the trampoline's set-up codes (before the program ran).
+    #[test]
+    fn a_pipelines_own_program_failing_is_not_the_controllers_failure() {
+        let own = Applied { own_program: true, ..applied() };
+        let none = Reported { job_id: 1, ..Reported::default() };
+        let endings = [
+            (exit(None, Some(9)), Some(KillReason::Protocol("x".into()))),
+            (exit(None, Some(9)), Some(KillReason::Stalled { ms: 400 })),
+            (exit(None, Some(11)), None),
+            (exit(Some(3), None), None),
+            (exit(Some(0), None), None),
+            (exit(Some(127), None), None),
+        ];
+        for (i, (ex, kill)) in endings.iter().enumerate() {
+            assert!(!classify(&none, ex, kill.as_ref(), "", &own).infra_failure, "case {i}");
+            assert!(classify(&none, ex, kill.as_ref(), "", &applied()).infra_failure, "case {i}");
+        }
+        assert!(classify(&none, &exit(Some(124), None), None, "", &own).infra_failure);
     }
 
     #[test]

@@ -65,12 +65,13 @@ impl ProcessExecutor {
             cpu_seconds: p.limits.cpu_seconds,
             timeout_seconds: p.limits.timeout_seconds,
             heartbeat_ms: shared.config.heartbeat_timeout_ms_for(&p),
+            own_program: p.command.is_some(),
         };
         let spawn_started = Instant::now();
         let spawned = self.spawner.spawn_worker(shared, &p, &dir, &input, &spec_file, &applied);
         // `_known` lives to the end of this function, past the reap (`watch::watch` or the
         // refused start's wait): until then a sweep leaves the worker alone (`contain`).
-        let (child, _known, proto_r, out_r, err_r) = match spawned {
+        let (pid, _known, proto_r, out_r, err_r) = match spawned {
             Ok(v) => v,
             Err(e) => {
                 tracing::error!(commission = c.id, job = job_id, error = %e, "cannot spawn a worker");
@@ -87,7 +88,6 @@ impl ProcessExecutor {
             spawn_us = spawn_started.elapsed().as_micros(),
             "spawned"
         );
-        let pid = child.id();
         let start = Command::StartJob { job_id, executor, job_name: p.name.clone(), pid: Some(pid) };
         let rejected = match execute(&*shared.store, c.id, start, &ctx(shared.config.retry)) {
             Ok(Ok(_)) => None,
@@ -97,10 +97,9 @@ impl ProcessExecutor {
         if let Some(why) = rejected {
             // Cancelled (or started elsewhere) meanwhile: this process must not run.
             tracing::info!(commission = c.id, job = job_id, reason = %why, "start refused; killing the worker");
-            let pgid = nix::unistd::Pid::from_raw(i32::try_from(pid).expect("invariant: pids fit i32"));
-            let _ = nix::sys::signal::killpg(pgid, nix::sys::signal::Signal::SIGKILL);
-            let mut child = child;
-            let _ = child.wait();
+            let pid = i32::try_from(pid).expect("invariant: pids fit i32");
+            watch::kill_job(pid, nix::sys::signal::Signal::SIGKILL);
+            let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid), None);
             return;
         }
         tracing::info!(commission = c.id, job = job_id, pid, pipeline = %p.name, memory_mb, "job started");
@@ -108,7 +107,7 @@ impl ProcessExecutor {
         let started = Instant::now();
         let mut session = shared.session(c.id, job_id);
         let watched = Watched {
-            child,
+            pid,
             proto_r,
             out_r,
             err_r,

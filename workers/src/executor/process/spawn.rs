@@ -3,15 +3,13 @@
 
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Stdio};
-
 use std::sync::Mutex;
 use std::time::Duration;
 
 use crossbeam_channel::{Receiver, Sender};
-use nix::fcntl::{fcntl, FcntlArg, FdFlag, OFlag};
+use nix::fcntl::{fcntl, FcntlArg, OFlag};
 
 use super::classify::Applied;
 use crate::config::PipelineConfig;
@@ -36,9 +34,9 @@ pub(crate) struct SpawnRequest {
     pub(crate) stdin: File,
     pub(crate) stdout: OwnedFd,
     pub(crate) stderr: OwnedFd,
-    /// The protocol pipe's write end; inherited by the child only (see `spawn_one`).
+    /// The protocol pipe's write end; the child's fd 3, and no other child's (see `posix_spawn`).
     pub(crate) proto_w: OwnedFd,
-    pub(crate) reply: Sender<io::Result<(Child, Known)>>,
+    pub(crate) reply: Sender<io::Result<(u32, Known)>>,
 }
 
 /// The one long-lived thread that spawns workers. PR_SET_PDEATHSIG fires when the thread
@@ -51,26 +49,103 @@ fn spawner_loop(exe: PathBuf, rx: Receiver<SpawnRequest>) {
     }
 }
 
-fn spawn_one(exe: &Path, req: SpawnRequest) -> io::Result<(Child, Known)> {
-    // The protocol pipe is created close-on-exec so no other child inherits it; it is made
-    // inheritable only here, on the one spawning thread, for exactly this spawn.
-    fcntl(req.proto_w.as_raw_fd(), FcntlArg::F_SETFD(FdFlag::empty())).map_err(io::Error::from)?;
-    // No pre_exec: std then uses posix_spawn (vfork-like, ~1 ms whatever the server's RSS).
-    // process_group(0) is done by posix_spawn itself, so the group exists before we return
-    // and a kill of the group can never miss the worker.
-    let result = crate::contain::spawn(std::os::unix::process::CommandExt::process_group(
-        std::process::Command::new(exe)
-            .args(&req.args)
-            .env_clear()
-            .envs(req.env.iter().map(|(k, v)| (k, v)))
-            .current_dir(&req.cwd)
-            .stdin(Stdio::from(req.stdin))
-            .stdout(Stdio::from(req.stdout))
-            .stderr(Stdio::from(req.stderr)),
-        0,
-    ));
-    drop(req.proto_w);
-    result
+fn spawn_one(exe: &Path, req: SpawnRequest) -> io::Result<(u32, Known)> {
+    let fds =
+        [req.stdin.as_raw_fd(), req.stdout.as_raw_fd(), req.stderr.as_raw_fd(), req.proto_w.as_raw_fd()];
+    // Known to a sweep from the moment it exists (see `contain`).
+    crate::contain::spawn_with(|| posix_spawn(exe, &req.args, &req.env, &req.cwd, fds), |pid| *pid)
+}
+
+/// The descriptors a worker gets, in order: stdin, stdout, stderr, the protocol pipe.
+const CHILD_FDS: usize = 4;
+const _: () = assert!(PROTOCOL_FD as usize == CHILD_FDS - 1);
+
+/// Starts `exe` with `args` and exactly `env`, in `cwd`, as the leader of a new process group,
+/// with `fds[i]` as its descriptor `i`: posix_spawn (vfork-like, ~1 ms whatever the server's
+/// RSS; std's `pre_exec` would fork the whole server).
+///
+/// Every descriptor the server makes is close-on-exec and stays so: the child's copies are
+/// made by dup2 file actions inside the child, which clear close-on-exec on the copy only. So
+/// no other spawn of the server, at any moment (a task runner's stage command, another job),
+/// can inherit this job's pipes. The group exists before this returns, so a kill of the group
+/// can never miss the worker.
+fn posix_spawn(
+    exe: &Path,
+    args: &[String],
+    env: &[(String, String)],
+    cwd: &Path,
+    fds: [RawFd; CHILD_FDS],
+) -> io::Result<u32> {
+    use std::ffi::CString;
+    use std::os::unix::ffi::OsStrExt;
+    let nul = |_| io::Error::new(io::ErrorKind::InvalidInput, "an argument contains a NUL byte");
+    let path = CString::new(exe.as_os_str().as_bytes()).map_err(nul)?;
+    let dir = CString::new(cwd.as_os_str().as_bytes()).map_err(nul)?;
+    let mut argv = vec![path.clone()];
+    for a in args {
+        argv.push(CString::new(a.as_bytes()).map_err(nul)?);
+    }
+    let envp: Vec<CString> =
+        env.iter().map(|(k, v)| CString::new(format!("{k}={v}"))).collect::<Result<_, _>>().map_err(nul)?;
+    let mut argv_p: Vec<*mut libc::c_char> = argv.iter().map(|a| a.as_ptr().cast_mut()).collect();
+    argv_p.push(std::ptr::null_mut());
+    let mut envp_p: Vec<*mut libc::c_char> = envp.iter().map(|a| a.as_ptr().cast_mut()).collect();
+    envp_p.push(std::ptr::null_mut());
+    // A source below CHILD_FDS could be overwritten by an earlier dup2, or be its own target
+    // (a no-op dup2 that would keep close-on-exec): move it up first, still close-on-exec.
+    let mut moved = Vec::new();
+    let mut src = fds;
+    for fd in &mut src {
+        if usize::try_from(*fd).is_ok_and(|n| n < CHILD_FDS) {
+            let up = fcntl(*fd, FcntlArg::F_DUPFD_CLOEXEC(CHILD_FDS as RawFd)).map_err(io::Error::from)?;
+            // SAFETY: F_DUPFD_CLOEXEC just returned this new descriptor; nothing else owns it.
+            moved.push(unsafe { OwnedFd::from_raw_fd(up) });
+            *fd = up;
+        }
+    }
+    let check = |rc: libc::c_int| if rc == 0 { Ok(()) } else { Err(io::Error::from_raw_os_error(rc)) };
+    // SAFETY: the file actions and attributes are initialised before use and destroyed once,
+    // below; every pointer passed (paths, argv, envp, both NULL-terminated) outlives the call.
+    unsafe {
+        let mut actions: libc::posix_spawn_file_actions_t = std::mem::zeroed();
+        let mut attr: libc::posix_spawnattr_t = std::mem::zeroed();
+        check(libc::posix_spawn_file_actions_init(&mut actions))?;
+        if let Err(e) = check(libc::posix_spawnattr_init(&mut attr)) {
+            libc::posix_spawn_file_actions_destroy(&mut actions);
+            return Err(e);
+        }
+        let mut sigdefault: libc::sigset_t = std::mem::zeroed();
+        let mut sigmask: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut sigmask);
+        libc::sigemptyset(&mut sigdefault);
+        // std ignores SIGPIPE in the server; a worker gets the default, as std's spawn gives.
+        libc::sigaddset(&mut sigdefault, libc::SIGPIPE);
+        let flags = libc::POSIX_SPAWN_SETPGROUP | libc::POSIX_SPAWN_SETSIGMASK | libc::POSIX_SPAWN_SETSIGDEF;
+        let mut pid: libc::pid_t = 0;
+        let result = (0..CHILD_FDS)
+            .try_for_each(|i| {
+                check(libc::posix_spawn_file_actions_adddup2(&mut actions, src[i], i as libc::c_int))
+            })
+            .and_then(|()| check(libc::posix_spawn_file_actions_addchdir_np(&mut actions, dir.as_ptr())))
+            .and_then(|()| check(libc::posix_spawnattr_setflags(&mut attr, flags as libc::c_short)))
+            .and_then(|()| check(libc::posix_spawnattr_setpgroup(&mut attr, 0)))
+            .and_then(|()| check(libc::posix_spawnattr_setsigmask(&mut attr, &sigmask)))
+            .and_then(|()| check(libc::posix_spawnattr_setsigdefault(&mut attr, &sigdefault)))
+            .and_then(|()| {
+                check(libc::posix_spawn(
+                    &mut pid,
+                    path.as_ptr(),
+                    &actions,
+                    &attr,
+                    argv_p.as_ptr(),
+                    envp_p.as_ptr(),
+                ))
+            });
+        libc::posix_spawn_file_actions_destroy(&mut actions);
+        libc::posix_spawnattr_destroy(&mut attr);
+        result?;
+        Ok(u32::try_from(pid).expect("invariant: posix_spawn returns a positive pid"))
+    }
 }
 
 pub(crate) fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
@@ -114,7 +189,6 @@ impl Spawner {
         spec_file: &Path,
         applied: &Applied,
     ) -> std::io::Result<SpawnedWorker> {
-        use std::os::fd::AsRawFd;
         let (proto_r, proto_w) = pipe()?;
         let (out_r, out_w) = pipe()?;
         let (err_r, err_w) = pipe()?;
@@ -144,7 +218,7 @@ impl Spawner {
         };
         let t = TrampolineArgs {
             server_pid: self.server_pid,
-            proto_fd: proto_w.as_raw_fd(),
+            proto_fd: PROTOCOL_FD,
             memory_bytes: applied.memory_mb * 1024 * 1024,
             cpu_seconds: p.limits.cpu_seconds,
             nofile_max: p.limits.nofile_max,
@@ -169,20 +243,17 @@ impl Spawner {
         let tx = self.tx.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let tx = tx.ok_or_else(|| std::io::Error::other("the spawner is stopped"))?;
         tx.send(req).map_err(|_| std::io::Error::other("the spawner is gone"))?;
-        let (child, known) = reply_rx
+        let (pid, known) = reply_rx
             .recv_timeout(Duration::from_millis(SPAWN_REPLY_TIMEOUT_MS))
             .map_err(|_| std::io::Error::other("the spawner did not answer"))??;
-        Ok((child, known, proto_r, out_r, err_r))
+        Ok((pid, known, proto_r, out_r, err_r))
     }
 }
 
-pub(crate) type SpawnedWorker = (
-    std::process::Child,
-    crate::contain::Known,
-    std::os::fd::OwnedFd,
-    std::os::fd::OwnedFd,
-    std::os::fd::OwnedFd,
-);
+/// The worker's pid (the server's child, for the caller to reap), its record as a known child,
+/// and the server's ends of the protocol pipe, stdout and stderr.
+pub(crate) type SpawnedWorker =
+    (u32, crate::contain::Known, std::os::fd::OwnedFd, std::os::fd::OwnedFd, std::os::fd::OwnedFd);
 
 /// The environment of a job's worker: a PATH, what the pipeline passes or sets, and the job's
 /// own variables.
@@ -206,7 +277,21 @@ fn worker_env(shared: &Shared, p: &PipelineConfig, input: &JobInput, dir: &Path)
         ("ATELIER_ARTIFACTS_DIR".to_string(), shared.data_dir.artifacts().display().to_string()),
         ("ATELIER_PROTOCOL_FD".to_string(), PROTOCOL_FD.to_string()),
     ]);
-    env
+    last_wins(env)
+}
+
+/// One entry per name, the last one given: an environment with a name twice is read by its
+/// first entry (glibc's getenv), so a pipeline's own PATH would lose to the server's, and a
+/// pipeline could shadow the job's variables.
+fn last_wins(env: Vec<(String, String)>) -> Vec<(String, String)> {
+    let mut out: Vec<(String, String)> = Vec::with_capacity(env.len());
+    for (k, v) in env {
+        match out.iter_mut().find(|(name, _)| *name == k) {
+            Some(slot) => slot.1 = v,
+            None => out.push((k, v)),
+        }
+    }
+    out
 }
 
 /// The job's input as an anonymous in-memory file, rewound: the worker's stdin. A regular,
@@ -225,4 +310,72 @@ fn input_memfd(input: &JobInput) -> std::io::Result<std::fs::File> {
     f.write_all(&text)?;
     f.rewind()?;
     Ok(f)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+
+    /// Through the whole spawn, the server's copy of a job's protocol pipe stays close-on-exec
+    /// (so a spawn on another thread at that moment cannot inherit it), while the child gets
+    /// it as its descriptor 3.
+    #[test]
+    fn the_protocol_pipe_stays_close_on_exec_in_the_server() {
+        let (proto_r, proto_w) = pipe().unwrap();
+        let (_out_r, out_w) = pipe().unwrap();
+        let (_err_r, err_w) = pipe().unwrap();
+        let raw = proto_w.as_raw_fd();
+        let stop = Arc::new(AtomicBool::new(false));
+        let watcher = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut looks = 0u64;
+                let mut inheritable = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    if let Ok(flags) = fcntl(raw, FcntlArg::F_GETFD) {
+                        looks += 1;
+                        if flags & libc::FD_CLOEXEC == 0 {
+                            inheritable += 1;
+                        }
+                    }
+                }
+                (looks, inheritable)
+            })
+        };
+        // Let the watcher get going before the spawn.
+        std::thread::sleep(Duration::from_millis(20));
+        let (reply, _) = crossbeam_channel::bounded(1);
+        let req = SpawnRequest {
+            args: vec!["-c".into(), "echo on-fd-3 >&3".into()],
+            env: vec![("PATH".into(), DEFAULT_PATH.into())],
+            cwd: PathBuf::from("/"),
+            stdin: File::open("/dev/null").unwrap(),
+            stdout: out_w,
+            stderr: err_w,
+            proto_w,
+            reply,
+        };
+        let (pid, _known) = spawn_one(Path::new("/bin/sh"), req).expect("spawns");
+        stop.store(true, Ordering::Relaxed);
+        let (looks, inheritable) = watcher.join().unwrap();
+        let status = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(i32::try_from(pid).unwrap()), None);
+        assert_eq!(status, Ok(nix::sys::wait::WaitStatus::Exited(nix::unistd::Pid::from_raw(pid as i32), 0)));
+        assert!(looks > 0, "the watcher looked at the descriptor");
+        assert_eq!(inheritable, 0, "the server's copy was inheritable {inheritable} times of {looks}");
+        let mut said = String::new();
+        File::from(proto_r).read_to_string(&mut said).unwrap();
+        assert_eq!(said, "on-fd-3\n");
+    }
+
+    /// A name given twice keeps its place and takes its last value: the pipeline's PATH over
+    /// the server's, the job's variables over the pipeline's.
+    #[test]
+    fn a_later_variable_replaces_an_earlier_one() {
+        let pair = |k: &str, v: &str| (k.to_string(), v.to_string());
+        let env = vec![pair("PATH", "/server"), pair("A", "1"), pair("PATH", "/pipeline"), pair("A", "2")];
+        assert_eq!(last_wins(env), vec![pair("PATH", "/pipeline"), pair("A", "2")]);
+    }
 }

@@ -15,7 +15,6 @@ use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::PathBuf;
-use std::process::Child;
 use std::time::{Duration, Instant};
 
 use nix::fcntl::{fcntl, FcntlArg, OFlag};
@@ -36,6 +35,10 @@ const READ_CHUNK_BYTES: usize = 64 * 1024;
 const DRAIN_BYTES_MAX: usize = 4 * 1024 * 1024;
 /// A worker sending more protocol lines than this in one second is flooding and is cut off.
 pub const PROTOCOL_LINES_PER_SECOND_MAX: u32 = 10_000;
+// A `noop` with the most progress steps a user may ask for (each stage's steps, its 100% line
+// and its stage line, plus the result) stays under the guard even all in one second.
+const _: () =
+    assert!(4 * (crate::inside::pipeline::PROGRESS_STEPS_MAX + 2) + 1 < PROTOCOL_LINES_PER_SECOND_MAX as u64);
 /// Reports are held this long after the first of a batch before they are appended, so that a
 /// burst of lines, or a short job's whole life, is one append (one fsync) rather than one per
 /// poll wakeup; far below what anyone watching progress can notice.
@@ -103,7 +106,8 @@ impl LogSink {
 /// Why the controller ended (or is ending) a worker.
 /// What a job's poll loop watches.
 pub(crate) struct Watched {
-    pub(crate) child: Child,
+    /// The worker's pid: the server's child, reaped here.
+    pub(crate) pid: u32,
     pub(crate) proto_r: OwnedFd,
     pub(crate) out_r: OwnedFd,
     pub(crate) err_r: OwnedFd,
@@ -111,6 +115,18 @@ pub(crate) struct Watched {
     pub(crate) logs: (PathBuf, PathBuf),
     pub(crate) log_bytes_max: u64,
     pub(crate) kill_grace: Duration,
+}
+
+/// Signals the job's process group, and its leader by pid: a leader that moved itself into
+/// another group (`setpgid`, even into the server's own) is out of reach of the group kill.
+/// The leader is our child and not reaped yet, so its pid cannot have been reused.
+pub(super) fn kill_job(pid: i32, sig: Signal) {
+    kill_group(pid, sig);
+    if let Err(e) = nix::sys::signal::kill(Pid::from_raw(pid), sig) {
+        if e != nix::errno::Errno::ESRCH {
+            tracing::warn!(pid, signal = %sig, error = %e, "cannot signal the job's worker");
+        }
+    }
 }
 
 fn kill_group(pgid: i32, sig: Signal) {
@@ -123,8 +139,8 @@ fn kill_group(pgid: i32, sig: Signal) {
 
 /// Watches a started worker to its end and says how it ended.
 pub(crate) fn watch(w: Watched, session: &mut Session, signal: &JobSignal, applied: &Applied) -> Ended {
-    let Watched { child, proto_r, out_r, err_r, logs, log_bytes_max, kill_grace } = w;
-    let pid = i32::try_from(child.id()).expect("invariant: pids fit i32");
+    let Watched { pid, proto_r, out_r, err_r, logs, log_bytes_max, kill_grace } = w;
+    let pid = i32::try_from(pid).expect("invariant: pids fit i32");
     let pipes = [proto_r, out_r, err_r];
     for fd in &pipes {
         let _ = set_nonblocking(fd);
@@ -157,10 +173,7 @@ pub(crate) fn watch(w: Watched, session: &mut Session, signal: &JobSignal, appli
             break exit;
         }
     };
-    let ended = job.finish(&exit);
-    // std's Child would otherwise never learn it was reaped; dropping it does not wait.
-    drop(child);
-    ended
+    job.finish(&exit)
 }
 
 /// Where the protocol pipe, stdout and stderr sit in `Job::pipes` (their poll slots are
@@ -346,7 +359,7 @@ impl Job<'_> {
             self.end(KillReason::Stalled { ms: self.applied.heartbeat_ms });
         }
         if self.sigkill_at.is_some_and(|t| now >= t) {
-            kill_group(self.ender.pid, Signal::SIGKILL);
+            kill_job(self.ender.pid, Signal::SIGKILL);
             self.sigkill_at = None;
         }
         if !exited {
@@ -417,10 +430,10 @@ impl Ender {
         let graceful = matches!(reason, KillReason::Cancel | KillReason::Shutdown);
         *kill = Some(reason);
         if graceful && !self.grace.is_zero() {
-            kill_group(self.pid, Signal::SIGTERM);
+            kill_job(self.pid, Signal::SIGTERM);
             *sigkill_at = Some(Instant::now() + self.grace);
         } else {
-            kill_group(self.pid, Signal::SIGKILL);
+            kill_job(self.pid, Signal::SIGKILL);
         }
     }
 }
@@ -453,9 +466,7 @@ impl FloodGuard {
         }
         self.lines = self.lines.saturating_add(u32::try_from(n).unwrap_or(u32::MAX));
         if self.lines > PROTOCOL_LINES_PER_SECOND_MAX {
-            return Err(KillReason::Protocol(format!(
-                "flooding: over {PROTOCOL_LINES_PER_SECOND_MAX} protocol lines in one second"
-            )));
+            return Err(KillReason::Flood { lines_max: PROTOCOL_LINES_PER_SECOND_MAX });
         }
         Ok(())
     }
