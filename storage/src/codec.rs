@@ -60,8 +60,22 @@ impl std::fmt::Display for CodecError {
 
 impl std::error::Error for CodecError {}
 
+/// Bytes a decoded value may claim at most. bincode reads a container's length before its
+/// items and, with no limit, allocates for that length at once: a few hostile bytes in a data
+/// dir would abort the process on a multi-exabyte allocation. Every value the store writes
+/// (an event, a snapshot, a job) is far below this.
+pub const DECODED_BYTES_MAX: usize = 16 * 1024 * 1024;
+
 fn config() -> bincode::config::Configuration {
     bincode::config::standard()
+}
+
+fn decode_config() -> bincode::config::Configuration<
+    bincode::config::LittleEndian,
+    bincode::config::Varint,
+    bincode::config::Limit<DECODED_BYTES_MAX>,
+> {
+    config().with_limit::<DECODED_BYTES_MAX>()
 }
 
 /// Encodes a value with its format-version byte.
@@ -79,8 +93,8 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
     if version != FORMAT_VERSION {
         return Err(CodecError::UnknownVersion(version));
     }
-    let (value, used) =
-        bincode::serde::decode_from_slice(body, config()).map_err(|e| CodecError::Decode(e.to_string()))?;
+    let (value, used) = bincode::serde::decode_from_slice(body, decode_config())
+        .map_err(|e| CodecError::Decode(e.to_string()))?;
     if used != body.len() {
         return Err(CodecError::Decode(format!("{} trailing bytes", body.len() - used)));
     }

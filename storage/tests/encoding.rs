@@ -98,3 +98,18 @@ fn fuzz_corpus_replays() {
         assert!(n > 0, "empty corpus for {target}");
     }
 }
+
+/// A string length near 2^62 in a value's bytes made bincode allocate for it before reading
+/// a byte of it: the process aborted on the allocation (found by fuzzing the codec). Now the
+/// claim is refused against the decode limit and the value is undecodable.
+#[test]
+fn a_length_that_claims_exabytes_is_an_error_not_an_abort() {
+    let data = std::fs::read(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../fuzz/corpus/codec/regression-length-claims-exabytes"),
+    )
+    .expect("the regression input");
+    let got = codec::decode::<Envelope>(&data);
+    assert!(matches!(got, Err(codec::CodecError::Decode(_))), "{got:?}");
+    codec::fuzz_one(&data);
+}
