@@ -45,3 +45,18 @@ pub fn full_run(job_id: u64) -> Vec<Command> {
 
 #[allow(unused_imports)] // not every test binary that includes this module uses it
 pub use atelier_engine::fixtures::one_of_each;
+
+/// sled on a stopped data dir. sled's own IO threads may hold its file lock a moment after
+/// the store is closed and dropped, so a refused lock is tried again for a while.
+pub fn open_raw(dir: &TempDir) -> sled::Db {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        match sled::open(dir.path().join("sled")) {
+            Ok(db) => return db,
+            Err(_) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Err(e) => panic!("open the stopped data dir's sled: {e}"),
+        }
+    }
+}

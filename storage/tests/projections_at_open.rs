@@ -37,22 +37,6 @@ fn three_commissions(name: &str) -> (TempDir, Vec<u64>, u64) {
     (dir, ids, head)
 }
 
-/// sled on a stopped data dir. sled's own threads may hold its file lock a moment after the
-/// store is dropped, so a refused lock is tried again for a while.
-fn open_raw(dir: &TempDir) -> sled::Db {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    loop {
-        match sled::open(dir.path().join("sled")) {
-            Ok(db) => return db,
-            Err(e) if std::time::Instant::now() < deadline => {
-                let _ = e;
-                std::thread::sleep(std::time::Duration::from_millis(20));
-            }
-            Err(e) => panic!("open the stopped data dir's sled: {e}"),
-        }
-    }
-}
-
 /// Runs `f` on the stopped data dir's projection tree and makes it durable.
 fn doctor(dir: &TempDir, f: impl FnOnce(&sled::Tree, &sled::Tree)) {
     let db = open_raw(dir);

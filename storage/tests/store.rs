@@ -343,7 +343,7 @@ fn reopen_keeps_everything_and_a_second_opener_is_refused_by_name() {
 fn newer_schema_is_refused_with_a_clear_message() {
     let dir = temp_dir("schema");
     {
-        let db = sled::open(dir.path().join("sled")).unwrap();
+        let db = open_raw(&dir);
         db.open_tree(layout::PROJECTIONS_TREE)
             .unwrap()
             .insert(Projection::Meta.key(layout::META_SCHEMA), &99u64.to_be_bytes())
@@ -380,7 +380,7 @@ fn flipped_bytes_are_reported_as_corruption_with_the_seq() {
 /// Changes the stored bytes of the record `seq` through sled itself: `f` gets the whole log
 /// value (a record or a block) and where the record lies in it.
 fn damage_record(dir: &TempDir, seq: u64, f: impl FnOnce(&mut Vec<u8>, std::ops::Range<usize>)) {
-    let db = sled::open(dir.path().join("sled")).unwrap();
+    let db = open_raw(&dir);
     let log = db.open_tree(layout::LOG_TREE).unwrap();
     let (k, v) = log.range(..=seq.to_be_bytes()).next_back().unwrap().unwrap();
     let first = u64::from_be_bytes(k.as_ref().try_into().unwrap());
@@ -393,7 +393,7 @@ fn damage_record(dir: &TempDir, seq: u64, f: impl FnOnce(&mut Vec<u8>, std::ops:
 
 /// Keys and first bytes of every log value.
 fn log_values(dir: &TempDir) -> Vec<(u64, u8)> {
-    let db = sled::open(dir.path().join("sled")).unwrap();
+    let db = open_raw(&dir);
     let log = db.open_tree(layout::LOG_TREE).unwrap();
     log.iter()
         .map(|i| i.unwrap())
@@ -485,7 +485,7 @@ fn a_hole_between_log_blocks_is_corruption_with_the_missing_seq() {
     store.close();
     drop(store);
     {
-        let db = sled::open(dir.path().join("sled")).unwrap();
+        let db = open_raw(&dir);
         db.open_tree(layout::LOG_TREE)
             .unwrap()
             .remove(2u64.to_be_bytes())
@@ -528,7 +528,7 @@ fn a_schema_1_data_dir_is_migrated_and_reads_the_same() {
     // One appender, one event per append: every value is a bare record, as schema 1 wrote them.
     assert!(log_values(&dir).iter().all(|(_, v)| *v == atelier_storage::codec::FORMAT_VERSION));
     {
-        let db = sled::open(dir.path().join("sled")).unwrap();
+        let db = open_raw(&dir);
         let proj = db.open_tree(layout::PROJECTIONS_TREE).unwrap();
         proj.insert(Projection::Meta.key(layout::META_SCHEMA), &1u64.to_be_bytes()).unwrap();
         db.flush().unwrap();
@@ -538,7 +538,7 @@ fn a_schema_1_data_dir_is_migrated_and_reads_the_same() {
     assert!(check::replay_check(&store).unwrap().diff.is_empty());
     store.close();
     drop(store);
-    let db = sled::open(dir.path().join("sled")).unwrap();
+    let db = open_raw(&dir);
     let proj = db.open_tree(layout::PROJECTIONS_TREE).unwrap();
     let schema = proj.get(Projection::Meta.key(layout::META_SCHEMA)).unwrap().unwrap();
     assert_eq!(
@@ -556,7 +556,7 @@ fn a_truncated_tail_record_fails_open_with_its_seq() {
     store.close();
     drop(store);
     {
-        let db = sled::open(dir.path().join("sled")).unwrap();
+        let db = open_raw(&dir);
         let log = db.open_tree(layout::LOG_TREE).unwrap();
         let rec = log.get(2u64.to_be_bytes()).unwrap().unwrap().to_vec();
         log.insert(2u64.to_be_bytes(), &rec[..rec.len() / 2]).unwrap();
@@ -576,7 +576,7 @@ fn replay_check_reports_a_doctored_projection() {
     store.close();
     drop(store);
     {
-        let db = sled::open(dir.path().join("sled")).unwrap();
+        let db = open_raw(&dir);
         let removed =
             db.open_tree(layout::PROJECTIONS_TREE).unwrap().remove(Projection::Live.key_u64(id)).unwrap();
         assert!(removed.is_some(), "the live entry was where the layout says");
@@ -798,7 +798,7 @@ fn replay_check_reports_a_damaged_user_seqs_index() {
     store.close();
     drop(store);
     {
-        let db = sled::open(dir.path().join("sled")).unwrap();
+        let db = open_raw(&dir);
         let proj = db.open_tree(layout::PROJECTIONS_TREE).unwrap();
         let key = |seq: u64| Projection::UserSeqs.key_user("alice", &seq.to_be_bytes());
         assert!(proj.remove(key(s1)).unwrap().is_some(), "the entry was where the layout says");
@@ -828,7 +828,7 @@ fn a_schema_2_data_dir_gets_its_user_seqs_index() {
     store.close();
     drop(store);
     {
-        let db = sled::open(dir.path().join("sled")).unwrap();
+        let db = open_raw(&dir);
         let proj = db.open_tree(layout::PROJECTIONS_TREE).unwrap();
         let entries: Vec<_> = proj.scan_prefix([Projection::UserSeqs.prefix()]).keys().collect();
         let events = store_events;
