@@ -97,20 +97,7 @@ impl ServerSettings {
         let num = |key: &str, env: &str, default: u64| -> Result<u64, ConfigError> {
             s.get(key, &[env]).map_or(Ok(default), |f| number(&f, "is not a number"))
         };
-        let durability = match s.get("durability", &["ATELIER_DURABILITY"]) {
-            None => Durability::Sync,
-            Some(found) => match found.raw.text().as_str() {
-                "sync" => Durability::Sync,
-                "periodic" => Durability::Periodic {
-                    interval_ms: num(
-                        "durability_interval_ms",
-                        "ATELIER_DURABILITY_INTERVAL_MS",
-                        DURABILITY_INTERVAL_MS_DEFAULT,
-                    )?,
-                },
-                other => return Err(found.invalid(format!("'{other}' is not sync or periodic"))),
-            },
-        };
+        let durability = durability(s)?;
         let connections_max_default =
             u64::try_from(atelier_http::CONNECTIONS_MAX_DEFAULT).expect("invariant: a small constant");
         let connections_per_ip_max_default =
@@ -166,15 +153,7 @@ impl ServerSettings {
                 "ATELIER_BODY_TIMEOUT_MS",
                 atelier_http::BODY_TIMEOUT_MS_DEFAULT,
             )?,
-            tls: match (s.get("tls_cert", &["ATELIER_TLS_CERT"]), s.get("tls_key", &["ATELIER_TLS_KEY"])) {
-                (None, None) => None,
-                (Some(cert), Some(key)) => {
-                    Some((PathBuf::from(cert.raw.text()), PathBuf::from(key.raw.text())))
-                }
-                (Some(one), None) | (None, Some(one)) => {
-                    return Err(one.invalid("HTTPS needs both ATELIER_TLS_CERT and ATELIER_TLS_KEY"))
-                }
-            },
+            tls: tls(s)?,
             trusted_proxies: match s.get("trusted_proxies", &["ATELIER_TRUSTED_PROXIES"]) {
                 None => TrustedProxies::default(),
                 Some(found) => {
@@ -183,14 +162,7 @@ impl ServerSettings {
             },
             worker_program: text("worker_program", "ATELIER_WORKER_PROGRAM").map(PathBuf::from),
             secret: s.env("ATELIER_SECRET"),
-            token_ttl_max_s: match s.get("token_ttl_max", &["ATELIER_TOKEN_TTL_MAX"]) {
-                None => atelier_http::auth::TOKEN_TTL_MAX_S_DEFAULT,
-                Some(found) => match parse_ttl(&found.raw.text()) {
-                    Ok(0) => return Err(found.invalid("a token must be allowed to live at least 1s")),
-                    Ok(s) => s,
-                    Err(e) => return Err(found.invalid(e)),
-                },
-            },
+            token_ttl_max_s: token_ttl_max_s(s)?,
         })
     }
 
@@ -200,6 +172,45 @@ impl ServerSettings {
         config.durability = self.durability;
         config.disk_reserve_bytes = self.disk_reserve_bytes;
         config
+    }
+}
+
+/// `durability` (`sync` or `periodic`, with its interval).
+fn durability(s: &Sources<'_>) -> Result<Durability, ConfigError> {
+    let Some(found) = s.get("durability", &["ATELIER_DURABILITY"]) else {
+        return Ok(Durability::Sync);
+    };
+    match found.raw.text().as_str() {
+        "sync" => Ok(Durability::Sync),
+        "periodic" => Ok(Durability::Periodic {
+            interval_ms: s
+                .get("durability_interval_ms", &["ATELIER_DURABILITY_INTERVAL_MS"])
+                .map_or(Ok(DURABILITY_INTERVAL_MS_DEFAULT), |f| number(&f, "is not a number"))?,
+        }),
+        other => Err(found.invalid(format!("'{other}' is not sync or periodic"))),
+    }
+}
+
+/// The certificate and key files of HTTPS: both or neither.
+fn tls(s: &Sources<'_>) -> Result<Option<(PathBuf, PathBuf)>, ConfigError> {
+    match (s.get("tls_cert", &["ATELIER_TLS_CERT"]), s.get("tls_key", &["ATELIER_TLS_KEY"])) {
+        (None, None) => Ok(None),
+        (Some(cert), Some(key)) => Ok(Some((PathBuf::from(cert.raw.text()), PathBuf::from(key.raw.text())))),
+        (Some(one), None) | (None, Some(one)) => {
+            Err(one.invalid("HTTPS needs both ATELIER_TLS_CERT and ATELIER_TLS_KEY"))
+        }
+    }
+}
+
+/// The longest life a token may be issued or accepted with, in seconds.
+fn token_ttl_max_s(s: &Sources<'_>) -> Result<i64, ConfigError> {
+    let Some(found) = s.get("token_ttl_max", &["ATELIER_TOKEN_TTL_MAX"]) else {
+        return Ok(atelier_http::auth::TOKEN_TTL_MAX_S_DEFAULT);
+    };
+    match parse_ttl(&found.raw.text()) {
+        Ok(0) => Err(found.invalid("a token must be allowed to live at least 1s")),
+        Ok(ttl) => Ok(ttl),
+        Err(e) => Err(found.invalid(e)),
     }
 }
 
