@@ -37,6 +37,8 @@ pub fn fuzz_request(data: &[u8]) {
 const TOKEN_PLACEHOLDER: &[u8] = b"TOKEN";
 /// How long an input's connection waits for the server's answer (and its close).
 const ANSWER_WAIT: Duration = Duration::from_millis(300);
+/// How long an input's whole answer is read at most.
+const ANSWER_WAIT_TOTAL: Duration = Duration::from_millis(1000);
 /// The most of an answer that is read.
 const ANSWER_BYTES_MAX: usize = 256 * 1024;
 
@@ -104,8 +106,17 @@ pub fn fuzz_exchange(data: &[u8]) -> Vec<u8> {
     let _ = c.set_write_timeout(Some(ANSWER_WAIT));
     let _ = c.write_all(&bytes);
     let _ = c.shutdown(std::net::Shutdown::Write);
+    // Read until the server closes, the answer is long enough, or the whole wait is over: a
+    // stream keeps sending heartbeats, so a per-read timeout alone would never end it.
     let mut answer = Vec::new();
-    let _ = Read::by_ref(&mut c).take(ANSWER_BYTES_MAX as u64).read_to_end(&mut answer);
+    let deadline = std::time::Instant::now() + ANSWER_WAIT_TOTAL;
+    let mut chunk = [0u8; 8192];
+    while answer.len() < ANSWER_BYTES_MAX && std::time::Instant::now() < deadline {
+        match c.read(&mut chunk) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => answer.extend_from_slice(&chunk[..n]),
+        }
+    }
     assert!(
         answer.is_empty() || answer.starts_with(b"HTTP/1.1 "),
         "not an HTTP/1.1 answer: {:?}",
