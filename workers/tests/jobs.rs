@@ -38,12 +38,17 @@ fn ctx() -> Ctx {
 /// Settings every test shares (fast retries, no coalescing, no rollback surprises), each
 /// overridable by `workers`.
 fn config(pipelines: &str, workers: &[(&str, &str)]) -> WorkersConfig {
+    // Workers run as this test's own user (root allowed): the fault matrix is about the
+    // controller, not about the worker user (tests/e2e/isolation.rs covers that).
+    let me = nix::unistd::geteuid().as_raw().to_string();
     let mut kv: Vec<(&str, &str)> = vec![
         ("progress_update_interval_seconds", "0"),
         ("retry_base_ms", "10"),
         ("retry_cap_ms", "20"),
         ("kill_grace_ms", "500"),
         ("auto_rollback", "false"),
+        ("user", &me),
+        ("allow_root_workers", "true"),
     ];
     for (k, v) in workers {
         match kv.iter_mut().find(|(a, _)| a == k) {
