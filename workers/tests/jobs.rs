@@ -926,28 +926,53 @@ stages.generating_ideas = { command = ["sh", "-c", '''echo '{"type":"stage","sta
 
 #[test]
 fn stage_commands_speak_the_protocol_on_stdout() {
-    let mut results = Vec::new();
-    for use_controller in ["true", "false"] {
-        let mut h = Harness::new("stagecmd");
-        h.start(config(SHOP, &[("use_job_controller", use_controller)]));
-        let id = h.create("shop", serde_json::json!({"title": "ignored by the command"}), 1);
-        let rude = h.create("rude", serde_json::json!({}), 1);
-        let c = h.wait_terminal(id, LONG);
-        assert_eq!(c.state, State::Completed, "{c:#?}");
-        let r = result_json(&c);
-        assert_eq!(r["product"]["title"], "Shell mug", "{r}");
-        assert_eq!(r["product"]["description"], "Made by sh", "{r}");
-        let relayed = h.store.events_of(id).expect("events").iter().any(
-            |e| matches!(&e.event, Event::Progress { percent: 50, message: Some(m), .. } if m == "thinking"),
-        );
-        assert!(relayed, "the command's progress reached the log");
-        let c = h.wait_terminal(rude, LONG);
-        assert_eq!(c.state, State::Failed);
-        assert!(c.error.as_deref().is_some_and(|e| e.contains("printed a 'stage' line")), "{c:#?}");
-        results.push(c.result.clone());
-        results.push(h.get(id).result);
-    }
-    assert_eq!(results[1], results[3], "both executors agree");
+    let mut h = Harness::new("stagecmd");
+    h.start(config(SHOP, &[]));
+    let id = h.create("shop", serde_json::json!({"title": "ignored by the command"}), 1);
+    let rude = h.create("rude", serde_json::json!({}), 1);
+    let c = h.wait_terminal(id, LONG);
+    assert_eq!(c.state, State::Completed, "{c:#?}");
+    let r = result_json(&c);
+    assert_eq!(r["product"]["title"], "Shell mug", "{r}");
+    assert_eq!(r["product"]["description"], "Made by sh", "{r}");
+    let relayed = h.store.events_of(id).expect("events").iter().any(
+        |e| matches!(&e.event, Event::Progress { percent: 50, message: Some(m), .. } if m == "thinking"),
+    );
+    assert!(relayed, "the command's progress reached the log");
+    let c = h.wait_terminal(rude, LONG);
+    assert_eq!(c.state, State::Failed);
+    assert!(c.error.as_deref().is_some_and(|e| e.contains("printed a 'stage' line")), "{c:#?}");
+}
+
+/// The task runner runs no programs: a pipeline with a command stage is refused there with
+/// the reason, for good when there is no job controller to run it (retryable otherwise, so
+/// it waits out a rollback), and the command never runs.
+#[test]
+fn the_task_runner_refuses_command_stages() {
+    let mut h = Harness::new("stagecmd-runner");
+    let marker = h.dir.path().join("ran");
+    let pipelines = format!(
+        "[pipelines.cmd]\nstages.generating_ideas = {{ command = [\"sh\", \"-c\", \"touch {}\"] }}\n",
+        marker.display()
+    );
+    h.start(config(&pipelines, &[("use_job_controller", "false")]));
+    let id = h.create("cmd", serde_json::json!({}), 3);
+    let c = h.wait_terminal(id, LONG);
+    assert_eq!(c.state, State::Failed, "{c:#?}");
+    let jobs = h.jobs(id);
+    assert_eq!(jobs.len(), 1, "not retried without a job controller: {jobs:#?}");
+    assert_eq!(jobs[0].executor, Executor::TaskRunner);
+    assert_eq!(
+        jobs[0].error_message.as_deref(),
+        Some(
+            "the task runner does not run pipeline 'cmd': it runs a command in stage generating_ideas, \
+             and the task runner runs no programs (they would run without a worker's user, limits \
+             or cleared environment); it runs on the job controller"
+        )
+    );
+    assert!(!marker.exists(), "the command ran");
+    let noop = h.create("noop", serde_json::json!({}), 1);
+    assert_eq!(h.wait_terminal(noop, LONG).state, State::Completed, "built-in steps still run there");
 }
 
 /// posix_spawn, not fork: spawning stays cheap however big the server is.
