@@ -17,14 +17,14 @@ pub use tempfile::TempDir;
 /// For tests that damage a stopped data dir's projections ([`with_projections`]).
 pub use sled;
 
-/// A fresh, empty dir under the system temp dir, removed when the guard drops: hold it for as
-/// long as any server or child process works in it.
 /// This process's effective uid.
 pub fn current_uid() -> u32 {
     // SAFETY: geteuid only returns this process's id.
     unsafe { libc::geteuid() }
 }
 
+/// A fresh, empty dir under the system temp dir, removed when the guard drops: hold it for as
+/// long as any server or child process works in it.
 pub fn temp_dir(name: &str) -> TempDir {
     tempfile::Builder::new().prefix(&format!("atelier-e2e-{name}-")).tempdir().expect("temp dir")
 }
