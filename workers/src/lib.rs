@@ -13,6 +13,7 @@
 //! - `shared.rs`, `session.rs`: what both executors share, and a job's talk with the log;
 //! - `router.rs`: routing and rollback; `metrics.rs`: the Prometheus series;
 //! - `inside/`: the code that runs inside a worker process (what the interface stamp covers);
+//! - `worker_user.rs`: who workers run as, and what of the data dir that user may reach;
 //! - `paths.rs`, `config.rs`, `program.rs`, `contain.rs`, `janitor.rs`, `error.rs`: leaves.
 
 #[cfg(feature = "test-faults")]

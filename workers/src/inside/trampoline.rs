@@ -3,8 +3,9 @@
 //! The server spawns it with posix_spawn (no `pre_exec`, which would make std fork the whole
 //! server: ~43 ms per GiB of RSS instead of ~1 ms). Everything that must happen between fork
 //! and exec happens here instead, in a small fresh process: resource limits, its own process
-//! group, death with the server (PR_SET_PDEATHSIG), the protocol pipe moved to fd 3, every
-//! other descriptor closed. Then it execs the real worker, which inherits all of it.
+//! group, the worker user (`worker_user`), death with the server (PR_SET_PDEATHSIG), the
+//! protocol pipe moved to fd 3, every other descriptor closed. Then it execs the real worker,
+//! which inherits all of it.
 //!
 //! When the worker is the built-in one (`<this program> __worker ...`), the trampoline runs it
 //! in place instead of executing the same program again: everything exec would keep is
