@@ -503,3 +503,35 @@ env = {{ PATH = "/usr/bin:/bin" }}
     assert!(s.stop().success());
     assert!(wrong.is_empty(), "{} protections did not hold:\n{}", wrong.len(), wrong.join("\n"));
 }
+
+/// `atelier serve` with a worker user it cannot have does not start: exit 2, and the message
+/// names the setting that would let it. As root: a user that does not exist, and root itself
+/// without `allow_root_workers`; otherwise: any user but the server's own.
+#[test]
+fn the_start_refuses_a_worker_user_it_cannot_have() {
+    let dir = temp_dir("iso-refused");
+    let serve = |user: &str| {
+        let out = std::process::Command::new(exe())
+            .arg("serve")
+            .env("ATELIER_DATA_DIR", dir.path().join("data"))
+            .env("ATELIER_LISTEN", "127.0.0.1:0")
+            .env("ATELIER_SECRET", SECRET)
+            .env("ATELIER_WORKER_USER", user)
+            .env_remove("ATELIER_ALLOW_ROOT_WORKERS")
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap();
+        (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let (code, err) = serve("no-such-user-of-atelier");
+    assert_eq!(code, Some(2), "{err}");
+    if current_uid() == 0 {
+        assert!(err.contains("there is no user 'no-such-user-of-atelier' on this machine"), "{err}");
+        let (code, err) = serve("0");
+        assert_eq!(code, Some(2), "{err}");
+        assert!(err.contains("is root") && err.contains("allow_root_workers = true"), "{err}");
+    } else {
+        eprintln!("not root: only the refusal of a user the server cannot switch to is tested");
+        assert!(err.contains("cannot switch workers to another user"), "{err}");
+    }
+}

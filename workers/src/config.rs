@@ -202,8 +202,8 @@ impl UserSetting {
 impl std::fmt::Display for UserSetting {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            UserSetting::Default => write!(f, "{WORKER_USER_DEFAULT}"),
-            UserSetting::Name(name) => write!(f, "{name}"),
+            UserSetting::Default => write!(f, "'{WORKER_USER_DEFAULT}'"),
+            UserSetting::Name(name) => write!(f, "'{name}'"),
             UserSetting::Uid(uid) => write!(f, "uid {uid}"),
         }
     }

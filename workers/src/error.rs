@@ -33,7 +33,8 @@ impl std::error::Error for WorkersError {
         match self {
             WorkersError::Storage(e) => Some(e),
             WorkersError::Io { source, .. } => Some(source),
-            WorkersError::WorkerUser(e) => Some(e),
+            // The message is the error itself, already in `Display`: only its own cause follows.
+            WorkersError::WorkerUser(e) => e.source(),
         }
     }
 }

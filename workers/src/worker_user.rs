@@ -88,20 +88,20 @@ impl std::fmt::Display for WorkerUserError {
                  (ATELIER_ALLOW_ROOT_WORKERS) to run jobs as root"
             ),
             WorkerUserError::UnknownUser { setting } => {
-                write!(f, "[workers] user: there is no user '{setting}' on this machine")
+                write!(f, "[workers] user: there is no user {setting} on this machine")
             }
             WorkerUserError::RootRefused { setting } => write!(
                 f,
-                "[workers] user '{setting}' is root: jobs would run as root; name an unprivileged user, \
+                "[workers] user {setting} is root: jobs would run as root; name an unprivileged user, \
                  or set [workers] allow_root_workers = true (ATELIER_ALLOW_ROOT_WORKERS)"
             ),
             WorkerUserError::CannotSwitch { server_uid, setting } => write!(
                 f,
-                "[workers] user '{setting}': the server runs as uid {server_uid}, not root, and cannot \
+                "[workers] user {setting}: the server runs as uid {server_uid}, not root, and cannot \
                  switch workers to another user; start it as root or leave [workers] user unset"
             ),
             WorkerUserError::Lookup { setting, source } => {
-                write!(f, "[workers] user: cannot look up '{setting}': {source}")
+                write!(f, "[workers] user: cannot look up {setting}: {source}")
             }
             WorkerUserError::Unreachable { path, uid } => write!(
                 f,
@@ -342,6 +342,52 @@ mod tests {
                 "user {setting:?}, allow {allow}, server {uid}"
             );
         }
+    }
+
+    fn mode_and_group(path: &Path) -> (u32, u32) {
+        let m = std::fs::symlink_metadata(path).unwrap();
+        (m.mode() & 0o7777, m.gid())
+    }
+
+    /// A data dir as an earlier version left it (everything private, a log open to all) is
+    /// laid out for the worker user at start, and put back to private without one; a job's
+    /// dir is the worker's while it runs and the server's after.
+    #[test]
+    fn an_existing_data_dir_is_laid_out_for_the_worker_user() {
+        if nix::unistd::geteuid().as_raw() != 0 {
+            eprintln!("skipped: giving files to another user needs root");
+            return;
+        }
+        let scratch = tempfile::Builder::new().prefix("atelier-worker-user-").tempdir().unwrap();
+        let dir = DataDir::new(scratch.path());
+        crate::inside::private::create_dir_all(&dir.pipeline_specs()).unwrap();
+        crate::inside::private::create_dir_all(&dir.artifacts()).unwrap();
+        let spec = dir.pipeline_spec("p", "ab12");
+        crate::inside::private::create_file(&spec).unwrap();
+        let log = scratch.path().join("server.log");
+        std::fs::write(&log, "").unwrap();
+        std::fs::set_permissions(&log, Permissions::from_mode(0o644)).unwrap();
+        let worker = WorkerUser::Dedicated(Identity { uid: 54_321, gid: 54_322 });
+        prepare_data_dir(&dir, worker).unwrap();
+        assert_eq!(mode_and_group(dir.root()), (TRAVERSE_DIR_MODE, 54_322));
+        assert_eq!(mode_and_group(&dir.jobs()), (TRAVERSE_DIR_MODE, 54_322));
+        assert_eq!(mode_and_group(&dir.pipeline_specs()), (TRAVERSE_DIR_MODE, 54_322));
+        assert_eq!(mode_and_group(&spec), (SPEC_FILE_MODE, 54_322));
+        assert_eq!(mode_and_group(&dir.artifacts()), (ARTIFACTS_DIR_MODE, 54_322));
+        assert_eq!(mode_and_group(&log).0, 0o600);
+        let job = dir.job(7);
+        hand_over_job_dir(&job, worker).unwrap();
+        let m = std::fs::metadata(&job).unwrap();
+        assert_eq!((m.mode() & 0o7777, m.uid(), m.gid()), (0o700, 54_321, 54_322));
+        take_back_job_dir(&job, worker).unwrap();
+        let m = std::fs::metadata(&job).unwrap();
+        assert_eq!((m.mode() & 0o7777, m.uid(), m.gid()), (0o700, 0, 0));
+        take_back_job_dir(&dir.job(8), worker).expect("a job without a dir is fine");
+        prepare_data_dir(&dir, WorkerUser::RootAllowed).unwrap();
+        for path in [dir.root(), &dir.jobs(), &dir.pipeline_specs(), &dir.artifacts()] {
+            assert_eq!(mode_and_group(path).0, 0o700, "{}", path.display());
+        }
+        assert_eq!(mode_and_group(&spec).0, 0o600);
     }
 
     #[test]
