@@ -171,9 +171,9 @@ pub fn system_lookup(setting: &UserSetting) -> std::io::Result<Option<Identity>>
 /// Sets the modes (and, with a dedicated user, the group) of the shared parts of the data dir
 /// for `user`. Runs at every start, so a data dir made by an earlier version (all 0700 and
 /// 0600), or under another worker user, is put right before any job runs; with no dedicated
-/// user everything goes back to private. Job dirs are left alone: a finished job's dir is the
-/// server's already, and one of a job a crash left running was the server's or is taken back
-/// when recovery fails that job.
+/// user everything goes back to private. No job runs yet, so every job dir is taken back: one
+/// a crash left running (its end never came to `take_back_job_dir`) must not stay the worker
+/// user's.
 pub fn prepare_data_dir(dir: &DataDir, user: WorkerUser) -> std::io::Result<()> {
     use crate::inside::private::{DIR_MODE, FILE_MODE};
     let (group, traverse, artifacts, spec) = match user {
@@ -194,6 +194,14 @@ pub fn prepare_data_dir(dir: &DataDir, user: WorkerUser) -> std::io::Result<()> 
     if let WorkerUser::Dedicated(id) = user {
         make_the_rest_private(dir)?;
         check_reachable(dir.root(), id)?;
+        for entry in std::fs::read_dir(dir.jobs())? {
+            let entry = entry?;
+            let Some(job_id) = DataDir::job_id_of(&entry.file_name()) else { continue };
+            // One odd entry (not a dir, say) must not stop the start; the janitor removes it.
+            if let Err(e) = take_back_job_dir(&dir.job(job_id), user) {
+                tracing::warn!(job = job_id, error = %e, "cannot take the job dir back from the worker user");
+            }
+        }
     }
     Ok(())
 }
@@ -383,6 +391,10 @@ mod tests {
         let m = std::fs::metadata(&job).unwrap();
         assert_eq!((m.mode() & 0o7777, m.uid(), m.gid()), (0o700, 0, 0));
         take_back_job_dir(&dir.job(8), worker).expect("a job without a dir is fine");
+        // One a crash left with the worker user is taken back at the next start.
+        hand_over_job_dir(&job, worker).unwrap();
+        prepare_data_dir(&dir, worker).unwrap();
+        assert_eq!(std::fs::metadata(&job).unwrap().uid(), 0);
         prepare_data_dir(&dir, WorkerUser::RootAllowed).unwrap();
         for path in [dir.root(), &dir.jobs(), &dir.pipeline_specs(), &dir.artifacts()] {
             assert_eq!(mode_and_group(path).0, 0o700, "{}", path.display());
