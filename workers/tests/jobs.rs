@@ -944,6 +944,20 @@ fn stage_commands_speak_the_protocol_on_stdout() {
     assert!(c.error.as_deref().is_some_and(|e| e.contains("printed a 'stage' line")), "{c:#?}");
 }
 
+/// A pipeline that runs programs goes to the job controller even when the router picks the
+/// task runner (here by priority, as during a rollback), and runs there.
+#[test]
+fn a_pipeline_that_runs_programs_goes_to_the_job_controller() {
+    let mut h = Harness::new("stagecmd-routed");
+    h.start(config(SHOP, &[("task_runner_priority", "20")]));
+    let id = h.create("shop", serde_json::json!({}), 1);
+    assert_eq!(h.wait_terminal(id, LONG).state, State::Completed);
+    assert_eq!(h.jobs(id)[0].executor, Executor::JobController);
+    let noop = h.create("noop", serde_json::json!({}), 1);
+    assert_eq!(h.wait_terminal(noop, LONG).state, State::Completed);
+    assert_eq!(h.jobs(noop)[0].executor, Executor::TaskRunner, "the rest still goes where the router says");
+}
+
 /// The task runner runs no programs: a pipeline with a command stage is refused there with
 /// the reason, for good when there is no job controller to run it (retryable otherwise, so
 /// it waits out a rollback), and the command never runs.

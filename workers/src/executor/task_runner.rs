@@ -7,7 +7,8 @@
 //! too), with the server's environment (its secret), no limits, no process group of its own
 //! and no death with the server. Giving it the job controller's trampoline would make this
 //! executor a second job controller, with none of the fallback's point (nothing to spawn);
-//! those jobs wait for the controller instead (a retryable failure while it is enabled).
+//! the scheduler sends those jobs to the job controller whenever it is enabled, and only
+//! without one do they reach this refusal.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
@@ -128,7 +129,7 @@ impl InProcess<'_> {
 }
 
 /// Why the task runner will not run pipeline `p`, if it runs a program (see the module docs).
-fn runs_programs(p: &PipelineConfig) -> Option<String> {
+pub(crate) fn runs_programs(p: &PipelineConfig) -> Option<String> {
     let stage = Stage::ALL.into_iter().find(|s| matches!(p.stages[s.index()], StageSpec::Command(_)));
     let what = match (&p.command, stage) {
         (Some(_), _) => "a worker program of its own".to_string(),
