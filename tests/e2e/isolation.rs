@@ -496,10 +496,17 @@ env = {{ PATH = "/usr/bin:/bin" }}
         let got = mode_and_owner(&path);
         check(got == want, format!("{}: {got}, not {want}", path.display()));
     }
-    // The server serves on.
+    // The server serves on, and the built-in steps still work under the worker user: an image
+    // rendered in the job's dir and stored among the artifacts, then served.
     assert_eq!(s.get("/healthz", None).status, 200);
-    let next = s.create(&alice, json!({"context": {}, "pipeline": "noop"}))["task_id"].as_u64().unwrap();
-    check(ended_job(&s, &alice, next)["status"] == "succeeded", "a noop after it".into());
+    let next = s.create(&alice, json!({"context": {"title": "after"}, "pipeline": "commission"}))["task_id"]
+        .as_u64()
+        .unwrap();
+    let next_job = ended_job(&s, &alice, next);
+    check(next_job["status"] == "succeeded", format!("a commission after it: {next_job}"));
+    let snap = s.get(&format!("/api/commissions/{next}"), Some(&alice)).json();
+    let image = snap["result"]["product"]["image_url"].as_str().map(|url| s.get(url, None).status);
+    check(image == Some(200), format!("its image is served: {image:?} {snap}"));
     assert!(s.stop().success());
     assert!(wrong.is_empty(), "{} protections did not hold:\n{}", wrong.len(), wrong.join("\n"));
 }

@@ -1090,3 +1090,34 @@ fn finished_jobs_dirs_are_swept_after_the_keep_time() {
     assert!(jobs_dir.join("notes").exists(), "what is not a job's dir is not the sweep's");
     assert!(h.store.job(job.job_id).unwrap().is_some(), "the job record itself stays in the log");
 }
+
+/// The trampoline drops to the worker user for good before the worker runs: its uid and gid,
+/// and none of the caller's supplementary groups (a root server's groups would open their
+/// files to every job).
+#[test]
+fn the_trampoline_switches_to_the_worker_user_with_no_groups() {
+    use std::os::unix::process::CommandExt;
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: switching users needs root");
+        return;
+    }
+    let server_pid = std::process::id().to_string();
+    let mut cmd = std::process::Command::new(EXE);
+    cmd.args(["__trampoline", "--server-pid", &server_pid, "--proto-fd", "1"])
+        .args(["--interface", atelier_workers::INTERFACE, "--uid", "54321", "--gid", "54322"])
+        .args(["--", "/usr/bin/id"]);
+    // SAFETY: setgroups is async-signal-safe and the closure touches nothing else.
+    unsafe {
+        cmd.pre_exec(|| {
+            let groups: [libc::gid_t; 2] = [4, 27];
+            if libc::setgroups(groups.len(), groups.as_ptr()) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let out = cmd.output().expect("run the trampoline");
+    let (said, err) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{}: {err}", out.status);
+    assert_eq!(said.trim(), "uid=54321 gid=54322 groups=54322", "{err}");
+}
