@@ -369,9 +369,10 @@ env = {{ PATH = "/usr/bin:/bin" }}
     let chatty_job = ended_job(&s, &alice, chatty);
     assert_eq!(chatty_job["status"], "succeeded", "{chatty_job}");
     let chatty_dir = data.join("jobs").join(chatty_job["job_id"].to_string());
-    // A running job of the built-in worker, for the hostile one to disturb.
+    // A running job of the built-in worker, for the hostile one to disturb; it stays in its
+    // first stage for a minute, far longer than the hostile job takes.
     let victim = s
-        .create(&alice, json!({"context": {"delay_ms": 2500}, "pipeline": "noop", "max_attempts": 1}))
+        .create(&alice, json!({"context": {"delay_ms": 60000}, "pipeline": "noop", "max_attempts": 1}))
         ["task_id"]
         .as_u64()
         .unwrap();
@@ -480,9 +481,16 @@ env = {{ PATH = "/usr/bin:/bin" }}
         ),
     );
 
-    // The job it tried to disturb ran to its end untouched.
+    // The job it tried to disturb still runs, untouched (a line written to its protocol pipe
+    // would have failed it), until it is cancelled.
+    let victim_job = &s.get(&format!("/api/commissions/{victim}/jobs"), Some(&alice)).json()["items"][0];
+    check(victim_job["completed_at"].is_null(), format!("the other job still runs: {victim_job}"));
+    assert_eq!(s.post(&format!("/api/commissions/{victim}/cancel"), Some(&alice), &json!({})).status, 200);
     let victim_job = ended_job(&s, &alice, victim);
-    check(victim_job["status"] == "succeeded", format!("the other job: {victim_job}"));
+    check(
+        victim_job["error_message"] == "cancelled",
+        format!("the other job ended by its cancel: {victim_job}"),
+    );
     // The layout the worker met, and the finished jobs' dirs taken back.
     let hostile_dir = data.join("jobs").join(job["job_id"].to_string());
     for (path, want) in [
