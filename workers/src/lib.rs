@@ -12,9 +12,10 @@
 //! - `executor/`: the job controller (`process/`: spawn, watch, classify) and the task runner;
 //! - `shared.rs`, `session.rs`: what both executors share, and a job's talk with the log;
 //! - `router.rs`: routing and rollback; `metrics.rs`: the Prometheus series;
-//! - `inside/`: the code that runs inside a worker process (what the interface stamp covers);
+//! - `error.rs`: the one error of starting and running the executors (wraps `worker_user`'s);
 //! - `worker_user.rs`: who workers run as, and what of the data dir that user may reach;
-//! - `paths.rs`, `config.rs`, `program.rs`, `contain.rs`, `janitor.rs`, `error.rs`: leaves.
+//! - `inside/`: the code that runs inside a worker process (what the interface stamp covers);
+//! - `paths.rs`, `config.rs`, `program.rs`, `contain.rs`, `janitor.rs`: leaves.
 
 #[cfg(feature = "test-faults")]
 mod ballast;
