@@ -557,3 +557,38 @@ fn the_start_refuses_a_worker_user_it_cannot_have() {
         assert!(err.contains("cannot switch workers to another user"), "{err}");
     }
 }
+
+/// The worker user need not see the worker program: the trampoline decides to run the
+/// built-in worker in place before it switches users, so a program kept in a dir only root
+/// may enter (a server installed under /root) still runs every job.
+#[test]
+fn the_worker_program_may_sit_where_the_worker_user_cannot_look() {
+    if current_uid() != 0 {
+        eprintln!(
+            "skipped: switching workers to {WORKER_USER} needs root; the worker user parts are not tested"
+        );
+        return;
+    }
+    worker_account();
+    let dir = temp_dir("iso-hidden-program");
+    let hidden = temp_dir("iso-hidden-program-bin");
+    let program = hidden.path().join("atelier-worker");
+    std::fs::copy(env!("CARGO_BIN_EXE_atelier-worker"), &program).unwrap();
+    std::fs::set_permissions(hidden.path(), std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
+    let s = Server::start(
+        exe(),
+        dir.path(),
+        &[
+            ("ATELIER_WORKER_USER", WORKER_USER),
+            ("ATELIER_ALLOW_ROOT_WORKERS", "false"),
+            ("ATELIER_WORKER_PROGRAM", program.to_str().unwrap()),
+        ],
+    );
+    let alice = token("alice", false);
+    let id = s.create(&alice, json!({"context": {"title": "hidden"}, "pipeline": "commission"}))["task_id"]
+        .as_u64()
+        .unwrap();
+    let job = ended_job(&s, &alice, id);
+    assert_eq!(job["status"], "succeeded", "{job}");
+    assert!(s.stop().success());
+}

@@ -170,6 +170,9 @@ pub fn trampoline_main(args: &[String]) -> i32 {
             return EXIT_SETUP_FAILED;
         }
     }
+    // Decided before the switch: the worker user may not be able to look at the program's
+    // dir (a server installed under /root), and need not, to run the built-in worker here.
+    let in_place = t.argv.get(1).map(String::as_str) == Some("__worker") && is_this_program(&t.argv[0]);
     // After the limits (set while we may still raise them), and before the death signal: a
     // change of credentials clears PR_SET_PDEATHSIG.
     if let Some((uid, gid)) = t.user {
@@ -199,7 +202,7 @@ pub fn trampoline_main(args: &[String]) -> i32 {
     if rc != 0 {
         close_fds_slowly();
     }
-    if t.argv.get(1).map(String::as_str) == Some("__worker") && is_this_program(&t.argv[0]) {
+    if in_place {
         return crate::inside::worker::worker_main(&t.argv[1..]);
     }
     let argv: Result<Vec<CString>, _> = t.argv.iter().map(|a| CString::new(a.as_bytes())).collect();
