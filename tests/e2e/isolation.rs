@@ -264,8 +264,11 @@ fn a_process_of_the_servers_user_cannot_read_its_environment() {
 /// would (README "Set-up"). Only root may, and only root needs it.
 const WORKER_USER: &str = "atelier-worker";
 
-/// The worker user's uid and gid, making the account first if there is none.
+/// The worker user's uid and gid, making the account first if there is none. One test at a
+/// time: two `useradd`s at once can fail on the lock of /etc/passwd.
 fn worker_account() -> (u32, u32) {
+    static MAKING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one_at_a_time = MAKING.lock().unwrap_or_else(|p| p.into_inner());
     let id = |flag: &str| {
         let out = std::process::Command::new("id").args([flag, WORKER_USER]).output().unwrap();
         out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().parse::<u32>().unwrap())
