@@ -45,6 +45,9 @@ defaults):
     ATELIER_TRUSTED_PROXIES   proxies (IPs, CIDRs) whose X-Forwarded-For names the client   none
     ATELIER_WORKER_PROGRAM    the program each job runs         atelier-worker next to this binary
                               (`cargo build-worker` makes it), else this binary
+    ATELIER_WORKER_USER       the user jobs run as, a name or uid (switching needs root)   atelier-worker
+                              under root, else this server's own user (see workers/README.md)
+    ATELIER_ALLOW_ROOT_WORKERS  true = under root, jobs may run as root   false (the start stops)
     ATELIER_LOG_FORMAT        json for JSON lines               human-readable
     RUST_LOG                  log level filter                  info";
 

@@ -86,6 +86,8 @@ for run in $(seq "$RUNS"); do
   PORT="$(free_port)"
   if [ "$KIND" = atelier ]; then
     DATA="$(mktemp -d "${DATA_ROOT:-/tmp}/atelier-jc-bench.XXXXXX")"
+    # As root without an atelier-worker account, jobs run as root (the figures predate the worker user).
+    ATELIER_ALLOW_ROOT_WORKERS="${ATELIER_ALLOW_ROOT_WORKERS:-true}" \
     ATELIER_SECRET=bench-secret-of-at-least-thirty-two-bytes ATELIER_DATA_DIR="$DATA" ATELIER_LISTEN="127.0.0.1:$PORT" RUST_LOG="${RUST_LOG:-warn}" \
       "${SYSTEM_CPU[@]}" "$BIN" serve >"$DATA.log" 2>&1 &
     PID=$!

@@ -217,6 +217,8 @@ fn a_certificate_without_its_key_or_a_bad_key_stops_the_start() {
             .env("ATELIER_LISTEN", "127.0.0.1:0")
             .env("ATELIER_DATA_DIR", dir.path().join("data"))
             .env("ATELIER_SECRET", atelier_tests::SECRET)
+            .env("ATELIER_WORKER_USER", atelier_tests::current_uid().to_string())
+            .env("ATELIER_ALLOW_ROOT_WORKERS", "true")
             .stdin(std::process::Stdio::null());
         for (k, v) in env {
             cmd.env(k, v);

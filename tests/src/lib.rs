@@ -17,6 +17,12 @@ pub use tempfile::TempDir;
 /// For tests that damage a stopped data dir's projections ([`with_projections`]).
 pub use sled;
 
+/// This process's effective uid.
+pub fn current_uid() -> u32 {
+    // SAFETY: geteuid only returns this process's id.
+    unsafe { libc::geteuid() }
+}
+
 /// A fresh, empty dir under the system temp dir, removed when the guard drops: hold it for as
 /// long as any server or child process works in it.
 pub fn temp_dir(name: &str) -> TempDir {
@@ -73,7 +79,11 @@ impl Server {
         use std::os::unix::process::CommandExt;
         let mut cmd = Command::new(exe);
         cmd.uid(uid).gid(gid);
-        Self::start_with(cmd, exe, data_dir, env, "127.0.0.1:0", Stdio::inherit())
+        // Its workers run as itself (see `start_with`).
+        let me = uid.to_string();
+        let mut env = env.to_vec();
+        env.insert(0, ("ATELIER_WORKER_USER", &me));
+        Self::start_with(cmd, exe, data_dir, &env, "127.0.0.1:0", Stdio::inherit())
     }
 
     /// Starts the server with its log (stderr) going to `log`.
@@ -115,6 +125,10 @@ impl Server {
             // Tests poll far faster than any real client (every 20 ms, a request per commission
             // watched); tests/e2e/shares.rs sets the rate it tests.
             .env("ATELIER_USER_RATE", "0")
+            // Workers run as the server's own user, root included, whatever accounts this
+            // machine has: only tests/e2e/isolation.rs is about the worker user, and it says so.
+            .env("ATELIER_WORKER_USER", current_uid().to_string())
+            .env("ATELIER_ALLOW_ROOT_WORKERS", "true")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(stderr);

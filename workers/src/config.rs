@@ -175,6 +175,40 @@ impl PipelineConfig {
     }
 }
 
+/// The user a root server hands workers to when `[workers] user` is not set (see
+/// `worker_user`, where the policy lives).
+pub const WORKER_USER_DEFAULT: &str = "atelier-worker";
+
+/// `[workers] user` as configured.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub enum UserSetting {
+    /// Not set: [`WORKER_USER_DEFAULT`] under a root server, the server's own user otherwise.
+    #[default]
+    Default,
+    Name(String),
+    Uid(u32),
+}
+
+impl UserSetting {
+    /// A name, or a uid when it is all digits.
+    pub fn parse(text: &str) -> UserSetting {
+        match text.trim().parse::<u32>() {
+            Ok(uid) => UserSetting::Uid(uid),
+            Err(_) => UserSetting::Name(text.trim().to_string()),
+        }
+    }
+}
+
+impl std::fmt::Display for UserSetting {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            UserSetting::Default => write!(f, "'{WORKER_USER_DEFAULT}'"),
+            UserSetting::Name(name) => write!(f, "'{name}'"),
+            UserSetting::Uid(uid) => write!(f, "uid {uid}"),
+        }
+    }
+}
+
 /// Days a finished job's working dir is kept (see `janitor`).
 pub const JOB_DIRS_KEEP_DAYS_DEFAULT: u64 = 7;
 const SECONDS_PER_DAY: u64 = 86_400;
@@ -223,6 +257,10 @@ pub struct WorkersConfig {
     /// the controller did not start, which only the server may do to itself. `atelier serve`
     /// turns it on.
     pub contain_descendants: bool,
+    /// `user`: who workers run as under a root server (`worker_user`).
+    pub worker_user: UserSetting,
+    /// Lets a root server run workers as root when no worker user can be had.
+    pub allow_root_workers: bool,
 }
 
 impl Default for WorkersConfig {
@@ -252,6 +290,8 @@ impl Default for WorkersConfig {
             retry: RetryPolicy::default(),
             pipelines,
             contain_descendants: false,
+            worker_user: UserSetting::Default,
+            allow_root_workers: false,
         }
     }
 }
@@ -282,6 +322,8 @@ const SETTINGS: &[(&str, &str)] = &[
     ("job_dirs_keep_days", "JOB_DIRS_KEEP_DAYS"),
     ("retry_base_ms", "RETRY_BASE_MS"),
     ("retry_cap_ms", "RETRY_CAP_MS"),
+    ("user", "WORKER_USER"),
+    ("allow_root_workers", "ALLOW_ROOT_WORKERS"),
 ];
 
 fn to_u64(v: i64) -> u64 {
@@ -409,6 +451,21 @@ impl WorkersConfig {
             "job_dirs_keep_days" => self.job_dirs_keep_days = to_u64(raw.int(name, 0, 36_500)?),
             "retry_base_ms" => self.retry.base_ms = to_u64(raw.int(name, 0, 86_400_000)?),
             "retry_cap_ms" => self.retry.cap_ms = to_u64(raw.int(name, 0, 86_400_000)?),
+            "user" => {
+                self.worker_user = match raw {
+                    Raw::Toml(toml::Value::Integer(_)) => UserSetting::Uid(
+                        u32::try_from(raw.int(name, 0, i64::from(u32::MAX))?).expect("invariant: in range"),
+                    ),
+                    Raw::Toml(toml::Value::String(_)) | Raw::Env(_) => UserSetting::parse(&raw.text()),
+                    Raw::Toml(v) => {
+                        return Err(invalid(
+                            name,
+                            format!("expected a user name or uid, got {}", v.type_str()),
+                        ))
+                    }
+                }
+            }
+            "allow_root_workers" => self.allow_root_workers = raw.bool(name)?,
             _ => unreachable!("invariant: SETTINGS lists every key set() handles"),
         }
         Ok(())

@@ -3,10 +3,17 @@
 
 use atelier_storage::StorageError;
 
+use crate::worker_user::WorkerUserError;
+
 #[derive(Debug)]
 pub enum WorkersError {
     Storage(StorageError),
-    Io { context: String, source: std::io::Error },
+    Io {
+        context: String,
+        source: std::io::Error,
+    },
+    /// No user to run workers as that the settings allow.
+    WorkerUser(WorkerUserError),
 }
 
 impl std::fmt::Display for WorkersError {
@@ -16,6 +23,7 @@ impl std::fmt::Display for WorkersError {
         match self {
             WorkersError::Storage(e) => write!(f, "workers: {e}"),
             WorkersError::Io { context, source } => write!(f, "workers: {context}: {source}"),
+            WorkersError::WorkerUser(e) => write!(f, "workers: {e}"),
         }
     }
 }
@@ -25,7 +33,15 @@ impl std::error::Error for WorkersError {
         match self {
             WorkersError::Storage(e) => Some(e),
             WorkersError::Io { source, .. } => Some(source),
+            // The message is the error itself, already in `Display`: only its own cause follows.
+            WorkersError::WorkerUser(e) => e.source(),
         }
+    }
+}
+
+impl From<WorkerUserError> for WorkersError {
+    fn from(e: WorkerUserError) -> Self {
+        WorkersError::WorkerUser(e)
     }
 }
 

@@ -12,8 +12,10 @@
 //! - `executor/`: the job controller (`process/`: spawn, watch, classify) and the task runner;
 //! - `shared.rs`, `session.rs`: what both executors share, and a job's talk with the log;
 //! - `router.rs`: routing and rollback; `metrics.rs`: the Prometheus series;
+//! - `error.rs`: the one error of starting and running the executors (wraps `worker_user`'s);
+//! - `worker_user.rs`: who workers run as, and what of the data dir that user may reach;
 //! - `inside/`: the code that runs inside a worker process (what the interface stamp covers);
-//! - `paths.rs`, `config.rs`, `program.rs`, `contain.rs`, `janitor.rs`, `error.rs`: leaves.
+//! - `paths.rs`, `config.rs`, `program.rs`, `contain.rs`, `janitor.rs`: leaves.
 
 #[cfg(feature = "test-faults")]
 mod ballast;
@@ -30,6 +32,7 @@ mod router;
 mod scheduler;
 mod session;
 mod shared;
+mod worker_user;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -49,6 +52,7 @@ pub use inside::worker::worker_main;
 pub use inside::{protocol, run_hidden_mode};
 pub use paths::DataDir;
 pub use program::{choose_worker_program, ProgramError, ProgramSource, WorkerProgram, INTERFACE};
+pub use worker_user::{Identity, UserSetting, WorkerUser, WorkerUserError, WORKER_USER_DEFAULT};
 
 use error::io_err;
 use executor::process::ProcessExecutor;
@@ -99,6 +103,23 @@ impl Workers {
         let exe = std::path::absolute(&exe).map_err(io_err("resolve the executable path"))?;
         inside::private::create_dir_all(&data_dir.jobs()).map_err(io_err("create the jobs dir"))?;
         inside::private::create_dir_all(&data_dir.artifacts()).map_err(io_err("create the artifacts dir"))?;
+        let worker_user = worker_user::resolve(
+            &config.worker_user,
+            config.allow_root_workers,
+            nix::unistd::geteuid().as_raw(),
+            &worker_user::system_lookup,
+        )?;
+        worker_user::prepare_data_dir(&data_dir, worker_user)
+            .map_err(io_err("lay out the data dir for the worker user"))?;
+        match worker_user {
+            WorkerUser::Dedicated(id) => tracing::info!(uid = id.uid, gid = id.gid, "workers run as their own user"),
+            WorkerUser::RootAllowed => {
+                tracing::warn!("workers run as root (allow_root_workers): a job can do anything root can")
+            }
+            WorkerUser::Server => tracing::info!(
+                "workers run as the server's own user: a job can read and change everything the server can (see workers/README.md)"
+            ),
+        }
         let metrics = Arc::new(Metrics::default());
         let shared = Arc::new(Shared {
             store,
@@ -107,6 +128,7 @@ impl Workers {
             metrics,
             router: Mutex::new(Router::new()),
             stopping: AtomicBool::new(false),
+            worker_user,
         });
         // Before any job starts: what a job leaves behind must be re-parented to us.
         let contained = shared.config.contain_descendants

@@ -16,6 +16,7 @@ use crate::metrics::Metrics;
 use crate::paths::DataDir;
 use crate::router::{RollbackReason, Router};
 use crate::session::{ctx, job_end, record_finish, Finish, Session};
+use crate::worker_user::WorkerUser;
 
 /// What every thread of the workers shares.
 pub(crate) struct Shared {
@@ -25,6 +26,8 @@ pub(crate) struct Shared {
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) router: Mutex<Router>,
     pub(crate) stopping: AtomicBool,
+    /// Who workers run as (`worker_user`), decided at start.
+    pub(crate) worker_user: WorkerUser,
 }
 
 impl Shared {

@@ -38,12 +38,17 @@ fn ctx() -> Ctx {
 /// Settings every test shares (fast retries, no coalescing, no rollback surprises), each
 /// overridable by `workers`.
 fn config(pipelines: &str, workers: &[(&str, &str)]) -> WorkersConfig {
+    // Workers run as this test's own user (root allowed): the fault matrix is about the
+    // controller, not about the worker user (tests/e2e/isolation.rs covers that).
+    let me = nix::unistd::geteuid().as_raw().to_string();
     let mut kv: Vec<(&str, &str)> = vec![
         ("progress_update_interval_seconds", "0"),
         ("retry_base_ms", "10"),
         ("retry_cap_ms", "20"),
         ("kill_grace_ms", "500"),
         ("auto_rollback", "false"),
+        ("user", &me),
+        ("allow_root_workers", "true"),
     ];
     for (k, v) in workers {
         match kv.iter_mut().find(|(a, _)| a == k) {
@@ -921,28 +926,67 @@ stages.generating_ideas = { command = ["sh", "-c", '''echo '{"type":"stage","sta
 
 #[test]
 fn stage_commands_speak_the_protocol_on_stdout() {
-    let mut results = Vec::new();
-    for use_controller in ["true", "false"] {
-        let mut h = Harness::new("stagecmd");
-        h.start(config(SHOP, &[("use_job_controller", use_controller)]));
-        let id = h.create("shop", serde_json::json!({"title": "ignored by the command"}), 1);
-        let rude = h.create("rude", serde_json::json!({}), 1);
-        let c = h.wait_terminal(id, LONG);
-        assert_eq!(c.state, State::Completed, "{c:#?}");
-        let r = result_json(&c);
-        assert_eq!(r["product"]["title"], "Shell mug", "{r}");
-        assert_eq!(r["product"]["description"], "Made by sh", "{r}");
-        let relayed = h.store.events_of(id).expect("events").iter().any(
-            |e| matches!(&e.event, Event::Progress { percent: 50, message: Some(m), .. } if m == "thinking"),
-        );
-        assert!(relayed, "the command's progress reached the log");
-        let c = h.wait_terminal(rude, LONG);
-        assert_eq!(c.state, State::Failed);
-        assert!(c.error.as_deref().is_some_and(|e| e.contains("printed a 'stage' line")), "{c:#?}");
-        results.push(c.result.clone());
-        results.push(h.get(id).result);
-    }
-    assert_eq!(results[1], results[3], "both executors agree");
+    let mut h = Harness::new("stagecmd");
+    h.start(config(SHOP, &[]));
+    let id = h.create("shop", serde_json::json!({"title": "ignored by the command"}), 1);
+    let rude = h.create("rude", serde_json::json!({}), 1);
+    let c = h.wait_terminal(id, LONG);
+    assert_eq!(c.state, State::Completed, "{c:#?}");
+    let r = result_json(&c);
+    assert_eq!(r["product"]["title"], "Shell mug", "{r}");
+    assert_eq!(r["product"]["description"], "Made by sh", "{r}");
+    let relayed = h.store.events_of(id).expect("events").iter().any(
+        |e| matches!(&e.event, Event::Progress { percent: 50, message: Some(m), .. } if m == "thinking"),
+    );
+    assert!(relayed, "the command's progress reached the log");
+    let c = h.wait_terminal(rude, LONG);
+    assert_eq!(c.state, State::Failed);
+    assert!(c.error.as_deref().is_some_and(|e| e.contains("printed a 'stage' line")), "{c:#?}");
+}
+
+/// A pipeline that runs programs goes to the job controller even when the router picks the
+/// task runner (here by priority, as during a rollback), and runs there.
+#[test]
+fn a_pipeline_that_runs_programs_goes_to_the_job_controller() {
+    let mut h = Harness::new("stagecmd-routed");
+    h.start(config(SHOP, &[("task_runner_priority", "20")]));
+    let id = h.create("shop", serde_json::json!({}), 1);
+    assert_eq!(h.wait_terminal(id, LONG).state, State::Completed);
+    assert_eq!(h.jobs(id)[0].executor, Executor::JobController);
+    let noop = h.create("noop", serde_json::json!({}), 1);
+    assert_eq!(h.wait_terminal(noop, LONG).state, State::Completed);
+    assert_eq!(h.jobs(noop)[0].executor, Executor::TaskRunner, "the rest still goes where the router says");
+}
+
+/// The task runner runs no programs: a pipeline with a command stage is refused there with
+/// the reason, for good when there is no job controller to run it (retryable otherwise, so
+/// it waits out a rollback), and the command never runs.
+#[test]
+fn the_task_runner_refuses_command_stages() {
+    let mut h = Harness::new("stagecmd-runner");
+    let marker = h.dir.path().join("ran");
+    let pipelines = format!(
+        "[pipelines.cmd]\nstages.generating_ideas = {{ command = [\"sh\", \"-c\", \"touch {}\"] }}\n",
+        marker.display()
+    );
+    h.start(config(&pipelines, &[("use_job_controller", "false")]));
+    let id = h.create("cmd", serde_json::json!({}), 3);
+    let c = h.wait_terminal(id, LONG);
+    assert_eq!(c.state, State::Failed, "{c:#?}");
+    let jobs = h.jobs(id);
+    assert_eq!(jobs.len(), 1, "not retried without a job controller: {jobs:#?}");
+    assert_eq!(jobs[0].executor, Executor::TaskRunner);
+    assert_eq!(
+        jobs[0].error_message.as_deref(),
+        Some(
+            "the task runner does not run pipeline 'cmd': it runs a command in stage generating_ideas, \
+             and the task runner runs no programs (they would run without a worker's user, limits \
+             or cleared environment); it runs on the job controller"
+        )
+    );
+    assert!(!marker.exists(), "the command ran");
+    let noop = h.create("noop", serde_json::json!({}), 1);
+    assert_eq!(h.wait_terminal(noop, LONG).state, State::Completed, "built-in steps still run there");
 }
 
 /// posix_spawn, not fork: spawning stays cheap however big the server is.
@@ -1045,4 +1089,35 @@ fn finished_jobs_dirs_are_swept_after_the_keep_time() {
     assert!(!finished_dir.exists() && fresh.exists());
     assert!(jobs_dir.join("notes").exists(), "what is not a job's dir is not the sweep's");
     assert!(h.store.job(job.job_id).unwrap().is_some(), "the job record itself stays in the log");
+}
+
+/// The trampoline drops to the worker user for good before the worker runs: its uid and gid,
+/// and none of the caller's supplementary groups (a root server's groups would open their
+/// files to every job).
+#[test]
+fn the_trampoline_switches_to_the_worker_user_with_no_groups() {
+    use std::os::unix::process::CommandExt;
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: switching users needs root");
+        return;
+    }
+    let server_pid = std::process::id().to_string();
+    let mut cmd = std::process::Command::new(EXE);
+    cmd.args(["__trampoline", "--server-pid", &server_pid, "--proto-fd", "1"])
+        .args(["--interface", atelier_workers::INTERFACE, "--uid", "54321", "--gid", "54322"])
+        .args(["--", "/usr/bin/id"]);
+    // SAFETY: setgroups is async-signal-safe and the closure touches nothing else.
+    unsafe {
+        cmd.pre_exec(|| {
+            let groups: [libc::gid_t; 2] = [4, 27];
+            if libc::setgroups(groups.len(), groups.as_ptr()) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let out = cmd.output().expect("run the trampoline");
+    let (said, err) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{}: {err}", out.status);
+    assert_eq!(said.trim(), "uid=54321 gid=54322 groups=54322", "{err}");
 }

@@ -41,7 +41,14 @@ fn crash_test_server(dir: &str) -> i32 {
     let run = || -> Result<(), String> {
         let store = SledStore::open(StoreConfig::new(dir.join("store"))).map_err(|e| e.to_string())?;
         let store: std::sync::Arc<dyn EventStore> = store;
-        let cfg = WorkersConfig::load(Some(CRASH_CONFIG), &|_| None).map_err(|e| e.to_string())?;
+        // Workers run as this process's own user (root allowed): the crash test is about the log.
+        let me = nix::unistd::geteuid().as_raw().to_string();
+        let env = |name: &str| match name {
+            "ATELIER_WORKER_USER" => Some(me.clone()),
+            "ATELIER_ALLOW_ROOT_WORKERS" => Some("true".to_string()),
+            _ => None,
+        };
+        let cfg = WorkersConfig::load(Some(CRASH_CONFIG), &env).map_err(|e| e.to_string())?;
         let exe = std::env::current_exe().map_err(|e| e.to_string())?;
         let _workers =
             Workers::start(store.clone(), cfg, dir.join("data"), exe).map_err(|e| e.to_string())?;

@@ -1,16 +1,25 @@
 //! The task runner: the fallback executor. A pool of threads runs the same pipeline code as
 //! the worker processes, in the server's own process: no isolation and no resource limits
 //! (only the wall-clock limit, checked at each report), but nothing to spawn either.
+//!
+//! It refuses pipelines that run programs (a `command` stage, or a worker program of their
+//! own): such a program is code a team wrote, and here it would run as the server's user (root
+//! too), with the server's environment (its secret), no limits, no process group of its own
+//! and no death with the server. Giving it the job controller's trampoline would make this
+//! executor a second job controller, with none of the fallback's point (nothing to spawn);
+//! the scheduler sends those jobs to the job controller whenever it is enabled, and only
+//! without one do they reach this refusal.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use atelier_engine::{Command, Commission, Executor, JobStatus};
+use atelier_engine::{Command, Commission, Executor, JobStatus, Stage};
 use atelier_storage::execute;
 use crossbeam_channel::Sender;
 
+use crate::config::{PipelineConfig, StageSpec};
 use crate::executor::signal::{JobSignal, Request};
 use crate::inside::pipeline::{self, Reporter, RunEnv, Stop};
 use crate::inside::protocol::Message;
@@ -119,6 +128,22 @@ impl InProcess<'_> {
     }
 }
 
+/// Why the task runner will not run pipeline `p`, if it runs a program (see the module docs).
+pub(crate) fn runs_programs(p: &PipelineConfig) -> Option<String> {
+    let stage = Stage::ALL.into_iter().find(|s| matches!(p.stages[s.index()], StageSpec::Command(_)));
+    let what = match (&p.command, stage) {
+        (Some(_), _) => "a worker program of its own".to_string(),
+        (None, Some(stage)) => format!("a command in stage {}", stage.as_str()),
+        (None, None) => return None,
+    };
+    Some(format!(
+        "the task runner does not run pipeline '{}': it runs {what}, and the task runner runs no \
+         programs (they would run without a worker's user, limits or cleared environment); it \
+         runs on the job controller",
+        p.name
+    ))
+}
+
 fn thread_cpu_ms() -> u64 {
     // SAFETY: rusage is plain data that getrusage fills in.
     let mut u: libc::rusage = unsafe { std::mem::zeroed() };
@@ -137,6 +162,12 @@ fn run_task(shared: &Shared, c: Commission, signal: &JobSignal) {
     let _commission = commission_span(&c).entered();
     let Some((job_id, p)) = shared.begin_job(&c, executor) else { return };
     let _job = job_span(job_id, executor).entered();
+    if let Some(why) = runs_programs(&p) {
+        let retryable = shared.config.use_job_controller;
+        tracing::warn!(commission = c.id, job = job_id, "{why}");
+        shared.fail_unstarted(&c, job_id, executor, why, retryable);
+        return;
+    }
     let (dir, input) = match shared.job_input(&c, job_id) {
         Ok(v) => v,
         Err(e) => {

@@ -3,8 +3,9 @@
 //! The server spawns it with posix_spawn (no `pre_exec`, which would make std fork the whole
 //! server: ~43 ms per GiB of RSS instead of ~1 ms). Everything that must happen between fork
 //! and exec happens here instead, in a small fresh process: resource limits, its own process
-//! group, death with the server (PR_SET_PDEATHSIG), the protocol pipe moved to fd 3, every
-//! other descriptor closed. Then it execs the real worker, which inherits all of it.
+//! group, the worker user (`worker_user`), death with the server (PR_SET_PDEATHSIG), the
+//! protocol pipe moved to fd 3, every other descriptor closed. Then it execs the real worker,
+//! which inherits all of it.
 //!
 //! When the worker is the built-in one (`<this program> __worker ...`), the trampoline runs it
 //! in place instead of executing the same program again: everything exec would keep is
@@ -34,6 +35,9 @@ pub struct TrampolineArgs {
     pub nofile_max: u64,
     pub nproc_max: u64,
     pub fsize_bytes: u64,
+    /// The user (uid, gid) to switch to after the limits, with no supplementary groups; `None`
+    /// keeps the server's (see `worker_user`).
+    pub user: Option<(u32, u32)>,
     /// The server's [`crate::inside::interface::INTERFACE`]: a trampoline built from other sources (a worker
     /// program replaced on disk while the server runs) refuses to run the job.
     pub interface: String,
@@ -60,8 +64,11 @@ impl TrampolineArgs {
             self.fsize_bytes.to_string(),
             "--interface".into(),
             self.interface.clone(),
-            "--".into(),
         ];
+        if let Some((uid, gid)) = self.user {
+            v.extend(["--uid".into(), uid.to_string(), "--gid".into(), gid.to_string()]);
+        }
+        v.push("--".into());
         v.extend(self.argv.iter().cloned());
         v
     }
@@ -84,9 +91,11 @@ impl TrampolineArgs {
             nofile_max: 0,
             nproc_max: 0,
             fsize_bytes: 0,
+            user: None,
             interface: String::new(),
             argv: argv.to_vec(),
         };
+        let (mut uid, mut gid) = (None, None);
         let mut it = opts.iter();
         while let Some(name) = it.next() {
             let value = it.next().ok_or_else(|| format!("{name} needs a value"))?;
@@ -100,12 +109,19 @@ impl TrampolineArgs {
                 "--nproc" => t.nproc_max = num()?,
                 "--fsize-bytes" => t.fsize_bytes = num()?,
                 "--interface" => t.interface = value.clone(),
+                "--uid" => uid = Some(u32::try_from(num()?).map_err(|e| format!("{name}: {e}"))?),
+                "--gid" => gid = Some(u32::try_from(num()?).map_err(|e| format!("{name}: {e}"))?),
                 other => return Err(format!("unknown option {other}")),
             }
         }
         if t.server_pid == 0 || t.proto_fd < 0 || t.interface.is_empty() {
             return Err("--server-pid, --proto-fd and --interface are required".into());
         }
+        t.user = match (uid, gid) {
+            (Some(uid), Some(gid)) => Some((uid, gid)),
+            (None, None) => None,
+            _ => return Err("--uid and --gid go together".into()),
+        };
         Ok(t)
     }
 }
@@ -135,15 +151,6 @@ pub fn trampoline_main(args: &[String]) -> i32 {
         eprintln!("atelier __trampoline: cannot get a process group of our own");
         return EXIT_SETUP_FAILED;
     }
-    if let Err(e) = nix::sys::prctl::set_pdeathsig(Signal::SIGKILL) {
-        eprintln!("atelier __trampoline: PR_SET_PDEATHSIG: {e}");
-        return EXIT_SETUP_FAILED;
-    }
-    // The server may have died between spawning us and the prctl above; then nobody would
-    // ever kill us, so leave now.
-    if u32::try_from(getppid().as_raw()).ok() != Some(t.server_pid) {
-        return EXIT_ORPHANED;
-    }
     let limits = [
         (Resource::RLIMIT_AS, t.memory_bytes, t.memory_bytes),
         // SIGXCPU at the soft limit, SIGKILL a second later if it is ignored.
@@ -163,6 +170,26 @@ pub fn trampoline_main(args: &[String]) -> i32 {
             return EXIT_SETUP_FAILED;
         }
     }
+    // Decided before the switch: the worker user may not be able to look at the program's
+    // dir (a server installed under /root), and need not, to run the built-in worker here.
+    let in_place = t.argv.get(1).map(String::as_str) == Some("__worker") && is_this_program(&t.argv[0]);
+    // After the limits (set while we may still raise them), and before the death signal: a
+    // change of credentials clears PR_SET_PDEATHSIG.
+    if let Some((uid, gid)) = t.user {
+        if let Err(e) = switch_user(uid, gid) {
+            eprintln!("atelier __trampoline: cannot run as uid {uid}, gid {gid}: {e}");
+            return EXIT_SETUP_FAILED;
+        }
+    }
+    if let Err(e) = nix::sys::prctl::set_pdeathsig(Signal::SIGKILL) {
+        eprintln!("atelier __trampoline: PR_SET_PDEATHSIG: {e}");
+        return EXIT_SETUP_FAILED;
+    }
+    // The server may have died between spawning us and the prctl above; then nobody would
+    // ever kill us, so leave now.
+    if u32::try_from(getppid().as_raw()).ok() != Some(t.server_pid) {
+        return EXIT_ORPHANED;
+    }
     if t.proto_fd != 3 {
         if let Err(e) = dup2(t.proto_fd, 3) {
             eprintln!("atelier __trampoline: dup2 protocol fd: {e}");
@@ -175,7 +202,7 @@ pub fn trampoline_main(args: &[String]) -> i32 {
     if rc != 0 {
         close_fds_slowly();
     }
-    if t.argv.get(1).map(String::as_str) == Some("__worker") && is_this_program(&t.argv[0]) {
+    if in_place {
         return crate::inside::worker::worker_main(&t.argv[1..]);
     }
     let argv: Result<Vec<CString>, _> = t.argv.iter().map(|a| CString::new(a.as_bytes())).collect();
@@ -189,6 +216,30 @@ pub fn trampoline_main(args: &[String]) -> i32 {
     };
     eprintln!("atelier __trampoline: cannot run {:?}: {err}", t.argv[0]);
     EXIT_EXEC_FAILED
+}
+
+/// Drops to `uid`/`gid` for good, with no supplementary groups (root's would otherwise stay),
+/// then checks it took: every one of the real, effective and saved ids is the new one, and
+/// root's cannot be had back.
+fn switch_user(uid: u32, gid: u32) -> Result<(), String> {
+    use nix::unistd::{getgroups, getresgid, getresuid, setgroups, setresgid, setresuid, Gid, Uid};
+    let (u, g) = (Uid::from_raw(uid), Gid::from_raw(gid));
+    setgroups(&[]).map_err(|e| format!("setgroups: {e}"))?;
+    setresgid(g, g, g).map_err(|e| format!("setresgid: {e}"))?;
+    setresuid(u, u, u).map_err(|e| format!("setresuid: {e}"))?;
+    let ids = getresuid().map_err(|e| format!("getresuid: {e}"))?;
+    let gids = getresgid().map_err(|e| format!("getresgid: {e}"))?;
+    let groups = getgroups().map_err(|e| format!("getgroups: {e}"))?;
+    if [ids.real, ids.effective, ids.saved] != [u; 3] || [gids.real, gids.effective, gids.saved] != [g; 3] {
+        return Err(format!("the switch did not take: {ids:?} {gids:?}"));
+    }
+    if groups.iter().any(|x| *x != g) {
+        return Err(format!("supplementary groups remain: {groups:?}"));
+    }
+    if uid != 0 && nix::unistd::setuid(Uid::from_raw(0)).is_ok() {
+        return Err("root can be had back".into());
+    }
+    Ok(())
 }
 
 /// Whether `path` is the very file this process runs (same device and inode; a binary
@@ -225,6 +276,7 @@ mod tests {
             nofile_max: 256,
             nproc_max: 64,
             fsize_bytes: 1 << 20,
+            user: Some((998, 997)),
             interface: crate::inside::interface::INTERFACE.into(),
             argv: vec!["/bin/x".into(), "--a".into(), "--".into()],
         }

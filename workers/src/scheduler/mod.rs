@@ -32,7 +32,7 @@ use self::timers::{TimerKind, Timers};
 use crate::error::{io_err, WorkersError};
 use crate::executor::process::ProcessExecutor;
 use crate::executor::signal::{JobSignal, Request};
-use crate::executor::task_runner::TaskJob;
+use crate::executor::task_runner::{runs_programs, TaskJob};
 use crate::session::{ctx, now_ms};
 use crate::shared::Shared;
 
@@ -234,7 +234,18 @@ impl Scheduler {
             }
             debug_assert_eq!(p, c.priority);
             tracing::debug!(commission = id, "dispatching");
-            let executor = self.shared.with_router(|r, cfg| r.route(cfg, id, Instant::now()));
+            let routed = self.shared.with_router(|r, cfg| r.route(cfg, id, Instant::now()));
+            // The task runner runs no programs: a pipeline that does goes to the job controller
+            // whenever it is enabled, through a rollback or outside the rollout too.
+            let executor = match routed {
+                Executor::TaskRunner
+                    if self.shared.config.use_job_controller
+                        && self.shared.pipeline(&c.pipeline).and_then(runs_programs).is_some() =>
+                {
+                    Executor::JobController
+                }
+                other => other,
+            };
             self.shared.metrics.routed(executor);
             let started = self.start(c, executor, ready);
             match started {

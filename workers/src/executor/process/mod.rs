@@ -100,6 +100,7 @@ impl ProcessExecutor {
             let pid = i32::try_from(pid).expect("invariant: pids fit i32");
             watch::kill_job(pid, nix::sys::signal::Signal::SIGKILL);
             let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid), None);
+            let _ = crate::worker_user::take_back_job_dir(&dir, shared.worker_user);
             return;
         }
         tracing::info!(commission = c.id, job = job_id, pid, pipeline = %p.name, memory_mb, "job started");
@@ -116,6 +117,10 @@ impl ProcessExecutor {
             kill_grace: Duration::from_millis(shared.config.kill_grace_ms),
         };
         let ended = watch::watch(watched, &mut session, signal, &applied);
+        // The worker is gone (its group killed, itself reaped): no later job may enter its dir.
+        if let Err(e) = crate::worker_user::take_back_job_dir(&dir, shared.worker_user) {
+            tracing::warn!(commission = c.id, job = job_id, error = %e, "cannot take the job dir back from the worker user");
+        }
         let took = started.elapsed();
         let succeeded = matches!(ended.finish, Finish::Complete { .. });
         shared.judge(|r, cfg| r.record(cfg, ended.infra_failure, succeeded.then_some(took), Instant::now()));
@@ -166,6 +171,7 @@ fn pipeline_file(shared: &Shared, p: &PipelineConfig, job_id: u64) -> Result<Pat
     let tmp = shared.data_dir.pipeline_spec_tmp(&p.name, &hash, job_id);
     crate::inside::private::create_file(&tmp)
         .and_then(|mut f| std::io::Write::write_all(&mut f, &spec))
+        .and_then(|()| crate::worker_user::share_spec_file(&tmp, shared.worker_user))
         .map_err(|e| format!("cannot write {}: {e}", tmp.display()))?;
     std::fs::rename(&tmp, &path).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
     Ok(path)

@@ -195,12 +195,15 @@ impl Spawner {
         let stdin = input_memfd(input)?;
         // A worker program of the pipeline's own runs in its job's dir, made now. The built-in
         // worker is told where its dir is and makes it only if it puts something there
-        // (`RunEnv::make_job_dir`); it runs in the jobs dir meanwhile.
+        // (`RunEnv::make_job_dir`); it runs in the jobs dir meanwhile. Under a worker user of
+        // its own it could not make it (the jobs dir is not the worker's to write), so then
+        // every job's dir is made here and handed over.
+        let user = shared.worker_user;
+        if p.command.is_some() || user.switch_to().is_some() {
+            crate::worker_user::hand_over_job_dir(dir, user)?;
+        }
         let (worker_argv, cwd) = match &p.command {
-            Some(cmd) => {
-                crate::inside::private::create_dir_all(dir)?;
-                (cmd.clone(), dir.to_path_buf())
-            }
+            Some(cmd) => (cmd.clone(), dir.to_path_buf()),
             None => {
                 let args = WorkerArgs {
                     input: PathBuf::from(INPUT_STDIN),
@@ -224,6 +227,7 @@ impl Spawner {
             nofile_max: p.limits.nofile_max,
             nproc_max: p.limits.nproc_max,
             fsize_bytes: p.limits.fsize_mb * 1024 * 1024,
+            user: user.switch_to().map(|id| (id.uid, id.gid)),
             interface: INTERFACE.into(),
             argv: worker_argv,
         };
