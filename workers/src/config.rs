@@ -13,6 +13,8 @@ use atelier_config::{Raw, Sources};
 use atelier_engine::{RetryPolicy, Stage};
 use serde::{Deserialize, Serialize};
 
+pub use crate::cgroup::CgroupSetting;
+
 /// Upper bounds for per-pipeline limits; a value above them is almost certainly a typo.
 pub const MEMORY_MB_MAX: u64 = 64 * 1024;
 pub const MEMORY_MB_MIN: u64 = 16;
@@ -216,6 +218,8 @@ pub struct WorkersConfig {
     /// A finished job's working dir (and its logs) is removed this many days after the job
     /// ended; 0 keeps them forever.
     pub job_dirs_keep_days: u64,
+    /// CGROUP: a cgroup per job (`auto`, `off`, or a delegated parent's path); see `cgroup`.
+    pub cgroup: CgroupSetting,
     pub retry: RetryPolicy,
     pub pipelines: BTreeMap<String, PipelineConfig>,
     /// Make the process a child subreaper and end whatever a job leaves behind outside its
@@ -249,6 +253,7 @@ impl Default for WorkersConfig {
             heartbeat_timeout_ms: 30_000,
             log_bytes_max: 1024 * 1024,
             job_dirs_keep_days: JOB_DIRS_KEEP_DAYS_DEFAULT,
+            cgroup: CgroupSetting::Auto,
             retry: RetryPolicy::default(),
             pipelines,
             contain_descendants: false,
@@ -280,6 +285,7 @@ const SETTINGS: &[(&str, &str)] = &[
     ("heartbeat_timeout_ms", "HEARTBEAT_TIMEOUT_MS"),
     ("log_bytes_max", "JOB_LOG_BYTES_MAX"),
     ("job_dirs_keep_days", "JOB_DIRS_KEEP_DAYS"),
+    ("cgroup", "CGROUP"),
     ("retry_base_ms", "RETRY_BASE_MS"),
     ("retry_cap_ms", "RETRY_CAP_MS"),
 ];
@@ -407,6 +413,9 @@ impl WorkersConfig {
             "heartbeat_timeout_ms" => self.heartbeat_timeout_ms = to_u64(raw.int(name, 50, 86_400_000)?),
             "log_bytes_max" => self.log_bytes_max = to_u64(raw.int(name, 0, 1 << 40)?),
             "job_dirs_keep_days" => self.job_dirs_keep_days = to_u64(raw.int(name, 0, 36_500)?),
+            "cgroup" => {
+                self.cgroup = CgroupSetting::parse(raw.text().trim()).map_err(|e| invalid(name, e))?
+            }
             "retry_base_ms" => self.retry.base_ms = to_u64(raw.int(name, 0, 86_400_000)?),
             "retry_cap_ms" => self.retry.cap_ms = to_u64(raw.int(name, 0, 86_400_000)?),
             _ => unreachable!("invariant: SETTINGS lists every key set() handles"),

@@ -3,10 +3,17 @@
 
 use atelier_storage::StorageError;
 
+use crate::cgroup::CgroupError;
+
 #[derive(Debug)]
 pub enum WorkersError {
     Storage(StorageError),
-    Io { context: String, source: std::io::Error },
+    Io {
+        context: String,
+        source: std::io::Error,
+    },
+    /// The configured cgroup parent cannot be used (`[workers] cgroup`).
+    Cgroup(CgroupError),
 }
 
 impl std::fmt::Display for WorkersError {
@@ -16,6 +23,7 @@ impl std::fmt::Display for WorkersError {
         match self {
             WorkersError::Storage(e) => write!(f, "workers: {e}"),
             WorkersError::Io { context, source } => write!(f, "workers: {context}: {source}"),
+            WorkersError::Cgroup(e) => write!(f, "workers: a cgroup per job ([workers] cgroup): {e}"),
         }
     }
 }
@@ -25,7 +33,14 @@ impl std::error::Error for WorkersError {
         match self {
             WorkersError::Storage(e) => Some(e),
             WorkersError::Io { source, .. } => Some(source),
+            WorkersError::Cgroup(e) => Some(e),
         }
+    }
+}
+
+impl From<CgroupError> for WorkersError {
+    fn from(e: CgroupError) -> Self {
+        WorkersError::Cgroup(e)
     }
 }
 

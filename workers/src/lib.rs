@@ -17,6 +17,7 @@
 
 #[cfg(feature = "test-faults")]
 mod ballast;
+mod cgroup;
 mod config;
 mod contain;
 mod error;
@@ -40,7 +41,7 @@ use std::time::Instant;
 use atelier_storage::{EventStore, Filter};
 use crossbeam_channel::Sender;
 
-pub use config::{Builtin, ConfigError, JobLimits, PipelineConfig, StageSpec, WorkersConfig};
+pub use config::{Builtin, CgroupSetting, ConfigError, JobLimits, PipelineConfig, StageSpec, WorkersConfig};
 pub use contain::become_undumpable;
 pub use error::WorkersError;
 pub use inside::pipeline::{derive_ideas, JobInput};
@@ -121,8 +122,13 @@ impl Workers {
         let head = shared.store.head_seq();
         let sub = shared.store.subscribe(head, Filter::All)?;
         scheduler::recovery::reconcile(&shared)?;
+        let cgroups = if shared.config.use_job_controller {
+            cgroup::Cgroups::start(&shared.config.cgroup, shared.data_dir.root())?
+        } else {
+            None
+        };
         let (process, spawner) =
-            ProcessExecutor::start(exe).map_err(io_err("start thread atelier-spawner"))?;
+            ProcessExecutor::start(exe, cgroups).map_err(io_err("start thread atelier-spawner"))?;
         let process = Arc::new(process);
         let pool = task_runner::Pool::start(shared.clone(), shared.config.max_concurrent_jobs)
             .map_err(io_err("start the task runner"))?;
@@ -182,6 +188,12 @@ impl Workers {
     }
 
     /// Where everything lies under the data dir.
+    /// Whether each job of the job controller runs in a cgroup of its own (`[workers] cgroup`;
+    /// without one, its limits are rlimits only).
+    pub fn job_cgroups(&self) -> bool {
+        self.process.has_cgroups()
+    }
+
     pub fn data_dir(&self) -> &DataDir {
         &self.shared.data_dir
     }

@@ -478,17 +478,17 @@ fn fault_matrix() {
     );
     // A signal's number is recorded too.
     assert_eq!(h.jobs(ids[0])[0].signal, Some(9));
-    // A fork bomb: RLIMIT_NPROC (64) stops it; root is not bound by that limit, so there the
-    // worker's own bound (256 children) does and the wall timeout ends the job. Either way
-    // the whole group is gone afterwards. (`the_process_limit_stops_a_forking_worker` shows
-    // the limit binding, also when the tests run as root.)
+    // A fork bomb: the job cgroup's pids.max or RLIMIT_NPROC (64) stops it; root is not
+    // bound by RLIMIT_NPROC, so without a cgroup the worker's own bound (256 children) does
+    // and the wall timeout ends the job. Either way the whole group is gone afterwards.
+    // (`the_process_limit_stops_a_forking_worker` shows the limit binding, also as root.)
     let c = h.wait_terminal(bomb, LONG);
     let jobs = h.jobs(bomb);
     let last = jobs.last().expect("the bomb ran");
     let msg = last.error_message.clone().unwrap_or_default();
     assert_eq!(c.state, State::Failed, "{c:#?}");
     // SAFETY: geteuid(2) cannot fail and touches no memory.
-    if unsafe { libc::geteuid() } == 0 {
+    if unsafe { libc::geteuid() } == 0 && !h.controller().job_cgroups() {
         assert_eq!((last.status, msg.contains("timed out after 3 s")), (JobStatus::TimedOut, true), "{msg}");
     } else {
         assert_eq!((last.status, msg.contains("fork failed after")), (JobStatus::Failed, true), "{msg}");
@@ -637,13 +637,21 @@ fn the_process_limit_stops_a_forking_worker() {
     if root {
         command.splice(0..0, ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]);
     }
-    // A JSON array of strings is a TOML array too.
-    let command = serde_json::to_string(&command).expect("strings serialize");
-    let pipeline = format!(
-        "[pipelines.forker]\nnproc_max = 16\nenv = {{ PATH = \"/usr/bin:/bin\" }}\ncommand = {command}\n"
-    );
     let mut h = Harness::new("nproc");
-    h.start(config(&pipeline, &[]));
+    h.start(config(&forker_pipeline(&command), &[]));
+    assert_forking_stopped(&h);
+}
+
+/// The `forker` pipeline: `command` under `nproc_max = 16`.
+fn forker_pipeline(command: &[&str]) -> String {
+    // A JSON array of strings is a TOML array too.
+    let command = serde_json::to_string(command).expect("strings serialize");
+    format!("[pipelines.forker]\nnproc_max = 16\nenv = {{ PATH = \"/usr/bin:/bin\" }}\ncommand = {command}\n")
+}
+
+/// Runs a `forker` job and checks that its forks failed before the limit of 16 (the worker
+/// itself is one of them).
+fn assert_forking_stopped(h: &Harness) {
     let id = h.create("forker", serde_json::json!({}), 1);
     let c = h.wait_terminal(id, LONG);
     let jobs = h.jobs(id);
@@ -1045,4 +1053,123 @@ fn finished_jobs_dirs_are_swept_after_the_keep_time() {
     assert!(!finished_dir.exists() && fresh.exists());
     assert!(jobs_dir.join("notes").exists(), "what is not a job's dir is not the sweep's");
     assert!(h.store.job(job.job_id).unwrap().is_some(), "the job record itself stays in the log");
+}
+
+/// Starts a controller for `pipelines`; `None` (having said so) when this machine gives jobs
+/// no cgroup of their own (not root, or no usable hierarchy): the tests of what a job cgroup
+/// holds then skip.
+fn start_with_cgroups(name: &str, pipelines: &str) -> Option<Harness> {
+    let mut h = Harness::new(name);
+    h.start(config(pipelines, &[("cgroup", "\"auto\"")]));
+    if h.controller().job_cgroups() {
+        Some(h)
+    } else {
+        eprintln!(
+            "skipped: no cgroup per job here (needs a writable cgroup v1 pids or v2 hierarchy, e.g. root)"
+        );
+        None
+    }
+}
+
+/// The job cgroups of this process's servers: every `job-*` dir under an `atelier-*` dir in
+/// each mounted hierarchy, wherever it is nested.
+fn job_cgroup_dirs() -> Vec<PathBuf> {
+    fn walk(dir: &Path, depth: u32, out: &mut Vec<PathBuf>) {
+        let Ok(entries) = std::fs::read_dir(dir) else { return };
+        for e in entries.flatten() {
+            let path = e.path();
+            if !e.file_type().is_ok_and(|t| t.is_dir()) {
+                continue;
+            }
+            let name = e.file_name().to_string_lossy().into_owned();
+            let in_ours = dir.file_name().is_some_and(|n| n.to_string_lossy().starts_with("atelier-"));
+            if in_ours && name.starts_with("job-") {
+                out.push(path);
+            } else if depth > 0 {
+                walk(&path, depth - 1, out);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(Path::new("/sys/fs/cgroup"), 5, &mut out);
+    out
+}
+
+/// With a cgroup per job, the process limit is the job's `pids.max`: it binds a worker
+/// running as root (which RLIMIT_NPROC does not), and counts the job's processes only.
+#[test]
+fn a_job_cgroup_holds_the_process_limit_even_for_root() {
+    let Some(h) = start_with_cgroups("cg-nproc", &forker_pipeline(&["python3", "-c", FORKER])) else {
+        return;
+    };
+    assert_forking_stopped(&h);
+}
+
+/// The job's cgroup reaches what its process group does not: a process that moved to a
+/// session of its own is killed when the job ends, and the job's cgroup is removed after it.
+#[test]
+fn a_job_cgroup_ends_a_process_that_left_the_jobs_group() {
+    let pipeline = format!(
+        r#"
+[pipelines.runaway]
+env = {{ PATH = "/usr/bin:/bin" }}
+command = ["sh", "-c", '''setsid sleep 300 & echo "escaped $!" >&2; sleep 0.3; {REPORT}''']
+"#,
+        REPORT = r#"for s in generating_ideas creating_images uploading creating_products; do printf '{"type":"stage","stage":"%s"}\n' $s >&3; done; printf '{"type":"result","result":{"ok":true}}\n' >&3"#
+    );
+    let Some(h) = start_with_cgroups("cg-escape", &pipeline) else { return };
+    let id = h.create("runaway", serde_json::json!({}), 1);
+    assert_eq!(h.wait_terminal(id, LONG).state, State::Completed);
+    let job = h.jobs(id)[0].clone();
+    let (_, err) = h.layout().job_logs(job.job_id);
+    let line = wait_for_lines(&err, 1).remove(0);
+    let escaped: u32 =
+        line.strip_prefix("escaped ").and_then(|p| p.parse().ok()).unwrap_or_else(|| panic!("{line:?}"));
+    let end = Instant::now() + Duration::from_secs(3);
+    while alive(escaped) && Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let pgid = proc_stat(escaped).map(|(_, g)| g);
+    assert!(
+        !alive(escaped),
+        "{escaped} (group {pgid:?}, the job's was {:?}) outlived its job",
+        job.process_id
+    );
+    let left: Vec<PathBuf> =
+        job_cgroup_dirs().into_iter().filter(|d| d.ends_with(format!("job-{}", job.job_id))).collect();
+    assert!(left.is_empty(), "the job's cgroup outlived it: {left:?}");
+}
+
+/// A command stage that uses more memory than `memory_mb` (a real python3 filling 512 MiB,
+/// no allocation failing: the cgroup holds resident memory, not address space) is killed by
+/// the kernel at the job cgroup's limit; that SIGKILL, told apart by the cgroup's OOM-kill
+/// count, is the memory outcome, retried with double memory up to the cap.
+#[test]
+fn a_stage_killed_at_the_cgroups_memory_limit_is_retried_with_double_memory() {
+    let pipeline = r#"
+[pipelines.hungry]
+memory_mb = 64
+memory_max_mb = 128
+env = { PATH = "/usr/bin:/bin" }
+stages.generating_ideas = { command = ["python3", "-c", "import sys; sys.stdin.read(); b = b'x' * (512 << 20)"] }
+"#;
+    let Some(h) = start_with_cgroups("cg-oom", pipeline) else { return };
+    let id = h.create("hungry", serde_json::json!({}), 3);
+    let c = h.wait_terminal(id, LONG);
+    let jobs = h.jobs(id);
+    let ended: Vec<(JobStatus, &str)> =
+        jobs.iter().map(|j| (j.status, j.error_message.as_deref().unwrap_or(""))).collect();
+    assert_eq!(
+        ended,
+        [
+            (JobStatus::Killed, "memory limit exceeded (64 MiB); the next attempt gets 128 MiB"),
+            (JobStatus::Killed, "memory limit exceeded (128 MiB, the cap)"),
+        ],
+        "{c:#?}"
+    );
+    for j in &jobs {
+        let (_, err) = h.layout().job_logs(j.job_id);
+        let err = std::fs::read_to_string(err).unwrap_or_default();
+        assert!(!err.contains("MemoryError"), "an allocation failed instead of the kernel's kill: {err}");
+    }
 }

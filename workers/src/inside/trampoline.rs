@@ -34,6 +34,9 @@ pub struct TrampolineArgs {
     pub nofile_max: u64,
     pub nproc_max: u64,
     pub fsize_bytes: u64,
+    /// The `cgroup.procs` files of the job's cgroup (one per hierarchy; none without
+    /// cgroups): the trampoline joins them first, so nothing of the job runs outside.
+    pub cgroup_procs: Vec<String>,
     /// The server's [`crate::inside::interface::INTERFACE`]: a trampoline built from other sources (a worker
     /// program replaced on disk while the server runs) refuses to run the job.
     pub interface: String,
@@ -60,8 +63,11 @@ impl TrampolineArgs {
             self.fsize_bytes.to_string(),
             "--interface".into(),
             self.interface.clone(),
-            "--".into(),
         ];
+        for procs in &self.cgroup_procs {
+            v.extend(["--cgroup-procs".to_string(), procs.clone()]);
+        }
+        v.push("--".into());
         v.extend(self.argv.iter().cloned());
         v
     }
@@ -84,6 +90,7 @@ impl TrampolineArgs {
             nofile_max: 0,
             nproc_max: 0,
             fsize_bytes: 0,
+            cgroup_procs: Vec::new(),
             interface: String::new(),
             argv: argv.to_vec(),
         };
@@ -100,6 +107,7 @@ impl TrampolineArgs {
                 "--nproc" => t.nproc_max = num()?,
                 "--fsize-bytes" => t.fsize_bytes = num()?,
                 "--interface" => t.interface = value.clone(),
+                "--cgroup-procs" => t.cgroup_procs.push(value.clone()),
                 other => return Err(format!("unknown option {other}")),
             }
         }
@@ -128,6 +136,14 @@ pub fn trampoline_main(args: &[String]) -> i32 {
             t.interface
         );
         return EXIT_SETUP_FAILED;
+    }
+    // Into the job's cgroup before anything else: its limits and its kill must cover every
+    // process of the job, and this one is the first. Not joined, the job does not run.
+    for procs in &t.cgroup_procs {
+        if let Err(e) = std::fs::write(procs, getpid().as_raw().to_string()) {
+            eprintln!("atelier __trampoline: cannot join the job's cgroup ({procs}): {e}");
+            return EXIT_SETUP_FAILED;
+        }
     }
     // The spawner already made us a group leader (posix_spawn's SETPGROUP); this covers a
     // caller that did not. Failing is fine only if we already lead our group.
@@ -225,6 +241,7 @@ mod tests {
             nofile_max: 256,
             nproc_max: 64,
             fsize_bytes: 1 << 20,
+            cgroup_procs: vec!["/sys/fs/cgroup/pids/a/job-1/cgroup.procs".into()],
             interface: crate::inside::interface::INTERFACE.into(),
             argv: vec!["/bin/x".into(), "--a".into(), "--".into()],
         }
