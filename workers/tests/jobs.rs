@@ -1173,3 +1173,55 @@ stages.generating_ideas = { command = ["python3", "-c", "import sys; sys.stdin.r
         assert!(!err.contains("MemoryError"), "an allocation failed instead of the kernel's kill: {err}");
     }
 }
+
+/// A job cgroup that a crashed server left behind, with a process still in it (as one that
+/// escaped its job's group would be), is emptied and removed when a server of the same data
+/// dir starts again. Made here by hand beside a live job's cgroup, under the same parent.
+#[test]
+fn a_crashed_servers_job_cgroups_are_emptied_and_removed_at_the_next_start() {
+    let pipeline = r#"
+[pipelines.hang]
+env = { PATH = "/usr/bin:/bin" }
+command = ["sh", "-c", '''printf '{"type":"stage","stage":"generating_ideas"}\n' >&3; exec sleep 300''']
+"#;
+    let Some(mut h) = start_with_cgroups("cg-stale", pipeline) else { return };
+    let id = h.create("hang", serde_json::json!({}), 1);
+    h.wait_until(id, LONG, "in a stage", |c| c.state.stage().is_some());
+    let job_id = h.jobs(id)[0].job_id;
+    let live: Vec<PathBuf> =
+        job_cgroup_dirs().into_iter().filter(|d| d.ends_with(format!("job-{job_id}"))).collect();
+    assert!(!live.is_empty(), "the running job has a cgroup");
+    let mut leftover = std::process::Command::new("sleep").arg("300").spawn().expect("start sleep");
+    let stale: Vec<PathBuf> = live.iter().map(|d| d.with_file_name("job-999999")).collect();
+    for dir in &stale {
+        std::fs::create_dir(dir).expect("make a job cgroup");
+        std::fs::write(dir.join("cgroup.procs"), leftover.id().to_string()).expect("move the process in");
+    }
+    execute(&*h.store, id, Command::RequestCancel, &ctx()).expect("store works").expect("cancel accepted");
+    h.wait_terminal(id, LONG);
+    let first = h.controller.take().expect("started");
+    first.shutdown();
+    drop(first);
+    assert!(alive(leftover.id()), "nothing removes another server's cgroups while it runs");
+    h.start(config(pipeline, &[("cgroup", "\"auto\"")]));
+    let reaped = wait_for_exit(&mut leftover, Duration::from_secs(3));
+    assert_eq!(reaped.and_then(|s| std::os::unix::process::ExitStatusExt::signal(&s)), Some(libc::SIGKILL));
+    let left: Vec<&PathBuf> = stale.iter().filter(|d| d.exists()).collect();
+    assert!(left.is_empty(), "stale job cgroups kept: {left:?}");
+}
+
+/// The child's exit status once it has exited, within `timeout`.
+fn wait_for_exit(child: &mut std::process::Child, timeout: Duration) -> Option<std::process::ExitStatus> {
+    let end = Instant::now() + timeout;
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) => return Some(status),
+            Ok(None) if Instant::now() < end => std::thread::sleep(Duration::from_millis(20)),
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return None;
+            }
+        }
+    }
+}
