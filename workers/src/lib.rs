@@ -133,9 +133,13 @@ impl Workers {
         let pool = task_runner::Pool::start(shared.clone(), shared.config.max_concurrent_jobs)
             .map_err(io_err("start the task runner"))?;
         let scheduler = SchedulerThreads::start(shared.clone(), process.clone(), pool.sender(), sub)?;
-        let janitor = match shared.config.job_dirs_keep() {
-            None => None,
-            Some(keep) => {
+        let keep = janitor::Keep {
+            job_dirs: shared.config.job_dirs_keep(),
+            artifacts: shared.config.artifacts_keep(),
+        };
+        let janitor = match (keep.job_dirs, keep.artifacts) {
+            (None, None) => None,
+            _ => {
                 let (stop_tx, stop_rx) = crossbeam_channel::bounded::<()>(0);
                 let (store, dir) = (shared.store.clone(), shared.data_dir.clone());
                 let handle = spawn_thread("atelier-janitor", move || {

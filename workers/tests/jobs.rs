@@ -1225,3 +1225,50 @@ fn wait_for_exit(child: &mut std::process::Child, timeout: Duration) -> Option<s
         }
     }
 }
+
+/// Artifacts no commission references are removed once older than the keep time; one that a
+/// retained or a live commission refers to stays, however old, and so does one just stored
+/// (by a running job whose report is not in the log yet). Once retention prunes the
+/// commission that referred to an artifact, the artifact goes too.
+#[test]
+fn unreferenced_artifacts_are_swept_after_the_keep_time() {
+    let dir = temp_dir("artifact-gc");
+    let sled = SledStore::open(StoreConfig::new(dir.path().join("store"))).expect("open store");
+    let mut h = Harness { store: sled.clone(), controller: None, dir };
+    h.start(config("", &[]));
+    let done = h.create("commission", serde_json::json!({"title": "t"}), 1);
+    let c = h.wait_until(done, LONG, "completed", |c| c.state == State::Completed);
+    h.controller().shutdown();
+    let artifacts = h.layout().artifacts();
+    let stored = artifacts.join(c.artifacts[0].uri.trim_start_matches("/artifacts/"));
+    assert!(stored.is_file(), "the job stored its image");
+    let file = |hash_byte: &str| artifacts.join(format!("{}.png", hash_byte.repeat(32)));
+    let (orphan, fresh, wanted) = (file("0a"), file("0b"), file("0c"));
+    let temporary = artifacts.join(format!(".{}.png.1.tmp", "0d".repeat(32)));
+    for f in [&orphan, &fresh, &wanted, &temporary] {
+        std::fs::write(f, b"png").unwrap();
+    }
+    // A commission not yet run (scheduled a day ahead) whose context refers to `wanted`.
+    let uri = format!("/artifacts/{}.png", "0c".repeat(32));
+    h.create_full("noop", serde_json::json!({"like": uri}), 1, 0, Some(now_ms() + 86_400_000));
+    let keep = Duration::from_secs(86_400);
+    let long_ago = SystemTime::now() - keep - Duration::from_secs(60);
+    for f in [&stored, &orphan, &wanted, &temporary] {
+        std::fs::File::open(f).unwrap().set_modified(long_ago).unwrap();
+    }
+
+    let sweep = || atelier_workers::janitor::sweep_artifacts(&*h.store, &h.layout(), keep, SystemTime::now());
+    let s = sweep().expect("the sweep runs");
+    assert_eq!((s.removed, s.kept, s.failed), (1, 3, 0), "{s:?}");
+    assert!(!orphan.exists(), "an old artifact nothing refers to goes");
+    assert!(stored.exists(), "a retained commission's artifact stays");
+    assert!(wanted.exists(), "an artifact a live commission's context refers to stays");
+    assert!(fresh.exists(), "an artifact just stored stays for the keep time");
+    assert!(temporary.exists(), "what is not an artifact is not the sweep's");
+
+    // Retention prunes the completed commission, and with it the last reference.
+    assert_eq!(sled.prune_terminal_before(now_ms() + 1).expect("prunes"), 1);
+    let s = sweep().expect("the sweep runs");
+    assert_eq!((s.removed, s.kept), (1, 2), "{s:?}");
+    assert!(!stored.exists() && wanted.exists() && fresh.exists());
+}
