@@ -347,6 +347,11 @@ impl Cgroups {
         }
     }
 
+    /// Where this server's job cgroups are made, one dir per hierarchy.
+    pub(crate) fn parents(&self) -> Vec<PathBuf> {
+        self.bases.iter().map(|(_, b)| b.clone()).collect()
+    }
+
     fn job_named(&self, name: &str) -> JobCgroup {
         JobCgroup { dirs: self.bases.iter().map(|(k, b)| (*k, b.join(name))).collect() }
     }

@@ -192,10 +192,11 @@ impl Workers {
     }
 
     /// Where everything lies under the data dir.
-    /// Whether each job of the job controller runs in a cgroup of its own (`[workers] cgroup`;
-    /// without one, its limits are rlimits only).
-    pub fn job_cgroups(&self) -> bool {
-        self.process.has_cgroups()
+    /// Where the job controller makes each job's cgroup, `job-{job_id}` in each of these
+    /// dirs (one per hierarchy); empty when jobs get none (`[workers] cgroup`), and their
+    /// limits are rlimits only.
+    pub fn job_cgroup_parents(&self) -> Vec<PathBuf> {
+        self.process.cgroup_parents()
     }
 
     pub fn data_dir(&self) -> &DataDir {

@@ -488,7 +488,7 @@ fn fault_matrix() {
     let msg = last.error_message.clone().unwrap_or_default();
     assert_eq!(c.state, State::Failed, "{c:#?}");
     // SAFETY: geteuid(2) cannot fail and touches no memory.
-    if unsafe { libc::geteuid() } == 0 && !h.controller().job_cgroups() {
+    if unsafe { libc::geteuid() } == 0 && h.controller().job_cgroup_parents().is_empty() {
         assert_eq!((last.status, msg.contains("timed out after 3 s")), (JobStatus::TimedOut, true), "{msg}");
     } else {
         assert_eq!((last.status, msg.contains("fork failed after")), (JobStatus::Failed, true), "{msg}");
@@ -1061,7 +1061,7 @@ fn finished_jobs_dirs_are_swept_after_the_keep_time() {
 fn start_with_cgroups(name: &str, pipelines: &str) -> Option<Harness> {
     let mut h = Harness::new(name);
     h.start(config(pipelines, &[("cgroup", "\"auto\"")]));
-    if h.controller().job_cgroups() {
+    if !h.controller().job_cgroup_parents().is_empty() {
         Some(h)
     } else {
         eprintln!(
@@ -1071,28 +1071,10 @@ fn start_with_cgroups(name: &str, pipelines: &str) -> Option<Harness> {
     }
 }
 
-/// The job cgroups of this process's servers: every `job-*` dir under an `atelier-*` dir in
-/// each mounted hierarchy, wherever it is nested.
-fn job_cgroup_dirs() -> Vec<PathBuf> {
-    fn walk(dir: &Path, depth: u32, out: &mut Vec<PathBuf>) {
-        let Ok(entries) = std::fs::read_dir(dir) else { return };
-        for e in entries.flatten() {
-            let path = e.path();
-            if !e.file_type().is_ok_and(|t| t.is_dir()) {
-                continue;
-            }
-            let name = e.file_name().to_string_lossy().into_owned();
-            let in_ours = dir.file_name().is_some_and(|n| n.to_string_lossy().starts_with("atelier-"));
-            if in_ours && name.starts_with("job-") {
-                out.push(path);
-            } else if depth > 0 {
-                walk(&path, depth - 1, out);
-            }
-        }
-    }
-    let mut out = Vec::new();
-    walk(Path::new("/sys/fs/cgroup"), 5, &mut out);
-    out
+/// The cgroup dirs of job `job_id` of this harness's controller that exist now.
+fn job_cgroup_dirs(h: &Harness, job_id: u64) -> Vec<PathBuf> {
+    let parents = h.controller().job_cgroup_parents();
+    parents.iter().map(|p| p.join(format!("job-{job_id}"))).filter(|d| d.is_dir()).collect()
 }
 
 /// With a cgroup per job, the process limit is the job's `pids.max`: it binds a worker
@@ -1135,8 +1117,7 @@ command = ["sh", "-c", '''setsid sleep 300 & echo "escaped $!" >&2; sleep 0.3; {
         "{escaped} (group {pgid:?}, the job's was {:?}) outlived its job",
         job.process_id
     );
-    let left: Vec<PathBuf> =
-        job_cgroup_dirs().into_iter().filter(|d| d.ends_with(format!("job-{}", job.job_id))).collect();
+    let left = job_cgroup_dirs(&h, job.job_id);
     assert!(left.is_empty(), "the job's cgroup outlived it: {left:?}");
 }
 
@@ -1188,8 +1169,7 @@ command = ["sh", "-c", '''printf '{"type":"stage","stage":"generating_ideas"}\n'
     let id = h.create("hang", serde_json::json!({}), 1);
     h.wait_until(id, LONG, "in a stage", |c| c.state.stage().is_some());
     let job_id = h.jobs(id)[0].job_id;
-    let live: Vec<PathBuf> =
-        job_cgroup_dirs().into_iter().filter(|d| d.ends_with(format!("job-{job_id}"))).collect();
+    let live = job_cgroup_dirs(&h, job_id);
     assert!(!live.is_empty(), "the running job has a cgroup");
     let mut leftover = std::process::Command::new("sleep").arg("300").spawn().expect("start sleep");
     let stale: Vec<PathBuf> = live.iter().map(|d| d.with_file_name("job-999999")).collect();

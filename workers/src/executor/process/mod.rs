@@ -39,9 +39,9 @@ impl ProcessExecutor {
         Ok((ProcessExecutor { spawner }, handle))
     }
 
-    /// Whether each job runs in a cgroup of its own.
-    pub(crate) fn has_cgroups(&self) -> bool {
-        self.spawner.has_cgroups()
+    /// Where each job's cgroup is made (one dir per hierarchy; none without cgroups).
+    pub(crate) fn cgroup_parents(&self) -> Vec<PathBuf> {
+        self.spawner.cgroup_parents()
     }
 
     /// No more workers are spawned (shutdown).

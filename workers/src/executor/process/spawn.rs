@@ -178,9 +178,9 @@ impl Spawner {
         Ok((Spawner { tx: Mutex::new(Some(tx)), exe, server_pid: std::process::id(), cgroups }, handle))
     }
 
-    /// Whether each job runs in a cgroup of its own.
-    pub(crate) fn has_cgroups(&self) -> bool {
-        self.cgroups.is_some()
+    /// Where each job's cgroup is made (one dir per hierarchy; none without cgroups).
+    pub(crate) fn cgroup_parents(&self) -> Vec<PathBuf> {
+        self.cgroups.as_ref().map(Cgroups::parents).unwrap_or_default()
     }
 
     /// Nothing spawns from now on; the spawner thread ends once its queue is empty.
