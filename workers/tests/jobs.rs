@@ -1059,8 +1059,13 @@ fn finished_jobs_dirs_are_swept_after_the_keep_time() {
 /// no cgroup of their own (not root, or no usable hierarchy): the tests of what a job cgroup
 /// holds then skip.
 fn start_with_cgroups(name: &str, pipelines: &str) -> Option<Harness> {
+    // Under cgroup v2 the test's own cgroup holds processes (this one), so no child of it may
+    // have controllers; as root, the hierarchy's root may.
+    // SAFETY: geteuid(2) cannot fail and touches no memory.
+    let v2_root = unsafe { libc::geteuid() } == 0 && Path::new("/sys/fs/cgroup/cgroup.controllers").exists();
+    let setting = if v2_root { "\"/sys/fs/cgroup\"" } else { "\"auto\"" };
     let mut h = Harness::new(name);
-    h.start(config(pipelines, &[("cgroup", "\"auto\"")]));
+    h.start(config(pipelines, &[("cgroup", setting)]));
     if !h.controller().job_cgroup_parents().is_empty() {
         Some(h)
     } else {
