@@ -95,7 +95,8 @@ pub enum StageSpec {
 /// Resource bounds of one job. Units last.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct JobLimits {
-    /// Address-space limit (RLIMIT_AS) of the first attempt.
+    /// Memory of the first attempt: the job cgroup's limit (resident memory), or without one
+    /// the worker's address-space limit (RLIMIT_AS).
     pub memory_mb: u64,
     /// After a memory-limit failure the next attempt gets twice the memory, up to this.
     pub memory_max_mb: u64,
@@ -103,6 +104,8 @@ pub struct JobLimits {
     /// Wall-clock limit of one attempt.
     pub timeout_seconds: u64,
     pub nofile_max: u64,
+    /// Processes (and threads) of the job: the job cgroup's `pids.max`, or without one
+    /// RLIMIT_NPROC (which counts every process of the user).
     pub nproc_max: u64,
     /// Largest file the worker may write (RLIMIT_FSIZE).
     pub fsize_mb: u64,
