@@ -220,8 +220,22 @@ fn plan(
     let own_in = |controller: Option<&str>| {
         own.iter().find(|(c, _)| c.as_deref() == controller).map(|(_, p)| p.as_str()).unwrap_or("/")
     };
+    // A configured parent must lie in a cgroup hierarchy: elsewhere the "cgroup" would be a
+    // plain dir whose files limit nothing, while the rlimits it replaces are left off.
+    let named = match setting {
+        CgroupSetting::Parent(p) => {
+            let m =
+                mounts.iter().filter(|m| p.starts_with(&m.point)).max_by_key(|m| m.point.as_os_str().len());
+            let Some(m) = m else {
+                let why = format!("{} is not in a mounted cgroup hierarchy", p.display());
+                return Err(CgroupError::NotMounted { why });
+            };
+            Some(m)
+        }
+        _ => None,
+    };
     let parent_in = |m: &Mount, controller: Option<&str>| match setting {
-        CgroupSetting::Parent(p) => match mounts.iter().find(|other| p.starts_with(&other.point)) {
+        CgroupSetting::Parent(p) => match named {
             // A configured v1 path names one hierarchy; the same place is used in the others.
             Some(named) if named.v1_controllers.is_some() && m.v1_controllers.is_some() => {
                 let rel = p.strip_prefix(&named.point).expect("invariant: starts_with checked");
@@ -239,12 +253,14 @@ fn plan(
             V2_CONTROLLERS.iter().all(|c| have.contains(c))
         })
     });
-    let wants_v2 = match setting {
-        CgroupSetting::Parent(p) => v2.is_some_and(|m| p.starts_with(&m.point)),
-        _ => v2.is_some(),
-    };
-    if let (Some(m), true) = (v2, wants_v2) {
-        return Ok(vec![(Kind::Unified, parent_in(m, None))]);
+    match (named, v2) {
+        (Some(n), _) if n.v1_controllers.is_some() => {}
+        (Some(_), None) => {
+            let why = "the configured parent's cgroup v2 hierarchy lacks the memory, pids or cpu controller";
+            return Err(CgroupError::NotMounted { why: why.into() });
+        }
+        (_, Some(m)) => return Ok(vec![(Kind::Unified, parent_in(m, None))]),
+        (None, None) => {}
     }
     let mut dirs = Vec::new();
     for kind in V1_KINDS {
@@ -361,6 +377,11 @@ impl Cgroups {
         let job = self.job_named(&format!("{JOB_PREFIX}{job_id}"));
         for (kind, dir) in &job.dirs {
             make_dir(dir)?;
+            // Only the kernel makes this file: without it the dir is no cgroup.
+            let procs = dir.join("cgroup.procs");
+            if !procs.exists() {
+                return Err(io_at(&procs, "find")(io::Error::from(io::ErrorKind::NotFound)));
+            }
             job.limit(*kind, dir, limits)?;
         }
         Ok(job)
@@ -667,6 +688,8 @@ mod tests {
             plan(&set, &mounts, &me, &all).unwrap(),
             vec![(Kind::Unified, PathBuf::from("/sys/fs/cgroup/jobs"))]
         );
+        let elsewhere = CgroupSetting::Parent("/var/lib/jobs".into());
+        assert!(matches!(plan(&elsewhere, &mounts, &me, &all), Err(CgroupError::NotMounted { .. })));
         let no_pids = |_: &Path| Some("cpu memory\n".to_string());
         assert!(matches!(
             plan(&CgroupSetting::Auto, &mounts, &me, &no_pids),
@@ -706,6 +729,7 @@ mod tests {
         let dir = base.join("job-7");
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(dir.join("memory.swap.max"), "max").unwrap();
+        std::fs::write(dir.join("cgroup.procs"), "").unwrap();
         let job = cg.create_job(7, CgroupLimits { memory_bytes: 64 << 20, pids_max: 32 }).unwrap();
         let read = |f: &str| std::fs::read_to_string(dir.join(f)).unwrap();
         assert_eq!(read("memory.max"), (64u64 << 20).to_string());
