@@ -554,7 +554,8 @@ impl JobCgroup {
     /// is caught by the next round).
     fn kill_listed(&self) {
         for _ in 0..KILL_ROUNDS_MAX {
-            let pids = self.pids();
+            // A zombie (the worker, before its reap) may still be listed: it is dead already.
+            let pids: Vec<i32> = self.pids().into_iter().filter(|p| !is_zombie(*p)).collect();
             if pids.is_empty() {
                 return;
             }
@@ -596,6 +597,15 @@ impl Drop for JobCgroup {
         if let Err(e) = self.remove() {
             tracing::warn!(error = %e, "cannot remove a job's cgroup; the next start removes it");
         }
+    }
+}
+
+/// Whether `pid` has exited and waits to be reaped (or is gone).
+fn is_zombie(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the command name, which is in parentheses and may hold any byte.
+        Ok(stat) => stat.rfind(')').and_then(|i| stat[i + 1..].split_whitespace().next()) == Some("Z"),
+        Err(_) => true,
     }
 }
 
