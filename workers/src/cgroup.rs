@@ -388,10 +388,10 @@ impl Cgroups {
     }
 }
 
-impl Drop for Cgroups {
-    /// At shutdown every job's cgroup is gone (each is removed after its job), so this
-    /// server's own dirs go too; one still busy stays for the next start.
-    fn drop(&mut self) {
+impl Cgroups {
+    /// Removes this server's own dirs, once its jobs are over (each job's cgroup is removed
+    /// after its job) at shutdown; one still busy stays for the next start.
+    pub(crate) fn remove_parents(&self) {
         for (_, base) in &self.bases {
             if let Err(e) = std::fs::remove_dir(base) {
                 tracing::debug!(dir = %base.display(), error = %e, "job cgroups' dir kept");
