@@ -1257,3 +1257,22 @@ fn unreferenced_artifacts_are_swept_after_the_keep_time() {
     assert_eq!((s.removed, s.kept), (1, 2), "{s:?}");
     assert!(!stored.exists() && wanted.exists() && fresh.exists());
 }
+
+/// A job that stores an artifact already there (the same content) touches its file, so an
+/// old unreferenced artifact a job is about to refer to is not due for the sweep.
+#[test]
+fn storing_an_artifact_already_there_makes_it_new_again() {
+    let mut h = Harness::new("artifact-touch");
+    h.start(config("", &[]));
+    let first = h.create("commission", serde_json::json!({"title": "same"}), 1);
+    let c = h.wait_until(first, LONG, "completed", |c| c.state == State::Completed);
+    let stored = h.layout().artifacts().join(c.artifacts[0].uri.trim_start_matches("/artifacts/"));
+    let long_ago = SystemTime::now() - Duration::from_secs(30 * 86_400);
+    std::fs::File::open(&stored).unwrap().set_modified(long_ago).unwrap();
+    let again = h.create("commission", serde_json::json!({"title": "same"}), 1);
+    let c = h.wait_until(again, LONG, "completed", |c| c.state == State::Completed);
+    assert_eq!(h.layout().artifacts().join(c.artifacts[0].uri.trim_start_matches("/artifacts/")), stored);
+    let changed = std::fs::metadata(&stored).unwrap().modified().unwrap();
+    let age = SystemTime::now().duration_since(changed).unwrap_or_default();
+    assert!(age < Duration::from_secs(60), "the artifact stored again is {age:?} old");
+}
