@@ -753,4 +753,38 @@ mod tests {
         // Leave it to the test dir: a plain dir with files is not removable like a cgroup.
         std::mem::forget(job);
     }
+
+    /// A fake v2 job dir: with `cgroup.kill` the kernel kills all in one write; without it
+    /// (before Linux 5.14) the cgroup is frozen, each listed process killed, and thawed.
+    #[test]
+    fn a_v2_kill_writes_cgroup_kill_or_freezes_and_kills_each() {
+        let tmp = tempfile::tempdir().unwrap();
+        let with_kill = tmp.path().join("a");
+        std::fs::create_dir_all(&with_kill).unwrap();
+        std::fs::write(with_kill.join("cgroup.kill"), "").unwrap();
+        let job = JobCgroup { dirs: vec![(Kind::Unified, with_kill.clone())] };
+        job.kill_all();
+        assert_eq!(std::fs::read_to_string(with_kill.join("cgroup.kill")).unwrap(), "1");
+        std::mem::forget(job);
+
+        let older = tmp.path().join("b");
+        std::fs::create_dir_all(&older).unwrap();
+        let mut child = std::process::Command::new("sleep").arg("30").spawn().unwrap();
+        std::fs::write(older.join("cgroup.procs"), format!("{}\n", child.id())).unwrap();
+        std::fs::write(older.join("cgroup.freeze"), "0").unwrap();
+        let job = JobCgroup { dirs: vec![(Kind::Unified, older.clone())] };
+        job.kill_all();
+        let status = child.wait().unwrap();
+        assert_eq!(std::os::unix::process::ExitStatusExt::signal(&status), Some(libc::SIGKILL));
+        assert_eq!(std::fs::read_to_string(older.join("cgroup.freeze")).unwrap(), "0", "thawed after");
+        std::mem::forget(job);
+    }
+
+    #[test]
+    fn a_configured_v2_parent_without_the_controllers_is_refused() {
+        let mounts = parse_mountinfo(HYBRID);
+        let none = |_: &Path| Some(String::new());
+        let set = CgroupSetting::Parent("/sys/fs/cgroup/unified/jobs".into());
+        assert!(matches!(plan(&set, &mounts, &[], &none), Err(CgroupError::NotMounted { .. })));
+    }
 }
