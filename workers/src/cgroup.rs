@@ -25,6 +25,7 @@
 use std::fmt;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// The `[workers] cgroup` setting.
@@ -293,11 +294,61 @@ pub(crate) struct CgroupLimits {
     pub(crate) pids_max: u64,
 }
 
-/// This server's cgroups for jobs: made (and cleaned of what a crash left) at start.
+/// This server's cgroups for jobs: checked (and cleaned of what a crash left) at start.
 #[derive(Debug)]
 pub(crate) struct Cgroups {
-    /// `<parent>/atelier-<key>` per kind.
-    bases: Vec<(Kind, PathBuf)>,
+    bases: Arc<Bases>,
+}
+
+/// The server's own dirs, `<parent>/atelier-<key>` per kind, there only while a job of its
+/// runs: a server that is idle or stopped leaves nothing in the machine's cgroup tree (and
+/// one killed leaves only what its running jobs had, for its next start to remove).
+#[derive(Debug)]
+struct Bases {
+    dirs: Vec<(Kind, PathBuf)>,
+    /// Jobs whose cgroup is in them now; the dirs are made at the first and removed after
+    /// the last.
+    jobs: Mutex<u64>,
+}
+
+impl Bases {
+    fn make(&self) -> Result<(), CgroupError> {
+        for (kind, base) in &self.dirs {
+            make_dir(base)?;
+            if *kind == Kind::Unified {
+                enable_controllers(base)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes the dirs (one not empty stays).
+    fn remove(&self) {
+        for (_, base) in &self.dirs {
+            if let Err(e) = std::fs::remove_dir(base) {
+                tracing::debug!(dir = %base.display(), error = %e, "job cgroups' dir kept");
+            }
+        }
+    }
+
+    /// One more job: the dirs are there once this returns `Ok`.
+    fn enter(&self) -> Result<(), CgroupError> {
+        let mut jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
+        if *jobs == 0 {
+            self.make()?;
+        }
+        *jobs += 1;
+        Ok(())
+    }
+
+    /// One job fewer: after the last, the dirs go.
+    fn leave(&self) {
+        let mut jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
+        *jobs = jobs.saturating_sub(1);
+        if *jobs == 0 {
+            self.remove();
+        }
+    }
 }
 
 impl Cgroups {
@@ -310,7 +361,7 @@ impl Cgroups {
         }
         match Cgroups::try_start(setting, data_dir) {
             Ok(c) => {
-                tracing::info!(dirs = ?c.bases, "each job runs in a cgroup of its own");
+                tracing::info!(dirs = ?c.parents(), "each job runs in a cgroup of its own");
                 Ok(Some(c))
             }
             Err(e) if *setting == CgroupSetting::Auto => {
@@ -329,18 +380,18 @@ impl Cgroups {
         let controllers = |root: &Path| std::fs::read_to_string(root.join("cgroup.controllers")).ok();
         let parents = plan(setting, &parse_mountinfo(&mounts), &parse_own_cgroups(&own), &controllers)?;
         let name = format!("atelier-{}", key_of(data_dir));
-        let bases: Vec<(Kind, PathBuf)> = parents.iter().map(|(k, p)| (*k, p.join(&name))).collect();
-        for ((kind, parent), (_, base)) in parents.iter().zip(&bases) {
+        let dirs: Vec<(Kind, PathBuf)> = parents.iter().map(|(k, p)| (*k, p.join(&name))).collect();
+        for (kind, parent) in &parents {
             if *kind == Kind::Unified {
                 enable_controllers(parent)?;
             }
-            make_dir(base)?;
-            if *kind == Kind::Unified {
-                enable_controllers(base)?;
-            }
         }
-        let cgroups = Cgroups { bases };
+        let cgroups = Cgroups { bases: Arc::new(Bases { dirs, jobs: Mutex::new(0) }) };
+        // Made once now, so that a parent that cannot be used is known at start, not at the
+        // first job.
+        cgroups.bases.make()?;
         cgroups.remove_stale();
+        cgroups.bases.remove();
         Ok(cgroups)
     }
 
@@ -348,7 +399,7 @@ impl Cgroups {
     /// out): every process in them is killed and the dirs removed.
     fn remove_stale(&self) {
         let mut stale: Vec<String> = Vec::new();
-        for (_, base) in &self.bases {
+        for (_, base) in &self.bases.dirs {
             let Ok(entries) = std::fs::read_dir(base) else { continue };
             for e in entries.flatten() {
                 let name = e.file_name().to_string_lossy().into_owned();
@@ -359,22 +410,24 @@ impl Cgroups {
         }
         for name in stale {
             tracing::warn!(cgroup = %name, "a job cgroup left by a previous server: killing what is in it and removing it");
-            drop(self.job_named(&name));
+            drop(self.job_named(&name, None));
         }
     }
 
     /// Where this server's job cgroups are made, one dir per hierarchy.
     pub(crate) fn parents(&self) -> Vec<PathBuf> {
-        self.bases.iter().map(|(_, b)| b.clone()).collect()
+        self.bases.dirs.iter().map(|(_, b)| b.clone()).collect()
     }
 
-    fn job_named(&self, name: &str) -> JobCgroup {
-        JobCgroup { dirs: self.bases.iter().map(|(k, b)| (*k, b.join(name))).collect() }
+    fn job_named(&self, name: &str, bases: Option<Arc<Bases>>) -> JobCgroup {
+        JobCgroup { dirs: self.bases.dirs.iter().map(|(k, b)| (*k, b.join(name))).collect(), bases }
     }
 
     /// Makes the cgroup of job `job_id` with `limits`. The job joins it from its trampoline.
     pub(crate) fn create_job(&self, job_id: u64, limits: CgroupLimits) -> Result<JobCgroup, CgroupError> {
-        let job = self.job_named(&format!("{JOB_PREFIX}{job_id}"));
+        self.bases.enter()?;
+        // From here on, dropping `job` (on an error too) removes what was made and leaves.
+        let job = self.job_named(&format!("{JOB_PREFIX}{job_id}"), Some(self.bases.clone()));
         for (kind, dir) in &job.dirs {
             make_dir(dir)?;
             // Only the kernel makes this file: without it the dir is no cgroup.
@@ -385,18 +438,6 @@ impl Cgroups {
             job.limit(*kind, dir, limits)?;
         }
         Ok(job)
-    }
-}
-
-impl Cgroups {
-    /// Removes this server's own dirs, once its jobs are over (each job's cgroup is removed
-    /// after its job) at shutdown; one still busy stays for the next start.
-    pub(crate) fn remove_parents(&self) {
-        for (_, base) in &self.bases {
-            if let Err(e) = std::fs::remove_dir(base) {
-                tracing::debug!(dir = %base.display(), error = %e, "job cgroups' dir kept");
-            }
-        }
     }
 }
 
@@ -441,6 +482,8 @@ fn parse_pids(text: &str) -> Vec<i32> {
 #[derive(Debug)]
 pub(crate) struct JobCgroup {
     dirs: Vec<(Kind, PathBuf)>,
+    /// The server's dirs this job is in (none for a stale one being removed).
+    bases: Option<Arc<Bases>>,
 }
 
 impl JobCgroup {
@@ -597,6 +640,9 @@ impl Drop for JobCgroup {
         if let Err(e) = self.remove() {
             tracing::warn!(error = %e, "cannot remove a job's cgroup; the next start removes it");
         }
+        if let Some(b) = &self.bases {
+            b.leave();
+        }
     }
 }
 
@@ -735,7 +781,10 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let base = tmp.path().join("atelier-k");
         std::fs::create_dir_all(&base).unwrap();
-        let cg = Cgroups { bases: vec![(Kind::Unified, base.clone())] };
+        let cg = Cgroups {
+            bases: Arc::new(Bases { dirs: vec![(Kind::Unified, base.clone())], jobs: Mutex::new(0) }),
+        };
+        std::fs::write(base.join("cgroup.subtree_control"), "memory pids cpu").unwrap();
         let dir = base.join("job-7");
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(dir.join("memory.swap.max"), "max").unwrap();
@@ -762,7 +811,7 @@ mod tests {
         let with_kill = tmp.path().join("a");
         std::fs::create_dir_all(&with_kill).unwrap();
         std::fs::write(with_kill.join("cgroup.kill"), "").unwrap();
-        let job = JobCgroup { dirs: vec![(Kind::Unified, with_kill.clone())] };
+        let job = JobCgroup { dirs: vec![(Kind::Unified, with_kill.clone())], bases: None };
         job.kill_all();
         assert_eq!(std::fs::read_to_string(with_kill.join("cgroup.kill")).unwrap(), "1");
         std::mem::forget(job);
@@ -772,7 +821,7 @@ mod tests {
         let mut child = std::process::Command::new("sleep").arg("30").spawn().unwrap();
         std::fs::write(older.join("cgroup.procs"), format!("{}\n", child.id())).unwrap();
         std::fs::write(older.join("cgroup.freeze"), "0").unwrap();
-        let job = JobCgroup { dirs: vec![(Kind::Unified, older.clone())] };
+        let job = JobCgroup { dirs: vec![(Kind::Unified, older.clone())], bases: None };
         job.kill_all();
         let status = child.wait().unwrap();
         assert_eq!(std::os::unix::process::ExitStatusExt::signal(&status), Some(libc::SIGKILL));

@@ -236,7 +236,6 @@ impl Workers {
         scheduler.join_feed();
         // Jobs are over: one last sweep ends what they left behind.
         stop_thread(&self.reaper);
-        self.process.remove_cgroup_parents();
     }
 }
 

@@ -44,11 +44,6 @@ impl ProcessExecutor {
         self.spawner.cgroup_parents()
     }
 
-    /// Once every job is over (shutdown): removes this server's dirs of job cgroups.
-    pub(crate) fn remove_cgroup_parents(&self) {
-        self.spawner.remove_cgroup_parents();
-    }
-
     /// No more workers are spawned (shutdown).
     pub(crate) fn close(&self) {
         self.spawner.close();

@@ -183,13 +183,6 @@ impl Spawner {
         self.cgroups.as_ref().map(Cgroups::parents).unwrap_or_default()
     }
 
-    /// Once every job is over: removes this server's dirs of job cgroups.
-    pub(crate) fn remove_cgroup_parents(&self) {
-        if let Some(c) = &self.cgroups {
-            c.remove_parents();
-        }
-    }
-
     /// Nothing spawns from now on; the spawner thread ends once its queue is empty.
     pub(crate) fn close(&self) {
         if let Ok(mut tx) = self.tx.lock() {
