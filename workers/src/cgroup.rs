@@ -563,9 +563,19 @@ impl JobCgroup {
         all
     }
 
+    /// The pids in the job's cgroup that have not exited: a zombie (the worker, before its
+    /// reap) may still be listed, and it is dead already.
+    fn live_pids(&self) -> Vec<i32> {
+        self.pids().into_iter().filter(|p| !is_zombie(*p)).collect()
+    }
+
     /// SIGKILLs every process in the job's cgroup, including one that left its process group
     /// or session, and one forked while this runs.
     pub(crate) fn kill_all(&self) {
+        // Most jobs end with nothing left in their cgroup: then there is nothing to freeze.
+        if self.live_pids().is_empty() {
+            return;
+        }
         let unified = self.dirs.iter().find(|(k, _)| *k == Kind::Unified).map(|(_, d)| d);
         if let Some(dir) = unified {
             let kill = dir.join("cgroup.kill");
@@ -597,8 +607,7 @@ impl JobCgroup {
     /// is caught by the next round).
     fn kill_listed(&self) {
         for _ in 0..KILL_ROUNDS_MAX {
-            // A zombie (the worker, before its reap) may still be listed: it is dead already.
-            let pids: Vec<i32> = self.pids().into_iter().filter(|p| !is_zombie(*p)).collect();
+            let pids = self.live_pids();
             if pids.is_empty() {
                 return;
             }
