@@ -29,6 +29,8 @@ defaults):
     ATELIER_DISK_RESERVE_BYTES  ballast file in DATA_DIR, given back when the disk fills   16777216 (0 = none)
     ATELIER_RETENTION_DAYS    prune terminal commissions older than this   off
     ATELIER_JOB_DIRS_KEEP_DAYS  remove finished jobs' dirs (and logs) after   7 (0 = keep)
+    ATELIER_ARTIFACTS_KEEP_DAYS  remove artifacts no commission refers to after   7 (0 = keep)
+    ATELIER_CGROUP            a cgroup per job: auto | off | a delegated parent's path   auto
     ATELIER_HEARTBEAT_MS      SSE heartbeat interval            15000
     ATELIER_MAX_CONNECTIONS   open connections, streams included 10000
     ATELIER_MAX_CONNECTIONS_PER_IP  open connections from one address   256

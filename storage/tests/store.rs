@@ -380,7 +380,7 @@ fn flipped_bytes_are_reported_as_corruption_with_the_seq() {
 /// Changes the stored bytes of the record `seq` through sled itself: `f` gets the whole log
 /// value (a record or a block) and where the record lies in it.
 fn damage_record(dir: &TempDir, seq: u64, f: impl FnOnce(&mut Vec<u8>, std::ops::Range<usize>)) {
-    let db = open_raw(&dir);
+    let db = open_raw(dir);
     let log = db.open_tree(layout::LOG_TREE).unwrap();
     let (k, v) = log.range(..=seq.to_be_bytes()).next_back().unwrap().unwrap();
     let first = u64::from_be_bytes(k.as_ref().try_into().unwrap());
@@ -393,7 +393,7 @@ fn damage_record(dir: &TempDir, seq: u64, f: impl FnOnce(&mut Vec<u8>, std::ops:
 
 /// Keys and first bytes of every log value.
 fn log_values(dir: &TempDir) -> Vec<(u64, u8)> {
-    let db = open_raw(&dir);
+    let db = open_raw(dir);
     let log = db.open_tree(layout::LOG_TREE).unwrap();
     log.iter()
         .map(|i| i.unwrap())

@@ -142,9 +142,10 @@ fn a_worker_in_the_servers_group_is_ended_on_cancel() {
     assert!(s.stop().success());
 }
 
-/// A command stage that runs out of memory (a real python3 under `memory_mb = 128` asking for
-/// 512 MiB: `MemoryError`, exit 1) is the memory outcome, retried with double memory up to
-/// the cap, not a plain failed stage.
+/// A command stage that runs out of memory (a real python3 under `memory_mb = 128` filling
+/// 512 MiB: `MemoryError` and exit 1 under RLIMIT_AS, the kernel's SIGKILL under a job
+/// cgroup) is the memory outcome, retried with double memory up to the cap, not a plain
+/// failed stage.
 #[test]
 fn a_command_stage_out_of_memory_is_retried_with_double_memory() {
     let dir = temp_dir("iso-oom");
@@ -154,7 +155,7 @@ fn a_command_stage_out_of_memory_is_retried_with_double_memory() {
 [pipelines.hungry]
 memory_mb = 128
 memory_max_mb = 256
-stages.generating_ideas = { command = ["python3", "-c", "import sys; sys.stdin.read(); bytearray(512 << 20)"] }
+stages.generating_ideas = { command = ["python3", "-c", "import sys; sys.stdin.read(); b = b'x' * (512 << 20)"] }
 "#,
     );
     let s = Server::start(

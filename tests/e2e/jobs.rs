@@ -396,7 +396,8 @@ env = { PATH = "/usr/bin:/bin" }
     )
     .unwrap();
     let config = config.display().to_string();
-    let s = Server::start(exe(), dir.path(), &[("ATELIER_CONFIG", &config)]);
+    // Without job cgroups: a job's cgroup would end the process itself, before the sweep.
+    let s = Server::start(exe(), dir.path(), &[("ATELIER_CONFIG", &config), ("ATELIER_CGROUP", "off")]);
     let alice = token("alice", false);
     let id = s.create(&alice, json!({"context": {}, "pipeline": "escape"}))["task_id"].as_u64().unwrap();
     let jid = wait_for(Duration::from_secs(20), || {

@@ -86,6 +86,12 @@ impl Server {
         Self::start_with(cmd, exe, data_dir, &env, "127.0.0.1:0", Stdio::inherit())
     }
 
+    /// Starts the server from a command the caller prepared (a wrapper such as `setpriv`
+    /// whose last argument is `exe`, a `pre_exec` step); `serve` and the settings are added.
+    pub fn start_command(cmd: Command, exe: &Path, data_dir: &Path, env: &[(&str, &str)]) -> Server {
+        Self::start_with(cmd, exe, data_dir, env, "127.0.0.1:0", Stdio::inherit())
+    }
+
     /// Starts the server with its log (stderr) going to `log`.
     pub fn start_logging_to(exe: &Path, data_dir: &Path, env: &[(&str, &str)], log: &Path) -> Server {
         let log = std::fs::File::create(log).expect("create the log file");

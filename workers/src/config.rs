@@ -13,6 +13,8 @@ use atelier_config::{Raw, Sources};
 use atelier_engine::{RetryPolicy, Stage};
 use serde::{Deserialize, Serialize};
 
+pub use crate::cgroup::CgroupSetting;
+
 /// Upper bounds for per-pipeline limits; a value above them is almost certainly a typo.
 pub const MEMORY_MB_MAX: u64 = 64 * 1024;
 pub const MEMORY_MB_MIN: u64 = 16;
@@ -93,7 +95,8 @@ pub enum StageSpec {
 /// Resource bounds of one job. Units last.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct JobLimits {
-    /// Address-space limit (RLIMIT_AS) of the first attempt.
+    /// Memory of the first attempt: the job cgroup's limit (resident memory), or without one
+    /// the worker's address-space limit (RLIMIT_AS).
     pub memory_mb: u64,
     /// After a memory-limit failure the next attempt gets twice the memory, up to this.
     pub memory_max_mb: u64,
@@ -101,6 +104,8 @@ pub struct JobLimits {
     /// Wall-clock limit of one attempt.
     pub timeout_seconds: u64,
     pub nofile_max: u64,
+    /// Processes (and threads) of the job: the job cgroup's `pids.max`, or without one
+    /// RLIMIT_NPROC (which counts every process of the user).
     pub nproc_max: u64,
     /// Largest file the worker may write (RLIMIT_FSIZE).
     pub fsize_mb: u64,
@@ -211,6 +216,9 @@ impl std::fmt::Display for UserSetting {
 
 /// Days a finished job's working dir is kept (see `janitor`).
 pub const JOB_DIRS_KEEP_DAYS_DEFAULT: u64 = 7;
+/// Days an artifact no commission references is kept after its file last changed (see
+/// `janitor`).
+pub const ARTIFACTS_KEEP_DAYS_DEFAULT: u64 = 7;
 const SECONDS_PER_DAY: u64 = 86_400;
 
 /// Settings of both executors and the pipelines they run.
@@ -250,6 +258,11 @@ pub struct WorkersConfig {
     /// A finished job's working dir (and its logs) is removed this many days after the job
     /// ended; 0 keeps them forever.
     pub job_dirs_keep_days: u64,
+    /// An artifact that no commission in the store references is removed once its file is
+    /// this many days old (and older than the longest job may run); 0 keeps them forever.
+    pub artifacts_keep_days: u64,
+    /// CGROUP: a cgroup per job (`auto`, `off`, or a delegated parent's path); see `cgroup`.
+    pub cgroup: CgroupSetting,
     pub retry: RetryPolicy,
     pub pipelines: BTreeMap<String, PipelineConfig>,
     /// Make the process a child subreaper and end whatever a job leaves behind outside its
@@ -287,6 +300,8 @@ impl Default for WorkersConfig {
             heartbeat_timeout_ms: 30_000,
             log_bytes_max: 1024 * 1024,
             job_dirs_keep_days: JOB_DIRS_KEEP_DAYS_DEFAULT,
+            artifacts_keep_days: ARTIFACTS_KEEP_DAYS_DEFAULT,
+            cgroup: CgroupSetting::Auto,
             retry: RetryPolicy::default(),
             pipelines,
             contain_descendants: false,
@@ -320,6 +335,8 @@ const SETTINGS: &[(&str, &str)] = &[
     ("heartbeat_timeout_ms", "HEARTBEAT_TIMEOUT_MS"),
     ("log_bytes_max", "JOB_LOG_BYTES_MAX"),
     ("job_dirs_keep_days", "JOB_DIRS_KEEP_DAYS"),
+    ("artifacts_keep_days", "ARTIFACTS_KEEP_DAYS"),
+    ("cgroup", "CGROUP"),
     ("retry_base_ms", "RETRY_BASE_MS"),
     ("retry_cap_ms", "RETRY_CAP_MS"),
     ("user", "WORKER_USER"),
@@ -336,6 +353,18 @@ impl WorkersConfig {
     pub fn job_dirs_keep(&self) -> Option<std::time::Duration> {
         (self.job_dirs_keep_days > 0)
             .then(|| std::time::Duration::from_secs(self.job_dirs_keep_days.saturating_mul(SECONDS_PER_DAY)))
+    }
+
+    /// How old an artifact no commission references must be before the janitor removes it;
+    /// `None` (0 days): never. Never less than the longest a job may run (the pipelines'
+    /// `timeout_seconds`): a running job may store an artifact long before it reports it.
+    pub fn artifacts_keep(&self) -> Option<std::time::Duration> {
+        let longest_job_s = self.pipelines.values().map(|p| p.limits.timeout_seconds).max().unwrap_or(0);
+        (self.artifacts_keep_days > 0).then(|| {
+            std::time::Duration::from_secs(
+                self.artifacts_keep_days.saturating_mul(SECONDS_PER_DAY).max(longest_job_s),
+            )
+        })
     }
 
     /// `toml_text`: the whole atelier.toml if present (its `[workers]` and `[pipelines.NAME]`
@@ -449,6 +478,10 @@ impl WorkersConfig {
             "heartbeat_timeout_ms" => self.heartbeat_timeout_ms = to_u64(raw.int(name, 50, 86_400_000)?),
             "log_bytes_max" => self.log_bytes_max = to_u64(raw.int(name, 0, 1 << 40)?),
             "job_dirs_keep_days" => self.job_dirs_keep_days = to_u64(raw.int(name, 0, 36_500)?),
+            "artifacts_keep_days" => self.artifacts_keep_days = to_u64(raw.int(name, 0, 36_500)?),
+            "cgroup" => {
+                self.cgroup = CgroupSetting::parse(raw.text().trim()).map_err(|e| invalid(name, e))?
+            }
             "retry_base_ms" => self.retry.base_ms = to_u64(raw.int(name, 0, 86_400_000)?),
             "retry_cap_ms" => self.retry.cap_ms = to_u64(raw.int(name, 0, 86_400_000)?),
             "user" => {
@@ -664,6 +697,17 @@ mod tests {
             load("", &[("JOB_DIRS_KEEP_DAYS", "2")]).unwrap().job_dirs_keep(),
             Some(std::time::Duration::from_secs(2 * 86_400))
         );
+    }
+
+    /// Unreferenced artifacts are kept for the days configured, never less than the longest a
+    /// job may run, and for good with 0.
+    #[test]
+    fn artifacts_are_kept_at_least_as_long_as_a_job_may_run() {
+        let day = std::time::Duration::from_secs(86_400);
+        assert_eq!(WorkersConfig::default().artifacts_keep(), Some(7 * day));
+        assert_eq!(load("[workers]\nartifacts_keep_days = 0\n", &[]).unwrap().artifacts_keep(), None);
+        let slow = "[workers]\nartifacts_keep_days = 1\n[pipelines.slow]\ntimeout_seconds = 172800\n";
+        assert_eq!(load(slow, &[]).unwrap().artifacts_keep(), Some(2 * day));
     }
 
     #[test]

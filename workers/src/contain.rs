@@ -13,9 +13,9 @@
 //! after it was reaped. A sweep reaps only the pids it killed (`waitpid` on each), never
 //! `waitpid(-1)`, so it never takes an exit status a job thread waits for.
 //!
-//! Not covered: a process that escaped and then outlives the server itself (after a crash of
-//! the server it is re-parented to init), and one that moved into the server's own process
-//! group. A cgroup per job would cover both; it needs a delegated cgroup tree.
+//! Not covered here: a process that escaped and then outlives the server itself (after a
+//! crash of the server it is re-parented to init), and one that moved into the server's own
+//! process group. A job's cgroup (`cgroup`), where the machine offers one, covers both.
 
 use std::collections::BTreeMap;
 use std::io;

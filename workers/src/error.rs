@@ -3,6 +3,7 @@
 
 use atelier_storage::StorageError;
 
+use crate::cgroup::CgroupError;
 use crate::worker_user::WorkerUserError;
 
 #[derive(Debug)]
@@ -14,6 +15,8 @@ pub enum WorkersError {
     },
     /// No user to run workers as that the settings allow.
     WorkerUser(WorkerUserError),
+    /// The configured cgroup parent cannot be used (`[workers] cgroup`).
+    Cgroup(CgroupError),
 }
 
 impl std::fmt::Display for WorkersError {
@@ -24,6 +27,7 @@ impl std::fmt::Display for WorkersError {
             WorkersError::Storage(e) => write!(f, "workers: {e}"),
             WorkersError::Io { context, source } => write!(f, "workers: {context}: {source}"),
             WorkersError::WorkerUser(e) => write!(f, "workers: {e}"),
+            WorkersError::Cgroup(e) => write!(f, "workers: a cgroup per job ([workers] cgroup): {e}"),
         }
     }
 }
@@ -35,6 +39,7 @@ impl std::error::Error for WorkersError {
             WorkersError::Io { source, .. } => Some(source),
             // The message is the error itself, already in `Display`: only its own cause follows.
             WorkersError::WorkerUser(e) => e.source(),
+            WorkersError::Cgroup(e) => Some(e),
         }
     }
 }
@@ -42,6 +47,12 @@ impl std::error::Error for WorkersError {
 impl From<WorkerUserError> for WorkersError {
     fn from(e: WorkerUserError) -> Self {
         WorkersError::WorkerUser(e)
+    }
+}
+
+impl From<CgroupError> for WorkersError {
+    fn from(e: CgroupError) -> Self {
+        WorkersError::Cgroup(e)
     }
 }
 

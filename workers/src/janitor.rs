@@ -1,4 +1,5 @@
-//! Removes the working directories of jobs that finished long ago.
+//! Removes the working directories of jobs that finished long ago, and artifacts that no
+//! commission references any more.
 //!
 //! A job that puts something in its dir has `data_dir/jobs/{job_id}/` (its captured stdout
 //! and stderr, and whatever the worker leaves there; see `RunEnv::make_job_dir`). Without a
@@ -6,14 +7,22 @@
 //! with them. A directory goes once its job finished more than
 //! `job_dirs_keep_days` ago, or once its job record is gone (retention pruned the commission)
 //! and the directory has not changed for [`ORPHAN_DIR_GRACE`].
+//!
+//! Artifacts (`data_dir/artifacts/{sha256hex}.png`) are shared by content: one file may be
+//! the image of many commissions. One goes once no commission left in the store refers to it
+//! (in an artifact report, a result or a context: retention prunes old commissions, and with
+//! them their references) and its file has not changed for `artifacts_keep_days`, and never
+//! sooner than the longest a job may run: a running job stores its artifact (or touches the
+//! one already there) before its report of it is in the log.
 
+use std::collections::HashSet;
 use std::time::{Duration, SystemTime};
 
 use atelier_engine::time::Millis;
 use atelier_storage::EventStore;
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 
-use crate::paths::DataDir;
+use crate::paths::{artifact_refs, DataDir};
 use crate::session::now_ms;
 
 /// How often the sweep runs.
@@ -99,18 +108,94 @@ pub fn sweep(
     Ok(swept)
 }
 
-/// Sweeps finished jobs' dirs now and then every [`SWEEP_INTERVAL`] until `stop` disconnects.
-pub(crate) fn sweep_loop(store: &dyn EventStore, data_dir: &DataDir, keep: Duration, stop: &Receiver<()>) {
+/// Events read from the log per batch while collecting the artifacts it references.
+const LOG_BATCH_EVENTS: usize = 4096;
+
+/// The hashes of every artifact a commission in the store refers to, anywhere in its events.
+pub fn referenced_artifacts(
+    store: &dyn EventStore,
+) -> Result<HashSet<String>, atelier_storage::StorageError> {
+    let mut refs = HashSet::new();
+    let mut after = 0;
     loop {
-        match sweep(store, data_dir, keep, now_ms()) {
-            Ok(s) if s.removed > 0 || s.failed > 0 => tracing::info!(
-                removed = s.removed,
-                kept = s.kept,
-                failed = s.failed,
-                "removed the dirs of jobs that ended long ago"
-            ),
-            Ok(_) => {}
-            Err(e) => tracing::error!(error = %e, "job dir sweep failed; trying again later"),
+        // A pruned commission's records are skipped by `read_log`: its references went with it.
+        let batch = store.read_log(after, LOG_BATCH_EVENTS)?;
+        let Some(last) = batch.last() else { return Ok(refs) };
+        after = last.seq;
+        for env in &batch {
+            let text = serde_json::to_string(&env.event).unwrap_or_default();
+            refs.extend(artifact_refs(&text).map(str::to_string));
+        }
+    }
+}
+
+/// Removes the artifacts under `data_dir.artifacts()` that no commission in the store refers
+/// to and whose file is older than `keep` at `now`. Files that are not artifacts (a writer's
+/// temporary file) are left alone.
+pub fn sweep_artifacts(
+    store: &dyn EventStore,
+    data_dir: &DataDir,
+    keep: Duration,
+    now: SystemTime,
+) -> std::io::Result<Swept> {
+    let mut swept = Swept::default();
+    let dir = data_dir.artifacts();
+    let entries = match std::fs::read_dir(&dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(swept),
+        Err(e) => return Err(e),
+    };
+    // Read before the files' ages: a reference that lands after this was made by a job that
+    // wrote or touched its file since, so that file is too young to go.
+    let refs = referenced_artifacts(store).map_err(std::io::Error::other)?;
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(hash) = DataDir::artifact_of(&name) else { continue };
+        let old = entry
+            .metadata()
+            .and_then(|m| m.modified())
+            .is_ok_and(|changed| now.duration_since(changed).is_ok_and(|age| age > keep));
+        if refs.contains(hash) || !old {
+            swept.kept += 1;
+            continue;
+        }
+        match std::fs::remove_file(entry.path()) {
+            Ok(()) => swept.removed += 1,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                tracing::warn!(file = %entry.path().display(), error = %e, "artifact sweep: cannot remove an unreferenced artifact; skipped");
+                swept.failed += 1;
+            }
+        }
+    }
+    Ok(swept)
+}
+
+/// What the janitor sweeps, and how long each thing is kept (`None`: for good).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Keep {
+    pub(crate) job_dirs: Option<Duration>,
+    pub(crate) artifacts: Option<Duration>,
+}
+
+/// Sweeps now and then every [`SWEEP_INTERVAL`] until `stop` disconnects.
+pub(crate) fn sweep_loop(store: &dyn EventStore, data_dir: &DataDir, keep: Keep, stop: &Receiver<()>) {
+    let report = |what: &str, result: std::io::Result<Swept>| match result {
+        Ok(s) if s.removed > 0 || s.failed > 0 => {
+            tracing::info!(removed = s.removed, kept = s.kept, failed = s.failed, "removed {what}")
+        }
+        Ok(_) => {}
+        Err(e) => tracing::error!(error = %e, "sweep of {what} failed; trying again later"),
+    };
+    loop {
+        if let Some(k) = keep.job_dirs {
+            report("the dirs of jobs that ended long ago", sweep(store, data_dir, k, now_ms()));
+        }
+        if let Some(k) = keep.artifacts {
+            report(
+                "artifacts no commission references",
+                sweep_artifacts(store, data_dir, k, SystemTime::now()),
+            );
         }
         if let Err(RecvTimeoutError::Disconnected) = stop.recv_timeout(SWEEP_INTERVAL) {
             return;

@@ -19,6 +19,7 @@
 
 #[cfg(feature = "test-faults")]
 mod ballast;
+mod cgroup;
 mod config;
 mod contain;
 mod error;
@@ -43,7 +44,7 @@ use std::time::Instant;
 use atelier_storage::{EventStore, Filter};
 use crossbeam_channel::Sender;
 
-pub use config::{Builtin, ConfigError, JobLimits, PipelineConfig, StageSpec, WorkersConfig};
+pub use config::{Builtin, CgroupSetting, ConfigError, JobLimits, PipelineConfig, StageSpec, WorkersConfig};
 pub use contain::become_undumpable;
 pub use error::WorkersError;
 pub use inside::pipeline::{derive_ideas, JobInput};
@@ -143,15 +144,24 @@ impl Workers {
         let head = shared.store.head_seq();
         let sub = shared.store.subscribe(head, Filter::All)?;
         scheduler::recovery::reconcile(&shared)?;
+        let cgroups = if shared.config.use_job_controller {
+            cgroup::Cgroups::start(&shared.config.cgroup, shared.data_dir.root())?
+        } else {
+            None
+        };
         let (process, spawner) =
-            ProcessExecutor::start(exe).map_err(io_err("start thread atelier-spawner"))?;
+            ProcessExecutor::start(exe, cgroups).map_err(io_err("start thread atelier-spawner"))?;
         let process = Arc::new(process);
         let pool = task_runner::Pool::start(shared.clone(), shared.config.max_concurrent_jobs)
             .map_err(io_err("start the task runner"))?;
         let scheduler = SchedulerThreads::start(shared.clone(), process.clone(), pool.sender(), sub)?;
-        let janitor = match shared.config.job_dirs_keep() {
-            None => None,
-            Some(keep) => {
+        let keep = janitor::Keep {
+            job_dirs: shared.config.job_dirs_keep(),
+            artifacts: shared.config.artifacts_keep(),
+        };
+        let janitor = match (keep.job_dirs, keep.artifacts) {
+            (None, None) => None,
+            _ => {
                 let (stop_tx, stop_rx) = crossbeam_channel::bounded::<()>(0);
                 let (store, dir) = (shared.store.clone(), shared.data_dir.clone());
                 let handle = spawn_thread("atelier-janitor", move || {
@@ -204,6 +214,13 @@ impl Workers {
     }
 
     /// Where everything lies under the data dir.
+    /// Where the job controller makes each job's cgroup, `job-{job_id}` in each of these
+    /// dirs (one per hierarchy); empty when jobs get none (`[workers] cgroup`), and their
+    /// limits are rlimits only.
+    pub fn job_cgroup_parents(&self) -> Vec<PathBuf> {
+        self.process.cgroup_parents()
+    }
+
     pub fn data_dir(&self) -> &DataDir {
         &self.shared.data_dir
     }

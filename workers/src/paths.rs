@@ -16,6 +16,11 @@ const JOBS_DIR: &str = "jobs";
 /// Under the jobs dir: not a job id, so the janitor leaves it alone.
 const PIPELINES_DIR: &str = "pipelines";
 const ARTIFACTS_DIR: &str = "artifacts";
+/// An artifact's file name is its content's SHA-256, in hex, then this.
+const ARTIFACT_SUFFIX: &str = ".png";
+/// How artifacts are served and referenced (`/artifacts/{sha256hex}.png`).
+const ARTIFACT_URI_PREFIX: &str = "/artifacts/";
+const SHA256_HEX_LEN: usize = 64;
 const STDOUT_LOG: &str = "stdout.log";
 const STDERR_LOG: &str = "stderr.log";
 
@@ -69,6 +74,13 @@ impl DataDir {
         self.root.join(ARTIFACTS_DIR)
     }
 
+    /// The artifact this entry of [`DataDir::artifacts`] is (its hash), if it is one: a
+    /// writer's temporary file or anything else there is not.
+    pub fn artifact_of(entry_name: &std::ffi::OsStr) -> Option<&str> {
+        let hash = entry_name.to_str()?.strip_suffix(ARTIFACT_SUFFIX)?;
+        is_sha256_hex(hash).then_some(hash)
+    }
+
     /// Where the pipeline specs workers read are written.
     pub fn pipeline_specs(&self) -> PathBuf {
         self.jobs().join(PIPELINES_DIR)
@@ -85,6 +97,20 @@ impl DataDir {
     pub fn pipeline_spec_tmp(&self, name: &str, hash: &str, job_id: u64) -> PathBuf {
         self.pipeline_specs().join(format!(".{name}-{hash}.{job_id}.tmp"))
     }
+}
+
+fn is_sha256_hex(s: &str) -> bool {
+    s.len() == SHA256_HEX_LEN && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+/// The hashes of every artifact `text` refers to (`/artifacts/{sha256hex}.png`, anywhere in
+/// it: an artifact report, a result, a context).
+pub fn artifact_refs(text: &str) -> impl Iterator<Item = &str> {
+    text.match_indices(ARTIFACT_URI_PREFIX).filter_map(|(i, _)| {
+        let rest = &text[i + ARTIFACT_URI_PREFIX.len()..];
+        let hash = rest.get(..SHA256_HEX_LEN)?;
+        (is_sha256_hex(hash) && rest[SHA256_HEX_LEN..].starts_with(ARTIFACT_SUFFIX)).then_some(hash)
+    })
 }
 
 #[cfg(test)]
@@ -106,5 +132,16 @@ mod tests {
         assert_eq!(d.pipeline_spec_tmp("p", "ab12", 3), Path::new("/data/jobs/pipelines/.p-ab12.3.tmp"));
         assert_eq!(DataDir::job_id_of("7".as_ref()), Some(7));
         assert_eq!(DataDir::job_id_of(PIPELINES_DIR.as_ref()), None);
+    }
+
+    #[test]
+    fn artifacts_are_named_and_referenced_by_their_hash() {
+        let h = "ab".repeat(32);
+        assert_eq!(DataDir::artifact_of(format!("{h}.png").as_ref()), Some(h.as_str()));
+        assert_eq!(DataDir::artifact_of(format!(".{h}.png.tmp").as_ref()), None);
+        assert_eq!(DataDir::artifact_of("AB.png".as_ref()), None);
+        let text =
+            format!(r#"{{"uri":"/artifacts/{h}.png","x":"/artifacts/{h}.gif","y":"/artifacts/abc.png"}}"#);
+        assert_eq!(artifact_refs(&text).collect::<Vec<_>>(), vec![h.as_str()]);
     }
 }

@@ -483,17 +483,17 @@ fn fault_matrix() {
     );
     // A signal's number is recorded too.
     assert_eq!(h.jobs(ids[0])[0].signal, Some(9));
-    // A fork bomb: RLIMIT_NPROC (64) stops it; root is not bound by that limit, so there the
-    // worker's own bound (256 children) does and the wall timeout ends the job. Either way
-    // the whole group is gone afterwards. (`the_process_limit_stops_a_forking_worker` shows
-    // the limit binding, also when the tests run as root.)
+    // A fork bomb: the job cgroup's pids.max or RLIMIT_NPROC (64) stops it; root is not
+    // bound by RLIMIT_NPROC, so without a cgroup the worker's own bound (256 children) does
+    // and the wall timeout ends the job. Either way the whole group is gone afterwards.
+    // (`the_process_limit_stops_a_forking_worker` shows the limit binding, also as root.)
     let c = h.wait_terminal(bomb, LONG);
     let jobs = h.jobs(bomb);
     let last = jobs.last().expect("the bomb ran");
     let msg = last.error_message.clone().unwrap_or_default();
     assert_eq!(c.state, State::Failed, "{c:#?}");
     // SAFETY: geteuid(2) cannot fail and touches no memory.
-    if unsafe { libc::geteuid() } == 0 {
+    if unsafe { libc::geteuid() } == 0 && h.controller().job_cgroup_parents().is_empty() {
         assert_eq!((last.status, msg.contains("timed out after 3 s")), (JobStatus::TimedOut, true), "{msg}");
     } else {
         assert_eq!((last.status, msg.contains("fork failed after")), (JobStatus::Failed, true), "{msg}");
@@ -642,13 +642,21 @@ fn the_process_limit_stops_a_forking_worker() {
     if root {
         command.splice(0..0, ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]);
     }
-    // A JSON array of strings is a TOML array too.
-    let command = serde_json::to_string(&command).expect("strings serialize");
-    let pipeline = format!(
-        "[pipelines.forker]\nnproc_max = 16\nenv = {{ PATH = \"/usr/bin:/bin\" }}\ncommand = {command}\n"
-    );
     let mut h = Harness::new("nproc");
-    h.start(config(&pipeline, &[]));
+    h.start(config(&forker_pipeline(&command), &[]));
+    assert_forking_stopped(&h);
+}
+
+/// The `forker` pipeline: `command` under `nproc_max = 16`.
+fn forker_pipeline(command: &[&str]) -> String {
+    // A JSON array of strings is a TOML array too.
+    let command = serde_json::to_string(command).expect("strings serialize");
+    format!("[pipelines.forker]\nnproc_max = 16\nenv = {{ PATH = \"/usr/bin:/bin\" }}\ncommand = {command}\n")
+}
+
+/// Runs a `forker` job and checks that its forks failed before the limit of 16 (the worker
+/// itself is one of them).
+fn assert_forking_stopped(h: &Harness) {
     let id = h.create("forker", serde_json::json!({}), 1);
     let c = h.wait_terminal(id, LONG);
     let jobs = h.jobs(id);
@@ -1120,4 +1128,226 @@ fn the_trampoline_switches_to_the_worker_user_with_no_groups() {
     let (said, err) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "{}: {err}", out.status);
     assert_eq!(said.trim(), "uid=54321 gid=54322 groups=54322", "{err}");
+}
+
+/// Starts a controller for `pipelines`; `None` (having said so) when this machine gives jobs
+/// no cgroup of their own (not root, or no usable hierarchy): the tests of what a job cgroup
+/// holds then skip.
+fn start_with_cgroups(name: &str, pipelines: &str) -> Option<Harness> {
+    // Under cgroup v2 the test's own cgroup holds processes (this one), so no child of it may
+    // have controllers; as root, the hierarchy's root may.
+    // SAFETY: geteuid(2) cannot fail and touches no memory.
+    let v2_root = unsafe { libc::geteuid() } == 0 && Path::new("/sys/fs/cgroup/cgroup.controllers").exists();
+    let setting = if v2_root { "\"/sys/fs/cgroup\"" } else { "\"auto\"" };
+    let mut h = Harness::new(name);
+    h.start(config(pipelines, &[("cgroup", setting)]));
+    if !h.controller().job_cgroup_parents().is_empty() {
+        Some(h)
+    } else {
+        eprintln!(
+            "skipped: no cgroup per job here (needs a writable cgroup v1 pids or v2 hierarchy, e.g. root)"
+        );
+        None
+    }
+}
+
+/// The cgroup dirs of job `job_id` of this harness's controller that exist now.
+fn job_cgroup_dirs(h: &Harness, job_id: u64) -> Vec<PathBuf> {
+    let parents = h.controller().job_cgroup_parents();
+    parents.iter().map(|p| p.join(format!("job-{job_id}"))).filter(|d| d.is_dir()).collect()
+}
+
+/// With a cgroup per job, the process limit is the job's `pids.max`: it binds a worker
+/// running as root (which RLIMIT_NPROC does not), and counts the job's processes only.
+#[test]
+fn a_job_cgroup_holds_the_process_limit_even_for_root() {
+    let Some(h) = start_with_cgroups("cg-nproc", &forker_pipeline(&["python3", "-c", FORKER])) else {
+        return;
+    };
+    assert_forking_stopped(&h);
+}
+
+/// The job's cgroup reaches what its process group does not: a process that moved to a
+/// session of its own is killed when the job ends, and the job's cgroup is removed after it.
+#[test]
+fn a_job_cgroup_ends_a_process_that_left_the_jobs_group() {
+    let pipeline = format!(
+        r#"
+[pipelines.runaway]
+env = {{ PATH = "/usr/bin:/bin" }}
+command = ["sh", "-c", '''setsid sleep 300 & echo "escaped $!" >&2; sleep 0.3; {REPORT}''']
+"#,
+        REPORT = r#"for s in generating_ideas creating_images uploading creating_products; do printf '{"type":"stage","stage":"%s"}\n' $s >&3; done; printf '{"type":"result","result":{"ok":true}}\n' >&3"#
+    );
+    let Some(h) = start_with_cgroups("cg-escape", &pipeline) else { return };
+    let id = h.create("runaway", serde_json::json!({}), 1);
+    assert_eq!(h.wait_terminal(id, LONG).state, State::Completed);
+    let job = h.jobs(id)[0].clone();
+    let (_, err) = h.layout().job_logs(job.job_id);
+    let line = wait_for_lines(&err, 1).remove(0);
+    let escaped: u32 =
+        line.strip_prefix("escaped ").and_then(|p| p.parse().ok()).unwrap_or_else(|| panic!("{line:?}"));
+    let end = Instant::now() + Duration::from_secs(3);
+    while alive(escaped) && Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let pgid = proc_stat(escaped).map(|(_, g)| g);
+    assert!(
+        !alive(escaped),
+        "{escaped} (group {pgid:?}, the job's was {:?}) outlived its job",
+        job.process_id
+    );
+    let left = job_cgroup_dirs(&h, job.job_id);
+    assert!(left.is_empty(), "the job's cgroup outlived it: {left:?}");
+}
+
+/// A command stage that uses more memory than `memory_mb` (a real python3 filling 512 MiB,
+/// no allocation failing: the cgroup holds resident memory, not address space) is killed by
+/// the kernel at the job cgroup's limit; that SIGKILL, told apart by the cgroup's OOM-kill
+/// count, is the memory outcome, retried with double memory up to the cap.
+#[test]
+fn a_stage_killed_at_the_cgroups_memory_limit_is_retried_with_double_memory() {
+    let pipeline = r#"
+[pipelines.hungry]
+memory_mb = 64
+memory_max_mb = 128
+env = { PATH = "/usr/bin:/bin" }
+stages.generating_ideas = { command = ["python3", "-c", "import sys; sys.stdin.read(); b = b'x' * (512 << 20)"] }
+"#;
+    let Some(h) = start_with_cgroups("cg-oom", pipeline) else { return };
+    let id = h.create("hungry", serde_json::json!({}), 3);
+    let c = h.wait_terminal(id, LONG);
+    let jobs = h.jobs(id);
+    let ended: Vec<(JobStatus, &str)> =
+        jobs.iter().map(|j| (j.status, j.error_message.as_deref().unwrap_or(""))).collect();
+    assert_eq!(
+        ended,
+        [
+            (JobStatus::Killed, "memory limit exceeded (64 MiB); the next attempt gets 128 MiB"),
+            (JobStatus::Killed, "memory limit exceeded (128 MiB, the cap)"),
+        ],
+        "{c:#?}"
+    );
+    for j in &jobs {
+        let (_, err) = h.layout().job_logs(j.job_id);
+        let err = std::fs::read_to_string(err).unwrap_or_default();
+        assert!(!err.contains("MemoryError"), "an allocation failed instead of the kernel's kill: {err}");
+    }
+}
+
+/// A job cgroup that a crashed server left behind, with a process still in it (as one that
+/// escaped its job's group would be), is emptied and removed when a server of the same data
+/// dir starts again. Made here by hand beside a live job's cgroup, under the same parent.
+#[test]
+fn a_crashed_servers_job_cgroups_are_emptied_and_removed_at_the_next_start() {
+    let pipeline = r#"
+[pipelines.hang]
+env = { PATH = "/usr/bin:/bin" }
+command = ["sh", "-c", '''printf '{"type":"stage","stage":"generating_ideas"}\n' >&3; exec sleep 300''']
+"#;
+    let Some(mut h) = start_with_cgroups("cg-stale", pipeline) else { return };
+    let id = h.create("hang", serde_json::json!({}), 1);
+    h.wait_until(id, LONG, "in a stage", |c| c.state.stage().is_some());
+    let job_id = h.jobs(id)[0].job_id;
+    let live = job_cgroup_dirs(&h, job_id);
+    assert!(!live.is_empty(), "the running job has a cgroup");
+    let mut leftover = std::process::Command::new("sleep").arg("300").spawn().expect("start sleep");
+    let stale: Vec<PathBuf> = live.iter().map(|d| d.with_file_name("job-999999")).collect();
+    for dir in &stale {
+        std::fs::create_dir(dir).expect("make a job cgroup");
+        std::fs::write(dir.join("cgroup.procs"), leftover.id().to_string()).expect("move the process in");
+    }
+    execute(&*h.store, id, Command::RequestCancel, &ctx()).expect("store works").expect("cancel accepted");
+    h.wait_terminal(id, LONG);
+    let first = h.controller.take().expect("started");
+    first.shutdown();
+    drop(first);
+    assert!(alive(leftover.id()), "nothing removes another server's cgroups while it runs");
+    h.start(config(pipeline, &[("cgroup", "\"auto\"")]));
+    let reaped = wait_for_exit(&mut leftover, Duration::from_secs(3));
+    assert_eq!(reaped.and_then(|s| std::os::unix::process::ExitStatusExt::signal(&s)), Some(libc::SIGKILL));
+    let left: Vec<&PathBuf> = stale.iter().filter(|d| d.exists()).collect();
+    assert!(left.is_empty(), "stale job cgroups kept: {left:?}");
+}
+
+/// The child's exit status once it has exited, within `timeout`.
+fn wait_for_exit(child: &mut std::process::Child, timeout: Duration) -> Option<std::process::ExitStatus> {
+    let end = Instant::now() + timeout;
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) => return Some(status),
+            Ok(None) if Instant::now() < end => std::thread::sleep(Duration::from_millis(20)),
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return None;
+            }
+        }
+    }
+}
+
+/// Artifacts no commission references are removed once older than the keep time; one that a
+/// retained or a live commission refers to stays, however old, and so does one just stored
+/// (by a running job whose report is not in the log yet). Once retention prunes the
+/// commission that referred to an artifact, the artifact goes too.
+#[test]
+fn unreferenced_artifacts_are_swept_after_the_keep_time() {
+    let dir = temp_dir("artifact-gc");
+    let sled = SledStore::open(StoreConfig::new(dir.path().join("store"))).expect("open store");
+    let mut h = Harness { store: sled.clone(), controller: None, dir };
+    h.start(config("", &[]));
+    let done = h.create("commission", serde_json::json!({"title": "t"}), 1);
+    let c = h.wait_until(done, LONG, "completed", |c| c.state == State::Completed);
+    h.controller().shutdown();
+    let artifacts = h.layout().artifacts();
+    let stored = artifacts.join(c.artifacts[0].uri.trim_start_matches("/artifacts/"));
+    assert!(stored.is_file(), "the job stored its image");
+    let file = |hash_byte: &str| artifacts.join(format!("{}.png", hash_byte.repeat(32)));
+    let (orphan, fresh, wanted) = (file("0a"), file("0b"), file("0c"));
+    let temporary = artifacts.join(format!(".{}.png.1.tmp", "0d".repeat(32)));
+    for f in [&orphan, &fresh, &wanted, &temporary] {
+        std::fs::write(f, b"png").unwrap();
+    }
+    // A commission not yet run (scheduled a day ahead) whose context refers to `wanted`.
+    let uri = format!("/artifacts/{}.png", "0c".repeat(32));
+    h.create_full("noop", serde_json::json!({"like": uri}), 1, 0, Some(now_ms() + 86_400_000));
+    let keep = Duration::from_secs(86_400);
+    let long_ago = SystemTime::now() - keep - Duration::from_secs(60);
+    for f in [&stored, &orphan, &wanted, &temporary] {
+        std::fs::File::open(f).unwrap().set_modified(long_ago).unwrap();
+    }
+
+    let sweep = || atelier_workers::janitor::sweep_artifacts(&*h.store, &h.layout(), keep, SystemTime::now());
+    let s = sweep().expect("the sweep runs");
+    assert_eq!((s.removed, s.kept, s.failed), (1, 3, 0), "{s:?}");
+    assert!(!orphan.exists(), "an old artifact nothing refers to goes");
+    assert!(stored.exists(), "a retained commission's artifact stays");
+    assert!(wanted.exists(), "an artifact a live commission's context refers to stays");
+    assert!(fresh.exists(), "an artifact just stored stays for the keep time");
+    assert!(temporary.exists(), "what is not an artifact is not the sweep's");
+
+    // Retention prunes the completed commission, and with it the last reference.
+    assert_eq!(sled.prune_terminal_before(now_ms() + 1).expect("prunes"), 1);
+    let s = sweep().expect("the sweep runs");
+    assert_eq!((s.removed, s.kept), (1, 2), "{s:?}");
+    assert!(!stored.exists() && wanted.exists() && fresh.exists());
+}
+
+/// A job that stores an artifact already there (the same content) touches its file, so an
+/// old unreferenced artifact a job is about to refer to is not due for the sweep.
+#[test]
+fn storing_an_artifact_already_there_makes_it_new_again() {
+    let mut h = Harness::new("artifact-touch");
+    h.start(config("", &[]));
+    let first = h.create("commission", serde_json::json!({"title": "same"}), 1);
+    let c = h.wait_until(first, LONG, "completed", |c| c.state == State::Completed);
+    let stored = h.layout().artifacts().join(c.artifacts[0].uri.trim_start_matches("/artifacts/"));
+    let long_ago = SystemTime::now() - Duration::from_secs(30 * 86_400);
+    std::fs::File::open(&stored).unwrap().set_modified(long_ago).unwrap();
+    let again = h.create("commission", serde_json::json!({"title": "same"}), 1);
+    let c = h.wait_until(again, LONG, "completed", |c| c.state == State::Completed);
+    assert_eq!(h.layout().artifacts().join(c.artifacts[0].uri.trim_start_matches("/artifacts/")), stored);
+    let changed = std::fs::metadata(&stored).unwrap().modified().unwrap();
+    let age = SystemTime::now().duration_since(changed).unwrap_or_default();
+    assert!(age < Duration::from_secs(60), "the artifact stored again is {age:?} old");
 }

@@ -289,7 +289,11 @@ fn run_builtin(
                 .map_err(|e| fail(format!("cannot read {}: {e}", path.display()), true))?;
             let digest = hex(&Sha256::digest(&bytes));
             let dest = env.artifacts_dir.join(format!("{digest}.png"));
-            if !dest.exists() {
+            // The same content stored before is touched instead: the janitor removes an
+            // unreferenced artifact by its age, and this job is about to reference it.
+            let touched =
+                std::fs::File::open(&dest).and_then(|f| f.set_modified(std::time::SystemTime::now()));
+            if touched.is_err() {
                 private::create_dir_all(&env.artifacts_dir)
                     .map_err(|e| fail(format!("cannot create {}: {e}", env.artifacts_dir.display()), true))?;
                 write_atomic(&dest, &bytes)

@@ -38,6 +38,9 @@ pub struct TrampolineArgs {
     /// The user (uid, gid) to switch to after the limits, with no supplementary groups; `None`
     /// keeps the server's (see `worker_user`).
     pub user: Option<(u32, u32)>,
+    /// The `cgroup.procs` files of the job's cgroup (one per hierarchy; none without
+    /// cgroups): the trampoline joins them first, so nothing of the job runs outside.
+    pub cgroup_procs: Vec<String>,
     /// The server's [`crate::inside::interface::INTERFACE`]: a trampoline built from other sources (a worker
     /// program replaced on disk while the server runs) refuses to run the job.
     pub interface: String,
@@ -68,6 +71,9 @@ impl TrampolineArgs {
         if let Some((uid, gid)) = self.user {
             v.extend(["--uid".into(), uid.to_string(), "--gid".into(), gid.to_string()]);
         }
+        for procs in &self.cgroup_procs {
+            v.extend(["--cgroup-procs".to_string(), procs.clone()]);
+        }
         v.push("--".into());
         v.extend(self.argv.iter().cloned());
         v
@@ -92,6 +98,7 @@ impl TrampolineArgs {
             nproc_max: 0,
             fsize_bytes: 0,
             user: None,
+            cgroup_procs: Vec::new(),
             interface: String::new(),
             argv: argv.to_vec(),
         };
@@ -111,6 +118,7 @@ impl TrampolineArgs {
                 "--interface" => t.interface = value.clone(),
                 "--uid" => uid = Some(u32::try_from(num()?).map_err(|e| format!("{name}: {e}"))?),
                 "--gid" => gid = Some(u32::try_from(num()?).map_err(|e| format!("{name}: {e}"))?),
+                "--cgroup-procs" => t.cgroup_procs.push(value.clone()),
                 other => return Err(format!("unknown option {other}")),
             }
         }
@@ -144,6 +152,14 @@ pub fn trampoline_main(args: &[String]) -> i32 {
             t.interface
         );
         return EXIT_SETUP_FAILED;
+    }
+    // Into the job's cgroup before anything else: its limits and its kill must cover every
+    // process of the job, and this one is the first. Not joined, the job does not run.
+    for procs in &t.cgroup_procs {
+        if let Err(e) = std::fs::write(procs, getpid().as_raw().to_string()) {
+            eprintln!("atelier __trampoline: cannot join the job's cgroup ({procs}): {e}");
+            return EXIT_SETUP_FAILED;
+        }
     }
     // The spawner already made us a group leader (posix_spawn's SETPGROUP); this covers a
     // caller that did not. Failing is fine only if we already lead our group.
@@ -277,6 +293,7 @@ mod tests {
             nproc_max: 64,
             fsize_bytes: 1 << 20,
             user: Some((998, 997)),
+            cgroup_procs: vec!["/sys/fs/cgroup/pids/a/job-1/cgroup.procs".into()],
             interface: crate::inside::interface::INTERFACE.into(),
             argv: vec!["/bin/x".into(), "--a".into(), "--".into()],
         }

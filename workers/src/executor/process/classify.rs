@@ -41,6 +41,9 @@ pub(crate) struct ExitInfo {
     pub(crate) signal: Option<i32>,
     pub(crate) max_rss_bytes: u64,
     pub(crate) cpu_ms: u64,
+    /// Processes of the job the kernel's OOM killer killed at the job cgroup's memory limit
+    /// (0 without a memory cgroup).
+    pub(crate) oom_kills: u64,
 }
 
 /// The limits this attempt ran under.
@@ -178,10 +181,14 @@ pub(crate) fn classify(
     // A stage command's stderr is the job's: one that ran out of memory (Python's
     // `MemoryError`, an allocation failure) left that as the last line before the worker
     // reported the stage's failure, which is then the memory outcome, not the error it said.
-    let out_of_memory = match &session.worker_error {
-        Some(_) => last_line(stderr_tail).is_some_and(looks_like_oom),
-        None => crashed && looks_like_oom(stderr_tail),
-    };
+    // Under a memory cgroup the kernel kills instead (SIGKILL, to the worker or to a stage
+    // command, which the worker then reports), and its OOM-kill count is what tells that
+    // SIGKILL from any other.
+    let out_of_memory = exit.oom_kills > 0
+        || match &session.worker_error {
+            Some(_) => last_line(stderr_tail).is_some_and(looks_like_oom),
+            None => crashed && looks_like_oom(stderr_tail),
+        };
     if let (Some((error, retryable)), false) = (&session.worker_error, out_of_memory) {
         return fail(error.clone(), *retryable, JobStatus::Failed, false);
     }
@@ -279,7 +286,7 @@ mod tests {
     }
 
     fn exit(code: Option<i32>, signal: Option<i32>) -> ExitInfo {
-        ExitInfo { code, signal, max_rss_bytes: 0, cpu_ms: 0 }
+        ExitInfo { code, signal, max_rss_bytes: 0, cpu_ms: 0, oom_kills: 0 }
     }
 
     /// (what the worker said, how it exited, why we killed it, stderr) -> (outcome label,
@@ -308,6 +315,28 @@ mod tests {
                 false,
             ),
             (&none, exit(None, Some(24)), None, "", "killed", Some(false), "CPU limit exceeded (2 s)", false),
+            // The cgroup's OOM killer: the worker itself, or a stage command the worker then
+            // reported, killed at the memory limit.
+            (
+                &none,
+                ExitInfo { oom_kills: 1, ..exit(None, Some(9)) },
+                None,
+                "",
+                "killed",
+                Some(true),
+                "memory limit exceeded (128 MiB); the next attempt gets 256 MiB",
+                false,
+            ),
+            (
+                &err,
+                ExitInfo { oom_kills: 1, ..exit(Some(1), None) },
+                None,
+                "",
+                "killed",
+                Some(true),
+                "memory limit exceeded (128 MiB)",
+                false,
+            ),
             (
                 &err,
                 exit(Some(1), None),

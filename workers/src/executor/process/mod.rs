@@ -17,7 +17,7 @@ use atelier_engine::{Command, Commission, Executor};
 use atelier_storage::{execute, EventStore};
 
 use self::classify::{Applied, MEMORY_ERROR_PREFIX};
-use self::spawn::Spawner;
+use self::spawn::{SpawnedWorker, Spawner};
 use self::watch::Watched;
 use crate::config::PipelineConfig;
 use crate::executor::signal::JobSignal;
@@ -31,9 +31,17 @@ pub(crate) struct ProcessExecutor {
 
 impl ProcessExecutor {
     /// Starts the spawner thread; workers run `exe`.
-    pub(crate) fn start(exe: PathBuf) -> std::io::Result<(ProcessExecutor, JoinHandle<()>)> {
-        let (spawner, handle) = Spawner::start(exe)?;
+    pub(crate) fn start(
+        exe: PathBuf,
+        cgroups: Option<crate::cgroup::Cgroups>,
+    ) -> std::io::Result<(ProcessExecutor, JoinHandle<()>)> {
+        let (spawner, handle) = Spawner::start(exe, cgroups)?;
         Ok((ProcessExecutor { spawner }, handle))
+    }
+
+    /// Where each job's cgroup is made (one dir per hierarchy; none without cgroups).
+    pub(crate) fn cgroup_parents(&self) -> Vec<PathBuf> {
+        self.spawner.cgroup_parents()
     }
 
     /// No more workers are spawned (shutdown).
@@ -69,9 +77,10 @@ impl ProcessExecutor {
         };
         let spawn_started = Instant::now();
         let spawned = self.spawner.spawn_worker(shared, &p, &dir, &input, &spec_file, &applied);
-        // `_known` lives to the end of this function, past the reap (`watch::watch` or the
-        // refused start's wait): until then a sweep leaves the worker alone (`contain`).
-        let (pid, _known, proto_r, out_r, err_r) = match spawned {
+        // `_known` and `cgroup` live to the end of this function, past the reap (`watch::watch`
+        // or the refused start's wait): until then a sweep leaves the worker alone
+        // (`contain`), and the cgroup goes only once its job has ended.
+        let SpawnedWorker { pid, known: _known, proto_r, out_r, err_r, cgroup } = match spawned {
             Ok(v) => v,
             Err(e) => {
                 tracing::error!(commission = c.id, job = job_id, error = %e, "cannot spawn a worker");
@@ -98,7 +107,7 @@ impl ProcessExecutor {
             // Cancelled (or started elsewhere) meanwhile: this process must not run.
             tracing::info!(commission = c.id, job = job_id, reason = %why, "start refused; killing the worker");
             let pid = i32::try_from(pid).expect("invariant: pids fit i32");
-            watch::kill_job(pid, nix::sys::signal::Signal::SIGKILL);
+            watch::kill_job(pid, cgroup.as_ref(), nix::sys::signal::Signal::SIGKILL);
             let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid), None);
             let _ = crate::worker_user::take_back_job_dir(&dir, shared.worker_user);
             return;
@@ -115,6 +124,7 @@ impl ProcessExecutor {
             logs: shared.data_dir.job_logs(job_id),
             log_bytes_max: shared.config.log_bytes_max_for(&p),
             kill_grace: Duration::from_millis(shared.config.kill_grace_ms),
+            cgroup: cgroup.as_ref(),
         };
         let ended = watch::watch(watched, &mut session, signal, &applied);
         // The worker is gone (its group killed, itself reaped): no later job may enter its dir.

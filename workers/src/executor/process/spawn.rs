@@ -12,6 +12,7 @@ use crossbeam_channel::{Receiver, Sender};
 use nix::fcntl::{fcntl, FcntlArg, OFlag};
 
 use super::classify::Applied;
+use crate::cgroup::{CgroupLimits, Cgroups, JobCgroup};
 use crate::config::PipelineConfig;
 use crate::contain::Known;
 use crate::inside::pipe::PROTOCOL_FD;
@@ -159,17 +160,27 @@ pub(crate) struct Spawner {
     /// The program the trampoline runs as (the server's own binary or `atelier-worker`).
     exe: PathBuf,
     server_pid: u32,
+    /// Where each job's cgroup is made; `None`: rlimits only.
+    cgroups: Option<Cgroups>,
 }
 
 impl Spawner {
     /// Starts the spawner thread for workers of program `exe`.
-    pub(crate) fn start(exe: PathBuf) -> io::Result<(Spawner, std::thread::JoinHandle<()>)> {
+    pub(crate) fn start(
+        exe: PathBuf,
+        cgroups: Option<Cgroups>,
+    ) -> io::Result<(Spawner, std::thread::JoinHandle<()>)> {
         let (tx, rx) = crossbeam_channel::unbounded::<SpawnRequest>();
         let loop_exe = exe.clone();
         let handle = std::thread::Builder::new()
             .name("atelier-spawner".into())
             .spawn(move || spawner_loop(loop_exe, rx))?;
-        Ok((Spawner { tx: Mutex::new(Some(tx)), exe, server_pid: std::process::id() }, handle))
+        Ok((Spawner { tx: Mutex::new(Some(tx)), exe, server_pid: std::process::id(), cgroups }, handle))
+    }
+
+    /// Where each job's cgroup is made (one dir per hierarchy; none without cgroups).
+    pub(crate) fn cgroup_parents(&self) -> Vec<PathBuf> {
+        self.cgroups.as_ref().map(Cgroups::parents).unwrap_or_default()
     }
 
     /// Nothing spawns from now on; the spawner thread ends once its queue is empty.
@@ -219,15 +230,33 @@ impl Spawner {
                 (v, shared.data_dir.jobs())
             }
         };
+        let memory_bytes = applied.memory_mb * 1024 * 1024;
+        let cgroup = match &self.cgroups {
+            Some(c) => Some(
+                c.create_job(input.job_id, CgroupLimits { memory_bytes, pids_max: p.limits.nproc_max })
+                    .map_err(io::Error::other)?,
+            ),
+            None => None,
+        };
+        // What the job's cgroup holds, the rlimits leave alone (0: not set; see `cgroup`).
+        let by_cgroup = |holds: fn(&JobCgroup) -> bool, v: u64| match &cgroup {
+            Some(cg) if holds(cg) => 0,
+            _ => v,
+        };
         let t = TrampolineArgs {
             server_pid: self.server_pid,
             proto_fd: PROTOCOL_FD,
-            memory_bytes: applied.memory_mb * 1024 * 1024,
+            memory_bytes: by_cgroup(JobCgroup::limits_memory, memory_bytes),
             cpu_seconds: p.limits.cpu_seconds,
             nofile_max: p.limits.nofile_max,
-            nproc_max: p.limits.nproc_max,
+            nproc_max: by_cgroup(JobCgroup::limits_pids, p.limits.nproc_max),
             fsize_bytes: p.limits.fsize_mb * 1024 * 1024,
             user: user.switch_to().map(|id| (id.uid, id.gid)),
+            cgroup_procs: cgroup
+                .iter()
+                .flat_map(JobCgroup::procs_files)
+                .map(|f| f.display().to_string())
+                .collect(),
             interface: INTERFACE.into(),
             argv: worker_argv,
         };
@@ -250,14 +279,23 @@ impl Spawner {
         let (pid, known) = reply_rx
             .recv_timeout(Duration::from_millis(SPAWN_REPLY_TIMEOUT_MS))
             .map_err(|_| std::io::Error::other("the spawner did not answer"))??;
-        Ok((pid, known, proto_r, out_r, err_r))
+        Ok(SpawnedWorker { pid, known, proto_r, out_r, err_r, cgroup })
     }
 }
 
-/// The worker's pid (the server's child, for the caller to reap), its record as a known child,
-/// and the server's ends of the protocol pipe, stdout and stderr.
-pub(crate) type SpawnedWorker =
-    (u32, crate::contain::Known, std::os::fd::OwnedFd, std::os::fd::OwnedFd, std::os::fd::OwnedFd);
+/// A started worker.
+pub(crate) struct SpawnedWorker {
+    /// The server's child, for the caller to reap.
+    pub(crate) pid: u32,
+    /// Its record as a known child (see `contain`).
+    pub(crate) known: Known,
+    /// The server's ends of the protocol pipe, stdout and stderr.
+    pub(crate) proto_r: OwnedFd,
+    pub(crate) out_r: OwnedFd,
+    pub(crate) err_r: OwnedFd,
+    /// The job's cgroup, removed (with whatever is still in it) when dropped.
+    pub(crate) cgroup: Option<JobCgroup>,
+}
 
 /// The environment of a job's worker: a PATH, what the pipeline passes or sets, and the job's
 /// own variables.

@@ -23,6 +23,7 @@ use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
 
 use super::classify::{classify, Applied, Ended, ExitInfo, KillReason, Reported};
+use crate::cgroup::JobCgroup;
 use crate::executor::signal::{JobSignal, Request};
 use crate::inside::protocol::{parse_line, LineBuffer};
 use crate::session::{Halt, Session};
@@ -105,7 +106,7 @@ impl LogSink {
 
 /// Why the controller ended (or is ending) a worker.
 /// What a job's poll loop watches.
-pub(crate) struct Watched {
+pub(crate) struct Watched<'a> {
     /// The worker's pid: the server's child, reaped here.
     pub(crate) pid: u32,
     pub(crate) proto_r: OwnedFd,
@@ -115,13 +116,20 @@ pub(crate) struct Watched {
     pub(crate) logs: (PathBuf, PathBuf),
     pub(crate) log_bytes_max: u64,
     pub(crate) kill_grace: Duration,
+    /// The job's cgroup, if it has one: every kill reaches all of it, and its OOM-kill count
+    /// tells the memory outcome.
+    pub(crate) cgroup: Option<&'a JobCgroup>,
 }
 
 /// Signals the job's process group, and its leader by pid: a leader that moved itself into
 /// another group (`setpgid`, even into the server's own) is out of reach of the group kill.
-/// The leader is our child and not reaped yet, so its pid cannot have been reused.
-pub(super) fn kill_job(pid: i32, sig: Signal) {
+/// The leader is our child and not reaped yet, so its pid cannot have been reused. A SIGKILL
+/// also goes to every process in the job's cgroup, wherever it moved.
+pub(super) fn kill_job(pid: i32, cgroup: Option<&JobCgroup>, sig: Signal) {
     kill_group(pid, sig);
+    if let (Some(cg), Signal::SIGKILL) = (cgroup, sig) {
+        cg.kill_all();
+    }
     if let Err(e) = nix::sys::signal::kill(Pid::from_raw(pid), sig) {
         if e != nix::errno::Errno::ESRCH {
             tracing::warn!(pid, signal = %sig, error = %e, "cannot signal the job's worker");
@@ -138,8 +146,8 @@ fn kill_group(pgid: i32, sig: Signal) {
 }
 
 /// Watches a started worker to its end and says how it ended.
-pub(crate) fn watch(w: Watched, session: &mut Session, signal: &JobSignal, applied: &Applied) -> Ended {
-    let Watched { pid, proto_r, out_r, err_r, logs, log_bytes_max, kill_grace } = w;
+pub(crate) fn watch(w: Watched<'_>, session: &mut Session, signal: &JobSignal, applied: &Applied) -> Ended {
+    let Watched { pid, proto_r, out_r, err_r, logs, log_bytes_max, kill_grace, cgroup } = w;
     let pid = i32::try_from(pid).expect("invariant: pids fit i32");
     let pipes = [proto_r, out_r, err_r];
     for fd in &pipes {
@@ -147,7 +155,13 @@ pub(crate) fn watch(w: Watched, session: &mut Session, signal: &JobSignal, appli
     }
     let started = Instant::now();
     let mut job = Job {
-        ender: Ender { pid, grace: kill_grace, commission_id: session.commission_id, job_id: session.job_id },
+        ender: Ender {
+            pid,
+            grace: kill_grace,
+            commission_id: session.commission_id,
+            job_id: session.job_id,
+            cgroup,
+        },
         session,
         signal,
         applied,
@@ -184,7 +198,7 @@ const ERR: usize = 2;
 
 /// One watched worker, between wakeups of its poll.
 struct Job<'a> {
-    ender: Ender,
+    ender: Ender<'a>,
     session: &'a mut Session,
     signal: &'a JobSignal,
     applied: &'a Applied,
@@ -359,16 +373,21 @@ impl Job<'_> {
             self.end(KillReason::Stalled { ms: self.applied.heartbeat_ms });
         }
         if self.sigkill_at.is_some_and(|t| now >= t) {
-            kill_job(self.ender.pid, Signal::SIGKILL);
+            kill_job(self.ender.pid, self.ender.cgroup, Signal::SIGKILL);
             self.sigkill_at = None;
         }
         if !exited {
             return None;
         }
         // The worker is a zombie until reaped, so its pid (our group id) is still ours: kill
-        // whatever it left behind in its group, then reap it.
+        // whatever it left behind in its group (and its cgroup), then reap it.
         kill_group(self.ender.pid, Signal::SIGKILL);
-        Some(reap(self.ender.pid))
+        if let Some(cg) = self.ender.cgroup {
+            cg.kill_all();
+        }
+        let mut exit = reap(self.ender.pid);
+        exit.oom_kills = self.ender.cgroup.map_or(0, JobCgroup::oom_kills);
+        Some(exit)
     }
 
     /// After the exit: reads what is still in the pipes, settles the last batch, and
@@ -412,14 +431,15 @@ impl Job<'_> {
     }
 }
 
-struct Ender {
+struct Ender<'a> {
     pid: i32,
     grace: Duration,
     commission_id: u64,
     job_id: u64,
+    cgroup: Option<&'a JobCgroup>,
 }
 
-impl Ender {
+impl Ender<'_> {
     /// Decides to end the worker: SIGTERM with a grace for cancel and shutdown, SIGKILL for
     /// everything else. The first reason is the one recorded.
     fn end(&self, kill: &mut Option<KillReason>, sigkill_at: &mut Option<Instant>, reason: KillReason) {
@@ -430,10 +450,10 @@ impl Ender {
         let graceful = matches!(reason, KillReason::Cancel | KillReason::Shutdown);
         *kill = Some(reason);
         if graceful && !self.grace.is_zero() {
-            kill_job(self.pid, Signal::SIGTERM);
+            kill_job(self.pid, self.cgroup, Signal::SIGTERM);
             *sigkill_at = Some(Instant::now() + self.grace);
         } else {
-            kill_job(self.pid, Signal::SIGKILL);
+            kill_job(self.pid, self.cgroup, Signal::SIGKILL);
         }
     }
 }
@@ -554,5 +574,6 @@ fn reap(pid: i32) -> ExitInfo {
         // ru_maxrss is in KiB on Linux.
         max_rss_bytes: u64::try_from(usage.ru_maxrss).unwrap_or(0) * 1024,
         cpu_ms: cpu(usage.ru_utime) + cpu(usage.ru_stime),
+        oom_kills: 0,
     }
 }
