@@ -85,12 +85,16 @@ fn write_message_header<W>(
 where
     W: Write,
 {
-    // writing status line
+    // PATCH(atelier 13, status line version): the answer is HTTP/1.0 to an HTTP/1.0 request
+    // and HTTP/1.1 to anything else. The request's version was copied as it came, so a
+    // request line saying HTTP/2.0 (or 0.9) that was refused for a bad header got a status
+    // line in a version this server does not speak.
+    let (major, minor) = if *http_version == HTTPVersion(1, 0) { (1, 0) } else { (1, 1) };
     write!(
         &mut writer,
         "HTTP/{}.{} {} {}\r\n",
-        http_version.0,
-        http_version.1,
+        major,
+        minor,
         status_code.0,
         status_code.default_reason_phrase()
     )?;

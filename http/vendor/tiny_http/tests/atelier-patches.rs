@@ -218,6 +218,20 @@ fn an_http2_preface_is_answered_505_and_closed() {
     assert!(got.contains("{\"status\":505"), "{}", got);
 }
 
+/// PATCH 13: a refusal's status line is HTTP/1.1 (or 1.0 to a 1.0 request), whatever version
+/// the request line named; a bad header after `HTTP/2.0` was answered `HTTP/2.0 400`.
+#[test]
+fn a_refusal_never_claims_a_version_this_server_does_not_speak() {
+    let (_server, addr) = server_with(Options { refusal_body: Some(json_refusal), ..Options::default() });
+    for version in ["2.0", "0.9", "1.7"] {
+        let request = format!("POST / HTTP/{}\r\nHost: x\r\nBad\x0fHeader\r\n\r\n", version);
+        let got = exchange(addr, request.as_bytes());
+        assert!(got.starts_with("HTTP/1.1 4") || got.starts_with("HTTP/1.1 5"), "HTTP/{}: {}", version, got);
+    }
+    let got = exchange(addr, b"GET / HTTP/1.0\r\nHost: x\r\nBad\x0fHeader\r\n\r\n");
+    assert!(got.starts_with("HTTP/1.0 400"), "{}", got);
+}
+
 /// PATCH 9: a client gone before its connection was accepted panicked the connection's
 /// thread once its request was read (`peer_addr` unwrapped).
 #[test]
