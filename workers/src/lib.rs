@@ -90,6 +90,29 @@ fn spawn_thread(name: &str, f: impl FnOnce() + Send + 'static) -> Result<JoinHan
         .map_err(io_err(format!("start thread {name}")))
 }
 
+/// Who this server's workers run as (refused as the settings say), with the data dir laid out
+/// for that user and the choice logged.
+fn worker_user_for(config: &WorkersConfig, data_dir: &DataDir) -> Result<WorkerUser, WorkersError> {
+    let worker_user = worker_user::resolve(
+        &config.worker_user,
+        config.allow_root_workers,
+        nix::unistd::geteuid().as_raw(),
+        &worker_user::system_lookup,
+    )?;
+    worker_user::prepare_data_dir(data_dir, worker_user)
+        .map_err(io_err("lay out the data dir for the worker user"))?;
+    match worker_user {
+        WorkerUser::Dedicated(id) => tracing::info!(uid = id.uid, gid = id.gid, "workers run as their own user"),
+        WorkerUser::RootAllowed => {
+            tracing::warn!("workers run as root (allow_root_workers): a job can do anything root can")
+        }
+        WorkerUser::Server => tracing::info!(
+            "workers run as the server's own user: a job can read and change everything the server can (see workers/README.md)"
+        ),
+    }
+    Ok(worker_user)
+}
+
 impl Workers {
     /// Starts the executors. `exe` is the program worker processes run (the atelier binary
     /// or `atelier-worker`), `data_dir` the server's data dir (laid out as [`DataDir`] says).
@@ -104,23 +127,7 @@ impl Workers {
         let exe = std::path::absolute(&exe).map_err(io_err("resolve the executable path"))?;
         inside::private::create_dir_all(&data_dir.jobs()).map_err(io_err("create the jobs dir"))?;
         inside::private::create_dir_all(&data_dir.artifacts()).map_err(io_err("create the artifacts dir"))?;
-        let worker_user = worker_user::resolve(
-            &config.worker_user,
-            config.allow_root_workers,
-            nix::unistd::geteuid().as_raw(),
-            &worker_user::system_lookup,
-        )?;
-        worker_user::prepare_data_dir(&data_dir, worker_user)
-            .map_err(io_err("lay out the data dir for the worker user"))?;
-        match worker_user {
-            WorkerUser::Dedicated(id) => tracing::info!(uid = id.uid, gid = id.gid, "workers run as their own user"),
-            WorkerUser::RootAllowed => {
-                tracing::warn!("workers run as root (allow_root_workers): a job can do anything root can")
-            }
-            WorkerUser::Server => tracing::info!(
-                "workers run as the server's own user: a job can read and change everything the server can (see workers/README.md)"
-            ),
-        }
+        let worker_user = worker_user_for(&config, &data_dir)?;
         let metrics = Arc::new(Metrics::default());
         let shared = Arc::new(Shared {
             store,
