@@ -98,9 +98,10 @@ pub(super) fn misbehave(mode: &str, rep: &mut PipeReporter, env: &RunEnv) -> Opt
             }
         }
         "join-server-group" => {
-            // Out of the job's process group and into the server's (the worker's parent, as
+            // Tries to leave the job's process group for the server's (the worker's parent, as
             // the trampoline runs the worker in place), where a kill of the job's group
-            // cannot reach it; then it waits, beating, to be ended.
+            // could not reach it; the worker's session of its own refuses that (EPERM). If it
+            // got there, it waits, beating, to be ended.
             use nix::unistd::{getpgid, getppid, setpgid, Pid};
             let moved = getpgid(Some(getppid())).and_then(|g| setpgid(Pid::from_raw(0), g));
             if let Err(e) = moved {

@@ -61,7 +61,8 @@ fn spawn_one(exe: &Path, req: SpawnRequest) -> io::Result<(u32, Known)> {
 const CHILD_FDS: usize = 4;
 const _: () = assert!(PROTOCOL_FD as usize == CHILD_FDS - 1);
 
-/// Starts `exe` with `args` and exactly `env`, in `cwd`, as the leader of a new process group,
+/// Starts `exe` with `args` and exactly `env`, in `cwd`, as the leader of a new session (and so
+/// of a new process group),
 /// with `fds[i]` as its descriptor `i`: posix_spawn (vfork-like, ~1 ms whatever the server's
 /// RSS; std's `pre_exec` would fork the whole server).
 ///
@@ -121,15 +122,24 @@ fn posix_spawn(
         libc::sigemptyset(&mut sigdefault);
         // std ignores SIGPIPE in the server; a worker gets the default, as std's spawn gives.
         libc::sigaddset(&mut sigdefault, libc::SIGPIPE);
-        let flags = libc::POSIX_SPAWN_SETPGROUP | libc::POSIX_SPAWN_SETSIGMASK | libc::POSIX_SPAWN_SETSIGDEF;
+        // A session of its own, not only a process group: a process may join only a group of
+        // its own session, so nothing of the job can move into the server's group (out of
+        // reach of the job's group kill, and in reach of a signal to the server's group).
+        // setsid also makes the worker its group's leader, so no SETPGROUP (which a session
+        // leader is refused).
+        // (libc declares SETSID a short and the others ints; posix_spawnattr_setflags takes
+        // a short, which all of them fit.)
+        let flags = libc::c_int::from(libc::POSIX_SPAWN_SETSID)
+            | libc::POSIX_SPAWN_SETSIGMASK
+            | libc::POSIX_SPAWN_SETSIGDEF;
+        let flags = libc::c_short::try_from(flags).expect("invariant: the spawn flags fit a short");
         let mut pid: libc::pid_t = 0;
         let result = (0..CHILD_FDS)
             .try_for_each(|i| {
                 check(libc::posix_spawn_file_actions_adddup2(&mut actions, src[i], i as libc::c_int))
             })
             .and_then(|()| check(libc::posix_spawn_file_actions_addchdir_np(&mut actions, dir.as_ptr())))
-            .and_then(|()| check(libc::posix_spawnattr_setflags(&mut attr, flags as libc::c_short)))
-            .and_then(|()| check(libc::posix_spawnattr_setpgroup(&mut attr, 0)))
+            .and_then(|()| check(libc::posix_spawnattr_setflags(&mut attr, flags)))
             .and_then(|()| check(libc::posix_spawnattr_setsigmask(&mut attr, &sigmask)))
             .and_then(|()| check(libc::posix_spawnattr_setsigdefault(&mut attr, &sigdefault)))
             .and_then(|()| {
