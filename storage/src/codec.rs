@@ -205,6 +205,14 @@ pub fn split_block(value: &[u8]) -> Result<Vec<std::ops::Range<usize>>, CodecErr
                 let len = u32::from_le_bytes(len.try_into().expect("invariant: 4 bytes")) as usize;
                 at += BLOCK_RECORD_PREFIX_BYTES;
                 let end = at.checked_add(len).filter(|&e| e <= value.len()).ok_or(CodecError::Truncated)?;
+                // Each record is a whole one (a block of one record is stored bare, so a
+                // shorter or nested one would not read back as what it claims to be).
+                if len < RECORD_HEADER_BYTES {
+                    return Err(CodecError::Truncated);
+                }
+                if value[at] != FORMAT_VERSION {
+                    return Err(CodecError::UnknownVersion(value[at]));
+                }
                 out.push(at..end);
                 at = end;
             }

@@ -113,3 +113,14 @@ fn a_length_that_claims_exabytes_is_an_error_not_an_abort() {
     assert!(matches!(got, Err(codec::CodecError::Decode(_))), "{got:?}");
     codec::fuzz_one(&data);
 }
+
+/// A block holding one empty record passed the framing check, but a block of one record is
+/// stored bare, so it did not read back as one record (found by fuzzing the codec). Each
+/// record of a block must now be a whole record of the record format.
+#[test]
+fn a_block_of_records_that_are_not_records_is_refused() {
+    assert_eq!(codec::split_block(&[2, 1, 0, 0, 0, 0, 0, 0, 0]), Err(codec::CodecError::Truncated));
+    let mut nested = vec![2, 1, 0, 0, 0, 11, 0, 0, 0];
+    nested.extend_from_slice(&[2, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+    assert_eq!(codec::split_block(&nested), Err(codec::CodecError::UnknownVersion(2)));
+}
