@@ -265,6 +265,8 @@ static SHARED: OnceLock<PgServer> = OnceLock::new();
 extern "C" fn stop_shared() {
     if let Some(server) = SHARED.get() {
         server.stop_fast();
+        // The static is never dropped, so neither is its temp dir.
+        let _ = std::fs::remove_dir_all(server.dir.path());
     }
 }
 
