@@ -16,6 +16,7 @@ use atelier_storage::{Durability, StoreConfig};
 const TOP_LEVEL_KEYS: &[&str] = &[
     "listen",
     "data_dir",
+    "database_url",
     "durability",
     "durability_interval_ms",
     "cache_capacity_bytes",
@@ -52,6 +53,9 @@ const DURABILITY_INTERVAL_MS_DEFAULT: u64 = 100;
 pub struct ServerSettings {
     pub listen: String,
     pub data_dir: PathBuf,
+    /// `ATELIER_DATABASE_URL`: the log lives in this PostgreSQL database instead of the data
+    /// dir's sled store (the data dir still holds the secret and the jobs' dirs).
+    pub database_url: Option<String>,
     pub durability: Durability,
     pub cache_bytes: u64,
     /// The disk reserve's size in bytes (0: none).
@@ -126,6 +130,16 @@ impl ServerSettings {
                 .data_dir
                 .or_else(|| text("data_dir", "ATELIER_DATA_DIR").map(PathBuf::from))
                 .unwrap_or_else(|| PathBuf::from(DATA_DIR_DEFAULT)),
+            database_url: match s.get("database_url", &["ATELIER_DATABASE_URL"]) {
+                None => None,
+                Some(found) => {
+                    let url = found.raw.text();
+                    if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+                        return Err(found.invalid("is not a postgres:// or postgresql:// URL"));
+                    }
+                    Some(url)
+                }
+            },
             durability,
             cache_bytes: num(
                 "cache_capacity_bytes",

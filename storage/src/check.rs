@@ -9,12 +9,15 @@ use atelier_engine::{apply, apply_job, Commission, Envelope, Job};
 
 use crate::codec;
 use crate::error::StorageError;
+use crate::event_store::EventStore;
 use crate::layout::{self, Projection, META_COUNTS};
 use crate::log::decode_record;
 use crate::sled_store::{SledStore, Trees};
 
 /// Mismatches listed per projection before the report says "and N more".
 pub const DIFF_LINES_MAX: usize = 20;
+/// Events read from the log per chunk while exporting.
+pub const EXPORT_CHUNK_EVENTS: usize = 10_000;
 /// Events handed to the writer per import request.
 pub const IMPORT_CHUNK_EVENTS: usize = 10_000;
 
@@ -294,14 +297,17 @@ fn push_limited(diff: &mut Vec<String>, lines: Vec<String>) {
     }
 }
 
-/// Writes the log as JSON lines, one envelope each, in seq order. Pruned records are skipped.
-pub fn export(store: &SledStore, out: &mut dyn Write) -> Result<u64, StorageError> {
-    let t = &store.inner().trees;
+/// Writes the log as JSON lines, one envelope each, in seq order, from either backend.
+/// Pruned records are skipped.
+pub fn export(store: &dyn EventStore, out: &mut dyn Write) -> Result<u64, StorageError> {
     let mut n = 0;
-    for item in crate::log::records(&t.log, 1, u64::MAX) {
-        let (seq, v) = item?;
-        if let (Some(env), _) = decode_record(seq, &v, None)? {
-            let line = serde_json::to_string(&env).expect("invariant: envelopes serialize");
+    let mut after = 0;
+    loop {
+        let chunk = store.read_log(after, EXPORT_CHUNK_EVENTS)?;
+        let Some(last) = chunk.last() else { break };
+        after = last.seq;
+        for env in &chunk {
+            let line = serde_json::to_string(env).expect("invariant: envelopes serialize");
             writeln!(out, "{line}").map_err(crate::error::io("write the export"))?;
             n += 1;
         }

@@ -619,7 +619,7 @@ fn export_then_import_rebuilds_the_same_projections() {
     }
     created(&*store, "bob");
     let mut buf = Vec::new();
-    let n = check::export(&store, &mut buf).unwrap();
+    let n = check::export(&*store, &mut buf).unwrap();
     let b = temp_dir("import");
     let copy = open(&b);
     assert_eq!(check::import(&copy, &mut &buf[..]).unwrap(), n);
@@ -652,7 +652,7 @@ fn a_group_commit_larger_than_a_block_spans_blocks() {
         ids.push(id);
     }
     let mut buf = Vec::new();
-    let n = check::export(&store, &mut buf).unwrap();
+    let n = check::export(&*store, &mut buf).unwrap();
     assert!(n > atelier_storage::codec::BLOCK_RECORDS_MAX as u64, "{n} events");
     let b = temp_dir("big-dst");
     let copy = open(&b);

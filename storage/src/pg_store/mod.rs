@@ -5,12 +5,13 @@
 //! global order taken under the head row's lock) and one log follower (`tail`: publishes the
 //! events of other nodes, woken by `NOTIFY`, polling besides). Readers (`state`) run one query
 //! each on a small bounded pool (`pool`). The schema is Atelier's own, `atelier`, migrated at
-//! open (`schema`).
+//! open (`schema`); `check` is `replay --check`'s fold and comparison.
 //!
 //! Unlike the sled store, a failed commit does not stop the store: the database keeps what it
 //! committed, so once it is reachable again appends simply resume. While it is not, appends
 //! fail fast with `StorageError::Unavailable` and `health` says so.
 
+mod check;
 mod config;
 mod pool;
 mod schema;
@@ -100,6 +101,12 @@ impl PgStore {
     fn send(&self, req: Request) -> Result<(), StorageError> {
         let tx = self.tx.lock().map_err(|_| StorageError::Closed)?.clone().ok_or(StorageError::Closed)?;
         tx.send(req).map_err(|_| StorageError::Closed)
+    }
+
+    /// Folds the whole log again and compares it with the projection tables (`atelier replay
+    /// --check`), in one snapshot of the database.
+    pub fn replay_check(&self) -> Result<crate::check::CheckReport, StorageError> {
+        self.inner.replay_check()
     }
 
     pub fn subscriber_count(&self) -> usize {

@@ -107,7 +107,7 @@ pub(super) fn decode_job(bytes: &[u8]) -> Result<Job, StorageError> {
 }
 
 /// An event row (`seq, envelope`) as its envelope, checked against its seq.
-fn envelope_of(row: &Row) -> Result<Envelope, StorageError> {
+pub(super) fn envelope_of(row: &Row) -> Result<Envelope, StorageError> {
     let seq: i64 = row.try_get(0).map_err(pg("read an event's seq"))?;
     let seq = u64::try_from(seq).map_err(|_| StorageError::corruption(0, format!("negative seq {seq}")))?;
     let bytes: &[u8] = row.try_get(1).map_err(pg("read an event"))?;
