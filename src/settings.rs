@@ -101,20 +101,7 @@ impl ServerSettings {
         let num = |key: &str, env: &str, default: u64| -> Result<u64, ConfigError> {
             s.get(key, &[env]).map_or(Ok(default), |f| number(&f, "is not a number"))
         };
-        let durability = match s.get("durability", &["ATELIER_DURABILITY"]) {
-            None => Durability::Sync,
-            Some(found) => match found.raw.text().as_str() {
-                "sync" => Durability::Sync,
-                "periodic" => Durability::Periodic {
-                    interval_ms: num(
-                        "durability_interval_ms",
-                        "ATELIER_DURABILITY_INTERVAL_MS",
-                        DURABILITY_INTERVAL_MS_DEFAULT,
-                    )?,
-                },
-                other => return Err(found.invalid(format!("'{other}' is not sync or periodic"))),
-            },
-        };
+        let durability = durability(s)?;
         let connections_max_default =
             u64::try_from(atelier_http::CONNECTIONS_MAX_DEFAULT).expect("invariant: a small constant");
         let connections_per_ip_max_default =
@@ -130,16 +117,7 @@ impl ServerSettings {
                 .data_dir
                 .or_else(|| text("data_dir", "ATELIER_DATA_DIR").map(PathBuf::from))
                 .unwrap_or_else(|| PathBuf::from(DATA_DIR_DEFAULT)),
-            database_url: match s.get("database_url", &["ATELIER_DATABASE_URL"]) {
-                None => None,
-                Some(found) => {
-                    let url = found.raw.text();
-                    if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
-                        return Err(found.invalid("is not a postgres:// or postgresql:// URL"));
-                    }
-                    Some(url)
-                }
-            },
+            database_url: database_url(s)?,
             durability,
             cache_bytes: num(
                 "cache_capacity_bytes",
@@ -215,6 +193,32 @@ impl ServerSettings {
         config.disk_reserve_bytes = self.disk_reserve_bytes;
         config
     }
+}
+
+/// `ATELIER_DURABILITY` (and, when periodic, its interval).
+fn durability(s: &Sources<'_>) -> Result<Durability, ConfigError> {
+    Ok(match s.get("durability", &["ATELIER_DURABILITY"]) {
+        None => Durability::Sync,
+        Some(found) => match found.raw.text().as_str() {
+            "sync" => Durability::Sync,
+            "periodic" => Durability::Periodic {
+                interval_ms: s
+                    .get("durability_interval_ms", &["ATELIER_DURABILITY_INTERVAL_MS"])
+                    .map_or(Ok(DURABILITY_INTERVAL_MS_DEFAULT), |f| number(&f, "is not a number"))?,
+            },
+            other => return Err(found.invalid(format!("'{other}' is not sync or periodic"))),
+        },
+    })
+}
+
+/// `ATELIER_DATABASE_URL` / `database_url`: a PostgreSQL URL, or none (the sled store).
+fn database_url(s: &Sources<'_>) -> Result<Option<String>, ConfigError> {
+    let Some(found) = s.get("database_url", &["ATELIER_DATABASE_URL"]) else { return Ok(None) };
+    let url = found.raw.text();
+    if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+        return Err(found.invalid("is not a postgres:// or postgresql:// URL"));
+    }
+    Ok(Some(url))
 }
 
 /// The fair-share limits; each defaults to `atelier_http::shares`' constant, and a 0 turns a
