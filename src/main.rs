@@ -17,7 +17,9 @@ use atelier_http::client::watch::{self, Outcome, WatchError};
 use atelier_http::client::{Client, ClientError};
 use atelier_http::secret::{SecretError, Stamp};
 use atelier_http::{Executors, HttpConfig, HttpError, Keys, Role, Server, TlsFiles};
-use atelier_storage::{check, EventStore, PgConfig, PgStore, Retention, SledStore, StorageError};
+use atelier_storage::{
+    check, DataDirLock, EventStore, PgConfig, PgStore, Retention, SledStore, StorageError,
+};
 use atelier_workers::{ProgramError, ProgramSource, Workers, WorkersConfig, WorkersError};
 use clap::{CommandFactory, Parser};
 
@@ -209,28 +211,37 @@ fn server_settings(
 /// else the data dir's sled store.
 enum Store {
     Sled(Arc<SledStore>),
-    Pg(Arc<PgStore>),
+    /// The lock keeps a second server off the data dir, as sled's own lock does.
+    Pg {
+        store: Arc<PgStore>,
+        _lock: DataDirLock,
+    },
 }
 
 impl Store {
     fn shared(&self) -> Arc<dyn EventStore> {
         match self {
             Store::Sled(s) => s.clone(),
-            Store::Pg(s) => s.clone(),
+            Store::Pg { store, .. } => store.clone(),
         }
     }
 
     fn close(&self) {
         match self {
             Store::Sled(s) => s.close(),
-            Store::Pg(s) => s.close(),
+            Store::Pg { store, .. } => store.close(),
         }
     }
 }
 
 fn open_store(s: &ServerSettings) -> Result<Store, CliError> {
     Ok(match &s.database_url {
-        Some(url) => Store::Pg(PgStore::open(PgConfig::new(url.clone()))?),
+        Some(url) => {
+            std::fs::create_dir_all(&s.data_dir)
+                .map_err(io_error(format!("cannot create the data dir {}", s.data_dir.display())))?;
+            let lock = DataDirLock::acquire(&s.data_dir)?;
+            Store::Pg { store: PgStore::open(PgConfig::new(url.clone()))?, _lock: lock }
+        }
         None => Store::Sled(SledStore::open(s.store_config())?),
     })
 }
@@ -377,7 +388,7 @@ fn serve(listen: Option<String>, store_args: StoreArgs) -> Result<ExitCode, CliE
     println!("open the status page as a local admin (this link works for {lifetime}): {scheme}://{addr}/?token={admin}");
     let mut retention = match &store {
         Store::Sled(sled) => s.retention_days.map(|days| (sled.clone(), Retention::days(days))),
-        Store::Pg(_) => {
+        Store::Pg { .. } => {
             if s.retention_days.is_some() {
                 tracing::warn!(
                     "ATELIER_RETENTION_DAYS is not applied to a PostgreSQL log yet; nothing is pruned"
@@ -495,7 +506,7 @@ fn replay(store: StoreArgs) -> Result<ExitCode, CliError> {
             }
             check::replay_check(&store)?
         }
-        Store::Pg(store) => store.replay_check()?,
+        Store::Pg { store, .. } => store.replay_check()?,
     };
     println!(
         "replayed {} events ({} pruned) into {} commissions and {} jobs in {:.2?}",

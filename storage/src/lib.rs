@@ -12,6 +12,7 @@ pub mod codec;
 mod error;
 mod event_store;
 pub mod layout;
+mod lock;
 mod log;
 mod pg_store;
 mod reply;
@@ -22,6 +23,7 @@ mod subscribe;
 
 pub use error::StorageError;
 pub use event_store::{AppendOutcome, AppendRequest, AppendTarget, EventStore, ListQuery, Page};
+pub use lock::DataDirLock;
 pub use pg_store::{
     PgConfig, PgStore, PG_BATCH_REQUESTS_MAX, PG_CONNECT_TIMEOUT_MS, PG_HEALTH_CHECK_INTERVAL_MS,
     PG_LIST_LIMIT_MAX, PG_POOL_CONNECTIONS_DEFAULT, PG_POOL_WAIT_MS, PG_RECONNECT_BACKOFF_MAX_MS,
