@@ -341,6 +341,22 @@ mod tests {
     }
 
     #[test]
+    fn the_database_url_chooses_postgres_and_nothing_set_keeps_sled() {
+        assert_eq!(load("", &[]).unwrap().database_url, None);
+        let s = load("database_url = \"postgres://a@h/db\"\n", &[]).unwrap();
+        assert_eq!(s.database_url.as_deref(), Some("postgres://a@h/db"));
+        let s =
+            load("database_url = \"postgres://a@h/db\"\n", &[("ATELIER_DATABASE_URL", "postgresql://b@h/x")])
+                .unwrap();
+        assert_eq!(s.database_url.as_deref(), Some("postgresql://b@h/x"));
+        let err = load("", &[("ATELIER_DATABASE_URL", "mysql://h/db")]).err().expect("bad value");
+        assert_eq!(
+            err.to_string(),
+            "setting 'ATELIER_DATABASE_URL': is not a postgres:// or postgresql:// URL"
+        );
+    }
+
+    #[test]
     fn errors_name_the_variable_or_the_key_and_line() {
         let err = load("", &[("ATELIER_DURABILITY", "often")]).err().expect("bad value");
         assert_eq!(err.to_string(), "setting 'ATELIER_DURABILITY': 'often' is not sync or periodic");
