@@ -29,13 +29,24 @@ pub struct PgServer {
     settings: Vec<(String, String)>,
 }
 
+/// Why a test that needs PostgreSQL fails on a machine without it.
+const NOT_INSTALLED: &str = "PostgreSQL's programs (initdb, pg_ctl) are not installed: install the \
+    Debian package `postgresql` (scripts/test does) or set ATELIER_PG_BIN to their dir";
+
 /// Where the PostgreSQL programs are: `ATELIER_PG_BIN`, else the newest
 /// `/usr/lib/postgresql/<version>/bin`, else the dir of a `pg_ctl` on the `PATH`.
 pub fn find_bin_dir() -> Option<PathBuf> {
-    if let Some(dir) = std::env::var_os("ATELIER_PG_BIN").filter(|d| !d.is_empty()) {
-        return Some(PathBuf::from(dir));
+    find_bin_dir_in(std::env::var_os("ATELIER_PG_BIN"), Path::new("/usr/lib/postgresql"))
+}
+
+fn find_bin_dir_in(env: Option<std::ffi::OsString>, versions_dir: &Path) -> Option<PathBuf> {
+    if let Some(dir) = env.filter(|d| !d.is_empty()) {
+        // A dir named on purpose that lacks the programs is a mistake to report, not a
+        // reason to look elsewhere.
+        let dir = PathBuf::from(dir);
+        return dir.join("pg_ctl").exists().then_some(dir);
     }
-    let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+    let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir(versions_dir)
         .into_iter()
         .flatten()
         .flatten()
@@ -86,12 +97,7 @@ impl PgServer {
 
     /// Starts a server with these `postgresql.conf` settings on top of the harness's own.
     pub fn start_with(settings: &[(&str, &str)]) -> PgServer {
-        let bin = find_bin_dir().unwrap_or_else(|| {
-            panic!(
-                "PostgreSQL's programs (initdb, pg_ctl) are not installed: install the Debian \
-                 package `postgresql` (scripts/test does) or set ATELIER_PG_BIN to their dir"
-            )
-        });
+        let bin = find_bin_dir().unwrap_or_else(|| panic!("{}", NOT_INSTALLED));
         let run_as =
             is_root().then(|| if user_exists("postgres") { "postgres" } else { "nobody" }.to_string());
         let dir =
@@ -273,6 +279,13 @@ extern "C" fn stop_shared() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_named_dir_without_the_programs_is_not_found() {
+        let empty = tempfile::tempdir().expect("a temp dir");
+        assert_eq!(find_bin_dir_in(Some(empty.path().into()), Path::new("/nonexistent")), None);
+        assert!(NOT_INSTALLED.contains("install the Debian package `postgresql`"));
+    }
 
     #[test]
     fn a_server_starts_answers_and_survives_an_immediate_restart() {
