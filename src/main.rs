@@ -544,12 +544,10 @@ fn import(file: PathBuf, store: StoreArgs) -> Result<ExitCode, CliError> {
     let f = std::fs::File::open(&file).map_err(io_error(format!("cannot open {}", file.display())))?;
     private_files();
     let (s, _) = server_settings(store, None)?;
-    let Store::Sled(store) = open_store(&s)? else {
-        return Err(CliError::Usage(
-            "import loads into a data dir's sled store; unset ATELIER_DATABASE_URL (loading into PostgreSQL is not supported yet)".into(),
-        ));
+    let n = match open_store(&s)? {
+        Store::Sled(store) => check::import(&*store, &mut std::io::BufReader::new(f))?,
+        Store::Pg { store, .. } => check::import(&*store, &mut std::io::BufReader::new(f))?,
     };
-    let n = check::import(&store, &mut std::io::BufReader::new(f))?;
     eprintln!("imported {n} events");
     Ok(ExitCode::SUCCESS)
 }

@@ -316,10 +316,38 @@ pub fn export(store: &dyn EventStore, out: &mut dyn Write) -> Result<u64, Storag
     Ok(n)
 }
 
+/// A store that [`import`] loads into: a data dir's sled store, or a PostgreSQL log.
+pub trait Importer {
+    /// Whether the log holds no event yet.
+    fn is_empty(&self) -> Result<bool, StorageError>;
+    /// Appends exported events, checked against the state machine as live appends are.
+    fn import(&self, events: Vec<Envelope>) -> Result<(), StorageError>;
+}
+
+impl Importer for SledStore {
+    fn is_empty(&self) -> Result<bool, StorageError> {
+        Ok(self.inner().trees.log.first()?.is_none())
+    }
+
+    fn import(&self, events: Vec<Envelope>) -> Result<(), StorageError> {
+        SledStore::import(self, events)
+    }
+}
+
+impl Importer for crate::pg_store::PgStore {
+    fn is_empty(&self) -> Result<bool, StorageError> {
+        Ok(self.read_log(0, 1)?.is_empty())
+    }
+
+    fn import(&self, events: Vec<Envelope>) -> Result<(), StorageError> {
+        crate::pg_store::PgStore::import(self, events)
+    }
+}
+
 /// Loads JSON lines from [`export`] into an empty store.
-pub fn import(store: &SledStore, input: &mut dyn BufRead) -> Result<u64, StorageError> {
-    if store.inner().trees.log.first()?.is_some() {
-        return Err(StorageError::import(0, "the data dir is not empty"));
+pub fn import(store: &dyn Importer, input: &mut dyn BufRead) -> Result<u64, StorageError> {
+    if !store.is_empty()? {
+        return Err(StorageError::import(0, "the log is not empty"));
     }
     let mut chunk = Vec::with_capacity(IMPORT_CHUNK_EVENTS);
     let mut n = 0u64;
@@ -344,7 +372,7 @@ pub fn import(store: &SledStore, input: &mut dyn BufRead) -> Result<u64, Storage
 }
 
 /// Imports one chunk; the writer counts lines within the chunk, so shift them by `base`.
-fn import_chunk(store: &SledStore, chunk: Vec<Envelope>, base: usize) -> Result<(), StorageError> {
+fn import_chunk(store: &dyn Importer, chunk: Vec<Envelope>, base: usize) -> Result<(), StorageError> {
     store.import(chunk).map_err(|e| match e {
         StorageError::Import { line, detail, source } => {
             StorageError::Import { line: line + base, detail, source }

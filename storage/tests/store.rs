@@ -622,16 +622,16 @@ fn export_then_import_rebuilds_the_same_projections() {
     let n = check::export(&*store, &mut buf).unwrap();
     let b = temp_dir("import");
     let copy = open(&b);
-    assert_eq!(check::import(&copy, &mut &buf[..]).unwrap(), n);
+    assert_eq!(check::import(&*copy, &mut &buf[..]).unwrap(), n);
     assert_eq!(copy.commission(id).unwrap(), store.commission(id).unwrap());
     assert!(check::replay_check(&copy).unwrap().diff.is_empty());
     // A second import into a non-empty dir is refused.
-    assert!(matches!(check::import(&copy, &mut &buf[..]), Err(StorageError::Import { line: 0, .. })));
+    assert!(matches!(check::import(&*copy, &mut &buf[..]), Err(StorageError::Import { line: 0, .. })));
     // A damaged line is refused with its line number.
     let c = temp_dir("import-bad");
     let fresh = open(&c);
     let text = String::from_utf8(buf).unwrap().replacen("\"version\":2", "\"version\":5", 1);
-    match check::import(&fresh, &mut text.as_bytes()) {
+    match check::import(&*fresh, &mut text.as_bytes()) {
         Err(StorageError::Import { line: 2, .. }) => {}
         other => panic!("{other:?}"),
     }
@@ -656,7 +656,7 @@ fn a_group_commit_larger_than_a_block_spans_blocks() {
     assert!(n > atelier_storage::codec::BLOCK_RECORDS_MAX as u64, "{n} events");
     let b = temp_dir("big-dst");
     let copy = open(&b);
-    assert_eq!(check::import(&copy, &mut &buf[..]).unwrap(), n);
+    assert_eq!(check::import(&*copy, &mut &buf[..]).unwrap(), n);
     copy.close();
     drop(copy);
     let values = log_values(&b);

@@ -40,11 +40,11 @@ use crate::event_store::{AppendOutcome, AppendRequest, EventStore, ListQuery, Pa
 use crate::reply::{reply, Bell};
 use crate::subscribe::{Filter, Registry, Subscription};
 use state::{from_sql, Inner};
-use writer::{Request, Writer};
+use writer::{Request, Work, Writer};
 
 pub struct PgStore {
     inner: Arc<Inner>,
-    tx: Mutex<Option<Sender<Request>>>,
+    tx: Mutex<Option<Sender<Work>>>,
     writer: Mutex<Option<JoinHandle<()>>>,
 }
 
@@ -98,7 +98,7 @@ impl PgStore {
         }
     }
 
-    fn send(&self, req: Request) -> Result<(), StorageError> {
+    fn send(&self, req: Work) -> Result<(), StorageError> {
         let tx = self.tx.lock().map_err(|_| StorageError::Closed)?.clone().ok_or(StorageError::Closed)?;
         tx.send(req).map_err(|_| StorageError::Closed)
     }
@@ -107,6 +107,14 @@ impl PgStore {
     /// --check`), in one snapshot of the database.
     pub fn replay_check(&self) -> Result<crate::check::CheckReport, StorageError> {
         self.inner.replay_check()
+    }
+
+    /// Loads events (from `atelier export`) into an empty log, checking each against the
+    /// state machine exactly as live appends are; one call is one transaction.
+    pub fn import(&self, events: Vec<Envelope>) -> Result<(), StorageError> {
+        let (ack, rx) = reply(&self.inner.bell);
+        self.send(Work::Import(events, ack))?;
+        rx.recv()
     }
 
     pub fn subscriber_count(&self) -> usize {
@@ -133,7 +141,7 @@ impl EventStore for PgStore {
 
     fn append(&self, req: AppendRequest) -> Result<AppendOutcome, StorageError> {
         let (ack, rx) = reply(&self.inner.bell);
-        self.send(Request(req, ack))?;
+        self.send(Work::Append(Request(req, ack)))?;
         rx.recv()
     }
 

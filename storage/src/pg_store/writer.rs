@@ -23,7 +23,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use atelier_engine::{apply_job, Commission, Envelope, Job};
+use atelier_engine::{apply, apply_job, Commission, Envelope, Job};
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 use postgres::{Client, Transaction};
 
@@ -46,6 +46,13 @@ pub const PG_WRITER_QUEUE_REQUESTS_MAX: usize = 16 * 1024;
 const COMMIT_TRIES_MAX: u32 = 3;
 
 pub(super) struct Request(pub(super) AppendRequest, pub(super) ReplyTx<AppendOutcome>);
+
+/// What the writer is asked to do: an append (group-committed with the others queued), or an
+/// import of exported events (`atelier import`, into an empty log), in a transaction of its own.
+pub(super) enum Work {
+    Append(Request),
+    Import(Vec<Envelope>, ReplyTx<()>),
+}
 
 pub(super) struct Writer {
     inner: Arc<Inner>,
@@ -73,7 +80,7 @@ impl Writer {
         }
     }
 
-    pub(super) fn run(mut self, rx: Receiver<Request>) {
+    pub(super) fn run(mut self, rx: Receiver<Work>) {
         let idle = Duration::from_millis(PG_HEALTH_CHECK_INTERVAL_MS);
         loop {
             let first = match rx.recv_timeout(idle) {
@@ -84,15 +91,50 @@ impl Writer {
                 }
                 Err(RecvTimeoutError::Disconnected) => break,
             };
-            let mut batch = vec![first];
-            while batch.len() < PG_BATCH_REQUESTS_MAX {
+            let mut queued = vec![first];
+            while queued.len() < PG_BATCH_REQUESTS_MAX {
                 match rx.try_recv() {
-                    Ok(r) => batch.push(r),
+                    Ok(r) => queued.push(r),
                     Err(_) => break,
                 }
             }
-            self.commit_batch(batch);
+            // Appends in arrival order, each run of them one group; an import on its own.
+            let mut batch = Vec::new();
+            for work in queued {
+                match work {
+                    Work::Append(r) => batch.push(r),
+                    Work::Import(envs, ack) => {
+                        if !batch.is_empty() {
+                            self.commit_batch(std::mem::take(&mut batch));
+                        }
+                        let imported = self.commit_import(&envs);
+                        ack.send(imported);
+                    }
+                }
+            }
+            if !batch.is_empty() {
+                self.commit_batch(batch);
+            }
         }
+    }
+
+    /// Imports exported events in one transaction: all of them or, on a refused line, none.
+    fn commit_import(&mut self, envs: &[Envelope]) -> Result<(), StorageError> {
+        let inner = self.inner.clone();
+        let client = self.connection()?;
+        let mut tx = client.transaction().map_err(pg("begin an import"))?;
+        let head = tx
+            .query_one("SELECT seq, next_commission FROM atelier.head FOR UPDATE", &[])
+            .map_err(pg("lock the log head"))?;
+        let seq = from_sql(head.get(0), "head")?;
+        let mut group = Group::new(tx, seq, from_sql(head.get(1), "head")?);
+        group.stage_import(envs)?;
+        let last_seq = group.head;
+        let deliveries = group.write()?;
+        if last_seq > seq {
+            publish(&inner, seq + 1, last_seq, &deliveries);
+        }
+        Ok(())
     }
 
     /// The writer's connection, made again (within the backoff) when it broke. Appends fail
@@ -381,6 +423,43 @@ impl<'t> Group<'t> {
         self.snapshots.insert(cid, Some(commission.clone()));
         self.changed.insert(cid, ());
         Ok(AppendOutcome::Appended { commission, first_seq, last_seq: self.head })
+    }
+
+    /// Stages exported events as the sled writer's import does: each must follow the head,
+    /// be taken by the state machine, and a new commission must not reuse an id.
+    fn stage_import(&mut self, envs: &[Envelope]) -> Result<(), StorageError> {
+        for (line, env) in (1..).zip(envs) {
+            if env.seq != self.head + 1 {
+                return Err(StorageError::import(
+                    line,
+                    format!("seq {} does not follow {}", env.seq, self.head),
+                ));
+            }
+            let before = self.snapshot(env.commission_id)?;
+            let is_new = before.is_none();
+            let after = apply(before, env).map_err(|r| {
+                StorageError::import_from(line, format!("refused by the state machine: {r}"), r)
+            })?;
+            if is_new {
+                if env.commission_id < self.next_commission {
+                    return Err(StorageError::import(
+                        line,
+                        format!("commission id {} reused", env.commission_id),
+                    ));
+                }
+                self.next_commission = env.commission_id + 1;
+                if let Some(key) = &after.idempotency_key {
+                    self.idempotency.insert((after.user_id.clone(), key.clone()), env.commission_id);
+                    self.new_keys.push((after.user_id.clone(), key.clone(), env.commission_id));
+                }
+            }
+            self.head = env.seq;
+            self.stage_job(env)?;
+            self.events.push((env.clone(), ViewAfter::of(&after)));
+            self.snapshots.insert(env.commission_id, Some(after));
+            self.changed.insert(env.commission_id, ());
+        }
+        Ok(())
     }
 
     fn stage_job(&mut self, env: &Envelope) -> Result<(), StorageError> {
