@@ -17,7 +17,9 @@ use atelier_http::client::watch::{self, Outcome, WatchError};
 use atelier_http::client::{Client, ClientError};
 use atelier_http::secret::{SecretError, Stamp};
 use atelier_http::{Executors, HttpConfig, HttpError, Keys, Role, Server, TlsFiles};
-use atelier_storage::{check, EventStore, Retention, SledStore, StorageError};
+use atelier_storage::{
+    check, DataDirLock, EventStore, PgConfig, PgStore, Retention, SledStore, StorageError,
+};
 use atelier_workers::{ProgramError, ProgramSource, Workers, WorkersConfig, WorkersError};
 use clap::{CommandFactory, Parser};
 
@@ -205,8 +207,43 @@ fn server_settings(
     Ok((settings, sources))
 }
 
-fn open_store(s: &ServerSettings) -> Result<Arc<SledStore>, CliError> {
-    Ok(SledStore::open(s.store_config())?)
+/// The store the settings choose: PostgreSQL when `ATELIER_DATABASE_URL` names a database,
+/// else the data dir's sled store.
+enum Store {
+    Sled(Arc<SledStore>),
+    /// The lock keeps a second server off the data dir, as sled's own lock does.
+    Pg {
+        store: Arc<PgStore>,
+        _lock: DataDirLock,
+    },
+}
+
+impl Store {
+    fn shared(&self) -> Arc<dyn EventStore> {
+        match self {
+            Store::Sled(s) => s.clone(),
+            Store::Pg { store, .. } => store.clone(),
+        }
+    }
+
+    fn close(&self) {
+        match self {
+            Store::Sled(s) => s.close(),
+            Store::Pg { store, .. } => store.close(),
+        }
+    }
+}
+
+fn open_store(s: &ServerSettings) -> Result<Store, CliError> {
+    Ok(match &s.database_url {
+        Some(url) => {
+            std::fs::create_dir_all(&s.data_dir)
+                .map_err(io_error(format!("cannot create the data dir {}", s.data_dir.display())))?;
+            let lock = DataDirLock::acquire(&s.data_dir)?;
+            Store::Pg { store: PgStore::open(PgConfig::new(url.clone()))?, _lock: lock }
+        }
+        None => Store::Sled(SledStore::open(s.store_config())?),
+    })
 }
 
 /// The token keys: refuses a short or exposed secret before anything is written.
@@ -328,7 +365,7 @@ fn serve(listen: Option<String>, store_args: StoreArgs) -> Result<ExitCode, CliE
     http_config.tls = s.tls.clone().map(|(cert, key)| TlsFiles { cert, key });
     http_config.trusted_proxies = s.trusted_proxies.clone();
     let http_config = http_config.with_share_limits(s.share_limits);
-    let dyn_store: Arc<dyn EventStore> = store.clone();
+    let dyn_store = store.shared();
     let executors = start_workers(&s, &sources, dyn_store.clone())?;
     let server = Server::start(http_config, dyn_store, keys.clone(), Some(executors.clone()))?;
     // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
@@ -349,15 +386,25 @@ fn serve(listen: Option<String>, store_args: StoreArgs) -> Result<ExitCode, CliE
         _ => format!("{link_ttl_s} seconds"),
     };
     println!("open the status page as a local admin (this link works for {lifetime}): {scheme}://{addr}/?token={admin}");
-    let mut retention = s.retention_days.map(Retention::days);
+    let mut retention = match &store {
+        Store::Sled(sled) => s.retention_days.map(|days| (sled.clone(), Retention::days(days))),
+        Store::Pg { .. } => {
+            if s.retention_days.is_some() {
+                tracing::warn!(
+                    "ATELIER_RETENTION_DAYS is not applied to a PostgreSQL log yet; nothing is pruned"
+                );
+            }
+            None
+        }
+    };
     let mut secret_watch = SecretWatch::new(&s);
     while !STOP.load(Ordering::SeqCst) {
         std::thread::sleep(SERVE_TICK);
         if let Some(w) = &mut secret_watch {
             w.tick(&keys);
         }
-        if let Some(r) = &mut retention {
-            r.tick(&store, now_s().saturating_mul(1000));
+        if let Some((sled, r)) = &mut retention {
+            r.tick(sled, now_s().saturating_mul(1000));
         }
     }
     tracing::info!("shutting down: no new connections, ending streams, finishing appends");
@@ -450,11 +497,17 @@ impl SecretWatch {
 fn replay(store: StoreArgs) -> Result<ExitCode, CliError> {
     private_files();
     let (s, _) = server_settings(store, None)?;
-    let store = open_store(&s)?;
-    if let Some(why) = store.rebuilt_at_open() {
-        println!("the projections disagreed with the log at open ({why}); they were rebuilt from the log");
-    }
-    let report = check::replay_check(&store)?;
+    let report = match open_store(&s)? {
+        Store::Sled(store) => {
+            if let Some(why) = store.rebuilt_at_open() {
+                println!(
+                    "the projections disagreed with the log at open ({why}); they were rebuilt from the log"
+                );
+            }
+            check::replay_check(&store)?
+        }
+        Store::Pg { store, .. } => store.replay_check()?,
+    };
     println!(
         "replayed {} events ({} pruned) into {} commissions and {} jobs in {:.2?}",
         report.events, report.pruned, report.commissions, report.jobs, report.elapsed
@@ -474,14 +527,14 @@ fn replay(store: StoreArgs) -> Result<ExitCode, CliError> {
 fn export(out: Option<PathBuf>, store: StoreArgs) -> Result<ExitCode, CliError> {
     private_files();
     let (s, _) = server_settings(store, None)?;
-    let store = open_store(&s)?;
+    let store = open_store(&s)?.shared();
     let n = match out {
         Some(path) => {
             let f = std::fs::File::create(&path)
                 .map_err(io_error(format!("cannot create {}", path.display())))?;
-            check::export(&store, &mut std::io::BufWriter::new(f))?
+            check::export(&*store, &mut std::io::BufWriter::new(f))?
         }
-        None => check::export(&store, &mut std::io::BufWriter::new(std::io::stdout().lock()))?,
+        None => check::export(&*store, &mut std::io::BufWriter::new(std::io::stdout().lock()))?,
     };
     eprintln!("exported {n} events");
     Ok(ExitCode::SUCCESS)
@@ -491,8 +544,10 @@ fn import(file: PathBuf, store: StoreArgs) -> Result<ExitCode, CliError> {
     let f = std::fs::File::open(&file).map_err(io_error(format!("cannot open {}", file.display())))?;
     private_files();
     let (s, _) = server_settings(store, None)?;
-    let store = open_store(&s)?;
-    let n = check::import(&store, &mut std::io::BufReader::new(f))?;
+    let n = match open_store(&s)? {
+        Store::Sled(store) => check::import(&*store, &mut std::io::BufReader::new(f))?,
+        Store::Pg { store, .. } => check::import(&*store, &mut std::io::BufReader::new(f))?,
+    };
     eprintln!("imported {n} events");
     Ok(ExitCode::SUCCESS)
 }

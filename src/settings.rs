@@ -16,6 +16,7 @@ use atelier_storage::{Durability, StoreConfig};
 const TOP_LEVEL_KEYS: &[&str] = &[
     "listen",
     "data_dir",
+    "database_url",
     "durability",
     "durability_interval_ms",
     "cache_capacity_bytes",
@@ -52,6 +53,9 @@ const DURABILITY_INTERVAL_MS_DEFAULT: u64 = 100;
 pub struct ServerSettings {
     pub listen: String,
     pub data_dir: PathBuf,
+    /// `ATELIER_DATABASE_URL`: the log lives in this PostgreSQL database instead of the data
+    /// dir's sled store (the data dir still holds the secret and the jobs' dirs).
+    pub database_url: Option<String>,
     pub durability: Durability,
     pub cache_bytes: u64,
     /// The disk reserve's size in bytes (0: none).
@@ -113,6 +117,7 @@ impl ServerSettings {
                 .data_dir
                 .or_else(|| text("data_dir", "ATELIER_DATA_DIR").map(PathBuf::from))
                 .unwrap_or_else(|| PathBuf::from(DATA_DIR_DEFAULT)),
+            database_url: database_url(s)?,
             durability,
             cache_bytes: num(
                 "cache_capacity_bytes",
@@ -212,6 +217,16 @@ fn token_ttl_max_s(s: &Sources<'_>) -> Result<i64, ConfigError> {
         Ok(ttl) => Ok(ttl),
         Err(e) => Err(found.invalid(e)),
     }
+}
+
+/// `ATELIER_DATABASE_URL` / `database_url`: a PostgreSQL URL, or none (the sled store).
+fn database_url(s: &Sources<'_>) -> Result<Option<String>, ConfigError> {
+    let Some(found) = s.get("database_url", &["ATELIER_DATABASE_URL"]) else { return Ok(None) };
+    let url = found.raw.text();
+    if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+        return Err(found.invalid("is not a postgres:// or postgresql:// URL"));
+    }
+    Ok(Some(url))
 }
 
 /// The fair-share limits; each defaults to `atelier_http::shares`' constant, and a 0 turns a
@@ -331,6 +346,22 @@ mod tests {
         assert_eq!(s.share_limits.priority_max, 3);
         let s = load("", &[("ATELIER_LISTEN", "")]).unwrap();
         assert_eq!(s.listen, LISTEN_DEFAULT, "an empty variable counts as unset");
+    }
+
+    #[test]
+    fn the_database_url_chooses_postgres_and_nothing_set_keeps_sled() {
+        assert_eq!(load("", &[]).unwrap().database_url, None);
+        let s = load("database_url = \"postgres://a@h/db\"\n", &[]).unwrap();
+        assert_eq!(s.database_url.as_deref(), Some("postgres://a@h/db"));
+        let s =
+            load("database_url = \"postgres://a@h/db\"\n", &[("ATELIER_DATABASE_URL", "postgresql://b@h/x")])
+                .unwrap();
+        assert_eq!(s.database_url.as_deref(), Some("postgresql://b@h/x"));
+        let err = load("", &[("ATELIER_DATABASE_URL", "mysql://h/db")]).err().expect("bad value");
+        assert_eq!(
+            err.to_string(),
+            "setting 'ATELIER_DATABASE_URL': is not a postgres:// or postgresql:// URL"
+        );
     }
 
     #[test]

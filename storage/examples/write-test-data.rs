@@ -112,7 +112,7 @@ fn write_fixture() {
         ],
     );
     let mut out = Vec::new();
-    check::export(&store, &mut out).unwrap();
+    check::export(&*store, &mut out).unwrap();
     std::fs::write(fixture_path(), out).unwrap();
     eprintln!("wrote {}", fixture_path().display());
 }

@@ -9,12 +9,15 @@ use atelier_engine::{apply, apply_job, Commission, Envelope, Job};
 
 use crate::codec;
 use crate::error::StorageError;
+use crate::event_store::EventStore;
 use crate::layout::{self, Projection, META_COUNTS};
 use crate::log::decode_record;
 use crate::sled_store::{SledStore, Trees};
 
 /// Mismatches listed per projection before the report says "and N more".
 pub const DIFF_LINES_MAX: usize = 20;
+/// Events read from the log per chunk while exporting.
+pub const EXPORT_CHUNK_EVENTS: usize = 10_000;
 /// Events handed to the writer per import request.
 pub const IMPORT_CHUNK_EVENTS: usize = 10_000;
 
@@ -294,14 +297,17 @@ fn push_limited(diff: &mut Vec<String>, lines: Vec<String>) {
     }
 }
 
-/// Writes the log as JSON lines, one envelope each, in seq order. Pruned records are skipped.
-pub fn export(store: &SledStore, out: &mut dyn Write) -> Result<u64, StorageError> {
-    let t = &store.inner().trees;
+/// Writes the log as JSON lines, one envelope each, in seq order, from either backend.
+/// Pruned records are skipped.
+pub fn export(store: &dyn EventStore, out: &mut dyn Write) -> Result<u64, StorageError> {
     let mut n = 0;
-    for item in crate::log::records(&t.log, 1, u64::MAX) {
-        let (seq, v) = item?;
-        if let (Some(env), _) = decode_record(seq, &v, None)? {
-            let line = serde_json::to_string(&env).expect("invariant: envelopes serialize");
+    let mut after = 0;
+    loop {
+        let chunk = store.read_log(after, EXPORT_CHUNK_EVENTS)?;
+        let Some(last) = chunk.last() else { break };
+        after = last.seq;
+        for env in &chunk {
+            let line = serde_json::to_string(env).expect("invariant: envelopes serialize");
             writeln!(out, "{line}").map_err(crate::error::io("write the export"))?;
             n += 1;
         }
@@ -310,10 +316,28 @@ pub fn export(store: &SledStore, out: &mut dyn Write) -> Result<u64, StorageErro
     Ok(n)
 }
 
+/// A store that [`import`] loads into: a data dir's sled store, or a PostgreSQL log.
+pub trait Importer {
+    /// Whether the log holds no event yet.
+    fn is_empty(&self) -> Result<bool, StorageError>;
+    /// Appends exported events, checked against the state machine as live appends are.
+    fn import(&self, events: Vec<Envelope>) -> Result<(), StorageError>;
+}
+
+impl Importer for SledStore {
+    fn is_empty(&self) -> Result<bool, StorageError> {
+        Ok(self.inner().trees.log.first()?.is_none())
+    }
+
+    fn import(&self, events: Vec<Envelope>) -> Result<(), StorageError> {
+        SledStore::import(self, events)
+    }
+}
+
 /// Loads JSON lines from [`export`] into an empty store.
-pub fn import(store: &SledStore, input: &mut dyn BufRead) -> Result<u64, StorageError> {
-    if store.inner().trees.log.first()?.is_some() {
-        return Err(StorageError::import(0, "the data dir is not empty"));
+pub fn import(store: &dyn Importer, input: &mut dyn BufRead) -> Result<u64, StorageError> {
+    if !store.is_empty()? {
+        return Err(StorageError::import(0, "the log is not empty"));
     }
     let mut chunk = Vec::with_capacity(IMPORT_CHUNK_EVENTS);
     let mut n = 0u64;
@@ -338,7 +362,7 @@ pub fn import(store: &SledStore, input: &mut dyn BufRead) -> Result<u64, Storage
 }
 
 /// Imports one chunk; the writer counts lines within the chunk, so shift them by `base`.
-fn import_chunk(store: &SledStore, chunk: Vec<Envelope>, base: usize) -> Result<(), StorageError> {
+fn import_chunk(store: &dyn Importer, chunk: Vec<Envelope>, base: usize) -> Result<(), StorageError> {
     store.import(chunk).map_err(|e| match e {
         StorageError::Import { line, detail, source } => {
             StorageError::Import { line: line + base, detail, source }

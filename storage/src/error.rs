@@ -57,6 +57,23 @@ pub enum StorageError {
     Contention {
         commission: u64,
     },
+    /// PostgreSQL refused a statement (the backend chosen by `ATELIER_DATABASE_URL`).
+    Postgres {
+        context: String,
+        /// Shared, so that every append of a failed group commit can carry it.
+        source: Arc<postgres::Error>,
+    },
+    /// PostgreSQL cannot be reached: connecting failed, the connection broke, or no pooled
+    /// connection came free in time. Nothing was acknowledged; the store reconnects by itself.
+    Unavailable {
+        context: String,
+        source: Option<Arc<postgres::Error>>,
+    },
+    /// The database's schema was migrated by a newer Atelier.
+    NewerDatabaseSchema {
+        found: i32,
+        supported: i32,
+    },
     /// `import` needs an empty data dir; the input must be a valid log.
     Import {
         line: usize,
@@ -95,6 +112,21 @@ impl StorageError {
     /// A projection value whose bytes the codec refused.
     pub(crate) fn undecodable_projection(tree: &'static str, source: CodecError) -> StorageError {
         StorageError::BadProjection { tree, detail: source.to_string(), source: Some(source) }
+    }
+
+    /// The same failure again, for the next of several appends it refuses (a failed group
+    /// commit); what cannot be copied is said in words, keeping `Unavailable` a 503.
+    pub(crate) fn for_each_refused(&self) -> StorageError {
+        match self {
+            StorageError::Postgres { context, source } => {
+                StorageError::Postgres { context: context.clone(), source: source.clone() }
+            }
+            StorageError::Unavailable { context, source } => {
+                StorageError::Unavailable { context: context.clone(), source: source.clone() }
+            }
+            StorageError::Closed => StorageError::Closed,
+            other => StorageError::Unavailable { context: other.to_string(), source: None },
+        }
     }
 
     /// An import line that cannot be loaded.
@@ -140,6 +172,17 @@ impl std::fmt::Display for StorageError {
                 write!(f, "commission {commission} is changing too fast to apply the command; try again")
             }
             StorageError::Import { line, detail, .. } => write!(f, "import, line {line}: {detail}"),
+            StorageError::Postgres { context, source } => write!(f, "{context}: postgres: {source}"),
+            StorageError::Unavailable { context, source: Some(e) } => {
+                write!(f, "the database is unavailable ({context}): {e}")
+            }
+            StorageError::Unavailable { context, source: None } => {
+                write!(f, "the database is unavailable ({context})")
+            }
+            StorageError::NewerDatabaseSchema { found, supported } => write!(
+                f,
+                "the database has schema version {found}, newer than this build supports ({supported}); upgrade Atelier"
+            ),
         }
     }
 }
@@ -154,11 +197,14 @@ impl std::error::Error for StorageError {
             }
             StorageError::BadProjection { source, .. } => source.as_ref().map(|e| e as _),
             StorageError::Poisoned(e) => Some(&**e),
+            StorageError::Postgres { source, .. } => Some(&**source),
+            StorageError::Unavailable { source, .. } => source.as_ref().map(|e| &**e as _),
             StorageError::NewerSchema { .. }
             | StorageError::Locked { .. }
             | StorageError::Closed
             | StorageError::DiskFull { .. }
-            | StorageError::Contention { .. } => None,
+            | StorageError::Contention { .. }
+            | StorageError::NewerDatabaseSchema { .. } => None,
         }
     }
 }
@@ -166,6 +212,28 @@ impl std::error::Error for StorageError {
 impl From<sled::Error> for StorageError {
     fn from(e: sled::Error) -> Self {
         StorageError::Sled(e)
+    }
+}
+
+/// A PostgreSQL failure, sorted: a broken or refused connection (or a server shutting down)
+/// is `Unavailable` (the store will reconnect), anything else the database said is `Postgres`.
+pub(crate) fn pg(context: impl Into<String>) -> impl FnOnce(postgres::Error) -> StorageError {
+    let context = context.into();
+    move |source| {
+        let lost = source.is_closed()
+            || match source.code() {
+                // No SQLSTATE: the error came from the socket, not from the server.
+                None => true,
+                // Class 08 (connection exception); 57P01-57P03: the server is shutting down,
+                // crashed, or cannot take connections yet.
+                Some(code) => code.code().starts_with("08") || code.code().starts_with("57P"),
+            };
+        let source = Arc::new(source);
+        if lost {
+            StorageError::Unavailable { context, source: Some(source) }
+        } else {
+            StorageError::Postgres { context, source }
+        }
     }
 }
 

@@ -3,14 +3,18 @@
 //! The rest of Atelier reaches storage only through [`EventStore`]: append events with
 //! optimistic concurrency, read snapshots and job records, list a user's commissions, and
 //! subscribe to the log. [`SledStore`] is the embedded implementation (sled 0.34, group
-//! commit, fsync before acknowledging); a networked backend can implement the same trait.
+//! commit, fsync before acknowledging); [`PgStore`] keeps the log in PostgreSQL, which several
+//! servers can share.
 
+mod append_rules;
 pub mod check;
 pub mod codec;
 mod error;
 mod event_store;
 pub mod layout;
+mod lock;
 mod log;
+mod pg_store;
 mod reply;
 mod retention;
 mod service;
@@ -19,6 +23,13 @@ mod subscribe;
 
 pub use error::StorageError;
 pub use event_store::{AppendOutcome, AppendRequest, AppendTarget, EventStore, ListQuery, Page};
+pub use lock::DataDirLock;
+pub use pg_store::{
+    PgConfig, PgStore, PG_BATCH_REQUESTS_MAX, PG_CONNECT_TIMEOUT_MS, PG_HEALTH_CHECK_INTERVAL_MS,
+    PG_LIST_LIMIT_MAX, PG_POOL_CONNECTIONS_DEFAULT, PG_POOL_WAIT_MS, PG_RECONNECT_BACKOFF_MAX_MS,
+    PG_RECONNECT_BACKOFF_MIN_MS, PG_SCHEMA_VERSION, PG_STATEMENT_TIMEOUT_MS, PG_TAIL_POLL_INTERVAL_MS,
+    PG_WRITER_QUEUE_REQUESTS_MAX,
+};
 pub use retention::{Retention, RETENTION_CHECK_INTERVAL};
 pub use service::{create, execute, Created};
 pub use sled_store::{

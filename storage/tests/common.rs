@@ -1,7 +1,11 @@
-//! Helpers shared by the storage tests: temporary data dirs and command shortcuts.
+//! Helpers shared by the storage tests: temporary data dirs, command shortcuts, and the
+//! backends a generic test runs against (sled, and PostgreSQL on a server of the test's own).
 #![allow(dead_code)]
 
+use std::sync::Arc;
+
 use atelier_engine::{Command, Ctx, Executor, NewCommission, RetryPolicy, Stage};
+use atelier_storage::{EventStore, PgConfig, PgStore, SledStore, StoreConfig};
 
 pub use tempfile::TempDir;
 
@@ -59,4 +63,59 @@ pub fn open_raw(dir: &TempDir) -> sled::Db {
             Err(e) => panic!("open the stopped data dir's sled: {e}"),
         }
     }
+}
+
+/// A backend under test: opens its store (again), keeping what the store lives in (a temp
+/// dir, a database) for as long as the fixture lives.
+pub struct Fixture {
+    opener: Box<dyn Fn() -> Arc<dyn EventStore>>,
+    _dir: Option<TempDir>,
+}
+
+impl Fixture {
+    /// Opens the store; a sled store must be dropped before it is opened again.
+    pub fn open(&self) -> Arc<dyn EventStore> {
+        (self.opener)()
+    }
+}
+
+/// How a generic test gets its backend.
+pub type Open = fn(&str) -> Fixture;
+
+pub fn sled_backend(name: &str) -> Fixture {
+    let dir = temp_dir(name);
+    let path = dir.path().to_path_buf();
+    Fixture {
+        opener: Box::new(move || SledStore::open(StoreConfig::new(&path)).expect("open the sled store")),
+        _dir: Some(dir),
+    }
+}
+
+/// A fresh database on the server this test binary shares.
+pub fn pg_url(name: &str) -> String {
+    atelier_pg_harness::PgServer::shared().fresh_database(name)
+}
+
+pub fn pg_backend(name: &str) -> Fixture {
+    let url = pg_url(name);
+    Fixture {
+        opener: Box::new(move || {
+            PgStore::open(PgConfig::new(url.clone())).expect("open the PostgreSQL store")
+        }),
+        _dir: None,
+    }
+}
+
+/// Instantiates each generic test (`fn(Open)`) once per backend: `sled_backend::<test>` and
+/// `pg_backend::<test>`.
+#[macro_export]
+macro_rules! for_each_backend {
+    ($($test:ident),* $(,)?) => {
+        mod sled_backend {
+            $( #[test] fn $test() { super::$test(super::common::sled_backend) } )*
+        }
+        mod pg_backend {
+            $( #[test] fn $test() { super::$test(super::common::pg_backend) } )*
+        }
+    };
 }

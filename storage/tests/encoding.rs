@@ -73,7 +73,7 @@ fn recorded_history_replays_to_the_same_snapshots() {
     let text = std::fs::read_to_string(fixture_path()).expect("tests/fixtures/history-v1.jsonl");
     let dir = temp_dir("fixture");
     let store = SledStore::open(StoreConfig::new(dir.path())).unwrap();
-    let n = check::import(&store, &mut text.as_bytes()).unwrap();
+    let n = check::import(&*store, &mut text.as_bytes()).unwrap();
     assert!(n >= 20, "the fixture covers a full run, a retry and a cancel");
     let report = check::replay_check(&store).unwrap();
     assert!(report.diff.is_empty(), "{:?}", report.diff);

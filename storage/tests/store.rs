@@ -1,5 +1,7 @@
-//! Behaviour of the sled event store: appends, concurrency, idempotency, subscriptions,
-//! integrity, locking and schema checks, export/import and replay.
+//! Behaviour of the event stores. The conformance tests (appends, concurrency, idempotency,
+//! subscriptions, listings, reopening) are generic over the backend and run against sled and
+//! PostgreSQL alike (`for_each_backend!`); the rest are sled's own (integrity, locking and
+//! schema checks, export/import and replay).
 
 mod common;
 
@@ -20,26 +22,25 @@ fn open(dir: &TempDir) -> Arc<SledStore> {
 
 /// A fresh store with one of alice's commissions, a job id for it and the commands of that
 /// job's whole run.
-fn alice_and_a_full_run(name: &str) -> (TempDir, Arc<SledStore>, u64, u64, Vec<Command>) {
-    let dir = temp_dir(name);
-    let store = open(&dir);
-    let id = created(&store, "alice");
+fn alice_and_a_full_run(open: Open, name: &str) -> (Fixture, Arc<dyn EventStore>, u64, u64, Vec<Command>) {
+    let f = open(name);
+    let store = f.open();
+    let id = created(&*store, "alice");
     let job = store.allocate_job_id().unwrap();
-    (dir, store, id, job, full_run(job))
+    (f, store, id, job, full_run(job))
 }
 
-fn created(store: &SledStore, user: &str) -> u64 {
+fn created(store: &dyn EventStore, user: &str) -> u64 {
     match create(store, new_commission(user, None), &ctx(1_000)).unwrap().unwrap() {
         Created::New(c) => c.id,
         Created::Existing(_) => panic!("no key, no duplicate"),
     }
 }
 
-#[test]
-fn full_run_is_projected_and_replays() {
-    let dir = temp_dir("full");
-    let store = open(&dir);
-    let id = created(&store, "alice");
+fn full_run_is_projected(open: Open) {
+    let f = open("full");
+    let store = f.open();
+    let id = created(&*store, "alice");
     for (i, cmd) in full_run(store.allocate_job_id().unwrap()).into_iter().enumerate() {
         execute(&*store, id, cmd, &ctx(2_000 + i as i64)).unwrap().unwrap();
     }
@@ -49,17 +50,14 @@ fn full_run_is_projected_and_replays() {
     let events = store.events_of(id).unwrap();
     assert_eq!(events.len() as u64, c.version);
     assert!(events.windows(2).all(|w| w[1].seq == w[0].seq + 1 && w[1].version == w[0].version + 1));
-    let report = check::replay_check(&store).unwrap();
-    assert!(report.diff.is_empty(), "{:?}", report.diff);
-    assert_eq!(report.events, c.version);
     assert_eq!(store.jobs_of(id).unwrap().len(), 1);
+    assert_eq!(store.read_log(0, usize::MAX).unwrap(), events);
 }
 
-#[test]
-fn version_conflict_is_an_outcome_and_appends_nothing() {
-    let dir = temp_dir("conflict");
-    let store = open(&dir);
-    let id = created(&store, "alice");
+fn version_conflict_is_an_outcome_and_appends_nothing(open: Open) {
+    let f = open("conflict");
+    let store = f.open();
+    let id = created(&*store, "alice");
     let head = store.head_seq();
     let out = store
         .append(AppendRequest {
@@ -73,11 +71,10 @@ fn version_conflict_is_an_outcome_and_appends_nothing() {
     assert_eq!(store.head_seq(), head);
 }
 
-#[test]
-fn a_refused_event_in_a_batch_appends_none_of_it() {
-    let dir = temp_dir("atomic");
-    let store = open(&dir);
-    let id = created(&store, "alice");
+fn a_refused_event_in_a_batch_appends_none_of_it(open: Open) {
+    let f = open("atomic");
+    let store = f.open();
+    let id = created(&*store, "alice");
     let head = store.head_seq();
     // cancel_requested is fine, but completed is not allowed from created: all or nothing.
     let out = store
@@ -93,10 +90,9 @@ fn a_refused_event_in_a_batch_appends_none_of_it() {
     assert_eq!(store.commission(id).unwrap().unwrap().version, 1);
 }
 
-#[test]
-fn idempotent_create_returns_the_first_commission_even_when_racing() {
-    let dir = temp_dir("idem");
-    let store = open(&dir);
+fn idempotent_create_returns_the_first_commission_even_when_racing(open: Open) {
+    let f = open("idem");
+    let store = f.open();
     let handles: Vec<_> = (0..8)
         .map(|_| {
             let s = store.clone();
@@ -119,9 +115,8 @@ fn idempotent_create_returns_the_first_commission_even_when_racing() {
     ));
 }
 
-#[test]
-fn concurrent_commands_on_one_commission_serialize_through_versions() {
-    let (_dir, store, id, job, cmds) = alice_and_a_full_run("race");
+fn concurrent_commands_on_one_commission_serialize_through_versions(open: Open) {
+    let (_dir, store, id, job, cmds) = alice_and_a_full_run(open, "race");
     for cmd in &cmds[..2] {
         execute(&*store, id, cmd.clone(), &ctx(3)).unwrap().unwrap();
     }
@@ -162,9 +157,8 @@ fn concurrent_commands_on_one_commission_serialize_through_versions() {
     assert!(percents.windows(2).all(|w| w[0] <= w[1]), "{percents:?} {evs:#?}");
 }
 
-#[test]
-fn subscription_replays_then_goes_live_without_gap_or_duplicate() {
-    let (_dir, store, id, _job, cmds) = alice_and_a_full_run("sub");
+fn subscription_replays_then_goes_live_without_gap_or_duplicate(open: Open) {
+    let (_dir, store, id, _job, cmds) = alice_and_a_full_run(open, "sub");
     execute(&*store, id, cmds[0].clone(), &ctx(3)).unwrap().unwrap();
     let mut sub = store.subscribe(0, Filter::Commission(id)).unwrap();
     let writer = {
@@ -198,9 +192,8 @@ fn subscription_replays_then_goes_live_without_gap_or_duplicate() {
 
 /// `try_next` hands out only what is ready: never history it has not read, never a wait; what
 /// it hands out and what `next_timeout` hands out after it form one gap-free sequence.
-#[test]
-fn try_next_takes_only_what_is_ready() {
-    let (_dir, store, id, _job, cmds) = alice_and_a_full_run("try-next");
+fn try_next_takes_only_what_is_ready(open: Open) {
+    let (_dir, store, id, _job, cmds) = alice_and_a_full_run(open, "try-next");
     let mut sub = store.subscribe(0, Filter::Commission(id)).unwrap();
     // History not read yet: nothing ready, and asking does not read it.
     assert!(sub.wants_history());
@@ -234,12 +227,11 @@ fn try_next_takes_only_what_is_ready() {
 
 /// A user's history spans many replay chunks and is interleaved with another user's events:
 /// every one of the user's events comes once, in order, with the view folded up to it.
-#[test]
-fn a_users_history_across_chunks_is_exact() {
-    let dir = temp_dir("user-history");
-    let store = open(&dir);
+fn a_users_history_across_chunks_is_exact(open: Open) {
+    let f = open("user-history");
+    let store = f.open();
     // Commissions started in a round robin, so that their events interleave in the log.
-    let ids: Vec<u64> = (0..90).map(|i| created(&store, if i % 7 == 0 { "bob" } else { "alice" })).collect();
+    let ids: Vec<u64> = (0..90).map(|i| created(&*store, if i % 7 == 0 { "bob" } else { "alice" })).collect();
     let runs: Vec<(u64, Vec<Command>)> =
         ids.iter().map(|&id| (id, full_run(store.allocate_job_id().unwrap()))).collect();
     for step in 0..runs[0].1.len() {
@@ -270,15 +262,14 @@ fn a_users_history_across_chunks_is_exact() {
     }
 }
 
-#[test]
-fn a_slow_subscriber_is_cut_off_and_never_blocks_the_writer() {
-    let dir = temp_dir("slow");
-    let store = open(&dir);
+fn a_slow_subscriber_is_cut_off_and_never_blocks_the_writer(open: Open) {
+    let f = open("slow");
+    let store = f.open();
     let mut slow = store.subscribe(store.head_seq(), Filter::All).unwrap();
     // Register it (history is empty, so this returns on timeout after registering).
     assert!(slow.next_timeout(Duration::from_millis(10)).unwrap().is_none());
     for _ in 0..(atelier_storage::SUBSCRIBER_QUEUE_EVENTS_MAX + 10) {
-        created(&store, "alice");
+        created(&*store, "alice");
     }
     assert_eq!(store.dropped_slow_total(), 1);
     let mut n = 0;
@@ -295,12 +286,11 @@ fn a_slow_subscriber_is_cut_off_and_never_blocks_the_writer() {
     }
 }
 
-#[test]
-fn listing_pages_newest_first_and_filters_by_state() {
-    let dir = temp_dir("list");
-    let store = open(&dir);
-    let ids: Vec<u64> = (0..5).map(|_| created(&store, "alice")).collect();
-    created(&store, "bob");
+fn listing_pages_newest_first_and_filters_by_state(open: Open) {
+    let f = open("list");
+    let store = f.open();
+    let ids: Vec<u64> = (0..5).map(|_| created(&*store, "alice")).collect();
+    created(&*store, "bob");
     execute(&*store, ids[1], Command::RequestCancel, &ctx(2)).unwrap().unwrap();
     let p1 = store.list_user("alice", &ListQuery { limit: 2, cursor: None, state: None }).unwrap();
     assert_eq!(p1.items.iter().map(|c| c.id).collect::<Vec<_>>(), vec![ids[4], ids[3]]);
@@ -318,26 +308,58 @@ fn listing_pages_newest_first_and_filters_by_state() {
     assert_eq!(store.live_commissions().unwrap().len(), 5);
 }
 
+fn reopen_keeps_everything_and_never_reuses_an_id(open: Open) {
+    let f = open("reopen");
+    let store = f.open();
+    let id = created(&*store, "alice");
+    let head = store.head_seq();
+    drop(store);
+    let store = f.open();
+    assert_eq!(store.head_seq(), head);
+    assert_eq!(store.commission(id).unwrap().unwrap().state, State::Created);
+    let id2 = created(&*store, "alice");
+    assert!(id2 > id, "ids are never reused");
+}
+
 #[test]
-fn reopen_keeps_everything_and_a_second_opener_is_refused_by_name() {
-    let dir = temp_dir("reopen");
-    let store = open(&dir);
-    let id = created(&store, "alice");
+fn a_second_opener_of_a_data_dir_is_refused_by_name() {
+    let dir = temp_dir("locked");
+    let store = SledStore::open(StoreConfig::new(dir.path())).expect("open store");
     match SledStore::open(StoreConfig::new(dir.path())) {
         Err(StorageError::Locked { holder, .. }) => {
             assert!(holder.contains(&format!("pid {}", std::process::id())), "{holder}")
         }
         other => panic!("expected Locked, got {:?}", other.map(|_| ())),
     }
-    let head = store.head_seq();
-    store.close();
     drop(store);
-    let store = open(&dir);
-    assert_eq!(store.head_seq(), head);
-    assert_eq!(store.commission(id).unwrap().unwrap().state, State::Created);
-    let id2 = created(&store, "alice");
-    assert!(id2 > id, "ids are never reused");
 }
+
+#[test]
+fn a_full_run_passes_replay_check() {
+    let dir = temp_dir("full");
+    let store = open(&dir);
+    let id = created(&*store, "alice");
+    for (i, cmd) in full_run(store.allocate_job_id().unwrap()).into_iter().enumerate() {
+        execute(&*store, id, cmd, &ctx(2_000 + i as i64)).unwrap().unwrap();
+    }
+    let report = check::replay_check(&store).unwrap();
+    assert!(report.diff.is_empty(), "{:?}", report.diff);
+    assert_eq!(report.events, store.commission(id).unwrap().unwrap().version);
+}
+
+for_each_backend!(
+    full_run_is_projected,
+    version_conflict_is_an_outcome_and_appends_nothing,
+    a_refused_event_in_a_batch_appends_none_of_it,
+    idempotent_create_returns_the_first_commission_even_when_racing,
+    concurrent_commands_on_one_commission_serialize_through_versions,
+    subscription_replays_then_goes_live_without_gap_or_duplicate,
+    try_next_takes_only_what_is_ready,
+    a_users_history_across_chunks_is_exact,
+    a_slow_subscriber_is_cut_off_and_never_blocks_the_writer,
+    listing_pages_newest_first_and_filters_by_state,
+    reopen_keeps_everything_and_never_reuses_an_id,
+);
 
 #[test]
 fn newer_schema_is_refused_with_a_clear_message() {
@@ -359,7 +381,7 @@ fn newer_schema_is_refused_with_a_clear_message() {
 fn flipped_bytes_are_reported_as_corruption_with_the_seq() {
     let dir = temp_dir("corrupt");
     let store = open(&dir);
-    let id = created(&store, "alice");
+    let id = created(&*store, "alice");
     execute(&*store, id, Command::RequestCancel, &ctx(2)).unwrap().unwrap();
     store.close();
     drop(store);
@@ -411,7 +433,7 @@ fn concurrent_appends_share_log_blocks_and_read_back_exactly() {
             std::thread::spawn(move || {
                 let mut ids = Vec::new();
                 for _ in 0..10 {
-                    let id = created(&store, &format!("user{t}"));
+                    let id = created(&*store, &format!("user{t}"));
                     // Half the threads finish "late", so that retention can take the others.
                     let base = if t % 2 == 0 { 2_000 } else { 5_000_000 };
                     for (i, cmd) in full_run(store.allocate_job_id().unwrap()).into_iter().enumerate() {
@@ -480,7 +502,7 @@ fn a_hole_between_log_blocks_is_corruption_with_the_missing_seq() {
     let dir = temp_dir("hole");
     let store = open(&dir);
     for _ in 0..3 {
-        created(&store, "alice");
+        created(&*store, "alice");
     }
     store.close();
     drop(store);
@@ -508,7 +530,7 @@ fn a_hole_between_log_blocks_is_corruption_with_the_missing_seq() {
 fn a_schema_1_data_dir_is_migrated_and_reads_the_same() {
     let dir = temp_dir("schema1");
     let store = open(&dir);
-    let id = created(&store, "alice");
+    let id = created(&*store, "alice");
     let job = store.allocate_job_id().unwrap();
     for cmd in [
         Command::StartJob {
@@ -551,8 +573,8 @@ fn a_schema_1_data_dir_is_migrated_and_reads_the_same() {
 fn a_truncated_tail_record_fails_open_with_its_seq() {
     let dir = temp_dir("trunc");
     let store = open(&dir);
-    created(&store, "alice");
-    created(&store, "alice");
+    created(&*store, "alice");
+    created(&*store, "alice");
     store.close();
     drop(store);
     {
@@ -572,7 +594,7 @@ fn a_truncated_tail_record_fails_open_with_its_seq() {
 fn replay_check_reports_a_doctored_projection() {
     let dir = temp_dir("doctor");
     let store = open(&dir);
-    let id = created(&store, "alice");
+    let id = created(&*store, "alice");
     store.close();
     drop(store);
     {
@@ -591,25 +613,25 @@ fn replay_check_reports_a_doctored_projection() {
 fn export_then_import_rebuilds_the_same_projections() {
     let a = temp_dir("export");
     let store = open(&a);
-    let id = created(&store, "alice");
+    let id = created(&*store, "alice");
     for cmd in full_run(store.allocate_job_id().unwrap()) {
         execute(&*store, id, cmd, &ctx(9)).unwrap().unwrap();
     }
-    created(&store, "bob");
+    created(&*store, "bob");
     let mut buf = Vec::new();
-    let n = check::export(&store, &mut buf).unwrap();
+    let n = check::export(&*store, &mut buf).unwrap();
     let b = temp_dir("import");
     let copy = open(&b);
-    assert_eq!(check::import(&copy, &mut &buf[..]).unwrap(), n);
+    assert_eq!(check::import(&*copy, &mut &buf[..]).unwrap(), n);
     assert_eq!(copy.commission(id).unwrap(), store.commission(id).unwrap());
     assert!(check::replay_check(&copy).unwrap().diff.is_empty());
     // A second import into a non-empty dir is refused.
-    assert!(matches!(check::import(&copy, &mut &buf[..]), Err(StorageError::Import { line: 0, .. })));
+    assert!(matches!(check::import(&*copy, &mut &buf[..]), Err(StorageError::Import { line: 0, .. })));
     // A damaged line is refused with its line number.
     let c = temp_dir("import-bad");
     let fresh = open(&c);
     let text = String::from_utf8(buf).unwrap().replacen("\"version\":2", "\"version\":5", 1);
-    match check::import(&fresh, &mut text.as_bytes()) {
+    match check::import(&*fresh, &mut text.as_bytes()) {
         Err(StorageError::Import { line: 2, .. }) => {}
         other => panic!("{other:?}"),
     }
@@ -623,18 +645,18 @@ fn a_group_commit_larger_than_a_block_spans_blocks() {
     let store = open(&a);
     let mut ids = Vec::new();
     for i in 0..60 {
-        let id = created(&store, &format!("user{}", i % 3));
+        let id = created(&*store, &format!("user{}", i % 3));
         for cmd in full_run(store.allocate_job_id().unwrap()) {
             execute(&*store, id, cmd, &ctx(9)).unwrap().unwrap();
         }
         ids.push(id);
     }
     let mut buf = Vec::new();
-    let n = check::export(&store, &mut buf).unwrap();
+    let n = check::export(&*store, &mut buf).unwrap();
     assert!(n > atelier_storage::codec::BLOCK_RECORDS_MAX as u64, "{n} events");
     let b = temp_dir("big-dst");
     let copy = open(&b);
-    assert_eq!(check::import(&copy, &mut &buf[..]).unwrap(), n);
+    assert_eq!(check::import(&*copy, &mut &buf[..]).unwrap(), n);
     copy.close();
     drop(copy);
     let values = log_values(&b);
@@ -652,9 +674,9 @@ fn a_group_commit_larger_than_a_block_spans_blocks() {
 fn retention_prunes_old_terminal_commissions_and_keeps_the_chain() {
     let dir = temp_dir("prune");
     let store = open(&dir);
-    let old = created(&store, "alice");
+    let old = created(&*store, "alice");
     execute(&*store, old, Command::RequestCancel, &ctx(10)).unwrap().unwrap();
-    let live = created(&store, "alice");
+    let live = created(&*store, "alice");
     assert_eq!(store.prune_terminal_before(1_000_000).unwrap(), 1);
     assert!(store.commission(old).unwrap().is_none());
     assert!(store.commission(live).unwrap().is_some());
@@ -697,12 +719,12 @@ fn reads_span_written_and_write_back_projections() {
     // and runs longer than INDEX_RUN_SEQS_MAX must split and read back in order.
     let dir = temp_dir("writeback");
     let store = open(&dir);
-    let id = created(&store, "alice");
+    let id = created(&*store, "alice");
     let job = store.allocate_job_id().unwrap();
     for cmd in &full_run(job)[..2] {
         execute(&*store, id, cmd.clone(), &ctx(3)).unwrap().unwrap();
     }
-    let other = created(&store, "bob");
+    let other = created(&*store, "bob");
     let runs = atelier_storage::layout::INDEX_RUN_SEQS_MAX;
     progress_events(&store, id, runs + 10, 100);
     store.flush_projections().unwrap();
@@ -750,7 +772,7 @@ fn a_users_stream_equals_the_filtered_log_across_write_back() {
     let mut ids = Vec::new();
     for round in 0..3 {
         for i in 0..40 {
-            ids.push(created(&store, users[i % users.len()]));
+            ids.push(created(&*store, users[i % users.len()]));
         }
         for &id in &ids {
             if store.commission(id).unwrap().unwrap().state == State::Created {
@@ -791,8 +813,8 @@ fn a_users_stream_equals_the_filtered_log_across_write_back() {
 fn replay_check_reports_a_damaged_user_seqs_index() {
     let dir = temp_dir("user-seqs-doctor");
     let store = open(&dir);
-    let first = created(&store, "alice");
-    let second = created(&store, "alice");
+    let first = created(&*store, "alice");
+    let second = created(&*store, "alice");
     store.flush_projections().unwrap();
     let (s1, s2) = (store.events_of(first).unwrap()[0].seq, store.events_of(second).unwrap()[0].seq);
     store.close();
@@ -822,7 +844,7 @@ fn replay_check_reports_a_damaged_user_seqs_index() {
 fn a_schema_2_data_dir_gets_its_user_seqs_index() {
     let dir = temp_dir("schema2");
     let store = open(&dir);
-    let ids: Vec<u64> = (0..5).map(|i| created(&store, if i % 2 == 0 { "alice" } else { "bob" })).collect();
+    let ids: Vec<u64> = (0..5).map(|i| created(&*store, if i % 2 == 0 { "alice" } else { "bob" })).collect();
     execute(&*store, ids[0], Command::RequestCancel, &ctx(5)).unwrap().unwrap();
     let store_events = store.read_log(0, usize::MAX).unwrap().len();
     store.close();

@@ -25,6 +25,25 @@ pub fn current_uid() -> u32 {
 
 /// A fresh, empty dir under the system temp dir, removed when the guard drops: hold it for as
 /// long as any server or child process works in it.
+/// With `ATELIER_TEST_BACKEND=postgres`, every server the tests start keeps its log in
+/// PostgreSQL (a server of this test binary's own, one database per data dir, so that a
+/// restart on the same data dir finds its log again); otherwise in the data dir's sled store.
+pub fn database_for(data_dir: &Path) -> Option<String> {
+    use std::sync::Mutex;
+    static DATABASES: Mutex<Vec<(PathBuf, String)>> = Mutex::new(Vec::new());
+    if std::env::var("ATELIER_TEST_BACKEND").ok()?.as_str() != "postgres" {
+        return None;
+    }
+    let mut dbs = DATABASES.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some((_, url)) = dbs.iter().find(|(d, _)| d == data_dir) {
+        return Some(url.clone());
+    }
+    let name = data_dir.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+    let url = atelier_pg_harness::PgServer::shared().fresh_database(&name);
+    dbs.push((data_dir.to_path_buf(), url.clone()));
+    Some(url)
+}
+
 pub fn temp_dir(name: &str) -> TempDir {
     tempfile::Builder::new().prefix(&format!("atelier-e2e-{name}-")).tempdir().expect("temp dir")
 }
@@ -138,6 +157,11 @@ impl Server {
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(stderr);
+        if !env.iter().any(|(k, _)| *k == "ATELIER_DATABASE_URL") {
+            if let Some(url) = database_for(data_dir) {
+                cmd.env("ATELIER_DATABASE_URL", url);
+            }
+        }
         for (k, v) in env {
             cmd.env(k, v);
         }

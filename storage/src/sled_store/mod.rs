@@ -26,7 +26,6 @@
 
 mod config;
 mod disk;
-mod lock;
 mod open;
 mod read;
 mod state;

@@ -11,12 +11,12 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use super::config::{Durability, StoreConfig};
 use super::disk::Disk;
-use super::lock::LockFile;
 use super::state::{bad, Inner, Trees, Unflushed};
 use super::writer::Writer;
 use crate::codec;
 use crate::error::{io, StorageError};
 use crate::layout::{self, Projection, META_PROJECTED, META_SCHEMA};
+use crate::lock::DataDirLock;
 use crate::reply::Bell;
 use crate::subscribe::Registry;
 
@@ -83,7 +83,7 @@ fn build_user_seqs(db: &sled::Db) -> Result<(), StorageError> {
 /// Opens the store's files and state, and a writer caught up with the log (not yet running).
 pub(super) fn open(config: &StoreConfig) -> Result<(Arc<Inner>, Writer), StorageError> {
     std::fs::create_dir_all(&config.dir).map_err(io(format!("create {}", config.dir.display())))?;
-    let lock = LockFile::acquire(&config.dir)?;
+    let lock = DataDirLock::acquire(&config.dir)?;
     let sled_dir = config.dir.join("sled");
     let flush_every = match config.durability {
         Durability::Sync => None,

@@ -9,10 +9,10 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use atelier_engine::Commission;
 
-use super::lock::LockFile;
 use crate::codec::CodecError;
 use crate::error::{io, StorageError};
 use crate::layout::Projection;
+use crate::lock::DataDirLock;
 use crate::reply::Bell;
 use crate::subscribe::Registry;
 
@@ -63,7 +63,7 @@ pub(crate) struct Inner {
     pub(super) rebuilt_at_open: std::sync::OnceLock<String>,
     /// `(free, needed)` bytes while the writer refuses appends for want of disk space.
     pub(super) disk_full: Mutex<Option<(u64, u64)>>,
-    pub(super) _lock: LockFile,
+    pub(super) _lock: DataDirLock,
 }
 
 /// A commission changed since the last projection flush.

@@ -16,6 +16,7 @@ use crossbeam_channel::Receiver;
 use super::config::Durability;
 use super::disk::{is_disk_full, Disk};
 use super::state::{bad, bad_run, fdatasync, Inner, Trees};
+use crate::append_rules::{fold_append, Folded};
 use crate::codec;
 use crate::error::StorageError;
 use crate::event_store::{AppendOutcome, AppendRequest, AppendTarget};
@@ -558,39 +559,11 @@ impl Writer {
                 (self.next_cid, None, key)
             }
         };
-        let current_version = current.as_ref().map_or(0, |c| c.version);
-        if current_version != req.expected_version {
-            return Ok(AppendOutcome::Conflict { current_version });
-        }
-        if req.events.is_empty() {
-            return Ok(AppendOutcome::Rejected(Rejection::Invalid {
-                field: "events",
-                reason: "nothing to append".into(),
-            }));
-        }
-        // Fold first, so that a refused event leaves nothing staged (all or nothing). The
-        // commission moves through `apply`; each step keeps only what the projections need.
-        let mut folded = Vec::with_capacity(req.events.len());
-        let mut c = current;
-        for (i, event) in req.events.iter().enumerate() {
-            let i = i as u64;
-            let env = Envelope {
-                seq: self.head + 1 + i,
-                commission_id: cid,
-                version: current_version + 1 + i,
-                at: req.at,
-                event: event.clone(),
-            };
-            let before = c.as_ref().map(|c| c.state);
-            match apply(c.take(), &env) {
-                Ok(next) => {
-                    folded.push((env, Step { before, after: next.state, view: ViewAfter::of(&next) }));
-                    c = Some(next);
-                }
-                Err(r) => return Ok(AppendOutcome::Rejected(r)),
-            }
-        }
-        let commission = c.expect("invariant: at least one event was folded");
+        // Fold first, so that a refused event leaves nothing staged (all or nothing).
+        let (commission, folded) = match fold_append(current, cid, req, self.head + 1) {
+            Ok(folded) => folded,
+            Err(refused) => return Ok(refused.into()),
+        };
         if matches!(req.target, AppendTarget::New { .. }) {
             self.next_cid += 1;
         }
@@ -598,9 +571,9 @@ impl Writer {
             staged.idempotency.insert(key, cid);
         }
         let first_seq = self.head + 1;
-        for (env, step) in folded {
+        for Folded { env, before, view } in folded {
             self.write_record(&env, log);
-            self.project(staged, env, step)?;
+            self.project(staged, env, Step { before, after: view.state, view })?;
         }
         staged.snapshots.insert(cid, commission.clone());
         Ok(AppendOutcome::Appended { commission, first_seq, last_seq: self.head })

@@ -1,5 +1,6 @@
-//! The data dir's lock: one process at a time may open a store, and the lock file names it,
-//! so that a second one can say who holds the dir.
+//! The data dir's lock: one process at a time may use a data dir, and the lock file names it,
+//! so that a second one can say who holds the dir. The sled store holds it while open; a
+//! server whose log is in PostgreSQL holds it too, for the secret and the jobs' dirs.
 
 use std::fs::File;
 use std::io::Write as _;
@@ -9,12 +10,12 @@ use std::path::Path;
 use crate::error::{io, StorageError};
 
 /// An exclusive lock on the data dir, naming its holder in the lock file.
-pub(super) struct LockFile {
+pub struct DataDirLock {
     _file: File,
 }
 
-impl LockFile {
-    pub(super) fn acquire(dir: &Path) -> Result<LockFile, StorageError> {
+impl DataDirLock {
+    pub fn acquire(dir: &Path) -> Result<DataDirLock, StorageError> {
         let path = dir.join("LOCK");
         let mut file = std::fs::OpenOptions::new()
             .read(true)
@@ -41,6 +42,6 @@ impl LockFile {
         );
         file.set_len(0).map_err(io("truncate LOCK"))?;
         file.write_all(me.as_bytes()).map_err(io("write LOCK"))?;
-        Ok(LockFile { _file: file })
+        Ok(DataDirLock { _file: file })
     }
 }

@@ -1,0 +1,583 @@
+//! This node's log writer: one thread takes every queued append (group commit) and writes
+//! them in one transaction, events and projections together, then publishes and acknowledges.
+//!
+//! Global order: every group commit first locks the one row of `atelier.head` (`FOR UPDATE`),
+//! takes the next seqs and commission ids from it, and writes it back at the end of the same
+//! transaction. The lock is held until the commit, and PostgreSQL makes a commit visible
+//! before it releases the transaction's locks, so a later group (of this node or any other)
+//! can neither take seqs nor become visible before an earlier one: a reader that sees seq `n`
+//! sees every seq below it, and the log stays gap-free (a rolled-back group gives its seqs
+//! back with the row). The other way, readers filtering on transaction ids (`xid8` and
+//! `pg_snapshot_xmin`), lets writers run in parallel but makes every reader hold back behind
+//! the oldest open transaction of the whole database and leaves gaps in the seqs; one writer
+//! per node with group commit already amortises the lock, so the simpler order wins.
+//!
+//! The appends are checked exactly as the sled writer checks them: the expected version
+//! against the commission's current snapshot (read in the transaction, under the head lock,
+//! so it is the newest), the idempotency key, then every event folded through
+//! `engine::apply`. The database enforces the version as well: `UNIQUE (commission_id,
+//! version)` refuses a second version `n` whatever wrote it.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use atelier_engine::{apply, apply_job, Commission, Envelope, Job};
+use crossbeam_channel::{Receiver, RecvTimeoutError};
+use postgres::{Client, Transaction};
+
+use super::config::{PG_HEALTH_CHECK_INTERVAL_MS, PG_RECONNECT_BACKOFF_MAX_MS, PG_RECONNECT_BACKOFF_MIN_MS};
+use super::pool::connect;
+use super::state::{decode_job, decode_snapshot, from_sql, sql, sql_own, state_code, Inner, StoredView};
+use crate::append_rules::{fold_append, Folded};
+use crate::codec;
+use crate::error::{pg, StorageError};
+use crate::event_store::{AppendOutcome, AppendRequest, AppendTarget};
+use crate::reply::ReplyTx;
+use crate::subscribe::{Delivery, ViewAfter};
+
+/// Appends taken into one group commit at most.
+pub const PG_BATCH_REQUESTS_MAX: usize = 1024;
+/// Appends waiting for the writer before appenders block (backpressure).
+pub const PG_WRITER_QUEUE_REQUESTS_MAX: usize = 16 * 1024;
+/// Tries of a group commit that another writer beat to a commission's version (the database's
+/// `UNIQUE` refused it): the next try reads the new version and answers `Conflict`.
+const COMMIT_TRIES_MAX: u32 = 3;
+
+pub(super) struct Request(pub(super) AppendRequest, pub(super) ReplyTx<AppendOutcome>);
+
+/// What the writer is asked to do: an append (group-committed with the others queued), or an
+/// import of exported events (`atelier import`, into an empty log), in a transaction of its own.
+pub(super) enum Work {
+    Append(Request),
+    Import(Vec<Envelope>, ReplyTx<()>),
+}
+
+pub(super) struct Writer {
+    inner: Arc<Inner>,
+    client: Option<Client>,
+    /// No reconnect before this instant (backoff while the database is away).
+    next_connect: Instant,
+    backoff_ms: u64,
+}
+
+/// What one committed group hands on: each request's outcome, and the events to publish.
+struct Committed {
+    outcomes: Vec<AppendOutcome>,
+    deliveries: Vec<Delivery>,
+    first_seq: u64,
+    last_seq: u64,
+}
+
+impl Writer {
+    pub(super) fn new(inner: Arc<Inner>, client: Client) -> Writer {
+        Writer {
+            inner,
+            client: Some(client),
+            next_connect: Instant::now(),
+            backoff_ms: PG_RECONNECT_BACKOFF_MIN_MS,
+        }
+    }
+
+    pub(super) fn run(mut self, rx: Receiver<Work>) {
+        let idle = Duration::from_millis(PG_HEALTH_CHECK_INTERVAL_MS);
+        loop {
+            let first = match rx.recv_timeout(idle) {
+                Ok(r) => r,
+                Err(RecvTimeoutError::Timeout) => {
+                    self.check_connection();
+                    continue;
+                }
+                Err(RecvTimeoutError::Disconnected) => break,
+            };
+            let mut queued = vec![first];
+            while queued.len() < PG_BATCH_REQUESTS_MAX {
+                match rx.try_recv() {
+                    Ok(r) => queued.push(r),
+                    Err(_) => break,
+                }
+            }
+            // Appends in arrival order, each run of them one group; an import on its own.
+            let mut batch = Vec::new();
+            for work in queued {
+                match work {
+                    Work::Append(r) => batch.push(r),
+                    Work::Import(envs, ack) => {
+                        if !batch.is_empty() {
+                            self.commit_batch(std::mem::take(&mut batch));
+                        }
+                        let imported = self.commit_import(&envs);
+                        ack.send(imported);
+                    }
+                }
+            }
+            if !batch.is_empty() {
+                self.commit_batch(batch);
+            }
+        }
+    }
+
+    /// Imports exported events in one transaction: all of them or, on a refused line, none.
+    fn commit_import(&mut self, envs: &[Envelope]) -> Result<(), StorageError> {
+        let inner = self.inner.clone();
+        let client = self.connection()?;
+        let mut tx = client.transaction().map_err(pg("begin an import"))?;
+        let head = tx
+            .query_one("SELECT seq, next_commission FROM atelier.head FOR UPDATE", &[])
+            .map_err(pg("lock the log head"))?;
+        let seq = from_sql(head.get(0), "head")?;
+        let mut group = Group::new(tx, seq, from_sql(head.get(1), "head")?);
+        group.stage_import(envs)?;
+        let last_seq = group.head;
+        let deliveries = group.write()?;
+        if last_seq > seq {
+            publish(&inner, seq + 1, last_seq, &deliveries);
+        }
+        Ok(())
+    }
+
+    /// The writer's connection, made again (within the backoff) when it broke. Appends fail
+    /// fast while the database is away; they never wait for it.
+    fn connection(&mut self) -> Result<&mut Client, StorageError> {
+        if self.client.as_ref().is_some_and(Client::is_closed) {
+            self.client = None;
+        }
+        if self.client.is_none() {
+            if Instant::now() < self.next_connect {
+                return Err(self.unavailable_now());
+            }
+            match connect(&self.inner.config) {
+                Ok(c) => {
+                    tracing::info!("the database is reachable again");
+                    self.client = Some(c);
+                    self.backoff_ms = PG_RECONNECT_BACKOFF_MIN_MS;
+                }
+                Err(e) => {
+                    self.next_connect = Instant::now() + Duration::from_millis(self.backoff_ms);
+                    self.backoff_ms = (self.backoff_ms * 2).min(PG_RECONNECT_BACKOFF_MAX_MS);
+                    self.set_unavailable(&e);
+                    return Err(e);
+                }
+            }
+        }
+        Ok(self.client.as_mut().expect("invariant: connected above"))
+    }
+
+    fn unavailable_now(&self) -> StorageError {
+        match &*self.inner.unavailable.lock().unwrap_or_else(|p| p.into_inner()) {
+            Some(e) => e.for_each_refused(),
+            None => StorageError::Unavailable { context: "reconnecting".into(), source: None },
+        }
+    }
+
+    fn set_unavailable(&self, e: &StorageError) {
+        let mut u = self.inner.unavailable.lock().unwrap_or_else(|p| p.into_inner());
+        if u.is_none() {
+            tracing::error!(error = %e, "the database is unavailable; appends fail until it is back");
+        }
+        *u = Some(e.for_each_refused());
+    }
+
+    fn set_available(&self) {
+        self.inner.unavailable.lock().unwrap_or_else(|p| p.into_inner()).take();
+    }
+
+    /// While idle: reconnects (within the backoff) or checks the connection, so that
+    /// `health` follows the database without waiting for an append.
+    fn check_connection(&mut self) {
+        let checked = self
+            .connection()
+            .and_then(|c| c.simple_query("SELECT 1").map(drop).map_err(pg("check the connection")));
+        match checked {
+            Ok(()) => self.set_available(),
+            Err(e) => {
+                if matches!(e, StorageError::Unavailable { .. }) {
+                    self.set_unavailable(&e);
+                }
+            }
+        }
+    }
+
+    fn commit_batch(&mut self, batch: Vec<Request>) {
+        let started = Instant::now();
+        let inner = self.inner.clone();
+        let committed = self.connection().and_then(|client| {
+            let mut tries = 1;
+            loop {
+                match commit(client, &batch) {
+                    Err(e) if is_version_race(&e) && tries < COMMIT_TRIES_MAX => tries += 1,
+                    other => break other,
+                }
+            }
+        });
+        let committed = match committed {
+            Ok(c) => c,
+            Err(e) => {
+                if matches!(e, StorageError::Unavailable { .. }) {
+                    self.client = None;
+                    self.set_unavailable(&e);
+                }
+                tracing::warn!(error = %e, appends = batch.len(), "group commit failed");
+                for Request(_, ack) in batch {
+                    ack.send(Err(e.for_each_refused()));
+                }
+                return;
+            }
+        };
+        self.set_available();
+        if committed.last_seq >= committed.first_seq {
+            publish(&inner, committed.first_seq, committed.last_seq, &committed.deliveries);
+            inner.group_commits.fetch_add(1, Ordering::Relaxed);
+            inner.group_committed.fetch_add(batch.len() as u64, Ordering::Relaxed);
+        }
+        tracing::trace!(elapsed_us = started.elapsed().as_micros() as u64, "group commit");
+        for (Request(_, ack), outcome) in batch.into_iter().zip(committed.outcomes) {
+            ack.send_quiet(Ok(outcome));
+        }
+        // One wake for the whole group (see `reply`).
+        inner.bell.ring();
+    }
+}
+
+/// Publishes a committed group to this node's subscribers when it directly follows what they
+/// have seen; otherwise another node's events came between, and the log follower publishes
+/// them all in seq order (it reads the log from the database).
+fn publish(inner: &Inner, first_seq: u64, last_seq: u64, deliveries: &[Delivery]) {
+    let mut reg = inner.registry.lock().unwrap_or_else(|p| p.into_inner());
+    if inner.durable_head.load(Ordering::Acquire) + 1 != first_seq {
+        return;
+    }
+    inner.durable_head.store(last_seq, Ordering::Release);
+    let dropped = reg.publish(deliveries);
+    drop(reg);
+    if dropped > 0 {
+        inner.dropped_slow.fetch_add(dropped, Ordering::Relaxed);
+    }
+}
+
+/// Whether a commit failed because another writer already wrote one of its versions.
+fn is_version_race(e: &StorageError) -> bool {
+    matches!(e, StorageError::Postgres { source, .. }
+        if source.code() == Some(&postgres::error::SqlState::UNIQUE_VIOLATION))
+}
+
+/// One group commit, in one transaction: lock the head, stage every append on the newest
+/// state, write events and projections, move the head, notify, commit.
+fn commit(client: &mut Client, batch: &[Request]) -> Result<Committed, StorageError> {
+    let mut tx = client.transaction().map_err(pg("begin a group commit"))?;
+    let head = tx
+        .query_one("SELECT seq, next_commission FROM atelier.head FOR UPDATE", &[])
+        .map_err(pg("lock the log head"))?;
+    let seq = from_sql(head.get(0), "head")?;
+    let next_commission = from_sql(head.get(1), "head")?;
+    let mut group = Group::new(tx, seq, next_commission);
+    group.prefetch(batch)?;
+    // A failed read while staging fails the whole group (it rolls back), not one append.
+    let outcomes =
+        batch.iter().map(|Request(req, _)| group.stage_append(req)).collect::<Result<Vec<_>, _>>()?;
+    let first_seq = seq + 1;
+    let last_seq = group.head;
+    let deliveries = group.write()?;
+    Ok(Committed { outcomes, deliveries, first_seq, last_seq })
+}
+
+/// The state one group commit stages on top of the database.
+struct Group<'t> {
+    tx: Transaction<'t>,
+    head: u64,
+    next_commission: u64,
+    /// Snapshots read or staged in this group (`None`: no such commission).
+    snapshots: HashMap<u64, Option<Commission>>,
+    /// Commissions the group changed, in id order.
+    changed: BTreeMap<u64, ()>,
+    jobs: HashMap<u64, Option<Job>>,
+    changed_jobs: BTreeMap<u64, u64>,
+    idempotency: HashMap<(String, String), u64>,
+    new_keys: Vec<(String, String, u64)>,
+    events: Vec<(Envelope, ViewAfter)>,
+}
+
+impl<'t> Group<'t> {
+    fn new(tx: Transaction<'t>, head: u64, next_commission: u64) -> Group<'t> {
+        Group {
+            tx,
+            head,
+            next_commission,
+            snapshots: HashMap::new(),
+            changed: BTreeMap::new(),
+            jobs: HashMap::new(),
+            changed_jobs: BTreeMap::new(),
+            idempotency: HashMap::new(),
+            new_keys: Vec::new(),
+            events: Vec::new(),
+        }
+    }
+
+    /// Reads the snapshots the group's appends name, in one query.
+    fn prefetch(&mut self, batch: &[Request]) -> Result<(), StorageError> {
+        let ids: Vec<i64> = batch
+            .iter()
+            .filter_map(|Request(r, _)| match r.target {
+                AppendTarget::Existing(id) => sql(id),
+                AppendTarget::New { .. } => None,
+            })
+            .collect();
+        if ids.is_empty() {
+            return Ok(());
+        }
+        for id in &ids {
+            self.snapshots.insert(from_sql(*id, "commissions")?, None);
+        }
+        let rows = self
+            .tx
+            .query("SELECT id, snapshot FROM atelier.commissions WHERE id = ANY($1)", &[&ids])
+            .map_err(pg("read the appends' commissions"))?;
+        for row in rows {
+            let c = decode_snapshot(row.get(1))?;
+            self.snapshots.insert(from_sql(row.get(0), "commissions")?, Some(c));
+        }
+        Ok(())
+    }
+
+    fn snapshot(&mut self, id: u64) -> Result<Option<Commission>, StorageError> {
+        if let Some(c) = self.snapshots.get(&id) {
+            return Ok(c.clone());
+        }
+        let Some(key) = sql(id) else { return Ok(None) };
+        let row = self
+            .tx
+            .query_opt("SELECT snapshot FROM atelier.commissions WHERE id = $1", &[&key])
+            .map_err(pg("read a commission"))?;
+        let c = row.map(|r| decode_snapshot(r.get(0))).transpose()?;
+        self.snapshots.insert(id, c.clone());
+        Ok(c)
+    }
+
+    fn idempotent(&mut self, user: &str, key: &str) -> Result<Option<u64>, StorageError> {
+        if let Some(id) = self.idempotency.get(&(user.to_string(), key.to_string())) {
+            return Ok(Some(*id));
+        }
+        let row = self
+            .tx
+            .query_opt(
+                "SELECT commission_id FROM atelier.idempotency WHERE user_id = $1 AND key = $2",
+                &[&user, &key],
+            )
+            .map_err(pg("read an idempotency key"))?;
+        row.map(|r| from_sql(r.get(0), "idempotency")).transpose()
+    }
+
+    fn job(&mut self, id: u64) -> Result<Option<Job>, StorageError> {
+        if let Some(j) = self.jobs.get(&id) {
+            return Ok(j.clone());
+        }
+        let Some(key) = sql(id) else { return Ok(None) };
+        let row = self
+            .tx
+            .query_opt("SELECT record FROM atelier.jobs WHERE id = $1", &[&key])
+            .map_err(pg("read a job"))?;
+        let j = row.map(|r| decode_job(r.get(0))).transpose()?;
+        self.jobs.insert(id, j.clone());
+        Ok(j)
+    }
+
+    /// Decides one append's outcome exactly as the sled writer does, staging its events when
+    /// it is appended.
+    fn stage_append(&mut self, req: &AppendRequest) -> Result<AppendOutcome, StorageError> {
+        let (cid, current, key) = match &req.target {
+            AppendTarget::Existing(id) => (*id, self.snapshot(*id)?, None),
+            AppendTarget::New { idempotency } => {
+                if let Some((user, key)) = idempotency {
+                    if let Some(id) = self.idempotent(user, key)? {
+                        let commission = self.snapshot(id)?.ok_or_else(|| {
+                            StorageError::bad_projection(
+                                "idempotency",
+                                format!("points at missing commission {id}"),
+                            )
+                        })?;
+                        return Ok(AppendOutcome::Duplicate { commission });
+                    }
+                }
+                (self.next_commission, None, idempotency.clone())
+            }
+        };
+        // Fold first, so that a refused event leaves nothing staged (all or nothing).
+        let (commission, folded) = match fold_append(current, cid, req, self.head + 1) {
+            Ok(folded) => folded,
+            Err(refused) => return Ok(refused.into()),
+        };
+        if matches!(req.target, AppendTarget::New { .. }) {
+            self.next_commission += 1;
+        }
+        if let Some((user, key)) = key {
+            self.idempotency.insert((user.clone(), key.clone()), cid);
+            self.new_keys.push((user, key, cid));
+        }
+        let first_seq = self.head + 1;
+        for Folded { env, view, .. } in folded {
+            self.head = env.seq;
+            self.stage_job(&env)?;
+            self.events.push((env, view));
+        }
+        self.snapshots.insert(cid, Some(commission.clone()));
+        self.changed.insert(cid, ());
+        Ok(AppendOutcome::Appended { commission, first_seq, last_seq: self.head })
+    }
+
+    /// Stages exported events as the sled writer's import does: each must follow the head,
+    /// be taken by the state machine, and a new commission must not reuse an id.
+    fn stage_import(&mut self, envs: &[Envelope]) -> Result<(), StorageError> {
+        for (line, env) in (1..).zip(envs) {
+            if env.seq != self.head + 1 {
+                return Err(StorageError::import(
+                    line,
+                    format!("seq {} does not follow {}", env.seq, self.head),
+                ));
+            }
+            let before = self.snapshot(env.commission_id)?;
+            let is_new = before.is_none();
+            let after = apply(before, env).map_err(|r| {
+                StorageError::import_from(line, format!("refused by the state machine: {r}"), r)
+            })?;
+            if is_new {
+                if env.commission_id < self.next_commission {
+                    return Err(StorageError::import(
+                        line,
+                        format!("commission id {} reused", env.commission_id),
+                    ));
+                }
+                self.next_commission = env.commission_id + 1;
+                if let Some(key) = &after.idempotency_key {
+                    self.idempotency.insert((after.user_id.clone(), key.clone()), env.commission_id);
+                    self.new_keys.push((after.user_id.clone(), key.clone(), env.commission_id));
+                }
+            }
+            self.head = env.seq;
+            self.stage_job(env)?;
+            self.events.push((env.clone(), ViewAfter::of(&after)));
+            self.snapshots.insert(env.commission_id, Some(after));
+            self.changed.insert(env.commission_id, ());
+        }
+        Ok(())
+    }
+
+    fn stage_job(&mut self, env: &Envelope) -> Result<(), StorageError> {
+        // `apply_job` asks for the current record of the job the event names, if any: read it
+        // first (a failed read must fail the group, not pass for "no such job").
+        let mut asked = None;
+        let _ = apply_job(
+            |id| {
+                asked = Some(id);
+                None
+            },
+            env,
+        );
+        let current = match asked {
+            Some(id) => self.job(id)?,
+            None => None,
+        };
+        if let Some((id, job)) = apply_job(|_| current, env) {
+            self.changed_jobs.insert(id, job.commission_id);
+            self.jobs.insert(id, Some(job));
+        }
+        Ok(())
+    }
+
+    /// Writes the staged events and projections, moves the head, notifies the followers and
+    /// commits. Returns the deliveries of the committed events.
+    fn write(mut self) -> Result<Vec<Delivery>, StorageError> {
+        if self.events.is_empty() {
+            self.tx.commit().map_err(pg("commit a group"))?;
+            return Ok(Vec::new());
+        }
+        let n = self.events.len();
+        let (mut seqs, mut cids, mut versions) =
+            (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
+        let (mut users, mut envs, mut views) =
+            (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
+        for (env, view) in &self.events {
+            seqs.push(sql_own(env.seq));
+            cids.push(sql_own(env.commission_id));
+            versions.push(sql_own(env.version));
+            users.push(view.user_id.to_string());
+            envs.push(codec::encode(env));
+            views.push(StoredView::encode(view));
+        }
+        self.tx
+            .execute(
+                "INSERT INTO atelier.events (seq, commission_id, version, user_id, envelope, view)
+                 SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::text[], $5::bytea[], $6::bytea[])",
+                &[&seqs, &cids, &versions, &users, &envs, &views],
+            )
+            .map_err(pg("write events"))?;
+        self.write_projections()?;
+        self.tx
+            .execute(
+                "UPDATE atelier.head SET seq = $1, next_commission = $2",
+                &[&sql_own(self.head), &sql_own(self.next_commission)],
+            )
+            .map_err(pg("move the log head"))?;
+        // A wake-up hint only, delivered at commit; followers read the log from their cursor.
+        self.tx.execute("SELECT pg_notify('atelier_log', '')", &[]).map_err(pg("notify"))?;
+        self.tx.commit().map_err(pg("commit a group"))?;
+        Ok(self
+            .events
+            .into_iter()
+            .map(|(env, view)| Delivery { env: Arc::new(env), view: Arc::new(view) })
+            .collect())
+    }
+
+    fn write_projections(&mut self) -> Result<(), StorageError> {
+        let (mut ids, mut users, mut states, mut live, mut versions, mut snaps) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for id in self.changed.keys() {
+            let Some(Some(c)) = self.snapshots.get(id) else { continue };
+            ids.push(sql_own(*id));
+            users.push(c.user_id.clone());
+            states.push(state_code(c.state));
+            live.push(!c.state.is_terminal());
+            versions.push(sql_own(c.version));
+            snaps.push(codec::encode(c));
+        }
+        self.tx
+            .execute(
+                "INSERT INTO atelier.commissions (id, user_id, state, live, version, snapshot)
+                 SELECT * FROM unnest($1::bigint[], $2::text[], $3::smallint[], $4::boolean[], $5::bigint[], $6::bytea[])
+                 ON CONFLICT (id) DO UPDATE SET state = EXCLUDED.state, live = EXCLUDED.live,
+                     version = EXCLUDED.version, snapshot = EXCLUDED.snapshot",
+                &[&ids, &users, &states, &live, &versions, &snaps],
+            )
+            .map_err(pg("write commissions"))?;
+        if !self.new_keys.is_empty() {
+            let users: Vec<&str> = self.new_keys.iter().map(|(u, _, _)| u.as_str()).collect();
+            let keys: Vec<&str> = self.new_keys.iter().map(|(_, k, _)| k.as_str()).collect();
+            let cids: Vec<i64> = self.new_keys.iter().map(|(_, _, c)| sql_own(*c)).collect();
+            self.tx
+                .execute(
+                    "INSERT INTO atelier.idempotency (user_id, key, commission_id)
+                     SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[])",
+                    &[&users, &keys, &cids],
+                )
+                .map_err(pg("write idempotency keys"))?;
+        }
+        if !self.changed_jobs.is_empty() {
+            let (mut ids, mut cids, mut records) = (Vec::new(), Vec::new(), Vec::new());
+            for (id, cid) in &self.changed_jobs {
+                let Some(Some(job)) = self.jobs.get(id) else { continue };
+                ids.push(sql_own(*id));
+                cids.push(sql_own(*cid));
+                records.push(codec::encode(job));
+            }
+            self.tx
+                .execute(
+                    "INSERT INTO atelier.jobs (id, commission_id, record)
+                     SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::bytea[])
+                     ON CONFLICT (id) DO UPDATE SET record = EXCLUDED.record",
+                    &[&ids, &cids, &records],
+                )
+                .map_err(pg("write jobs"))?;
+        }
+        Ok(())
+    }
+}
