@@ -302,9 +302,16 @@ fn cli_replay_check_export_import_and_bad_flags() {
         s.post(&format!("/api/commissions/{id}/cancel"), Some(&alice), &json!({}));
         assert!(s.stop().success(), "graceful stop exits 0");
     }
-    let run = |args: &[&str]| {
-        std::process::Command::new(exe()).args(args).env("ATELIER_DATA_DIR", dir.path()).output().unwrap()
+    // The CLI reaches the log where the server kept it: the data dir, or its database.
+    let cli = |data_dir: &std::path::Path| {
+        let mut cmd = std::process::Command::new(exe());
+        cmd.env("ATELIER_DATA_DIR", data_dir);
+        if let Some(url) = database_for(data_dir) {
+            cmd.env("ATELIER_DATABASE_URL", url);
+        }
+        cmd
     };
+    let run = |args: &[&str]| cli(dir.path()).args(args).output().unwrap();
     let check = run(&["replay", "--check"]);
     assert!(check.status.success(), "{}", String::from_utf8_lossy(&check.stdout));
     assert!(String::from_utf8_lossy(&check.stdout).contains("projections match the log"));
@@ -315,11 +322,7 @@ fn cli_replay_check_export_import_and_bad_flags() {
     let file = copy.path().join("log.jsonl");
     std::fs::write(&file, &export.stdout).unwrap();
     let target = copy.path().join("data");
-    let import = std::process::Command::new(exe())
-        .args(["import", file.to_str().unwrap()])
-        .env("ATELIER_DATA_DIR", &target)
-        .output()
-        .unwrap();
+    let import = cli(&target).args(["import", file.to_str().unwrap()]).output().unwrap();
     assert!(import.status.success(), "{}", String::from_utf8_lossy(&import.stderr));
     let bad = run(&["serve", "--bogus"]);
     assert_eq!(bad.status.code(), Some(2));

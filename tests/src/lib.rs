@@ -23,8 +23,6 @@ pub fn current_uid() -> u32 {
     unsafe { libc::geteuid() }
 }
 
-/// A fresh, empty dir under the system temp dir, removed when the guard drops: hold it for as
-/// long as any server or child process works in it.
 /// With `ATELIER_TEST_BACKEND=postgres`, every server the tests start keeps its log in
 /// PostgreSQL (a server of this test binary's own, one database per data dir, so that a
 /// restart on the same data dir finds its log again); otherwise in the data dir's sled store.
@@ -44,6 +42,8 @@ pub fn database_for(data_dir: &Path) -> Option<String> {
     Some(url)
 }
 
+/// A fresh, empty dir under the system temp dir, removed when the guard drops: hold it for as
+/// long as any server or child process works in it.
 pub fn temp_dir(name: &str) -> TempDir {
     tempfile::Builder::new().prefix(&format!("atelier-e2e-{name}-")).tempdir().expect("temp dir")
 }
