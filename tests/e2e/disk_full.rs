@@ -149,8 +149,18 @@ fn one_round(round: usize, logs: &Path) -> usize {
     assert!(ready.text().contains("the disk is full"), "round {round}: {}", ready.text());
     assert!(!reserve.exists(), "round {round}: the reserve is given back when the disk fills");
 
-    std::thread::sleep(Duration::from_millis(SETTLE_MS));
-    let spawned_before = spawned(&server);
+    // Spawns decided before the disk filled may still be under way on a busy machine: the
+    // count is taken once it has held still for a settle period.
+    let mut spawned_before = spawned(&server);
+    let settle_deadline = Instant::now() + RESUME_WITHIN;
+    loop {
+        std::thread::sleep(Duration::from_millis(SETTLE_MS));
+        let now_spawned = spawned(&server);
+        if now_spawned == spawned_before || Instant::now() > settle_deadline {
+            break;
+        }
+        spawned_before = now_spawned;
+    }
     let now = now_ms();
     assert!(now < due_at_ms, "round {round}: the disk filled only after the scheduled commissions were due");
     std::thread::sleep(Duration::from_millis(u64::try_from(due_at_ms - now).unwrap() + DUE_GRACE_MS));

@@ -20,6 +20,11 @@ use crate::error::{io, StorageError};
 /// and opens 512 KiB log segments, so one group commit and its projection write-back can cost
 /// a MiB or two on disk; this keeps twice that.
 pub const DISK_FREE_BYTES_MIN: u64 = 4 * 1024 * 1024;
+/// Free space beyond the reserve and the margin before a full disk resumes. Without it, a
+/// few hundred KiB that sled gave back while the disk was full were enough to remake the
+/// reserve and resume with the free space back at the margin's edge: appends (and the jobs
+/// the scheduler started meanwhile) flapped between running and refused.
+pub const DISK_RESUME_MARGIN_BYTES: u64 = DISK_FREE_BYTES_MIN;
 /// The disk reserve's size by default. It must cover what a shutdown flush and the next open
 /// write (a sled snapshot, the projection write-back, catch-up or a rebuild of the
 /// projections) when the disk is otherwise full; 16 MiB is several times that for a log of a
@@ -81,11 +86,13 @@ impl Disk {
         Err(StorageError::DiskFull { free, needed: self.wanted_free() })
     }
 
-    /// The free space that lets appends go on: the margin, and room for the reserve if it is
-    /// out.
+    /// The free space that lets appends go on: the margin, and while the reserve is out, room
+    /// to make it again and a resume margin on top.
     fn wanted_free(&self) -> u64 {
-        let reserve = if self.reserve_held { 0 } else { self.reserve_bytes };
-        DISK_FREE_BYTES_MIN.saturating_add(reserve)
+        if self.reserve_held || self.reserve_bytes == 0 {
+            return DISK_FREE_BYTES_MIN;
+        }
+        DISK_FREE_BYTES_MIN.saturating_add(self.reserve_bytes).saturating_add(DISK_RESUME_MARGIN_BYTES)
     }
 
     /// Gives the reserve back (the disk filled, or sled failed a write).
@@ -196,6 +203,19 @@ mod tests {
         assert_eq!(std::fs::metadata(&path).unwrap().len(), RESERVE);
         drop(Disk::open(dir.path(), 0));
         assert!(!path.exists());
+    }
+
+    /// Once the reserve is out, appends wait for room for it and a margin on top: a little
+    /// space given back on a full disk does not flip it between full and not.
+    #[test]
+    fn a_full_disk_resumes_only_with_room_to_spare() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut disk = Disk::open(dir.path(), RESERVE);
+        assert_eq!(disk.wanted_free(), DISK_FREE_BYTES_MIN);
+        disk.release();
+        assert_eq!(disk.wanted_free(), DISK_FREE_BYTES_MIN + RESERVE + DISK_RESUME_MARGIN_BYTES);
+        assert!(DISK_RESUME_MARGIN_BYTES >= DISK_FREE_BYTES_MIN);
+        assert_eq!(Disk::open(dir.path(), 0).wanted_free(), DISK_FREE_BYTES_MIN);
     }
 
     #[test]
