@@ -81,18 +81,6 @@ fn create(server: &Server, token: &str, context: &Value) -> Response {
     server.post("/api/commissions", Some(token), &json!({"pipeline": "noop", "context": context}))
 }
 
-/// Polls `/readyz` until it answers `status`, for at most `within`.
-fn readyz_becomes(server: &Server, status: u16, within: Duration) -> Response {
-    let deadline = Instant::now() + within;
-    loop {
-        let r = server.get("/readyz", None);
-        if r.status == status || Instant::now() > deadline {
-            return r;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 /// One round of the procedure on a fresh tmpfs; returns how many creates were acknowledged.
 // Long because it is the operator's procedure step by step, each step checked where it happens.
 fn one_round(round: usize, logs: &Path) -> usize {
@@ -169,7 +157,7 @@ fn one_round(round: usize, logs: &Path) -> usize {
 
     // Space returns: the store takes appends again by itself, reserve first.
     std::fs::remove_file(&ballast).unwrap();
-    let ready = readyz_becomes(&server, 200, RESUME_WITHIN);
+    let ready = server.readyz_becomes(200, RESUME_WITHIN);
     assert_eq!(ready.status, 200, "round {round}: no resume without a restart: {}", ready.text());
     assert_eq!(
         std::fs::metadata(&reserve).map(|m| m.len()).ok(),

@@ -18,17 +18,6 @@ fn noop() -> Value {
     json!({"context": {"title": "t"}, "pipeline": "noop"})
 }
 
-fn readyz_becomes(server: &Server, status: u16, within: Duration) -> Response {
-    let deadline = Instant::now() + within;
-    loop {
-        let r = server.get("/readyz", None);
-        if r.status == status || Instant::now() > deadline {
-            return r;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 /// The stream's events up to the log's head (heartbeats keep a stream from timing out, so
 /// reading until a silence would never end).
 fn events_upto(sse: &mut Sse, head: u64, seen: &mut Vec<u64>) {
@@ -74,12 +63,12 @@ fn serve_on_postgres_streams_resumes_and_rides_out_an_outage() {
     assert_eq!(refused.status, 503, "{}", refused.text());
     assert_eq!(refused.code(), "storage_unavailable");
     assert!(started.elapsed() < Duration::from_secs(5), "refused fast: {:?}", started.elapsed());
-    let ready = readyz_becomes(&s, 503, Duration::from_secs(5));
+    let ready = s.readyz_becomes(503, Duration::from_secs(5));
     assert_eq!(ready.status, 503, "{}", ready.text());
     assert_eq!(ready.code(), "not_ready");
     std::thread::sleep(Duration::from_millis(600));
     pg.start_again();
-    assert_eq!(readyz_becomes(&s, 200, Duration::from_secs(20)).status, 200, "ready again by itself");
+    assert_eq!(s.readyz_becomes(200, Duration::from_secs(20)).status, 200, "ready again by itself");
     s.create(&alice, noop());
     let caught_up = live.next().expect("the open stream carries on after the outage");
     assert!(caught_up.id > seen.last().copied(), "{caught_up:?}");

@@ -221,6 +221,18 @@ impl Server {
         std::mem::forget(self);
     }
 
+    /// Polls `/readyz` until it answers `status`, for at most `within`; the last answer.
+    pub fn readyz_becomes(&self, status: u16, within: Duration) -> Response {
+        let deadline = Instant::now() + within;
+        loop {
+            let r = self.get("/readyz", None);
+            if r.status == status || Instant::now() > deadline {
+                return r;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     pub fn get(&self, path: &str, token: Option<&str>) -> Response {
         request(self.addr, "GET", path, token, &[], None)
     }
