@@ -326,3 +326,49 @@ fn a_sled_export_imports_into_postgres_and_reads_the_same() {
     }
     assert_eq!(bad.read_log(0, usize::MAX).unwrap(), Vec::new(), "nothing of a refused import is kept");
 }
+
+/// `NOTIFY` only wakes a node's log follower; what it publishes it reads from its cursor. Here
+/// every follower's connection is cut and kept from coming back (the database takes no new
+/// connections) while node A appends on the connection it holds, so each notification of
+/// those appends is lost: node B's subscriber still gets every event, once, in order, after
+/// its follower reconnects.
+#[test]
+fn a_lost_notification_costs_latency_never_an_event() {
+    let url = pg_url("lostnotify");
+    let (a, b) = (open(&url), open(&url));
+    let mut sub = b.subscribe(0, Filter::All).unwrap();
+    created(&*a, "alice");
+    let first = sub.next_timeout(Duration::from_secs(5)).unwrap().expect("B follows A's log");
+    assert_eq!(first.env.seq, 1);
+    // A database cannot refuse connections to itself: this session is in another one.
+    let (server, db) = url.rsplit_once('/').unwrap();
+    let mut raw = Client::connect(&format!("{server}/postgres"), NoTls).unwrap();
+    raw.batch_execute(&format!("ALTER DATABASE {db} WITH ALLOW_CONNECTIONS false")).unwrap();
+    let cut: i64 = raw
+        .query_one(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+             WHERE datname = $1 AND application_name = $2",
+            &[&db, &atelier_storage::PG_FOLLOWER_APPLICATION_NAME],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(cut, 2, "each node's follower holds one connection");
+    for _ in 0..20 {
+        created(&*a, "alice");
+    }
+    assert_eq!(
+        sub.next_timeout(Duration::from_millis(300)).unwrap().map(|d| d.env.seq),
+        None,
+        "B is cut off"
+    );
+    raw.batch_execute(&format!("ALTER DATABASE {db} WITH ALLOW_CONNECTIONS true")).unwrap();
+    let mut seqs = Vec::new();
+    while let Some(d) = sub.next_timeout(Duration::from_secs(5)).unwrap() {
+        seqs.push(d.env.seq);
+        if seqs.len() == 20 {
+            break;
+        }
+    }
+    assert_eq!(seqs, (2..=21).collect::<Vec<u64>>(), "every event after the cut, once, in order");
+    assert_eq!(sub.next_timeout(Duration::from_millis(1_500)).unwrap().map(|d| d.env.seq), None);
+}

@@ -33,6 +33,7 @@ pub use config::{
 };
 pub use schema::PG_SCHEMA_VERSION;
 pub use state::PG_LIST_LIMIT_MAX;
+pub use tail::PG_FOLLOWER_APPLICATION_NAME;
 pub use writer::{PG_BATCH_REQUESTS_MAX, PG_WRITER_QUEUE_REQUESTS_MAX};
 
 use crate::error::{io, pg, StorageError};

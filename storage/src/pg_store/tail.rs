@@ -49,8 +49,14 @@ pub(super) fn run(inner: Arc<Inner>) {
     }
 }
 
+/// The follower's connections name themselves, so that an operator (or a test) can tell the
+/// one holding `LISTEN` in `pg_stat_activity`.
+pub const PG_FOLLOWER_APPLICATION_NAME: &str = "atelier follower";
+
 fn listen(inner: &Inner) -> Result<Client, StorageError> {
-    let mut c = connect(&inner.config)?;
+    let mut config = inner.config.clone();
+    config.application_name(PG_FOLLOWER_APPLICATION_NAME);
+    let mut c = connect(&config)?;
     c.batch_execute("LISTEN atelier_log").map_err(pg("listen for log notifications"))?;
     Ok(c)
 }
