@@ -31,6 +31,7 @@ defaults):
     ATELIER_RETENTION_DAYS    prune terminal commissions older than this   off
     ATELIER_JOB_DIRS_KEEP_DAYS  remove finished jobs' dirs (and logs) after   7 (0 = keep)
     ATELIER_ARTIFACTS_KEEP_DAYS  remove artifacts no commission refers to after   7 (0 = keep)
+    ATELIER_ARTIFACTS_DIR     artifacts here (absolute; shared by servers on one database)   DATA_DIR/artifacts
     ATELIER_CGROUP            a cgroup per job: auto | off | a delegated parent's path   auto
     ATELIER_HEARTBEAT_MS      SSE heartbeat interval            15000
     ATELIER_MAX_CONNECTIONS   open connections, streams included 10000

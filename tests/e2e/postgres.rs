@@ -190,3 +190,51 @@ fn append_until_refused(
 fn database_name(url: &str) -> String {
     url.rsplit('/').next().and_then(|tail| tail.split('?').next()).expect("a database in the URL").to_string()
 }
+
+/// Servers on one database share an artifacts dir (`ATELIER_ARTIFACTS_DIR`): a server that
+/// did not run a commission serves its image all the same; with only its own data dir, it
+/// could not.
+#[test]
+fn a_shared_artifacts_dir_lets_another_server_serve_what_one_made() {
+    let url = PgServer::shared().fresh_database("artifacts");
+    let shared = temp_dir("pg-artifacts");
+    let (dir_a, dir_b) = (temp_dir("pg-artifacts-a"), temp_dir("pg-artifacts-b"));
+    let art = shared.path().display().to_string();
+    let env = [("ATELIER_DATABASE_URL", url.as_str()), ("ATELIER_ARTIFACTS_DIR", art.as_str())];
+    let alice = token("alice", false);
+    let a = Server::start(exe(), dir_a.path(), &env);
+    let id = a.create(&alice, json!({"context": {"title": "Cats", "text": "meow"}}))["task_id"]
+        .as_u64()
+        .expect("an id");
+    let done = wait_for(Duration::from_secs(60), || {
+        let c = a.get(&format!("/api/commissions/{id}"), Some(&alice)).json();
+        (c["state"] == "completed").then_some(c)
+    })
+    .expect("the commission completes");
+    let uri = done["artifacts"][0]["uri"].as_str().expect("an image").to_string();
+    let png = a.get(&uri, None);
+    assert_eq!(png.status, 200);
+    assert!(png.body.starts_with(b"\x89PNG"), "a PNG");
+    assert!(std::fs::read_dir(dir_a.path().join("artifacts")).is_err(), "nothing under the data dir");
+    a.stop();
+
+    let alone = Server::start(exe(), dir_b.path(), &env[..1]);
+    assert_eq!(alone.get(&uri, None).status, 404, "a server with only its own data dir lacks it");
+    alone.stop();
+    let b = Server::start(exe(), dir_b.path(), &env);
+    let served = b.get(&uri, None);
+    assert_eq!(served.status, 200, "{}", served.text());
+    assert_eq!(served.body, png.body);
+    b.stop();
+
+    let relative = Command::new(exe())
+        .arg("serve")
+        .env("ATELIER_DATA_DIR", dir_b.path())
+        .env("ATELIER_DATABASE_URL", &url)
+        .env("ATELIER_ARTIFACTS_DIR", "shared/artifacts")
+        .output()
+        .expect("run serve");
+    let stderr = String::from_utf8_lossy(&relative.stderr);
+    assert_eq!(relative.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("ARTIFACTS_DIR") && stderr.contains("not an absolute path"), "{stderr}");
+}

@@ -7,6 +7,7 @@
 //! with a default.
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 
 pub use atelier_config::ConfigError;
 use atelier_config::{Raw, Sources};
@@ -261,6 +262,9 @@ pub struct WorkersConfig {
     /// An artifact that no commission in the store references is removed once its file is
     /// this many days old (and older than the longest job may run); 0 keeps them forever.
     pub artifacts_keep_days: u64,
+    /// ARTIFACTS_DIR: where artifacts are stored and served from instead of the data dir's
+    /// `artifacts/` (absolute); servers sharing one PostgreSQL log share one such dir.
+    pub artifacts_dir: Option<PathBuf>,
     /// CGROUP: a cgroup per job (`auto`, `off`, or a delegated parent's path); see `cgroup`.
     pub cgroup: CgroupSetting,
     pub retry: RetryPolicy,
@@ -301,6 +305,7 @@ impl Default for WorkersConfig {
             log_bytes_max: 1024 * 1024,
             job_dirs_keep_days: JOB_DIRS_KEEP_DAYS_DEFAULT,
             artifacts_keep_days: ARTIFACTS_KEEP_DAYS_DEFAULT,
+            artifacts_dir: None,
             cgroup: CgroupSetting::Auto,
             retry: RetryPolicy::default(),
             pipelines,
@@ -336,6 +341,7 @@ const SETTINGS: &[(&str, &str)] = &[
     ("log_bytes_max", "JOB_LOG_BYTES_MAX"),
     ("job_dirs_keep_days", "JOB_DIRS_KEEP_DAYS"),
     ("artifacts_keep_days", "ARTIFACTS_KEEP_DAYS"),
+    ("artifacts_dir", "ARTIFACTS_DIR"),
     ("cgroup", "CGROUP"),
     ("retry_base_ms", "RETRY_BASE_MS"),
     ("retry_cap_ms", "RETRY_CAP_MS"),
@@ -479,6 +485,13 @@ impl WorkersConfig {
             "log_bytes_max" => self.log_bytes_max = to_u64(raw.int(name, 0, 1 << 40)?),
             "job_dirs_keep_days" => self.job_dirs_keep_days = to_u64(raw.int(name, 0, 36_500)?),
             "artifacts_keep_days" => self.artifacts_keep_days = to_u64(raw.int(name, 0, 36_500)?),
+            "artifacts_dir" => {
+                let dir = PathBuf::from(raw.text().trim());
+                if !dir.is_absolute() {
+                    return Err(invalid(name, format!("{} is not an absolute path", dir.display())));
+                }
+                self.artifacts_dir = Some(dir);
+            }
             "cgroup" => {
                 self.cgroup = CgroupSetting::parse(raw.text().trim()).map_err(|e| invalid(name, e))?
             }

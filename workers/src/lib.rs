@@ -123,7 +123,9 @@ impl Workers {
         exe: PathBuf,
     ) -> Result<Workers, WorkersError> {
         // Workers run in their job dir: every path handed to them must not depend on our cwd.
-        let data_dir = DataDir::absolute(&data_dir).map_err(io_err("resolve the data dir"))?;
+        let data_dir = DataDir::absolute(&data_dir)
+            .map_err(io_err("resolve the data dir"))?
+            .with_artifacts(config.artifacts_dir.clone());
         let exe = std::path::absolute(&exe).map_err(io_err("resolve the executable path"))?;
         inside::private::create_dir_all(&data_dir.jobs()).map_err(io_err("create the jobs dir"))?;
         inside::private::create_dir_all(&data_dir.artifacts()).map_err(io_err("create the artifacts dir"))?;

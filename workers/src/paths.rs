@@ -9,6 +9,9 @@
 //!   jobs/pipelines/{name}-{hash}.json           the pipeline specs workers read
 //!   artifacts/{sha256hex}.png                   content-addressed outputs
 //! ```
+//!
+//! The artifacts may live elsewhere instead ([`DataDir::with_artifacts`]: `artifacts_dir`), a
+//! directory several servers share, so that any of them serves what any of them made.
 
 use std::path::{Path, PathBuf};
 
@@ -28,19 +31,26 @@ const STDERR_LOG: &str = "stderr.log";
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DataDir {
     root: PathBuf,
+    /// `artifacts_dir`, when set: used instead of `root/artifacts`.
+    artifacts: Option<PathBuf>,
 }
 
 impl DataDir {
     /// The layout under `root`, taken as given: workers run in their job dir, so a server
     /// that hands these paths to workers makes `root` absolute first ([`DataDir::absolute`]).
     pub fn new(root: impl Into<PathBuf>) -> DataDir {
-        DataDir { root: root.into() }
+        DataDir { root: root.into(), artifacts: None }
+    }
+
+    /// The same layout with the artifacts in `dir` (absolute) instead of under the root.
+    pub fn with_artifacts(self, dir: Option<PathBuf>) -> DataDir {
+        DataDir { artifacts: dir, ..self }
     }
 
     /// The layout under `root` made absolute (against the current dir), so that the paths
     /// handed to workers do not depend on the server's cwd.
     pub fn absolute(root: &Path) -> std::io::Result<DataDir> {
-        Ok(DataDir { root: std::path::absolute(root)? })
+        Ok(DataDir { root: std::path::absolute(root)?, artifacts: None })
     }
 
     pub fn root(&self) -> &Path {
@@ -71,7 +81,12 @@ impl DataDir {
 
     /// The content-addressed artifacts, `{sha256hex}.png`.
     pub fn artifacts(&self) -> PathBuf {
-        self.root.join(ARTIFACTS_DIR)
+        self.artifacts.clone().unwrap_or_else(|| self.root.join(ARTIFACTS_DIR))
+    }
+
+    /// Whether the artifacts live outside the data dir (`artifacts_dir`).
+    pub fn artifacts_elsewhere(&self) -> bool {
+        self.artifacts.is_some()
     }
 
     /// The artifact this entry of [`DataDir::artifacts`] is (its hash), if it is one: a

@@ -194,6 +194,9 @@ pub fn prepare_data_dir(dir: &DataDir, user: WorkerUser) -> std::io::Result<()> 
     if let WorkerUser::Dedicated(id) = user {
         make_the_rest_private(dir)?;
         check_reachable(dir.root(), id)?;
+        if dir.artifacts_elsewhere() {
+            check_reachable(&dir.artifacts(), id)?;
+        }
         for entry in std::fs::read_dir(dir.jobs())? {
             let entry = entry?;
             let Some(job_id) = DataDir::job_id_of(&entry.file_name()) else { continue };
