@@ -3,19 +3,44 @@
 //! [`PG_POOL_WAIT_MS`] for a slot and fails with `Unavailable` beyond, so that an outage or
 //! a stuck database costs a request a bounded wait, never a thread forever.
 
+use std::collections::HashMap;
 use std::ops::{Deref, DerefMut};
 use std::time::Duration;
 
 use crossbeam_channel::{Receiver, Sender};
-use postgres::{Client, NoTls};
+use postgres::types::ToSql;
+use postgres::{Client, GenericClient, NoTls, Row, Statement};
 
 use super::config::{PG_CONNECT_TIMEOUT_MS, PG_POOL_WAIT_MS, PG_STATEMENT_TIMEOUT_MS};
 use crate::error::{pg, StorageError};
 
 pub(super) struct Pool {
     config: postgres::Config,
-    tx: Sender<Option<Client>>,
-    rx: Receiver<Option<Client>>,
+    tx: Sender<Option<(Client, Statements)>>,
+    rx: Receiver<Option<(Client, Statements)>>,
+}
+
+/// One connection's prepared statements, by their text. A query given as text is parsed and
+/// planned by the server at every call, and costs two round trips (prepare, then execute);
+/// prepared once per connection, it costs one, and no parse. The store's queries are a
+/// fixed, small set of literals, so the cache stays that small.
+#[derive(Default)]
+pub(super) struct Statements(HashMap<&'static str, Statement>);
+
+impl Statements {
+    /// `sql` prepared on `client` (the connection these statements belong to).
+    pub(super) fn get(
+        &mut self,
+        client: &mut impl GenericClient,
+        sql: &'static str,
+    ) -> Result<Statement, postgres::Error> {
+        if let Some(s) = self.0.get(sql) {
+            return Ok(s.clone());
+        }
+        let s = client.prepare(sql)?;
+        self.0.insert(sql, s.clone());
+        Ok(s)
+    }
 }
 
 /// The connection settings every connection of the store uses.
@@ -51,9 +76,9 @@ impl Pool {
         })?;
         let mut pooled = Pooled { pool: self, client: None };
         pooled.client = match slot {
-            Some(c) if !c.is_closed() => Some(c),
+            Some((c, s)) if !c.is_closed() => Some((c, s)),
             // A broken or never-made connection: the slot is given back empty on failure.
-            _ => Some(connect(&self.config)?),
+            _ => Some((connect(&self.config)?, Statements::default())),
         };
         Ok(pooled)
     }
@@ -62,25 +87,64 @@ impl Pool {
 /// A connection out of the pool; its slot goes back when dropped (empty if it broke).
 pub(super) struct Pooled<'a> {
     pool: &'a Pool,
-    client: Option<Client>,
+    client: Option<(Client, Statements)>,
+}
+
+impl Pooled<'_> {
+    fn parts(&mut self) -> (&mut Client, &mut Statements) {
+        let (c, s) =
+            self.client.as_mut().expect("invariant: a pooled connection holds its client until dropped");
+        (c, s)
+    }
+
+    /// [`Client::query`] with `sql` prepared once per connection (they shadow the client's own).
+    pub(super) fn query(
+        &mut self,
+        sql: &'static str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Vec<Row>, postgres::Error> {
+        let (c, s) = self.parts();
+        let st = s.get(c, sql)?;
+        c.query(&st, params)
+    }
+
+    pub(super) fn query_opt(
+        &mut self,
+        sql: &'static str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Option<Row>, postgres::Error> {
+        let (c, s) = self.parts();
+        let st = s.get(c, sql)?;
+        c.query_opt(&st, params)
+    }
+
+    pub(super) fn query_one(
+        &mut self,
+        sql: &'static str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Row, postgres::Error> {
+        let (c, s) = self.parts();
+        let st = s.get(c, sql)?;
+        c.query_one(&st, params)
+    }
 }
 
 impl Deref for Pooled<'_> {
     type Target = Client;
     fn deref(&self) -> &Client {
-        self.client.as_ref().expect("invariant: a pooled connection holds its client until dropped")
+        &self.client.as_ref().expect("invariant: a pooled connection holds its client until dropped").0
     }
 }
 
 impl DerefMut for Pooled<'_> {
     fn deref_mut(&mut self) -> &mut Client {
-        self.client.as_mut().expect("invariant: a pooled connection holds its client until dropped")
+        self.parts().0
     }
 }
 
 impl Drop for Pooled<'_> {
     fn drop(&mut self) {
-        let client = self.client.take().filter(|c| !c.is_closed());
+        let client = self.client.take().filter(|(c, _)| !c.is_closed());
         // The channel has room: this slot came out of it.
         let _ = self.pool.tx.try_send(client);
     }

@@ -25,10 +25,11 @@ use std::time::{Duration, Instant};
 
 use atelier_engine::{apply, apply_job, Commission, Envelope, Job};
 use crossbeam_channel::{Receiver, RecvTimeoutError};
-use postgres::{Client, Transaction};
+use postgres::types::ToSql;
+use postgres::{Client, Row, Statement, Transaction};
 
 use super::config::{PG_HEALTH_CHECK_INTERVAL_MS, PG_RECONNECT_BACKOFF_MAX_MS, PG_RECONNECT_BACKOFF_MIN_MS};
-use super::pool::connect;
+use super::pool::{connect, Statements};
 use super::state::{decode_job, decode_snapshot, from_sql, sql, sql_own, state_code, Inner, StoredView};
 use crate::append_rules::{fold_append, Folded};
 use crate::codec;
@@ -57,6 +58,8 @@ pub(super) enum Work {
 pub(super) struct Writer {
     inner: Arc<Inner>,
     client: Option<Client>,
+    /// The prepared statements of `client` (emptied with a new connection).
+    statements: Statements,
     /// No reconnect before this instant (backoff while the database is away).
     next_connect: Instant,
     backoff_ms: u64,
@@ -75,6 +78,7 @@ impl Writer {
         Writer {
             inner,
             client: Some(client),
+            statements: Statements::default(),
             next_connect: Instant::now(),
             backoff_ms: PG_RECONNECT_BACKOFF_MIN_MS,
         }
@@ -121,13 +125,9 @@ impl Writer {
     /// Imports exported events in one transaction: all of them or, on a refused line, none.
     fn commit_import(&mut self, envs: &[Envelope]) -> Result<(), StorageError> {
         let inner = self.inner.clone();
-        let client = self.connection()?;
-        let mut tx = client.transaction().map_err(pg("begin an import"))?;
-        let head = tx
-            .query_one("SELECT seq, next_commission FROM atelier.head FOR UPDATE", &[])
-            .map_err(pg("lock the log head"))?;
-        let seq = from_sql(head.get(0), "head")?;
-        let mut group = Group::new(tx, seq, from_sql(head.get(1), "head")?);
+        let (client, statements) = self.connection()?;
+        let mut group = Group::begin(client, statements)?;
+        let seq = group.head;
         group.stage_import(envs)?;
         let last_seq = group.head;
         let deliveries = group.write()?;
@@ -139,7 +139,7 @@ impl Writer {
 
     /// The writer's connection, made again (within the backoff) when it broke. Appends fail
     /// fast while the database is away; they never wait for it.
-    fn connection(&mut self) -> Result<&mut Client, StorageError> {
+    fn connection(&mut self) -> Result<(&mut Client, &mut Statements), StorageError> {
         if self.client.as_ref().is_some_and(Client::is_closed) {
             self.client = None;
         }
@@ -151,6 +151,7 @@ impl Writer {
                 Ok(c) => {
                     tracing::info!("the database is reachable again");
                     self.client = Some(c);
+                    self.statements = Statements::default();
                     self.backoff_ms = PG_RECONNECT_BACKOFF_MIN_MS;
                 }
                 Err(e) => {
@@ -161,7 +162,7 @@ impl Writer {
                 }
             }
         }
-        Ok(self.client.as_mut().expect("invariant: connected above"))
+        Ok((self.client.as_mut().expect("invariant: connected above"), &mut self.statements))
     }
 
     fn unavailable_now(&self) -> StorageError {
@@ -188,7 +189,7 @@ impl Writer {
     fn check_connection(&mut self) {
         let checked = self
             .connection()
-            .and_then(|c| c.simple_query("SELECT 1").map(drop).map_err(pg("check the connection")));
+            .and_then(|(c, _)| c.simple_query("SELECT 1").map(drop).map_err(pg("check the connection")));
         match checked {
             Ok(()) => self.set_available(),
             Err(e) => {
@@ -202,10 +203,10 @@ impl Writer {
     fn commit_batch(&mut self, batch: Vec<Request>) {
         let started = Instant::now();
         let inner = self.inner.clone();
-        let committed = self.connection().and_then(|client| {
+        let committed = self.connection().and_then(|(client, statements)| {
             let mut tries = 1;
             loop {
-                match commit(client, &batch) {
+                match commit(client, statements, &batch) {
                     Err(e) if is_version_race(&e) && tries < COMMIT_TRIES_MAX => tries += 1,
                     other => break other,
                 }
@@ -264,14 +265,13 @@ fn is_version_race(e: &StorageError) -> bool {
 
 /// One group commit, in one transaction: lock the head, stage every append on the newest
 /// state, write events and projections, move the head, notify, commit.
-fn commit(client: &mut Client, batch: &[Request]) -> Result<Committed, StorageError> {
-    let mut tx = client.transaction().map_err(pg("begin a group commit"))?;
-    let head = tx
-        .query_one("SELECT seq, next_commission FROM atelier.head FOR UPDATE", &[])
-        .map_err(pg("lock the log head"))?;
-    let seq = from_sql(head.get(0), "head")?;
-    let next_commission = from_sql(head.get(1), "head")?;
-    let mut group = Group::new(tx, seq, next_commission);
+fn commit(
+    client: &mut Client,
+    statements: &mut Statements,
+    batch: &[Request],
+) -> Result<Committed, StorageError> {
+    let mut group = Group::begin(client, statements)?;
+    let seq = group.head;
     group.prefetch(batch)?;
     // A failed read while staging fails the whole group (it rolls back), not one append.
     let outcomes =
@@ -285,6 +285,7 @@ fn commit(client: &mut Client, batch: &[Request]) -> Result<Committed, StorageEr
 /// The state one group commit stages on top of the database.
 struct Group<'t> {
     tx: Transaction<'t>,
+    statements: &'t mut Statements,
     head: u64,
     next_commission: u64,
     /// Snapshots read or staged in this group (`None`: no such commission).
@@ -299,9 +300,56 @@ struct Group<'t> {
 }
 
 impl<'t> Group<'t> {
-    fn new(tx: Transaction<'t>, head: u64, next_commission: u64) -> Group<'t> {
+    /// The transaction's `query`, `query_opt` and `execute`, with `sql` prepared once per
+    /// connection (`Statements`).
+    fn query(
+        &mut self,
+        sql: &'static str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Vec<Row>, postgres::Error> {
+        let st = self.prepared(sql)?;
+        self.tx.query(&st, params)
+    }
+
+    fn query_opt(
+        &mut self,
+        sql: &'static str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Option<Row>, postgres::Error> {
+        let st = self.prepared(sql)?;
+        self.tx.query_opt(&st, params)
+    }
+
+    fn execute(&mut self, sql: &'static str, params: &[&(dyn ToSql + Sync)]) -> Result<u64, postgres::Error> {
+        let st = self.prepared(sql)?;
+        self.tx.execute(&st, params)
+    }
+
+    fn prepared(&mut self, sql: &'static str) -> Result<Statement, postgres::Error> {
+        self.statements.get(&mut self.tx, sql)
+    }
+
+    /// Begins a group's transaction and takes the head row's lock (see the module docs).
+    fn begin(client: &'t mut Client, statements: &'t mut Statements) -> Result<Group<'t>, StorageError> {
+        let mut tx = client.transaction().map_err(pg("begin a group commit"))?;
+        let lock = statements
+            .get(&mut tx, "SELECT seq, next_commission FROM atelier.head FOR UPDATE")
+            .map_err(pg("prepare the head lock"))?;
+        let head = tx.query_one(&lock, &[]).map_err(pg("lock the log head"))?;
+        let seq = from_sql(head.get(0), "head")?;
+        let next_commission = from_sql(head.get(1), "head")?;
+        Ok(Group::new(tx, statements, seq, next_commission))
+    }
+
+    fn new(
+        tx: Transaction<'t>,
+        statements: &'t mut Statements,
+        head: u64,
+        next_commission: u64,
+    ) -> Group<'t> {
         Group {
             tx,
+            statements,
             head,
             next_commission,
             snapshots: HashMap::new(),
@@ -330,7 +378,6 @@ impl<'t> Group<'t> {
             self.snapshots.insert(from_sql(*id, "commissions")?, None);
         }
         let rows = self
-            .tx
             .query("SELECT id, snapshot FROM atelier.commissions WHERE id = ANY($1)", &[&ids])
             .map_err(pg("read the appends' commissions"))?;
         for row in rows {
@@ -346,7 +393,6 @@ impl<'t> Group<'t> {
         }
         let Some(key) = sql(id) else { return Ok(None) };
         let row = self
-            .tx
             .query_opt("SELECT snapshot FROM atelier.commissions WHERE id = $1", &[&key])
             .map_err(pg("read a commission"))?;
         let c = row.map(|r| decode_snapshot(r.get(0))).transpose()?;
@@ -359,7 +405,6 @@ impl<'t> Group<'t> {
             return Ok(Some(*id));
         }
         let row = self
-            .tx
             .query_opt(
                 "SELECT commission_id FROM atelier.idempotency WHERE user_id = $1 AND key = $2",
                 &[&user, &key],
@@ -374,7 +419,6 @@ impl<'t> Group<'t> {
         }
         let Some(key) = sql(id) else { return Ok(None) };
         let row = self
-            .tx
             .query_opt("SELECT record FROM atelier.jobs WHERE id = $1", &[&key])
             .map_err(pg("read a job"))?;
         let j = row.map(|r| decode_job(r.get(0))).transpose()?;
@@ -504,22 +548,20 @@ impl<'t> Group<'t> {
             envs.push(codec::encode(env));
             views.push(StoredView::encode(view));
         }
-        self.tx
-            .execute(
-                "INSERT INTO atelier.events (seq, commission_id, version, user_id, envelope, view)
+        self.execute("INSERT INTO atelier.events (seq, commission_id, version, user_id, envelope, view)
                  SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::text[], $5::bytea[], $6::bytea[])",
                 &[&seqs, &cids, &versions, &users, &envs, &views],
             )
             .map_err(pg("write events"))?;
         self.write_projections()?;
-        self.tx
-            .execute(
-                "UPDATE atelier.head SET seq = $1, next_commission = $2",
-                &[&sql_own(self.head), &sql_own(self.next_commission)],
-            )
-            .map_err(pg("move the log head"))?;
-        // A wake-up hint only, delivered at commit; followers read the log from their cursor.
-        self.tx.execute("SELECT pg_notify('atelier_log', '')", &[]).map_err(pg("notify"))?;
+        // The notification is a wake-up hint only, delivered at commit; followers read the
+        // log from their cursor. One statement with the head's move: one round trip less.
+        self.execute(
+            "WITH moved AS (UPDATE atelier.head SET seq = $1, next_commission = $2 RETURNING 1)
+             SELECT pg_notify('atelier_log', '') FROM moved",
+            &[&sql_own(self.head), &sql_own(self.next_commission)],
+        )
+        .map_err(pg("move the log head"))?;
         self.tx.commit().map_err(pg("commit a group"))?;
         Ok(self
             .events
@@ -540,9 +582,7 @@ impl<'t> Group<'t> {
             versions.push(sql_own(c.version));
             snaps.push(codec::encode(c));
         }
-        self.tx
-            .execute(
-                "INSERT INTO atelier.commissions (id, user_id, state, live, version, snapshot)
+        self.execute("INSERT INTO atelier.commissions (id, user_id, state, live, version, snapshot)
                  SELECT * FROM unnest($1::bigint[], $2::text[], $3::smallint[], $4::boolean[], $5::bigint[], $6::bytea[])
                  ON CONFLICT (id) DO UPDATE SET state = EXCLUDED.state, live = EXCLUDED.live,
                      version = EXCLUDED.version, snapshot = EXCLUDED.snapshot",
@@ -550,16 +590,15 @@ impl<'t> Group<'t> {
             )
             .map_err(pg("write commissions"))?;
         if !self.new_keys.is_empty() {
-            let users: Vec<&str> = self.new_keys.iter().map(|(u, _, _)| u.as_str()).collect();
-            let keys: Vec<&str> = self.new_keys.iter().map(|(_, k, _)| k.as_str()).collect();
+            let users: Vec<String> = self.new_keys.iter().map(|(u, _, _)| u.clone()).collect();
+            let keys: Vec<String> = self.new_keys.iter().map(|(_, k, _)| k.clone()).collect();
             let cids: Vec<i64> = self.new_keys.iter().map(|(_, _, c)| sql_own(*c)).collect();
-            self.tx
-                .execute(
-                    "INSERT INTO atelier.idempotency (user_id, key, commission_id)
+            self.execute(
+                "INSERT INTO atelier.idempotency (user_id, key, commission_id)
                      SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[])",
-                    &[&users, &keys, &cids],
-                )
-                .map_err(pg("write idempotency keys"))?;
+                &[&users, &keys, &cids],
+            )
+            .map_err(pg("write idempotency keys"))?;
         }
         if !self.changed_jobs.is_empty() {
             let (mut ids, mut cids, mut records) = (Vec::new(), Vec::new(), Vec::new());
@@ -569,14 +608,13 @@ impl<'t> Group<'t> {
                 cids.push(sql_own(*cid));
                 records.push(codec::encode(job));
             }
-            self.tx
-                .execute(
-                    "INSERT INTO atelier.jobs (id, commission_id, record)
+            self.execute(
+                "INSERT INTO atelier.jobs (id, commission_id, record)
                      SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::bytea[])
                      ON CONFLICT (id) DO UPDATE SET record = EXCLUDED.record",
-                    &[&ids, &cids, &records],
-                )
-                .map_err(pg("write jobs"))?;
+                &[&ids, &cids, &records],
+            )
+            .map_err(pg("write jobs"))?;
         }
         Ok(())
     }
