@@ -9,11 +9,12 @@ from typing import Callable, Dict, Iterator, List, Optional
 
 import pytest
 
-from atelier_harness import Server
-from fake_services import FakeServices
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import configure  # noqa: E402 - the example's own config writer, found through the line above
+HERE = Path(__file__).resolve().parent
+# The example's own config writer, and the SDK's server harness.
+sys.path[:0] = [str(HERE.parent), str(HERE.parents[2] / "sdk" / "python" / "tests")]
+import configure  # noqa: E402
+from atelier_harness import Server  # noqa: E402
+from fake_services import FakeServices  # noqa: E402
 
 StartServer = Callable[..., Server]
 

@@ -1,4 +1,5 @@
-"""A real `atelier serve` on loopback for the shop pipeline's tests, and a small HTTP client:
+"""A real `atelier serve` on loopback for the SDK's and the shop pipeline's tests, and a small
+HTTP client:
 as the Rust end-to-end harness does it (tests/src/lib.rs), with a secret of the test's own
 so tokens are minted here (HS256, with hmac and hashlib), and workers running as the test's
 own user whatever accounts the machine has."""
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 REPO = Path(__file__).resolve().parents[3]
+SDK_SRC = REPO / "sdk" / "python" / "src"
 #: How long the server may take to print its address.
 START_TIMEOUT_S = 20.0
 #: How long one HTTP request to it may take.
