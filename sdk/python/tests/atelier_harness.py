@@ -19,6 +19,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
@@ -198,8 +199,6 @@ def of_type(events: List[Dict[str, Any]], kind: str) -> List[Dict[str, Any]]:
 
 def at_s(event: Dict[str, Any]) -> float:
     """An event's `at` (RFC 3339, milliseconds, UTC) in seconds since the epoch."""
-    from datetime import datetime
-
     return datetime.fromisoformat(event["at"].replace("Z", "+00:00")).timestamp()
 
 
