@@ -24,6 +24,7 @@ mod jobs;
 mod ops;
 mod pages;
 mod streams;
+mod worker_files;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Access {

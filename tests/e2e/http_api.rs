@@ -413,3 +413,42 @@ fn a_misspelt_setting_stops_the_start_with_its_name() {
     let stderr = serve_with("[workers]\nmax_concurrent_jobs = 2\n\n[pipelines.a]\nmemory_mb = 1\n");
     assert!(stderr.contains("config file line 5: setting 'pipelines.a.memory_mb'"), "{stderr}");
 }
+
+/// Workers fill the artifacts dir, so a job could leave a file under the name of an image another
+/// job makes: an artifact is served only when its content hashes to its name, and never through
+/// a link or from a FIFO.
+#[test]
+fn an_artifact_is_served_only_when_it_hashes_to_its_name() {
+    let dir = temp_dir("artifact-hash");
+    let s = server(&dir);
+    let alice = token("alice", false);
+    let id =
+        s.create(&alice, json!({"context": {"title": "Cats", "text": "meow"}}))["task_id"].as_u64().unwrap();
+    let done = wait_for(std::time::Duration::from_secs(60), || {
+        let c = s.get(&format!("/api/commissions/{id}"), Some(&alice)).json();
+        (c["state"] == "completed").then_some(c)
+    })
+    .expect("the commission completes");
+    let uri = done["artifacts"][0]["uri"].as_str().expect("an image").to_string();
+    let original = s.get(&uri, None);
+    assert_eq!(original.status, 200);
+    let file = dir.path().join(uri.trim_start_matches('/'));
+    let swapped = |s: &Server, what: &str| {
+        let r = s.get(&uri, None);
+        assert_eq!(r.status, 404, "{what}: {}", r.text());
+        assert_eq!(r.code(), "not_found", "{what}");
+    };
+    std::fs::write(&file, b"\x89PNG other content").unwrap();
+    swapped(&s, "other content under the name");
+    std::fs::remove_file(&file).unwrap();
+    std::os::unix::fs::symlink(dir.path().join("secret"), &file).unwrap();
+    swapped(&s, "a link");
+    std::fs::remove_file(&file).unwrap();
+    let c = std::ffi::CString::new(file.to_str().unwrap()).unwrap();
+    // SAFETY: a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    swapped(&s, "a FIFO");
+    std::fs::remove_file(&file).unwrap();
+    std::fs::write(&file, &original.body).unwrap();
+    assert_eq!(s.get(&uri, None).body, original.body, "the right content is served again");
+}

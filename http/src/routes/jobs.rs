@@ -59,20 +59,10 @@ pub(super) fn logs(call: &Call<'_>) -> Result<Reply, StorageError> {
 const JOB_LOG_SERVED_BYTES_MAX: u64 = 1024 * 1024;
 
 /// At most [`JOB_LOG_SERVED_BYTES_MAX`] of a job's log, from its start. The job's dir is the
-/// worker's to fill: the log is opened without following a symlink it may have planted there
-/// (`O_NOFOLLOW`) and without blocking on a FIFO (`O_NONBLOCK`); anything but a regular file,
-/// like a missing one, reads as empty.
+/// worker's to fill (`worker_files`): anything but a regular file, like a missing one, reads
+/// as empty.
 fn read_log(path: &std::path::Path) -> String {
-    use std::io::Read;
-    use std::os::unix::fs::OpenOptionsExt;
-    let opened =
-        std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK).open(path);
-    let Ok(file) = opened else { return String::new() };
-    if !file.metadata().is_ok_and(|m| m.is_file()) {
-        return String::new();
-    }
-    let mut bytes = Vec::new();
-    let _ = file.take(JOB_LOG_SERVED_BYTES_MAX).read_to_end(&mut bytes);
+    let bytes = super::worker_files::read_capped(path, JOB_LOG_SERVED_BYTES_MAX).unwrap_or_default();
     String::from_utf8_lossy(&bytes).into_owned()
 }
 

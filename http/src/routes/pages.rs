@@ -109,7 +109,12 @@ pub(super) fn asset(call: &Call<'_>) -> Result<Reply, StorageError> {
     })
 }
 
-/// A content-addressed artifact: named by its sha-256, so it is cached for good.
+/// The largest artifact served; a file above it is not (a worker could leave any size there).
+pub const ARTIFACT_SERVED_BYTES_MAX: u64 = 64 * 1024 * 1024;
+
+/// A content-addressed artifact: named by its sha-256, so it is cached for good. Workers fill
+/// the artifacts dir, and a job could leave a file under the name of content another job is
+/// about to make: what is served must hash to its name, or it is not served at all.
 pub(super) fn artifact(call: &Call<'_>) -> Result<Reply, StorageError> {
     let name = call.params[0];
     let hash = name.strip_suffix(".png").unwrap_or("");
@@ -122,14 +127,32 @@ pub(super) fn artifact(call: &Call<'_>) -> Result<Reply, StorageError> {
     }
     // Without executors nothing makes artifacts: there is none to serve.
     let stored = call.shared.executors.as_ref().map(|e| e.artifacts_dir().join(name));
-    Ok(match stored.map(std::fs::read) {
-        Some(Ok(bytes)) => Reply::Bytes(
+    let read = stored.and_then(|p| super::worker_files::read_capped(&p, ARTIFACT_SERVED_BYTES_MAX + 1));
+    let verified = read.filter(|bytes| {
+        let ok = bytes.len() as u64 <= ARTIFACT_SERVED_BYTES_MAX && sha256_hex(bytes) == hash;
+        if !ok {
+            tracing::warn!(artifact = %name, bytes = bytes.len(), "an artifact file that does not hash to its name (or is too large) was not served");
+        }
+        ok
+    });
+    Ok(match verified {
+        Some(bytes) => Reply::Bytes(
             200,
             "image/png",
             bytes,
             vec![("Cache-Control", "public, max-age=31536000, immutable".into())],
         ),
         _ => error(404, "not_found", format!("no artifact {name}")),
+    })
+}
+
+/// Lowercase hex of the SHA-256 of `bytes`: an artifact's name.
+fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    use std::fmt::Write;
+    sha2::Sha256::digest(bytes).iter().fold(String::with_capacity(64), |mut s, b| {
+        let _ = write!(s, "{b:02x}");
+        s
     })
 }
 

@@ -289,16 +289,14 @@ fn run_builtin(
                 .map_err(|e| fail(format!("cannot read {}: {e}", path.display()), true))?;
             let digest = hex(&Sha256::digest(&bytes));
             let dest = env.artifacts_dir.join(format!("{digest}.png"));
-            // The same content stored before is touched instead: the janitor removes an
-            // unreferenced artifact by its age, and this job is about to reference it.
-            let touched =
-                std::fs::File::open(&dest).and_then(|f| f.set_modified(std::time::SystemTime::now()));
-            if touched.is_err() {
-                private::create_dir_all(&env.artifacts_dir)
-                    .map_err(|e| fail(format!("cannot create {}: {e}", env.artifacts_dir.display()), true))?;
-                write_atomic(&dest, &bytes)
-                    .map_err(|e| fail(format!("cannot store {}: {e}", dest.display()), true))?;
-            }
+            // Written even when a file of that name is there: another job may have left one
+            // under this name with other content (the server serves only what hashes to its
+            // name, but this job's image must be what is there). The rename also renews the
+            // file's age, by which the janitor removes unreferenced artifacts.
+            private::create_dir_all(&env.artifacts_dir)
+                .map_err(|e| fail(format!("cannot create {}: {e}", env.artifacts_dir.display()), true))?;
+            write_atomic(&dest, &bytes)
+                .map_err(|e| fail(format!("cannot store {}: {e}", dest.display()), true))?;
             let uri = format!("/artifacts/{digest}.png");
             rep.send(Message::Artifact { stage, kind: "image".into(), uri: uri.clone() })?;
             progress(rep, stage, 100, "stored")?;
