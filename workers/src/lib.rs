@@ -19,6 +19,7 @@
 
 #[cfg(feature = "test-faults")]
 mod ballast;
+mod backup;
 mod cgroup;
 mod config;
 mod contain;
@@ -45,6 +46,7 @@ use atelier_storage::{EventStore, Filter};
 use crossbeam_channel::Sender;
 
 pub use config::{Builtin, CgroupSetting, ConfigError, JobLimits, PipelineConfig, StageSpec, WorkersConfig};
+pub use backup::{check_target, restore, BackupError, FetchArtifact, Restored};
 pub use contain::become_undumpable;
 pub use error::WorkersError;
 pub use inside::pipeline::{derive_ideas, JobInput};
