@@ -29,7 +29,12 @@ pub(crate) enum Sending {
 }
 
 /// Writes the response (the connection closes after it).
-pub(crate) fn serve(w: &mut dyn Write, shared: &Arc<Shared>, backup: &Backup, send: Sending) -> io::Result<()> {
+pub(crate) fn serve(
+    w: &mut dyn Write,
+    shared: &Arc<Shared>,
+    backup: &Backup,
+    send: Sending,
+) -> io::Result<()> {
     let head = format!(
         "HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\nTransfer-Encoding: chunked\r\n\
          Cache-Control: no-store\r\nX-Content-Type-Options: nosniff\r\n{BACKUP_SEQ_HEADER}: {}\r\n\
@@ -67,7 +72,11 @@ pub(crate) fn serve(w: &mut dyn Write, shared: &Arc<Shared>, backup: &Backup, se
 }
 
 /// One chunk of the export, read and encoded on the handler pool.
-fn read_on_pool(shared: &Arc<Shared>, after: u64, through: u64) -> Result<(Vec<u8>, ExportChunk), StorageError> {
+fn read_on_pool(
+    shared: &Arc<Shared>,
+    after: u64,
+    through: u64,
+) -> Result<(Vec<u8>, ExportChunk), StorageError> {
     let (tx, rx) = crossbeam_channel::bounded(1);
     let store = shared.store.clone();
     let job: crate::pool::Job = Box::new(move || {

@@ -283,7 +283,8 @@ fn serve_request(conn: &mut Connection, mut rq: tiny_http::Request, shared: &Arc
             return if sse::serve(&mut w, *opened, framing, shared) { Next::ReadNext } else { Next::Close };
         }
         Reply::Backup(b) => {
-            let send = if head_only == Body::Send { backup::Sending::Body } else { backup::Sending::HeadOnly };
+            let send =
+                if head_only == Body::Send { backup::Sending::Body } else { backup::Sending::HeadOnly };
             let _ = backup::serve(&mut w, shared, &b, send);
             return Next::Close;
         }

@@ -305,7 +305,11 @@ pub fn export(store: &dyn EventStore, out: &mut dyn Write) -> Result<u64, Storag
 
 /// Writes the log's events with seq up to `through` as [`export`] does: a copy as of one seq,
 /// whatever is appended while it is written.
-pub fn export_through(store: &dyn EventStore, through: u64, out: &mut dyn Write) -> Result<u64, StorageError> {
+pub fn export_through(
+    store: &dyn EventStore,
+    through: u64,
+    out: &mut dyn Write,
+) -> Result<u64, StorageError> {
     let mut n = 0;
     let mut after = 0;
     while let ExportChunk { events, next: Some(next) } = export_chunk(store, after, through, out)? {

@@ -55,10 +55,18 @@ fn completed_with_artifact(s: &Server, user: &str) -> (u64, String) {
 fn append_until(addr: std::net::SocketAddr, i: usize, stop: &AtomicBool) -> (Vec<(u64, u64)>, Duration) {
     let user = token(&format!("load{i}"), false);
     let (mut acked, mut slowest) = (Vec::new(), Duration::ZERO);
-    let body = json!({"context": {"title": "load"}, "pipeline": "noop", "scheduled_for": "2099-01-01T00:00:00Z"});
+    let body =
+        json!({"context": {"title": "load"}, "pipeline": "noop", "scheduled_for": "2099-01-01T00:00:00Z"});
     while !stop.load(Ordering::SeqCst) {
         let started = Instant::now();
-        let r = request(addr, "POST", "/api/commissions", Some(&user), &[("Content-Type", "application/json")], Some(body.to_string().as_bytes()));
+        let r = request(
+            addr,
+            "POST",
+            "/api/commissions",
+            Some(&user),
+            &[("Content-Type", "application/json")],
+            Some(body.to_string().as_bytes()),
+        );
         slowest = slowest.max(started.elapsed());
         assert_eq!(r.status, 201, "a create under load: {}", r.text());
         let snap = r.json();
@@ -123,7 +131,10 @@ fn a_backup_under_load_holds_exactly_the_log_through_its_seq_and_serves() {
         "backup through seq {through} took {took:.2?} under {APPENDERS} appenders; {} creates acknowledged, {after} after its seq; slowest create {slowest:.2?}",
         acked.len()
     );
-    assert!(through >= head_before, "the backup's seq {through} is at least the head {head_before} before it");
+    assert!(
+        through >= head_before,
+        "the backup's seq {through} is at least the head {head_before} before it"
+    );
     assert!(after > 0, "the load went on past the backup's seq (else this test shows nothing)");
 
     let log = exported(&copy);
@@ -134,11 +145,20 @@ fn a_backup_under_load_holds_exactly_the_log_through_its_seq_and_serves() {
         if *seq <= through {
             assert_eq!(in_copy.get(seq), Some(commission), "acknowledged seq {seq} is in the copy");
         } else {
-            assert!(!in_copy.values().any(|c| c == commission), "commission {commission} (seq {seq}) is after the backup");
+            assert!(
+                !in_copy.values().any(|c| c == commission),
+                "commission {commission} (seq {seq}) is after the backup"
+            );
         }
     }
-    let check = Command::new(exe()).args(["replay", "--check"]).env("ATELIER_DATA_DIR", &copy).output().unwrap();
-    assert!(check.status.success(), "replay --check on the copy: {}{}", text(&check.stdout), text(&check.stderr));
+    let check =
+        Command::new(exe()).args(["replay", "--check"]).env("ATELIER_DATA_DIR", &copy).output().unwrap();
+    assert!(
+        check.status.success(),
+        "replay --check on the copy: {}{}",
+        text(&check.stdout),
+        text(&check.stderr)
+    );
     assert!(
         copy.join("artifacts").join(artifact.trim_start_matches("/artifacts/")).is_file(),
         "the artifact came along"

@@ -8,7 +8,7 @@
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use atelier_tests::*;
 
@@ -16,8 +16,10 @@ use atelier_tests::*;
 const LIVE_EVENTS: usize = 200;
 /// Time between two of those appends.
 const APPEND_INTERVAL_MS: u64 = 5;
-/// An event must reach the client through the proxy this soon after it was appended (p99).
-const LIVE_P99_MS_MAX: i64 = 50;
+/// The most nginx may add to an event's way to the client (p99): the time an event arrives
+/// through nginx, less the time it arrives on a stream straight from the server. A proxy that
+/// buffers the stream holds events for seconds, or until the end.
+const ADDED_P99_MS_MAX: f64 = 50.0;
 /// The per-address connection cap the cap tests run the server with.
 const PER_IP_MAX: usize = 3;
 
@@ -30,9 +32,11 @@ fn nginx_binary() -> PathBuf {
     let on_path = std::env::var_os("PATH")
         .map(|p| std::env::split_paths(&p).map(|d| d.join("nginx")).collect::<Vec<_>>())
         .unwrap_or_default();
-    on_path.into_iter().chain([PathBuf::from("/usr/sbin/nginx")]).find(|p| p.is_file()).unwrap_or_else(
-        || panic!("nginx is not installed: scripts/test installs it (apt-get install nginx)"),
-    )
+    on_path
+        .into_iter()
+        .chain([PathBuf::from("/usr/sbin/nginx")])
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| panic!("nginx is not installed: scripts/test installs it (apt-get install nginx)"))
 }
 
 /// A free port on loopback (free when asked; nginx binds it right after).
@@ -120,22 +124,35 @@ fn now_ms() -> i64 {
     i64::try_from(d.as_millis()).unwrap()
 }
 
-/// How long after its append (its `at`) each event reached the reader: `(seq, ms)` per event,
-/// `n` events, read on a thread of its own.
-fn receive_timed(mut sse: Sse, n: usize) -> std::thread::JoinHandle<(Vec<(u64, i64)>, Sse)> {
+/// One event as a reader got it.
+struct Receipt {
+    seq: u64,
+    /// When it arrived.
+    at: Instant,
+    /// How long after its append (the event's `at`, in ms) it arrived.
+    since_append_ms: f64,
+}
+
+/// `n` events read on a thread of their own, each with when it arrived.
+fn receive_timed(mut sse: Sse, n: usize) -> std::thread::JoinHandle<(Vec<Receipt>, Sse)> {
     std::thread::spawn(move || {
         let mut got = Vec::with_capacity(n);
         while got.len() < n {
             let e = sse.next().unwrap_or_else(|| panic!("the stream ended after {} events", got.len()));
-            let at = e.data["at"].as_str().and_then(atelier_engine::time::parse_rfc3339).expect("at");
-            got.push((e.id.expect("an id"), now_ms() - i64::try_from(at).unwrap()));
+            let at = Instant::now();
+            let appended = e.data["at"].as_str().and_then(atelier_engine::time::parse_rfc3339).expect("at");
+            let since_append_ms = (now_ms() - appended) as f64;
+            got.push(Receipt { seq: e.id.expect("an id"), at, since_append_ms });
         }
         (got, sse)
     })
 }
 
-fn percentile(sorted: &[i64], p: usize) -> i64 {
-    sorted[(sorted.len() * p / 100).min(sorted.len() - 1)]
+/// The p-th percentile, p50 and p99 of `ms`, and its max, as text.
+fn percentiles(mut ms: Vec<f64>) -> (f64, String) {
+    ms.sort_by(f64::total_cmp);
+    let p = |q: usize| ms[(ms.len() * q / 100).min(ms.len() - 1)];
+    (p(99), format!("p50 {:.1} p99 {:.1} max {:.1}", p(50), p(99), ms[ms.len() - 1]))
 }
 
 /// The seqs must follow one another: the admin stream carries every event of the log.
@@ -170,37 +187,35 @@ fn events_arrive_live_through_nginx_and_a_stream_resumes_without_gap_or_duplicat
     }
     let (got, proxied) = via_nginx.join().expect("the proxied reader");
     let (got_direct, _) = straight.join().expect("the direct reader");
-    assert_contiguous(&got.iter().map(|g| g.0).collect::<Vec<_>>(), start, "through nginx");
-    let lat = |g: &[(u64, i64)]| {
-        let mut ms: Vec<i64> = g.iter().map(|x| x.1).collect();
-        ms.sort_unstable();
-        ms
-    };
-    let (ms, ms_direct) = (lat(&got), lat(&got_direct));
+    assert_contiguous(&got.iter().map(|g| g.seq).collect::<Vec<_>>(), start, "through nginx");
+    assert_contiguous(&got_direct.iter().map(|g| g.seq).collect::<Vec<_>>(), start, "direct");
+    let added: Vec<f64> = got
+        .iter()
+        .zip(&got_direct)
+        .map(|(n, d)| n.at.saturating_duration_since(d.at).as_secs_f64() * 1000.0)
+        .collect();
+    let (added_p99, added_text) = percentiles(added);
+    let (_, via_text) = percentiles(got.iter().map(|g| g.since_append_ms).collect());
+    let (_, direct_text) = percentiles(got_direct.iter().map(|g| g.since_append_ms).collect());
     eprintln!(
-        "append to receipt over {LIVE_EVENTS} events, ms: through nginx p50 {} p99 {} max {}; direct p50 {} p99 {} max {}",
-        percentile(&ms, 50),
-        percentile(&ms, 99),
-        ms[ms.len() - 1],
-        percentile(&ms_direct, 50),
-        percentile(&ms_direct, 99),
-        ms_direct[ms_direct.len() - 1]
+        "over {LIVE_EVENTS} events, ms: append to receipt through nginx {via_text}; straight from the server \
+         {direct_text}; added by nginx {added_text}"
     );
-    assert!(
-        percentile(&ms, 99) <= LIVE_P99_MS_MAX,
-        "p99 {} ms from append to receipt through nginx (direct: {} ms): nginx holds events back",
-        percentile(&ms, 99),
-        percentile(&ms_direct, 99)
-    );
+    assert!(added_p99 <= ADDED_P99_MS_MAX, "nginx holds events back: it adds {added_text} ms");
 
     // The client goes away; more is appended meanwhile; it comes back with its last id.
-    let last = got.last().unwrap().0;
+    let last = got.last().unwrap().seq;
     proxied.shutdown();
-    let ids: Vec<u64> = (0..10).map(|i| s.create(&alice, queued(&format!("gap {i}")))["task_id"].as_u64().unwrap()).collect();
+    let ids: Vec<u64> =
+        (0..10).map(|i| s.create(&alice, queued(&format!("gap {i}")))["task_id"].as_u64().unwrap()).collect();
     let mut resumed = Sse::open(nginx.addr, "/api/events/stream", &admin, Some(last));
     assert_eq!(resumed.status, 200);
     let events: Vec<SseEvent> = (0..ids.len()).map(|_| resumed.next().expect("a resumed event")).collect();
-    assert_contiguous(&events.iter().map(|e| e.id.unwrap()).collect::<Vec<_>>(), last, "resumed through nginx");
+    assert_contiguous(
+        &events.iter().map(|e| e.id.unwrap()).collect::<Vec<_>>(),
+        last,
+        "resumed through nginx",
+    );
     let task_ids: Vec<u64> = events.iter().map(|e| e.data["task_id"].as_u64().unwrap()).collect();
     assert_eq!(task_ids, ids, "exactly the events appended while away");
     // And nothing more: the next read waits (heartbeats are comments, skipped).
@@ -219,7 +234,11 @@ fn stream_from(nginx: &Nginx, from: &str, admin: &str) -> (u16, Sse) {
 
 fn capped_server(dir: &Path, trusted: &str) -> Server {
     let cap = PER_IP_MAX.to_string();
-    Server::start(exe(), dir, &[("ATELIER_MAX_CONNECTIONS_PER_IP", &cap), ("ATELIER_TRUSTED_PROXIES", trusted)])
+    Server::start(
+        exe(),
+        dir,
+        &[("ATELIER_MAX_CONNECTIONS_PER_IP", &cap), ("ATELIER_TRUSTED_PROXIES", trusted)],
+    )
 }
 
 #[test]
@@ -236,10 +255,7 @@ fn untrusted_nginx_makes_every_client_behind_it_share_its_address() {
     }
     // A client of its own address, but nginx's connection is the server's peer: full.
     let (status, _) = stream_from(&nginx, "127.0.0.20", &admin);
-    assert!(
-        status == 503 || status == 502,
-        "one more client behind an untrusted proxy is refused as nginx's address is full: {status}"
-    );
+    assert_eq!(status, 503, "one more client behind an untrusted proxy: nginx's address is full");
     drop(open);
 }
 

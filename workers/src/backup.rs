@@ -43,11 +43,9 @@ pub enum BackupError {
 impl std::fmt::Display for BackupError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            BackupError::NotEmpty(dir) => write!(
-                f,
-                "{} exists and is not empty: a backup goes into a new or empty dir",
-                dir.display()
-            ),
+            BackupError::NotEmpty(dir) => {
+                write!(f, "{} exists and is not empty: a backup goes into a new or empty dir", dir.display())
+            }
             BackupError::Io { what, .. } => f.write_str(what),
             BackupError::Storage(_) => f.write_str("the backup could not be stored"),
             BackupError::Artifact { hash, .. } => write!(f, "cannot fetch the artifact {hash}"),
@@ -163,7 +161,9 @@ fn restore_into(
         }
         let path = dir.join(format!("{hash}.png"));
         let mut f = private::create_file(&path).map_err(io(format!("cannot create {}", path.display())))?;
-        f.write_all(&bytes).and_then(|()| f.sync_all()).map_err(io(format!("cannot write {}", path.display())))?;
+        f.write_all(&bytes)
+            .and_then(|()| f.sync_all())
+            .map_err(io(format!("cannot write {}", path.display())))?;
         restored.artifacts += 1;
     }
     Ok(restored)

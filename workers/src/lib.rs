@@ -17,9 +17,9 @@
 //! - `inside/`: the code that runs inside a worker process (what the interface stamp covers);
 //! - `paths.rs`, `config.rs`, `program.rs`, `contain.rs`, `janitor.rs`: leaves.
 
+mod backup;
 #[cfg(feature = "test-faults")]
 mod ballast;
-mod backup;
 mod cgroup;
 mod config;
 mod contain;
@@ -45,8 +45,8 @@ use std::time::Instant;
 use atelier_storage::{EventStore, Filter};
 use crossbeam_channel::Sender;
 
-pub use config::{Builtin, CgroupSetting, ConfigError, JobLimits, PipelineConfig, StageSpec, WorkersConfig};
 pub use backup::{check_target, restore, BackupError, FetchArtifact, Restored};
+pub use config::{Builtin, CgroupSetting, ConfigError, JobLimits, PipelineConfig, StageSpec, WorkersConfig};
 pub use contain::become_undumpable;
 pub use error::WorkersError;
 pub use inside::pipeline::{derive_ideas, JobInput};
