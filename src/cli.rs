@@ -55,6 +55,20 @@ defaults):
     ATELIER_LOG_FORMAT        json for JSON lines               human-readable
     RUST_LOG                  log level filter                  info";
 
+/// What `atelier backup --help` adds below the flags; README's "Backups" says the same.
+const BACKUP_HELP: &str = "\
+The server keeps serving: it sends its log through its head when asked (GET /api/admin/backup,
+an admin token), appends go on meanwhile, and DIR gets exactly the events up to that seq, as a
+sled data dir, with every artifact its commissions refer to. `atelier serve` and
+`atelier replay --check` work on DIR like on any data dir. On failure DIR is left as it was.
+
+The token secret is not copied (an admin token must not carry away the key that signs everyone's
+tokens): copy DATA_DIR/secret into DIR (mode 0600), or set ATELIER_SECRET, for a server on DIR to
+accept the tokens the old one signed; without either it makes a new secret.
+
+A server whose log is in PostgreSQL is backed up the same way, into a sled data dir; pg_dump of
+its database is the way to a copy that stays in PostgreSQL.";
+
 #[derive(Debug, Parser)]
 #[command(
     name = "atelier",
@@ -118,6 +132,14 @@ pub enum Command {
         file: PathBuf,
         #[command(flatten)]
         store: StoreArgs,
+    },
+    /// Copy a running server's log and artifacts into a new data dir, as of one log seq
+    #[command(after_help = BACKUP_HELP)]
+    Backup {
+        /// The new data dir: must not exist, or be empty
+        dir: PathBuf,
+        #[command(flatten)]
+        client: ClientArgs,
     },
     /// Create a commission and print its id
     Submit {

@@ -18,9 +18,9 @@ use atelier_http::client::{Client, ClientError};
 use atelier_http::secret::{SecretError, Stamp};
 use atelier_http::{Executors, HttpConfig, HttpError, Keys, Role, Server, TlsFiles};
 use atelier_storage::{
-    check, DataDirLock, EventStore, PgConfig, PgStore, Retention, SledStore, StorageError,
+    check, DataDirLock, EventStore, PgConfig, PgStore, Retention, SledStore, StorageError, StoreConfig,
 };
-use atelier_workers::{ProgramError, ProgramSource, Workers, WorkersConfig, WorkersError};
+use atelier_workers::{BackupError, ProgramError, ProgramSource, Workers, WorkersConfig, WorkersError};
 use clap::{CommandFactory, Parser};
 
 use cli::{ClientArgs, Command, SecretAction, StoreArgs};
@@ -58,6 +58,7 @@ enum CliError {
     Client(ClientError),
     Watch(WatchError),
     NoToken(NoToken),
+    Backup(BackupError),
     /// A file or the binary's own path: `what` says which.
     Io {
         what: String,
@@ -81,6 +82,7 @@ impl std::fmt::Display for CliError {
             CliError::Client(e) => e.fmt(f),
             CliError::Watch(e) => e.fmt(f),
             CliError::NoToken(e) => e.fmt(f),
+            CliError::Backup(e) => e.fmt(f),
         }
     }
 }
@@ -100,6 +102,7 @@ impl std::error::Error for CliError {
             CliError::Client(e) => e.source(),
             CliError::Watch(e) => e.source(),
             CliError::NoToken(e) => e.source(),
+            CliError::Backup(e) => e.source(),
         }
     }
 }
@@ -124,6 +127,7 @@ from_error!(
     Client(ClientError),
     Watch(WatchError),
     NoToken(NoToken),
+    Backup(BackupError),
 );
 
 fn io_error(what: String) -> impl FnOnce(std::io::Error) -> CliError {
@@ -187,6 +191,7 @@ fn run(command: Command) -> Result<ExitCode, CliError> {
         Command::Replay { check: _, store } => replay(store),
         Command::Export { out, store } => export(out, store),
         Command::Import { file, store } => import(file, store),
+        Command::Backup { dir, client } => backup(&dir, client),
         Command::Submit { context, pipeline, priority, client } => {
             submit(&context, pipeline, priority, client)
         }
@@ -549,6 +554,37 @@ fn import(file: PathBuf, store: StoreArgs) -> Result<ExitCode, CliError> {
         Store::Pg { store, .. } => check::import(&*store, &mut std::io::BufReader::new(f))?,
     };
     eprintln!("imported {n} events");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `atelier backup DIR`: the server's log as of one seq, imported into DIR, and the artifacts
+/// it refers to (see `atelier_workers::restore`).
+fn backup(dir: &std::path::Path, args: ClientArgs) -> Result<ExitCode, CliError> {
+    private_files();
+    let c = client(args)?;
+    atelier_workers::check_target(dir)?;
+    let mut body = c.backup()?;
+    let mut fetch = |hash: &str| match c.bytes(&format!("/artifacts/{hash}.png")) {
+        Ok(bytes) => Ok(Some(bytes)),
+        Err(ClientError::Api { status: 404, .. }) => Ok(None),
+        Err(e) => Err(e.into()),
+    };
+    let restored = atelier_workers::restore(StoreConfig::new(dir), &mut body.lines, &mut fetch)?;
+    println!(
+        "backed up {} events (the log through seq {}) and {} artifacts into {}",
+        restored.events,
+        body.through,
+        restored.artifacts,
+        dir.display()
+    );
+    for hash in &restored.artifacts_missing {
+        eprintln!("atelier: warning: the server no longer has the artifact {hash}; the copy lacks it");
+    }
+    eprintln!(
+        "the token secret is not in the backup: copy the server's DATA_DIR/secret into {} (or set \
+         ATELIER_SECRET) for a server there to accept the same tokens",
+        dir.display()
+    );
     Ok(ExitCode::SUCCESS)
 }
 

@@ -27,6 +27,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, Sender};
 use tiny_http::Next;
 
+use crate::backup;
 use crate::client_addr::client_addr;
 use crate::dispatch::handle;
 use crate::framing::{self, BodyFraming, Refusal};
@@ -280,6 +281,12 @@ fn serve_request(conn: &mut Connection, mut rq: tiny_http::Request, shared: &Arc
             let reusable = close == Close::No && head_only == Body::Send;
             let framing = if opened.ends() && reusable { Framing::Chunked } else { Framing::UntilClose };
             return if sse::serve(&mut w, *opened, framing, shared) { Next::ReadNext } else { Next::Close };
+        }
+        Reply::Backup(b) => {
+            let send =
+                if head_only == Body::Send { backup::Sending::Body } else { backup::Sending::HeadOnly };
+            let _ = backup::serve(&mut w, shared, &b, send);
+            return Next::Close;
         }
         Reply::Json(status, body) => {
             let body = serde_json::to_vec(&body).expect("invariant: JSON values serialize");

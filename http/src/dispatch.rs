@@ -40,7 +40,7 @@ pub(crate) fn handle(req: &Req, started: Instant, shared: &Arc<Shared>) -> Reply
     };
     let status = match &reply {
         Reply::Json(s, _) | Reply::Bytes(s, ..) | Reply::Empty(s) => *s,
-        Reply::Stream(_) => 200,
+        Reply::Stream(_) | Reply::Backup(_) => 200,
     };
     shared.metrics.request(route, status, started.elapsed().as_secs_f64());
     reply

@@ -10,6 +10,7 @@
 
 mod assets;
 pub mod auth;
+mod backup;
 pub mod client;
 pub mod client_addr;
 mod clock;
@@ -34,6 +35,7 @@ mod sse;
 mod state;
 
 pub use auth::{Identity, Keys, Role};
+pub use backup::BACKUP_SEQ_HEADER;
 pub use config::{
     HttpConfig, Scheme, TlsFiles, BODY_TIMEOUT_MS_DEFAULT, CONNECTIONS_MAX_DEFAULT,
     CONNECTIONS_PER_IP_MAX_DEFAULT, HEADER_TIMEOUT_MS_DEFAULT, HEARTBEAT_MS_DEFAULT,

@@ -3,6 +3,7 @@
 
 use serde_json::Value;
 
+use crate::backup::Backup;
 use crate::render;
 use crate::sse::Opened;
 
@@ -14,6 +15,8 @@ pub(crate) enum Reply {
     /// A stream, subscribed and with its first history read: the connection's thread runs it.
     /// Boxed: a subscription is large, and replies travel by value (and as `Err` in routes).
     Stream(Box<Opened>),
+    /// A backup of the log: the connection's thread writes it, then closes.
+    Backup(Backup),
 }
 
 pub(crate) fn error(status: u16, code: &str, message: impl AsRef<str>) -> Reply {

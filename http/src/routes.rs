@@ -62,6 +62,8 @@ pub enum Body {
     Png,
     /// Prometheus' text exposition.
     Metrics,
+    /// The log as JSON lines (`atelier export`'s format), chunked.
+    Backup,
     /// No body (204, and the sign-in's 303).
     Empty,
 }
@@ -276,6 +278,15 @@ pub const ROUTES: &[Route] = &[
         ops::metrics,
     )
     .answers(&[(200, Body::Metrics)]),
+    r(
+        "GET",
+        "/api/admin/backup",
+        "backup",
+        Access::Admin,
+        "A backup: the log through its head now, as JSON lines (what atelier backup imports; admin)",
+        ops::backup,
+    )
+    .answers(&[(200, Body::Backup)]),
     r("GET", "/api/openapi.json", "openapi", Access::Public, "This API as OpenAPI 3.1", serve_openapi)
         .answers(&[(200, Body::OpenApi)]),
     r(
@@ -485,6 +496,11 @@ fn response(status: u16, body: Body, generator: &mut SchemaGenerator) -> Value {
         }),
         Body::Png => json!({"image/png": {"schema": {"type": "string", "contentMediaType": "image/png"}}}),
         Body::Metrics => json!({"text/plain": {"schema": {"type": "string"}}}),
+        Body::Backup => json!({"application/x-ndjson": {"schema": {
+            "type": "string",
+            "description": "One event envelope per line, in seq order, through the seq in the \
+                X-Atelier-Backup-Seq header (the log's head when the request came)",
+        }}}),
         Body::Events => json!({"text/event-stream": {"schema": {
             "type": "string",
             "description": "Messages of `id:` (the event's seq), `event:` (its type) and `data:` \
@@ -520,7 +536,7 @@ fn schema_of(body: Body, generator: &mut SchemaGenerator) -> Value {
             }})
         }
         Body::OpenApi => return json!({"type": "object", "required": ["openapi", "paths"]}),
-        Body::Events | Body::Html | Body::Asset | Body::Png | Body::Metrics | Body::Empty => {
+        Body::Events | Body::Html | Body::Asset | Body::Png | Body::Metrics | Body::Backup | Body::Empty => {
             unreachable!("invariant: {body:?} is not JSON")
         }
     };

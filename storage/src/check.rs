@@ -297,23 +297,58 @@ fn push_limited(diff: &mut Vec<String>, lines: Vec<String>) {
     }
 }
 
-/// Writes the log as JSON lines, one envelope each, in seq order, from either backend.
-/// Pruned records are skipped.
+/// Writes the log as JSON lines, one envelope each, in seq order, from either backend, up to
+/// its head when called. Pruned records are skipped.
 pub fn export(store: &dyn EventStore, out: &mut dyn Write) -> Result<u64, StorageError> {
+    export_through(store, store.head_seq(), out)
+}
+
+/// Writes the log's events with seq up to `through` as [`export`] does: a copy as of one seq,
+/// whatever is appended while it is written.
+pub fn export_through(
+    store: &dyn EventStore,
+    through: u64,
+    out: &mut dyn Write,
+) -> Result<u64, StorageError> {
     let mut n = 0;
     let mut after = 0;
-    loop {
-        let chunk = store.read_log(after, EXPORT_CHUNK_EVENTS)?;
-        let Some(last) = chunk.last() else { break };
-        after = last.seq;
-        for env in &chunk {
-            let line = serde_json::to_string(env).expect("invariant: envelopes serialize");
-            writeln!(out, "{line}").map_err(crate::error::io("write the export"))?;
-            n += 1;
-        }
+    while let ExportChunk { events, next: Some(next) } = export_chunk(store, after, through, out)? {
+        n += events;
+        after = next;
     }
     out.flush().map_err(crate::error::io("write the export"))?;
     Ok(n)
+}
+
+/// What one [`export_chunk`] wrote.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ExportChunk {
+    pub events: u64,
+    /// Where the next chunk starts (its `after`); `None` once `through` is reached.
+    pub next: Option<u64>,
+}
+
+/// Writes one chunk of the events after `after` with seq up to `through` (at most
+/// [`EXPORT_CHUNK_EVENTS`]) as JSON lines. One read of the log beside the writer, which it
+/// never holds up: a backup of a serving store exports chunk by chunk.
+pub fn export_chunk(
+    store: &dyn EventStore,
+    after: u64,
+    through: u64,
+    out: &mut dyn Write,
+) -> Result<ExportChunk, StorageError> {
+    if after >= through {
+        return Ok(ExportChunk { events: 0, next: None });
+    }
+    let chunk = store.read_log(after, EXPORT_CHUNK_EVENTS)?;
+    let Some(last) = chunk.last() else { return Ok(ExportChunk { events: 0, next: None }) };
+    let mut events = 0;
+    for env in chunk.iter().take_while(|env| env.seq <= through) {
+        let line = serde_json::to_string(env).expect("invariant: envelopes serialize");
+        writeln!(out, "{line}").map_err(crate::error::io("write the export"))?;
+        events += 1;
+    }
+    Ok(ExportChunk { events, next: Some(last.seq) })
 }
 
 /// A store that [`import`] loads into: a data dir's sled store, or a PostgreSQL log.

@@ -382,13 +382,42 @@ pub enum Next {
 /// A live SSE connection.
 pub struct Sse {
     pub status: u16,
-    reader: BufReader<TcpStream>,
+    /// The body: the socket's bytes, or their payload when the response is chunked (a proxy
+    /// in front of the server may frame a stream so).
+    reader: Box<dyn BufRead + Send>,
+    socket: TcpStream,
     pub retry_hint: Option<u64>,
+}
+
+/// A TCP connection to `addr` from the local address `from` (any port): a loopback client
+/// can play many clients by connecting from 127.0.0.2, 127.0.0.3, ...
+pub fn connect_from(from: std::net::IpAddr, addr: SocketAddr) -> std::io::Result<TcpStream> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let s = rt.block_on(async {
+        let socket =
+            if from.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+        socket.bind(SocketAddr::new(from, 0))?;
+        socket.connect(addr).await
+    })?;
+    let s = s.into_std()?;
+    s.set_nonblocking(false)?;
+    Ok(s)
 }
 
 impl Sse {
     pub fn open(addr: SocketAddr, path: &str, token: &str, last_event_id: Option<u64>) -> Sse {
-        let mut s = TcpStream::connect(addr).expect("connect");
+        let s = TcpStream::connect(addr).expect("connect");
+        Sse::open_on(s, addr, path, token, last_event_id)
+    }
+
+    /// Opens a stream on a connection made already (see [`connect_from`]).
+    pub fn open_on(
+        mut s: TcpStream,
+        addr: SocketAddr,
+        path: &str,
+        token: &str,
+        last_event_id: Option<u64>,
+    ) -> Sse {
         s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
         // `Connection: close`: the stream's body runs to the close, so `next` sees its end as
         // EOF (a keep-alive client gets a chunked body; `tests/e2e/sse.rs` covers that).
@@ -398,21 +427,30 @@ impl Sse {
         }
         head.push_str("\r\n");
         s.write_all(head.as_bytes()).unwrap();
+        let socket = s.try_clone().expect("clone the socket");
         let mut reader = BufReader::new(s);
         let mut line = String::new();
         reader.read_line(&mut line).unwrap();
         let status = line.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+        let mut chunked = false;
         loop {
             line.clear();
             if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
                 break;
             }
+            let l = line.to_ascii_lowercase();
+            chunked |= l.starts_with("transfer-encoding:") && l.contains("chunked");
         }
-        Sse { status, reader, retry_hint: None }
+        let reader: Box<dyn BufRead + Send> = if chunked {
+            Box::new(BufReader::new(atelier_http::client::Dechunked::new(reader)))
+        } else {
+            Box::new(reader)
+        };
+        Sse { status, reader, socket, retry_hint: None }
     }
 
     pub fn set_timeout(&self, t: Duration) {
-        self.reader.get_ref().set_read_timeout(Some(t)).unwrap();
+        self.socket.set_read_timeout(Some(t)).unwrap();
     }
 
     /// The next event; `None` when the stream ends (or times out, or fails). Comments are
@@ -479,7 +517,7 @@ impl Sse {
     }
 
     pub fn shutdown(self) {
-        let _ = self.reader.get_ref().shutdown(std::net::Shutdown::Both);
+        let _ = self.socket.shutdown(std::net::Shutdown::Both);
     }
 }
 

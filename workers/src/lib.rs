@@ -17,6 +17,7 @@
 //! - `inside/`: the code that runs inside a worker process (what the interface stamp covers);
 //! - `paths.rs`, `config.rs`, `program.rs`, `contain.rs`, `janitor.rs`: leaves.
 
+mod backup;
 #[cfg(feature = "test-faults")]
 mod ballast;
 mod cgroup;
@@ -44,6 +45,7 @@ use std::time::Instant;
 use atelier_storage::{EventStore, Filter};
 use crossbeam_channel::Sender;
 
+pub use backup::{check_target, restore, BackupError, FetchArtifact, Restored};
 pub use config::{Builtin, CgroupSetting, ConfigError, JobLimits, PipelineConfig, StageSpec, WorkersConfig};
 pub use contain::become_undumpable;
 pub use error::WorkersError;

@@ -2,8 +2,11 @@
 //! HTTP/1.1. Used by the `atelier submit | watch | status | list` commands; [`watch`] is the
 //! terminal view that follows one commission over it.
 
+mod chunked;
 pub mod printable;
 pub mod watch;
+
+pub use chunked::Dechunked;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
@@ -123,6 +126,30 @@ impl Client {
 
     /// A JSON request; an error status becomes [`ClientError::Api`].
     pub fn json(&self, method: &str, path: &str, body: Option<&Value>) -> Result<(u16, Value), ClientError> {
+        let (status, body) = self.raw(method, path, body)?;
+        let value: Value = if body.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&body).map_err(|e| ClientError::Protocol(format!("not JSON: {e}")))?
+        };
+        if status >= 400 {
+            return Err(api_error(status, &value));
+        }
+        Ok((status, value))
+    }
+
+    /// A GET whose body is not JSON (an artifact); an error status becomes
+    /// [`ClientError::Api`].
+    pub fn bytes(&self, path: &str) -> Result<Vec<u8>, ClientError> {
+        let (status, body) = self.raw("GET", path, None)?;
+        if status != 200 {
+            return Err(api_error(status, &serde_json::from_slice(&body).unwrap_or(Value::Null)));
+        }
+        Ok(body)
+    }
+
+    /// A request's status and whole body (at most [`RESPONSE_BYTES_MAX`]).
+    fn raw(&self, method: &str, path: &str, body: Option<&Value>) -> Result<(u16, Vec<u8>), ClientError> {
         let s = self.send(method, path, body, &[])?;
         let mut raw = Vec::new();
         s.take(RESPONSE_BYTES_MAX).read_to_end(&mut raw).map_err(ClientError::Io)?;
@@ -141,19 +168,29 @@ impl Client {
         if chunked {
             body = dechunk(&body);
         }
-        let value: Value = if body.is_empty() {
-            Value::Null
-        } else {
-            serde_json::from_slice(&body).map_err(|e| ClientError::Protocol(format!("not JSON: {e}")))?
-        };
-        if status >= 400 {
-            return Err(ClientError::Api {
-                status,
-                code: value["error"]["code"].as_str().unwrap_or("").to_string(),
-                message: value["error"]["message"].as_str().unwrap_or("the server refused").to_string(),
-            });
+        Ok((status, body))
+    }
+
+    /// A backup of the server's log (`GET /api/admin/backup`, an admin's): the seq it runs
+    /// through, and its JSON lines as they arrive. Reading past a body that was cut short
+    /// fails (`UnexpectedEof`), never ends quietly.
+    pub fn backup(&self) -> Result<BackupBody, ClientError> {
+        let s = self.send("GET", "/api/admin/backup", None, &[])?;
+        let mut reader = BufReader::new(s);
+        let (status, headers) = read_head(&mut reader)?;
+        if status != 200 {
+            let mut body = Vec::new();
+            let _ = reader.take(RESPONSE_BYTES_MAX).read_to_end(&mut body);
+            return Err(api_error(status, &serde_json::from_slice(&body).unwrap_or(Value::Null)));
         }
-        Ok((status, value))
+        let header = |name: &str| headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v);
+        let through = header(crate::backup::BACKUP_SEQ_HEADER)
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| ClientError::Protocol("a backup without its seq header".into()))?;
+        if !header("transfer-encoding").is_some_and(|v| v.eq_ignore_ascii_case("chunked")) {
+            return Err(ClientError::Protocol("a backup that is not chunked".into()));
+        }
+        Ok(BackupBody { through, lines: BufReader::new(Dechunked::new(reader)) })
     }
 
     /// Opens an SSE stream, resuming after `last_event_id`. `Ok(None)` on 204 (nothing more).
@@ -164,35 +201,59 @@ impl Client {
         }
         let s = self.send("GET", path, None, &extra)?;
         let mut reader = BufReader::new(s);
-        let mut line = String::new();
-        reader.read_line(&mut line).map_err(ClientError::Io)?;
-        let status: u16 = line
-            .split_whitespace()
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .ok_or_else(|| ClientError::Protocol(format!("bad status line {line:?}")))?;
-        loop {
-            line.clear();
-            if reader.read_line(&mut line).map_err(ClientError::Io)? == 0 || line == "\r\n" {
-                break;
-            }
-        }
+        let (status, _) = read_head(&mut reader)?;
         match status {
             200 => Ok(Some(EventStream { reader })),
             204 => Ok(None),
             _ => {
                 let mut body = Vec::new();
                 let _ = reader.take(RESPONSE_BYTES_MAX).read_to_end(&mut body);
-                let v: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
-                Err(ClientError::Api {
-                    status,
-                    code: v["error"]["code"].as_str().unwrap_or("").to_string(),
-                    message: v["error"]["message"]
-                        .as_str()
-                        .unwrap_or("the server refused the stream")
-                        .to_string(),
-                })
+                Err(api_error(status, &serde_json::from_slice(&body).unwrap_or(Value::Null)))
             }
+        }
+    }
+}
+
+/// A backup as it arrives: see [`Client::backup`].
+pub struct BackupBody {
+    /// The log's seq the backup runs through.
+    pub through: u64,
+    /// The events, one JSON line each.
+    pub lines: BufReader<Dechunked<BufReader<TcpStream>>>,
+}
+
+impl BackupBody {
+    /// Whether the body arrived whole (its last chunk came).
+    pub fn is_complete(&self) -> bool {
+        self.lines.get_ref().is_complete()
+    }
+}
+
+fn api_error(status: u16, value: &Value) -> ClientError {
+    ClientError::Api {
+        status,
+        code: value["error"]["code"].as_str().unwrap_or("").to_string(),
+        message: value["error"]["message"].as_str().unwrap_or("the server refused").to_string(),
+    }
+}
+
+/// Reads a response head: the status and the header lines.
+fn read_head(reader: &mut BufReader<TcpStream>) -> Result<(u16, Vec<(String, String)>), ClientError> {
+    let mut line = String::new();
+    reader.read_line(&mut line).map_err(ClientError::Io)?;
+    let status: u16 = line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| ClientError::Protocol(format!("bad status line {line:?}")))?;
+    let mut headers = Vec::new();
+    loop {
+        line.clear();
+        if reader.read_line(&mut line).map_err(ClientError::Io)? == 0 || line == "\r\n" {
+            return Ok((status, headers));
+        }
+        if let Some((k, v)) = line.split_once(':') {
+            headers.push((k.trim().to_string(), v.trim().to_string()));
         }
     }
 }

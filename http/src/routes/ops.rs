@@ -7,6 +7,7 @@ use atelier_storage::StorageError;
 use serde_json::json;
 
 use super::call::Call;
+use crate::backup::Backup;
 use crate::render;
 use crate::reply::Reply;
 
@@ -25,6 +26,12 @@ pub(super) fn readyz(call: &Call<'_>) -> Result<Reply, StorageError> {
     let controller = shared.executors.as_ref().is_some_and(|e| e.is_running());
     let body = json!({"store": "open", "executors": controller, "head_seq": shared.store.head_seq()});
     Ok(Reply::Json(if controller { 200 } else { 503 }, body))
+}
+
+/// A backup: the log through its head now, written by the connection's thread (`backup`).
+/// The head is taken here, once, so the copy is the log as of one seq.
+pub(super) fn backup(call: &Call<'_>) -> Result<Reply, StorageError> {
+    Ok(Reply::Backup(Backup { through: call.shared.store.head_seq() }))
 }
 
 pub(super) fn metrics(call: &Call<'_>) -> Result<Reply, StorageError> {
