@@ -164,7 +164,7 @@ fn a_backup_under_load_holds_exactly_the_log_through_its_seq_and_serves() {
         "the artifact came along"
     );
     drop(s);
-    let served = Server::start(exe(), &copy, &[]);
+    let served = Server::start(exe(), &copy, &[SLED]);
     assert_eq!(served.get(&format!("/api/commissions/{designed}"), Some(&alice)).status, 200);
     assert_eq!(served.get(&artifact, None).status, 200, "the copy serves the artifact");
     assert_eq!(served.head_seq(), through);

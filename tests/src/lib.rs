@@ -68,6 +68,11 @@ pub fn expired_token(user: &str) -> String {
         .expect("within the maximum lifetime")
 }
 
+/// In a server's settings: its log is the data dir's sled store even when the suite runs on
+/// PostgreSQL (`ATELIER_TEST_BACKEND`), e.g. a server on a backup's copy, which is a sled data
+/// dir. Not passed on to the server.
+pub const SLED: (&str, &str) = ("ATELIER_DATABASE_URL", "");
+
 /// Settings that lift every fair-share limit of non-admin users, for benchmarks that play one
 /// user holding thousands of streams or commissions.
 pub const NO_SHARE_LIMITS: [(&str, &str); 3] =
@@ -162,7 +167,7 @@ impl Server {
                 cmd.env("ATELIER_DATABASE_URL", url);
             }
         }
-        for (k, v) in env {
+        for (k, v) in env.iter().filter(|kv| **kv != SLED) {
             cmd.env(k, v);
         }
         let mut child = cmd.spawn().expect("spawn atelier serve");
