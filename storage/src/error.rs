@@ -69,6 +69,10 @@ pub enum StorageError {
         context: String,
         source: Option<Arc<postgres::Error>>,
     },
+    /// Another server holds the database (`pg_store::guard`): its connection's name.
+    DatabaseInUse {
+        holder: String,
+    },
     /// The database's schema was migrated by a newer Atelier.
     NewerDatabaseSchema {
         found: i32,
@@ -179,6 +183,10 @@ impl std::fmt::Display for StorageError {
             StorageError::Unavailable { context, source: None } => {
                 write!(f, "the database is unavailable ({context})")
             }
+            StorageError::DatabaseInUse { holder } => write!(
+                f,
+                "the database is in use by another Atelier server: {holder}; one server per database"
+            ),
             StorageError::NewerDatabaseSchema { found, supported } => write!(
                 f,
                 "the database has schema version {found}, newer than this build supports ({supported}); upgrade Atelier"
@@ -204,6 +212,7 @@ impl std::error::Error for StorageError {
             | StorageError::Closed
             | StorageError::DiskFull { .. }
             | StorageError::Contention { .. }
+            | StorageError::DatabaseInUse { .. }
             | StorageError::NewerDatabaseSchema { .. } => None,
         }
     }

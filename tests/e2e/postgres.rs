@@ -238,3 +238,81 @@ fn a_shared_artifacts_dir_lets_another_server_serve_what_one_made() {
     assert_eq!(relative.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("ARTIFACTS_DIR") && stderr.contains("not an absolute path"), "{stderr}");
 }
+
+/// One server per database: a second server (or `replay --check`) on a database a server holds
+/// is refused by name; a server SIGKILLed lets the next one start at once; and a server whose
+/// hold was lost (its lock's connection cut) while another took the database refuses every
+/// append from then on.
+#[test]
+fn one_server_per_database_and_a_server_that_lost_it_appends_nothing() {
+    let pg = PgServer::shared();
+    let url = pg.fresh_database("oneserver");
+    let (dir_a, dir_b) = (temp_dir("pg-one-a"), temp_dir("pg-one-b"));
+    let env = [("ATELIER_DATABASE_URL", url.as_str())];
+    let alice = token("alice", false);
+    let a = Server::start(exe(), dir_a.path(), &env);
+    let second = Command::new(exe())
+        .arg("serve")
+        .env("ATELIER_DATA_DIR", dir_b.path())
+        .env("ATELIER_DATABASE_URL", &url)
+        .env("ATELIER_SECRET", SECRET)
+        .env("ATELIER_LISTEN", "127.0.0.1:0")
+        .output()
+        .expect("run a second serve");
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert!(!second.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("in use by another Atelier server") && stderr.contains(&format!("pid {}", a.pid())),
+        "the holder is named: {stderr}"
+    );
+    let check = Command::new(exe())
+        .args(["replay", "--check"])
+        .env("ATELIER_DATA_DIR", dir_b.path())
+        .env("ATELIER_DATABASE_URL", &url)
+        .env("ATELIER_SECRET", SECRET)
+        .output()
+        .expect("run replay --check");
+    assert!(!check.status.success(), "replay --check waits for the server to stop");
+
+    a.create(&alice, noop());
+    let a_pid = a.pid();
+    a.kill();
+    let started = Instant::now();
+    let b = Server::start(exe(), dir_b.path(), &env);
+    assert!(started.elapsed() < Duration::from_secs(10), "a crashed server's hold ends with its session");
+
+    // B's hold is lost (its lock's connection cut) and another session takes the database
+    // before B's keeper can take it back: B is fenced.
+    let mut other = postgres::Client::connect(&url, postgres::NoTls).expect("a session of the test's own");
+    let cut: i64 = other
+        .query_one(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+             WHERE application_name = $1 AND datname = current_database()",
+            &[&format!("atelier server on {} pid {}", hostname(), b.pid())],
+        )
+        .expect("cut B's lock connection")
+        .get(0);
+    assert_eq!(cut, 1, "B holds one lock connection (A, pid {a_pid}, is gone)");
+    other
+        .execute("SELECT pg_advisory_lock($1)", &[&atelier_storage::PG_SERVER_LOCK_KEY])
+        .expect("take the lock");
+    let refused = wait_for(Duration::from_secs(5), || {
+        let r = b.post("/api/commissions", Some(&alice), &noop());
+        (r.status == 503).then_some(r)
+    })
+    .expect("the fenced server refuses appends");
+    assert_eq!(refused.code(), "storage_unavailable");
+    assert!(refused.text().contains("in use by another Atelier server"), "{}", refused.text());
+    assert_eq!(b.readyz_becomes(503, Duration::from_secs(5)).status, 503);
+    let head = |c: &mut postgres::Client| -> i64 {
+        c.query_one("SELECT seq FROM atelier.head", &[]).unwrap().get(0)
+    };
+    let before = head(&mut other);
+    std::thread::sleep(Duration::from_millis(1_500));
+    assert_eq!(b.post("/api/commissions", Some(&alice), &noop()).status, 503, "and stays fenced");
+    assert_eq!(head(&mut other), before, "nothing was appended");
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname").expect("the host name").trim().to_string()
+}

@@ -25,10 +25,19 @@ pub struct PgConfig {
     /// A `postgres://` URL (or a libpq key=value string).
     pub url: String,
     pub pool_connections: usize,
+    /// Hold the database for this store alone while it is open (`guard`): what a server and
+    /// the commands that open its store do. Off, several stores share the database (the
+    /// tests that play several writers).
+    pub one_server: bool,
 }
 
 impl PgConfig {
     pub fn new(url: impl Into<String>) -> PgConfig {
-        PgConfig { url: url.into(), pool_connections: PG_POOL_CONNECTIONS_DEFAULT }
+        PgConfig { url: url.into(), pool_connections: PG_POOL_CONNECTIONS_DEFAULT, one_server: false }
+    }
+
+    /// The same, holding the database for this store alone ([`PgConfig::one_server`]).
+    pub fn one_server(self) -> PgConfig {
+        PgConfig { one_server: true, ..self }
     }
 }

@@ -13,6 +13,7 @@
 
 mod check;
 mod config;
+mod guard;
 mod pool;
 mod schema;
 mod state;
@@ -31,6 +32,7 @@ pub use config::{
     PG_POOL_WAIT_MS, PG_RECONNECT_BACKOFF_MAX_MS, PG_RECONNECT_BACKOFF_MIN_MS, PG_STATEMENT_TIMEOUT_MS,
     PG_TAIL_POLL_INTERVAL_MS,
 };
+pub use guard::{PG_SERVER_LOCK_KEY, PG_SERVER_LOCK_WAIT_MS};
 pub use schema::PG_SCHEMA_VERSION;
 pub use state::PG_LIST_LIMIT_MAX;
 pub use tail::PG_FOLLOWER_APPLICATION_NAME;
@@ -54,6 +56,7 @@ impl PgStore {
     /// the database cannot be reached now: a server that starts must start on a database.
     pub fn open(config: PgConfig) -> Result<Arc<PgStore>, StorageError> {
         let client_config = pool::client_config(&config.url)?;
+        let guard = config.one_server.then(|| guard::take(&client_config)).transpose()?;
         let mut client = pool::connect(&client_config)?;
         schema::migrate(&mut client)?;
         let head: i64 =
@@ -69,6 +72,7 @@ impl PgStore {
             group_committed: AtomicU64::new(0),
             unavailable: Mutex::new(None),
             closing: AtomicBool::new(false),
+            fenced: Mutex::new(None),
         });
         let (tx, rx) = crossbeam_channel::bounded(PG_WRITER_QUEUE_REQUESTS_MAX);
         let writer = Writer::new(inner.clone(), client);
@@ -81,6 +85,13 @@ impl PgStore {
             .name("atelier-pg-follower".into())
             .spawn(move || tail::run(follower))
             .map_err(io("spawn the log follower"))?;
+        if guard.is_some() {
+            let (keeper, config) = (inner.clone(), inner.config.clone());
+            std::thread::Builder::new()
+                .name("atelier-pg-guard".into())
+                .spawn(move || guard::keep(keeper, guard, config))
+                .map_err(io("spawn the server lock's keeper"))?;
+        }
         Ok(Arc::new(PgStore { inner, tx: Mutex::new(Some(tx)), writer: Mutex::new(Some(handle)) }))
     }
 
@@ -131,6 +142,9 @@ impl Drop for PgStore {
 
 impl EventStore for PgStore {
     fn health(&self) -> Result<(), StorageError> {
+        if let Some(holder) = &*self.inner.fenced.lock().unwrap_or_else(|p| p.into_inner()) {
+            return Err(StorageError::DatabaseInUse { holder: holder.clone() });
+        }
         if let Some(e) = &*self.inner.unavailable.lock().unwrap_or_else(|p| p.into_inner()) {
             return Err(e.for_each_refused());
         }

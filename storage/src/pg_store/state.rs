@@ -34,6 +34,8 @@ pub(crate) struct Inner {
     pub(super) unavailable: Mutex<Option<StorageError>>,
     /// Set at close: the log follower stops at its next wake-up.
     pub(super) closing: AtomicBool,
+    /// Another server took the database (`guard`): who, and every append is refused.
+    pub(super) fenced: Mutex<Option<String>>,
 }
 
 /// What a subscriber sees of the commission right after an event, stored with the event so

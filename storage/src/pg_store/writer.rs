@@ -203,6 +203,13 @@ impl Writer {
     fn commit_batch(&mut self, batch: Vec<Request>) {
         let started = Instant::now();
         let inner = self.inner.clone();
+        // Another server took the database (`guard`): nothing more is written from here.
+        if let Some(holder) = inner.fenced.lock().unwrap_or_else(|p| p.into_inner()).clone() {
+            for Request(_, ack) in batch {
+                ack.send(Err(StorageError::DatabaseInUse { holder: holder.clone() }));
+            }
+            return;
+        }
         let committed = self.connection().and_then(|(client, statements)| {
             let mut tries = 1;
             loop {
