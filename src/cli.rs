@@ -21,6 +21,7 @@ defaults):
     ATELIER_LISTEN            listen address                    127.0.0.1:8080
     ATELIER_DATA_DIR          data directory                    ./atelier-data
     ATELIER_DATABASE_URL      keep the log in PostgreSQL (postgres://...)   the data dir's sled store
+    ATELIER_DATABASE_CA       TLS to PostgreSQL, verified against this PEM (sslmode=require alone: the system's roots)   plain text
     ATELIER_CONFIG            config file                       ./atelier.toml if present
     ATELIER_SECRET            token signing secret, 32 bytes or more   a random secret in DATA_DIR/secret
     ATELIER_TOKEN_TTL_MAX     longest a token may live (s, m, h or d)   30d

@@ -245,7 +245,13 @@ fn open_store(s: &ServerSettings) -> Result<Store, CliError> {
             std::fs::create_dir_all(&s.data_dir)
                 .map_err(io_error(format!("cannot create the data dir {}", s.data_dir.display())))?;
             let lock = DataDirLock::acquire(&s.data_dir)?;
-            Store::Pg { store: PgStore::open(PgConfig::new(url.clone()).one_server())?, _lock: lock }
+            Store::Pg {
+                store: PgStore::open(PgConfig {
+                    ca_file: s.database_ca.clone(),
+                    ..PgConfig::new(url.clone()).one_server()
+                })?,
+                _lock: lock,
+            }
         }
         None => Store::Sled(SledStore::open(s.store_config())?),
     })

@@ -17,6 +17,7 @@ const TOP_LEVEL_KEYS: &[&str] = &[
     "listen",
     "data_dir",
     "database_url",
+    "database_ca",
     "durability",
     "durability_interval_ms",
     "cache_capacity_bytes",
@@ -56,6 +57,8 @@ pub struct ServerSettings {
     /// `ATELIER_DATABASE_URL`: the log lives in this PostgreSQL database instead of the data
     /// dir's sled store (the data dir still holds the secret and the jobs' dirs).
     pub database_url: Option<String>,
+    /// `ATELIER_DATABASE_CA`: connections to the database use TLS, verified against this PEM.
+    pub database_ca: Option<PathBuf>,
     pub durability: Durability,
     pub cache_bytes: u64,
     /// The disk reserve's size in bytes (0: none).
@@ -118,6 +121,7 @@ impl ServerSettings {
                 .or_else(|| text("data_dir", "ATELIER_DATA_DIR").map(PathBuf::from))
                 .unwrap_or_else(|| PathBuf::from(DATA_DIR_DEFAULT)),
             database_url: database_url(s)?,
+            database_ca: text("database_ca", "ATELIER_DATABASE_CA").map(PathBuf::from),
             durability,
             cache_bytes: num(
                 "cache_capacity_bytes",

@@ -1,6 +1,7 @@
 //! A throwaway PostgreSQL server for the tests of the PostgreSQL backend: `initdb` into a
 //! temporary dir, started with `pg_ctl` on a Unix socket in that dir (no TCP port to collide
-//! with another test binary), stopped with `pg_ctl stop -m fast` when dropped.
+//! with another test binary; [`PgServer::start_tls`] adds a free one with TLS), stopped with
+//! `pg_ctl stop -m fast` when dropped.
 //!
 //! When the tests run as root, PostgreSQL (which refuses to run as root) runs as the
 //! `postgres` user, or `nobody`, through `runuser`; the temporary dir is given to that user.
@@ -17,7 +18,7 @@ use std::sync::OnceLock;
 pub const PG_CTL_WAIT_S: u32 = 60;
 /// The role the tests connect as (made by `initdb`, trusted on the socket).
 pub const PG_TEST_ROLE: &str = "atelier";
-/// The port that names the socket file (`.s.PGSQL.<port>`); no TCP listener is opened.
+/// The port that names the socket file (`.s.PGSQL.<port>`) of a server without TCP.
 const SOCKET_PORT: u16 = 5432;
 
 /// A running PostgreSQL server in a temporary dir.
@@ -27,6 +28,8 @@ pub struct PgServer {
     /// Who runs the server's programs, when this process is root.
     run_as: Option<String>,
     settings: Vec<(String, String)>,
+    /// The socket file's port number, and the TCP port when [`PgServer::start_tls`] listens.
+    port: u16,
 }
 
 /// Why a test that needs PostgreSQL fails on a machine without it.
@@ -97,6 +100,34 @@ impl PgServer {
 
     /// Starts a server with these `postgresql.conf` settings on top of the harness's own.
     pub fn start_with(settings: &[(&str, &str)]) -> PgServer {
+        PgServer::start_on(settings, SOCKET_PORT, &[])
+    }
+
+    /// Starts a server that also listens on a free TCP port of 127.0.0.1 with TLS (`ssl = on`)
+    /// on this certificate and key (PEM), for [`PgServer::tcp_url`]; the socket stays as it is.
+    pub fn start_tls(cert_pem: &str, key_pem: &str) -> PgServer {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free loopback port")
+            .port();
+        let settings = [
+            ("fsync", "off"),
+            ("listen_addresses", "'127.0.0.1'"),
+            ("ssl", "on"),
+            ("ssl_cert_file", "'server.crt'"),
+            ("ssl_key_file", "'server.key'"),
+        ];
+        PgServer::start_on(&settings, port, &[("server.crt", cert_pem), ("server.key", key_pem)])
+    }
+
+    /// A URL for `database` as the test role over TCP to `localhost` (see [`PgServer::start_tls`]).
+    pub fn tcp_url(&self, database: &str) -> String {
+        format!("postgres://{PG_TEST_ROLE}@localhost:{}/{database}", self.port)
+    }
+
+    /// `settings` go after the harness's own (so they win); `files` are written into the data
+    /// dir before the start, private to the server's user (a TLS key must be).
+    fn start_on(settings: &[(&str, &str)], port: u16, files: &[(&str, &str)]) -> PgServer {
         let bin = find_bin_dir().unwrap_or_else(|| panic!("{}", NOT_INSTALLED));
         let run_as =
             is_root().then(|| if user_exists("postgres") { "postgres" } else { "nobody" }.to_string());
@@ -105,12 +136,7 @@ impl PgServer {
         if let Some(user) = &run_as {
             check("chown the server's dir", Command::new("chown").arg(user).arg(dir.path()).output());
         }
-        let mut server = PgServer {
-            dir,
-            bin,
-            run_as,
-            settings: settings.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
-        };
+        let mut server = PgServer { dir, bin, run_as, settings: Vec::new(), port };
         let data = server.data_dir();
         let out = server
             .program("initdb")
@@ -121,9 +147,13 @@ impl PgServer {
         server.settings.extend([
             ("listen_addresses".into(), "''".into()),
             ("unix_socket_directories".into(), format!("'{}'", server.socket_dir().display())),
-            ("port".into(), SOCKET_PORT.to_string()),
+            ("port".into(), port.to_string()),
             ("max_connections".into(), "200".into()),
         ]);
+        server.settings.extend(settings.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        for (name, text) in files {
+            server.write_private(&data.join(name), text);
+        }
         let conf: String = server.settings.iter().map(|(k, v)| format!("{k} = {v}\n")).collect();
         let conf_path = data.join("postgresql.auto.conf");
         let written = std::fs::OpenOptions::new()
@@ -157,6 +187,16 @@ impl PgServer {
     /// Where the server's socket (and nothing else of ours) lives: the temp dir itself.
     pub fn socket_dir(&self) -> &Path {
         self.dir.path()
+    }
+
+    /// Writes `text` to `path`, mode 0600, owned by the server's user.
+    fn write_private(&self, path: &Path, text: &str) {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::write(path, text).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).expect("chmod 0600");
+        if let Some(user) = &self.run_as {
+            check("chown a server file", Command::new("chown").arg(user).arg(path).output());
+        }
     }
 
     fn program(&self, name: &str) -> Command {
@@ -209,7 +249,7 @@ impl PgServer {
                 _ => format!("%{b:02X}"),
             })
             .collect();
-        format!("postgres://{PG_TEST_ROLE}@{host}:{SOCKET_PORT}/{database}")
+        format!("postgres://{PG_TEST_ROLE}@{host}:{}/{database}", self.port)
     }
 
     /// Runs SQL as the test role in `database` (through `psql`, so the harness needs no client
@@ -218,7 +258,7 @@ impl PgServer {
         let out = Command::new(self.bin.join("psql"))
             .args(["-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-h"])
             .arg(self.socket_dir())
-            .args(["-p", &SOCKET_PORT.to_string(), "-U", PG_TEST_ROLE, "-d", database, "-c", sql])
+            .args(["-p", &self.port.to_string(), "-U", PG_TEST_ROLE, "-d", database, "-c", sql])
             .output();
         String::from_utf8_lossy(&check(&format!("psql {sql:?}"), out).stdout).trim().to_string()
     }

@@ -69,6 +69,8 @@ pub enum StorageError {
         context: String,
         source: Option<Arc<postgres::Error>>,
     },
+    /// TLS to PostgreSQL cannot be set up as configured (`ATELIER_DATABASE_CA`, `sslmode`).
+    DatabaseTls(String),
     /// Another server holds the database (`pg_store::guard`): its connection's name.
     DatabaseInUse {
         holder: String,
@@ -183,6 +185,7 @@ impl std::fmt::Display for StorageError {
             StorageError::Unavailable { context, source: None } => {
                 write!(f, "the database is unavailable ({context})")
             }
+            StorageError::DatabaseTls(detail) => write!(f, "TLS to the database: {detail}"),
             StorageError::DatabaseInUse { holder } => write!(
                 f,
                 "the database is in use by another Atelier server: {holder}; one server per database"
@@ -213,6 +216,7 @@ impl std::error::Error for StorageError {
             | StorageError::DiskFull { .. }
             | StorageError::Contention { .. }
             | StorageError::DatabaseInUse { .. }
+            | StorageError::DatabaseTls(_)
             | StorageError::NewerDatabaseSchema { .. } => None,
         }
     }

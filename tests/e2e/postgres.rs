@@ -316,3 +316,60 @@ fn one_server_per_database_and_a_server_that_lost_it_appends_nothing() {
 fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname").expect("the host name").trim().to_string()
 }
+
+/// A self-signed certificate (PEM) for `localhost` and its key.
+fn localhost_cert() -> (String, String) {
+    let rcgen::CertifiedKey { cert, key_pair } =
+        rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).expect("a self-signed certificate");
+    (cert.pem(), key_pair.serialize_pem())
+}
+
+/// `ATELIER_DATABASE_CA`: every connection to the database is TLS, verified against that CA (a
+/// real PostgreSQL with `ssl = on`, over TCP); a server whose certificate the CA did not sign
+/// is refused at start, and a CA with `sslmode=disable` is a configuration error.
+#[test]
+fn the_database_ca_makes_every_connection_tls_and_verified() {
+    let (cert, key) = localhost_cert();
+    let pg = PgServer::start_tls(&cert, &key);
+    let db = "tlsdb";
+    pg.psql("postgres", &format!("CREATE DATABASE {db}"));
+    let url = pg.tcp_url(db);
+    let dir = temp_dir("pg-tls");
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(&ca, &cert).unwrap();
+    let ca_text = ca.display().to_string();
+    let env = [("ATELIER_DATABASE_URL", url.as_str()), ("ATELIER_DATABASE_CA", ca_text.as_str())];
+    let alice = token("alice", false);
+    let s = Server::start(exe(), dir.path(), &env);
+    s.create(&alice, noop());
+    assert!(all_completed(&s, &alice, 1), "a commission runs over TLS");
+    let plain = pg.psql(
+        db,
+        "SELECT count(*) FILTER (WHERE NOT s.ssl), count(*) FROM pg_stat_ssl s
+         JOIN pg_stat_activity a USING (pid) WHERE a.application_name LIKE 'atelier%'",
+    );
+    let (plain, all) = plain.split_once('|').expect("two counts");
+    assert_eq!(plain, "0", "no plain-text connection of the server's ({all} in all)");
+    assert!(all.parse::<u32>().unwrap() >= 3, "the writer, the follower and the lock at least: {all}");
+    s.stop();
+
+    let (other_cert, _) = localhost_cert();
+    let wrong = dir.path().join("wrong-ca.pem");
+    std::fs::write(&wrong, other_cert).unwrap();
+    let refused = |url: &str, ca: &Path| {
+        let out = Command::new(exe())
+            .args(["replay", "--check"])
+            .env("ATELIER_DATA_DIR", dir.path())
+            .env("ATELIER_DATABASE_URL", url)
+            .env("ATELIER_DATABASE_CA", ca)
+            .env("ATELIER_SECRET", SECRET)
+            .output()
+            .expect("run replay --check");
+        assert!(!out.status.success());
+        String::from_utf8_lossy(&out.stderr).to_string()
+    };
+    let stderr = refused(&url, &wrong);
+    assert!(stderr.contains("connect") && stderr.to_lowercase().contains("certificate"), "{stderr}");
+    let stderr = refused(&format!("{url}?sslmode=disable"), &ca);
+    assert!(stderr.contains("sslmode=disable"), "{stderr}");
+}

@@ -25,6 +25,9 @@ pub struct PgConfig {
     /// A `postgres://` URL (or a libpq key=value string).
     pub url: String,
     pub pool_connections: usize,
+    /// `ATELIER_DATABASE_CA`: the PEM file of the CA(s) the database's certificate must chain to;
+    /// given, connections use TLS or fail (`tls`).
+    pub ca_file: Option<std::path::PathBuf>,
     /// Hold the database for this store alone while it is open (`guard`): what a server and
     /// the commands that open its store do. Off, several stores share the database (the
     /// tests that play several writers).
@@ -33,7 +36,12 @@ pub struct PgConfig {
 
 impl PgConfig {
     pub fn new(url: impl Into<String>) -> PgConfig {
-        PgConfig { url: url.into(), pool_connections: PG_POOL_CONNECTIONS_DEFAULT, one_server: false }
+        PgConfig {
+            url: url.into(),
+            pool_connections: PG_POOL_CONNECTIONS_DEFAULT,
+            ca_file: None,
+            one_server: false,
+        }
     }
 
     /// The same, holding the database for this store alone ([`PgConfig::one_server`]).

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use postgres::Client;
 
 use super::config::PG_HEALTH_CHECK_INTERVAL_MS;
-use super::pool::connect;
+use super::pool::{connect, ConnectConfig};
 use super::state::Inner;
 use crate::error::{pg, StorageError};
 
@@ -30,9 +30,8 @@ const RETRY_MS: u64 = 100;
 
 /// Takes the lock on a connection of its own, waiting up to [`PG_SERVER_LOCK_WAIT_MS`];
 /// [`StorageError::DatabaseInUse`] names the holder when another server keeps it.
-pub(super) fn take(config: &postgres::Config) -> Result<Client, StorageError> {
-    let mut config = config.clone();
-    config.application_name(&holder_name());
+pub(super) fn take(config: &ConnectConfig) -> Result<Client, StorageError> {
+    let config = config.named(&holder_name());
     let deadline = Instant::now() + Duration::from_millis(PG_SERVER_LOCK_WAIT_MS);
     let mut client = connect(&config)?;
     loop {
@@ -49,9 +48,8 @@ pub(super) fn take(config: &postgres::Config) -> Result<Client, StorageError> {
 /// Keeps the lock while the store is open: checks the guard's connection every
 /// [`PG_HEALTH_CHECK_INTERVAL_MS`], and after it broke, reconnects and locks again, or fences
 /// the store when another server holds the lock now.
-pub(super) fn keep(inner: Arc<Inner>, mut client: Option<Client>, config: postgres::Config) {
-    let mut config = config;
-    config.application_name(&holder_name());
+pub(super) fn keep(inner: Arc<Inner>, mut client: Option<Client>, config: ConnectConfig) {
+    let config = config.named(&holder_name());
     while !inner.closing.load(Ordering::Acquire) {
         std::thread::sleep(Duration::from_millis(PG_HEALTH_CHECK_INTERVAL_MS));
         if let Some(c) = client.as_mut() {

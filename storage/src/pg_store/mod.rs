@@ -18,6 +18,7 @@ mod pool;
 mod schema;
 mod state;
 mod tail;
+mod tls;
 mod writer;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -55,7 +56,7 @@ impl PgStore {
     /// Connects, migrates the schema, and starts the writer and the log follower. Fails when
     /// the database cannot be reached now: a server that starts must start on a database.
     pub fn open(config: PgConfig) -> Result<Arc<PgStore>, StorageError> {
-        let client_config = pool::client_config(&config.url)?;
+        let client_config = pool::client_config(&config.url, config.ca_file.as_deref())?;
         let guard = config.one_server.then(|| guard::take(&client_config)).transpose()?;
         let mut client = pool::connect(&client_config)?;
         schema::migrate(&mut client)?;

@@ -10,12 +10,13 @@ use std::time::Duration;
 use crossbeam_channel::{Receiver, Sender};
 use postgres::types::ToSql;
 use postgres::{Client, GenericClient, NoTls, Row, Statement};
+use tokio_postgres_rustls::MakeRustlsConnect;
 
 use super::config::{PG_CONNECT_TIMEOUT_MS, PG_POOL_WAIT_MS, PG_STATEMENT_TIMEOUT_MS};
 use crate::error::{pg, StorageError};
 
 pub(super) struct Pool {
-    config: postgres::Config,
+    config: ConnectConfig,
     tx: Sender<Option<(Client, Statements)>>,
     rx: Receiver<Option<(Client, Statements)>>,
 }
@@ -43,25 +44,46 @@ impl Statements {
     }
 }
 
-/// The connection settings every connection of the store uses.
-pub(super) fn client_config(url: &str) -> Result<postgres::Config, StorageError> {
-    let mut config: postgres::Config = url.parse().map_err(|source| StorageError::Postgres {
+/// How every connection of the store connects: the URL's settings, and TLS when asked for
+/// (`tls`).
+#[derive(Clone)]
+pub(super) struct ConnectConfig {
+    pg: postgres::Config,
+    tls: Option<MakeRustlsConnect>,
+}
+
+impl ConnectConfig {
+    /// The same, with connections that name themselves `name` in `pg_stat_activity`.
+    pub(super) fn named(&self, name: &str) -> ConnectConfig {
+        let mut c = self.clone();
+        c.pg.application_name(name);
+        c
+    }
+}
+
+/// The connection settings every connection of the store uses; `ca`: `ATELIER_DATABASE_CA`.
+pub(super) fn client_config(url: &str, ca: Option<&std::path::Path>) -> Result<ConnectConfig, StorageError> {
+    let mut pg: postgres::Config = url.parse().map_err(|source| StorageError::Postgres {
         context: "parse the database URL".into(),
         source: std::sync::Arc::new(source),
     })?;
-    config
-        .connect_timeout(Duration::from_millis(PG_CONNECT_TIMEOUT_MS))
+    pg.connect_timeout(Duration::from_millis(PG_CONNECT_TIMEOUT_MS))
         .options(&format!("-c statement_timeout={PG_STATEMENT_TIMEOUT_MS}"))
         .application_name("atelier");
-    Ok(config)
+    let tls = super::tls::connector(&mut pg, ca)?;
+    Ok(ConnectConfig { pg, tls })
 }
 
-pub(super) fn connect(config: &postgres::Config) -> Result<Client, StorageError> {
-    config.connect(NoTls).map_err(pg("connect"))
+pub(super) fn connect(config: &ConnectConfig) -> Result<Client, StorageError> {
+    match &config.tls {
+        Some(tls) => config.pg.connect(tls.clone()),
+        None => config.pg.connect(NoTls),
+    }
+    .map_err(pg("connect"))
 }
 
 impl Pool {
-    pub(super) fn new(config: postgres::Config, connections: usize) -> Pool {
+    pub(super) fn new(config: ConnectConfig, connections: usize) -> Pool {
         let connections = connections.max(1);
         let (tx, rx) = crossbeam_channel::bounded(connections);
         for _ in 0..connections {

@@ -21,7 +21,7 @@ pub const PG_LIST_LIMIT_MAX: usize = 200;
 
 pub(crate) struct Inner {
     pub(super) pool: Pool,
-    pub(super) config: postgres::Config,
+    pub(super) config: super::pool::ConnectConfig,
     /// The highest seq published to this node's subscribers: every lower seq was published
     /// before it, in order.
     pub(super) durable_head: AtomicU64,

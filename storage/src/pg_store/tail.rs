@@ -54,9 +54,7 @@ pub(super) fn run(inner: Arc<Inner>) {
 pub const PG_FOLLOWER_APPLICATION_NAME: &str = "atelier follower";
 
 fn listen(inner: &Inner) -> Result<Client, StorageError> {
-    let mut config = inner.config.clone();
-    config.application_name(PG_FOLLOWER_APPLICATION_NAME);
-    let mut c = connect(&config)?;
+    let mut c = connect(&inner.config.named(PG_FOLLOWER_APPLICATION_NAME))?;
     c.batch_execute("LISTEN atelier_log").map_err(pg("listen for log notifications"))?;
     Ok(c)
 }
