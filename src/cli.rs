@@ -54,10 +54,14 @@ defaults):
     ATELIER_LOG_FORMAT        json for JSON lines               human-readable
     RUST_LOG                  log level filter                  info";
 
+/// `atelier --version`: the package version and the source revision it was built from
+/// (`build.rs`), as `/metrics` names them in `atelier_build_info`.
+pub const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (", env!("ATELIER_REVISION"), ")");
+
 #[derive(Debug, Parser)]
 #[command(
     name = "atelier",
-    version,
+    version = VERSION,
     about = "atelier — runs commissions (long background jobs) and shows their progress live",
     after_help = SETTINGS_HELP
 )]
