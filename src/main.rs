@@ -372,7 +372,7 @@ fn serve(listen: Option<String>, store_args: StoreArgs) -> Result<ExitCode, CliE
     let http_config = http_config.with_share_limits(s.share_limits);
     let dyn_store = store.shared();
     let executors = start_workers(&s, &sources, dyn_store.clone())?;
-    let server = Server::start(http_config, dyn_store, keys.clone(), Some(executors.clone()))?;
+    let server = Server::start(http_config, dyn_store.clone(), keys.clone(), Some(executors.clone()))?;
     // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
     unsafe {
         libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);

@@ -103,11 +103,10 @@ impl Watchdog {
     pub fn start(beats: Vec<Beat>) -> Option<Watchdog> {
         let timeout = sd_notify::watchdog_enabled()?;
         let ping_every = timeout / 2;
-        let stale_after =
-            ping_every.max(Duration::from_millis(BEAT_INTERVAL_MS_MAX) * STALE_AFTER_BEATS);
+        let stale_after = ping_every.max(Duration::from_millis(BEAT_INTERVAL_MS_MAX) * STALE_AFTER_BEATS);
         if stale_after >= timeout {
             tracing::warn!(
-                watchdog_ms = timeout.as_millis() as u64,
+                watchdog_ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
                 "the watchdog timeout is shorter than a stuck thread takes to tell; raise WatchdogSec="
             );
         }
@@ -115,33 +114,7 @@ impl Watchdog {
         let thread = std::thread::Builder::new()
             .name("atelier-watchdog".into())
             .spawn(move || {
-                let mut liveness = Liveness::new(beats.len(), stale_after);
-                let mut withheld = false;
-                loop {
-                    let counts: Vec<Option<u64>> = beats.iter().map(|b| (b.read)()).collect();
-                    match liveness.check(Instant::now(), &counts) {
-                        None => {
-                            if withheld {
-                                tracing::warn!("every watched thread moves again: watchdog pings resume");
-                                withheld = false;
-                            }
-                            send(&[NotifyState::Watchdog], "WATCHDOG=1");
-                        }
-                        Some((i, still)) if !withheld => {
-                            tracing::error!(
-                                thread = beats[i].name,
-                                stuck_ms = still.as_millis() as u64,
-                                "a thread has not gone round its loop: no more watchdog pings, so the service manager restarts the server"
-                            );
-                            withheld = true;
-                        }
-                        Some(_) => {}
-                    }
-                    match stopped.recv_timeout(ping_every) {
-                        Err(RecvTimeoutError::Timeout) => {}
-                        _ => break,
-                    }
-                }
+                ping_while_alive(&beats, Liveness::new(beats.len(), stale_after), ping_every, &stopped)
             })
             .map_err(|e| tracing::error!(error = %e, "cannot start the watchdog thread; no pings"))
             .ok()?;
@@ -157,6 +130,42 @@ impl Watchdog {
         drop(self.stop.take());
         if let Some(t) = self.thread.take() {
             let _ = t.join();
+        }
+    }
+}
+
+/// The watchdog thread: every `ping_every`, a ping when every watched thread moved lately;
+/// none (and one error naming the thread) while one has not. Ends when `stopped` closes.
+fn ping_while_alive(
+    beats: &[Beat],
+    mut liveness: Liveness,
+    ping_every: Duration,
+    stopped: &crossbeam_channel::Receiver<()>,
+) {
+    let mut withheld = false;
+    loop {
+        let counts: Vec<Option<u64>> = beats.iter().map(|b| (b.read)()).collect();
+        match liveness.check(Instant::now(), &counts) {
+            None => {
+                if withheld {
+                    tracing::warn!("every watched thread moves again: watchdog pings resume");
+                    withheld = false;
+                }
+                send(&[NotifyState::Watchdog], "WATCHDOG=1");
+            }
+            Some((i, still)) if !withheld => {
+                tracing::error!(
+                    thread = beats[i].name,
+                    stuck_ms = u64::try_from(still.as_millis()).unwrap_or(u64::MAX),
+                    "a thread has not gone round its loop: no more watchdog pings, so the service manager restarts the server"
+                );
+                withheld = true;
+            }
+            Some(_) => {}
+        }
+        match stopped.recv_timeout(ping_every) {
+            Err(RecvTimeoutError::Timeout) => {}
+            _ => break,
         }
     }
 }

@@ -28,8 +28,9 @@ struct Note {
     text: String,
 }
 
-/// The service manager's end: every datagram the server sends, in order. At `READY=1` it asks
-/// `/healthz` at once, before it reads anything else, and keeps the answer.
+/// The service manager's end: every datagram the server sends, in order. Given the server's
+/// address, at `READY=1` it asks `/healthz` at once, before it reads anything else, and keeps
+/// the answer.
 struct Manager {
     path: PathBuf,
     notes: Arc<Mutex<Vec<Note>>>,
@@ -38,7 +39,7 @@ struct Manager {
 }
 
 impl Manager {
-    fn listen(addr: SocketAddr) -> Manager {
+    fn listen(addr: Option<SocketAddr>) -> Manager {
         let dir = temp_dir("notify");
         let path = dir.path().join("notify.sock");
         let socket = UnixDatagram::bind(&path).expect("bind the notify socket");
@@ -54,7 +55,7 @@ impl Manager {
                 let Ok(len) = socket.recv(&mut buf) else { continue };
                 let text = String::from_utf8_lossy(&buf[..len]).into_owned();
                 let at = Instant::now();
-                if text.lines().any(|l| l == "READY=1") {
+                if let Some(addr) = addr.filter(|_| text.lines().any(|l| l == "READY=1")) {
                     *h.lock().unwrap() = Some(request(addr, "GET", "/healthz", None, &[], None).status);
                 }
                 n.lock().unwrap().push(Note { at, text });
@@ -63,10 +64,11 @@ impl Manager {
         Manager { path, notes, healthz_at_ready, _dir: dir }
     }
 
-    fn env(&self) -> Vec<(&str, String)> {
+    /// The variables systemd hands a `Type=notify` service with `WatchdogSec=`.
+    fn env(&self) -> Vec<(String, String)> {
         vec![
-            ("NOTIFY_SOCKET", self.path.to_str().unwrap().to_string()),
-            ("WATCHDOG_USEC", (WATCHDOG_MS * 1000).to_string()),
+            ("NOTIFY_SOCKET".into(), self.path.to_str().unwrap().to_string()),
+            ("WATCHDOG_USEC".into(), (WATCHDOG_MS * 1000).to_string()),
         ]
     }
 
@@ -90,11 +92,9 @@ fn free_addr() -> SocketAddr {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
 }
 
-fn start(m: &Manager, addr: SocketAddr, data_dir: &Path, extra: &[(&str, &str)]) -> Server {
-    let owned = m.env();
-    let mut env: Vec<(&str, &str)> = owned.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    env.extend_from_slice(extra);
-    Server::start_on(exe(), data_dir, &env, &addr.to_string())
+/// `owned` and then `extra`, as the harness takes them.
+fn env_of<'a>(owned: &'a [(String, String)], extra: &[(&'a str, &'a str)]) -> Vec<(&'a str, &'a str)> {
+    owned.iter().map(|(k, v)| (k.as_str(), v.as_str())).chain(extra.iter().copied()).collect()
 }
 
 fn gaps_ms(pings: &[Instant]) -> Vec<u64> {
@@ -110,8 +110,9 @@ fn median(mut v: Vec<u64>) -> u64 {
 fn ready_comes_when_the_server_answers_pings_keep_time_and_stopping_comes_on_sigterm() {
     let data = temp_dir("systemd-ready");
     let addr = free_addr();
-    let m = Manager::listen(addr);
-    let server = start(&m, addr, data.path(), &[]);
+    let m = Manager::listen(Some(addr));
+    let owned = m.env();
+    let server = Server::start_on(exe(), data.path(), &env_of(&owned, &[]), &addr.to_string());
     let ready = wait_for(Duration::from_secs(10), || m.when("READY=1")).expect("READY=1 arrives");
     assert_eq!(*m.healthz_at_ready.lock().unwrap(), Some(200), "/healthz answers the moment READY=1 comes");
     let first = &m.notes()[0];
@@ -123,6 +124,7 @@ fn ready_comes_when_the_server_answers_pings_keep_time_and_stopping_comes_on_sig
     std::thread::sleep(Duration::from_millis(2_000));
     let pings: Vec<Instant> = m.pings().into_iter().filter(|p| *p >= ready).collect();
     let gaps = gaps_ms(&pings);
+    eprintln!("ping gaps (ms) with WATCHDOG_USEC={}000: {gaps:?}", WATCHDOG_MS);
     assert!(pings.len() >= 7, "pings every {} ms for 2 s: {gaps:?}", WATCHDOG_MS / 2);
     let mid = median(gaps.clone());
     assert!((170..=260).contains(&mid), "pings at half the watchdog timeout ({WATCHDOG_MS} ms): {gaps:?}");
@@ -145,12 +147,9 @@ const STUCK_FOR: Duration = Duration::from_millis(1_500);
 fn pings_stop_while_stuck(name: &str, extra: &[(&str, &str)], stick: impl FnOnce(&Server), thread: &str) {
     let data = temp_dir(name);
     let log = data.path().with_extension("log");
-    let addr = free_addr();
-    let m = Manager::listen(addr);
+    let m = Manager::listen(None);
     let owned = m.env();
-    let mut env: Vec<(&str, &str)> = owned.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    env.extend_from_slice(extra);
-    let server = Server::start_logging_to(exe(), data.path(), &env, &log);
+    let server = Server::start_logging_to(exe(), data.path(), &env_of(&owned, extra), &log);
     wait_for(Duration::from_secs(10), || m.when("READY=1")).expect("READY=1 arrives");
     stick(&server);
     // Stale after 300 ms (three beats), so the pings miss at least the rest of the stall.
@@ -163,6 +162,7 @@ fn pings_stop_while_stuck(name: &str, extra: &[(&str, &str)], stick: impl FnOnce
         (gaps.len() - at >= 3).then_some(())
     });
     let gaps = gaps_ms(&m.pings());
+    eprintln!("ping gaps (ms) with the {thread} stuck for {stall_ms} ms: {gaps:?}");
     assert!(resumed.is_some(), "pings stop while the {thread} is stuck and come back after: {gaps:?}");
     let longest = gaps.iter().copied().max().unwrap_or(0);
     assert!(
@@ -182,7 +182,12 @@ fn pings_stop_while_stuck(name: &str, extra: &[(&str, &str)], stick: impl FnOnce
 fn watchdog_pings_stop_while_the_scheduler_is_stuck() {
     // The scheduler (test-faults) blocks 1.5 s after it starts, which is before READY=1.
     let stall = format!("1500:{}", STUCK_FOR.as_millis());
-    pings_stop_while_stuck("systemd-scheduler", &[("ATELIER_TEST_SCHEDULER_STALL", &stall)], |_| {}, "scheduler");
+    pings_stop_while_stuck(
+        "systemd-scheduler",
+        &[("ATELIER_TEST_SCHEDULER_STALL", &stall)],
+        |_| {},
+        "scheduler",
+    );
 }
 
 #[test]

@@ -52,8 +52,8 @@ pub use inside::trampoline::trampoline_main;
 pub use inside::worker::worker_main;
 pub use inside::{protocol, run_hidden_mode};
 pub use paths::DataDir;
-pub use scheduler::SCHEDULER_BEAT_INTERVAL_MS;
 pub use program::{choose_worker_program, ProgramError, ProgramSource, WorkerProgram, INTERFACE};
+pub use scheduler::SCHEDULER_BEAT_INTERVAL_MS;
 pub use worker_user::{Identity, UserSetting, WorkerUser, WorkerUserError, WORKER_USER_DEFAULT};
 
 use error::io_err;

@@ -96,7 +96,8 @@ async function apiError(response: Response): Promise<ApiError> {
  * comment lines (`:`, the server's heartbeats) are skipped, `data:` lines are joined.
  */
 export async function* readEvents(body: ReadableStream<Uint8Array>): AsyncGenerator<StreamMessage> {
-  const reader = body.pipeThrough(new TextDecoderStream()).getReader();
+  const reader = body.getReader();
+  const decoder = new TextDecoder();
   let buffer = "";
   let fields: { id?: string; event?: string; data: string[] } = { data: [] };
   for (;;) {
@@ -104,7 +105,7 @@ export async function* readEvents(body: ReadableStream<Uint8Array>): AsyncGenera
     if (done) {
       return;
     }
-    buffer += value;
+    buffer += decoder.decode(value, { stream: true });
     let newline: number;
     while ((newline = buffer.indexOf("\n")) >= 0) {
       const line = buffer.slice(0, newline).replace(/\r$/, "");
@@ -134,6 +135,27 @@ export async function* readEvents(body: ReadableStream<Uint8Array>): AsyncGenera
   }
 }
 
+/** What a progress display needs of one event, each field as the document types it. */
+export interface Progress {
+  commission: number;
+  seq: number;
+  kind: EventData["type"];
+  state: EventData["state"];
+  stage: EventData["stage"];
+  percent: number;
+}
+
+export function progressOf(data: EventData): Progress {
+  return {
+    commission: data.task_id,
+    seq: data.seq,
+    kind: data.type,
+    state: data.state,
+    stage: data.stage,
+    percent: data.progress_percent,
+  };
+}
+
 /** Creates a commission and prints its progress until it ends; its final state. */
 export async function commissionAndFollow(
   client: AtelierClient,
@@ -143,9 +165,9 @@ export async function commissionAndFollow(
   const created = await client.createCommission({ context: { title }, pipeline, priority: 0 });
   let state: EventData["state"] = created.state;
   for await (const message of client.follow(created.task_id)) {
-    const { data } = message;
-    state = data.state;
-    console.log(`${data.task_id} #${data.seq} ${data.type}: ${data.state} ${data.stage ?? "-"} ${data.progress_percent}%`);
+    const p = progressOf(message.data);
+    state = p.state;
+    console.log(`${p.commission} #${p.seq} ${p.kind}: ${p.state} ${p.stage ?? "-"} ${p.percent}%`);
   }
   return state;
 }

@@ -20,8 +20,15 @@ impl Stall {
         let v = std::env::var(STALL_ENV).ok()?;
         let (after, length) = v.split_once(':')?;
         let (after, length) = (after.trim().parse::<u64>().ok()?, length.trim().parse::<u64>().ok()?);
-        tracing::warn!(after_ms = after, for_ms = length, "the scheduler will stall ({STALL_ENV}); for tests only");
-        Some(Stall { at: Instant::now() + Duration::from_millis(after), length: Duration::from_millis(length) })
+        tracing::warn!(
+            after_ms = after,
+            for_ms = length,
+            "the scheduler will stall ({STALL_ENV}); for tests only"
+        );
+        Some(Stall {
+            at: Instant::now() + Duration::from_millis(after),
+            length: Duration::from_millis(length),
+        })
     }
 
     /// Blocks the calling thread once the stall is due; `true` once it has stalled.
