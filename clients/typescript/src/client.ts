@@ -160,7 +160,8 @@ export function progressOf(data: EventData): Progress {
 export async function commissionAndFollow(
   client: AtelierClient,
   title: string,
-  pipeline: string,
+  // The live document lists the server's own pipelines: a name it does not have is a type error.
+  pipeline: NonNullable<CreateCommission["pipeline"]>,
 ): Promise<EventData["state"]> {
   const created = await client.createCommission({ context: { title }, pipeline, priority: 0 });
   let state: EventData["state"] = created.state;
