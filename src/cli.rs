@@ -70,10 +70,14 @@ accept the tokens the old one signed; without either it makes a new secret.
 A server whose log is in PostgreSQL is backed up the same way, into a sled data dir; pg_dump of
 its database is the way to a copy that stays in PostgreSQL.";
 
+/// `atelier --version`: the package version and the source revision it was built from
+/// (`build.rs`), as `/metrics` names them in `atelier_build_info`.
+pub const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (", env!("ATELIER_REVISION"), ")");
+
 #[derive(Debug, Parser)]
 #[command(
     name = "atelier",
-    version,
+    version = VERSION,
     about = "atelier — runs commissions (long background jobs) and shows their progress live",
     after_help = SETTINGS_HELP
 )]

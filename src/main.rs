@@ -4,6 +4,7 @@
 
 mod cli;
 mod settings;
+mod systemd;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -16,7 +17,7 @@ use atelier_http::client::printable::printable_json;
 use atelier_http::client::watch::{self, Outcome, WatchError};
 use atelier_http::client::{Client, ClientError};
 use atelier_http::secret::{SecretError, Stamp};
-use atelier_http::{Executors, HttpConfig, HttpError, Keys, Role, Server, TlsFiles};
+use atelier_http::{BuildInfo, Executors, HttpConfig, HttpError, Keys, Role, Server, TlsFiles};
 use atelier_storage::{
     check, DataDirLock, EventStore, PgConfig, PgStore, Retention, SledStore, StorageError, StoreConfig,
 };
@@ -375,10 +376,14 @@ fn serve(listen: Option<String>, store_args: StoreArgs) -> Result<ExitCode, CliE
     http_config.body_timeout_ms = s.body_timeout_ms;
     http_config.tls = s.tls.clone().map(|(cert, key)| TlsFiles { cert, key });
     http_config.trusted_proxies = s.trusted_proxies.clone();
+    http_config.build = BuildInfo {
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        revision: env!("ATELIER_REVISION").to_string(),
+    };
     let http_config = http_config.with_share_limits(s.share_limits);
     let dyn_store = store.shared();
     let executors = start_workers(&s, &sources, dyn_store.clone())?;
-    let server = Server::start(http_config, dyn_store, keys.clone(), Some(executors.clone()))?;
+    let server = Server::start(http_config, dyn_store.clone(), keys.clone(), Some(executors.clone()))?;
     // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
     unsafe {
         libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
@@ -392,6 +397,16 @@ fn serve(listen: Option<String>, store_args: StoreArgs) -> Result<ExitCode, CliE
     tracing::info!(%addr, data_dir = %s.data_dir.display(), "atelier is serving");
     let scheme = if s.tls.is_some() { "https" } else { "http" };
     println!("atelier listening on {scheme}://{addr}");
+    // The store is open and the listener accepts (connections wait in its backlog until the
+    // accept thread takes them): the service manager may send traffic and start dependents.
+    systemd::ready(&format!("serving on {scheme}://{addr}"));
+    let watchdog = {
+        let (store, executors) = (dyn_store.clone(), executors.clone());
+        systemd::Watchdog::start(vec![
+            systemd::Beat::new("log writer", move || store.writer_beats()),
+            systemd::Beat::new("scheduler", move || Some(executors.workers.scheduler_beats())),
+        ])
+    };
     let lifetime = match link_ttl_s % 60 {
         0 => format!("{} minutes", link_ttl_s / 60),
         _ => format!("{link_ttl_s} seconds"),
@@ -419,6 +434,11 @@ fn serve(listen: Option<String>, store_args: StoreArgs) -> Result<ExitCode, CliE
         }
     }
     tracing::info!("shutting down: no new connections, ending streams, finishing appends");
+    // The stop is bounded by the service manager's stop timeout, not by the watchdog.
+    if let Some(w) = watchdog {
+        w.stop();
+    }
+    systemd::stopping();
     server.shutdown();
     executors.workers.shutdown();
     store.close();

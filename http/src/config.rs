@@ -30,6 +30,21 @@ pub struct TlsFiles {
     pub key: PathBuf,
 }
 
+/// The build a server runs, as `/metrics` names it (`atelier_build_info{version,revision} 1`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BuildInfo {
+    pub version: String,
+    /// The source revision (a git commit), or "unknown".
+    pub revision: String,
+}
+
+impl Default for BuildInfo {
+    /// This crate's version (the workspace's); the binary knows the revision and sets it.
+    fn default() -> BuildInfo {
+        BuildInfo { version: env!("CARGO_PKG_VERSION").to_string(), revision: "unknown".to_string() }
+    }
+}
+
 /// How clients reach the server: over HTTPS the sign-in cookie is `Secure`, and a page's
 /// `Origin` names `https`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -63,6 +78,7 @@ pub struct HttpConfig {
     /// Peers whose `X-Forwarded-For` names the client (a reverse proxy in front): a
     /// connection from one counts against each request's client's cap, not the proxy's.
     pub trusted_proxies: TrustedProxies,
+    pub build: BuildInfo,
     /// The fair-share limits and each user's holdings of them. It travels with the settings
     /// into the server's shared state; set through [`HttpConfig::with_share_limits`].
     pub(crate) shares: Arc<Shares>,
@@ -82,6 +98,7 @@ impl HttpConfig {
             body_timeout_ms: BODY_TIMEOUT_MS_DEFAULT,
             tls: None,
             trusted_proxies: TrustedProxies::default(),
+            build: BuildInfo::default(),
             shares: Arc::new(Shares::new(ShareLimits::default())),
         }
     }

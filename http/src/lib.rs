@@ -37,7 +37,7 @@ mod state;
 pub use auth::{Identity, Keys, Role};
 pub use backup::BACKUP_SEQ_HEADER;
 pub use config::{
-    HttpConfig, Scheme, TlsFiles, BODY_TIMEOUT_MS_DEFAULT, CONNECTIONS_MAX_DEFAULT,
+    BuildInfo, HttpConfig, Scheme, TlsFiles, BODY_TIMEOUT_MS_DEFAULT, CONNECTIONS_MAX_DEFAULT,
     CONNECTIONS_PER_IP_MAX_DEFAULT, HEADER_TIMEOUT_MS_DEFAULT, HEARTBEAT_MS_DEFAULT,
 };
 pub use conn::{BODY_BYTES_MAX, SEND_TIMEOUT_MS};

@@ -3,7 +3,11 @@
 //! of series whose values live elsewhere (the store's, the executors').
 
 use prometheus::core::Collector;
-use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, TextEncoder};
+use prometheus::{
+    Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, TextEncoder,
+};
+
+use crate::config::BuildInfo;
 
 /// Upper bounds (seconds) of the latency histogram buckets.
 const BUCKETS_S: [f64; 12] = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0];
@@ -16,6 +20,8 @@ pub struct Metrics {
     pub events_appended: IntCounter,
     /// Time a create, cancel or retry spent appending to the log (decide and fsync included).
     pub append_duration: Histogram,
+    /// Always 1: its labels name the running build.
+    build_info: IntGaugeVec,
 }
 
 fn histogram(name: &str, help: &str) -> Histogram {
@@ -47,11 +53,22 @@ impl Default for Metrics {
                 "atelier_append_duration_seconds",
                 "Time a command from HTTP spent appending to the log",
             ),
+            build_info: IntGaugeVec::new(
+                Opts::new("atelier_build_info", "The running build: its version and source revision"),
+                &["version", "revision"],
+            )
+            .expect("invariant: the build info gauge's name and labels are valid"),
         }
     }
 }
 
 impl Metrics {
+    /// Names the running build; the series has this one value.
+    pub fn set_build(&self, build: &BuildInfo) {
+        self.build_info.reset();
+        self.build_info.with_label_values(&[build.version.as_str(), build.revision.as_str()]).set(1);
+    }
+
     pub fn request(&self, route: &'static str, status: u16, seconds: f64) {
         self.requests.with_label_values(&[route, &status.to_string()]).inc();
         self.request_duration.observe(seconds);
@@ -70,6 +87,7 @@ impl Metrics {
         ));
         encode(&mut out, &self.events_appended);
         encode(&mut out, &self.append_duration);
+        encode(&mut out, &self.build_info);
         out.push_str(store_lines);
         out
     }
@@ -98,6 +116,7 @@ mod tests {
         m.sse_events_sent.inc();
         m.events_appended.inc();
         m.append_duration.observe(0.02);
+        m.set_build(&BuildInfo { version: "1.2.3".into(), revision: "0123456789ab".into() });
         let text = m.render("atelier_log_head_seq 3\n", 2);
         for line in [
             "# TYPE atelier_http_requests_total counter",
@@ -124,6 +143,8 @@ mod tests {
             "atelier_append_duration_seconds_bucket{le=\"0.025\"} 1",
             "atelier_append_duration_seconds_sum 0.02",
             "atelier_append_duration_seconds_count 1",
+            "# TYPE atelier_build_info gauge",
+            "atelier_build_info{revision=\"0123456789ab\",version=\"1.2.3\"} 1",
             "atelier_log_head_seq 3",
         ] {
             assert!(text.lines().any(|l| l == line), "missing '{line}' in:\n{text}");

@@ -96,13 +96,15 @@ impl Server {
             listen(addr).map_err(|source| HttpError::Bind { addr: config.listen.clone(), source })?;
         let addr = listener.local_addr().map_err(HttpError::Start)?;
         let (jobs_tx, jobs_rx) = crossbeam_channel::unbounded::<Job>();
+        let metrics = Metrics::default();
+        metrics.set_build(&config.build);
         let slots = Arc::new(Slots::new(config.connections_max, config.connections_per_ip_max));
         let shared = Arc::new(Shared {
             store,
             keys,
             config,
             executors,
-            metrics: Metrics::default(),
+            metrics,
             shutting_down: AtomicBool::new(false),
             streams: AtomicU64::new(0),
             slots,

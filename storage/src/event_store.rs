@@ -7,6 +7,12 @@ use atelier_engine::{Commission, Envelope, Event, Job, Rejection, State};
 use crate::error::StorageError;
 use crate::subscribe::{Filter, Subscription};
 
+/// The longest the log writer waits for work before it goes round its loop again, idle
+/// included, so that [`EventStore::writer_beats`] keeps moving while the writer is alive and
+/// stops only when it is stuck (a watchdog reads it; see `src/systemd.rs`). A wake-up with
+/// nothing to do costs a few atomic loads.
+pub const WRITER_BEAT_INTERVAL_MS: u64 = 100;
+
 /// Which commission an append is for.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum AppendTarget {
@@ -97,5 +103,11 @@ pub trait EventStore: Send + Sync + 'static {
     /// requests they carried; a backend without group commit reports `(0, 0)`.
     fn group_commit_totals(&self) -> (u64, u64) {
         (0, 0)
+    }
+    /// How many times the log writer thread has gone round its loop since the store opened:
+    /// at least once every [`WRITER_BEAT_INTERVAL_MS`] while it is alive and not stuck in one
+    /// step. `None` for a backend without a writer thread.
+    fn writer_beats(&self) -> Option<u64> {
+        None
     }
 }

@@ -22,7 +22,9 @@ mod sled_store;
 mod subscribe;
 
 pub use error::StorageError;
-pub use event_store::{AppendOutcome, AppendRequest, AppendTarget, EventStore, ListQuery, Page};
+pub use event_store::{
+    AppendOutcome, AppendRequest, AppendTarget, EventStore, ListQuery, Page, WRITER_BEAT_INTERVAL_MS,
+};
 pub use lock::DataDirLock;
 pub use pg_store::{
     PgConfig, PgStore, PG_BATCH_REQUESTS_MAX, PG_CONNECT_TIMEOUT_MS, PG_FOLLOWER_APPLICATION_NAME,

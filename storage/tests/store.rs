@@ -12,7 +12,7 @@ use atelier_engine::{Command, Event, Rejection, State};
 use atelier_storage::layout::{self, Projection};
 use atelier_storage::{
     check, create, execute, AppendOutcome, AppendRequest, AppendTarget, Created, EventStore, Filter,
-    ListQuery, SledStore, StorageError, StoreConfig,
+    ListQuery, SledStore, StorageError, StoreConfig, WRITER_BEAT_INTERVAL_MS,
 };
 use common::*;
 
@@ -321,6 +321,24 @@ fn reopen_keeps_everything_and_never_reuses_an_id(open: Open) {
     assert!(id2 > id, "ids are never reused");
 }
 
+/// The writer's beat is what a watchdog reads (`src/systemd.rs`): it must keep moving while
+/// the store sits idle, or an idle server would look stuck, and it moves through appends too.
+fn the_writer_beats_while_idle_and_while_appending(open: Open) {
+    let f = open("beats");
+    let store = f.open();
+    let idle_for = Duration::from_millis(WRITER_BEAT_INTERVAL_MS * 5);
+    let before = store.writer_beats().expect("a backend with a writer thread reports its beats");
+    std::thread::sleep(idle_for);
+    let idle = store.writer_beats().unwrap() - before;
+    // Five intervals asleep: at least three turns, whatever the scheduling jitter.
+    assert!(idle >= 3, "{idle} writer turns in {idle_for:?} of idling");
+    let before = store.writer_beats().unwrap();
+    for _ in 0..3 {
+        created(&*store, "alice");
+    }
+    assert!(store.writer_beats().unwrap() > before, "appends go round the writer's loop");
+}
+
 #[test]
 fn a_second_opener_of_a_data_dir_is_refused_by_name() {
     let dir = temp_dir("locked");
@@ -359,6 +377,7 @@ for_each_backend!(
     a_slow_subscriber_is_cut_off_and_never_blocks_the_writer,
     listing_pages_newest_first_and_filters_by_state,
     reopen_keeps_everything_and_never_reuses_an_id,
+    the_writer_beats_while_idle_and_while_appending,
 );
 
 #[test]

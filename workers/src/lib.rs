@@ -37,7 +37,7 @@ mod shared;
 mod worker_user;
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Instant;
@@ -55,6 +55,7 @@ pub use inside::worker::worker_main;
 pub use inside::{protocol, run_hidden_mode};
 pub use paths::DataDir;
 pub use program::{choose_worker_program, ProgramError, ProgramSource, WorkerProgram, INTERFACE};
+pub use scheduler::SCHEDULER_BEAT_INTERVAL_MS;
 pub use worker_user::{Identity, UserSetting, WorkerUser, WorkerUserError, WORKER_USER_DEFAULT};
 
 use error::io_err;
@@ -73,6 +74,8 @@ type StoppableThread = (Sender<()>, JoinHandle<()>);
 pub struct Workers {
     shared: Arc<Shared>,
     scheduler: Mutex<SchedulerThreads>,
+    /// The scheduler's turns round its loop, read without its lock (a stop holds it).
+    scheduler_beats: Arc<AtomicU64>,
     process: Arc<ProcessExecutor>,
     spawner: Mutex<Option<JoinHandle<()>>>,
     task_runner: Mutex<Option<task_runner::Pool>>,
@@ -199,6 +202,7 @@ impl Workers {
         );
         Ok(Workers {
             shared,
+            scheduler_beats: scheduler.beats.clone(),
             scheduler: Mutex::new(scheduler),
             process,
             spawner: Mutex::new(Some(spawner)),
@@ -240,6 +244,13 @@ impl Workers {
         !self.shared.stopping.load(Ordering::Acquire)
             && self.scheduler.lock().map(|s| s.is_running()).unwrap_or(false)
             && self.spawner.lock().map(|s| s.as_ref().is_some_and(|h| !h.is_finished())).unwrap_or(false)
+    }
+
+    /// How many times the scheduler thread has gone round its loop: at least once every
+    /// [`SCHEDULER_BEAT_INTERVAL_MS`] while it is alive and not stuck in one step (a watchdog
+    /// reads it).
+    pub fn scheduler_beats(&self) -> u64 {
+        self.scheduler_beats.load(Ordering::Relaxed)
     }
 
     /// Prometheus text exposition of the workers' metrics.

@@ -71,6 +71,7 @@ impl PgStore {
             bell: Arc::new(Bell::default()),
             group_commits: AtomicU64::new(0),
             group_committed: AtomicU64::new(0),
+            writer_beats: AtomicU64::new(0),
             unavailable: Mutex::new(None),
             closing: AtomicBool::new(false),
             fenced: Mutex::new(None),
@@ -211,6 +212,10 @@ impl EventStore for PgStore {
 
     fn group_commit_totals(&self) -> (u64, u64) {
         (self.inner.group_commits.load(Ordering::Relaxed), self.inner.group_committed.load(Ordering::Relaxed))
+    }
+
+    fn writer_beats(&self) -> Option<u64> {
+        Some(self.inner.writer_beats.load(Ordering::Relaxed))
     }
 }
 

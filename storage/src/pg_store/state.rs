@@ -30,6 +30,8 @@ pub(crate) struct Inner {
     pub(super) bell: Arc<Bell>,
     pub(super) group_commits: AtomicU64,
     pub(super) group_committed: AtomicU64,
+    /// The writer's turns round its loop (`EventStore::writer_beats`).
+    pub(super) writer_beats: AtomicU64,
     /// Why the writer cannot reach the database, while it cannot.
     pub(super) unavailable: Mutex<Option<StorageError>>,
     /// Set at close: the log follower stops at its next wake-up.

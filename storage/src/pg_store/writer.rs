@@ -34,7 +34,7 @@ use super::state::{decode_job, decode_snapshot, from_sql, sql, sql_own, state_co
 use crate::append_rules::{fold_append, Folded};
 use crate::codec;
 use crate::error::{pg, StorageError};
-use crate::event_store::{AppendOutcome, AppendRequest, AppendTarget};
+use crate::event_store::{AppendOutcome, AppendRequest, AppendTarget, WRITER_BEAT_INTERVAL_MS};
 use crate::reply::ReplyTx;
 use crate::subscribe::{Delivery, ViewAfter};
 
@@ -85,12 +85,19 @@ impl Writer {
     }
 
     pub(super) fn run(mut self, rx: Receiver<Work>) {
-        let idle = Duration::from_millis(PG_HEALTH_CHECK_INTERVAL_MS);
+        let check_every = Duration::from_millis(PG_HEALTH_CHECK_INTERVAL_MS);
+        let beat_every = Duration::from_millis(WRITER_BEAT_INTERVAL_MS);
+        let mut checked = Instant::now();
         loop {
-            let first = match rx.recv_timeout(idle) {
+            // Every turn, idle ones included: a watchdog tells a stuck writer by this stopping.
+            self.inner.writer_beats.fetch_add(1, Ordering::Relaxed);
+            let first = match rx.recv_timeout(beat_every.min(check_every)) {
                 Ok(r) => r,
                 Err(RecvTimeoutError::Timeout) => {
-                    self.check_connection();
+                    if checked.elapsed() >= check_every {
+                        self.check_connection();
+                        checked = Instant::now();
+                    }
                     continue;
                 }
                 Err(RecvTimeoutError::Disconnected) => break,

@@ -223,6 +223,10 @@ impl EventStore for SledStore {
         self.inner.dropped_slow.load(Ordering::Relaxed)
     }
 
+    fn writer_beats(&self) -> Option<u64> {
+        Some(self.inner.writer_beats.load(Ordering::Relaxed))
+    }
+
     fn state_counts(&self) -> Result<Vec<(State, u64)>, StorageError> {
         let counts = *self.inner.counts.lock().unwrap_or_else(|p| p.into_inner());
         Ok(State::ALL.iter().map(|s| (*s, counts[*s as usize])).collect())

@@ -110,6 +110,7 @@ pub(super) fn open(config: &StoreConfig) -> Result<(Arc<Inner>, Writer), Storage
         bell: Arc::new(Bell::default()),
         group_commits: AtomicU64::new(0),
         group_committed: AtomicU64::new(0),
+        writer_beats: AtomicU64::new(0),
         unflushed: RwLock::new(Unflushed::default()),
         counts: Mutex::new([0; 10]),
         poisoned: Mutex::new(None),

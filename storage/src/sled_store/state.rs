@@ -53,6 +53,8 @@ pub(crate) struct Inner {
     /// Group commits that wrote to the log, and the appends they acknowledged.
     pub(super) group_commits: AtomicU64,
     pub(super) group_committed: AtomicU64,
+    /// The writer's turns round its loop (`EventStore::writer_beats`).
+    pub(super) writer_beats: AtomicU64,
     /// Acknowledged projection state not yet in the projection tree (write-back).
     pub(super) unflushed: RwLock<Unflushed>,
     /// Commissions per state, as of the durable head.

@@ -19,7 +19,7 @@ use super::state::{bad, bad_run, fdatasync, Inner, Trees};
 use crate::append_rules::{fold_append, Folded};
 use crate::codec;
 use crate::error::StorageError;
-use crate::event_store::{AppendOutcome, AppendRequest, AppendTarget};
+use crate::event_store::{AppendOutcome, AppendRequest, AppendTarget, WRITER_BEAT_INTERVAL_MS};
 use crate::layout::{self, Projection, META_COUNTS, META_NEXT_CID, META_PROJECTED};
 use crate::log::decode_record;
 use crate::reply::ReplyTx;
@@ -295,12 +295,16 @@ impl Writer {
         let mut dirty = false;
         let recheck_every = Duration::from_millis(DISK_RECHECK_INTERVAL_MS);
         let mut disk_full = false;
+        let beat_every = Duration::from_millis(WRITER_BEAT_INTERVAL_MS);
         loop {
+            // Every turn, idle ones included: a watchdog tells a stuck writer by this stopping.
+            self.inner.writer_beats.fetch_add(1, Ordering::Relaxed);
             let mut timeout =
                 if self.projected < self.head { flush_every.min(sync_every) } else { sync_every };
             if disk_full {
                 timeout = timeout.min(recheck_every);
             }
+            timeout = timeout.min(beat_every);
             let first = match rx.recv_timeout(timeout) {
                 Ok(r) => r,
                 Err(crossbeam_channel::RecvTimeoutError::Timeout) => {

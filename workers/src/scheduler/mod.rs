@@ -4,8 +4,10 @@
 //! Threads, and why each exists:
 //! - feed (`feed.rs`): follows the log subscription and forwards the few events that matter;
 //! - scheduler: owns the queue, the timers (`timers.rs`) and the table of running jobs; it
-//!   sleeps until the next message or the next due timer, and polls (every
-//!   [`STORE_RECHECK_INTERVAL_MS`]) only while the store refuses writes and work waits.
+//!   sleeps until the next message or the next due timer, but at most
+//!   [`SCHEDULER_BEAT_INTERVAL_MS`]: each turn counts a beat, so that a watchdog can tell an
+//!   idle scheduler from a stuck one (`Workers::scheduler_beats`), and looks again at a queue
+//!   held back while the store refuses writes (nothing else says when it takes them again).
 //!
 //! Jobs whose thread is gone (a previous server's, or a panicked one) are failed by
 //! `recovery.rs`, so they retry.
@@ -13,11 +15,13 @@
 mod feed;
 mod messages;
 pub(crate) mod recovery;
+#[cfg(feature = "test-faults")]
+mod stall;
 mod timers;
 
 use std::cmp::Reverse;
 use std::collections::{BTreeSet, HashMap};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -38,10 +42,12 @@ use crate::shared::Shared;
 
 /// How long `shutdown` waits for jobs beyond the kill grace before giving up on them.
 const SHUTDOWN_SLACK_MS: u64 = 5_000;
-/// While the store refuses writes (a full disk), no job starts: a job could not record its
-/// start or its end. The queue is looked at again this often, as nothing else says when the
-/// store takes writes again.
-pub const STORE_RECHECK_INTERVAL_MS: u64 = 500;
+/// The longest the scheduler sleeps before it goes round its loop again, idle included, so
+/// that its beat count keeps moving while it is alive. While the store refuses writes (a full
+/// disk) no job starts (it could record neither its start nor its end), and this is also how
+/// soon a held queue is looked at again. A wake-up with nothing due costs a look at the
+/// store's health and the empty queue.
+pub const SCHEDULER_BEAT_INTERVAL_MS: u64 = 100;
 
 /// Tells the scheduler a job is over when dropped, on every path out of the job thread.
 struct DoneGuard(Sender<SchedMsg>, u64);
@@ -72,22 +78,25 @@ struct Scheduler {
     queued: HashMap<u64, i32>,
     timers: Timers,
     running: HashMap<u64, Running>,
+    /// Turns round the loop (`Workers::scheduler_beats`).
+    beats: Arc<AtomicU64>,
+    #[cfg(feature = "test-faults")]
+    stall: Option<stall::Stall>,
 }
 
 impl Scheduler {
     fn run(mut self) {
         loop {
-            let held = !self.queue.is_empty() && self.shared.store.health().is_err();
+            // Every turn, idle ones included: a watchdog tells a stuck scheduler by this stopping.
+            self.beats.fetch_add(1, Ordering::Relaxed);
+            #[cfg(feature = "test-faults")]
+            if self.stall.as_ref().is_some_and(stall::Stall::block_if_due) {
+                self.stall = None;
+            }
             let due =
                 self.timers.next_due().map(|due| u64::try_from(due.saturating_sub(now_ms())).unwrap_or(0));
-            let wait_ms = match (due, held) {
-                (due, true) => Some(due.unwrap_or(u64::MAX).min(STORE_RECHECK_INTERVAL_MS)),
-                (due, false) => due,
-            };
-            let msg = match wait_ms {
-                None => self.rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
-                Some(wait_ms) => self.rx.recv_timeout(Duration::from_millis(wait_ms)),
-            };
+            let wait_ms = due.unwrap_or(u64::MAX);
+            let msg = self.rx.recv_timeout(Duration::from_millis(wait_ms.min(SCHEDULER_BEAT_INTERVAL_MS)));
             match msg {
                 Ok(SchedMsg::Shutdown) | Err(RecvTimeoutError::Disconnected) => break,
                 Ok(m) => self.handle(m),
@@ -326,6 +335,8 @@ pub(crate) struct SchedulerThreads {
     tx: Sender<SchedMsg>,
     scheduler: Option<JoinHandle<()>>,
     feed: Option<JoinHandle<()>>,
+    /// The scheduler's turns round its loop.
+    pub(crate) beats: Arc<AtomicU64>,
 }
 
 impl SchedulerThreads {
@@ -338,6 +349,7 @@ impl SchedulerThreads {
         sub: Subscription,
     ) -> Result<SchedulerThreads, WorkersError> {
         let (tx, rx) = crossbeam_channel::unbounded();
+        let beats = Arc::new(AtomicU64::new(0));
         let scheduler = Scheduler {
             shared: shared.clone(),
             rx,
@@ -348,6 +360,9 @@ impl SchedulerThreads {
             queued: HashMap::new(),
             timers: Timers::default(),
             running: HashMap::new(),
+            beats: beats.clone(),
+            #[cfg(feature = "test-faults")]
+            stall: stall::Stall::from_env(),
         };
         let _ = tx.send(SchedMsg::Rescan);
         let scheduler = std::thread::Builder::new()
@@ -359,7 +374,7 @@ impl SchedulerThreads {
             .name("atelier-feed".into())
             .spawn(move || feed::feed_loop(shared, sub, feed_tx))
             .map_err(io_err("start thread atelier-feed"))?;
-        Ok(SchedulerThreads { tx, scheduler: Some(scheduler), feed: Some(feed) })
+        Ok(SchedulerThreads { tx, scheduler: Some(scheduler), feed: Some(feed), beats })
     }
 
     pub(crate) fn is_running(&self) -> bool {
