@@ -93,11 +93,12 @@ def test_a_refused_request_fails_the_commission_at_once(start_server, fakes: Fak
 
 
 def test_a_hanging_service_keeps_heartbeats_going_until_the_stages_own_timeout(start_server, fakes: FakeServices) -> None:
-    # A stage silent for 2 s would be ended as stalled (the SDK beats every second); the
-    # hang lasts far longer than that.
+    # A stage silent for 0.6 s is ended as stalled: the SDK beats faster than its default
+    # second because the server tells it the timeout (ATELIER_HEARTBEAT_TIMEOUT_MS); the hang
+    # lasts far longer than that.
     stage_timeout_s = 4
     s = start_server(
-        env={**fakes.env(), "SHOP_STAGE_TIMEOUT_S": str(stage_timeout_s)}, extra=["heartbeat_timeout_ms = 2000"]
+        env={**fakes.env(), "SHOP_STAGE_TIMEOUT_S": str(stage_timeout_s)}, extra=["heartbeat_timeout_ms = 600"]
     )
     fakes.plan("image", hang())
     alice = s.token("alice")

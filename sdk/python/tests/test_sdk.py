@@ -113,6 +113,23 @@ def test_a_result_after_progress_and_prints_go_to_stderr(tmp_path: Path) -> None
     assert "chatter" in ran.stderr
 
 
+def test_a_short_heartbeat_timeout_from_the_server_sets_the_default_rate(tmp_path: Path) -> None:
+    ran = run_stage(
+        tmp_path,
+        """
+        def handle(stage):
+            time.sleep(0.6)
+            return {"rates": [default_heartbeat_s(e) for e in ({}, {"ATELIER_HEARTBEAT_TIMEOUT_MS": "30000"},
+                                                               {"ATELIER_HEARTBEAT_TIMEOUT_MS": "bad"})]}
+        run(handle)
+        """,
+        env={"ATELIER_HEARTBEAT_TIMEOUT_MS": "400"},
+    )
+    assert ran.code == 0, ran.stderr
+    assert ran.types().count("heartbeat") >= 5, ran.types()
+    assert ran.last == {"type": "result", "result": {"rates": [1.0, 1.0, 1.0]}}, "else every second"
+
+
 def test_heartbeats_go_out_while_the_stage_works_and_stop_at_its_result(tmp_path: Path) -> None:
     ran = run_stage(
         tmp_path,

@@ -53,14 +53,20 @@ __all__ = [
     "StageInput",
     "run",
     "HEARTBEAT_INTERVAL_S",
+    "HEARTBEATS_PER_TIMEOUT",
+    "default_heartbeat_s",
     "RETRY_AFTER_WAIT_MAX_S",
 ]
 
 __version__ = "0.1.0"
 
-#: How often the heartbeat thread writes a line: well inside the server's default
-#: heartbeat timeout (30 s), and cheap (one short line a second).
+#: How often the heartbeat thread writes a line at most: well inside the server's default
+#: heartbeat timeout (30 s), and cheap (one short line a second). A pipeline with a shorter
+#: `heartbeat_timeout_ms` (the server passes it as ATELIER_HEARTBEAT_TIMEOUT_MS) gets four
+#: beats per timeout instead.
 HEARTBEAT_INTERVAL_S = 1.0
+#: Beats per heartbeat timeout, when that timeout is short.
+HEARTBEATS_PER_TIMEOUT = 4
 #: The longest a `Retry-After` hint is waited out before the error is reported.
 RETRY_AFTER_WAIT_MAX_S = 60.0
 #: The exit code of a stage that reported an error (the error line is what the server reads).
@@ -278,18 +284,33 @@ class _Heartbeat(threading.Thread):
             os._exit(EXIT_FAILED)
 
 
+def default_heartbeat_s(environ: Mapping[str, str]) -> float:
+    """Every second, or a quarter of `ATELIER_HEARTBEAT_TIMEOUT_MS` when that is shorter (a
+    missing or malformed value: every second)."""
+    try:
+        timeout_s = int(environ.get("ATELIER_HEARTBEAT_TIMEOUT_MS", "")) / 1000
+    except ValueError:
+        return HEARTBEAT_INTERVAL_S
+    if timeout_s <= 0:
+        return HEARTBEAT_INTERVAL_S
+    return min(HEARTBEAT_INTERVAL_S, timeout_s / HEARTBEATS_PER_TIMEOUT)
+
+
 def run(
     handler: Callable[[Stage], Optional[Mapping[str, Any]]],
     *,
-    heartbeat_s: float = HEARTBEAT_INTERVAL_S,
+    heartbeat_s: Optional[float] = None,
     timeout_s: Optional[float] = None,
 ) -> NoReturn:
     """Runs `handler` as this process's stage and exits: 0 after its result, 1 after an error.
 
     `handler` gets the :class:`Stage` and returns a dict (None: `{}`), merged into the
-    pipeline's state. Heartbeats go out every `heartbeat_s` meanwhile; past `timeout_s`
+    pipeline's state. Heartbeats go out every `heartbeat_s` meanwhile (None: every second, or
+    a quarter of the pipeline's heartbeat timeout when that is shorter); past `timeout_s`
     (None: no timeout of its own) the stage fails as retryable and the process ends.
     Anything the stage prints goes to stderr (the job's log): stdout carries the protocol."""
+    if heartbeat_s is None:
+        heartbeat_s = default_heartbeat_s(os.environ)
     if not heartbeat_s > 0:
         raise ValueError(f"heartbeat_s must be positive, not {heartbeat_s!r}")
     if timeout_s is not None and not timeout_s > 0:

@@ -327,6 +327,8 @@ fn worker_env(shared: &Shared, p: &PipelineConfig, input: &JobInput, dir: &Path)
         ("ATELIER_ATTEMPT".to_string(), input.attempt.to_string()),
         ("ATELIER_JOB_DIR".to_string(), dir.display().to_string()),
         ("ATELIER_ARTIFACTS_DIR".to_string(), shared.data_dir.artifacts().display().to_string()),
+        // A stage silent this long is ended as stalled: a stage command can pace its heartbeats.
+        ("ATELIER_HEARTBEAT_TIMEOUT_MS".to_string(), shared.config.heartbeat_timeout_ms_for(p).to_string()),
         ("ATELIER_PROTOCOL_FD".to_string(), PROTOCOL_FD.to_string()),
     ]);
     last_wins(env)
