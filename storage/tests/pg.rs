@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use atelier_engine::Event;
+use atelier_engine::{Event, State};
 use atelier_storage::{
     create, AppendOutcome, AppendRequest, AppendTarget, Created, EventStore, Filter, PgConfig, PgStore,
     StorageError, PG_SCHEMA_VERSION,
@@ -279,10 +279,60 @@ fn replay_check_matches_the_tables_and_reports_a_doctored_one() {
     )
     .unwrap();
     raw.execute("DELETE FROM atelier.idempotency", &[]).unwrap();
+    raw.execute("UPDATE atelier.state_counts SET n = n + 1 WHERE n > 0", &[]).unwrap();
     let diff = store.replay_check().unwrap().diff;
-    assert_eq!(diff.len(), 2, "{diff:?}");
+    assert_eq!(diff.len(), 3, "{diff:?}");
     assert!(diff[0].starts_with(&format!("commissions: {keyed} columns")), "{diff:?}");
     assert!(diff[1].starts_with("idempotency: (bob, k)"), "{diff:?}");
+    assert!(diff[2].starts_with("state_counts: stored"), "{diff:?}");
+}
+
+/// The state counts (`/metrics`' `atelier_commissions{state}`) are a table each group commit
+/// moves: after creates, a run to completion, a cancel and an import they equal a count of the
+/// commissions by state, and `replay --check` agrees.
+#[test]
+fn the_state_counts_follow_every_group_commit() {
+    let url = pg_url("counts");
+    let store = open(&url);
+    let ids: Vec<u64> = (0..5).map(|_| created(&*store, "alice")).collect();
+    for (i, cmd) in full_run(store.allocate_job_id().unwrap()).into_iter().enumerate() {
+        atelier_storage::execute(&*store, ids[0], cmd, &ctx(2_000 + i as i64)).unwrap().unwrap();
+    }
+    atelier_storage::execute(&*store, ids[1], atelier_engine::Command::RequestCancel, &ctx(9))
+        .unwrap()
+        .unwrap();
+    let mut raw = Client::connect(&url, NoTls).unwrap();
+    let counted: Vec<(i16, i64)> = raw
+        .query("SELECT state, count(*) FROM atelier.commissions GROUP BY state ORDER BY state", &[])
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    let stored: Vec<(i16, i64)> = raw
+        .query("SELECT state, n FROM atelier.state_counts WHERE n <> 0 ORDER BY state", &[])
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(stored, counted);
+    assert_eq!(counted.iter().map(|(_, n)| n).sum::<i64>(), 5);
+    assert!(counted.len() >= 3, "created, completed and a cancel's state: {counted:?}");
+    let total: u64 = store.state_counts().unwrap().iter().map(|(_, n)| n).sum();
+    assert_eq!(total, 5);
+    assert!(store.replay_check().unwrap().diff.is_empty());
+
+    // A database of schema 1 (before the table) gets it filled from its commissions.
+    store.close();
+    drop(store);
+    raw.batch_execute(
+        "DROP TABLE atelier.state_counts; DELETE FROM atelier.schema_migrations WHERE version = 2",
+    )
+    .unwrap();
+    let store = open(&url);
+    let mut again: Vec<(State, u64)> = store.state_counts().unwrap();
+    again.retain(|(_, n)| *n != 0);
+    assert_eq!(again.iter().map(|(_, n)| n).sum::<u64>(), 5, "{again:?}");
+    assert!(store.replay_check().unwrap().diff.is_empty());
 }
 
 /// A log exported from a data dir's sled store imports into an empty PostgreSQL log and reads

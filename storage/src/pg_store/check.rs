@@ -38,6 +38,7 @@ impl Inner {
         diff_commissions(&mut tx, &folded, &mut diff)?;
         diff_jobs(&mut tx, &folded, &mut diff)?;
         diff_idempotency(&mut tx, &folded, &mut diff)?;
+        diff_counts(&mut tx, &folded, &mut diff)?;
         let n = diff.len();
         diff.truncate(DIFF_LINES_MAX);
         if n > DIFF_LINES_MAX {
@@ -138,6 +139,25 @@ fn diff_commissions(
     }
     for id in f.commissions.keys().filter(|id| !seen.contains(id)) {
         diff.push(format!("commissions: {id} is in the log but not stored"));
+    }
+    Ok(())
+}
+
+/// `state_counts` against the rebuilt commissions' states (a state with none may have a 0 row).
+fn diff_counts(tx: &mut Transaction<'_>, f: &Folded, diff: &mut Vec<String>) -> Result<(), StorageError> {
+    let mut want: BTreeMap<i16, i64> = BTreeMap::new();
+    for c in f.commissions.values() {
+        *want.entry(state_code(c.state)).or_default() += 1;
+    }
+    let mut stored: BTreeMap<i16, i64> = BTreeMap::new();
+    for row in
+        tx.query("SELECT state, n FROM atelier.state_counts", &[]).map_err(pg("read the state counts"))?
+    {
+        stored.insert(row.get(0), row.get(1));
+    }
+    stored.retain(|_, n| *n != 0);
+    if stored != want {
+        diff.push(format!("state_counts: stored {stored:?} != rebuilt {want:?} (state code: count)"));
     }
     Ok(())
 }

@@ -238,7 +238,7 @@ impl Inner {
         let rows = self
             .pool
             .get()?
-            .query("SELECT state, count(*) FROM atelier.commissions GROUP BY state", &[])
+            .query("SELECT state, n FROM atelier.state_counts", &[])
             .map_err(pg("count commissions by state"))?;
         let mut counts = [0u64; 10];
         for r in rows {

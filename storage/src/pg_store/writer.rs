@@ -23,7 +23,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use atelier_engine::{apply, apply_job, Commission, Envelope, Job};
+use atelier_engine::{apply, apply_job, Commission, Envelope, Job, State};
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 use postgres::types::ToSql;
 use postgres::{Client, Row, Statement, Transaction};
@@ -304,6 +304,9 @@ struct Group<'t> {
     next_commission: u64,
     /// Snapshots read or staged in this group (`None`: no such commission).
     snapshots: HashMap<u64, Option<Commission>>,
+    /// The state each commission read from the database had there (`state_counts` moves by
+    /// what the group changes).
+    stored_states: HashMap<u64, State>,
     /// Commissions the group changed, in id order.
     changed: BTreeMap<u64, ()>,
     jobs: HashMap<u64, Option<Job>>,
@@ -367,6 +370,7 @@ impl<'t> Group<'t> {
             head,
             next_commission,
             snapshots: HashMap::new(),
+            stored_states: HashMap::new(),
             changed: BTreeMap::new(),
             jobs: HashMap::new(),
             changed_jobs: BTreeMap::new(),
@@ -396,7 +400,9 @@ impl<'t> Group<'t> {
             .map_err(pg("read the appends' commissions"))?;
         for row in rows {
             let c = decode_snapshot(row.get(1))?;
-            self.snapshots.insert(from_sql(row.get(0), "commissions")?, Some(c));
+            let id = from_sql(row.get(0), "commissions")?;
+            self.stored_states.insert(id, c.state);
+            self.snapshots.insert(id, Some(c));
         }
         Ok(())
     }
@@ -410,6 +416,9 @@ impl<'t> Group<'t> {
             .query_opt("SELECT snapshot FROM atelier.commissions WHERE id = $1", &[&key])
             .map_err(pg("read a commission"))?;
         let c = row.map(|r| decode_snapshot(r.get(0))).transpose()?;
+        if let Some(c) = &c {
+            self.stored_states.insert(id, c.state);
+        }
         self.snapshots.insert(id, c.clone());
         Ok(c)
     }
@@ -587,8 +596,13 @@ impl<'t> Group<'t> {
     fn write_projections(&mut self) -> Result<(), StorageError> {
         let (mut ids, mut users, mut states, mut live, mut versions, mut snaps) =
             (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let mut moved: BTreeMap<i16, i64> = BTreeMap::new();
         for id in self.changed.keys() {
             let Some(Some(c)) = self.snapshots.get(id) else { continue };
+            if let Some(before) = self.stored_states.get(id) {
+                *moved.entry(state_code(*before)).or_default() -= 1;
+            }
+            *moved.entry(state_code(c.state)).or_default() += 1;
             ids.push(sql_own(*id));
             users.push(c.user_id.clone());
             states.push(state_code(c.state));
@@ -603,6 +617,16 @@ impl<'t> Group<'t> {
                 &[&ids, &users, &states, &live, &versions, &snaps],
             )
             .map_err(pg("write commissions"))?;
+        moved.retain(|_, n| *n != 0);
+        if !moved.is_empty() {
+            let (states, deltas): (Vec<i16>, Vec<i64>) = moved.into_iter().unzip();
+            self.execute(
+                "INSERT INTO atelier.state_counts (state, n) SELECT * FROM unnest($1::smallint[], $2::bigint[])
+                 ON CONFLICT (state) DO UPDATE SET n = atelier.state_counts.n + EXCLUDED.n",
+                &[&states, &deltas],
+            )
+            .map_err(pg("move the state counts"))?;
+        }
         if !self.new_keys.is_empty() {
             let users: Vec<String> = self.new_keys.iter().map(|(u, _, _)| u.clone()).collect();
             let keys: Vec<String> = self.new_keys.iter().map(|(_, k, _)| k.clone()).collect();
