@@ -129,6 +129,15 @@ pub fn frame_record(seq: u64, prev_chain: u32, payload: &[u8]) -> (Vec<u8>, u32)
     (out, chain)
 }
 
+/// A pruned record for `seq` whose content is not known (an export skips pruned records; an
+/// import puts these in their place, so that the log stays gap-free and chained).
+pub fn frame_pruned(seq: u64, prev_chain: u32) -> (Vec<u8>, u32) {
+    let (record, chain) = frame_record(seq, prev_chain, &[]);
+    let mut out = record;
+    out[1] = FLAG_PRUNED;
+    (out, chain)
+}
+
 /// The same record with its payload dropped (retention).
 pub fn prune_record(record: &[u8]) -> Result<Vec<u8>, CodecError> {
     let (header, _) = split_record(record)?;

@@ -591,11 +591,18 @@ impl Writer {
     ) -> Result<(), StorageError> {
         for (i, env) in envs.iter().enumerate() {
             let line = i + 1;
-            if env.seq != self.head + 1 {
+            if env.seq <= self.head {
                 return Err(StorageError::import(
                     line,
                     format!("seq {} does not follow {}", env.seq, self.head),
                 ));
+            }
+            // The seqs an export skipped were pruned by retention in the log it came from.
+            while self.head + 1 < env.seq {
+                let (stub, chain) = codec::frame_pruned(self.head + 1, self.chain);
+                log.push(stub);
+                self.chain = chain;
+                self.head += 1;
             }
             let before = self.snapshot(staged, env.commission_id)?;
             let before_state = before.as_ref().map(|c| c.state);
