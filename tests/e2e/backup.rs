@@ -40,11 +40,7 @@ fn completed_with_artifact(s: &Server, user: &str) -> (u64, String) {
     let id = s.create(user, json!({"context": {"title": "a design"}, "pipeline": "commission"}))["task_id"]
         .as_u64()
         .unwrap();
-    let snap = wait_for(Duration::from_secs(30), || {
-        let snap = s.get(&format!("/api/commissions/{id}"), Some(user)).json();
-        (snap["state"] == "completed").then_some(snap)
-    })
-    .expect("the commission completes");
+    let snap = s.completed(id, user, Duration::from_secs(30)).expect("the commission completes");
     let text = snap.to_string();
     let at = text.find("/artifacts/").expect("the result names its artifact");
     (id, text[at..at + "/artifacts/".len() + 64 + ".png".len()].to_string())

@@ -171,10 +171,7 @@ fn one_round(round: usize, logs: &Path) -> usize {
     // The executors took no work while the disk was full and take it again now: every
     // commission acknowledged before the disk filled runs to its end.
     for id in &acked {
-        let state = wait_for(ALL_DONE_WITHIN, || {
-            let c = server.get(&format!("/api/commissions/{id}"), Some(&token)).json();
-            (c["state"] == "completed").then_some(c)
-        });
+        let state = server.completed(*id, &token, ALL_DONE_WITHIN);
         assert!(state.is_some(), "round {round}: commission {id} did not complete once space returned");
     }
 

@@ -424,11 +424,7 @@ fn an_artifact_is_served_only_when_it_hashes_to_its_name() {
     let alice = token("alice", false);
     let id =
         s.create(&alice, json!({"context": {"title": "Cats", "text": "meow"}}))["task_id"].as_u64().unwrap();
-    let done = wait_for(std::time::Duration::from_secs(60), || {
-        let c = s.get(&format!("/api/commissions/{id}"), Some(&alice)).json();
-        (c["state"] == "completed").then_some(c)
-    })
-    .expect("the commission completes");
+    let done = s.completed(id, &alice, std::time::Duration::from_secs(60)).expect("the commission completes");
     let uri = done["artifacts"][0]["uri"].as_str().expect("an image").to_string();
     let original = s.get(&uri, None);
     assert_eq!(original.status, 200);

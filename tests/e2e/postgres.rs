@@ -206,11 +206,7 @@ fn a_shared_artifacts_dir_lets_another_server_serve_what_one_made() {
     let id = a.create(&alice, json!({"context": {"title": "Cats", "text": "meow"}}))["task_id"]
         .as_u64()
         .expect("an id");
-    let done = wait_for(Duration::from_secs(60), || {
-        let c = a.get(&format!("/api/commissions/{id}"), Some(&alice)).json();
-        (c["state"] == "completed").then_some(c)
-    })
-    .expect("the commission completes");
+    let done = a.completed(id, &alice, Duration::from_secs(60)).expect("the commission completes");
     let uri = done["artifacts"][0]["uri"].as_str().expect("an image").to_string();
     let png = a.get(&uri, None);
     assert_eq!(png.status, 200);

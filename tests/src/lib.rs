@@ -258,6 +258,15 @@ impl Server {
         self.get("/readyz", None).json()["head_seq"].as_u64().expect("readyz reports head_seq")
     }
 
+    /// Polls commission `id` (as `token`'s user) until it is `completed`, for at most
+    /// `within`; its snapshot then, or `None`.
+    pub fn completed(&self, id: u64, token: &str, within: Duration) -> Option<Value> {
+        wait_for(within, || {
+            let c = self.get(&format!("/api/commissions/{id}"), Some(token)).json();
+            (c["state"] == "completed").then_some(c)
+        })
+    }
+
     /// Creates a commission and returns its snapshot.
     pub fn create(&self, token: &str, body: Value) -> Value {
         let r = self.post("/api/commissions", Some(token), &body);
