@@ -19,7 +19,7 @@ use atelier_http::client::{Client, ClientError};
 use atelier_http::secret::{SecretError, Stamp};
 use atelier_http::{BuildInfo, Executors, HttpConfig, HttpError, Keys, Role, Server, TlsFiles};
 use atelier_storage::{
-    check, DataDirLock, EventStore, PgConfig, PgStore, Retention, SledStore, StorageError, StoreConfig,
+    check, DataDirLock, EventStore, PgConfig, PgStore, Prune, Retention, SledStore, StorageError, StoreConfig,
 };
 use atelier_workers::{BackupError, ProgramError, ProgramSource, Workers, WorkersConfig, WorkersError};
 use clap::{CommandFactory, Parser};
@@ -412,25 +412,19 @@ fn serve(listen: Option<String>, store_args: StoreArgs) -> Result<ExitCode, CliE
         _ => format!("{link_ttl_s} seconds"),
     };
     println!("open the status page as a local admin (this link works for {lifetime}): {scheme}://{addr}/?token={admin}");
-    let mut retention = match &store {
-        Store::Sled(sled) => s.retention_days.map(|days| (sled.clone(), Retention::days(days))),
-        Store::Pg { .. } => {
-            if s.retention_days.is_some() {
-                tracing::warn!(
-                    "ATELIER_RETENTION_DAYS is not applied to a PostgreSQL log yet; nothing is pruned"
-                );
-            }
-            None
-        }
+    let prunable: Arc<dyn Prune> = match &store {
+        Store::Sled(sled) => sled.clone(),
+        Store::Pg { store, .. } => store.clone(),
     };
+    let mut retention = s.retention_days.map(|days| (prunable, Retention::days(days)));
     let mut secret_watch = SecretWatch::new(&s);
     while !STOP.load(Ordering::SeqCst) {
         std::thread::sleep(SERVE_TICK);
         if let Some(w) = &mut secret_watch {
             w.tick(&keys);
         }
-        if let Some((sled, r)) = &mut retention {
-            r.tick(sled, now_s().saturating_mul(1000));
+        if let Some((store, r)) = &mut retention {
+            r.tick(&**store, now_s().saturating_mul(1000));
         }
     }
     tracing::info!("shutting down: no new connections, ending streams, finishing appends");

@@ -32,7 +32,7 @@ pub use pg_store::{
     PG_RECONNECT_BACKOFF_MAX_MS, PG_RECONNECT_BACKOFF_MIN_MS, PG_SCHEMA_VERSION, PG_SERVER_LOCK_KEY,
     PG_SERVER_LOCK_WAIT_MS, PG_STATEMENT_TIMEOUT_MS, PG_TAIL_POLL_INTERVAL_MS, PG_WRITER_QUEUE_REQUESTS_MAX,
 };
-pub use retention::{Retention, RETENTION_CHECK_INTERVAL};
+pub use retention::{Prune, Retention, RETENTION_CHECK_INTERVAL};
 pub use service::{create, execute, Created};
 pub use sled_store::{
     Durability, SledStore, StoreConfig, CACHE_CAPACITY_BYTES_DEFAULT, DISK_FREE_BYTES_MIN,

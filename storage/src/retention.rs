@@ -4,7 +4,28 @@
 
 use std::time::{Duration, Instant};
 
+use crate::error::StorageError;
+use crate::pg_store::PgStore;
 use crate::sled_store::SledStore;
+
+/// A store retention can prune: both backends, each on its writer thread.
+pub trait Prune: Send + Sync {
+    /// Prunes the terminal commissions last changed before `before` (ms since the epoch); how
+    /// many went.
+    fn prune_terminal_before(&self, before: atelier_engine::time::Millis) -> Result<u64, StorageError>;
+}
+
+impl Prune for SledStore {
+    fn prune_terminal_before(&self, before: atelier_engine::time::Millis) -> Result<u64, StorageError> {
+        SledStore::prune_terminal_before(self, before)
+    }
+}
+
+impl Prune for PgStore {
+    fn prune_terminal_before(&self, before: atelier_engine::time::Millis) -> Result<u64, StorageError> {
+        PgStore::prune_terminal_before(self, before)
+    }
+}
 
 /// How often retention looks for commissions to prune.
 pub const RETENTION_CHECK_INTERVAL: Duration = Duration::from_secs(3600);
@@ -24,7 +45,7 @@ impl Retention {
 
     /// Prunes if a check is due; `now_ms`: the wall clock, in ms since the Unix epoch. A failure
     /// is logged and retried at the next check: retention must not stop the server.
-    pub fn tick(&mut self, store: &SledStore, now_ms: i64) {
+    pub fn tick(&mut self, store: &dyn Prune, now_ms: i64) {
         if self.last_check.is_some_and(|at| at.elapsed() < RETENTION_CHECK_INTERVAL) {
             return;
         }

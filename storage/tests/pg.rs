@@ -422,3 +422,53 @@ fn a_lost_notification_costs_latency_never_an_event() {
     assert_eq!(seqs, (2..=21).collect::<Vec<u64>>(), "every event after the cut, once, in order");
     assert_eq!(sub.next_timeout(Duration::from_millis(1_500)).unwrap().map(|d| d.env.seq), None);
 }
+
+/// Retention on PostgreSQL: an old terminal commission leaves the projections and its events
+/// become stubs that keep their seqs; a live one stays; history, export and `events_of` skip
+/// the stubs, the state counts follow, and `replay --check` is clean and counts them pruned.
+#[test]
+fn retention_prunes_old_terminal_commissions_and_keeps_the_seqs() {
+    let url = pg_url("prune");
+    let store = open(&url);
+    let old = match create(&*store, new_commission("alice", Some("old")), &ctx(5)).unwrap().unwrap() {
+        Created::New(c) => c.id,
+        Created::Existing(_) => panic!("a fresh key"),
+    };
+    atelier_storage::execute(&*store, old, atelier_engine::Command::RequestCancel, &ctx(10))
+        .unwrap()
+        .unwrap();
+    let live = created(&*store, "alice");
+    let head = store.head_seq();
+    assert_eq!(store.prune_terminal_before(1_000_000).unwrap(), 1);
+    assert!(store.commission(old).unwrap().is_none());
+    assert!(store.events_of(old).unwrap().is_empty());
+    assert!(store.commission(live).unwrap().is_some());
+    assert_eq!(store.head_seq(), head, "the seqs stay");
+    let mut sub = store.subscribe(0, Filter::All).unwrap();
+    let first = sub.next_timeout(Duration::from_secs(2)).unwrap().expect("the live commission's event");
+    assert_eq!(first.env.commission_id, live);
+    let mut out = Vec::new();
+    assert_eq!(atelier_storage::check::export(&*store, &mut out).unwrap(), 1);
+    // The export leaves out the pruned seqs; an import puts stubs in their place.
+    let copy = open(&pg_url("prune_copy"));
+    assert_eq!(atelier_storage::check::import(&*copy, &mut out.as_slice()).unwrap(), 1);
+    assert_eq!(copy.head_seq(), head);
+    let copied = copy.replay_check().unwrap();
+    assert!(copied.diff.is_empty(), "{:?}", copied.diff);
+    assert_eq!((copied.pruned, copied.commissions), (head - 1, 1));
+    let counted: u64 = store.state_counts().unwrap().iter().map(|(_, n)| n).sum();
+    assert_eq!(counted, 1);
+    let report = store.replay_check().unwrap();
+    assert!(report.diff.is_empty(), "{:?}", report.diff);
+    assert_eq!(
+        (report.events, report.pruned, report.commissions),
+        (head, head - 1, 1),
+        "all but the live one's"
+    );
+    // The key of a pruned commission is free again.
+    match create(&*store, new_commission("alice", Some("old")), &ctx(20)).unwrap().unwrap() {
+        Created::New(c) => assert!(c.id > live),
+        Created::Existing(c) => panic!("the pruned commission came back: {}", c.id),
+    }
+    assert_eq!(store.prune_terminal_before(1_000_000).unwrap(), 0, "nothing more to prune");
+}

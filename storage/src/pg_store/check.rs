@@ -19,6 +19,8 @@ const CHECK_CHUNK_EVENTS: i64 = 10_000;
 /// The whole log, folded: snapshots and job records by id, and the head.
 struct Folded {
     events: u64,
+    /// Stubs retention left (an empty envelope): their seqs count, their content is gone.
+    pruned: u64,
     commissions: BTreeMap<u64, Commission>,
     jobs: HashMap<u64, Job>,
 }
@@ -46,7 +48,7 @@ impl Inner {
         }
         Ok(CheckReport {
             events: folded.events,
-            pruned: 0,
+            pruned: folded.pruned,
             commissions: folded.commissions.len(),
             jobs: folded.jobs.len(),
             elapsed: started.elapsed(),
@@ -59,7 +61,7 @@ fn fold_log(tx: &mut Transaction<'_>) -> Result<Folded, StorageError> {
     let head =
         tx.query_one("SELECT seq, next_commission FROM atelier.head", &[]).map_err(pg("read the head"))?;
     let (head, next_commission) = (from_sql(head.get(0), "head")?, from_sql(head.get(1), "head")?);
-    let mut out = Folded { events: 0, commissions: BTreeMap::new(), jobs: HashMap::new() };
+    let mut out = Folded { events: 0, pruned: 0, commissions: BTreeMap::new(), jobs: HashMap::new() };
     loop {
         let rows = tx
             .query(
@@ -71,8 +73,17 @@ fn fold_log(tx: &mut Transaction<'_>) -> Result<Folded, StorageError> {
             break;
         }
         for row in &rows {
-            let env = envelope_of(row)?;
             let expected = out.events + 1;
+            if row.get::<_, &[u8]>(1).is_empty() {
+                let seq = from_sql(row.get(0), "events")?;
+                if seq != expected {
+                    return Err(StorageError::corruption(expected, "the event is missing from the log"));
+                }
+                out.pruned += 1;
+                out.events = seq;
+                continue;
+            }
+            let env = envelope_of(row)?;
             if env.seq != expected {
                 return Err(StorageError::corruption(expected, "the event is missing from the log"));
             }

@@ -131,6 +131,14 @@ impl PgStore {
         rx.recv()
     }
 
+    /// Retention: prunes the terminal commissions last changed before `before` (ms since the
+    /// epoch) on the writer thread, between group commits; how many went.
+    pub fn prune_terminal_before(&self, before: atelier_engine::time::Millis) -> Result<u64, StorageError> {
+        let (ack, rx) = reply(&self.inner.bell);
+        self.send(Work::Prune(before, ack))?;
+        rx.recv()
+    }
+
     pub fn subscriber_count(&self) -> usize {
         self.inner.registry.lock().map(|r| r.len()).unwrap_or(0)
     }

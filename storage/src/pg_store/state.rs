@@ -147,7 +147,7 @@ impl Inner {
             .pool
             .get()?
             .query(
-                "SELECT seq, envelope FROM atelier.events WHERE commission_id = $1 ORDER BY version",
+                "SELECT seq, envelope FROM atelier.events WHERE commission_id = $1 AND envelope <> '' ORDER BY version",
                 &[&id],
             )
             .map_err(pg("read a commission's events"))?;
@@ -164,7 +164,7 @@ impl Inner {
             .pool
             .get()?
             .query(
-                "SELECT seq, envelope FROM atelier.events WHERE seq > $1 AND seq <= $2 ORDER BY seq LIMIT $3",
+                "SELECT seq, envelope FROM atelier.events WHERE seq > $1 AND seq <= $2 AND envelope <> '' ORDER BY seq LIMIT $3",
                 &[&sql_own(after), &sql_own(upto), &limit],
             )
             .map_err(pg("read the log"))?;
@@ -265,18 +265,18 @@ impl History for Inner {
                 let Some(id) = sql(*id) else { return Ok(Vec::new()) };
                 conn.query(
                     "SELECT seq, envelope, view FROM atelier.events
-                     WHERE commission_id = $1 AND seq > $2 AND seq <= $3 ORDER BY seq LIMIT $4",
+                     WHERE commission_id = $1 AND seq > $2 AND seq <= $3 AND envelope <> '' ORDER BY seq LIMIT $4",
                     &[&id, &after, &upto, &limit],
                 )
             }
             Filter::User(user) => conn.query(
                 "SELECT seq, envelope, view FROM atelier.events
-                 WHERE user_id = $1 AND seq > $2 AND seq <= $3 ORDER BY seq LIMIT $4",
+                 WHERE user_id = $1 AND seq > $2 AND seq <= $3 AND envelope <> '' ORDER BY seq LIMIT $4",
                 &[user, &after, &upto, &limit],
             ),
             Filter::All => conn.query(
                 "SELECT seq, envelope, view FROM atelier.events
-                 WHERE seq > $1 AND seq <= $2 ORDER BY seq LIMIT $3",
+                 WHERE seq > $1 AND seq <= $2 AND envelope <> '' ORDER BY seq LIMIT $3",
                 &[&after, &upto, &limit],
             ),
         }

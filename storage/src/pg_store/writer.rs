@@ -53,6 +53,8 @@ pub(super) struct Request(pub(super) AppendRequest, pub(super) ReplyTx<AppendOut
 pub(super) enum Work {
     Append(Request),
     Import(Vec<Envelope>, ReplyTx<()>),
+    /// Retention: terminal commissions last changed before this instant (ms since the epoch).
+    Prune(atelier_engine::time::Millis, ReplyTx<u64>),
 }
 
 pub(super) struct Writer {
@@ -120,6 +122,13 @@ impl Writer {
                         }
                         let imported = self.commit_import(&envs);
                         ack.send(imported);
+                    }
+                    Work::Prune(before, ack) => {
+                        if !batch.is_empty() {
+                            self.commit_batch(std::mem::take(&mut batch));
+                        }
+                        let pruned = self.connection().and_then(|(c, s)| prune(c, s, before));
+                        ack.send(pruned);
                     }
                 }
             }
@@ -275,6 +284,51 @@ fn publish(inner: &Inner, first_seq: u64, last_seq: u64, deliveries: &[Delivery]
 fn is_version_race(e: &StorageError) -> bool {
     matches!(e, StorageError::Postgres { source, .. }
         if source.code() == Some(&postgres::error::SqlState::UNIQUE_VIOLATION))
+}
+
+/// Retention, in one transaction under the head lock: each terminal commission last changed
+/// before `before` leaves the projections, and its events become stubs that keep their seq
+/// (an empty envelope), so that the log stays gap-free and `replay --check` counts them as
+/// pruned, as the sled log's stubs. Returns how many commissions went.
+fn prune(
+    client: &mut Client,
+    statements: &mut Statements,
+    before: atelier_engine::time::Millis,
+) -> Result<u64, StorageError> {
+    let mut group = Group::begin(client, statements)?;
+    let rows = group
+        .query("SELECT id, snapshot FROM atelier.commissions WHERE NOT live", &[])
+        .map_err(pg("read the ended commissions"))?;
+    let mut victims = Vec::new();
+    let mut moved: BTreeMap<i16, i64> = BTreeMap::new();
+    for row in rows {
+        let c = decode_snapshot(row.get(1))?;
+        if c.state.is_terminal() && c.updated_at < before {
+            victims.push(row.get::<_, i64>(0));
+            *moved.entry(state_code(c.state)).or_default() -= 1;
+        }
+    }
+    if !victims.is_empty() {
+        let stub = "UPDATE atelier.events SET envelope = '', view = '' WHERE commission_id = ANY($1)";
+        group.execute(stub, &[&victims]).map_err(pg("prune events"))?;
+        for delete in [
+            "DELETE FROM atelier.jobs WHERE commission_id = ANY($1)",
+            "DELETE FROM atelier.idempotency WHERE commission_id = ANY($1)",
+            "DELETE FROM atelier.commissions WHERE id = ANY($1)",
+        ] {
+            group.execute(delete, &[&victims]).map_err(pg("prune projections"))?;
+        }
+        let (states, deltas): (Vec<i16>, Vec<i64>) = moved.into_iter().unzip();
+        group
+            .execute(
+                "UPDATE atelier.state_counts AS c SET n = c.n + d.delta
+                 FROM unnest($1::smallint[], $2::bigint[]) AS d(state, delta) WHERE c.state = d.state",
+                &[&states, &deltas],
+            )
+            .map_err(pg("move the state counts"))?;
+    }
+    group.tx.commit().map_err(pg("commit the pruning"))?;
+    Ok(victims.len() as u64)
 }
 
 /// One group commit, in one transaction: lock the head, stage every append on the newest
@@ -496,11 +550,14 @@ impl<'t> Group<'t> {
     /// be taken by the state machine, and a new commission must not reuse an id.
     fn stage_import(&mut self, envs: &[Envelope]) -> Result<(), StorageError> {
         for (line, env) in (1..).zip(envs) {
-            if env.seq != self.head + 1 {
+            if env.seq <= self.head {
                 return Err(StorageError::import(
                     line,
                     format!("seq {} does not follow {}", env.seq, self.head),
                 ));
+            }
+            if env.seq > self.head + 1 {
+                self.stub_seqs(self.head + 1, env.seq - 1)?;
             }
             let before = self.snapshot(env.commission_id)?;
             let is_new = before.is_none();
@@ -526,6 +583,20 @@ impl<'t> Group<'t> {
             self.snapshots.insert(env.commission_id, Some(after));
             self.changed.insert(env.commission_id, ());
         }
+        Ok(())
+    }
+
+    /// Pruned stubs for the seqs `from..=to`, which an export of a pruned log leaves out: the
+    /// log stays gap-free as in the log it came from. Their commission is unknown: they name
+    /// commission 0 (no commission has it) and version `-seq`, unique by construction.
+    fn stub_seqs(&mut self, from: u64, to: u64) -> Result<(), StorageError> {
+        self.execute(
+            "INSERT INTO atelier.events (seq, commission_id, version, user_id, envelope, view)
+             SELECT s, 0, -s, '', '', '' FROM generate_series($1::bigint, $2::bigint) AS s",
+            &[&sql_own(from), &sql_own(to)],
+        )
+        .map_err(pg("write pruned stubs"))?;
+        self.head = to;
         Ok(())
     }
 
