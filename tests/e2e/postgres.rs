@@ -27,6 +27,17 @@ fn events_upto(sse: &mut Sse, head: u64, seen: &mut Vec<u64>) {
     }
 }
 
+/// `atelier replay --check` on the log in the database at `url`.
+fn replay_check(data_dir: &Path, url: &str) -> std::process::Output {
+    Command::new(exe())
+        .args(["replay", "--check"])
+        .env("ATELIER_DATA_DIR", data_dir)
+        .env("ATELIER_DATABASE_URL", url)
+        .env("ATELIER_SECRET", SECRET)
+        .output()
+        .expect("run replay --check")
+}
+
 fn all_completed(s: &Server, token: &str, n: usize) -> bool {
     wait_for(Duration::from_secs(60), || {
         let page = s.get("/api/commissions/user/alice?limit=50", Some(token)).json();
@@ -93,13 +104,7 @@ fn serve_on_postgres_streams_resumes_and_rides_out_an_outage() {
     assert_eq!(seen, expected, "resumed streams = the full history, in order, no gaps or duplicates");
     s.stop();
 
-    let out = Command::new(exe())
-        .args(["replay", "--check"])
-        .env("ATELIER_DATA_DIR", dir.path())
-        .env("ATELIER_DATABASE_URL", &url)
-        .env("ATELIER_SECRET", "x".repeat(32))
-        .output()
-        .expect("run replay --check");
+    let out = replay_check(dir.path(), &url);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "replay --check: {stdout}{}", String::from_utf8_lossy(&out.stderr));
     assert!(stdout.contains("projections match the log"), "{stdout}");
@@ -154,13 +159,7 @@ fn kill_9_under_64_appenders_20_times_loses_no_acknowledged_event() {
     let lost: Vec<_> = acked.iter().filter(|id| !stored.contains(id)).collect();
     assert!(lost.is_empty(), "{} of {} acknowledged creates lost: {lost:?}", lost.len(), acked.len());
     eprintln!("{} creates acknowledged over {KILL_ROUNDS} kills, all in the log", acked.len());
-    let out = Command::new(exe())
-        .args(["replay", "--check"])
-        .env("ATELIER_DATA_DIR", dir.path())
-        .env("ATELIER_DATABASE_URL", &url)
-        .env("ATELIER_SECRET", "x".repeat(32))
-        .output()
-        .expect("run replay --check");
+    let out = replay_check(dir.path(), &url);
     assert!(out.status.success(), "replay --check: {}", String::from_utf8_lossy(&out.stdout));
 }
 
@@ -261,13 +260,7 @@ fn one_server_per_database_and_a_server_that_lost_it_appends_nothing() {
         stderr.contains("in use by another Atelier server") && stderr.contains(&format!("pid {}", a.pid())),
         "the holder is named: {stderr}"
     );
-    let check = Command::new(exe())
-        .args(["replay", "--check"])
-        .env("ATELIER_DATA_DIR", dir_b.path())
-        .env("ATELIER_DATABASE_URL", &url)
-        .env("ATELIER_SECRET", SECRET)
-        .output()
-        .expect("run replay --check");
+    let check = replay_check(dir_b.path(), &url);
     assert!(!check.status.success(), "replay --check waits for the server to stop");
 
     a.create(&alice, noop());
