@@ -362,22 +362,59 @@ fn one_address_beyond_its_cap_gets_503_and_retry_after() {
     let dir = temp_dir("hostile-per-ip");
     let s = Server::start(exe(), dir.path(), &[("ATELIER_MAX_CONNECTIONS_PER_IP", "4")]);
     let baseline = gauge_and_head(&s);
+    // The server gives a slot back once the connection's thread is done, which can be after
+    // the client has read the whole answer: wait until no connection from 127.0.0.1 is left
+    // (the asking connection alone is open), or the first of the held four may be refused.
+    let alone = wait_for(SETTLE_TIME, || (gauge_from(&s, OTHER_LOOPBACK) == 1).then_some(()));
+    assert!(alone.is_some(), "the baseline's own connection is closed");
     let held: Vec<TcpStream> = (0..4).map(|_| TcpStream::connect(s.addr).expect("connect")).collect();
-    wait_for(Duration::from_secs(5), || {
-        // The metrics request itself needs a slot: wait until the held ones are counted by
-        // seeing the next connection refused.
-        let r = request(s.addr, "GET", "/healthz", None, &[], None);
-        (r.status == 503).then_some(r)
-    })
-    .map(|r| {
-        assert_eq!(r.code(), "over_capacity");
-        assert_eq!(r.header("Retry-After"), Some("1"));
-    })
-    .expect("the fifth connection from one address is refused");
+    // A connect returns once the kernel has the connection, before the server accepts it:
+    // wait until the server counts all four, asking from another loopback address (whose
+    // connections count against a cap of their own), then the next one from 127.0.0.1 must
+    // be refused at once. Retrying that next one until a 503 came hid why it did not.
+    let mut open = 0;
+    let counted = wait_for(SETTLE_TIME, || {
+        open = gauge_from(&s, OTHER_LOOPBACK);
+        (open > baseline.0 + 3).then_some(())
+    });
+    assert!(counted.is_some(), "the four held connections are counted: the gauge shows {open}");
+    let r = request(s.addr, "GET", "/healthz", None, &[], None);
+    assert_eq!(r.status, 503, "the fifth connection from one address is refused: {}", r.text());
+    assert_eq!(r.code(), "over_capacity");
+    assert_eq!(r.header("Retry-After"), Some("1"));
+    assert_eq!(request_from(&s, OTHER_LOOPBACK, "/healthz", None).0, 200, "another address is served");
     drop(held);
     let back = wait_for(Duration::from_secs(5), || (s.get("/healthz", None).status == 200).then_some(()));
     assert!(back.is_some(), "served again once the held connections close");
     assert_unharmed(&s, "per_ip_cap", baseline);
+}
+
+/// A loopback address other than 127.0.0.1 (Linux routes all of 127/8 to `lo`).
+const OTHER_LOOPBACK: std::net::Ipv4Addr = std::net::Ipv4Addr::new(127, 0, 0, 2);
+
+/// One `Connection: close` GET from the local address `from`: the status and the raw bytes.
+fn request_from(s: &Server, from: std::net::Ipv4Addr, path: &str, token: Option<&str>) -> (u16, Vec<u8>) {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::IPV4, Type::STREAM, None).expect("a socket");
+    socket.bind(&SocketAddr::from((from, 0)).into()).expect("bind the source address");
+    socket.connect(&s.addr.into()).expect("connect");
+    let mut c: TcpStream = socket.into();
+    c.set_read_timeout(Some(ANSWER_TIMEOUT)).expect("a read timeout");
+    let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
+    let head = format!("GET {path} HTTP/1.1\r\nHost: x\r\n{auth}Connection: close\r\n\r\n");
+    c.write_all(head.as_bytes()).expect("send");
+    let raw = read_to_close(&mut c);
+    (responses(&raw).first().map_or(0, |(status, _)| *status), raw)
+}
+
+/// The connection gauge (this request's own connection included), asked from `from`.
+fn gauge_from(s: &Server, from: std::net::Ipv4Addr) -> u64 {
+    let (_, raw) = request_from(s, from, "/metrics", Some(&token("root", true)));
+    let text = String::from_utf8_lossy(&raw);
+    text.lines()
+        .find_map(|l| l.strip_prefix("atelier_http_connections "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
 }
 
 /// Behind a trusted reverse proxy every connection comes from the proxy's address: each one
