@@ -22,6 +22,9 @@ defaults):
     ATELIER_DATA_DIR          data directory                    ./atelier-data
     ATELIER_DATABASE_URL      keep the log in PostgreSQL (postgres://...)   the data dir's sled store
     ATELIER_DATABASE_CA       TLS to PostgreSQL, verified against this PEM (sslmode=require alone: the system's roots)   plain text
+    ATELIER_NODE_ID           on PostgreSQL: this server's node id, stable across restarts   HOST-<hash of DATA_DIR>
+    ATELIER_NODE_LEASE_MS     on PostgreSQL: a node's jobs move to others this long after it stops renewing   10000
+    ATELIER_NODE_HEARTBEAT_MS on PostgreSQL: how often a node renews its lease (at most a third of it)   2000
     ATELIER_CONFIG            config file                       ./atelier.toml if present
     ATELIER_SECRET            token signing secret, 32 bytes or more   a random secret in DATA_DIR/secret
     ATELIER_TOKEN_TTL_MAX     longest a token may live (s, m, h or d)   30d

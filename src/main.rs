@@ -19,7 +19,8 @@ use atelier_http::client::{Client, ClientError};
 use atelier_http::secret::{SecretError, Stamp};
 use atelier_http::{BuildInfo, Executors, HttpConfig, HttpError, Keys, Role, Server, TlsFiles};
 use atelier_storage::{
-    check, DataDirLock, EventStore, PgConfig, PgStore, Prune, Retention, SledStore, StorageError, StoreConfig,
+    check, DataDirLock, EventStore, NodeConfig, PgConfig, PgStore, Prune, Retention, SledStore, StorageError,
+    StoreConfig,
 };
 use atelier_workers::{BackupError, ProgramError, ProgramSource, Workers, WorkersConfig, WorkersError};
 use clap::{CommandFactory, Parser};
@@ -240,16 +241,30 @@ impl Store {
     }
 }
 
+/// The store as `atelier serve` opens it: on PostgreSQL, as a node of those sharing the
+/// database.
+fn open_node_store(s: &ServerSettings) -> Result<Store, CliError> {
+    open_store_as(s, Some(s.node.clone()))
+}
+
+/// The store as the other commands open it: on PostgreSQL, with the database to themselves.
 fn open_store(s: &ServerSettings) -> Result<Store, CliError> {
+    open_store_as(s, None)
+}
+
+fn open_store_as(s: &ServerSettings, node: Option<NodeConfig>) -> Result<Store, CliError> {
     Ok(match &s.database_url {
         Some(url) => {
             std::fs::create_dir_all(&s.data_dir)
                 .map_err(io_error(format!("cannot create the data dir {}", s.data_dir.display())))?;
             let lock = DataDirLock::acquire(&s.data_dir)?;
             Store::Pg {
-                store: PgStore::open(PgConfig {
-                    ca_file: s.database_ca.clone(),
-                    ..PgConfig::new(url.clone()).one_server()
+                store: PgStore::open({
+                    let config = PgConfig { ca_file: s.database_ca.clone(), ..PgConfig::new(url.clone()) };
+                    match node {
+                        Some(node) => config.as_node(node),
+                        None => config.one_server(),
+                    }
                 })?,
                 _lock: lock,
             }
@@ -366,7 +381,7 @@ fn serve(listen: Option<String>, store_args: StoreArgs) -> Result<ExitCode, CliE
     let (s, sources) = server_settings(store_args, listen)?;
     // The secret first: a refused one leaves the data dir untouched.
     let keys = keys(&s)?;
-    let store = open_store(&s)?;
+    let store = open_node_store(&s)?;
     let mut http_config = HttpConfig::new(s.listen.clone(), s.data_dir.clone());
     http_config.heartbeat_ms = s.heartbeat_ms;
     http_config.connections_max = s.max_connections;
@@ -417,13 +432,15 @@ fn serve(listen: Option<String>, store_args: StoreArgs) -> Result<ExitCode, CliE
         Store::Pg { store, .. } => store.clone(),
     };
     let mut retention = s.retention_days.map(|days| (prunable, Retention::days(days)));
+    let maintenance = store.shared();
     let mut secret_watch = SecretWatch::new(&s);
     while !STOP.load(Ordering::SeqCst) {
         std::thread::sleep(SERVE_TICK);
         if let Some(w) = &mut secret_watch {
             w.tick(&keys);
         }
-        if let Some((store, r)) = &mut retention {
+        // Of the nodes sharing a database, one prunes: the maintainer.
+        if let Some((store, r)) = retention.as_mut().filter(|_| maintenance.is_maintainer()) {
             r.tick(&**store, now_s().saturating_mul(1000));
         }
     }

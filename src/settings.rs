@@ -9,7 +9,10 @@ use std::path::PathBuf;
 use atelier_config::{ConfigError, Found, Sources};
 use atelier_http::client_addr::TrustedProxies;
 use atelier_http::shares::ShareLimits;
-use atelier_storage::{Durability, StoreConfig};
+use atelier_storage::{
+    Durability, NodeConfig, StoreConfig, NODE_HEARTBEAT_MS_DEFAULT, NODE_LEASE_MS_DEFAULT, NODE_LEASE_MS_MAX,
+    NODE_LEASE_MS_MIN,
+};
 
 /// The keys atelier.toml may have at its top level: the server's settings and the executors'
 /// tables.
@@ -18,6 +21,9 @@ const TOP_LEVEL_KEYS: &[&str] = &[
     "data_dir",
     "database_url",
     "database_ca",
+    "node_id",
+    "node_lease_ms",
+    "node_heartbeat_ms",
     "durability",
     "durability_interval_ms",
     "cache_capacity_bytes",
@@ -59,6 +65,9 @@ pub struct ServerSettings {
     pub database_url: Option<String>,
     /// `ATELIER_DATABASE_CA`: connections to the database use TLS, verified against this PEM.
     pub database_ca: Option<PathBuf>,
+    /// On PostgreSQL, `atelier serve` is a node of those sharing the database: its id (set,
+    /// or made from the host name and the data dir), its lease and how often it renews it.
+    pub node: NodeConfig,
     pub durability: Durability,
     pub cache_bytes: u64,
     /// The disk reserve's size in bytes (0: none).
@@ -110,16 +119,18 @@ impl ServerSettings {
         let connections_per_ip_max_default =
             u64::try_from(atelier_http::CONNECTIONS_PER_IP_MAX_DEFAULT).expect("invariant: a small constant");
         let share_limits = share_limits(s)?;
+        let data_dir = flags
+            .data_dir
+            .or_else(|| text("data_dir", "ATELIER_DATA_DIR").map(PathBuf::from))
+            .unwrap_or_else(|| PathBuf::from(DATA_DIR_DEFAULT));
         Ok(ServerSettings {
             share_limits,
             listen: flags
                 .listen
                 .or_else(|| text("listen", "ATELIER_LISTEN"))
                 .unwrap_or_else(|| LISTEN_DEFAULT.into()),
-            data_dir: flags
-                .data_dir
-                .or_else(|| text("data_dir", "ATELIER_DATA_DIR").map(PathBuf::from))
-                .unwrap_or_else(|| PathBuf::from(DATA_DIR_DEFAULT)),
+            node: node(s, &data_dir)?,
+            data_dir,
             database_url: database_url(s)?,
             database_ca: text("database_ca", "ATELIER_DATABASE_CA").map(PathBuf::from),
             durability,
@@ -221,6 +232,68 @@ fn token_ttl_max_s(s: &Sources<'_>) -> Result<i64, ConfigError> {
         Ok(ttl) => Ok(ttl),
         Err(e) => Err(found.invalid(e)),
     }
+}
+
+/// Node ids: short, and plain enough for a metrics label and a log line.
+const NODE_ID_BYTES_MAX: usize = 64;
+
+/// The node's id, lease and heartbeat (`node_id`, `node_lease_ms`, `node_heartbeat_ms`).
+/// The default id is the host name and a hash of the data dir's absolute path: stable across
+/// restarts, and different for two servers on one machine.
+fn node(s: &Sources<'_>, data_dir: &std::path::Path) -> Result<NodeConfig, ConfigError> {
+    let ms = |key: &str, env: &str, default: u64| -> Result<(u64, Option<Found>), ConfigError> {
+        match s.get(key, &[env]) {
+            None => Ok((default, None)),
+            Some(f) => Ok((number(&f, "is not a number of milliseconds")?, Some(f))),
+        }
+    };
+    let (lease_ms, lease_found) = ms("node_lease_ms", "ATELIER_NODE_LEASE_MS", NODE_LEASE_MS_DEFAULT)?;
+    if let Some(f) = &lease_found {
+        if !(NODE_LEASE_MS_MIN..=NODE_LEASE_MS_MAX).contains(&lease_ms) {
+            return Err(f.invalid(format!("must be from {NODE_LEASE_MS_MIN} to {NODE_LEASE_MS_MAX}")));
+        }
+    }
+    let (heartbeat_ms, heartbeat_found) =
+        ms("node_heartbeat_ms", "ATELIER_NODE_HEARTBEAT_MS", NODE_HEARTBEAT_MS_DEFAULT.min(lease_ms / 3))?;
+    // Renewals at most a third of the lease apart: a node counts its lease lost one heartbeat
+    // before it lapses, and a lost renewal must leave room for the next.
+    if heartbeat_ms == 0 || heartbeat_ms.saturating_mul(3) > lease_ms {
+        let what = format!("the heartbeat ({heartbeat_ms} ms) must be more than 0 and at most a third of the lease ({lease_ms} ms)");
+        return Err(match heartbeat_found.or(lease_found) {
+            Some(f) => f.invalid(what),
+            None => ConfigError::invalid("node_heartbeat_ms", what),
+        });
+    }
+    let id = match s.get("node_id", &["ATELIER_NODE_ID"]) {
+        Some(f) => {
+            let id = f.raw.text();
+            let plain = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_');
+            if id.is_empty() || id.len() > NODE_ID_BYTES_MAX || !id.chars().all(plain) {
+                return Err(f.invalid(format!(
+                    "a node id is 1 to {NODE_ID_BYTES_MAX} letters, digits, '.', '-' or '_'"
+                )));
+            }
+            id
+        }
+        None => default_node_id(data_dir),
+    };
+    Ok(NodeConfig { id, lease_ms, heartbeat_ms })
+}
+
+/// `<host>-<8 hex digits of the data dir's absolute path>`.
+fn default_node_id(data_dir: &std::path::Path) -> String {
+    use sha2::{Digest, Sha256};
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let host: String = host
+        .trim()
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_') { c } else { '_' })
+        .take(NODE_ID_BYTES_MAX - 9)
+        .collect();
+    let abs = std::path::absolute(data_dir).unwrap_or_else(|_| data_dir.to_path_buf());
+    let hash = Sha256::digest(abs.as_os_str().as_encoded_bytes());
+    let hex: String = hash.iter().take(4).map(|b| format!("{b:02x}")).collect();
+    format!("{}-{hex}", if host.is_empty() { "node" } else { &host })
 }
 
 /// `ATELIER_DATABASE_URL` / `database_url`: a PostgreSQL URL, or none (the sled store).

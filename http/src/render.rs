@@ -139,6 +139,66 @@ pub struct JobQueued {
     pub executor: Option<String>,
 }
 
+/// The servers sharing the log (`GET /api/cluster`); one node, `shared: false`, on sled.
+#[derive(Serialize, JsonSchema)]
+pub struct Cluster {
+    /// The node that answered; none on sled.
+    pub node: Option<String>,
+    /// Whether the log is shared by nodes (PostgreSQL).
+    pub shared: bool,
+    pub nodes: Vec<ClusterNode>,
+}
+
+/// One node: its lease (by the database's clock) and the jobs it runs.
+#[derive(Serialize, JsonSchema)]
+pub struct ClusterNode {
+    pub id: String,
+    /// Which run of the node this is: one more at each start or rejoin.
+    pub incarnation: u64,
+    pub host: String,
+    pub pid: u32,
+    pub started_at: String,
+    pub heartbeat_at: String,
+    pub lease_until: String,
+    /// Whether its lease holds now.
+    pub alive: bool,
+    /// Whether it runs the maintenance (lost jobs, retention).
+    pub maintainer: bool,
+    pub running: Vec<ClusterJob>,
+}
+
+#[derive(Serialize, JsonSchema)]
+pub struct ClusterJob {
+    pub commission_id: u64,
+    pub job_id: u64,
+}
+
+impl Cluster {
+    pub fn new(node: Option<String>, nodes: Vec<atelier_storage::NodeInfo>) -> Cluster {
+        let shared = node.is_some();
+        let nodes = nodes
+            .into_iter()
+            .map(|n| ClusterNode {
+                running: n
+                    .running
+                    .iter()
+                    .map(|&(commission_id, job_id)| ClusterJob { commission_id, job_id })
+                    .collect(),
+                id: n.id,
+                incarnation: n.incarnation,
+                host: n.host,
+                pid: n.pid,
+                started_at: n.started_at,
+                heartbeat_at: n.heartbeat_at,
+                lease_until: n.lease_until,
+                alive: n.alive,
+                maintainer: n.maintainer,
+            })
+            .collect();
+        Cluster { node, shared, nodes }
+    }
+}
+
 /// Who a token belongs to.
 #[derive(Serialize, JsonSchema)]
 pub struct Me {

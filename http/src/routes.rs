@@ -44,6 +44,8 @@ pub enum Body {
     JobLogs,
     JobQueued,
     Me,
+    /// The nodes sharing the log.
+    Cluster,
     Error,
     CreateCommission,
     QueueJob,
@@ -287,6 +289,15 @@ pub const ROUTES: &[Route] = &[
         ops::backup,
     )
     .answers(&[(200, Body::Backup)]),
+    r(
+        "GET",
+        "/api/cluster",
+        "cluster",
+        Access::Admin,
+        "The servers sharing the log: each node's lease, whether it is alive, and the jobs it runs (admin)",
+        ops::cluster,
+    )
+    .answers(&[(200, Body::Cluster)]),
     r("GET", "/api/openapi.json", "openapi", Access::Public, "This API as OpenAPI 3.1", serve_openapi)
         .answers(&[(200, Body::OpenApi)]),
     r(
@@ -521,6 +532,7 @@ fn schema_of(body: Body, generator: &mut SchemaGenerator) -> Value {
         Body::JobLogs => generator.subschema_for::<render::JobLogs>(),
         Body::JobQueued => generator.subschema_for::<render::JobQueued>(),
         Body::Me => generator.subschema_for::<render::Me>(),
+        Body::Cluster => generator.subschema_for::<render::Cluster>(),
         Body::Error => generator.subschema_for::<render::ErrorBody>(),
         Body::CreateCommission => generator.subschema_for::<render::CreateCommission>(),
         Body::QueueJob => generator.subschema_for::<render::QueueJob>(),

@@ -75,6 +75,17 @@ pub enum StorageError {
     DatabaseInUse {
         holder: String,
     },
+    /// This node lost its lease (`pg_store::nodes`): it appends nothing until it has
+    /// stopped its jobs and taken a new one.
+    LeaseLost {
+        node: String,
+        reason: String,
+    },
+    /// Another live server runs as this node id.
+    NodeInUse {
+        node: String,
+        holder: String,
+    },
     /// The database's schema was migrated by a newer Atelier.
     NewerDatabaseSchema {
         found: i32,
@@ -190,6 +201,14 @@ impl std::fmt::Display for StorageError {
                 f,
                 "the database is in use by another Atelier server: {holder}; one server per database"
             ),
+            StorageError::LeaseLost { node, reason } => write!(
+                f,
+                "node {node} lost its lease ({reason}); it appends nothing until it has stopped its jobs and taken a new one"
+            ),
+            StorageError::NodeInUse { node, holder } => write!(
+                f,
+                "node id {node} is in use by a live server ({holder}); give each server its own ATELIER_NODE_ID"
+            ),
             StorageError::NewerDatabaseSchema { found, supported } => write!(
                 f,
                 "the database has schema version {found}, newer than this build supports ({supported}); upgrade Atelier"
@@ -216,6 +235,8 @@ impl std::error::Error for StorageError {
             | StorageError::DiskFull { .. }
             | StorageError::Contention { .. }
             | StorageError::DatabaseInUse { .. }
+            | StorageError::LeaseLost { .. }
+            | StorageError::NodeInUse { .. }
             | StorageError::DatabaseTls(_)
             | StorageError::NewerDatabaseSchema { .. } => None,
         }

@@ -69,6 +69,39 @@ pub struct ListQuery {
     pub state: Option<State>,
 }
 
+/// A running commission's job that no live node runs: its node's lease lapsed, or it is an
+/// earlier run of this node's (a crash or a restart), or no node is on record for it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LostJob {
+    pub commission_id: u64,
+    pub job_id: u64,
+    /// Started by this node (an earlier run of it, on this machine): what is left of its
+    /// processes may be killed here. A job of another node's never is.
+    pub here: bool,
+    /// The node that started it, when one is on record.
+    pub node: Option<String>,
+}
+
+/// One node of the servers sharing a database, as `GET /api/cluster` lists it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeInfo {
+    pub id: String,
+    /// Which run of the node holds the lease: one more at each start.
+    pub incarnation: u64,
+    pub host: String,
+    pub pid: u32,
+    /// RFC 3339, by the database's clock.
+    pub started_at: String,
+    pub heartbeat_at: String,
+    pub lease_until: String,
+    /// Whether its lease holds now.
+    pub alive: bool,
+    /// Whether it runs the maintenance (rescue of lost jobs, retention) now.
+    pub maintainer: bool,
+    /// The commissions whose running jobs it started: (commission, job).
+    pub running: Vec<(u64, u64)>,
+}
+
 /// The one interface to the log. Object safe so that servers hold an `Arc<dyn EventStore>`.
 pub trait EventStore: Send + Sync + 'static {
     fn append(&self, req: AppendRequest) -> Result<AppendOutcome, StorageError>;
@@ -109,5 +142,46 @@ pub trait EventStore: Send + Sync + 'static {
     /// step. `None` for a backend without a writer thread.
     fn writer_beats(&self) -> Option<u64> {
         None
+    }
+    /// Takes commission `commission_id` at `version` for this node to start, so that one
+    /// node alone spawns its job (the append of `job_started` at that version decides in the
+    /// end; this keeps the others from spawning at all). `false`: another live node has it.
+    /// A store that is never shared has every commission to itself.
+    fn claim(&self, commission_id: u64, version: u64) -> Result<bool, StorageError> {
+        let _ = (commission_id, version);
+        Ok(true)
+    }
+    /// Running commissions whose jobs no live node runs (see [`LostJob`]). A store that is
+    /// never shared calls every running job lost: no thread of this server runs it yet when
+    /// the server asks, at start.
+    fn lost_jobs(&self) -> Result<Vec<LostJob>, StorageError> {
+        Ok(self
+            .live_commissions()?
+            .into_iter()
+            .filter(|c| c.state.is_running())
+            .filter_map(|c| {
+                c.active_job.map(|job_id| LostJob { commission_id: c.id, job_id, here: true, node: None })
+            })
+            .collect())
+    }
+    /// Whether this node runs the maintenance now (one node of those sharing a database at a
+    /// time; a store that is never shared always does).
+    fn is_maintainer(&self) -> bool {
+        true
+    }
+    /// Whether this node lost its lease (it could not renew it in time): it must stop its
+    /// jobs, whose appends are refused, and then [`EventStore::rejoin`].
+    fn lease_lost(&self) -> bool {
+        false
+    }
+    /// Takes a new lease once this node's jobs are stopped (after [`EventStore::lease_lost`]).
+    fn rejoin(&self) {}
+    /// This node's id, when the store is shared by nodes.
+    fn node_id(&self) -> Option<String> {
+        None
+    }
+    /// The nodes sharing the database; empty for a store that is never shared.
+    fn cluster(&self) -> Result<Vec<NodeInfo>, StorageError> {
+        Ok(Vec::new())
     }
 }

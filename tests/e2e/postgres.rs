@@ -234,76 +234,75 @@ fn a_shared_artifacts_dir_lets_another_server_serve_what_one_made() {
     assert!(stderr.contains("ARTIFACTS_DIR") && stderr.contains("not an absolute path"), "{stderr}");
 }
 
-/// One server per database: a second server (or `replay --check`) on a database a server holds
-/// is refused by name; a server SIGKILLed lets the next one start at once; and a server whose
-/// hold was lost (its lock's connection cut) while another took the database refuses every
-/// append from then on.
+/// Servers share a database as nodes, each under its own id: a second server with another
+/// data dir starts beside the first, while a second one with the same node id is refused by
+/// name; `replay --check` (which needs the database to itself) is refused while a node runs;
+/// a node SIGKILLed comes back at once under its id. And a node whose lease lapsed appends
+/// nothing until it has rejoined with a new lease.
 #[test]
-fn one_server_per_database_and_a_server_that_lost_it_appends_nothing() {
+fn nodes_share_a_database_and_a_node_whose_lease_lapsed_appends_nothing() {
     let pg = PgServer::shared();
-    let url = pg.fresh_database("oneserver");
-    let (dir_a, dir_b) = (temp_dir("pg-one-a"), temp_dir("pg-one-b"));
+    let url = pg.fresh_database("nodes");
+    let (dir_a, dir_b, dir_c) = (temp_dir("pg-node-a"), temp_dir("pg-node-b"), temp_dir("pg-node-c"));
     let env = [("ATELIER_DATABASE_URL", url.as_str())];
     let alice = token("alice", false);
-    let a = Server::start(exe(), dir_a.path(), &env);
-    let second = Command::new(exe())
+    let a = Server::start(exe(), dir_a.path(), &[env[0], ("ATELIER_NODE_ID", "a")]);
+    let b = Server::start(exe(), dir_b.path(), &[env[0], ("ATELIER_NODE_ID", "b")]);
+    let id = a.create(&alice, noop())["task_id"].as_u64().expect("an id");
+    assert!(b.completed(id, &alice, Duration::from_secs(30)).is_some(), "B sees what A took");
+    let same_id = Command::new(exe())
         .arg("serve")
-        .env("ATELIER_DATA_DIR", dir_b.path())
+        .env("ATELIER_DATA_DIR", dir_c.path())
         .env("ATELIER_DATABASE_URL", &url)
+        .env("ATELIER_NODE_ID", "a")
+        .env("ATELIER_NODE_LEASE_MS", "1000")
+        .env("ATELIER_NODE_HEARTBEAT_MS", "300")
         .env("ATELIER_SECRET", SECRET)
         .env("ATELIER_LISTEN", "127.0.0.1:0")
         .output()
-        .expect("run a second serve");
-    let stderr = String::from_utf8_lossy(&second.stderr);
-    assert!(!second.status.success(), "{stderr}");
+        .expect("run a second node a");
+    let stderr = String::from_utf8_lossy(&same_id.stderr);
+    assert!(!same_id.status.success(), "{stderr}");
     assert!(
-        stderr.contains("in use by another Atelier server") && stderr.contains(&format!("pid {}", a.pid())),
+        stderr.contains("node id a is in use") && stderr.contains(&format!("pid {}", a.pid())),
         "the holder is named: {stderr}"
     );
-    let check = replay_check(dir_b.path(), &url);
-    assert!(!check.status.success(), "replay --check waits for the server to stop");
+    let check = replay_check(dir_c.path(), &url);
+    assert!(!check.status.success(), "replay --check waits for the nodes to stop");
 
-    a.create(&alice, noop());
-    let a_pid = a.pid();
+    // A crashed node comes back at once under its id (its earlier run is gone).
     a.kill();
     let started = Instant::now();
-    let b = Server::start(exe(), dir_b.path(), &env);
-    assert!(started.elapsed() < Duration::from_secs(10), "a crashed server's hold ends with its session");
+    let a = Server::start(exe(), dir_a.path(), &[env[0], ("ATELIER_NODE_ID", "a")]);
+    assert!(started.elapsed() < Duration::from_secs(5), "no wait for a dead run's lease");
 
-    // B's hold is lost (its lock's connection cut) and another session takes the database
-    // before B's keeper can take it back: B is fenced.
-    let mut other = postgres::Client::connect(&url, postgres::NoTls).expect("a session of the test's own");
-    let cut: i64 = other
-        .query_one(
-            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
-             WHERE application_name = $1 AND datname = current_database()",
-            &[&format!("atelier server on {} pid {}", hostname(), b.pid())],
-        )
-        .expect("cut B's lock connection")
-        .get(0);
-    assert_eq!(cut, 1, "B holds one lock connection (A, pid {a_pid}, is gone)");
-    other
-        .execute("SELECT pg_advisory_lock($1)", &[&atelier_storage::PG_SERVER_LOCK_KEY])
-        .expect("take the lock");
-    let refused = wait_for(Duration::from_secs(5), || {
-        let r = b.post("/api/commissions", Some(&alice), &noop());
-        (r.status == 503).then_some(r)
-    })
-    .expect("the fenced server refuses appends");
-    assert_eq!(refused.code(), "storage_unavailable");
-    assert!(refused.text().contains("in use by another Atelier server"), "{}", refused.text());
-    assert_eq!(b.readyz_becomes(503, Duration::from_secs(5)).status, 503);
-    let head = |c: &mut postgres::Client| -> i64 {
-        c.query_one("SELECT seq FROM atelier.head", &[]).unwrap().get(0)
+    // B's lease lapses by the database's clock (as when B froze): B appends nothing more
+    // until it has taken a new lease, and then it does again.
+    let mut db = postgres::Client::connect(&url, postgres::NoTls).expect("a session of the test's own");
+    let incarnation = |db: &mut postgres::Client| -> i64 {
+        db.query_one("SELECT incarnation FROM atelier.nodes WHERE id = 'b'", &[]).unwrap().get(0)
     };
-    let before = head(&mut other);
-    std::thread::sleep(Duration::from_millis(1_500));
-    assert_eq!(b.post("/api/commissions", Some(&alice), &noop()).status, 503, "and stays fenced");
-    assert_eq!(head(&mut other), before, "nothing was appended");
-}
-
-fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname").expect("the host name").trim().to_string()
+    let before = incarnation(&mut db);
+    db.execute(
+        "UPDATE atelier.nodes SET lease_until = clock_timestamp() - interval '1 second' WHERE id = 'b'",
+        &[],
+    )
+    .expect("lapse B's lease");
+    let refused = b.post("/api/commissions", Some(&alice), &noop());
+    assert_eq!(refused.status, 503, "{}", refused.text());
+    assert!(refused.text().contains("lost its lease"), "{}", refused.text());
+    let back = wait_for(Duration::from_secs(10), || {
+        let r = b.post("/api/commissions", Some(&alice), &noop());
+        (r.status == 201).then_some(())
+    });
+    assert!(back.is_some(), "B rejoins and appends again");
+    assert_eq!(incarnation(&mut db), before + 1, "as a new run");
+    let cluster = a.get("/api/cluster", Some(&token("root", true))).json();
+    let ids: Vec<&str> =
+        cluster["nodes"].as_array().unwrap().iter().filter_map(|n| n["id"].as_str()).collect();
+    assert_eq!(ids, ["a", "b"], "{cluster}");
+    assert_eq!(cluster["node"], "a");
+    drop(b);
 }
 
 /// A self-signed certificate (PEM) for `localhost` and its key.

@@ -157,7 +157,7 @@ impl Workers {
         // Subscribe before reading the live set, so nothing falls between the two.
         let head = shared.store.head_seq();
         let sub = shared.store.subscribe(head, Filter::All)?;
-        scheduler::recovery::reconcile(&shared)?;
+        scheduler::recovery::rescue(&shared)?;
         let cgroups = if shared.config.use_job_controller {
             cgroup::Cgroups::start(&shared.config.cgroup, shared.data_dir.root())?
         } else {

@@ -61,6 +61,21 @@ pub(super) fn metrics(call: &Call<'_>) -> Result<Reply, StorageError> {
         "# TYPE atelier_http_accept_errors_total counter\natelier_http_accept_errors_total {}\n",
         shared.accept_errors.load(Ordering::Relaxed)
     ));
+    // Which node answered, as an info series to join on: the scrape's own `instance` label
+    // already keeps the nodes' series apart.
+    if let Some(node) = shared.store.node_id() {
+        extra.push_str(&format!(
+            "# TYPE atelier_node_info gauge
+atelier_node_info{{node=\"{node}\"}} 1
+             # TYPE atelier_node_maintainer gauge
+atelier_node_maintainer {}
+             # TYPE atelier_node_lease_lost gauge
+atelier_node_lease_lost {}
+",
+            u8::from(shared.store.is_maintainer()),
+            u8::from(shared.store.lease_lost())
+        ));
+    }
     if let Some(e) = &shared.executors {
         extra.push_str(&e.metrics_text());
     }
@@ -70,6 +85,13 @@ pub(super) fn metrics(call: &Call<'_>) -> Result<Reply, StorageError> {
         shared.metrics.render(&extra, shared.store.dropped_slow_total()).into_bytes(),
         vec![],
     ))
+}
+
+/// The nodes sharing the log, their leases and running jobs (admin).
+pub(super) fn cluster(call: &Call<'_>) -> Result<Reply, StorageError> {
+    let store = &call.shared.store;
+    let body = render::Cluster::new(store.node_id(), store.cluster()?);
+    Ok(Reply::Json(200, serde_json::to_value(body).expect("invariant: JSON serializes")))
 }
 
 pub(super) fn me(call: &Call<'_>) -> Result<Reply, StorageError> {

@@ -1,8 +1,8 @@
-//! One server per database: a server (and each command that opens the store: `replay
-//! --check`, `export`, `import`) holds a session advisory lock, on a connection of its own, for
-//! as long as its store is open, the way a sled data dir's `LOCK` file keeps a second server
-//! off it. Several servers on one log would each take the others' running jobs for a crashed
-//! predecessor's at start and fail them. A second server on the database is refused by name.
+//! The commands that need the database to themselves (`replay --check`, `export`, `import`)
+//! hold a session advisory lock, on a connection of their own, for as long as their store is
+//! open, the way a sled data dir's `LOCK` file keeps a server off it; the nodes (servers)
+//! hold the same lock shared, so any number of them run together, but none beside such a
+//! command. A store that cannot have the lock is refused with its holder's name.
 //!
 //! The lock lives with its session: a server that crashed gives it up as soon as PostgreSQL
 //! sees its connection go, so a restart waits [`PG_SERVER_LOCK_WAIT_MS`] at most for a
@@ -30,12 +30,13 @@ const RETRY_MS: u64 = 100;
 
 /// Takes the lock on a connection of its own, waiting up to [`PG_SERVER_LOCK_WAIT_MS`];
 /// [`StorageError::DatabaseInUse`] names the holder when another server keeps it.
-pub(super) fn take(config: &ConnectConfig) -> Result<Client, StorageError> {
+/// `shared`: a node's lock, which other nodes share.
+pub(super) fn take(config: &ConnectConfig, shared: bool) -> Result<Client, StorageError> {
     let config = config.named(&holder_name());
     let deadline = Instant::now() + Duration::from_millis(PG_SERVER_LOCK_WAIT_MS);
     let mut client = connect(&config)?;
     loop {
-        if try_lock(&mut client)? {
+        if try_lock(&mut client, shared)? {
             return Ok(client);
         }
         if Instant::now() >= deadline {
@@ -48,7 +49,7 @@ pub(super) fn take(config: &ConnectConfig) -> Result<Client, StorageError> {
 /// Keeps the lock while the store is open: checks the guard's connection every
 /// [`PG_HEALTH_CHECK_INTERVAL_MS`], and after it broke, reconnects and locks again, or fences
 /// the store when another server holds the lock now.
-pub(super) fn keep(inner: Arc<Inner>, mut client: Option<Client>, config: ConnectConfig) {
+pub(super) fn keep(inner: Arc<Inner>, mut client: Option<Client>, config: ConnectConfig, shared: bool) {
     let config = config.named(&holder_name());
     while !inner.closing.load(Ordering::Acquire) {
         std::thread::sleep(Duration::from_millis(PG_HEALTH_CHECK_INTERVAL_MS));
@@ -60,7 +61,7 @@ pub(super) fn keep(inner: Arc<Inner>, mut client: Option<Client>, config: Connec
             client = None;
         }
         let Ok(mut c) = connect(&config) else { continue };
-        match try_lock(&mut c) {
+        match try_lock(&mut c, shared) {
             Ok(true) => client = Some(c),
             Ok(false) => {
                 let holder = holder(&mut c).unwrap_or_else(|e| e.to_string());
@@ -73,10 +74,10 @@ pub(super) fn keep(inner: Arc<Inner>, mut client: Option<Client>, config: Connec
     }
 }
 
-fn try_lock(c: &mut Client) -> Result<bool, StorageError> {
-    c.query_one("SELECT pg_try_advisory_lock($1)", &[&PG_SERVER_LOCK_KEY])
-        .map(|r| r.get(0))
-        .map_err(pg("take the server lock"))
+fn try_lock(c: &mut Client, shared: bool) -> Result<bool, StorageError> {
+    let sql =
+        if shared { "SELECT pg_try_advisory_lock_shared($1)" } else { "SELECT pg_try_advisory_lock($1)" };
+    c.query_one(sql, &[&PG_SERVER_LOCK_KEY]).map(|r| r.get(0)).map_err(pg("take the server lock"))
 }
 
 /// Who holds the lock, by its connection's name (see [`holder_name`]) and address.
@@ -87,7 +88,8 @@ fn holder(c: &mut Client) -> Result<String, StorageError> {
              FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
              WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
                AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
-               AND ((l.classid::bigint << 32) | l.objid::bigint) = $1",
+               AND ((l.classid::bigint << 32) | l.objid::bigint) = $1
+             ORDER BY l.mode LIMIT 1",
             &[&PG_SERVER_LOCK_KEY],
         )
         .map_err(pg("find the server lock's holder"))?;

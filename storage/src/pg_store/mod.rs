@@ -14,6 +14,8 @@
 mod check;
 mod config;
 mod guard;
+mod lease;
+mod nodes;
 mod pool;
 mod schema;
 mod state;
@@ -29,7 +31,8 @@ use atelier_engine::{Commission, Envelope, Job, State};
 use crossbeam_channel::Sender;
 
 pub use config::{
-    PgConfig, PG_CONNECT_TIMEOUT_MS, PG_HEALTH_CHECK_INTERVAL_MS, PG_POOL_CONNECTIONS_DEFAULT,
+    NodeConfig, PgConfig, NODE_HEARTBEAT_MS_DEFAULT, NODE_LEASE_MS_DEFAULT, NODE_LEASE_MS_MAX,
+    NODE_LEASE_MS_MIN, PG_CONNECT_TIMEOUT_MS, PG_HEALTH_CHECK_INTERVAL_MS, PG_POOL_CONNECTIONS_DEFAULT,
     PG_POOL_WAIT_MS, PG_RECONNECT_BACKOFF_MAX_MS, PG_RECONNECT_BACKOFF_MIN_MS, PG_STATEMENT_TIMEOUT_MS,
     PG_TAIL_POLL_INTERVAL_MS,
 };
@@ -57,9 +60,17 @@ impl PgStore {
     /// the database cannot be reached now: a server that starts must start on a database.
     pub fn open(config: PgConfig) -> Result<Arc<PgStore>, StorageError> {
         let client_config = pool::client_config(&config.url, config.ca_file.as_deref())?;
-        let guard = config.one_server.then(|| guard::take(&client_config)).transpose()?;
+        let shared = config.node.is_some();
+        let guard = (config.one_server || shared).then(|| guard::take(&client_config, shared)).transpose()?;
         let mut client = pool::connect(&client_config)?;
         schema::migrate(&mut client)?;
+        let lease = match config.node {
+            Some(node) => {
+                let incarnation = nodes::register(&mut client, &node)?;
+                Some(lease::Lease::new(node, incarnation))
+            }
+            None => None,
+        };
         let head: i64 =
             client.query_one("SELECT seq FROM atelier.head", &[]).map_err(pg("read the log head"))?.get(0);
         let inner = Arc::new(Inner {
@@ -75,6 +86,7 @@ impl PgStore {
             unavailable: Mutex::new(None),
             closing: AtomicBool::new(false),
             fenced: Mutex::new(None),
+            lease,
         });
         let (tx, rx) = crossbeam_channel::bounded(PG_WRITER_QUEUE_REQUESTS_MAX);
         let writer = Writer::new(inner.clone(), client);
@@ -91,8 +103,15 @@ impl PgStore {
             let (keeper, config) = (inner.clone(), inner.config.clone());
             std::thread::Builder::new()
                 .name("atelier-pg-guard".into())
-                .spawn(move || guard::keep(keeper, guard, config))
+                .spawn(move || guard::keep(keeper, guard, config, shared))
                 .map_err(io("spawn the server lock's keeper"))?;
+        }
+        if shared {
+            let (keeper, config) = (inner.clone(), inner.config.clone());
+            std::thread::Builder::new()
+                .name("atelier-pg-lease".into())
+                .spawn(move || nodes::keep(keeper, config))
+                .map_err(io("spawn the node lease's keeper"))?;
         }
         Ok(Arc::new(PgStore { inner, tx: Mutex::new(Some(tx)), writer: Mutex::new(Some(handle)) }))
     }
@@ -154,6 +173,9 @@ impl EventStore for PgStore {
     fn health(&self) -> Result<(), StorageError> {
         if let Some(holder) = &*self.inner.fenced.lock().unwrap_or_else(|p| p.into_inner()) {
             return Err(StorageError::DatabaseInUse { holder: holder.clone() });
+        }
+        if let Some(lease) = &self.inner.lease {
+            lease.check()?;
         }
         if let Some(e) = &*self.inner.unavailable.lock().unwrap_or_else(|p| p.into_inner()) {
             return Err(e.for_each_refused());
@@ -224,6 +246,36 @@ impl EventStore for PgStore {
 
     fn writer_beats(&self) -> Option<u64> {
         Some(self.inner.writer_beats.load(Ordering::Relaxed))
+    }
+
+    fn claim(&self, commission_id: u64, version: u64) -> Result<bool, StorageError> {
+        self.inner.claim(commission_id, version)
+    }
+
+    fn lost_jobs(&self) -> Result<Vec<crate::event_store::LostJob>, StorageError> {
+        self.inner.lost_jobs()
+    }
+
+    fn is_maintainer(&self) -> bool {
+        self.inner.lease.as_ref().is_none_or(lease::Lease::is_maintainer)
+    }
+
+    fn lease_lost(&self) -> bool {
+        self.inner.lease.as_ref().is_some_and(lease::Lease::is_lost)
+    }
+
+    fn rejoin(&self) {
+        if let Some(lease) = &self.inner.lease {
+            lease.ask_rejoin();
+        }
+    }
+
+    fn node_id(&self) -> Option<String> {
+        self.inner.lease.as_ref().map(|l| l.config.id.clone())
+    }
+
+    fn cluster(&self) -> Result<Vec<crate::event_store::NodeInfo>, StorageError> {
+        self.inner.cluster()
     }
 }
 

@@ -12,8 +12,14 @@ use postgres::types::ToSql;
 use postgres::{Client, GenericClient, NoTls, Row, Statement};
 use tokio_postgres_rustls::MakeRustlsConnect;
 
-use super::config::{PG_CONNECT_TIMEOUT_MS, PG_POOL_WAIT_MS, PG_STATEMENT_TIMEOUT_MS};
+use super::config::{
+    PG_CONNECT_TIMEOUT_MS, PG_IDLE_IN_TRANSACTION_TIMEOUT_MS, PG_POOL_WAIT_MS, PG_STATEMENT_TIMEOUT_MS,
+};
 use crate::error::{pg, StorageError};
+
+/// TCP keepalives on every connection: a database gone without a word (a cut network) is
+/// noticed by the connection's own reads within this and the kernel's probes.
+const PG_KEEPALIVE_IDLE_S: u64 = 5;
 
 pub(super) struct Pool {
     config: ConnectConfig,
@@ -68,7 +74,11 @@ pub(super) fn client_config(url: &str, ca: Option<&std::path::Path>) -> Result<C
         source: std::sync::Arc::new(source),
     })?;
     pg.connect_timeout(Duration::from_millis(PG_CONNECT_TIMEOUT_MS))
-        .options(&format!("-c statement_timeout={PG_STATEMENT_TIMEOUT_MS}"))
+        .options(&format!(
+            "-c statement_timeout={PG_STATEMENT_TIMEOUT_MS} -c idle_in_transaction_session_timeout={PG_IDLE_IN_TRANSACTION_TIMEOUT_MS}"
+        ))
+        .keepalives(true)
+        .keepalives_idle(Duration::from_secs(PG_KEEPALIVE_IDLE_S))
         .application_name("atelier");
     let tls = super::tls::connector(&mut pg, ca)?;
     Ok(ConnectConfig { pg, tls })

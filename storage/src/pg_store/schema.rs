@@ -19,6 +19,10 @@ const MIGRATION_LOCK_KEY: i64 = 0x6174_656c;
 ///
 /// 2: `state_counts`, the commissions per state, moved by each group commit, so that a
 /// `/metrics` scrape reads a few rows instead of counting the whole table.
+///
+/// 3: several nodes on one database (`nodes`): each node's lease, the node (and its run,
+/// `incarnation`) that started each job, and `claims`, which node may start a runnable
+/// commission at which version.
 const MIGRATIONS: &[&str] = &[
     r#"
 CREATE TABLE atelier.head (
@@ -67,6 +71,24 @@ CREATE TABLE atelier.state_counts (
     n bigint NOT NULL
 );
 INSERT INTO atelier.state_counts (state, n) SELECT state, count(*) FROM atelier.commissions GROUP BY state;
+"#,
+    r#"
+CREATE TABLE atelier.nodes (
+    id text PRIMARY KEY,
+    incarnation bigint NOT NULL,
+    lease_until timestamptz NOT NULL,
+    heartbeat_at timestamptz NOT NULL,
+    started_at timestamptz NOT NULL,
+    host text NOT NULL,
+    pid integer NOT NULL
+);
+ALTER TABLE atelier.jobs ADD COLUMN node text, ADD COLUMN incarnation bigint;
+CREATE TABLE atelier.claims (
+    commission_id bigint PRIMARY KEY,
+    version bigint NOT NULL,
+    node text NOT NULL,
+    incarnation bigint NOT NULL
+);
 "#,
 ];
 

@@ -38,6 +38,8 @@ pub(crate) struct Inner {
     pub(super) closing: AtomicBool,
     /// Another server took the database (`guard`): who, and every append is refused.
     pub(super) fenced: Mutex<Option<String>>,
+    /// This node's lease, when the store is a node's (`nodes`).
+    pub(super) lease: Option<super::lease::Lease>,
 }
 
 /// What a subscriber sees of the commission right after an event, stored with the event so

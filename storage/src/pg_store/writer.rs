@@ -29,6 +29,7 @@ use postgres::types::ToSql;
 use postgres::{Client, Row, Statement, Transaction};
 
 use super::config::{PG_HEALTH_CHECK_INTERVAL_MS, PG_RECONNECT_BACKOFF_MAX_MS, PG_RECONNECT_BACKOFF_MIN_MS};
+use super::lease::Lease;
 use super::pool::{connect, Statements};
 use super::state::{decode_job, decode_snapshot, from_sql, sql, sql_own, state_code, Inner, StoredView};
 use crate::append_rules::{fold_append, Folded};
@@ -226,10 +227,18 @@ impl Writer {
             }
             return;
         }
+        // A node that lost its lease appends nothing (`nodes`).
+        if let Some(Err(e)) = inner.lease.as_ref().map(super::lease::Lease::check) {
+            for Request(_, ack) in batch {
+                ack.send(Err(e.for_each_refused()));
+            }
+            return;
+        }
+        let lease = inner.lease.as_ref();
         let committed = self.connection().and_then(|(client, statements)| {
             let mut tries = 1;
             loop {
-                match commit(client, statements, &batch) {
+                match commit(client, statements, &batch, lease) {
                     Err(e) if is_version_race(&e) && tries < COMMIT_TRIES_MAX => tries += 1,
                     other => break other,
                 }
@@ -314,6 +323,7 @@ fn prune(
         for delete in [
             "DELETE FROM atelier.jobs WHERE commission_id = ANY($1)",
             "DELETE FROM atelier.idempotency WHERE commission_id = ANY($1)",
+            "DELETE FROM atelier.claims WHERE commission_id = ANY($1)",
             "DELETE FROM atelier.commissions WHERE id = ANY($1)",
         ] {
             group.execute(delete, &[&victims]).map_err(pg("prune projections"))?;
@@ -337,8 +347,12 @@ fn commit(
     client: &mut Client,
     statements: &mut Statements,
     batch: &[Request],
+    lease: Option<&Lease>,
 ) -> Result<Committed, StorageError> {
     let mut group = Group::begin(client, statements)?;
+    if let Some(lease) = lease {
+        group.check_lease(lease)?;
+    }
     let seq = group.head;
     group.prefetch(batch)?;
     // A failed read while staging fails the whole group (it rolls back), not one append.
@@ -368,6 +382,8 @@ struct Group<'t> {
     idempotency: HashMap<(String, String), u64>,
     new_keys: Vec<(String, String, u64)>,
     events: Vec<(Envelope, ViewAfter)>,
+    /// The node and run the jobs this group starts belong to (none outside a node).
+    owner: Option<(String, i64)>,
 }
 
 impl<'t> Group<'t> {
@@ -431,7 +447,27 @@ impl<'t> Group<'t> {
             idempotency: HashMap::new(),
             new_keys: Vec::new(),
             events: Vec::new(),
+            owner: None,
         }
+    }
+
+    /// Fencing: under the head row's lock, so that no rescue of this node's jobs can come
+    /// between, the node's lease must still hold by the database's clock. The jobs this
+    /// group starts are recorded as this node's run.
+    fn check_lease(&mut self, lease: &Lease) -> Result<(), StorageError> {
+        let incarnation = lease.incarnation();
+        let held = self
+            .query_opt(
+                "SELECT 1 FROM atelier.nodes WHERE id = $1 AND incarnation = $2 AND lease_until > clock_timestamp()",
+                &[&lease.config.id, &incarnation],
+            )
+            .map_err(pg("check the node's lease"))?;
+        if held.is_none() {
+            lease.lose("its lease had lapsed at a group commit");
+            return lease.check();
+        }
+        self.owner = Some((lease.config.id.clone(), incarnation));
+        Ok(())
     }
 
     /// Reads the snapshots the group's appends name, in one query.
@@ -717,11 +753,15 @@ impl<'t> Group<'t> {
                 cids.push(sql_own(*cid));
                 records.push(codec::encode(job));
             }
+            // The node of a job is the one that started it: a later record (another node
+            // failing it as lost) leaves it.
+            let (node, incarnation) =
+                (self.owner.as_ref().map(|o| o.0.clone()), self.owner.as_ref().map(|o| o.1));
             self.execute(
-                "INSERT INTO atelier.jobs (id, commission_id, record)
-                     SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::bytea[])
+                "INSERT INTO atelier.jobs (id, commission_id, record, node, incarnation)
+                     SELECT j.*, $4::text, $5::bigint FROM unnest($1::bigint[], $2::bigint[], $3::bytea[]) AS j
                      ON CONFLICT (id) DO UPDATE SET record = EXCLUDED.record",
-                &[&ids, &cids, &records],
+                &[&ids, &cids, &records, &node, &incarnation],
             )
             .map_err(pg("write jobs"))?;
         }

@@ -15,6 +15,9 @@ pub(crate) enum Request {
     None = 0,
     Cancel = 1,
     Shutdown = 2,
+    /// This node lost its lease: another node will take the job over, so it ends at once
+    /// (no grace), and whatever it reports is refused.
+    Abandon = 3,
 }
 
 /// A request slot plus a pipe that wakes the job's poll. The first request wins.
@@ -49,6 +52,7 @@ impl JobSignal {
         match self.state.load(Ordering::Acquire) {
             1 => Request::Cancel,
             2 => Request::Shutdown,
+            3 => Request::Abandon,
             _ => Request::None,
         }
     }

@@ -221,6 +221,7 @@ fn run_task(shared: &Shared, c: Commission, signal: &JobSignal) {
             Finish::Cancelled { end: end(JobStatus::Killed, Some("cancelled".into())) }
         }
         (_, Request::Shutdown, _) => fail("server shut down".into(), true, JobStatus::Killed),
+        (_, Request::Abandon, _) => fail("this node lost its lease".into(), true, JobStatus::Killed),
         (_, _, Some(Halt::Protocol(e))) => fail(format!("protocol error: {e}"), false, JobStatus::Failed),
         (_, _, Some(Halt::Stale(_))) => Finish::Nothing,
         (_, _, Some(Halt::Storage(e))) => fail(format!("controller error: {e}"), true, JobStatus::Failed),

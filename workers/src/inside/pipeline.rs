@@ -452,6 +452,28 @@ enum FromCommand {
 /// an `error` line. It gets the stage input as JSON on stdin; its stderr is the job's stderr.
 /// Anything else it prints fails the stage.
 ///
+/// The stage command gets SIGKILL when this worker dies: a worker dies with its server
+/// (PDEATHSIG), and a stage command left running after its server was SIGKILLed would go on
+/// while another node, having taken the job over, runs it again. (What the command itself
+/// starts is its own to end; on the next start of that server its process group is killed.)
+fn dies_with_this_process(command: &mut std::process::Command) {
+    use std::os::unix::process::CommandExt;
+    let parent = nix::unistd::getpid();
+    // SAFETY: between fork and exec this only calls prctl and getppid, both
+    // async-signal-safe, and allocates nothing.
+    unsafe {
+        command.pre_exec(move || {
+            nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
+                .map_err(std::io::Error::from)?;
+            // The worker may have died before the prctl took: then no signal would come.
+            if nix::unistd::getppid() != parent {
+                return Err(std::io::Error::other("the worker is gone"));
+            }
+            Ok(())
+        });
+    }
+}
+
 /// Long because the spawn, the relay of its lines and the wait with its
 /// deadline share the child and the channel, and read as one sequence.
 fn run_command(
@@ -472,10 +494,12 @@ fn run_command(
         "state": state,
     });
     let job_dir = env.make_job_dir().map_err(|e| fail(e, true))?;
+    let mut command = std::process::Command::new(name);
+    dies_with_this_process(&mut command);
     // Known to the sweep until this function returns (it has reaped the command by then, or
     // gave up on it, and then the sweep ends it): see `contain`.
     let (mut child, _known) = crate::contain::spawn(
-        std::process::Command::new(name)
+        command
             .args(&argv[1..])
             .current_dir(job_dir)
             .stdin(Stdio::piped())

@@ -11,6 +11,13 @@
 //!
 //! Jobs whose thread is gone (a previous server's, or a panicked one) are failed by
 //! `recovery.rs`, so they retry.
+//!
+//! On a store shared by several nodes: a commission is claimed before its job is spawned
+//! (`EventStore::claim`), so one node alone spawns it; the maintainer fails the jobs of nodes
+//! whose lease lapsed every [`RESCUE_INTERVAL_MS`] and looks again at every live commission
+//! every [`RESCAN_INTERVAL_MS`] (a node that died holding a claim left it to no one); and a
+//! node that lost its own lease ends its jobs at once and takes a new lease only once they
+//! are all gone.
 
 mod feed;
 mod messages;
@@ -49,6 +56,13 @@ const SHUTDOWN_SLACK_MS: u64 = 5_000;
 /// store's health and the empty queue.
 pub const SCHEDULER_BEAT_INTERVAL_MS: u64 = 100;
 
+/// How often the maintainer of a shared store fails the jobs of lost nodes: a lost node's
+/// jobs move on within its lease and this.
+pub const RESCUE_INTERVAL_MS: u64 = 1_000;
+/// How often the maintainer of a shared store looks again at every live commission, for
+/// runnable ones no live node holds.
+pub const RESCAN_INTERVAL_MS: u64 = 5_000;
+
 /// Tells the scheduler a job is over when dropped, on every path out of the job thread.
 struct DoneGuard(Sender<SchedMsg>, u64);
 
@@ -80,6 +94,11 @@ struct Scheduler {
     running: HashMap<u64, Running>,
     /// Turns round the loop (`Workers::scheduler_beats`).
     beats: Arc<AtomicU64>,
+    /// When the maintainer next rescues lost jobs and rescans (shared stores only).
+    next_rescue: Instant,
+    next_rescan: Instant,
+    /// This node lost its lease and is ending its jobs (see the module docs).
+    abandoning: bool,
     #[cfg(feature = "test-faults")]
     stall: Option<stall::Stall>,
 }
@@ -102,10 +121,54 @@ impl Scheduler {
                 Ok(m) => self.handle(m),
                 Err(RecvTimeoutError::Timeout) => {}
             }
+            self.mind_the_lease();
             self.fire_timers();
+            self.maintain();
             self.dispatch();
         }
         self.stop_all();
+    }
+
+    /// A node that lost its lease ends every job at once (another node takes them over), and
+    /// takes a new lease once none is left; back with one, it looks at every live commission
+    /// again (its queue went with the jobs).
+    fn mind_the_lease(&mut self) {
+        if self.shared.store.lease_lost() {
+            if !self.abandoning {
+                self.abandoning = true;
+                for r in self.running.values() {
+                    r.signal.raise(Request::Abandon);
+                }
+                self.queue.clear();
+                self.queued.clear();
+            }
+            if self.running.is_empty() {
+                self.shared.store.rejoin();
+            }
+        } else if self.abandoning {
+            self.abandoning = false;
+            self.handle(SchedMsg::Rescan);
+        }
+    }
+
+    /// The maintainer's rounds on a shared store (see the module docs).
+    fn maintain(&mut self) {
+        let store = &self.shared.store;
+        if store.node_id().is_none() || !store.is_maintainer() || self.shared.stopping.load(Ordering::Acquire)
+        {
+            return;
+        }
+        let now = Instant::now();
+        if now >= self.next_rescue {
+            self.next_rescue = now + Duration::from_millis(RESCUE_INTERVAL_MS);
+            if let Err(e) = recovery::rescue(&self.shared) {
+                tracing::warn!(error = %e, "cannot look for lost jobs");
+            }
+        }
+        if now >= self.next_rescan {
+            self.next_rescan = now + Duration::from_millis(RESCAN_INTERVAL_MS);
+            self.handle(SchedMsg::Rescan);
+        }
     }
 
     fn handle(&mut self, msg: SchedMsg) {
@@ -241,6 +304,15 @@ impl Scheduler {
             if !c.is_runnable(now_ms()) || c.active_job.is_some() || c.cancel_requested {
                 continue;
             }
+            // On a shared store, one node spawns each attempt: the others let it go.
+            match self.shared.store.claim(id, c.version) {
+                Ok(true) => {}
+                Ok(false) => continue,
+                Err(e) => {
+                    tracing::warn!(commission = id, error = %e, "cannot claim a commission");
+                    continue;
+                }
+            }
             debug_assert_eq!(p, c.priority);
             tracing::debug!(commission = id, "dispatching");
             let routed = self.shared.with_router(|r, cfg| r.route(cfg, id, Instant::now()));
@@ -361,6 +433,9 @@ impl SchedulerThreads {
             timers: Timers::default(),
             running: HashMap::new(),
             beats: beats.clone(),
+            next_rescue: Instant::now(),
+            next_rescan: Instant::now() + Duration::from_millis(RESCAN_INTERVAL_MS),
+            abandoning: false,
             #[cfg(feature = "test-faults")]
             stall: stall::Stall::from_env(),
         };

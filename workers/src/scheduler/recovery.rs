@@ -1,6 +1,6 @@
-//! Restart recovery: a job no thread of this server runs (a previous server's, or one whose
-//! job code panicked) is failed so that its commission retries, and its process group is
-//! killed if it is still there.
+//! Recovery: a job no thread runs (a previous run's of this server, a lost node's, or one
+//! whose job code panicked) is failed so that its commission retries, and its process group
+//! is killed if it is still there and was started on this machine.
 
 use std::path::PathBuf;
 
@@ -10,24 +10,40 @@ use crate::error::WorkersError;
 use crate::session::{job_end, record_finish, Finish};
 use crate::shared::Shared;
 
-/// Kills what a previous server left running and fails those attempts so they retry.
-pub(crate) fn reconcile(shared: &Shared) -> Result<(), WorkersError> {
-    for c in shared.store.live_commissions()? {
-        if c.state.is_running() && c.active_job.is_some() {
-            fail_lost_job(shared, &c, "server restarted");
+/// Fails the running jobs no live node runs (`EventStore::lost_jobs`), killing what is left
+/// of those started on this machine: at start, a previous run's; then, on the maintainer,
+/// those of nodes whose lease lapsed. Returns how many it failed.
+pub(crate) fn rescue(shared: &Shared) -> Result<usize, WorkersError> {
+    let lost = shared.store.lost_jobs()?;
+    for job in &lost {
+        let error = match (&job.node, job.here) {
+            (_, true) => "server restarted".to_string(),
+            (Some(node), false) => format!("node lost: {node} (its lease lapsed)"),
+            (None, false) => "node lost".to_string(),
+        };
+        match shared.store.commission(job.commission_id) {
+            // Read again: it may have moved on since it was listed.
+            Ok(Some(c)) if c.active_job == Some(job.job_id) && c.state.is_running() => {
+                fail_lost_job(shared, &c, &error, job.here)
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(commission = job.commission_id, error = %e, "cannot read a lost job's commission")
+            }
         }
     }
-    Ok(())
+    Ok(lost.len())
 }
 
-/// Fails the attempt of `c`'s active job, which no thread of this server runs (a previous
-/// server's, or one whose thread ended without recording it): its process group is killed
-/// if it is still there, and the attempt is retried.
-pub(super) fn fail_lost_job(shared: &Shared, c: &Commission, error: &str) {
+/// Fails the attempt of `c`'s active job, which no thread runs (a previous run's, a lost
+/// node's, or one whose thread ended without recording it): its process group is killed
+/// if it is still there and `here` (started on this machine; another node's pids mean
+/// nothing here), and the attempt is retried.
+pub(super) fn fail_lost_job(shared: &Shared, c: &Commission, error: &str, here: bool) {
     let Some(job_id) = c.active_job else { return };
     let executor = match shared.store.job(job_id) {
         Ok(Some(job)) => {
-            if let (Executor::JobController, Some(pid)) = (job.executor, job.process_id) {
+            if let (Executor::JobController, Some(pid), true) = (job.executor, job.process_id, here) {
                 kill_leftover_group(pid, job_id);
             }
             job.executor
@@ -74,7 +90,7 @@ fn kill_leftover_group(pid: u32, job_id: u64) {
 pub(super) fn after_panic(shared: &Shared, commission_id: u64, attempt_at_start: Option<u32>) {
     match shared.store.commission(commission_id) {
         Ok(Some(c)) if c.state.is_running() && c.active_job.is_some() => {
-            fail_lost_job(shared, &c, "the server lost track of the job (an internal error)");
+            fail_lost_job(shared, &c, "the server lost track of the job (an internal error)", true);
         }
         // It panicked before the job started: an attempt that fails (with backoff, counted),
         // not an instant retry in a loop.

@@ -340,6 +340,7 @@ impl Job<'_> {
         match self.signal.get() {
             Request::Cancel => self.end(KillReason::Cancel),
             Request::Shutdown => self.end(KillReason::Shutdown),
+            Request::Abandon => self.end(KillReason::Storage("this node lost its lease".into())),
             Request::None => {}
         }
     }
