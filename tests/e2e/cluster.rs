@@ -325,3 +325,113 @@ fn three_nodes_survive_a_kill_9_without_a_lost_event_or_a_double_run() {
         .expect("run replay --check");
     assert!(check.status.success(), "replay --check: {}", String::from_utf8_lossy(&check.stderr));
 }
+
+/// The server and every process under it (its workers and their stage commands): a frozen
+/// machine freezes them all.
+fn process_tree(root: i32) -> Vec<i32> {
+    let mut all = vec![root];
+    let mut i = 0;
+    while i < all.len() {
+        let pid = all[i];
+        let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).map(|d| d.flatten().collect::<Vec<_>>());
+        for task in tasks.unwrap_or_default() {
+            let children = std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
+            all.extend(children.split_whitespace().filter_map(|c| c.parse::<i32>().ok()));
+        }
+        i += 1;
+    }
+    all
+}
+
+fn signal_tree(pids: &[i32], signal: i32) {
+    for pid in pids {
+        // SAFETY: signalling processes this test started (the node and its descendants).
+        unsafe { libc::kill(*pid, signal) };
+    }
+}
+
+/// Node B frozen (SIGSTOP, with all its workers, as a paused machine) past its lease: its jobs
+/// are failed as lost only once its lease lapsed, never before, and retried on A. Woken
+/// (SIGCONT), B ends what it was running without recording any of it, rejoins as a new run,
+/// and runs jobs again; no two job records of one commission overlap.
+#[test]
+fn a_frozen_node_loses_its_jobs_only_after_its_lease_and_rejoins_cleanly() {
+    const COMMISSIONS: usize = 16;
+    let c = Cluster::start(PgServer::shared(), "cluster-freeze", 2, "1.5");
+    let alice = token("alice", false);
+    let ids: Vec<u64> = (0..COMMISSIONS)
+        .map(|i| c.node(i % 2).create(&alice, slow(0))["task_id"].as_u64().expect("an id"))
+        .collect();
+    let node_b = |view: &Value| -> Value {
+        view["nodes"].as_array().unwrap().iter().find(|n| n["id"] == "node-b").expect("B listed").clone()
+    };
+    let held = wait_for(Duration::from_secs(30), || {
+        let b = node_b(&c.cluster(0));
+        let running = b["running"].as_array()?.clone();
+        (!running.is_empty()).then_some(running)
+    })
+    .expect("B runs jobs");
+    let tree = process_tree(c.node(1).pid());
+    signal_tree(&tree, libc::SIGSTOP);
+    let frozen_at = Instant::now();
+    let taken = wait_for(Duration::from_millis(LEASE_MS + TAKEOVER_SLACK_MS + 5_000), || {
+        node_b(&c.cluster(0))["running"].as_array()?.is_empty().then_some(())
+    });
+    let took = frozen_at.elapsed();
+    signal_tree(&tree, libc::SIGCONT);
+    assert!(taken.is_some(), "B's jobs are taken over");
+    // B renewed at most a heartbeat before it froze: its lease ran at least this much longer.
+    assert!(
+        took >= Duration::from_millis(LEASE_MS - HEARTBEAT_MS),
+        "taken over after {took:?}: before the lease lapsed"
+    );
+    assert!(took <= Duration::from_millis(LEASE_MS + TAKEOVER_SLACK_MS), "taken over after {took:?}");
+
+    let done =
+        wait_for(Duration::from_secs(90), || (c.count(0, "completed") == COMMISSIONS as u64).then_some(()));
+    assert!(done.is_some(), "every commission completes: {}", c.count(0, "completed"));
+    let lost: Vec<u64> = held.iter().filter_map(|j| j["job_id"].as_u64()).collect();
+    for id in &ids {
+        let jobs = c.node(0).get(&format!("/api/commissions/{id}/jobs"), Some(&alice)).json();
+        let mut spans: Vec<(String, String, Value)> = jobs["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|j| {
+                (
+                    j["started_at"].as_str().unwrap_or("").into(),
+                    j["completed_at"].as_str().unwrap_or("~").into(),
+                    j.clone(),
+                )
+            })
+            .collect();
+        spans.sort_by(|x, y| x.0.cmp(&y.0));
+        for w in spans.windows(2) {
+            assert!(w[1].0 >= w[0].1, "commission {id}: two job records overlap: {:?}", spans);
+        }
+        for (_, _, job) in &spans {
+            if lost.contains(&job["job_id"].as_u64().unwrap()) {
+                assert_eq!(job["status"], "killed", "{job}");
+                let error = job["error_message"].as_str().unwrap_or("");
+                assert!(
+                    error.starts_with("node lost: node-b"),
+                    "B recorded nothing for a job it lost: {job}"
+                );
+            }
+        }
+    }
+    // B is back, as its next run, and runs jobs again.
+    let b = wait_for(Duration::from_secs(10), || {
+        let b = node_b(&c.cluster(0));
+        (b["alive"] == true && b["incarnation"].as_u64()? >= 2).then_some(b)
+    });
+    assert!(b.is_some(), "B rejoined: {}", c.cluster(0));
+    let more: Vec<u64> =
+        (0..4).map(|_| c.node(1).create(&alice, slow(0))["task_id"].as_u64().unwrap()).collect();
+    for id in more {
+        assert!(
+            c.node(1).completed(id, &alice, Duration::from_secs(60)).is_some(),
+            "B's commission {id} completes"
+        );
+    }
+}
