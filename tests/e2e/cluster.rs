@@ -134,12 +134,14 @@ fn now_ns() -> u128 {
     SystemTime::now().duration_since(UNIX_EPOCH).expect("after 1970").as_nanos()
 }
 
-/// No two runs of one commission overlap; a run without an end lasted until `ended_by`.
-fn assert_no_overlap(runs: &Runs, ended_by: u128) {
+/// No two runs of one commission overlap; a run without an end lasted until the first of
+/// `kills` after its start (the kill of its node).
+fn assert_no_overlap(runs: &Runs, kills: &[u128]) {
+    let ended_by = |start: u128| kills.iter().copied().filter(|k| *k >= start).min().unwrap_or(u128::MAX);
     let mut doubles = Vec::new();
     for (c, list) in runs {
         let mut spans: Vec<(u128, u128, u64)> =
-            list.iter().map(|&(j, s, e)| (s, e.unwrap_or(ended_by), j)).collect();
+            list.iter().map(|&(j, s, e)| (s, e.unwrap_or_else(|| ended_by(s)), j)).collect();
         spans.sort();
         for w in spans.windows(2) {
             if w[1].0 < w[0].1 {
@@ -280,7 +282,7 @@ fn three_nodes_survive_a_kill_9_without_a_lost_event_or_a_double_run() {
     assert!(done.is_some(), "every commission completes: {} of {COMMISSIONS}", c.count(1, "completed"));
     let runs = c.runs();
     assert_eq!(runs.len(), COMMISSIONS, "every commission's stage ran and left its marks");
-    assert_no_overlap(&runs, killed_ns);
+    assert_no_overlap(&runs, &[killed_ns]);
     let lost = c.runs().values().filter(|l| l.iter().any(|r| r.2.is_none())).count();
     assert!(lost >= held.min(1), "A's jobs never ended where they ran: {lost}");
 
@@ -434,4 +436,51 @@ fn a_frozen_node_loses_its_jobs_only_after_its_lease_and_rejoins_cleanly() {
             "B's commission {id} completes"
         );
     }
+}
+
+/// The floor of BENCHMARKS.md ("Several nodes"), long, so run by hand: `cargo test --test
+/// cluster -- --ignored`. Three nodes, 1,000 commissions, a node SIGKILLed (and started
+/// again under its id) every 100 completions, round-robin: every commission completes and no
+/// two runs of one commission overlap.
+#[test]
+#[ignore = "long: the double-run floor, run by hand"]
+fn a_thousand_commissions_with_a_node_killed_every_hundred_never_run_twice() {
+    const COMMISSIONS: usize = 1_000;
+    let pg = PgServer::shared();
+    let mut c = Cluster::start(pg, "cluster-thousand", 3, "0.3");
+    let alice = token("alice", false);
+    for i in 0..COMMISSIONS {
+        c.node(i % 3).create(&alice, slow(0));
+    }
+    let mut kills = Vec::new();
+    let mut victim = 0;
+    let started = Instant::now();
+    loop {
+        let alive = (0..3).find(|i| c.nodes[*i].is_some()).expect("a node");
+        let done = c.count(alive, "completed") as usize;
+        if done == COMMISSIONS {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(600), "stuck at {done} of {COMMISSIONS}");
+        if done >= (kills.len() + 1) * 100 && done < COMMISSIONS - 50 {
+            let env = c.nodes[victim].as_ref().map(|s| s.env.clone());
+            let dir = c.nodes[victim].as_ref().map(|s| s.data_dir.clone());
+            c.nodes[victim].take().expect("a running node").kill();
+            kills.push(now_ns());
+            let (env, dir) = (env.expect("its settings"), dir.expect("its data dir"));
+            let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+            c.nodes[victim] = Some(Server::start(exe(), &dir, &env));
+            victim = (victim + 1) % 3;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let runs = c.runs();
+    assert_eq!(runs.len(), COMMISSIONS);
+    let unended = runs.values().flatten().filter(|r| r.2.is_none()).count();
+    println!(
+        "{} kills, {unended} runs cut short by a kill, {} runs in all",
+        kills.len(),
+        runs.values().flatten().count()
+    );
+    assert_no_overlap(&runs, &kills);
 }
