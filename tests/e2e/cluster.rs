@@ -447,7 +447,8 @@ fn a_frozen_node_loses_its_jobs_only_after_its_lease_and_rejoins_cleanly() {
 fn a_thousand_commissions_with_a_node_killed_every_hundred_never_run_twice() {
     const COMMISSIONS: usize = 1_000;
     let pg = PgServer::shared();
-    let mut c = Cluster::start(pg, "cluster-thousand", 3, "0.3");
+    // Jobs of 2 s: the creates are done long before the last kill.
+    let mut c = Cluster::start(pg, "cluster-thousand", 3, "2");
     let alice = token("alice", false);
     for i in 0..COMMISSIONS {
         c.node(i % 3).create(&alice, slow(0));
@@ -474,6 +475,7 @@ fn a_thousand_commissions_with_a_node_killed_every_hundred_never_run_twice() {
         }
         std::thread::sleep(Duration::from_millis(100));
     }
+    assert!(kills.len() >= 9, "a node killed every 100 completions: {} kills", kills.len());
     let runs = c.runs();
     assert_eq!(runs.len(), COMMISSIONS);
     let unended = runs.values().flatten().filter(|r| r.2.is_none()).count();
