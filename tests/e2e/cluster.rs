@@ -382,9 +382,11 @@ fn a_frozen_node_loses_its_jobs_only_after_its_lease_and_rejoins_cleanly() {
     let took = frozen_at.elapsed();
     signal_tree(&tree, libc::SIGCONT);
     assert!(taken.is_some(), "B's jobs are taken over");
-    // B renewed at most a heartbeat before it froze: its lease ran at least this much longer.
+    // B renewed about a heartbeat before it froze (two, on a busy machine), so its lease ran
+    // on at least this long; a takeover that did not wait for it would come within the
+    // maintainer's first rescue round (a second).
     assert!(
-        took >= Duration::from_millis(LEASE_MS - HEARTBEAT_MS),
+        took >= Duration::from_millis(LEASE_MS - 2 * HEARTBEAT_MS),
         "taken over after {took:?}: before the lease lapsed"
     );
     assert!(took <= Duration::from_millis(LEASE_MS + TAKEOVER_SLACK_MS), "taken over after {took:?}");
