@@ -488,3 +488,69 @@ fn a_thousand_commissions_with_a_node_killed_every_hundred_never_run_twice() {
     );
     assert_no_overlap(&runs, &kills);
 }
+
+/// PostgreSQL restarted (immediate) under load with three nodes, down for longer than the
+/// lease: every acknowledged create is there and completes, every node takes creates again
+/// without a restart of its own (each lost its lease and rejoined as a new run).
+#[test]
+fn a_database_restart_under_load_loses_no_acknowledged_create_and_the_nodes_recover() {
+    let pg = PgServer::start();
+    let c = Cluster::start(&pg, "cluster-pg-restart", 3, "0.2");
+    let alice = token("alice", false);
+    let stop = Arc::new(AtomicBool::new(false));
+    let acked: Arc<Mutex<Vec<u64>>> = Arc::default();
+    let body = slow(0).to_string();
+    let creators: Vec<_> = (0..3)
+        .map(|i| {
+            let (addr, stop, acked, alice, body) =
+                (c.node(i).addr, Arc::clone(&stop), Arc::clone(&acked), alice.clone(), body.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Acquire) {
+                    let json = [("Content-Type", "application/json")];
+                    let r =
+                        request(addr, "POST", "/api/commissions", Some(&alice), &json, Some(body.as_bytes()));
+                    if r.status == 201 {
+                        acked.lock().unwrap().push(r.json()["task_id"].as_u64().expect("an id"));
+                    }
+                    std::thread::sleep(Duration::from_millis(30));
+                }
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_secs(2));
+    pg.stop_immediate();
+    std::thread::sleep(Duration::from_millis(LEASE_MS + 1_000));
+    pg.start_again();
+    std::thread::sleep(Duration::from_secs(3));
+    stop.store(true, Ordering::Release);
+    for t in creators {
+        t.join().expect("a creator");
+    }
+    for i in 0..3 {
+        let back = wait_for(Duration::from_secs(20), || {
+            let r = c.node(i).post("/api/commissions", Some(&alice), &slow(0));
+            (r.status == 201).then(|| r.json()["task_id"].as_u64().expect("an id"))
+        });
+        acked.lock().unwrap().push(back.unwrap_or_else(|| panic!("node {i} takes creates again")));
+    }
+    let acked = acked.lock().unwrap().clone();
+    let done = wait_for(Duration::from_secs(120), || {
+        acked
+            .iter()
+            .all(|id| {
+                c.node(0).get(&format!("/api/commissions/{id}"), Some(&alice)).json()["state"] == "completed"
+            })
+            .then_some(())
+    });
+    let states: Vec<Value> = acked
+        .iter()
+        .map(|id| c.node(0).get(&format!("/api/commissions/{id}"), Some(&alice)).json()["state"].clone())
+        .filter(|s| s != "completed")
+        .collect();
+    assert!(done.is_some(), "every acknowledged create ({}) completes: not so {states:?}", acked.len());
+    let view = c.cluster(0);
+    for n in view["nodes"].as_array().unwrap() {
+        assert_eq!(n["alive"], true, "{view}");
+        assert!(n["incarnation"].as_u64().unwrap() >= 2, "each node rejoined as a new run: {view}");
+    }
+}
