@@ -185,6 +185,11 @@ pub(super) fn keep(inner: Arc<Inner>, config: ConnectConfig) {
     }
 }
 
+/// The codes of the states a job runs in, as `atelier.commissions.state` holds them.
+fn running_states() -> Vec<i16> {
+    atelier_engine::State::ALL.iter().filter(|s| s.is_running()).map(|s| state_code(*s)).collect()
+}
+
 impl Inner {
     /// See `EventStore::claim`.
     pub(super) fn claim(&self, commission_id: u64, version: u64) -> Result<bool, StorageError> {
@@ -210,8 +215,7 @@ impl Inner {
     /// See `EventStore::lost_jobs`: each running commission's active job whose node's lease
     /// lapsed, or that an earlier run of its node (or no node on record) started.
     pub(super) fn lost_jobs(&self) -> Result<Vec<LostJob>, StorageError> {
-        let running: Vec<i16> =
-            atelier_engine::State::ALL.iter().filter(|s| s.is_running()).map(|s| state_code(*s)).collect();
+        let running = running_states();
         let node = self.lease.as_ref().map(|l| l.config.id.clone());
         let rows = self
             .pool
@@ -242,8 +246,7 @@ impl Inner {
 
     /// See `EventStore::cluster`.
     pub(super) fn cluster(&self) -> Result<Vec<NodeInfo>, StorageError> {
-        let running: Vec<i16> =
-            atelier_engine::State::ALL.iter().filter(|s| s.is_running()).map(|s| state_code(*s)).collect();
+        let running = running_states();
         let mut c = self.pool.get()?;
         let rfc3339 = "YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"";
         let nodes = c
