@@ -120,6 +120,28 @@ impl PgServer {
         PgServer::start_on(&settings, port, &[("server.crt", cert_pem), ("server.key", key_pem)])
     }
 
+    /// Starts a server that also listens on `addr` (an address of this host, such as one end
+    /// of a veth pair) on the socket's port number, and trusts the test role from `clients`
+    /// (CIDR) there, for [`PgServer::url_at`]: a client in another network namespace reaches
+    /// it through a link a test can cut.
+    pub fn start_listening_on(addr: std::net::Ipv4Addr, clients: &str) -> PgServer {
+        let listen = format!("'{addr}'");
+        let hba = format!(
+            "local all all trust\nhost all all 127.0.0.1/32 trust\nhost all {PG_TEST_ROLE} {clients} trust\n"
+        );
+        PgServer::start_on(
+            &[("fsync", "off"), ("listen_addresses", &listen)],
+            SOCKET_PORT,
+            &[("pg_hba.conf", &hba)],
+        )
+    }
+
+    /// A URL for `database` as the test role over TCP to `host` (see
+    /// [`PgServer::start_listening_on`]).
+    pub fn url_at(&self, host: std::net::Ipv4Addr, database: &str) -> String {
+        format!("postgres://{PG_TEST_ROLE}@{host}:{}/{database}", self.port)
+    }
+
     /// A URL for `database` as the test role over TCP to `localhost` (see [`PgServer::start_tls`]).
     pub fn tcp_url(&self, database: &str) -> String {
         format!("postgres://{PG_TEST_ROLE}@localhost:{}/{database}", self.port)

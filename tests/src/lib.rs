@@ -116,6 +116,18 @@ impl Server {
         Self::start_with(cmd, exe, data_dir, env, "127.0.0.1:0", Stdio::inherit())
     }
 
+    /// [`Server::start_command`] with the server listening on `listen` (an address of the
+    /// network namespace `cmd` starts in, say).
+    pub fn start_command_on(
+        cmd: Command,
+        exe: &Path,
+        data_dir: &Path,
+        env: &[(&str, &str)],
+        listen: &str,
+    ) -> Server {
+        Self::start_with(cmd, exe, data_dir, env, listen, Stdio::inherit())
+    }
+
     /// Starts the server with its log (stderr) going to `log`.
     pub fn start_logging_to(exe: &Path, data_dir: &Path, env: &[(&str, &str)], log: &Path) -> Server {
         let log = std::fs::File::create(log).expect("create the log file");
@@ -608,6 +620,7 @@ pub fn wait_for<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Optio
     }
 }
 
+pub mod netns;
 pub mod webdriver;
 
 /// Where tests leave artifacts (browser screenshots): target/test-artifacts.
