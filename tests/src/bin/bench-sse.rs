@@ -16,6 +16,12 @@
 //!
 //! Usage: bench-sse [--exe target/release/atelier] [--scenario S,..] [--runs 3] [--streams 100]
 //!        [--appends 1000] [--hold 10000] [--burst 5000] [--burst-concurrency 64] [--storm 5000]
+//!        [--postgres-nodes N]
+//!
+//! `--postgres-nodes N` runs N nodes on one database of a PostgreSQL server of the bench's own
+//! (pg-harness) instead of one server on sled; latency then appends on the first node and reads
+//! the streams on the last, so with N ≥ 2 every event crosses nodes (append on one, SSE on
+//! another, through the database's log). The other scenarios use the first node.
 //!
 //! Prints one line per run and the medians over runs, then one JSON line (the last line).
 //! Client and server share the host clock, which the `at`-based figures rely on.
@@ -27,6 +33,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use atelier_pg_harness::PgServer;
 use atelier_tests::{temp_dir, token, Server, TempDir, NO_SHARE_LIMITS};
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
@@ -52,6 +59,8 @@ struct Args {
     burst: usize,
     burst_concurrency: usize,
     storm: usize,
+    /// 0: one server on sled; N: N nodes on one PostgreSQL database.
+    postgres_nodes: usize,
 }
 
 fn parse_args() -> Args {
@@ -77,6 +86,7 @@ fn parse_args() -> Args {
         burst: num("--burst", 5_000),
         burst_concurrency: num("--burst-concurrency", 64),
         storm: num("--storm", 5_000),
+        postgres_nodes: num("--postgres-nodes", 0),
     }
 }
 
@@ -94,18 +104,29 @@ fn raise_fd_limit() -> u64 {
     }
 }
 
-fn start_server(args: &Args) -> (Server, TempDir) {
-    let dir = temp_dir("bench-sse");
-    let mut env = vec![
-        ("ATELIER_MAX_CONNECTIONS", "20000"),
-        // Every stream comes from this one address.
-        ("ATELIER_MAX_CONNECTIONS_PER_IP", "20000"),
-        ("RUST_LOG", "warn"),
-    ];
-    // One user holds every stream here: the benchmark measures the server, not the shares.
-    env.extend(NO_SHARE_LIMITS);
-    let server = Server::start(&args.exe, dir.path(), &env);
-    (server, dir)
+/// The servers of one run (one on sled, or `--postgres-nodes` on one fresh database of `pg`)
+/// and their data dirs.
+fn start_servers(args: &Args, pg: Option<&PgServer>) -> (Vec<Server>, Vec<TempDir>) {
+    let url = pg.map(|pg| pg.fresh_database("bench_sse"));
+    let (mut servers, mut dirs) = (Vec::new(), Vec::new());
+    for i in 0..args.postgres_nodes.max(1) {
+        let dir = temp_dir("bench-sse");
+        let node_id = format!("bench-{i}");
+        let mut env = vec![
+            ("ATELIER_MAX_CONNECTIONS", "20000"),
+            // Every stream comes from this one address.
+            ("ATELIER_MAX_CONNECTIONS_PER_IP", "20000"),
+            ("RUST_LOG", "warn"),
+        ];
+        // One user holds every stream here: the benchmark measures the server, not the shares.
+        env.extend(NO_SHARE_LIMITS);
+        if let Some(url) = &url {
+            env.extend([("ATELIER_DATABASE_URL", url.as_str()), ("ATELIER_NODE_ID", node_id.as_str())]);
+        }
+        servers.push(Server::start(&args.exe, dir.path(), &env));
+        dirs.push(dir);
+    }
+    (servers, dirs)
 }
 
 /// VmRSS (KiB) and thread count of a process.
@@ -378,7 +399,9 @@ async fn follow(
 
 // ------------------------------------------------------------------ scenarios
 
-async fn latency(addr: SocketAddr, streams: usize, appends: usize) -> Value {
+/// Appends (creates) on `addr`, reads the streams on `stream_addr` (the same server, or another
+/// node of the same database).
+async fn latency(addr: SocketAddr, stream_addr: SocketAddr, streams: usize, appends: usize) -> Value {
     let (tx, mut rx) = mpsc::unbounded_channel();
     let users: Vec<String> = (0..streams).map(|i| format!("lat{i:04}")).collect();
     let tokens: Vec<String> = users.iter().map(|u| token(u, false)).collect();
@@ -386,7 +409,7 @@ async fn latency(addr: SocketAddr, streams: usize, appends: usize) -> Value {
     for (i, (u, t)) in users.iter().zip(&tokens).enumerate() {
         handles.push(tokio::spawn(follow(
             i,
-            addr,
+            stream_addr,
             format!("/api/commissions/user/{u}/stream"),
             t.clone(),
             None,
@@ -758,22 +781,26 @@ fn main() {
     let nofile = raise_fd_limit();
     println!("bench-sse: server {} , open-file limit {nofile} (bench and server)", args.exe.display());
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+    let pg = (args.postgres_nodes > 0).then(PgServer::start);
     let mut out = serde_json::Map::new();
     for scenario in &args.scenarios {
         let mut runs = Vec::new();
         for run in 0..args.runs {
-            let (server, dir) = start_server(&args);
-            let (addr, pid) = (server.addr, server.pid());
+            let (servers, dirs) = start_servers(&args, pg.as_ref());
+            let (addr, pid) = (servers[0].addr, servers[0].pid());
+            let stream_addr = servers[servers.len() - 1].addr;
             let result = rt.block_on(async {
                 match scenario.as_str() {
-                    "latency" => latency(addr, args.streams, args.appends).await,
+                    "latency" => latency(addr, stream_addr, args.streams, args.appends).await,
                     "hold" => hold(addr, pid, args.hold, args.burst, args.burst_concurrency).await,
                     "storm" => storm(addr, pid, args.storm).await,
                     other => panic!("unknown scenario '{other}' (latency, hold, storm)"),
                 }
             });
-            server.kill();
-            drop(dir);
+            for server in servers {
+                server.kill();
+            }
+            drop(dirs);
             println!("{scenario} run {}: {result}", run + 1);
             runs.push(result);
         }
