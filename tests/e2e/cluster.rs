@@ -486,8 +486,10 @@ fn node_b_lost_past_its_lease_and_back(c: &Cluster, mut lose: impl FnMut(bool)) 
         for w in spans.windows(2) {
             assert!(w[1].0 >= w[0].1, "commission {id}: two job records overlap: {:?}", spans);
         }
+        let mut lost_here = 0;
         for (_, _, job) in &spans {
             if lost.contains(&job["job_id"].as_u64().unwrap()) {
+                lost_here += 1;
                 assert_eq!(job["status"], "killed", "{job}");
                 let error = job["error_message"].as_str().unwrap_or("");
                 assert!(
@@ -496,7 +498,8 @@ fn node_b_lost_past_its_lease_and_back(c: &Cluster, mut lose: impl FnMut(bool)) 
                 );
             }
         }
-        assert_nothing_between_a_loss_and_the_next_attempt(c.node(0), *id, &alice);
+        let losses = assert_nothing_between_a_loss_and_the_next_attempt(c.node(0), *id, &alice);
+        assert_eq!(losses, lost_here, "commission {id}: its stream shows each job B lost as lost");
     }
     // B is back, as its next run, and runs jobs again.
     let b = wait_for(Duration::from_secs(30), || {
@@ -517,27 +520,29 @@ fn node_b_lost_past_its_lease_and_back(c: &Cluster, mut lose: impl FnMut(bool)) 
 
 /// In commission `id`'s whole stream, an attempt failed as "node lost" is followed by nothing
 /// but its retry coming due until the next attempt starts: the lost node appended nothing
-/// (no progress, no stage, no end) for the job it lost.
-fn assert_nothing_between_a_loss_and_the_next_attempt(node: &Server, id: u64, user: &str) {
+/// (no progress, no stage, no end) for the job it lost. Returns how many attempts were lost.
+fn assert_nothing_between_a_loss_and_the_next_attempt(node: &Server, id: u64, user: &str) -> usize {
     let mut sse = Sse::open(node.addr, &format!("/api/progress/{id}/stream"), user, Some(0));
     sse.set_timeout(Duration::from_secs(10));
     let events = sse.events_until_closed();
     assert_eq!(events.last().map(|e| e.event.as_str()), Some("completed"), "commission {id}'s whole stream");
-    let mut after_loss = false;
+    let (mut losses, mut after_loss) = (0, false);
     for e in &events {
         match e.event.as_str() {
-            "attempt_failed" if e.data["message"].as_str().unwrap_or("").contains("node lost") => {
-                after_loss = true
+            "attempt_failed" if e.data["error"].as_str().unwrap_or("").starts_with("node lost") => {
+                losses += 1;
+                after_loss = true;
             }
             "job_started" => after_loss = false,
             "retry_due" | "job_finished" => {}
             other => assert!(
                 !after_loss,
                 "commission {id}: {other} between a lost attempt and the next: {:?}",
-                events.iter().map(|e| (&e.event, &e.data["message"])).collect::<Vec<_>>()
+                events.iter().map(|e| (&e.event, &e.data["error"])).collect::<Vec<_>>()
             ),
         }
     }
+    losses
 }
 
 /// The floor of BENCHMARKS.md ("Several nodes"): three nodes, 1,000 commissions, a node

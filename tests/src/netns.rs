@@ -8,7 +8,9 @@ use std::process::Command;
 
 /// The /16 the pairs' /30s come from: private, and not one a test machine's own network uses
 /// by default.
-const NETNS_PREFIX: [u8; 2] = [10, 213];
+const NETNS_PREFIX: Ipv4Addr = Ipv4Addr::new(10, 213, 0, 0);
+/// How many /30s the /16 holds.
+const NETNS_SLOTS: u32 = 1 << 14;
 /// How many /30s a test binary tries before it gives up (another run may hold some).
 const NETNS_TRIES: u32 = 16;
 
@@ -17,7 +19,8 @@ pub struct NetNs {
     /// The host's end of the pair (cut and restored), and its address.
     host_link: String,
     pub host_ip: Ipv4Addr,
-    /// The address inside the namespace.
+    /// The namespace's end of the pair, and its address.
+    ns_link: String,
     pub ip: Ipv4Addr,
 }
 
@@ -38,15 +41,15 @@ impl NetNs {
         let pid = std::process::id();
         let mut last = String::new();
         for k in 0..NETNS_TRIES {
-            let slot = (pid.wrapping_mul(7).wrapping_add(k * 13)) % (64 * 256);
-            let (third, fourth) = ((slot / 64) as u8, ((slot % 64) * 4) as u8);
-            let host_ip = Ipv4Addr::new(NETNS_PREFIX[0], NETNS_PREFIX[1], third, fourth + 1);
-            let ns_ip = Ipv4Addr::new(NETNS_PREFIX[0], NETNS_PREFIX[1], third, fourth + 2);
+            // A /30 of its own per process and try: .1 the host's end, .2 the namespace's.
+            let slot = pid.wrapping_mul(7).wrapping_add(k * 13) % NETNS_SLOTS;
+            let base = u32::from(NETNS_PREFIX) + slot * 4;
             let ns = NetNs {
                 name: format!("atelier-t{pid}-{k}"),
                 host_link: format!("at{pid}h{k}"),
-                host_ip,
-                ip: ns_ip,
+                host_ip: Ipv4Addr::from(base + 1),
+                ns_link: format!("at{pid}n{k}"),
+                ip: Ipv4Addr::from(base + 2),
             };
             match ns.set_up() {
                 Ok(()) => return ns,
@@ -57,11 +60,10 @@ impl NetNs {
     }
 
     fn set_up(&self) -> Result<(), String> {
-        let inner = format!("{}n", &self.host_link[..self.host_link.len() - 1]);
         ip(&["netns", "add", &self.name])?;
         let made = (|| {
-            ip(&["link", "add", &self.host_link, "type", "veth", "peer", "name", &inner])?;
-            ip(&["link", "set", &inner, "netns", &self.name])?;
+            ip(&["link", "add", &self.host_link, "type", "veth", "peer", "name", &self.ns_link])?;
+            ip(&["link", "set", &self.ns_link, "netns", &self.name])?;
             ip(&["addr", "add", &format!("{}/30", self.host_ip), "dev", &self.host_link])?;
             ip(&["link", "set", &self.host_link, "up"])?;
             let in_ns = |args: &[&str]| {
@@ -69,8 +71,8 @@ impl NetNs {
                 all.extend_from_slice(args);
                 ip(&all)
             };
-            in_ns(&["addr", "add", &format!("{}/30", self.ip), "dev", &inner])?;
-            in_ns(&["link", "set", &inner, "up"])?;
+            in_ns(&["addr", "add", &format!("{}/30", self.ip), "dev", &self.ns_link])?;
+            in_ns(&["link", "set", &self.ns_link, "up"])?;
             in_ns(&["link", "set", "lo", "up"])
         })();
         if made.is_err() {
@@ -99,8 +101,8 @@ impl NetNs {
         }
     }
 
-    /// Cuts the link: the namespace's packets to the host, and the host's to it, go nowhere
-    /// (no reset, no unreachable: a cable pulled).
+    /// Cuts the link, as a pulled cable: nothing crosses it either way, and neither end's peer
+    /// hears of it (no reset, no ICMP).
     pub fn cut(&self) {
         ip(&["link", "set", &self.host_link, "down"]).expect("cut the link");
     }

@@ -399,9 +399,9 @@ async fn follow(
 
 // ------------------------------------------------------------------ scenarios
 
-/// Appends (creates) on `addr`, reads the streams on `stream_addr` (the same server, or another
-/// node of the same database).
-async fn latency(addr: SocketAddr, stream_addr: SocketAddr, streams: usize, appends: usize) -> Value {
+/// Appends (creates) on `append_addr`, reads the streams on `stream_addr` (the same server, or
+/// another node of the same database).
+async fn latency(append_addr: SocketAddr, stream_addr: SocketAddr, streams: usize, appends: usize) -> Value {
     let (tx, mut rx) = mpsc::unbounded_channel();
     let users: Vec<String> = (0..streams).map(|i| format!("lat{i:04}")).collect();
     let tokens: Vec<String> = users.iter().map(|u| token(u, false)).collect();
@@ -430,7 +430,7 @@ async fn latency(addr: SocketAddr, stream_addr: SocketAddr, streams: usize, appe
     // The server registers a stream's subscription just after sending the head.
     tokio::time::sleep(Duration::from_millis(300)).await;
 
-    let mut conn = Conn::new(addr);
+    let mut conn = Conn::new(append_addr);
     let mut sent: HashMap<u64, (Instant, Instant)> = HashMap::new();
     let mut receipts: HashMap<u64, Receipt> = HashMap::new();
     for i in 0..appends {
